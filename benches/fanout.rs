@@ -1,0 +1,2 @@
+//! Placeholder until the end-to-end fan-out bench lands.
+fn main() {}

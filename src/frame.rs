@@ -1,0 +1,562 @@
+//! WebSocket framing on the client side: server frames out, client frames in.
+//!
+//! [`encode`] builds an unmasked server frame (header and payload in one shared
+//! allocation) that a lobby encodes once and every member's queue shares.
+//! [`Decoder`] is a streaming parser of masked client frames: it unmasks in
+//! place, validates RFC 6455 rules as bytes arrive, and keeps no more per
+//! client than a frame header, one control payload and a partial UTF-8
+//! sequence. It never allocates and never panics on any input. Sockets live
+//! elsewhere (`writer.rs`).
+
+use std::sync::Arc;
+
+/// An encoded server frame: header and payload, shared by every client queue.
+pub type Frame = Arc<[u8]>;
+
+pub(crate) const OP_CONTINUATION: u8 = 0x0;
+pub(crate) const OP_TEXT: u8 = 0x1;
+pub(crate) const OP_BINARY: u8 = 0x2;
+pub(crate) const OP_CLOSE: u8 = 0x8;
+pub(crate) const OP_PING: u8 = 0x9;
+pub(crate) const OP_PONG: u8 = 0xA;
+
+/// Largest payload a control frame may carry (RFC 6455 §5.5).
+const MAX_CONTROL_PAYLOAD: usize = 125;
+
+/// Close codes the gateway sends or echoes.
+pub(crate) mod close_code {
+    pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    pub const TOO_BIG: u16 = 1009;
+    pub const INTERNAL_ERROR: u16 = 1011;
+}
+
+/// Encodes one unmasked, final server frame.
+pub(crate) fn encode(opcode: u8, payload: &[u8]) -> Frame {
+    let mut header = [0u8; 10];
+    header[0] = 0x80 | opcode;
+    let len = payload.len();
+    let header_len = if len < 126 {
+        header[1] = len as u8;
+        2
+    } else if let Ok(len) = u16::try_from(len) {
+        header[1] = 126;
+        header[2..4].copy_from_slice(&len.to_be_bytes());
+        4
+    } else {
+        header[1] = 127;
+        header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    };
+    // One allocation: the chained iterator has an exact length.
+    header[..header_len]
+        .iter()
+        .chain(payload)
+        .copied()
+        .collect()
+}
+
+/// Encodes a server close frame with `code` and a reason (cut to fit 123 bytes).
+pub(crate) fn encode_close(code: u16, reason: &str) -> Frame {
+    let mut end = reason.len().min(MAX_CONTROL_PAYLOAD - 2);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut payload = [0u8; MAX_CONTROL_PAYLOAD];
+    payload[..2].copy_from_slice(&code.to_be_bytes());
+    payload[2..2 + end].copy_from_slice(&reason.as_bytes()[..end]);
+    encode(OP_CLOSE, &payload[..2 + end])
+}
+
+/// Whether a data message is text or binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageKind {
+    /// UTF-8 text (opcode 1).
+    Text,
+    /// Binary (opcode 2).
+    Binary,
+}
+
+impl MessageKind {
+    /// The opcode that starts a message of this kind.
+    pub(crate) fn opcode(self) -> u8 {
+        match self {
+            MessageKind::Text => OP_TEXT,
+            MessageKind::Binary => OP_BINARY,
+        }
+    }
+}
+
+/// Something the decoder found in the client's byte stream.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Event<'a> {
+    /// A piece of a data message's payload, unmasked; `fin` on the last piece.
+    Data {
+        kind: MessageKind,
+        payload: &'a [u8],
+        fin: bool,
+    },
+    /// A ping with its payload, to be answered with a pong carrying the same.
+    Ping(&'a [u8]),
+    /// A pong (nothing to do but note the client is alive).
+    Pong,
+    /// A valid close frame; the decoder ignores all input after it.
+    Close { code: Option<u16>, reason: &'a str },
+}
+
+/// A broken rule: the close code and reason to send before dropping the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Violation {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+const fn protocol(reason: &'static str) -> Violation {
+    Violation {
+        code: close_code::PROTOCOL_ERROR,
+        reason,
+    }
+}
+
+const INVALID_UTF8: Violation = Violation {
+    code: close_code::INVALID_PAYLOAD,
+    reason: "invalid UTF-8",
+};
+
+/// The frame whose payload is being read.
+#[derive(Debug, Clone, Copy)]
+struct FrameState {
+    opcode: u8,
+    fin: bool,
+    remaining: u64,
+    is_empty: bool,
+    mask: [u8; 4],
+    mask_pos: usize,
+}
+
+/// Streaming parser of client frames.
+#[derive(Debug)]
+pub(crate) struct Decoder {
+    max_message: u64,
+    header: [u8; 14],
+    header_len: usize,
+    frame: Option<FrameState>,
+    message: Option<MessageKind>,
+    message_len: u64,
+    utf8: Utf8Validator,
+    control: [u8; MAX_CONTROL_PAYLOAD],
+    control_len: usize,
+    closed: bool,
+}
+
+impl Decoder {
+    /// A decoder that refuses messages above `max_message` bytes with 1009.
+    pub(crate) fn new(max_message: usize) -> Decoder {
+        Decoder {
+            max_message: max_message as u64,
+            header: [0; 14],
+            header_len: 0,
+            frame: None,
+            message: None,
+            message_len: 0,
+            utf8: Utf8Validator::default(),
+            control: [0; MAX_CONTROL_PAYLOAD],
+            control_len: 0,
+            closed: false,
+        }
+    }
+
+    /// Decodes `input` (unmasking it in place), calling `on` for each event.
+    ///
+    /// Stops at the first violation; the caller closes the client with it.
+    pub(crate) fn decode(
+        &mut self,
+        mut input: &mut [u8],
+        on: &mut impl FnMut(Event<'_>),
+    ) -> Result<(), Violation> {
+        while !input.is_empty() && !self.closed {
+            let Some(frame) = self.frame.as_mut() else {
+                let taken = self.read_header(input)?;
+                input = &mut input[taken..];
+                if self.frame.is_some_and(|f| f.remaining == 0) {
+                    self.finish_frame(on)?;
+                }
+                continue;
+            };
+            let n = usize::try_from(frame.remaining).map_or(input.len(), |r| r.min(input.len()));
+            let (chunk, rest) = input.split_at_mut(n);
+            input = rest;
+            for (i, byte) in chunk.iter_mut().enumerate() {
+                *byte ^= frame.mask[(frame.mask_pos + i) & 3];
+            }
+            frame.mask_pos = (frame.mask_pos + n) & 3;
+            frame.remaining -= n as u64;
+            let frame = *frame;
+            if frame.opcode & 0x8 != 0 {
+                self.control[self.control_len..self.control_len + n].copy_from_slice(chunk);
+                self.control_len += n;
+            } else {
+                let kind = self.message.unwrap_or(MessageKind::Binary);
+                if kind == MessageKind::Text {
+                    self.utf8.feed(chunk)?;
+                }
+                let fin = frame.fin && frame.remaining == 0;
+                if fin {
+                    self.utf8.finish()?;
+                }
+                if !chunk.is_empty() {
+                    on(Event::Data {
+                        kind,
+                        payload: chunk,
+                        fin,
+                    });
+                }
+            }
+            if frame.remaining == 0 {
+                self.finish_frame(on)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes header bytes from `input`; returns how many it took.
+    fn read_header(&mut self, input: &[u8]) -> Result<usize, Violation> {
+        let mut taken = 0;
+        loop {
+            let need = header_size(&self.header[..self.header_len]);
+            if self.header_len == need {
+                break;
+            }
+            let Some(&byte) = input.get(taken) else {
+                return Ok(taken);
+            };
+            self.header[self.header_len] = byte;
+            self.header_len += 1;
+            taken += 1;
+        }
+        self.header_len = 0;
+        self.start_frame()?;
+        Ok(taken)
+    }
+
+    /// Validates a complete header and makes its frame current.
+    fn start_frame(&mut self) -> Result<(), Violation> {
+        let h = &self.header;
+        let fin = h[0] & 0x80 != 0;
+        let opcode = h[0] & 0x0F;
+        if h[0] & 0x70 != 0 {
+            return Err(protocol("reserved bits set"));
+        }
+        if h[1] & 0x80 == 0 {
+            return Err(protocol("unmasked client frame"));
+        }
+        let (len, mask_at) = match h[1] & 0x7F {
+            126 => (u64::from(u16::from_be_bytes([h[2], h[3]])), 4),
+            127 => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&h[2..10]);
+                (u64::from_be_bytes(b), 10)
+            }
+            n => (u64::from(n), 2),
+        };
+        if len >> 63 != 0 {
+            return Err(protocol("frame length out of range"));
+        }
+        let mut mask = [0u8; 4];
+        mask.copy_from_slice(&h[mask_at..mask_at + 4]);
+        match opcode {
+            OP_CLOSE | OP_PING | OP_PONG => {
+                if !fin {
+                    return Err(protocol("fragmented control frame"));
+                }
+                if len > MAX_CONTROL_PAYLOAD as u64 {
+                    return Err(protocol("control frame too long"));
+                }
+                self.control_len = 0;
+            }
+            OP_CONTINUATION => {
+                if self.message.is_none() {
+                    return Err(protocol("continuation outside a message"));
+                }
+            }
+            OP_TEXT | OP_BINARY => {
+                if self.message.is_some() {
+                    return Err(protocol("new message inside a fragmented one"));
+                }
+                self.message = Some(if opcode == OP_TEXT {
+                    MessageKind::Text
+                } else {
+                    MessageKind::Binary
+                });
+                self.message_len = 0;
+            }
+            _ => return Err(protocol("unknown opcode")),
+        }
+        if opcode & 0x8 == 0 {
+            self.message_len = self.message_len.saturating_add(len);
+            if self.message_len > self.max_message {
+                return Err(Violation {
+                    code: close_code::TOO_BIG,
+                    reason: "message too big",
+                });
+            }
+        }
+        self.frame = Some(FrameState {
+            opcode,
+            fin,
+            remaining: len,
+            is_empty: len == 0,
+            mask,
+            mask_pos: 0,
+        });
+        Ok(())
+    }
+
+    /// Completes the current frame once its whole payload has been read.
+    fn finish_frame(&mut self, on: &mut impl FnMut(Event<'_>)) -> Result<(), Violation> {
+        let Some(frame) = self.frame.take() else {
+            return Ok(());
+        };
+        let payload = &self.control[..self.control_len];
+        match frame.opcode {
+            OP_PING => on(Event::Ping(payload)),
+            OP_PONG => on(Event::Pong),
+            OP_CLOSE => {
+                let (code, reason) = parse_close(payload)?;
+                self.closed = true;
+                on(Event::Close { code, reason });
+            }
+            _ => {
+                if frame.fin {
+                    let kind = self.message.take().unwrap_or(MessageKind::Binary);
+                    if frame.is_empty {
+                        self.utf8.finish()?;
+                        on(Event::Data {
+                            kind,
+                            payload: &[],
+                            fin: true,
+                        });
+                    }
+                    self.message_len = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Bytes a header needs, given the bytes read so far (2, then the full size).
+fn header_size(read: &[u8]) -> usize {
+    match read.get(1) {
+        None => 2,
+        Some(b1) => {
+            let ext = match b1 & 0x7F {
+                126 => 2,
+                127 => 8,
+                _ => 0,
+            };
+            let mask = if b1 & 0x80 != 0 { 4 } else { 0 };
+            2 + ext + mask
+        }
+    }
+}
+
+/// Splits and validates a close payload into its code and reason.
+fn parse_close(payload: &[u8]) -> Result<(Option<u16>, &str), Violation> {
+    match payload {
+        [] => Ok((None, "")),
+        [_] => Err(protocol("close payload of one byte")),
+        [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            if !is_valid_close_code(code) {
+                return Err(protocol("invalid close code"));
+            }
+            let reason = std::str::from_utf8(reason).map_err(|_| INVALID_UTF8)?;
+            Ok((Some(code), reason))
+        }
+    }
+}
+
+/// Close codes a peer may send (RFC 6455 §7.4 and the IANA registry).
+fn is_valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+/// Validates UTF-8 across chunk boundaries, holding at most one partial sequence.
+#[derive(Debug, Default)]
+struct Utf8Validator {
+    partial: [u8; 4],
+    len: usize,
+}
+
+impl Utf8Validator {
+    fn feed(&mut self, mut chunk: &[u8]) -> Result<(), Violation> {
+        if self.len > 0 {
+            let need = match self.partial[0] {
+                0xC0..=0xDF => 2,
+                0xE0..=0xEF => 3,
+                _ => 4,
+            };
+            let take = (need - self.len).min(chunk.len());
+            self.partial[self.len..self.len + take].copy_from_slice(&chunk[..take]);
+            chunk = &chunk[take..];
+            let have = self.len + take;
+            match std::str::from_utf8(&self.partial[..have]) {
+                Ok(_) => self.len = 0,
+                Err(e) if e.error_len().is_none() => {
+                    self.len = have;
+                    return Ok(());
+                }
+                Err(_) => return Err(INVALID_UTF8),
+            }
+        }
+        match std::str::from_utf8(chunk) {
+            Ok(_) => Ok(()),
+            Err(e) if e.error_len().is_none() => {
+                let tail = &chunk[e.valid_up_to()..];
+                self.partial[..tail.len()].copy_from_slice(tail);
+                self.len = tail.len();
+                Ok(())
+            }
+            Err(_) => Err(INVALID_UTF8),
+        }
+    }
+
+    fn finish(&mut self) -> Result<(), Violation> {
+        let incomplete = self.len > 0;
+        self.len = 0;
+        if incomplete {
+            Err(INVALID_UTF8)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds a masked client frame.
+    fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x11, 0x22, 0x33, 0x44];
+        let mut out = vec![first];
+        match payload.len() {
+            n if n < 126 => out.push(0x80 | n as u8),
+            n if n <= 0xFFFF => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+        out
+    }
+
+    /// Feeds `bytes` in pieces of `step`, collecting events as owned values.
+    fn decode_all(bytes: &[u8], step: usize) -> (Vec<String>, Result<(), Violation>) {
+        let mut dec = Decoder::new(1024);
+        let mut seen = Vec::new();
+        let mut buf = bytes.to_vec();
+        for piece in buf.chunks_mut(step) {
+            let r = dec.decode(piece, &mut |e| seen.push(format!("{e:?}")));
+            if r.is_err() {
+                return (seen, r);
+            }
+        }
+        (seen, Ok(()))
+    }
+
+    #[test]
+    fn encodes_each_length_form() {
+        assert_eq!(&encode(OP_TEXT, b"hi")[..], b"\x81\x02hi");
+        let f = encode(OP_BINARY, &[7; 300]);
+        assert_eq!(&f[..4], &[0x82, 126, 1, 44]);
+        assert_eq!(f.len(), 304);
+        let f = encode(OP_BINARY, &[7; 70_000]);
+        assert_eq!(&f[..2], &[0x82, 127]);
+        assert_eq!(u64::from_be_bytes(f[2..10].try_into().unwrap()), 70_000);
+        assert_eq!(&encode_close(1000, "bye")[..], b"\x88\x05\x03\xe8bye");
+    }
+
+    #[test]
+    fn decodes_messages_split_anywhere() {
+        let mut bytes = client_frame(0x81, "héllo".as_bytes());
+        bytes.extend(client_frame(0x89, b"p"));
+        bytes.extend(client_frame(0x88, &[0x03, 0xe8]));
+        for step in 1..bytes.len() {
+            let (events, r) = decode_all(&bytes, step);
+            assert_eq!(r, Ok(()));
+            let text: String = events
+                .iter()
+                .filter(|e| e.starts_with("Data"))
+                .cloned()
+                .collect();
+            assert!(text.contains("fin: true"), "step {step}: {events:?}");
+            assert!(events.iter().any(|e| e == "Ping([112])"));
+            assert_eq!(
+                events.last().unwrap(),
+                "Close { code: Some(1000), reason: \"\" }"
+            );
+        }
+    }
+
+    #[test]
+    fn fragmented_message_with_interleaved_ping() {
+        let mut bytes = client_frame(0x01, b"ab");
+        bytes.extend(client_frame(0x89, b""));
+        bytes.extend(client_frame(0x80, b"cd"));
+        let (events, r) = decode_all(&bytes, bytes.len());
+        assert_eq!(r, Ok(()));
+        assert_eq!(events.len(), 3);
+        assert!(events[2].contains("fin: true"));
+    }
+
+    #[test]
+    fn rejects_protocol_violations() {
+        let cases: &[(Vec<u8>, u16)] = &[
+            (vec![0x81, 0x00], 1002),                  // unmasked
+            (client_frame(0xC1, b"x"), 1002),          // RSV1
+            (client_frame(0x83, b"x"), 1002),          // reserved opcode
+            (client_frame(0x09, b"x"), 1002),          // fragmented ping
+            (client_frame(0x89, &[0; 126]), 1002),     // long ping
+            (client_frame(0x80, b"x"), 1002),          // stray continuation
+            (client_frame(0x88, &[3]), 1002),          // 1-byte close
+            (client_frame(0x88, &[0x03, 0xed]), 1002), // close 1005
+            (client_frame(0x81, &[0xff]), 1007),       // bad UTF-8
+            (client_frame(0x82, &[0; 1025]), 1009),    // too big
+        ];
+        for (bytes, code) in cases {
+            let (_, r) = decode_all(bytes, 1);
+            assert_eq!(r.map_err(|v| v.code), Err(*code), "{bytes:x?}");
+        }
+        let mut two_starts = client_frame(0x01, b"a");
+        two_starts.extend(client_frame(0x01, b"b"));
+        assert_eq!(decode_all(&two_starts, 3).1.map_err(|v| v.code), Err(1002));
+    }
+
+    #[test]
+    fn utf8_split_across_frames_is_accepted_and_truncation_is_not() {
+        let euro = "€".as_bytes();
+        let mut bytes = client_frame(0x01, &euro[..1]);
+        bytes.extend(client_frame(0x00, &euro[1..2]));
+        bytes.extend(client_frame(0x80, &euro[2..]));
+        assert_eq!(decode_all(&bytes, 1).1, Ok(()));
+        let cut = client_frame(0x81, &euro[..2]);
+        assert_eq!(decode_all(&cut, 1).1.map_err(|v| v.code), Err(1007));
+    }
+
+    #[test]
+    fn input_after_close_is_ignored() {
+        let mut bytes = client_frame(0x88, b"");
+        bytes.extend([0xff, 0xff, 0xff]);
+        let (events, r) = decode_all(&bytes, bytes.len());
+        assert_eq!(r, Ok(()));
+        assert_eq!(events.len(), 1);
+    }
+}

@@ -1,0 +1,263 @@
+//! The HTTP side of the client upgrade: parse the request, answer it.
+//!
+//! Pure functions over bytes, so the acceptor can feed them whatever a
+//! non-blocking socket has delivered so far, and a fuzzer can feed them
+//! anything. Every refusal maps to a precise status. Sockets and deadlines
+//! live in `acceptor.rs`.
+//!
+//! The request is parsed with `httparse` (tungstenite's own parser) and the
+//! accept key derived by tungstenite; tungstenite's server handshake itself is
+//! not used because it answers malformed requests with no status at all, and
+//! allocates per-connection buffers this gateway does not want.
+
+use tungstenite::handshake::derive_accept_key;
+
+/// Most request headers accepted; more gets 431.
+const MAX_HEADERS: usize = 64;
+
+/// What the bytes received so far amount to.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Parsed {
+    /// The request is not complete yet: read more.
+    Incomplete,
+    /// A valid upgrade: send `response`; bytes after `consumed` are WebSocket data.
+    Upgrade { response: Vec<u8>, consumed: usize },
+    /// Refuse the request with this status.
+    Reject(Rejection),
+}
+
+/// An HTTP error answer to an upgrade request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Rejection {
+    /// Status code, e.g. 404.
+    pub status: u16,
+    /// Why, for the log line and the response body.
+    pub why: &'static str,
+    /// Extra response header lines, each ending in CRLF.
+    headers: &'static str,
+}
+
+impl Rejection {
+    const fn new(status: u16, why: &'static str) -> Rejection {
+        Rejection {
+            status,
+            why,
+            headers: "",
+        }
+    }
+
+    /// The complete HTTP response, closing the connection.
+    pub(crate) fn response(&self) -> Vec<u8> {
+        let body = format!("{}\n", self.why);
+        format!(
+            "HTTP/1.1 {} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n{}\r\n{}",
+            self.status,
+            reason_phrase(self.status),
+            body.len(),
+            self.headers,
+            body
+        )
+        .into_bytes()
+    }
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        426 => "Upgrade Required",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
+}
+
+/// Parses the request in `buf`, served at `path`, whose size limit is `max_bytes`.
+pub(crate) fn parse(buf: &[u8], path: &str, max_bytes: usize) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let consumed = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) if n <= max_bytes => n,
+        Ok(httparse::Status::Partial) if buf.len() < max_bytes => return Parsed::Incomplete,
+        Ok(_) => return reject(431, "request headers too large"),
+        Err(httparse::Error::TooManyHeaders) => return reject(431, "too many request headers"),
+        Err(_) => return reject(400, "malformed HTTP request"),
+    };
+    match check(&req, path) {
+        Ok(key) => {
+            let response = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+                derive_accept_key(key.as_bytes())
+            );
+            Parsed::Upgrade {
+                response: response.into_bytes(),
+                consumed,
+            }
+        }
+        Err(rejection) => Parsed::Reject(rejection),
+    }
+}
+
+fn reject(status: u16, why: &'static str) -> Parsed {
+    Parsed::Reject(Rejection::new(status, why))
+}
+
+/// Checks a complete request; returns its `Sec-WebSocket-Key`.
+fn check<'b>(req: &httparse::Request<'_, 'b>, path: &str) -> Result<&'b str, Rejection> {
+    if req.method != Some("GET") {
+        return Err(Rejection {
+            headers: "Allow: GET\r\n",
+            ..Rejection::new(405, "only GET can upgrade to a WebSocket")
+        });
+    }
+    if req.version != Some(1) {
+        return Err(Rejection::new(400, "HTTP/1.1 is required"));
+    }
+    let target = req.path.unwrap_or("");
+    let req_path = target.split_once('?').map_or(target, |(p, _)| p);
+    if req_path != path {
+        return Err(Rejection::new(404, "no WebSocket endpoint at this path"));
+    }
+    let header = |name| header_values(req.headers, name);
+    let has_token = |name, token: &str| {
+        header(name).any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    };
+    if !has_token("Upgrade", "websocket") || !has_token("Connection", "upgrade") {
+        return Err(Rejection {
+            headers: "Upgrade: websocket\r\nConnection: Upgrade\r\n",
+            ..Rejection::new(426, "this endpoint only speaks WebSocket")
+        });
+    }
+    if !header("Sec-WebSocket-Version").any(|v| v.trim() == "13") {
+        return Err(Rejection {
+            headers: "Sec-WebSocket-Version: 13\r\n",
+            ..Rejection::new(426, "unsupported WebSocket version")
+        });
+    }
+    match header("Sec-WebSocket-Key").next().map(str::trim) {
+        Some(key) if is_valid_key(key) => Ok(key),
+        _ => Err(Rejection::new(
+            400,
+            "missing or malformed Sec-WebSocket-Key",
+        )),
+    }
+}
+
+/// The values of every header called `name`, skipping non-UTF-8 ones.
+fn header_values<'h, 'b>(
+    headers: &'h [httparse::Header<'b>],
+    name: &'h str,
+) -> impl Iterator<Item = &'b str> + 'h {
+    headers
+        .iter()
+        .filter(move |h| h.name.eq_ignore_ascii_case(name))
+        .filter_map(|h| std::str::from_utf8(h.value).ok())
+}
+
+/// A key is 16 bytes in base64: 22 symbols then `==`.
+fn is_valid_key(key: &str) -> bool {
+    let b = key.as_bytes();
+    b.len() == 24
+        && b[22..] == *b"=="
+        && b[..22]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+    fn request(first_line: &str, extra: &str) -> String {
+        format!(
+            "{first_line}\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n{extra}\r\n"
+        )
+    }
+
+    fn status(parsed: Parsed) -> u16 {
+        match parsed {
+            Parsed::Upgrade { .. } => 101,
+            Parsed::Reject(r) => r.status,
+            Parsed::Incomplete => 0,
+        }
+    }
+
+    #[test]
+    fn accepts_a_valid_upgrade_and_keeps_trailing_bytes() {
+        let mut bytes = request("GET /?room=1 HTTP/1.1", "").into_bytes();
+        let head = bytes.len();
+        bytes.extend_from_slice(b"\x81\x80");
+        match parse(&bytes, "/", 8192) {
+            Parsed::Upgrade { response, consumed } => {
+                assert_eq!(consumed, head);
+                let text = String::from_utf8(response).unwrap();
+                // The RFC 6455 §1.3 example.
+                assert!(text.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn waits_for_the_rest_of_the_request() {
+        let bytes = request("GET / HTTP/1.1", "");
+        for cut in [0, 5, bytes.len() - 1] {
+            assert_eq!(
+                parse(&bytes.as_bytes()[..cut], "/", 8192),
+                Parsed::Incomplete
+            );
+        }
+    }
+
+    #[test]
+    fn each_refusal_has_its_status() {
+        let cases = [
+            (request("POST / HTTP/1.1", ""), 405),
+            (request("GET /other HTTP/1.1", ""), 404),
+            (request("GET / HTTP/1.0", ""), 400),
+            ("GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_owned(), 426),
+            (
+                request("GET / HTTP/1.1", "").replace("Version: 13", "Version: 8"),
+                426,
+            ),
+            (request("GET / HTTP/1.1", "").replace(KEY, "short"), 400),
+            ("\x16\x03\x01garbage\r\n\r\n".to_owned(), 400),
+        ];
+        for (req, want) in cases {
+            assert_eq!(status(parse(req.as_bytes(), "/", 8192)), want, "{req:?}");
+        }
+    }
+
+    #[test]
+    fn oversized_requests_get_431() {
+        let big = request(
+            "GET / HTTP/1.1",
+            &format!("X-Pad: {}\r\n", "a".repeat(9000)),
+        );
+        assert_eq!(status(parse(big.as_bytes(), "/", 8192)), 431);
+        assert_eq!(status(parse(&big.as_bytes()[..8192], "/", 8192)), 431);
+        let many: String = (0..70).map(|i| format!("X-{i}: v\r\n")).collect();
+        assert_eq!(
+            status(parse(
+                request("GET / HTTP/1.1", &many).as_bytes(),
+                "/",
+                8192
+            )),
+            431
+        );
+    }
+
+    #[test]
+    fn rejection_is_a_complete_response() {
+        let text = String::from_utf8(Rejection::new(404, "nope").response()).unwrap();
+        assert!(text.starts_with("HTTP/1.1 404 Not Found\r\n"));
+        assert!(text.ends_with("\r\n\r\nnope\n"));
+        assert!(text.contains("Content-Length: 5\r\n"));
+    }
+}

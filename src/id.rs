@@ -1,0 +1,23 @@
+//! Identifiers threads use to name clients and lobbies in their messages.
+
+use std::fmt;
+
+/// A client, unique for the gateway's lifetime. Assigned by the manager.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientId(pub u64);
+
+/// A lobby, unique for the gateway's lifetime. Assigned by the manager.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LobbyId(pub u32);
+
+impl fmt::Display for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "client-{}", self.0)
+    }
+}
+
+impl fmt::Display for LobbyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "lobby-{}", self.0)
+    }
+}

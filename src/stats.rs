@@ -1,0 +1,96 @@
+//! Gateway counters: atomics every thread bumps, and the snapshot embedders read.
+//!
+//! The atomics are the only state threads share (DESIGN invariant 5). Hot
+//! paths add in batches (a writer adds a whole vectored write's frames at once),
+//! so these cache lines are not touched once per delivery.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Live counters, shared by every gateway thread.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub clients: AtomicU64,
+    pub lobbies: AtomicU64,
+    pub origin_connections: AtomicU64,
+    pub clients_accepted: AtomicU64,
+    pub handshakes_rejected: AtomicU64,
+    pub handshakes_timed_out: AtomicU64,
+    pub client_protocol_errors: AtomicU64,
+    pub messages_in: AtomicU64,
+    pub frames_delivered: AtomicU64,
+    pub frames_dropped: AtomicU64,
+    pub origin_connects: AtomicU64,
+    pub origin_failures: AtomicU64,
+}
+
+/// A point-in-time copy of the gateway's counters.
+///
+/// Gauges (`clients`, `lobbies`, `origin_connections`) are current values; the
+/// rest count since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StatsSnapshot {
+    /// Clients currently connected (upgraded and placed in a lobby).
+    pub clients: u64,
+    /// Lobby threads currently running, lingering ones included.
+    pub lobbies: u64,
+    /// Origin connections currently up.
+    pub origin_connections: u64,
+    /// Clients that completed the upgrade since start.
+    pub clients_accepted: u64,
+    /// Upgrade requests answered with an HTTP error status.
+    pub handshakes_rejected: u64,
+    /// Connections closed because the upgrade did not complete in time.
+    pub handshakes_timed_out: u64,
+    /// Clients closed for breaking the protocol (bad frame, oversized message).
+    pub client_protocol_errors: u64,
+    /// Data messages received from the origin, summed over lobbies.
+    pub messages_in: u64,
+    /// Frames completely written to clients.
+    pub frames_delivered: u64,
+    /// Frames dropped from full client queues (the oldest goes first).
+    pub frames_dropped: u64,
+    /// Origin connections established (first connects and reconnects).
+    pub origin_connects: u64,
+    /// Origin connect attempts that failed, and established connections lost.
+    pub origin_failures: u64,
+}
+
+/// One lobby as the manager sees it, from [`GatewayHandle::lobbies`](crate::GatewayHandle::lobbies).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LobbyInfo {
+    /// The lobby's number, unique for the gateway's lifetime.
+    pub id: u32,
+    /// Clients placed in the lobby.
+    pub clients: usize,
+}
+
+impl Stats {
+    pub(crate) fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            clients: self.clients.load(Relaxed),
+            lobbies: self.lobbies.load(Relaxed),
+            origin_connections: self.origin_connections.load(Relaxed),
+            clients_accepted: self.clients_accepted.load(Relaxed),
+            handshakes_rejected: self.handshakes_rejected.load(Relaxed),
+            handshakes_timed_out: self.handshakes_timed_out.load(Relaxed),
+            client_protocol_errors: self.client_protocol_errors.load(Relaxed),
+            messages_in: self.messages_in.load(Relaxed),
+            frames_delivered: self.frames_delivered.load(Relaxed),
+            frames_dropped: self.frames_dropped.load(Relaxed),
+            origin_connects: self.origin_connects.load(Relaxed),
+            origin_failures: self.origin_failures.load(Relaxed),
+        }
+    }
+}
+
+/// Adds one to a counter.
+pub(crate) fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Relaxed);
+}
+
+/// Subtracts one from a gauge.
+pub(crate) fn drop_one(gauge: &AtomicU64) {
+    gauge.fetch_sub(1, Relaxed);
+}
