@@ -1,0 +1,365 @@
+//! The acceptor thread: accept TCP connections and complete HTTP upgrades.
+//!
+//! One `mio::Poll` drives the listener and every connection still in its
+//! upgrade: requests are read as bytes arrive (never blocking on a slow peer),
+//! bounded in size and in time, answered with 101 or an HTTP error status, and
+//! upgraded sockets go to the manager with any bytes read past the request.
+//! Request parsing lives in `http.rs`; what happens after the upgrade lives in
+//! `manager.rs` and `writer.rs`.
+
+use std::{
+    collections::VecDeque,
+    io::{self, Read, Write},
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use crossbeam_channel::Sender;
+use log::{debug, error, info, warn};
+use mio::{
+    Events, Interest, Poll, Token, Waker,
+    net::{TcpListener, TcpStream},
+};
+
+use crate::{
+    config::Config,
+    error::{Error, Result},
+    gateway::ShutdownHandle,
+    http::{self, Parsed},
+    manager::{Admission, ManagerMsg},
+    stats::{Stats, bump},
+};
+
+const LISTENER: Token = Token(usize::MAX - 1);
+const WAKER: Token = Token(usize::MAX);
+/// How long accepting pauses when the process is out of file descriptors.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(250);
+/// Bytes read from a handshaking socket at a time.
+const READ_CHUNK: usize = 4096;
+
+/// The gateway's handle on the acceptor thread.
+#[derive(Debug)]
+pub(crate) struct AcceptorHandle {
+    /// Stopping the acceptor is how the whole gateway shuts down.
+    pub shutdown: ShutdownHandle,
+    thread: JoinHandle<()>,
+}
+
+impl AcceptorHandle {
+    /// Waits for the thread to end.
+    pub(crate) fn join(self) {
+        if self.thread.join().is_err() {
+            error!("the acceptor thread panicked");
+        }
+    }
+}
+
+/// Starts the acceptor on an already bound listener.
+pub(crate) fn spawn(
+    mut listener: TcpListener,
+    config: &Config,
+    stats: Arc<Stats>,
+    manager: Sender<ManagerMsg>,
+) -> Result<AcceptorHandle> {
+    let poll = Poll::new().map_err(Error::io("create the acceptor poll"))?;
+    poll.registry()
+        .register(&mut listener, LISTENER, Interest::READABLE)
+        .map_err(Error::io("register the listener"))?;
+    let waker =
+        Waker::new(poll.registry(), WAKER).map_err(Error::io("create the acceptor waker"))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let shutdown = ShutdownHandle::new(Arc::clone(&stop), waker);
+    let acceptor = Acceptor {
+        poll,
+        listener,
+        stop: Arc::clone(&stop),
+        manager,
+        stats,
+        path: config.path.clone(),
+        max_request_bytes: config.max_request_bytes,
+        handshake_timeout: config.handshake_timeout,
+        conns: Vec::new(),
+        free: Vec::new(),
+        deadlines: VecDeque::new(),
+        next_serial: 0,
+        paused_until: None,
+    };
+    let thread = thread::Builder::new()
+        .name("wsgate-acceptor".to_owned())
+        .spawn(move || acceptor.run())
+        .map_err(Error::io("spawn the acceptor thread"))?;
+    Ok(AcceptorHandle { shutdown, thread })
+}
+
+/// The answer being written to a handshaking connection.
+#[derive(Debug)]
+struct Reply {
+    bytes: Vec<u8>,
+    written: usize,
+    /// For an upgrade, where the WebSocket bytes start in the request buffer.
+    upgrade_at: Option<usize>,
+}
+
+/// A connection in its upgrade.
+#[derive(Debug)]
+struct Conn {
+    stream: TcpStream,
+    peer: SocketAddr,
+    buf: Vec<u8>,
+    reply: Option<Reply>,
+    serial: u64,
+}
+
+/// What to do with a connection after it made progress.
+enum Step {
+    Wait,
+    Admit(usize),
+    Close(&'static str),
+}
+
+#[derive(Debug)]
+struct Acceptor {
+    poll: Poll,
+    listener: TcpListener,
+    stop: Arc<AtomicBool>,
+    manager: Sender<ManagerMsg>,
+    stats: Arc<Stats>,
+    path: String,
+    max_request_bytes: usize,
+    handshake_timeout: Duration,
+    /// Slab of handshaking connections; the index is the poll token.
+    conns: Vec<Option<Conn>>,
+    free: Vec<usize>,
+    /// Handshake deadlines in the order they fall (all have the same timeout).
+    deadlines: VecDeque<(Instant, usize, u64)>,
+    next_serial: u64,
+    /// Set while out of file descriptors.
+    paused_until: Option<Instant>,
+}
+
+impl Acceptor {
+    /// The main loop: accept, advance handshakes, expire the slow ones.
+    fn run(mut self) {
+        match self.listener.local_addr() {
+            Ok(addr) => info!("listening on {addr}"),
+            Err(e) => info!("listening (address unknown: {e})"),
+        }
+        let mut events = Events::with_capacity(256);
+        while !self.stop.load(Ordering::SeqCst) {
+            let timeout = self.timeout();
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    error!("acceptor poll failed: {e}");
+                    break;
+                }
+            }
+            for event in &events {
+                match event.token() {
+                    LISTENER => self.accept_all(),
+                    WAKER => {}
+                    Token(index) => self.advance(index),
+                }
+            }
+            if self.paused_until.is_some_and(|at| at <= Instant::now()) {
+                self.paused_until = None;
+                self.accept_all();
+            }
+            self.expire();
+        }
+        info!("listener closed");
+        let _ = self.manager.send(ManagerMsg::Shutdown);
+    }
+
+    fn timeout(&self) -> Option<Duration> {
+        let next = self
+            .deadlines
+            .front()
+            .map(|(at, ..)| *at)
+            .into_iter()
+            .chain(self.paused_until)
+            .min()?;
+        Some(next.saturating_duration_since(Instant::now()))
+    }
+
+    fn accept_all(&mut self) {
+        if self.paused_until.is_some() {
+            return;
+        }
+        loop {
+            match self.listener.accept() {
+                Ok((stream, peer)) => self.add(stream, peer),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if is_out_of_descriptors(&e) => {
+                    warn!(
+                        "out of file descriptors ({e}); pausing accepts for {} ms",
+                        ACCEPT_PAUSE.as_millis()
+                    );
+                    self.paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+                    return;
+                }
+                Err(e) => debug!("accept failed: {e}"),
+            }
+        }
+    }
+
+    fn add(&mut self, mut stream: TcpStream, peer: SocketAddr) {
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!("{peer}: cannot set TCP_NODELAY: {e}");
+        }
+        let index = self.free.pop().unwrap_or(self.conns.len());
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut stream, Token(index), interest)
+        {
+            debug!("{peer}: cannot register: {e}");
+            self.free.push(index);
+            return;
+        }
+        let serial = self.next_serial;
+        self.next_serial += 1;
+        if index == self.conns.len() {
+            self.conns.push(None);
+        }
+        self.conns[index] = Some(Conn {
+            stream,
+            peer,
+            buf: Vec::new(),
+            reply: None,
+            serial,
+        });
+        self.deadlines
+            .push_back((Instant::now() + self.handshake_timeout, index, serial));
+        self.advance(index);
+    }
+
+    /// Reads the request or writes the reply, as far as the socket allows.
+    fn advance(&mut self, index: usize) {
+        let Some(Some(conn)) = self.conns.get_mut(index) else {
+            return;
+        };
+        let step = match conn.reply {
+            None => self.read_request(index),
+            Some(_) => write_reply(conn),
+        };
+        match step {
+            Step::Wait => {}
+            Step::Close(why) => {
+                if let Some(conn) = self.take(index) {
+                    debug!("{}: handshake ended: {why}", conn.peer);
+                    let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+                }
+            }
+            Step::Admit(at) => {
+                let Some(mut conn) = self.take(index) else {
+                    return;
+                };
+                let leftover = conn.buf.split_off(at);
+                let admission = Admission {
+                    stream: conn.stream,
+                    peer: conn.peer,
+                    leftover,
+                };
+                if self.manager.send(ManagerMsg::Admit(admission)).is_err() {
+                    error!("the manager has ended; refusing {}", conn.peer);
+                }
+            }
+        }
+    }
+
+    fn read_request(&mut self, index: usize) -> Step {
+        let Some(Some(conn)) = self.conns.get_mut(index) else {
+            return Step::Wait;
+        };
+        let mut chunk = [0u8; READ_CHUNK];
+        loop {
+            // Read one byte past the limit at most, enough to know it was exceeded.
+            let room = (self.max_request_bytes + 1 - conn.buf.len()).min(READ_CHUNK);
+            match conn.stream.read(&mut chunk[..room]) {
+                Ok(0) => return Step::Close("peer closed before upgrading"),
+                Ok(n) => conn.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Wait,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return Step::Close("read error"),
+            }
+            let reply = match http::parse(&conn.buf, &self.path, self.max_request_bytes) {
+                Parsed::Incomplete => continue,
+                Parsed::Upgrade { response, consumed } => Reply {
+                    bytes: response,
+                    written: 0,
+                    upgrade_at: Some(consumed),
+                },
+                Parsed::Reject(rejection) => {
+                    bump(&self.stats.handshakes_rejected);
+                    debug!(
+                        "{}: refused with {}: {}",
+                        conn.peer, rejection.status, rejection.why
+                    );
+                    Reply {
+                        bytes: rejection.response(),
+                        written: 0,
+                        upgrade_at: None,
+                    }
+                }
+            };
+            conn.reply = Some(reply);
+            return write_reply(conn);
+        }
+    }
+
+    fn take(&mut self, index: usize) -> Option<Conn> {
+        let mut conn = self.conns.get_mut(index)?.take()?;
+        if let Err(e) = self.poll.registry().deregister(&mut conn.stream) {
+            debug!("{}: deregister failed: {e}", conn.peer);
+        }
+        self.free.push(index);
+        Some(conn)
+    }
+
+    fn expire(&mut self) {
+        let now = Instant::now();
+        while let Some(&(at, index, serial)) = self.deadlines.front() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_front();
+            let is_same = matches!(&self.conns.get(index), Some(Some(c)) if c.serial == serial);
+            if is_same {
+                if let Some(conn) = self.take(index) {
+                    bump(&self.stats.handshakes_timed_out);
+                    debug!("{}: upgrade not completed in time; closed", conn.peer);
+                }
+            }
+        }
+    }
+}
+
+fn write_reply(conn: &mut Conn) -> Step {
+    let Some(reply) = conn.reply.as_mut() else {
+        return Step::Wait;
+    };
+    while reply.written < reply.bytes.len() {
+        match conn.stream.write(&reply.bytes[reply.written..]) {
+            Ok(0) => return Step::Close("write returned zero"),
+            Ok(n) => reply.written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Wait,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Step::Close("write error"),
+        }
+    }
+    match reply.upgrade_at {
+        Some(at) => Step::Admit(at),
+        None => Step::Close("refused"),
+    }
+}
+
+fn is_out_of_descriptors(e: &io::Error) -> bool {
+    // EMFILE (per process) and ENFILE (system wide) on Linux.
+    matches!(e.raw_os_error(), Some(24 | 23))
+}

@@ -1,0 +1,197 @@
+//! Starting and stopping a gateway: [`Gateway::start`] and [`GatewayHandle`].
+//!
+//! Start-up validates the configuration, binds the listener (so a busy port is
+//! an error the caller sees), then spawns the writer pool, the manager (which
+//! takes the writers and starts lobbies on demand) and the acceptor. Shutdown
+//! runs down the same chain: the acceptor stops accepting and tells the
+//! manager, which stops and joins the lobbies and then the writers. No thread
+//! loop lives here.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use crossbeam_channel::{Sender, bounded, unbounded};
+use log::error;
+use mio::{Waker, net::TcpListener};
+
+use crate::{
+    acceptor::{self, AcceptorHandle},
+    config::Config,
+    error::{Error, Result},
+    lobby::LobbyEnv,
+    manager::{self, ManagerMsg},
+    origin::OriginTarget,
+    stats::{LobbyInfo, Stats, StatsSnapshot},
+    writer::{self, WriterHandle, WriterMsg},
+};
+
+/// Entry point for running a gateway in this process.
+#[derive(Debug)]
+pub struct Gateway {
+    _private: (),
+}
+
+impl Gateway {
+    /// Validates `config`, binds the listener and starts every thread.
+    ///
+    /// Returns once the gateway accepts clients. Errors are configuration
+    /// problems, a listener that cannot be bound, or threads that cannot start.
+    pub fn start(config: Config) -> Result<GatewayHandle> {
+        config.validate()?;
+        let target = Arc::new(OriginTarget::from_config(&config)?);
+        let listener = TcpListener::bind(config.listen).map_err(|source| Error::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(Error::io("read the listener address"))?;
+        let stats = Arc::new(Stats::default());
+        let (manager_tx, manager_rx) = unbounded();
+
+        let mut writers: Vec<WriterHandle> = Vec::with_capacity(config.writers);
+        for index in 0..config.writers {
+            match writer::spawn(index, &config, Arc::clone(&stats), manager_tx.clone()) {
+                Ok(handle) => writers.push(handle),
+                Err(e) => {
+                    stop_writers(writers);
+                    return Err(e);
+                }
+            }
+        }
+        let env = LobbyEnv {
+            target,
+            writers: writers.iter().map(WriterHandle::wake).collect(),
+            stats: Arc::clone(&stats),
+            manager: manager_tx.clone(),
+        };
+        let manager = manager::spawn(&config, manager_rx, env, writers)?;
+        let acceptor =
+            match acceptor::spawn(listener, &config, Arc::clone(&stats), manager_tx.clone()) {
+                Ok(acceptor) => acceptor,
+                Err(e) => {
+                    let _ = manager_tx.send(ManagerMsg::Shutdown);
+                    join_manager(manager);
+                    return Err(e);
+                }
+            };
+        Ok(GatewayHandle {
+            local_addr,
+            stats,
+            shutdown: acceptor.shutdown.clone(),
+            manager_tx,
+            threads: Some((acceptor, manager)),
+        })
+    }
+}
+
+fn stop_writers(writers: Vec<WriterHandle>) {
+    for writer in &writers {
+        writer.send(WriterMsg::Shutdown);
+    }
+    for writer in writers {
+        writer.join();
+    }
+}
+
+fn join_manager(manager: JoinHandle<()>) {
+    if manager.join().is_err() {
+        error!("the manager thread panicked");
+    }
+}
+
+/// A running gateway. Dropping it shuts the gateway down and waits for it.
+#[derive(Debug)]
+pub struct GatewayHandle {
+    local_addr: SocketAddr,
+    stats: Arc<Stats>,
+    shutdown: ShutdownHandle,
+    manager_tx: Sender<ManagerMsg>,
+    threads: Option<(AcceptorHandle, JoinHandle<()>)>,
+}
+
+impl GatewayHandle {
+    /// The address clients connect to (useful when the config said port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// A snapshot of the gateway's counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// The current lobbies and their client counts, ordered by id. Empty if
+    /// the gateway has stopped or its manager does not answer within `timeout`.
+    pub fn lobbies(&self, timeout: Duration) -> Vec<LobbyInfo> {
+        let (tx, rx) = bounded(1);
+        if self.manager_tx.send(ManagerMsg::Inspect(tx)).is_err() {
+            return Vec::new();
+        }
+        rx.recv_timeout(timeout).unwrap_or_default()
+    }
+
+    /// Begins a graceful shutdown and returns at once: stop accepting, send
+    /// each client what it has queued and a 1001 close (within the drain
+    /// timeout), close the origin connections. [`join`](Self::join) waits for it.
+    pub fn shutdown(&self) {
+        self.shutdown.shutdown();
+    }
+
+    /// A handle that can begin the shutdown from another thread (a signal
+    /// handler, say) while this one waits in [`join`](Self::join).
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.shutdown.clone()
+    }
+
+    /// Waits until the gateway has stopped and every thread has ended.
+    /// Blocks until [`shutdown`](Self::shutdown) is called if it was not.
+    pub fn join(mut self) {
+        self.join_threads();
+    }
+
+    fn join_threads(&mut self) {
+        if let Some((acceptor, manager)) = self.threads.take() {
+            acceptor.join();
+            join_manager(manager);
+        }
+    }
+}
+
+impl Drop for GatewayHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+        self.join_threads();
+    }
+}
+
+/// Begins a gateway's graceful shutdown from any thread. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle {
+    stop: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+}
+
+impl ShutdownHandle {
+    pub(crate) fn new(stop: Arc<AtomicBool>, waker: Waker) -> ShutdownHandle {
+        ShutdownHandle {
+            stop,
+            waker: Arc::new(waker),
+        }
+    }
+
+    /// Begins the shutdown (see [`GatewayHandle::shutdown`]); returns at once.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Err(e) = self.waker.wake() {
+            error!("cannot wake the acceptor: {e}");
+        }
+    }
+}

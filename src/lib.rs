@@ -1,0 +1,62 @@
+//! wsgate: one origin WebSocket feed, fanned out to tens of thousands of clients.
+//!
+//! Clients connect to the gateway; the gateway groups them into **lobbies**
+//! (512 clients by default), and each lobby holds **one** upstream connection
+//! to the origin and broadcasts every origin message to its members. Each
+//! client has a bounded queue (16 frames by default) that drops its
+//! **oldest** frame when full, so a slow client never slows anyone else.
+//!
+//! Everything is synchronous: a handful of threads talking over crossbeam
+//! channels, no async runtime.
+//!
+//! ```text
+//! clients ─▶ acceptor (mio: accept, HTTP upgrade) ─Admit─▶ manager (placement, lifecycle)
+//!                                                             │ Join / Leave
+//!                          origin ◀── one ws connection ── lobby ×L
+//!                                                             │ frame encoded once, Arc-shared
+//!                                     per-client drop-oldest queue (crossbeam bounded)
+//!                                                             ▼
+//! clients ◀── vectored writes ── writer pool ×W (mio: sockets, control frames)
+//! ```
+//!
+//! # Embedding
+//!
+//! ```
+//! use wsgate::{Config, Gateway};
+//!
+//! let mut config = Config::default();
+//! config.listen = "127.0.0.1:0".parse().unwrap();
+//! config.origin = "ws://127.0.0.1:9/feed".to_owned(); // dialled once a client arrives
+//! let gateway = Gateway::start(config)?;
+//! println!("clients connect to ws://{}/", gateway.local_addr());
+//! assert_eq!(gateway.stats().clients, 0);
+//! gateway.shutdown();
+//! gateway.join();
+//! # Ok::<(), wsgate::Error>(())
+//! ```
+//!
+//! The binary (`wsgate --origin ws://…` or `wsgate --demo`) is a thin layer
+//! over [`Gateway`]; see the README for flags, logging and guarantees.
+
+#![deny(missing_docs, missing_debug_implementations)]
+#![forbid(unsafe_code)]
+
+mod acceptor;
+mod config;
+pub mod demo;
+mod error;
+mod frame;
+mod gateway;
+mod http;
+mod id;
+mod lobby;
+mod manager;
+mod origin;
+mod queue;
+mod stats;
+mod writer;
+
+pub use config::Config;
+pub use error::{Error, Result};
+pub use gateway::{Gateway, GatewayHandle, ShutdownHandle};
+pub use stats::{LobbyInfo, StatsSnapshot};
