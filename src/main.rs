@@ -1,0 +1,117 @@
+//! The `wsgate` binary: flags → [`wsgate::Config`] → a running gateway.
+//!
+//! It sets up logging, starts the demo origin for `--demo`, runs the gateway
+//! until SIGINT or SIGTERM, and turns errors into exit code 2 with one line on
+//! stderr. All gateway behaviour lives in the library.
+
+mod cli;
+
+use std::{net::SocketAddr, process::ExitCode, thread, time::Duration};
+
+use argh::{EarlyExit, FromArgs};
+use log::{LevelFilter, info};
+use signal_hook::{
+    consts::{SIGINT, SIGTERM},
+    iterator::Signals,
+};
+use simplelog::{ColorChoice, ConfigBuilder, TermLogger, TerminalMode};
+use wsgate::{Gateway, demo::DemoOrigin};
+
+use crate::cli::Cli;
+
+/// Interval between the demo origin's ticks.
+const DEMO_TICK: Duration = Duration::from_millis(100);
+
+fn main() -> ExitCode {
+    let cli = match parse_args() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wsgate: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Parses the command line; on `--help` or a usage error, the exit code to return.
+fn parse_args() -> Result<Cli, ExitCode> {
+    let mut args = Vec::new();
+    for arg in std::env::args_os() {
+        match arg.into_string() {
+            Ok(arg) => args.push(arg),
+            Err(arg) => {
+                eprintln!("wsgate: argument {arg:?} is not valid UTF-8");
+                return Err(ExitCode::from(2));
+            }
+        }
+    }
+    let strs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (command, rest) = strs
+        .split_first()
+        .map_or(("wsgate", &[][..]), |(c, r)| (*c, r));
+    Cli::from_args(&[command], rest).map_err(|EarlyExit { output, status }| match status {
+        Ok(()) => {
+            print!("{output}");
+            ExitCode::SUCCESS
+        }
+        Err(()) => {
+            let line = output.lines().next().unwrap_or("invalid arguments");
+            eprintln!("wsgate: {line} (see --help)");
+            ExitCode::from(2)
+        }
+    })
+}
+
+fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
+    init_logging(cli.log_level);
+    let mut config = cli.config()?;
+    let demo = if cli.demo {
+        let demo = DemoOrigin::start(SocketAddr::from(([127, 0, 0, 1], 0)), DEMO_TICK)
+            .map_err(|e| format!("cannot start the demo origin: {e}"))?;
+        config.origin = demo.url();
+        Some(demo)
+    } else {
+        None
+    };
+    let path = config.path.clone();
+    let gateway = Gateway::start(config)?;
+    let url = format!("ws://{}{path}", gateway.local_addr());
+    if demo.is_some() {
+        println!("wsgate demo: connect WebSocket clients to {url}");
+        println!("  e.g. python3 -m websockets {url}   (Ctrl-C stops the gateway)");
+    } else {
+        println!("wsgate: clients connect to {url}");
+    }
+
+    let mut signals = Signals::new([SIGINT, SIGTERM])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let signal_handle = signals.handle();
+    let shutdown = gateway.shutdown_handle();
+    let watcher = thread::Builder::new()
+        .name("wsgate-signals".to_owned())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                info!("signal {signal} received; shutting down");
+                shutdown.shutdown();
+            }
+        })
+        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    gateway.join();
+    signal_handle.close();
+    let _ = watcher.join();
+    drop(demo);
+    Ok(())
+}
+
+fn init_logging(level: LevelFilter) {
+    let config = ConfigBuilder::new()
+        .set_thread_level(LevelFilter::Off)
+        .set_target_level(LevelFilter::Off)
+        .add_filter_allow_str("wsgate")
+        .build();
+    // Fails only if a logger is already set, which cannot happen here.
+    let _ = TermLogger::init(level, config, TerminalMode::Stderr, ColorChoice::Auto);
+}
