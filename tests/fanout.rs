@@ -1,0 +1,169 @@
+//! End-to-end fan-out: order, placement, slow-client isolation, origin restarts.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use tungstenite::Message;
+
+#[test]
+fn every_client_receives_every_message_in_order() {
+    let origin = TestOrigin::start();
+    let gw = start_gateway(test_config(&origin.url()));
+    let mut clients = connect_clients(&gw, 200);
+    wait_until("one origin connection", || origin.open() == 1);
+
+    // Bursts smaller than the queue, each delivered before the next: drops
+    // would be legitimate under a sustained overload, but there is none here.
+    const N: u64 = 100;
+    const BURST: u64 = 10;
+    for n in 1..=N {
+        assert_eq!(origin.send_seq(n), 1);
+        if n % BURST == 0 {
+            wait_until("the burst delivered", || {
+                gw.stats().frames_delivered == 200 * n
+            });
+        }
+    }
+    for (i, client) in clients.iter_mut().enumerate() {
+        for n in 1..=N {
+            assert_eq!(recv_text(client), n.to_string(), "client {i}");
+        }
+    }
+    let stats = gw.stats();
+    assert_eq!(stats.messages_in, N);
+    assert_eq!(stats.frames_dropped, 0);
+}
+
+#[test]
+fn binary_stays_binary_and_text_stays_text() {
+    let origin = TestOrigin::start();
+    let gw = start_gateway(test_config(&origin.url()));
+    let mut client = connect_clients(&gw, 1).remove(0);
+    wait_until("origin connection", || origin.open() == 1);
+    origin.send(Message::binary(vec![0u8, 1, 2, 255]));
+    origin.send(Message::text("héllo"));
+    origin.send(Message::binary(vec![7u8; 70_000]));
+    assert_eq!(
+        client.read().unwrap(),
+        Message::binary(vec![0u8, 1, 2, 255])
+    );
+    assert_eq!(client.read().unwrap(), Message::text("héllo"));
+    assert_eq!(client.read().unwrap(), Message::binary(vec![7u8; 70_000]));
+}
+
+#[test]
+fn clients_fill_the_fullest_lobby_with_room() {
+    let origin = TestOrigin::start();
+    let mut config = test_config(&origin.url());
+    config.lobby_capacity = 4;
+    let gw = start_gateway(config);
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        clients.push(ws_client(gw.local_addr()));
+        wait_clients(&gw, clients.len() as u64);
+    }
+    let members = |gw: &wsgate::GatewayHandle| -> Vec<usize> {
+        gw.lobbies(DEADLINE).iter().map(|l| l.clients).collect()
+    };
+    assert_eq!(members(&gw), [4, 4, 2]);
+    wait_until("three origin connections", || origin.open() == 3);
+    assert_eq!(gw.stats().origin_connections, 3);
+
+    // The first four clients are in the first lobby; one leaves.
+    clients.remove(0).close(None).unwrap();
+    wait_until("a place freed in the first lobby", || {
+        members(&gw) == [3, 4, 2]
+    });
+
+    // The newcomer takes the fullest lobby with room (not the newest one).
+    clients.push(ws_client(gw.local_addr()));
+    wait_until("the newcomer placed", || members(&gw) == [4, 4, 2]);
+    assert_eq!(origin.accepted(), 3, "no extra origin connection");
+}
+
+#[test]
+fn a_client_that_never_reads_does_not_slow_the_others() {
+    const QUEUE: usize = 4;
+    const N: u64 = 300;
+    let origin = TestOrigin::start();
+    let mut config = test_config(&origin.url());
+    config.queue_depth = QUEUE;
+    let gw = start_gateway(config);
+    let mut slow = ws_client(gw.local_addr());
+    let mut fast = connect_clients(&gw, 3);
+    wait_until("origin connection", || origin.open() == 1);
+
+    // 64 KiB messages fill the slow client's socket buffers quickly.
+    let payload = |n: u64| {
+        let mut p = format!("{n:08}").into_bytes();
+        p.resize(64 * 1024, b'.');
+        Message::binary(p)
+    };
+    let seq = |m: Message| -> u64 {
+        let data = m.into_data();
+        std::str::from_utf8(&data[..8]).unwrap().parse().unwrap()
+    };
+    for n in 1..=N {
+        origin.send(payload(n));
+        // Fast clients keep up as the origin sends.
+        for client in &mut fast {
+            assert_eq!(seq(client.read().unwrap()), n);
+        }
+    }
+    wait_until("the slow client's drops counted", || {
+        gw.stats().frames_dropped > 0
+    });
+
+    // Now the slow client reads what was kept for it: an increasing sequence
+    // that ends with the newest message, whose tail after the last gap is at
+    // most the queue (plus the frame that was being written).
+    let mut got = Vec::new();
+    while got.last() != Some(&N) {
+        got.push(seq(slow.read().unwrap()));
+    }
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "out of order: {got:?}");
+    let tail = got
+        .windows(2)
+        .rev()
+        .take_while(|w| w[1] == w[0] + 1)
+        .count()
+        + 1;
+    assert!(
+        tail <= QUEUE + 1,
+        "tail of {tail} after the last gap: {got:?}"
+    );
+    let dropped = gw.stats().frames_dropped;
+    assert_eq!(
+        got.len() as u64 + dropped,
+        N,
+        "every message is either delivered or counted as dropped"
+    );
+}
+
+#[test]
+fn clients_survive_an_origin_restart() {
+    let origin = TestOrigin::start();
+    let gw = start_gateway(test_config(&origin.url()));
+    let mut clients = connect_clients(&gw, 5);
+    wait_until("origin connection", || origin.open() == 1);
+    origin.send_seq(1);
+    for c in &mut clients {
+        assert_eq!(recv_text(c), "1");
+    }
+
+    let (addr, counts) = origin.kill();
+    wait_until("the gateway to notice", || {
+        gw.stats().origin_connections == 0
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let origin = TestOrigin::start_on(addr, counts);
+    wait_until("the lobby to reconnect", || origin.open() == 1);
+    assert_eq!(gw.stats().clients, 5, "clients stayed connected");
+    origin.send_seq(2);
+    for c in &mut clients {
+        assert_eq!(recv_text(c), "2");
+    }
+    assert!(gw.stats().origin_failures >= 1);
+}
