@@ -20,6 +20,7 @@ use std::{
 use crossbeam_channel::{Sender, bounded, unbounded};
 use log::error;
 use mio::{Waker, net::TcpListener};
+use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::{
     acceptor::{self, AcceptorHandle},
@@ -46,7 +47,7 @@ impl Gateway {
     pub fn start(config: Config) -> Result<GatewayHandle> {
         config.validate()?;
         let target = Arc::new(OriginTarget::from_config(&config)?);
-        let listener = TcpListener::bind(config.listen).map_err(|source| Error::Bind {
+        let listener = bind(config.listen).map_err(|source| Error::Bind {
             addr: config.listen,
             source,
         })?;
@@ -90,6 +91,20 @@ impl Gateway {
             threads: Some((acceptor, manager)),
         })
     }
+}
+
+/// Pending connections the kernel may hold for the acceptor (it caps this at
+/// `net.core.somaxconn`). Bursts of thousands of clients overflow the usual 128.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// Binds the client listener with a backlog sized for connection bursts.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(TcpListener::from_std(socket.into()))
 }
 
 fn stop_writers(writers: Vec<WriterHandle>) {

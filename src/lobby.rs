@@ -167,6 +167,7 @@ impl Lobby {
         info!("{} up", self.id);
         let mut events = Events::with_capacity(16);
         let mut more = false;
+        let mut is_ending = false;
         loop {
             let timeout = if more {
                 Some(std::time::Duration::ZERO)
@@ -181,8 +182,10 @@ impl Lobby {
                     break;
                 }
             }
-            if !self.take_messages() {
-                break;
+            if !is_ending && !self.take_messages() {
+                // Finish the origin's close handshake before the thread ends.
+                is_ending = true;
+                self.origin.stop("lobby ending");
             }
             let Lobby {
                 origin,
@@ -195,8 +198,10 @@ impl Lobby {
             more = origin.drive(&mut |kind, payload| {
                 fan_out(members, writers, touched, stats, kind, payload);
             }) == Drive::More;
+            if is_ending && !self.origin.is_closing() {
+                break;
+            }
         }
-        self.origin.stop("lobby ending");
         info!("{} down", self.id);
     }
 

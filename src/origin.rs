@@ -38,6 +38,8 @@ use crate::{
 const READS_PER_DRIVE: usize = 256;
 /// A connection that lived this long earns a fresh backoff when it fails.
 const STABLE_AFTER: Duration = Duration::from_secs(30);
+/// How long a closing connection waits for the origin's close reply.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// Where the origin is and how to talk to it, shared by every lobby.
 #[derive(Debug)]
@@ -158,6 +160,10 @@ enum State {
         since: Instant,
         got_message: bool,
     },
+    /// Our close frame is sent; waiting for the origin's until the deadline.
+    /// Closing the socket before that could reset it, and the origin would
+    /// never see the close frame.
+    Closing(Box<WebSocket<TcpStream>>, Instant),
 }
 
 /// What [`OriginLink::drive`] left behind.
@@ -206,11 +212,21 @@ impl OriginLink {
         }
     }
 
-    /// Connects now if the link is idle.
+    /// Connects now if the link is idle or closing.
     pub(crate) fn start(&mut self) {
-        if let State::Idle = self.state {
-            self.connect();
+        match std::mem::replace(&mut self.state, State::Idle) {
+            State::Idle => self.connect(),
+            State::Closing(mut ws, _) => {
+                self.deregister(ws.get_mut());
+                self.connect();
+            }
+            other => self.state = other,
         }
+    }
+
+    /// Whether a close handshake is still under way.
+    pub(crate) fn is_closing(&self) -> bool {
+        matches!(self.state, State::Closing(..))
     }
 
     /// Closes the connection (politely if it is up, saying `why`) and stays idle.
@@ -221,14 +237,21 @@ impl OriginLink {
                     code: CloseCode::Normal,
                     reason: why.into(),
                 };
-                // Best effort: the socket is dropped right after either way.
-                let _ = ws.close(Some(frame)).and_then(|()| ws.flush());
-                self.deregister(ws.get_mut());
                 drop_one(&self.stats.origin_connections);
-                info!("{}: origin connection closed ({why})", self.lobby);
+                info!("{}: closing origin connection ({why})", self.lobby);
+                match ws.close(Some(frame)).and_then(|()| ws.flush()) {
+                    Ok(()) => {}
+                    Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => {
+                        self.deregister(ws.get_mut());
+                        return;
+                    }
+                }
+                self.state = State::Closing(ws, Instant::now() + CLOSE_WAIT);
             }
             State::Connecting(mut stream, _) => self.deregister(&mut stream),
             State::Upgrading(mut mid, _) => self.deregister(mid.get_mut().get_mut()),
+            State::Closing(ws, at) => self.state = State::Closing(ws, at),
             State::Idle | State::Waiting(_) => {}
         }
         self.backoff.reset();
@@ -237,7 +260,10 @@ impl OriginLink {
     /// When [`drive`](Self::drive) must run again even without socket readiness.
     pub(crate) fn deadline(&self) -> Option<Instant> {
         match &self.state {
-            State::Waiting(at) | State::Connecting(_, at) | State::Upgrading(_, at) => Some(*at),
+            State::Waiting(at)
+            | State::Connecting(_, at)
+            | State::Upgrading(_, at)
+            | State::Closing(_, at) => Some(*at),
             State::Idle | State::Up { .. } => None,
         }
     }
@@ -271,7 +297,30 @@ impl OriginLink {
                 since,
                 got_message,
             } => self.read(ws, since, got_message, on_message),
+            State::Closing(ws, at) => {
+                self.finish_close(ws, at, now);
+                Drive::Idle
+            }
         }
+    }
+
+    /// Reads (and discards) until the origin's close reply or the deadline.
+    fn finish_close(&mut self, mut ws: Box<WebSocket<TcpStream>>, at: Instant, now: Instant) {
+        if now < at {
+            loop {
+                match ws.read() {
+                    Ok(_) => {}
+                    Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                        let _ = ws.flush();
+                        self.state = State::Closing(ws, at);
+                        return;
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        debug!("{}: origin connection closed", self.lobby);
+        self.deregister(ws.get_mut());
     }
 
     /// Starts a TCP connect to the origin's first address.

@@ -384,7 +384,11 @@ impl Writer {
     fn scan_queues(&mut self) {
         for (token, slot) in self.clients.iter_mut().enumerate() {
             if let Some(client) = slot {
-                if client.writable && !client.is_ready && !client.queue.is_empty() {
+                if client.writable
+                    && !client.is_ready
+                    && matches!(client.closing, Closing::Open | Closing::Draining(_))
+                    && !client.queue.is_empty()
+                {
                     mark_ready(&mut self.ready, client, token);
                 }
             }
@@ -614,8 +618,8 @@ impl Client {
                 self.advance_pending(r, io)
             };
             match written {
-                Ok(true) => {}
-                Ok(false) => {
+                Ok(Progress::Flushed | Progress::Partial) => {}
+                Ok(Progress::Blocked) => {
                     self.writable = false;
                     return Turn::Idle;
                 }
@@ -676,17 +680,16 @@ impl Client {
     }
 
     /// Accounts a write from the writer's batch; unwritten frames move to `pending`.
-    /// Ok(true): all written; Ok(false): the socket is full.
     fn advance_batch(
         &mut self,
         r: io::Result<usize>,
         io: &mut IoCtx,
-    ) -> Result<bool, &'static str> {
-        let (mut n, is_full) = match r {
+    ) -> Result<Progress, &'static str> {
+        let (mut n, progress) = match r {
             Ok(0) => return Err("write returned zero"),
-            Ok(n) => (n, true),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => (0, true),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => (0, false),
+            Ok(n) => (n, Progress::Partial),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => (0, Progress::Blocked),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => (0, Progress::Partial),
             Err(e) => {
                 debug!("{}: write failed: {e}", self.id);
                 io.dropped += io.batch.len() as u64;
@@ -705,25 +708,25 @@ impl Client {
         io.delivered += done as u64;
         if done == io.batch.len() {
             io.batch.clear();
-            return Ok(true);
+            return Ok(Progress::Flushed);
         }
         self.offset = n;
         self.pending.extend(io.batch.drain(done..));
         io.batch.clear();
-        Ok(!is_full)
+        Ok(progress)
     }
 
-    /// Accounts a write from `pending`. Ok(true): all written; Ok(false): full.
+    /// Accounts a write from `pending`.
     fn advance_pending(
         &mut self,
         r: io::Result<usize>,
         io: &mut IoCtx,
-    ) -> Result<bool, &'static str> {
+    ) -> Result<Progress, &'static str> {
         let mut n = match r {
             Ok(0) => return Err("write returned zero"),
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Progress::Blocked),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(Progress::Partial),
             Err(e) => {
                 debug!("{}: write failed: {e}", self.id);
                 return Err("write error");
@@ -733,7 +736,7 @@ impl Client {
             let left = head.len() - self.offset;
             if n < left {
                 self.offset += n;
-                return Ok(false);
+                return Ok(Progress::Partial);
             }
             n -= left;
             self.offset = 0;
@@ -744,8 +747,20 @@ impl Client {
         }
         // Stalls are rare: give the memory back rather than keep it per client.
         self.pending = VecDeque::new();
-        Ok(true)
+        Ok(Progress::Flushed)
     }
+}
+
+/// What one vectored write achieved.
+#[derive(Debug, PartialEq, Eq)]
+enum Progress {
+    /// Everything offered was written.
+    Flushed,
+    /// Part was written; write again (only `WouldBlock` proves the socket full,
+    /// and only then will a writable event follow).
+    Partial,
+    /// The socket is full: wait for a writable event.
+    Blocked,
 }
 
 /// One vectored write of `frames`, the first starting at `offset`.
