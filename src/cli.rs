@@ -2,11 +2,11 @@
 //!
 //! Only parsing and mapping live here; `main.rs` runs the gateway.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use argh::FromArgs;
 use log::LevelFilter;
-use wsgate::{Config, Error};
+use wsgate::{Config, Error, OriginLoss};
 
 /// wsgate: one origin WebSocket feed, fanned out to many clients.
 #[derive(FromArgs, Debug)]
@@ -15,7 +15,7 @@ pub struct Cli {
     #[argh(option, default = "SocketAddr::from(([127, 0, 0, 1], 8080))")]
     pub listen: SocketAddr,
 
-    /// upstream WebSocket URL, ws://host[:port]/path (required unless --demo)
+    /// upstream WebSocket URL, ws:// or wss:// (required unless --demo)
     #[argh(option)]
     pub origin: Option<String>,
 
@@ -31,9 +31,53 @@ pub struct Cli {
     #[argh(option, default = "2")]
     pub writers: usize,
 
-    /// seconds an empty lobby lingers before its thread ends (default 5)
-    #[argh(option, default = "5")]
-    pub lobby_linger: u64,
+    /// how long an empty lobby lingers before its thread ends (default 5s)
+    #[argh(option, default = "Span::secs(5)")]
+    pub lobby_linger: Span,
+
+    /// first reconnect delay after an origin failure (default 100ms)
+    #[argh(option, default = "Span::millis(100)")]
+    pub origin_backoff_min: Span,
+
+    /// longest reconnect delay (default 30s)
+    #[argh(option, default = "Span::secs(30)")]
+    pub origin_backoff_max: Span,
+
+    /// bound on origin TCP connect + TLS + upgrade (default 10s)
+    #[argh(option, default = "Span::secs(10)")]
+    pub origin_connect_timeout: Span,
+
+    /// interval between pings to the origin (default 15s)
+    #[argh(option, default = "Span::secs(15)")]
+    pub origin_ping: Span,
+
+    /// origin declared dead after this long with nothing received (default 45s)
+    #[argh(option, default = "Span::secs(45)")]
+    pub origin_timeout: Span,
+
+    /// on origin loss: keep clients connected, or close them with 1012 (default keep)
+    #[argh(option, default = "OriginLoss::Keep")]
+    pub on_origin_loss: OriginLoss,
+
+    /// header sent on every origin handshake, 'Name: value' (repeatable)
+    #[argh(option)]
+    pub origin_header: Vec<String>,
+
+    /// text message sent to the origin after every (re)connect (repeatable, in order)
+    #[argh(option)]
+    pub origin_init: Vec<String>,
+
+    /// subprotocol offered on the origin handshake (repeatable)
+    #[argh(option)]
+    pub origin_subprotocol: Vec<String>,
+
+    /// PEM file of the CA that signs a wss:// origin's certificate
+    #[argh(option)]
+    pub origin_ca: Option<PathBuf>,
+
+    /// largest origin message in bytes; larger drops the connection (default 16777216)
+    #[argh(option, default = "16 << 20")]
+    pub max_message: usize,
 
     /// log level: off, error, warn, info, debug or trace (default info)
     #[argh(option, default = "LevelFilter::Info")]
@@ -68,7 +112,97 @@ impl Cli {
         config.lobby_capacity = self.lobby_capacity;
         config.queue_depth = self.queue;
         config.writers = self.writers;
-        config.lobby_linger = Duration::from_secs(self.lobby_linger);
+        config.lobby_linger = self.lobby_linger.0;
+        config.origin_backoff_min = self.origin_backoff_min.0;
+        config.origin_backoff_max = self.origin_backoff_max.0;
+        config.origin_connect_timeout = self.origin_connect_timeout.0;
+        config.origin_ping = self.origin_ping.0;
+        config.origin_timeout = self.origin_timeout.0;
+        config.on_origin_loss = self.on_origin_loss;
+        config.origin_headers = self
+            .origin_header
+            .iter()
+            .map(|h| parse_header(h))
+            .collect::<Result<_, _>>()?;
+        config.origin_init = self.origin_init.clone();
+        config.origin_subprotocols = self.origin_subprotocol.clone();
+        config.origin_ca = self.origin_ca.clone();
+        config.max_origin_message = self.max_message;
         Ok(config)
+    }
+}
+
+/// Splits `Name: value`.
+fn parse_header(header: &str) -> Result<(String, String), Error> {
+    match header.split_once(':') {
+        Some((name, value)) if !name.trim().is_empty() => {
+            Ok((name.trim().to_owned(), value.trim().to_owned()))
+        }
+        _ => Err(Error::Config(format!(
+            "--origin-header {header:?} is not of the form 'Name: value'"
+        ))),
+    }
+}
+
+/// A duration flag: `250ms`, `10s`, `2m`, or a bare number of seconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Span(pub Duration);
+
+impl Span {
+    const fn secs(s: u64) -> Span {
+        Span(Duration::from_secs(s))
+    }
+
+    const fn millis(ms: u64) -> Span {
+        Span(Duration::from_millis(ms))
+    }
+}
+
+impl FromStr for Span {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Span, String> {
+        let (number, scale) = if let Some(n) = s.strip_suffix("ms") {
+            (n, 0.001)
+        } else if let Some(n) = s.strip_suffix('s') {
+            (n, 1.0)
+        } else if let Some(n) = s.strip_suffix('m') {
+            (n, 60.0)
+        } else {
+            (s, 1.0)
+        };
+        match number.parse::<f64>() {
+            Ok(n) if n.is_finite() && n >= 0.0 && n * scale < 1e9 => {
+                Ok(Span(Duration::from_secs_f64(n * scale)))
+            }
+            _ => Err(format!("{s:?} is not a duration like 250ms, 10s or 2m")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_parse_with_and_without_units() {
+        let ms = |s: &str| s.parse::<Span>().map(|d| d.0.as_millis());
+        assert_eq!(ms("250ms"), Ok(250));
+        assert_eq!(ms("1.5s"), Ok(1500));
+        assert_eq!(ms("2m"), Ok(120_000));
+        assert_eq!(ms("5"), Ok(5000));
+        assert!(ms("soon").is_err());
+        assert!(ms("-1s").is_err());
+        assert!(ms("1e300").is_err());
+    }
+
+    #[test]
+    fn headers_split_on_the_first_colon() {
+        assert_eq!(
+            parse_header("Authorization: Bearer a:b").unwrap(),
+            ("Authorization".into(), "Bearer a:b".into())
+        );
+        assert!(parse_header("no colon").is_err());
+        assert!(parse_header(": value").is_err());
     }
 }

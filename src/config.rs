@@ -4,9 +4,9 @@
 //! in code; [`Config::validate`] checks it once, before any thread starts.
 //! Nothing here opens sockets or spawns threads.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use tungstenite::http::Uri;
+use tungstenite::http::{HeaderName, HeaderValue, Uri};
 
 use crate::error::{Error, Result};
 
@@ -44,8 +44,28 @@ pub struct Config {
     pub origin_backoff_min: Duration,
     /// Longest delay between origin reconnect attempts. Defaults to 30 s.
     pub origin_backoff_max: Duration,
-    /// Bound on TCP connect plus WebSocket upgrade to the origin. Defaults to 10 s.
+    /// Bound on TCP connect, TLS handshake and WebSocket upgrade to the origin.
+    /// Defaults to 10 s.
     pub origin_connect_timeout: Duration,
+    /// Interval between pings a lobby sends its origin. Defaults to 15 s.
+    pub origin_ping: Duration,
+    /// An origin connection with nothing received (data or pong) for this long
+    /// is declared dead and replaced. Defaults to 45 s.
+    pub origin_timeout: Duration,
+    /// What a lobby does with its clients when its origin connection fails.
+    /// Defaults to [`OriginLoss::Keep`].
+    pub on_origin_loss: OriginLoss,
+    /// Extra headers sent on every origin handshake (credentials, say);
+    /// clients never see them. Defaults to none.
+    pub origin_headers: Vec<(String, String)>,
+    /// Text messages sent, in order, right after every origin (re)connect and
+    /// before anything is forwarded (a subscribe request, say). Defaults to none.
+    pub origin_init: Vec<String>,
+    /// Subprotocols offered on the origin handshake. Defaults to none.
+    pub origin_subprotocols: Vec<String>,
+    /// PEM file of the CA that signs the origin's certificate, for `wss://`
+    /// origins with a private CA; replaces the built-in web roots. Defaults to none.
+    pub origin_ca: Option<PathBuf>,
     /// On shutdown, how long clients get to receive what is queued and the
     /// 1001 close. Defaults to 5 s.
     pub drain_timeout: Duration,
@@ -68,7 +88,37 @@ impl Default for Config {
             origin_backoff_min: Duration::from_millis(100),
             origin_backoff_max: Duration::from_secs(30),
             origin_connect_timeout: Duration::from_secs(10),
+            origin_ping: Duration::from_secs(15),
+            origin_timeout: Duration::from_secs(45),
+            on_origin_loss: OriginLoss::Keep,
+            origin_headers: Vec::new(),
+            origin_init: Vec::new(),
+            origin_subprotocols: Vec::new(),
+            origin_ca: None,
             drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What a lobby does with its clients when its origin connection fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OriginLoss {
+    /// Keep clients connected; they resume receiving after the reconnect.
+    #[default]
+    Keep,
+    /// Close clients with 1012 (service restart) so they reconnect, perhaps
+    /// to another gateway.
+    Close,
+}
+
+impl std::str::FromStr for OriginLoss {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "keep" => Ok(OriginLoss::Keep),
+            "close" => Ok(OriginLoss::Close),
+            _ => Err(format!("expected keep or close, not {s:?}")),
         }
     }
 }
@@ -110,6 +160,25 @@ impl Config {
         if self.origin_connect_timeout.is_zero() {
             return bad("origin connect timeout must be above zero");
         }
+        if self.origin_ping.is_zero() || self.origin_timeout <= self.origin_ping {
+            return bad("origin liveness must satisfy 0 < ping interval < timeout");
+        }
+        for (name, value) in &self.origin_headers {
+            if HeaderName::try_from(name.as_str()).is_err()
+                || HeaderValue::try_from(value.as_str()).is_err()
+            {
+                return Err(Error::Config(format!(
+                    "origin header {name:?} is not valid"
+                )));
+            }
+        }
+        for protocol in &self.origin_subprotocols {
+            if protocol.is_empty() || !protocol.bytes().all(|b| b.is_ascii_graphic() && b != b',') {
+                return Err(Error::Config(format!(
+                    "origin subprotocol {protocol:?} is not a valid token"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -124,8 +193,9 @@ impl Config {
         };
         match uri.scheme_str() {
             Some("ws") => {}
-            Some("wss") => return bad("uses wss://, which this build does not support yet"),
-            _ => return bad("must start with ws://"),
+            Some("wss") if cfg!(feature = "tls") => {}
+            Some("wss") => return bad("uses wss://, but this build has no TLS (feature `tls`)"),
+            _ => return bad("must start with ws:// or wss://"),
         }
         if uri.host().is_none_or(str::is_empty) {
             return bad("has no host");
@@ -153,10 +223,31 @@ mod tests {
 
     #[test]
     fn rejects_bad_origins() {
-        for origin in ["http://x/", "x", "ws://", "ws:// bad", "wss://host/"] {
+        for origin in ["http://x/", "x", "ws://", "ws:// bad"] {
             let err = with_origin(origin).validate().unwrap_err();
             assert!(err.to_string().contains("origin URL"), "{origin}: {err}");
         }
+    }
+
+    #[test]
+    fn wss_needs_the_tls_feature() {
+        assert_eq!(
+            with_origin("wss://h/").validate().is_ok(),
+            cfg!(feature = "tls")
+        );
+    }
+
+    #[test]
+    fn rejects_bad_origin_settings() {
+        let mut c = with_origin("ws://h/");
+        c.origin_headers = vec![("Bad Name".into(), "v".into())];
+        assert!(c.validate().is_err());
+        let mut c = with_origin("ws://h/");
+        c.origin_headers = vec![("Authorization".into(), "Bearer x\n".into())];
+        assert!(c.validate().is_err());
+        let mut c = with_origin("ws://h/");
+        c.origin_timeout = c.origin_ping;
+        assert!(c.validate().is_err());
     }
 
     #[test]

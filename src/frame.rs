@@ -30,6 +30,7 @@ pub(crate) mod close_code {
     pub const INVALID_PAYLOAD: u16 = 1007;
     pub const TOO_BIG: u16 = 1009;
     pub const INTERNAL_ERROR: u16 = 1011;
+    pub const SERVICE_RESTART: u16 = 1012;
 }
 
 /// Encodes one unmasked, final server frame.

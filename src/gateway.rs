@@ -72,6 +72,7 @@ impl Gateway {
             writers: writers.iter().map(WriterHandle::wake).collect(),
             stats: Arc::clone(&stats),
             manager: manager_tx.clone(),
+            on_origin_loss: config.on_origin_loss,
         };
         let manager = manager::spawn(&config, manager_rx, env, writers)?;
         let acceptor =

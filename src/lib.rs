@@ -42,6 +42,7 @@
 #![forbid(unsafe_code)]
 
 mod acceptor;
+mod backoff;
 mod config;
 pub mod demo;
 mod error;
@@ -54,9 +55,11 @@ mod manager;
 mod origin;
 mod queue;
 mod stats;
+#[cfg(feature = "tls")]
+mod tls;
 mod writer;
 
-pub use config::Config;
+pub use config::{Config, OriginLoss};
 pub use error::{Error, Result};
 pub use gateway::{Gateway, GatewayHandle, ShutdownHandle};
-pub use stats::{LobbyInfo, StatsSnapshot};
+pub use stats::{LobbyInfo, OriginState, StatsSnapshot};

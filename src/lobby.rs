@@ -8,23 +8,27 @@
 //! (`manager.rs`). Origin connection mechanics live in `origin.rs`.
 
 use std::{
-    sync::{Arc, atomic::Ordering::Relaxed},
+    sync::{
+        Arc,
+        atomic::{AtomicU8, Ordering::Relaxed},
+    },
     thread::{self, JoinHandle},
     time::Instant,
 };
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, unbounded};
-use log::{error, info, trace};
+use log::{error, info, trace, warn};
 use mio::{Events, Poll, Token, Waker};
 
 use crate::{
+    config::OriginLoss,
     error::{Error, Result},
-    frame::{self, MessageKind},
+    frame::{self, MessageKind, close_code},
     id::{ClientId, LobbyId},
     manager::ManagerMsg,
     origin::{Drive, OriginLink, OriginTarget},
     queue::{ClientQueue, Pushed},
-    stats::Stats,
+    stats::{OriginState, Stats},
     writer::WriterWake,
 };
 
@@ -55,6 +59,7 @@ pub(crate) struct Member {
 pub(crate) struct LobbyHandle {
     tx: Sender<LobbyMsg>,
     waker: Waker,
+    origin: Arc<AtomicU8>,
     thread: JoinHandle<()>,
 }
 
@@ -66,6 +71,11 @@ impl LobbyHandle {
             error!("cannot wake lobby: {e}");
         }
         sent
+    }
+
+    /// Where the lobby's origin connection stands.
+    pub(crate) fn origin_state(&self) -> OriginState {
+        OriginState::from_u8(self.origin.load(Relaxed))
     }
 
     /// Waits for the thread to end.
@@ -83,6 +93,7 @@ pub(crate) struct LobbyEnv {
     pub writers: Arc<[Arc<WriterWake>]>,
     pub stats: Arc<Stats>,
     pub manager: Sender<ManagerMsg>,
+    pub on_origin_loss: OriginLoss,
 }
 
 /// Starts a lobby thread.
@@ -94,11 +105,13 @@ pub(crate) fn spawn(id: LobbyId, env: &LobbyEnv) -> Result<LobbyHandle> {
         .try_clone()
         .map_err(Error::io("clone a poll registry"))?;
     let (tx, inbox) = unbounded();
+    let published = Arc::new(AtomicU8::new(OriginState::Idle as u8));
     let origin = OriginLink::new(
         id,
         Arc::clone(&env.target),
         registry,
         ORIGIN,
+        Arc::clone(&published),
         Arc::clone(&env.stats),
     );
     let lobby = Lobby {
@@ -110,6 +123,7 @@ pub(crate) fn spawn(id: LobbyId, env: &LobbyEnv) -> Result<LobbyHandle> {
         writers: Arc::clone(&env.writers),
         touched: vec![false; env.writers.len()],
         stats: Arc::clone(&env.stats),
+        on_origin_loss: env.on_origin_loss,
     };
     let guard = EndGuard {
         id,
@@ -124,7 +138,12 @@ pub(crate) fn spawn(id: LobbyId, env: &LobbyEnv) -> Result<LobbyHandle> {
             lobby.run();
         });
     match thread {
-        Ok(thread) => Ok(LobbyHandle { tx, waker, thread }),
+        Ok(thread) => Ok(LobbyHandle {
+            tx,
+            waker,
+            origin: published,
+            thread,
+        }),
         // The guard went down with the closure and undid the count.
         Err(e) => Err(Error::Io {
             what: "spawn a lobby thread",
@@ -159,6 +178,7 @@ struct Lobby {
     /// Per writer: owns a member that got the current frame.
     touched: Vec<bool>,
     stats: Arc<Stats>,
+    on_origin_loss: OriginLoss,
 }
 
 impl Lobby {
@@ -198,11 +218,39 @@ impl Lobby {
             more = origin.drive(&mut |kind, payload| {
                 fan_out(members, writers, touched, stats, kind, payload);
             }) == Drive::More;
+            if self.origin.take_failure() && self.on_origin_loss == OriginLoss::Close {
+                self.close_members();
+            }
             if is_ending && !self.origin.is_closing() {
                 break;
             }
         }
         info!("{} down", self.id);
+    }
+
+    /// With `--on-origin-loss close`: close every member with 1012 so it
+    /// reconnects, perhaps to another gateway. The close frame goes through
+    /// each member's queue, after what it already holds.
+    fn close_members(&mut self) {
+        if self.members.is_empty() {
+            return;
+        }
+        warn!(
+            "{}: origin lost; closing its {} clients with 1012",
+            self.id,
+            self.members.len()
+        );
+        let close = frame::encode_close(close_code::SERVICE_RESTART, "origin connection lost");
+        for member in self.members.drain(..) {
+            member.queue.push(close.clone());
+            self.touched[member.writer] = true;
+        }
+        for (writer, touched) in self.writers.iter().zip(self.touched.iter_mut()) {
+            if std::mem::take(touched) {
+                writer.notify();
+            }
+        }
+        self.origin.stop("no clients");
     }
 
     /// Applies inbox messages. False when the lobby must end.

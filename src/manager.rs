@@ -255,6 +255,7 @@ impl Manager {
             .map(|(id, l)| LobbyInfo {
                 id: id.0,
                 clients: l.members,
+                origin: l.handle.origin_state(),
             })
             .collect()
     }

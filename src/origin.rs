@@ -1,17 +1,22 @@
-//! One lobby's origin connection: connect, upgrade, read, reconnect with backoff.
+//! One lobby's origin connection: connect, secure, upgrade, read, stay alive,
+//! reconnect.
 //!
 //! [`OriginLink`] is a non-blocking state machine the lobby thread drives from
-//! its poll loop: TCP connect and the WebSocket upgrade are readiness-driven
-//! and bounded by a deadline, so the lobby stays responsive to its inbox
-//! while an origin is slow or down. A lost connection is retried after a
-//! capped, jittered exponential [`Backoff`]. This file knows nothing of
-//! clients; the lobby (`lobby.rs`) decides when a link is needed and what to
-//! do with each message.
+//! its poll loop. TCP connect, the TLS handshake (`wss://`) and the WebSocket
+//! upgrade are readiness-driven and share one deadline, so the lobby keeps
+//! serving its inbox while an origin is slow or down. Once up, the link pings
+//! the origin and declares it dead when nothing arrives for the liveness
+//! timeout. Every failure is counted by cause and retried after a jittered
+//! [`Backoff`]. This file knows nothing of clients: the lobby (`lobby.rs`)
+//! decides when a link is needed and what to do with each message.
 
 use std::{
-    io,
+    io::{self, Read, Write},
     net::{SocketAddr, ToSocketAddrs},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU8, AtomicU64, Ordering::Relaxed},
+    },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -26,11 +31,12 @@ use tungstenite::{
 };
 
 use crate::{
+    backoff::Backoff,
     config::Config,
     error::Result,
     frame::MessageKind,
     id::LobbyId,
-    stats::{Stats, bump, drop_one},
+    stats::{OriginState, Stats, bump, drop_one},
 };
 
 /// Messages read per call to [`OriginLink::drive`], so the lobby's inbox is
@@ -41,39 +47,67 @@ const STABLE_AFTER: Duration = Duration::from_secs(30);
 /// How long a closing connection waits for the origin's close reply.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
-/// Where the origin is and how to talk to it, shared by every lobby.
+/// Where the origin is and how to talk to it: built once from the
+/// configuration, shared by every lobby.
 #[derive(Debug)]
 pub(crate) struct OriginTarget {
     uri: Uri,
     host: String,
     port: u16,
+    request: ClientRequestBuilder,
+    init: Vec<String>,
     ws_config: WebSocketConfig,
     connect_timeout: Duration,
+    ping: Duration,
+    timeout: Duration,
     backoff_min: Duration,
     backoff_max: Duration,
+    #[cfg(feature = "tls")]
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl OriginTarget {
-    /// Builds the target from a validated configuration.
+    /// Builds the target from a validated configuration (loading the TLS
+    /// roots for a `wss://` origin).
     pub(crate) fn from_config(config: &Config) -> Result<OriginTarget> {
         let uri = config.origin_uri()?;
+        let is_tls = uri.scheme_str() == Some("wss");
         let host = uri.host().unwrap_or_default();
         let host = host
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_owned();
-        let port = uri.port_u16().unwrap_or(80);
+        let port = uri.port_u16().unwrap_or(if is_tls { 443 } else { 80 });
+        let mut request = ClientRequestBuilder::new(uri.clone());
+        for (name, value) in &config.origin_headers {
+            request = request.with_header(name.as_str(), value.as_str());
+        }
+        for protocol in &config.origin_subprotocols {
+            request = request.with_sub_protocol(protocol.as_str());
+        }
         let ws_config = WebSocketConfig::default()
             .max_message_size(Some(config.max_origin_message))
             .max_frame_size(Some(config.max_origin_message));
+        #[cfg(feature = "tls")]
+        let tls = if is_tls {
+            Some(crate::tls::client_config(config.origin_ca.as_deref())?)
+        } else {
+            None
+        };
         Ok(OriginTarget {
             uri,
             host,
             port,
+            request,
+            init: config.origin_init.clone(),
             ws_config,
             connect_timeout: config.origin_connect_timeout,
+            ping: config.origin_ping,
+            timeout: config.origin_timeout,
             backoff_min: config.origin_backoff_min,
             backoff_max: config.origin_backoff_max,
+            #[cfg(feature = "tls")]
+            tls,
         })
     }
 
@@ -82,67 +116,66 @@ impl OriginTarget {
     }
 }
 
-/// Capped exponential backoff with jitter: the n-th delay is drawn uniformly
-/// from `[min, min(max, min·2ⁿ⁺¹)]`, so lobbies that lost the origin together
-/// do not come back together.
+/// The byte stream to the origin: plain TCP, or TLS over it.
 #[derive(Debug)]
-pub(crate) struct Backoff {
-    min: Duration,
-    max: Duration,
-    attempt: u32,
-    rng: u64,
+pub(crate) enum OriginStream {
+    /// `ws://`
+    Plain(TcpStream),
+    /// `wss://`
+    #[cfg(feature = "tls")]
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
 }
 
-impl Backoff {
-    /// A backoff between `min` and `max`, its jitter seeded by `seed`.
-    pub(crate) fn new(min: Duration, max: Duration, seed: u64) -> Backoff {
-        Backoff {
-            min,
-            max,
-            attempt: 0,
-            rng: splitmix64(seed) | 1,
+impl OriginStream {
+    fn tcp(&mut self) -> &mut TcpStream {
+        match self {
+            OriginStream::Plain(tcp) => tcp,
+            #[cfg(feature = "tls")]
+            OriginStream::Tls(tls) => &mut tls.sock,
+        }
+    }
+}
+
+impl Read for OriginStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            OriginStream::Plain(tcp) => tcp.read(buf),
+            #[cfg(feature = "tls")]
+            OriginStream::Tls(tls) => tls.read(buf),
+        }
+    }
+}
+
+impl Write for OriginStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            OriginStream::Plain(tcp) => tcp.write(buf),
+            #[cfg(feature = "tls")]
+            OriginStream::Tls(tls) => tls.write(buf),
         }
     }
 
-    /// The delay before the next attempt.
-    pub(crate) fn next_delay(&mut self) -> Duration {
-        let ceiling = self
-            .min
-            .saturating_mul(1u32 << (self.attempt + 1).min(30))
-            .min(self.max);
-        self.attempt = self.attempt.saturating_add(1);
-        let span = (ceiling - self.min).as_nanos() as u64;
-        let jitter = if span == 0 {
-            0
-        } else {
-            self.random() % (span + 1)
-        };
-        self.min + Duration::from_nanos(jitter)
-    }
-
-    /// Starts over from the shortest delay.
-    pub(crate) fn reset(&mut self) {
-        self.attempt = 0;
-    }
-
-    /// xorshift64*: plenty for jitter, no dependency.
-    fn random(&mut self) -> u64 {
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            OriginStream::Plain(tcp) => tcp.flush(),
+            #[cfg(feature = "tls")]
+            OriginStream::Tls(tls) => tls.flush(),
+        }
     }
 }
 
-/// Spreads similar seeds (lobby ids, close timestamps) over the whole range.
-fn splitmix64(seed: u64) -> u64 {
-    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+type Upgrade = MidHandshake<ClientHandshake<OriginStream>>;
+type Ws = WebSocket<OriginStream>;
 
-type Handshake = MidHandshake<ClientHandshake<TcpStream>>;
+/// A connection that is up.
+#[derive(Debug)]
+struct Live {
+    ws: Ws,
+    since: Instant,
+    got_message: bool,
+    last_rx: Instant,
+    next_ping: Instant,
+}
 
 #[derive(Debug)]
 enum State {
@@ -152,18 +185,54 @@ enum State {
     Waiting(Instant),
     /// TCP connect in progress.
     Connecting(TcpStream, Instant),
+    /// TLS handshake in progress.
+    #[cfg(feature = "tls")]
+    Securing(
+        Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>,
+        Instant,
+    ),
     /// WebSocket upgrade in progress.
-    Upgrading(Box<Handshake>, Instant),
+    Upgrading(Box<Upgrade>, Instant),
     /// Connected: messages flow.
-    Up {
-        ws: Box<WebSocket<TcpStream>>,
-        since: Instant,
-        got_message: bool,
-    },
+    Up(Box<Live>),
     /// Our close frame is sent; waiting for the origin's until the deadline.
     /// Closing the socket before that could reset it, and the origin would
     /// never see the close frame.
-    Closing(Box<WebSocket<TcpStream>>, Instant),
+    Closing(Box<Ws>, Instant),
+}
+
+impl State {
+    fn public(&self) -> OriginState {
+        match self {
+            State::Idle => OriginState::Idle,
+            State::Waiting(_) => OriginState::BackingOff,
+            State::Connecting(..) | State::Upgrading(..) => OriginState::Connecting,
+            #[cfg(feature = "tls")]
+            State::Securing(..) => OriginState::Connecting,
+            State::Up(_) => OriginState::Up,
+            State::Closing(..) => OriginState::Closing,
+        }
+    }
+}
+
+/// Why an origin connection attempt or connection failed; each has a counter.
+#[derive(Debug, Clone, Copy)]
+enum Failure {
+    /// Name resolution or TCP connect.
+    Connect,
+    /// Connect, TLS and upgrade did not finish within the connect timeout.
+    Timeout,
+    /// TLS handshake (certificate, host name, protocol).
+    #[cfg(feature = "tls")]
+    Tls,
+    /// The origin refused or botched the WebSocket upgrade.
+    Upgrade,
+    /// An established connection was closed or broke.
+    Lost,
+    /// An established connection stayed silent past the liveness timeout.
+    Silent,
+    /// The origin sent a message above the size limit.
+    Oversized,
 }
 
 /// What [`OriginLink::drive`] left behind.
@@ -184,16 +253,24 @@ pub(crate) struct OriginLink {
     token: Token,
     state: State,
     backoff: Backoff,
+    /// Connect attempts made, to rotate over the origin's addresses.
+    attempts: usize,
+    /// A failure happened since the lobby last asked.
+    has_failed: bool,
+    /// The state, published for the manager's lobby listing.
+    published: Arc<AtomicU8>,
     stats: Arc<Stats>,
 }
 
 impl OriginLink {
-    /// A link for `lobby` that registers its socket under `token`.
+    /// A link for `lobby` that registers its socket under `token` and
+    /// publishes its state in `published`.
     pub(crate) fn new(
         lobby: LobbyId,
         target: Arc<OriginTarget>,
         registry: Registry,
         token: Token,
+        published: Arc<AtomicU8>,
         stats: Arc<Stats>,
     ) -> OriginLink {
         let seed = SystemTime::now()
@@ -208,6 +285,9 @@ impl OriginLink {
             token,
             state: State::Idle,
             backoff,
+            attempts: 0,
+            has_failed: false,
+            published,
             stats,
         }
     }
@@ -217,11 +297,12 @@ impl OriginLink {
         match std::mem::replace(&mut self.state, State::Idle) {
             State::Idle => self.connect(),
             State::Closing(mut ws, _) => {
-                self.deregister(ws.get_mut());
+                self.deregister(ws.get_mut().tcp());
                 self.connect();
             }
             other => self.state = other,
         }
+        self.publish();
     }
 
     /// Whether a close handshake is still under way.
@@ -229,32 +310,41 @@ impl OriginLink {
         matches!(self.state, State::Closing(..))
     }
 
+    /// Whether the link failed since the last call (and forgets it).
+    pub(crate) fn take_failure(&mut self) -> bool {
+        std::mem::take(&mut self.has_failed)
+    }
+
     /// Closes the connection (politely if it is up, saying `why`) and stays idle.
     pub(crate) fn stop(&mut self, why: &str) {
         match std::mem::replace(&mut self.state, State::Idle) {
-            State::Up { mut ws, .. } => {
+            State::Up(mut live) => {
+                drop_one(&self.stats.origin_connections);
+                info!("{}: closing origin connection ({why})", self.lobby);
                 let frame = CloseFrame {
                     code: CloseCode::Normal,
                     reason: why.into(),
                 };
-                drop_one(&self.stats.origin_connections);
-                info!("{}: closing origin connection ({why})", self.lobby);
-                match ws.close(Some(frame)).and_then(|()| ws.flush()) {
+                match live.ws.close(Some(frame)).and_then(|()| live.ws.flush()) {
                     Ok(()) => {}
-                    Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if is_would_block(&e) => {}
                     Err(_) => {
-                        self.deregister(ws.get_mut());
+                        self.deregister(live.ws.get_mut().tcp());
+                        self.publish();
                         return;
                     }
                 }
-                self.state = State::Closing(ws, Instant::now() + CLOSE_WAIT);
+                self.state = State::Closing(Box::new(live.ws), Instant::now() + CLOSE_WAIT);
             }
-            State::Connecting(mut stream, _) => self.deregister(&mut stream),
-            State::Upgrading(mut mid, _) => self.deregister(mid.get_mut().get_mut()),
+            State::Connecting(mut tcp, _) => self.deregister(&mut tcp),
+            #[cfg(feature = "tls")]
+            State::Securing(mut tls, _) => self.deregister(&mut tls.sock),
+            State::Upgrading(mut mid, _) => self.deregister(mid.get_mut().get_mut().tcp()),
             State::Closing(ws, at) => self.state = State::Closing(ws, at),
             State::Idle | State::Waiting(_) => {}
         }
         self.backoff.reset();
+        self.publish();
     }
 
     /// When [`drive`](Self::drive) must run again even without socket readiness.
@@ -264,13 +354,22 @@ impl OriginLink {
             | State::Connecting(_, at)
             | State::Upgrading(_, at)
             | State::Closing(_, at) => Some(*at),
-            State::Idle | State::Up { .. } => None,
+            #[cfg(feature = "tls")]
+            State::Securing(_, at) => Some(*at),
+            State::Up(live) => Some(live.next_ping.min(live.last_rx + self.target.timeout)),
+            State::Idle => None,
         }
     }
 
     /// Advances the link: finishes connecting, reads messages into `on_message`,
-    /// notices failures and schedules reconnects.
+    /// keeps the connection alive, notices failures and schedules reconnects.
     pub(crate) fn drive(&mut self, on_message: &mut impl FnMut(MessageKind, &[u8])) -> Drive {
+        let drive = self.step(on_message);
+        self.publish();
+        drive
+    }
+
+    fn step(&mut self, on_message: &mut impl FnMut(MessageKind, &[u8])) -> Drive {
         let now = Instant::now();
         match std::mem::replace(&mut self.state, State::Idle) {
             State::Idle => Drive::Idle,
@@ -282,21 +381,18 @@ impl OriginLink {
                 self.connect();
                 Drive::Idle
             }
-            State::Connecting(stream, deadline) => self.finish_connect(stream, deadline, now),
-            State::Upgrading(mid, deadline) => {
+            State::Connecting(tcp, deadline) => self.finish_connect(tcp, deadline, now),
+            #[cfg(feature = "tls")]
+            State::Securing(tls, deadline) => self.secure(tls, deadline, now),
+            State::Upgrading(mut mid, deadline) => {
                 if now >= deadline {
-                    let mut mid = mid;
-                    self.deregister(mid.get_mut().get_mut());
-                    self.fail("upgrade timed out");
+                    self.deregister(mid.get_mut().get_mut().tcp());
+                    self.fail(Failure::Timeout, "origin upgrade timed out");
                     return Drive::Idle;
                 }
                 self.upgraded(mid.handshake(), deadline)
             }
-            State::Up {
-                ws,
-                since,
-                got_message,
-            } => self.read(ws, since, got_message, on_message),
+            State::Up(live) => self.read(live, now, on_message),
             State::Closing(ws, at) => {
                 self.finish_close(ws, at, now);
                 Drive::Idle
@@ -304,13 +400,279 @@ impl OriginLink {
         }
     }
 
+    /// Starts a TCP connect, rotating over the origin's addresses.
+    fn connect(&mut self) {
+        bump(&self.stats.origin_connect_attempts);
+        let addr = match self.target.resolve() {
+            Ok(addrs) if !addrs.is_empty() => addrs[self.attempts % addrs.len()],
+            Ok(_) => return self.fail(Failure::Connect, "origin host resolves to no address"),
+            Err(e) => {
+                return self.fail(
+                    Failure::Connect,
+                    &format!("cannot resolve origin host: {e}"),
+                );
+            }
+        };
+        self.attempts = self.attempts.wrapping_add(1);
+        let mut tcp = match TcpStream::connect(addr) {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                return self.fail(Failure::Connect, &format!("connect to {addr} failed: {e}"));
+            }
+        };
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        if let Err(e) = self.registry.register(&mut tcp, self.token, interest) {
+            return self.fail(
+                Failure::Connect,
+                &format!("cannot register origin socket: {e}"),
+            );
+        }
+        debug!("{}: connecting to origin at {addr}", self.lobby);
+        self.state = State::Connecting(tcp, Instant::now() + self.target.connect_timeout);
+    }
+
+    fn finish_connect(&mut self, mut tcp: TcpStream, deadline: Instant, now: Instant) -> Drive {
+        let failed = match tcp.take_error() {
+            Ok(Some(e)) | Err(e) => Some((Failure::Connect, format!("connect failed: {e}"))),
+            Ok(None) => match tcp.peer_addr() {
+                Ok(_) => None,
+                Err(e) if e.kind() == io::ErrorKind::NotConnected && now < deadline => {
+                    self.state = State::Connecting(tcp, deadline);
+                    return Drive::Idle;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                    Some((Failure::Timeout, "origin connect timed out".to_owned()))
+                }
+                Err(e) => Some((Failure::Connect, format!("connect failed: {e}"))),
+            },
+        };
+        if let Some((cause, why)) = failed {
+            self.deregister(&mut tcp);
+            self.fail(cause, &why);
+            return Drive::Idle;
+        }
+        if let Err(e) = tcp.set_nodelay(true) {
+            debug!(
+                "{}: cannot set TCP_NODELAY on origin socket: {e}",
+                self.lobby
+            );
+        }
+        #[cfg(feature = "tls")]
+        if let Some(config) = &self.target.tls {
+            let name = match rustls::pki_types::ServerName::try_from(self.target.host.clone()) {
+                Ok(name) => name,
+                Err(e) => {
+                    self.deregister(&mut tcp);
+                    self.fail(Failure::Tls, &format!("bad TLS server name: {e}"));
+                    return Drive::Idle;
+                }
+            };
+            return match rustls::ClientConnection::new(Arc::clone(config), name) {
+                Ok(conn) => {
+                    let tls = Box::new(rustls::StreamOwned::new(conn, tcp));
+                    self.secure(tls, deadline, now)
+                }
+                Err(e) => {
+                    self.deregister(&mut tcp);
+                    self.fail(Failure::Tls, &format!("TLS setup failed: {e}"));
+                    Drive::Idle
+                }
+            };
+        }
+        self.upgrade(OriginStream::Plain(tcp), deadline)
+    }
+
+    /// Advances the TLS handshake, then starts the upgrade.
+    #[cfg(feature = "tls")]
+    fn secure(
+        &mut self,
+        mut tls: Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>,
+        deadline: Instant,
+        now: Instant,
+    ) -> Drive {
+        if now >= deadline {
+            self.deregister(&mut tls.sock);
+            self.fail(Failure::Timeout, "origin TLS handshake timed out");
+            return Drive::Idle;
+        }
+        while tls.conn.is_handshaking() {
+            match tls.conn.complete_io(&mut tls.sock) {
+                Ok((0, 0)) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    self.deregister(&mut tls.sock);
+                    self.fail(Failure::Tls, &format!("TLS handshake failed: {e}"));
+                    return Drive::Idle;
+                }
+            }
+        }
+        if tls.conn.is_handshaking() {
+            self.state = State::Securing(tls, deadline);
+            return Drive::Idle;
+        }
+        self.upgrade(OriginStream::Tls(tls), deadline)
+    }
+
+    fn upgrade(&mut self, stream: OriginStream, deadline: Instant) -> Drive {
+        let request = self.target.request.clone();
+        let result = client_with_config(request, stream, Some(self.target.ws_config));
+        self.upgraded(result, deadline)
+    }
+
+    fn upgraded(
+        &mut self,
+        result: std::result::Result<
+            (Ws, tungstenite::handshake::client::Response),
+            HandshakeError<ClientHandshake<OriginStream>>,
+        >,
+        deadline: Instant,
+    ) -> Drive {
+        match result {
+            Ok((mut ws, _response)) => {
+                info!("{}: origin connected ({})", self.lobby, self.target.uri);
+                bump(&self.stats.origin_connected);
+                self.stats.origin_connections.fetch_add(1, Relaxed);
+                // Init messages go out first, in order, before anything is forwarded.
+                for text in &self.target.init {
+                    if let Err(e) = ws.write(Message::text(text.as_str())) {
+                        if !is_would_block(&e) {
+                            warn!("{}: cannot queue origin init message: {e}", self.lobby);
+                        }
+                    }
+                }
+                if let Err(e) = ws.flush() {
+                    if !is_would_block(&e) {
+                        debug!("{}: flushing init messages: {e}", self.lobby);
+                    }
+                }
+                let now = Instant::now();
+                self.state = State::Up(Box::new(Live {
+                    ws,
+                    since: now,
+                    got_message: false,
+                    last_rx: now,
+                    next_ping: now + self.target.ping,
+                }));
+                // Data may have arrived with the upgrade response.
+                Drive::More
+            }
+            Err(HandshakeError::Interrupted(mid)) => {
+                self.state = State::Upgrading(Box::new(mid), deadline);
+                Drive::Idle
+            }
+            Err(HandshakeError::Failure(e)) => {
+                // The socket went down with the failed handshake; closing it deregisters it.
+                let why = match e {
+                    tungstenite::Error::Http(response) => {
+                        format!("origin refused the upgrade with HTTP {}", response.status())
+                    }
+                    e => format!("origin upgrade failed: {e}"),
+                };
+                self.fail(Failure::Upgrade, &why);
+                Drive::Idle
+            }
+        }
+    }
+
+    fn read(
+        &mut self,
+        mut live: Box<Live>,
+        now: Instant,
+        on_message: &mut impl FnMut(MessageKind, &[u8]),
+    ) -> Drive {
+        for _ in 0..READS_PER_DRIVE {
+            let (cause, why) = match live.ws.read() {
+                Ok(message) => {
+                    live.last_rx = now;
+                    match message {
+                        Message::Text(text) => {
+                            live.got_message = true;
+                            on_message(MessageKind::Text, text.as_bytes());
+                        }
+                        Message::Binary(bytes) => {
+                            live.got_message = true;
+                            on_message(MessageKind::Binary, &bytes);
+                        }
+                        Message::Close(frame) => {
+                            let why = match frame {
+                                Some(f) => format!(
+                                    "origin closed the connection ({} {})",
+                                    f.code, f.reason
+                                ),
+                                None => "origin closed the connection".to_owned(),
+                            };
+                            self.lose(live, Failure::Lost, &why);
+                            return Drive::Idle;
+                        }
+                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+                    }
+                    continue;
+                }
+                Err(e) if is_would_block(&e) => return self.keep_alive(live, now),
+                Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
+                    (Failure::Lost, "origin closed the connection".to_owned())
+                }
+                Err(tungstenite::Error::Capacity(e)) => {
+                    let frame = CloseFrame {
+                        code: CloseCode::Size,
+                        reason: "message too big".into(),
+                    };
+                    let _ = live.ws.close(Some(frame)).and_then(|()| live.ws.flush());
+                    (Failure::Oversized, format!("origin message too big: {e}"))
+                }
+                Err(e) => (Failure::Lost, format!("origin connection failed: {e}")),
+            };
+            self.lose(live, cause, &why);
+            return Drive::Idle;
+        }
+        self.state = State::Up(live);
+        Drive::More
+    }
+
+    /// After a read burst: push out queued writes, ping, check liveness.
+    fn keep_alive(&mut self, mut live: Box<Live>, now: Instant) -> Drive {
+        if now >= live.last_rx + self.target.timeout {
+            let why = format!(
+                "origin silent for {} ms (no data, no pong)",
+                self.target.timeout.as_millis()
+            );
+            self.lose(live, Failure::Silent, &why);
+            return Drive::Idle;
+        }
+        if now >= live.next_ping {
+            live.next_ping = now + self.target.ping;
+            if let Err(e) = live.ws.write(Message::Ping(Default::default())) {
+                if !is_would_block(&e) {
+                    self.lose(live, Failure::Lost, &format!("cannot ping origin: {e}"));
+                    return Drive::Idle;
+                }
+            }
+        }
+        // Pongs and pings queued by tungstenite or by us; WouldBlock keeps them queued.
+        let _ = live.ws.flush();
+        self.state = State::Up(live);
+        Drive::Idle
+    }
+
+    /// An established connection is gone: count it and reconnect after a backoff.
+    fn lose(&mut self, mut live: Box<Live>, cause: Failure, why: &str) {
+        let _ = live.ws.flush();
+        self.deregister(live.ws.get_mut().tcp());
+        drop_one(&self.stats.origin_connections);
+        if live.got_message || live.since.elapsed() >= STABLE_AFTER {
+            self.backoff.reset();
+        }
+        self.fail(cause, why);
+    }
+
     /// Reads (and discards) until the origin's close reply or the deadline.
-    fn finish_close(&mut self, mut ws: Box<WebSocket<TcpStream>>, at: Instant, now: Instant) {
+    fn finish_close(&mut self, mut ws: Box<Ws>, at: Instant, now: Instant) {
         if now < at {
             loop {
                 match ws.read() {
                     Ok(_) => {}
-                    Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    Err(e) if is_would_block(&e) => {
                         let _ = ws.flush();
                         self.state = State::Closing(ws, at);
                         return;
@@ -320,156 +682,23 @@ impl OriginLink {
             }
         }
         debug!("{}: origin connection closed", self.lobby);
-        self.deregister(ws.get_mut());
+        self.deregister(ws.get_mut().tcp());
     }
 
-    /// Starts a TCP connect to the origin's first address.
-    fn connect(&mut self) {
-        bump(&self.stats.origin_connects);
-        let addr = match self.target.resolve() {
-            Ok(addrs) if !addrs.is_empty() => addrs[0],
-            Ok(_) => return self.fail("origin host resolves to no address"),
-            Err(e) => return self.fail(&format!("cannot resolve origin host: {e}")),
+    /// Counts a failure by cause and waits out the backoff before trying again.
+    fn fail(&mut self, cause: Failure, why: &str) {
+        let counter: &AtomicU64 = match cause {
+            Failure::Connect => &self.stats.origin_failed_connect,
+            Failure::Timeout => &self.stats.origin_failed_timeout,
+            #[cfg(feature = "tls")]
+            Failure::Tls => &self.stats.origin_failed_tls,
+            Failure::Upgrade => &self.stats.origin_failed_upgrade,
+            Failure::Lost => &self.stats.origin_lost,
+            Failure::Silent => &self.stats.origin_silent,
+            Failure::Oversized => &self.stats.origin_oversized,
         };
-        let mut stream = match TcpStream::connect(addr) {
-            Ok(stream) => stream,
-            Err(e) => return self.fail(&format!("connect to {addr} failed: {e}")),
-        };
-        let interest = Interest::READABLE | Interest::WRITABLE;
-        if let Err(e) = self.registry.register(&mut stream, self.token, interest) {
-            return self.fail(&format!("cannot register origin socket: {e}"));
-        }
-        debug!("{}: connecting to origin at {addr}", self.lobby);
-        self.state = State::Connecting(stream, Instant::now() + self.target.connect_timeout);
-    }
-
-    fn finish_connect(&mut self, mut stream: TcpStream, deadline: Instant, now: Instant) -> Drive {
-        let failed = match stream.take_error() {
-            Ok(Some(e)) | Err(e) => Some(e.to_string()),
-            Ok(None) => match stream.peer_addr() {
-                Ok(_) => None,
-                Err(e) if e.kind() == io::ErrorKind::NotConnected && now < deadline => {
-                    self.state = State::Connecting(stream, deadline);
-                    return Drive::Idle;
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => {
-                    Some("connect timed out".to_owned())
-                }
-                Err(e) => Some(e.to_string()),
-            },
-        };
-        if let Some(why) = failed {
-            self.deregister(&mut stream);
-            self.fail(&format!("connect failed: {why}"));
-            return Drive::Idle;
-        }
-        if let Err(e) = stream.set_nodelay(true) {
-            debug!(
-                "{}: cannot set TCP_NODELAY on origin socket: {e}",
-                self.lobby
-            );
-        }
-        let request = ClientRequestBuilder::new(self.target.uri.clone());
-        let result = client_with_config(request, stream, Some(self.target.ws_config));
-        self.upgraded(result, deadline)
-    }
-
-    fn upgraded(
-        &mut self,
-        result: Result<
-            (
-                WebSocket<TcpStream>,
-                tungstenite::handshake::client::Response,
-            ),
-            HandshakeError<ClientHandshake<TcpStream>>,
-        >,
-        deadline: Instant,
-    ) -> Drive {
-        match result {
-            Ok((ws, _response)) => {
-                info!("{}: origin connected ({})", self.lobby, self.target.uri);
-                self.stats
-                    .origin_connections
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.state = State::Up {
-                    ws: Box::new(ws),
-                    since: Instant::now(),
-                    got_message: false,
-                };
-                // Data may have arrived with the upgrade response.
-                Drive::More
-            }
-            Err(HandshakeError::Interrupted(mid)) => {
-                self.state = State::Upgrading(Box::new(mid), deadline);
-                Drive::Idle
-            }
-            Err(HandshakeError::Failure(e)) => {
-                // The socket was consumed by the failed handshake; dropping it deregisters it.
-                self.fail(&format!("upgrade failed: {e}"));
-                Drive::Idle
-            }
-        }
-    }
-
-    fn read(
-        &mut self,
-        mut ws: Box<WebSocket<TcpStream>>,
-        since: Instant,
-        mut got_message: bool,
-        on_message: &mut impl FnMut(MessageKind, &[u8]),
-    ) -> Drive {
-        for _ in 0..READS_PER_DRIVE {
-            let lost = match ws.read() {
-                Ok(Message::Text(text)) => {
-                    got_message = true;
-                    on_message(MessageKind::Text, text.as_bytes());
-                    continue;
-                }
-                Ok(Message::Binary(bytes)) => {
-                    got_message = true;
-                    on_message(MessageKind::Binary, &bytes);
-                    continue;
-                }
-                Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
-                Ok(Message::Close(frame)) => match frame {
-                    Some(f) => format!("origin closed the connection ({} {})", f.code, f.reason),
-                    None => "origin closed the connection".to_owned(),
-                },
-                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Answers to pings are queued by tungstenite; push them out.
-                    let _ = ws.flush();
-                    self.state = State::Up {
-                        ws,
-                        since,
-                        got_message,
-                    };
-                    return Drive::Idle;
-                }
-                Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
-                    "origin closed the connection".to_owned()
-                }
-                Err(e) => format!("origin connection failed: {e}"),
-            };
-            let _ = ws.flush();
-            self.deregister(ws.get_mut());
-            drop_one(&self.stats.origin_connections);
-            if got_message || since.elapsed() >= STABLE_AFTER {
-                self.backoff.reset();
-            }
-            self.fail(&lost);
-            return Drive::Idle;
-        }
-        self.state = State::Up {
-            ws,
-            since,
-            got_message,
-        };
-        Drive::More
-    }
-
-    /// Records a failure and waits out the backoff before trying again.
-    fn fail(&mut self, why: &str) {
-        bump(&self.stats.origin_failures);
+        bump(counter);
+        self.has_failed = true;
         let delay = self.backoff.next_delay();
         warn!(
             "{}: {why}; reconnecting in {} ms",
@@ -479,10 +708,14 @@ impl OriginLink {
         self.state = State::Waiting(Instant::now() + delay);
     }
 
-    fn deregister(&self, stream: &mut TcpStream) {
-        if let Err(e) = self.registry.deregister(stream) {
+    fn deregister(&self, tcp: &mut TcpStream) {
+        if let Err(e) = self.registry.deregister(tcp) {
             debug!("{}: deregister origin socket: {e}", self.lobby);
         }
+    }
+
+    fn publish(&self) {
+        self.published.store(self.state.public() as u8, Relaxed);
     }
 }
 
@@ -492,32 +725,6 @@ impl Drop for OriginLink {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_within_bounds_and_resets() {
-        let min = Duration::from_millis(100);
-        let max = Duration::from_secs(3);
-        let mut b = Backoff::new(min, max, 42);
-        let mut ceiling = min * 2;
-        for _ in 0..12 {
-            let d = b.next_delay();
-            assert!(d >= min && d <= ceiling.min(max), "{d:?} vs {ceiling:?}");
-            ceiling *= 2;
-        }
-        b.reset();
-        assert!(b.next_delay() <= min * 2);
-    }
-
-    #[test]
-    fn backoff_jitters() {
-        let min = Duration::from_millis(100);
-        let delays: Vec<Duration> = (0..8)
-            .map(|seed| Backoff::new(min, Duration::from_secs(30), seed).next_delay())
-            .collect();
-        let distinct: std::collections::HashSet<_> = delays.iter().collect();
-        assert!(distinct.len() > 4, "{delays:?}");
-    }
+fn is_would_block(e: &tungstenite::Error) -> bool {
+    matches!(e, tungstenite::Error::Io(io) if io.kind() == io::ErrorKind::WouldBlock)
 }

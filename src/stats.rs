@@ -19,8 +19,15 @@ pub(crate) struct Stats {
     pub messages_in: AtomicU64,
     pub frames_delivered: AtomicU64,
     pub frames_dropped: AtomicU64,
-    pub origin_connects: AtomicU64,
-    pub origin_failures: AtomicU64,
+    pub origin_connect_attempts: AtomicU64,
+    pub origin_connected: AtomicU64,
+    pub origin_failed_connect: AtomicU64,
+    pub origin_failed_timeout: AtomicU64,
+    pub origin_failed_tls: AtomicU64,
+    pub origin_failed_upgrade: AtomicU64,
+    pub origin_lost: AtomicU64,
+    pub origin_silent: AtomicU64,
+    pub origin_oversized: AtomicU64,
 }
 
 /// A point-in-time copy of the gateway's counters.
@@ -50,10 +57,37 @@ pub struct StatsSnapshot {
     pub frames_delivered: u64,
     /// Frames dropped from full client queues (the oldest goes first).
     pub frames_dropped: u64,
-    /// Origin connections established (first connects and reconnects).
-    pub origin_connects: u64,
-    /// Origin connect attempts that failed, and established connections lost.
-    pub origin_failures: u64,
+    /// Origin connect attempts (first connects and reconnects).
+    pub origin_connect_attempts: u64,
+    /// Origin connections established.
+    pub origin_connected: u64,
+    /// Attempts that failed to resolve or connect over TCP.
+    pub origin_failed_connect: u64,
+    /// Attempts that did not finish connect, TLS and upgrade in time.
+    pub origin_failed_timeout: u64,
+    /// Attempts whose TLS handshake failed (certificate, host name, protocol).
+    pub origin_failed_tls: u64,
+    /// Attempts the origin refused at the WebSocket upgrade (an HTTP status, say).
+    pub origin_failed_upgrade: u64,
+    /// Established connections that the origin closed or that broke.
+    pub origin_lost: u64,
+    /// Established connections dropped for silence (no data, no pong).
+    pub origin_silent: u64,
+    /// Established connections dropped for an oversized message.
+    pub origin_oversized: u64,
+}
+
+impl StatsSnapshot {
+    /// Every origin failure, whatever its cause.
+    pub fn origin_failures(&self) -> u64 {
+        self.origin_failed_connect
+            + self.origin_failed_timeout
+            + self.origin_failed_tls
+            + self.origin_failed_upgrade
+            + self.origin_lost
+            + self.origin_silent
+            + self.origin_oversized
+    }
 }
 
 /// One lobby as the manager sees it, from [`GatewayHandle::lobbies`](crate::GatewayHandle::lobbies).
@@ -64,6 +98,38 @@ pub struct LobbyInfo {
     pub id: u32,
     /// Clients placed in the lobby.
     pub clients: usize,
+    /// Where the lobby's origin connection stands.
+    pub origin: OriginState,
+}
+
+/// Where a lobby's origin connection stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+#[repr(u8)]
+pub enum OriginState {
+    /// Not connected and not wanted (no clients).
+    Idle = 0,
+    /// Connecting: TCP, TLS or WebSocket upgrade under way.
+    Connecting = 1,
+    /// Connected; messages flow.
+    Up = 2,
+    /// Waiting before the next attempt after a failure.
+    BackingOff = 3,
+    /// Closing politely (no clients left, or the lobby is ending).
+    Closing = 4,
+}
+
+impl OriginState {
+    /// Reads back a state published as its `u8` discriminant.
+    pub(crate) fn from_u8(value: u8) -> OriginState {
+        match value {
+            1 => OriginState::Connecting,
+            2 => OriginState::Up,
+            3 => OriginState::BackingOff,
+            4 => OriginState::Closing,
+            _ => OriginState::Idle,
+        }
+    }
 }
 
 impl Stats {
@@ -79,8 +145,15 @@ impl Stats {
             messages_in: self.messages_in.load(Relaxed),
             frames_delivered: self.frames_delivered.load(Relaxed),
             frames_dropped: self.frames_dropped.load(Relaxed),
-            origin_connects: self.origin_connects.load(Relaxed),
-            origin_failures: self.origin_failures.load(Relaxed),
+            origin_connect_attempts: self.origin_connect_attempts.load(Relaxed),
+            origin_connected: self.origin_connected.load(Relaxed),
+            origin_failed_connect: self.origin_failed_connect.load(Relaxed),
+            origin_failed_timeout: self.origin_failed_timeout.load(Relaxed),
+            origin_failed_tls: self.origin_failed_tls.load(Relaxed),
+            origin_failed_upgrade: self.origin_failed_upgrade.load(Relaxed),
+            origin_lost: self.origin_lost.load(Relaxed),
+            origin_silent: self.origin_silent.load(Relaxed),
+            origin_oversized: self.origin_oversized.load(Relaxed),
         }
     }
 }

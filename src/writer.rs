@@ -629,12 +629,18 @@ impl Client {
         Turn::More
     }
 
-    /// Takes up to a vectored write's worth of frames from the queue.
-    fn pull(&self, io: &mut IoCtx) {
+    /// Takes up to a vectored write's worth of frames from the queue. A close
+    /// frame there (the lobby closing its members) ends the stream.
+    fn pull(&mut self, io: &mut IoCtx) {
         while io.batch.len() < MAX_IOV {
-            match self.queue.pop() {
-                Some(frame) => io.batch.push(frame),
-                None => break,
+            let Some(frame) = self.queue.pop() else {
+                break;
+            };
+            let is_close = frame.first().is_some_and(|b| b & 0x0F == frame::OP_CLOSE);
+            io.batch.push(frame);
+            if is_close {
+                self.closing = Closing::Sending;
+                break;
             }
         }
     }

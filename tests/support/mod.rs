@@ -6,18 +6,17 @@
 
 use std::{
     io::{self, Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-    },
-    thread::{self, JoinHandle},
+    net::{SocketAddr, TcpStream},
+    thread,
     time::{Duration, Instant},
 };
 
-use crossbeam_channel::{Receiver, Sender, unbounded};
 use tungstenite::{Message, WebSocket, protocol::CloseFrame};
 use wsgate::{Config, Gateway, GatewayHandle};
+
+mod origin;
+#[allow(unused_imports)]
+pub use origin::*;
 
 /// The generous deadline every wait in the tests uses: the machine is small and noisy.
 pub const DEADLINE: Duration = Duration::from_secs(20);
@@ -30,193 +29,6 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
         assert!(Instant::now() < end, "timed out waiting for {what}");
         thread::sleep(Duration::from_millis(10));
     }
-}
-
-/// Counters the test origin keeps.
-#[derive(Debug, Default)]
-pub struct OriginCounts {
-    /// Upgraded connections ever accepted.
-    pub accepted: AtomicUsize,
-    /// Connections currently open.
-    pub open: AtomicUsize,
-    /// Connections that ended with a close frame from the gateway.
-    pub closed_by_peer: AtomicUsize,
-}
-
-struct Conn {
-    tx: Sender<Message>,
-    alive: Arc<AtomicBool>,
-}
-
-/// A WebSocket origin server in this process. Every message sent through it
-/// goes to every connection it has, in order.
-pub struct TestOrigin {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<Conn>>>,
-    pub counts: Arc<OriginCounts>,
-    acceptor: Option<JoinHandle<()>>,
-}
-
-impl TestOrigin {
-    /// Starts an origin on a free loopback port.
-    pub fn start() -> TestOrigin {
-        TestOrigin::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), Arc::default())
-    }
-
-    /// Starts an origin on `addr`, adding to `counts` (to restart one on the same port).
-    pub fn start_on(addr: SocketAddr, counts: Arc<OriginCounts>) -> TestOrigin {
-        let listener = TcpListener::bind(addr).expect("bind test origin");
-        listener
-            .set_nonblocking(true)
-            .expect("nonblocking listener");
-        let addr = listener.local_addr().expect("origin address");
-        let stop = Arc::new(AtomicBool::new(false));
-        let conns: Arc<Mutex<Vec<Conn>>> = Arc::default();
-        let acceptor = {
-            let (stop, conns, counts) = (stop.clone(), conns.clone(), counts.clone());
-            thread::spawn(move || accept_loop(listener, &stop, &conns, &counts))
-        };
-        TestOrigin {
-            addr,
-            stop,
-            conns,
-            counts,
-            acceptor: Some(acceptor),
-        }
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    pub fn url(&self) -> String {
-        format!("ws://{}/feed", self.addr)
-    }
-
-    /// Connections currently open.
-    pub fn open(&self) -> usize {
-        self.counts.open.load(Ordering::SeqCst)
-    }
-
-    /// Connections ever accepted.
-    pub fn accepted(&self) -> usize {
-        self.counts.accepted.load(Ordering::SeqCst)
-    }
-
-    /// Sends `msg` to every open connection; returns how many got it.
-    pub fn send(&self, msg: Message) -> usize {
-        let conns = self.conns.lock().expect("origin lock");
-        conns
-            .iter()
-            .filter(|c| c.alive.load(Ordering::SeqCst) && c.tx.send(msg.clone()).is_ok())
-            .count()
-    }
-
-    /// Sends the text `"{n}"` to every connection.
-    pub fn send_seq(&self, n: u64) -> usize {
-        self.send(Message::text(n.to_string()))
-    }
-
-    /// Kills the origin: stops listening and drops every connection without a close.
-    pub fn kill(mut self) -> (SocketAddr, Arc<OriginCounts>) {
-        self.halt();
-        (self.addr, self.counts.clone())
-    }
-
-    fn halt(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(acceptor) = self.acceptor.take() {
-            acceptor.join().expect("origin acceptor");
-        }
-    }
-}
-
-impl Drop for TestOrigin {
-    fn drop(&mut self) {
-        self.halt();
-    }
-}
-
-fn accept_loop(
-    listener: TcpListener,
-    stop: &Arc<AtomicBool>,
-    conns: &Mutex<Vec<Conn>>,
-    counts: &Arc<OriginCounts>,
-) {
-    let mut threads = Vec::new();
-    while !stop.load(Ordering::SeqCst) {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                let (tx, rx) = unbounded();
-                let alive = Arc::new(AtomicBool::new(true));
-                let (stop, counts, flag) = (stop.clone(), counts.clone(), alive.clone());
-                threads.push(thread::spawn(move || {
-                    serve(stream, &rx, &stop, &counts, &flag)
-                }));
-                conns.lock().expect("origin lock").push(Conn { tx, alive });
-            }
-            Err(_) => thread::sleep(Duration::from_millis(2)),
-        }
-    }
-    for t in threads {
-        let _ = t.join();
-    }
-}
-
-fn serve(
-    stream: TcpStream,
-    rx: &Receiver<Message>,
-    stop: &AtomicBool,
-    counts: &OriginCounts,
-    alive: &AtomicBool,
-) {
-    stream.set_nonblocking(false).expect("blocking");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    let Ok(mut ws) = tungstenite::accept(stream) else {
-        alive.store(false, Ordering::SeqCst);
-        return;
-    };
-    ws.get_ref().set_nonblocking(true).expect("nonblocking");
-    counts.accepted.fetch_add(1, Ordering::SeqCst);
-    counts.open.fetch_add(1, Ordering::SeqCst);
-    'conn: while !stop.load(Ordering::SeqCst) {
-        while let Ok(msg) = rx.try_recv() {
-            if let Err(e) = ws.send(msg) {
-                if !is_would_block(&e) {
-                    break 'conn;
-                }
-            }
-        }
-        loop {
-            match ws.read() {
-                Ok(Message::Close(_)) => {
-                    counts.closed_by_peer.fetch_add(1, Ordering::SeqCst);
-                    let _ = ws.flush();
-                    break 'conn;
-                }
-                Ok(_) => {}
-                Err(e) if is_would_block(&e) => break,
-                Err(_) => break 'conn,
-            }
-        }
-        let _ = ws.flush();
-        if let Ok(msg) = rx.recv_timeout(Duration::from_millis(2)) {
-            if let Err(e) = ws.send(msg) {
-                if !is_would_block(&e) {
-                    break;
-                }
-            }
-        }
-    }
-    alive.store(false, Ordering::SeqCst);
-    counts.open.fetch_sub(1, Ordering::SeqCst);
-}
-
-fn is_would_block(e: &tungstenite::Error) -> bool {
-    matches!(e, tungstenite::Error::Io(io) if io.kind() == io::ErrorKind::WouldBlock)
 }
 
 /// A configuration for tests: port 0, the given origin, short timers.

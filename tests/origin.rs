@@ -1,0 +1,213 @@
+//! Origin resilience: reconnects, liveness, refusals, headers and init
+//! messages, oversized messages, and what clients see when the origin is lost.
+
+mod support;
+
+use std::{
+    net::TcpListener,
+    time::{Duration, Instant},
+};
+
+use support::*;
+use tungstenite::Message;
+use wsgate::{OriginLoss, OriginState};
+
+#[test]
+fn with_close_policy_clients_get_1012_when_the_origin_is_lost() {
+    let origin = TestOrigin::start();
+    let mut config = test_config(&origin.url());
+    config.on_origin_loss = OriginLoss::Close;
+    let gw = start_gateway(config);
+    let mut clients = connect_clients(&gw, 3);
+    wait_until("origin connection", || origin.open() == 1);
+    origin.send_seq(1);
+    for c in &mut clients {
+        assert_eq!(recv_text(c), "1");
+    }
+    drop(origin.kill());
+    for c in &mut clients {
+        let close = recv_close(c).expect("a close frame");
+        assert_eq!(u16::from(close.code), 1012);
+        assert!(!close.reason.is_empty());
+    }
+    wait_clients(&gw, 0);
+}
+
+#[test]
+fn a_silent_origin_is_detected_and_replaced() {
+    let origin = TestOrigin::start_with(OriginOptions {
+        silent: true,
+        ..OriginOptions::default()
+    });
+    let mut config = test_config(&origin.url());
+    config.origin_ping = Duration::from_millis(100);
+    config.origin_timeout = Duration::from_millis(400);
+    let gw = start_gateway(config);
+    let _client = connect_clients(&gw, 1);
+    wait_until("a reconnect after silence", || origin.accepted() >= 2);
+    assert!(gw.stats().origin_silent >= 1);
+    assert_eq!(gw.stats().clients, 1, "the client stays connected");
+}
+
+#[test]
+fn an_origin_that_never_answers_the_upgrade_times_out() {
+    let mute = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut config = test_config(&format!("ws://{}/", mute.local_addr().unwrap()));
+    config.origin_connect_timeout = Duration::from_millis(300);
+    let gw = start_gateway(config);
+    let _client = connect_clients(&gw, 1);
+    wait_until("two timed-out attempts", || {
+        gw.stats().origin_failed_timeout >= 2
+    });
+    let lobbies = gw.lobbies(DEADLINE);
+    assert_eq!(lobbies.len(), 1);
+    assert_ne!(lobbies[0].origin, OriginState::Up);
+}
+
+#[test]
+fn a_refused_upgrade_is_retried_until_it_succeeds() {
+    let origin = TestOrigin::start_with(OriginOptions {
+        reject_first: 2,
+        reject_status: 500,
+        ..OriginOptions::default()
+    });
+    let gw = start_gateway(test_config(&origin.url()));
+    let mut client = connect_clients(&gw, 1).remove(0);
+    wait_until("the third attempt to get through", || origin.open() == 1);
+    assert_eq!(gw.stats().origin_failed_upgrade, 2);
+    assert_eq!(gw.lobbies(DEADLINE)[0].origin, OriginState::Up);
+    origin.send_seq(7);
+    assert_eq!(recv_text(&mut client), "7");
+}
+
+#[test]
+fn headers_and_init_messages_reach_the_origin_on_every_connect() {
+    let origin = TestOrigin::start();
+    let mut config = test_config(&origin.url());
+    config.origin_headers = vec![
+        ("Authorization".into(), "Bearer s3cret".into()),
+        ("X-Feed".into(), "prices".into()),
+    ];
+    config.origin_init = vec!["subscribe BTC".into(), "subscribe ETH".into()];
+    config.origin_subprotocols = vec!["feed.v1".into()];
+    let gw = start_gateway(config);
+    let _client = connect_clients(&gw, 1);
+    wait_until("first connection's init messages", || {
+        received(&origin.events(), 0).len() == 2
+    });
+    check_handshake(&origin.events(), 0);
+
+    let (addr, counts) = origin.kill();
+    let origin = TestOrigin::start_on(addr, counts, OriginOptions::default());
+    wait_until("second connection's init messages", || {
+        received(&origin.events(), 1).len() == 2
+    });
+    check_handshake(&origin.events(), 1);
+}
+
+/// Connection `conn` carried the configured headers, then exactly the init messages in order.
+#[track_caller]
+fn check_handshake(events: &[OriginEvent], conn: usize) {
+    let headers = events
+        .iter()
+        .find_map(|e| match e {
+            OriginEvent::Connected {
+                conn: c, headers, ..
+            } if *c == conn => Some(headers.clone()),
+            _ => None,
+        })
+        .expect("a handshake");
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(header("authorization").as_deref(), Some("Bearer s3cret"));
+    assert_eq!(header("x-feed").as_deref(), Some("prices"));
+    assert_eq!(header("sec-websocket-protocol").as_deref(), Some("feed.v1"));
+    assert_eq!(received(events, conn), ["subscribe BTC", "subscribe ETH"]);
+}
+
+/// Texts connection `conn` sent, in order.
+fn received(events: &[OriginEvent], conn: usize) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            OriginEvent::Received { conn: c, text } if *c == conn => Some(text.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn an_oversized_origin_message_closes_with_1009_and_reconnects() {
+    let origin = TestOrigin::start();
+    let mut config = test_config(&origin.url());
+    config.max_origin_message = 1024;
+    let gw = start_gateway(config);
+    let mut client = connect_clients(&gw, 1).remove(0);
+    wait_until("origin connection", || origin.open() == 1);
+    origin.send(Message::binary(vec![0u8; 2048]));
+    wait_until("the 1009 close", || {
+        origin.events().iter().any(|e| {
+            matches!(
+                e,
+                OriginEvent::Closed {
+                    code: Some(1009),
+                    ..
+                }
+            )
+        })
+    });
+    wait_until("the reconnect", || {
+        origin.accepted() == 2 && origin.open() == 1
+    });
+    assert_eq!(gw.stats().origin_oversized, 1);
+    origin.send_seq(2);
+    assert_eq!(
+        recv_text(&mut client),
+        "2",
+        "the oversized message was not forwarded"
+    );
+}
+
+#[test]
+fn lobbies_reconnect_at_spread_out_times() {
+    let origin = TestOrigin::start();
+    let mut config = test_config(&origin.url());
+    config.lobby_capacity = 1;
+    config.origin_backoff_min = Duration::from_millis(50);
+    config.origin_backoff_max = Duration::from_secs(1);
+    let gw = start_gateway(config);
+    let _clients = connect_clients(&gw, 3);
+    wait_until("three origin connections", || origin.open() == 3);
+
+    let (addr, counts) = origin.kill();
+    wait_until("all lobbies backing off", || {
+        gw.lobbies(DEADLINE)
+            .iter()
+            .all(|l| l.origin != OriginState::Up)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let back = Instant::now();
+    let origin = TestOrigin::start_on(addr, counts, OriginOptions::default());
+    wait_until("three reconnections", || origin.open() == 3);
+    let times: Vec<Instant> = origin
+        .events()
+        .iter()
+        .filter_map(|e| match e {
+            OriginEvent::Connected { at, .. } => Some(*at),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(times.len(), 3);
+    let first = times.iter().min().unwrap();
+    let last = times.iter().max().unwrap();
+    assert!(
+        *last - *first >= Duration::from_millis(20),
+        "reconnects within {:?} of each other ({:?} after the origin came back)",
+        *last - *first,
+        *first - back
+    );
+}
