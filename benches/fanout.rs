@@ -1,2 +1,0 @@
-//! Placeholder until the end-to-end fan-out bench lands.
-fn main() {}

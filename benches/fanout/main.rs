@@ -1,0 +1,232 @@
+//! `cargo bench`: the end-to-end fan-out benchmark of wsgate against a naive
+//! baseline relay, over loopback.
+//!
+//! For each scenario the same load runs against two relays, one after the
+//! other, each a separate process measured through `/proc/PID`:
+//! - **baseline** (`baseline.rs`): one thread, one origin connection, each
+//!   message's frame encoded once, then one blocking `write_all` per client;
+//! - **wsgate**: the real binary with its defaults (`--writers 2 --queue 16
+//!   --lobby-capacity 512`, so 1000 clients use 2 lobbies, hence 2 origin
+//!   connections where the baseline has 1).
+//!
+//! The origin and the clients are threads of this process, from the load tool
+//! (`examples/load/origin.rs`, `client.rs`; relay CPU and RSS via `gwstat.rs`).
+//! They share the machine's cores with the relay, so the absolute figures
+//! depend on the machine and on the load generator's own cost: read the
+//! wsgate/baseline ratios, not the absolute numbers.
+//!
+//! Scenarios (`scenario.rs`): `saturated` (1000 clients × 10 000 msg/s ×
+//! 128 B: 10M deliveries/s offered, far more than the machine can write),
+//! `steady` (1000 clients × 200 msg/s ×
+//! 128 B), `large` (200 clients × 50 msg/s × 64 KiB), `idle` (10 000 idle
+//! clients; relay RSS per client).
+//!
+//! Per run: deliveries/s (messages received by clients in the window /
+//! window), relay CPU per delivery (relay utime + stime over the window /
+//! deliveries; `/proc` counts in 10 ms ticks), relay CPU % of one core (above
+//! 100% for a multi-threaded relay), latency p50/p99 (origin timestamp to
+//! client receipt), gaps and duplicates per client, and for `idle` the RSS
+//! growth per client from no client to all connected. The detail lines add
+//! what the origin published, the share of it delivered, the number of origin
+//! connections, and this process's own CPU (the load generator's).
+//!
+//! Running:
+//! - `cargo bench` runs every scenario (about 90 s on 2 cores; `cargo bench
+//!   --bench fanout` skips the empty unit-test harnesses of the other targets);
+//! - `cargo bench -- saturated` (or `-- steady,large`) runs only those;
+//! - `WSGATE_BENCH_SECS` (default 8) sets the measurement window and
+//!   `WSGATE_BENCH_WARMUP` (default 2) the warm-up, both in seconds
+//!   (fractions allowed);
+//! - `WSGATE_BENCH_WSGATE=/path/to/wsgate` benches that binary (e.g. an older
+//!   build) instead of the one cargo just built.
+//!
+//! Results go to stdout (a detail block per run, the table at the end);
+//! progress and the relays' own output go to stderr. A run that fails, or
+//! that has a problem (clients that did not connect, client errors, an
+//! unclean relay exit), is reported and the bench continues; the exit code
+//! is then 1. This binary also hosts the baseline relay: re-executed with
+//! `WSGATE_BENCH_ROLE=baseline`, `main` runs that instead.
+
+// The load tool's modules, shared verbatim. This bench uses only part of
+// their API, and cargo builds benches with `cfg(test)` (but, with
+// `harness = false`, runs no tests), so their unit tests' imports go unused.
+#[allow(dead_code, unused_imports)]
+#[path = "../../examples/load/client.rs"]
+mod client;
+#[allow(dead_code)]
+#[path = "../../examples/load/gwstat.rs"]
+mod gwstat;
+#[allow(dead_code, unused_imports)]
+#[path = "../../examples/load/origin.rs"]
+mod origin;
+
+mod baseline;
+mod relay;
+mod scenario;
+mod table;
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use relay::Kind;
+use scenario::{Scenario, Settings};
+use table::Row;
+
+/// Environment variable for the measurement window, seconds.
+const SECS_ENV: &str = "WSGATE_BENCH_SECS";
+/// Environment variable for the warm-up, seconds.
+const WARMUP_ENV: &str = "WSGATE_BENCH_WARMUP";
+
+fn main() -> ExitCode {
+    let role = std::env::var_os(baseline::ROLE_ENV);
+    let args = match utf8_args() {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match role {
+        Some(role) if role == baseline::ROLE => return baseline::main(&args),
+        Some(role) => {
+            eprintln!("bench: unknown {}={role:?}", baseline::ROLE_ENV);
+            return ExitCode::from(2);
+        }
+        None => {}
+    }
+    let setup = selected_scenarios(&args).and_then(|scenarios| Ok((scenarios, settings()?)));
+    let (scenarios, settings) = match setup {
+        Ok(setup) => setup,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = relay::kill_relays_on_signal() {
+        eprintln!("bench: {e}");
+        return ExitCode::from(2);
+    }
+    if bench(&scenarios, &settings) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// Runs the scenarios and prints everything. Returns whether every run
+/// succeeded without a problem.
+fn bench(scenarios: &[Scenario], settings: &Settings) -> bool {
+    let started = Instant::now();
+    println!("machine: {}", machine());
+    println!(
+        "window {:.1}s after {:.1}s warm-up ({SECS_ENV}, {WARMUP_ENV}); wsgate: {}",
+        settings.window.as_secs_f64(),
+        settings.warmup.as_secs_f64(),
+        relay::wsgate_path()
+    );
+    let mut rows: Vec<Row> = Vec::new();
+    let mut all_ok = true;
+    for scenario in scenarios {
+        println!();
+        println!("== {}: {}", scenario.name, scenario.describe());
+        for kind in Kind::ALL {
+            eprintln!("  {}: starting", kind.name());
+            let result = scenario::run(scenario, kind, settings);
+            match &result {
+                Ok(m) => {
+                    println!("{}", table::detail(kind, m));
+                    all_ok &= m.problems.is_empty();
+                }
+                Err(e) => {
+                    println!("  {:<8}  FAILED: {e}", kind.name());
+                    all_ok = false;
+                }
+            }
+            rows.push(Row {
+                scenario: *scenario,
+                kind,
+                result,
+            });
+        }
+        if let [.., b, w] = rows.as_slice() {
+            if let (Ok(b), Ok(w)) = (&b.result, &w.result) {
+                println!("{}", table::ratio(scenario, b, w));
+            }
+        }
+    }
+    println!();
+    print!("{}", table::table(&rows));
+    println!("notes: figures are relative (origin, clients and relay share the machine);");
+    println!("  `!` = see PROBLEM above; rss/client is the relay's VmRSS growth per client,");
+    println!("  without kernel socket memory: a relay keeping only a socket per client shows ~0.");
+    println!("total {:.0}s", started.elapsed().as_secs_f64());
+    all_ok
+}
+
+/// Command-line arguments after the program name, as UTF-8.
+fn utf8_args() -> Result<Vec<String>, String> {
+    std::env::args_os()
+        .skip(1)
+        .map(|a| {
+            a.into_string()
+                .map_err(|a| format!("argument {a:?} is not valid UTF-8"))
+        })
+        .collect()
+}
+
+/// The scenarios named by the first non-flag argument (comma-separated), or
+/// all of them. Flags such as cargo's `--bench` are ignored.
+fn selected_scenarios(args: &[String]) -> Result<Vec<Scenario>, String> {
+    let Some(filter) = args.iter().find(|a| !a.starts_with('-')) else {
+        return Ok(scenario::ALL.to_vec());
+    };
+    let names: Vec<&str> = scenario::ALL.iter().map(|s| s.name).collect();
+    filter
+        .split(',')
+        .filter(|name| !name.is_empty())
+        .map(|name| {
+            scenario::ALL
+                .iter()
+                .find(|s| s.name == name)
+                .copied()
+                .ok_or_else(|| format!("unknown scenario {name:?}; known: {}", names.join(", ")))
+        })
+        .collect()
+}
+
+fn settings() -> Result<Settings, String> {
+    Ok(Settings {
+        window: seconds_from_env(SECS_ENV, 8.0)?,
+        warmup: seconds_from_env(WARMUP_ENV, 2.0)?,
+    })
+}
+
+fn seconds_from_env(var: &str, default: f64) -> Result<Duration, String> {
+    let Ok(value) = std::env::var(var) else {
+        return Ok(Duration::from_secs_f64(default));
+    };
+    value
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0 && *s <= 3600.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("{var} must be a number of seconds in 0..=3600 (got {value:?})"))
+}
+
+/// CPU count and model, e.g. `2 CPUs (nproc), AMD EPYC`.
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|e| format!("? ({e})"));
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, model)| model.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown model".to_string());
+    format!("{cpus} CPUs (nproc), {model}")
+}

@@ -1,0 +1,299 @@
+//! The relay under test as a child process: the `wsgate` binary or the
+//! baseline (this bench binary re-executed in its baseline role).
+//!
+//! [`Relay::start`] spawns it on `127.0.0.1:0` in front of a given origin and
+//! waits for the `... clients connect to ws://ADDR/` line on its stdout. The
+//! child's further stdout and its stderr are forwarded to our stderr, each
+//! line prefixed with `[relay name]`. [`Relay::stop`] asks for a graceful exit
+//! (SIGTERM) and kills it if that takes too long.
+//!
+//! No run leaves a process behind: dropping a [`Relay`] kills (SIGKILL) and
+//! reaps the child, so every error path and a panic clean up; and
+//! [`kill_relays_on_signal`] makes SIGINT, SIGTERM or SIGHUP to the bench kill
+//! the live relay before the bench exits. Every signal goes to a child that
+//! has not been reaped yet (its pid cannot have been reused): a pid leaves the
+//! [`LIVE`] registry, under its lock, at the moment it is reaped.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use crate::baseline;
+
+/// Environment variable naming another wsgate binary to bench (e.g. an
+/// older build) instead of the one cargo built.
+pub const WSGATE_ENV: &str = "WSGATE_BENCH_WSGATE";
+
+/// Pids of the relays started and not yet reaped.
+static LIVE: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// Time a relay has to print its address.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a relay has to exit after SIGTERM before it is killed. wsgate's own
+/// drain bound is 5 s.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// One thread, one write per client per message (`baseline.rs`).
+    Baseline,
+    /// The real gateway binary with its default settings.
+    Wsgate,
+}
+
+impl Kind {
+    /// Both relays, in the order they run.
+    pub const ALL: [Kind; 2] = [Kind::Baseline, Kind::Wsgate];
+
+    /// Name used in output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Baseline => "baseline",
+            Kind::Wsgate => "wsgate",
+        }
+    }
+
+    fn command(self, origin_url: &str) -> Result<Command, String> {
+        const LISTEN: &str = "127.0.0.1:0";
+        match self {
+            Kind::Baseline => {
+                let exe = std::env::current_exe()
+                    .map_err(|e| format!("cannot find the bench executable to re-run: {e}"))?;
+                let mut cmd = Command::new(exe);
+                cmd.env(baseline::ROLE_ENV, baseline::ROLE)
+                    .args([LISTEN, origin_url]);
+                Ok(cmd)
+            }
+            Kind::Wsgate => {
+                let mut cmd = Command::new(wsgate_path());
+                // The defaults, spelled out so the output says what ran.
+                cmd.args(["--listen", LISTEN, "--origin", origin_url])
+                    .args(["--writers", "2", "--queue", "16", "--lobby-capacity", "512"])
+                    .args(["--log-level", "warn"]);
+                Ok(cmd)
+            }
+        }
+    }
+}
+
+/// The wsgate binary to run: [`WSGATE_ENV`] if set, else cargo's build.
+pub fn wsgate_path() -> String {
+    std::env::var(WSGATE_ENV).unwrap_or_else(|_| env!("CARGO_BIN_EXE_wsgate").to_string())
+}
+
+/// Starts a thread that, on SIGINT, SIGTERM or SIGHUP, kills every live relay
+/// and exits the bench with 128 + the signal number.
+pub fn kill_relays_on_signal() -> Result<(), String> {
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    std::thread::Builder::new()
+        .name("bench-signals".to_string())
+        .spawn(move || {
+            let Some(signal) = signals.forever().next() else {
+                return;
+            };
+            // Holding the lock until exit keeps the pids from being reaped.
+            let live = live();
+            for pid in live.iter() {
+                let _ = send_signal("-KILL", *pid);
+            }
+            eprintln!("bench: signal {signal}: killed relay pids {live:?}; exiting");
+            std::process::exit(128 + signal);
+        })
+        .map(drop)
+        .map_err(|e| format!("cannot start the signal thread: {e}"))
+}
+
+fn live() -> MutexGuard<'static, Vec<u32>> {
+    // A panic while holding the lock leaves a list that is still valid.
+    LIVE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Runs `kill SIGNAL PID`.
+fn send_signal(signal: &str, pid: u32) -> Result<(), String> {
+    let status = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .map_err(|e| format!("cannot run kill: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("kill {signal} {pid} failed with {status}"))
+    }
+}
+
+/// A running relay process; see the module docs.
+pub struct Relay {
+    kind: Kind,
+    child: Child,
+    /// Set once the child has been waited for.
+    exited: Option<ExitStatus>,
+    url: String,
+    forwarders: Vec<JoinHandle<()>>,
+}
+
+impl Relay {
+    /// Spawns the relay in front of `origin_url` and waits until it listens.
+    pub fn start(kind: Kind, origin_url: &str) -> Result<Relay, String> {
+        let name = kind.name();
+        let mut command = kind.command(origin_url)?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start {name} ({:?}): {e}", command.get_program()))?;
+        live().push(child.id());
+        // From here on the guard owns the child: every early return kills it.
+        let mut relay = Relay {
+            kind,
+            child,
+            exited: None,
+            url: String::new(),
+            forwarders: Vec::new(),
+        };
+        let (first_line, rx) = mpsc::channel();
+        if let Some(stdout) = relay.child.stdout.take() {
+            relay
+                .forwarders
+                .push(forward(name, stdout, Some(first_line))?);
+        }
+        if let Some(stderr) = relay.child.stderr.take() {
+            relay.forwarders.push(forward(name, stderr, None)?);
+        }
+        let line = match rx.recv_timeout(START_TIMEOUT) {
+            Ok(line) => line,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                return Err(format!(
+                    "{name} did not print its address within {}s",
+                    START_TIMEOUT.as_secs()
+                ));
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                // Its stdout closed: it is exiting (its stderr says why).
+                let status = relay.wait_exit(Duration::from_secs(2));
+                return Err(format!("{name} exited before listening ({status})"));
+            }
+        };
+        relay.url = line
+            .split_whitespace()
+            .find(|word| word.starts_with("ws://"))
+            .ok_or_else(|| format!("{name} printed no ws:// address: {line:?}"))?
+            .to_string();
+        Ok(relay)
+    }
+
+    /// The URL clients connect to.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The child's process id (for `/proc/PID`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for the exit; kills the child if it does not
+    /// exit within [`STOP_TIMEOUT`]. Fails unless it exited with status 0.
+    pub fn stop(mut self) -> Result<(), String> {
+        let name = self.kind.name();
+        // Not reaped yet, so the pid is still this child's.
+        send_signal("-TERM", self.child.id())
+            .map_err(|e| format!("cannot stop {name} (killed instead): {e}"))?;
+        let outcome = self.wait_exit(STOP_TIMEOUT);
+        match self.exited {
+            Some(status) if status.success() => {
+                self.join_forwarders();
+                Ok(())
+            }
+            Some(status) => Err(format!("{name} exited with {status} after SIGTERM")),
+            // Dropping `self` kills it.
+            None => Err(format!(
+                "{name} did not exit within {}s of SIGTERM ({outcome}); killed",
+                STOP_TIMEOUT.as_secs()
+            )),
+        }
+    }
+
+    /// Waits up to `timeout` for the child to exit; describes the outcome.
+    fn wait_exit(&mut self, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.try_reap() {
+                Ok(Some(status)) => return status.to_string(),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Ok(None) => return "still running".to_string(),
+                Err(e) => return format!("cannot query its status: {e}"),
+            }
+        }
+    }
+
+    /// Reaps the child if it has exited, removing it from [`LIVE`] at once.
+    fn try_reap(&mut self) -> std::io::Result<Option<ExitStatus>> {
+        let mut live = live();
+        let status = self.child.try_wait()?;
+        if let Some(status) = status {
+            self.exited = Some(status);
+            live.retain(|&pid| pid != self.child.id());
+        }
+        Ok(status)
+    }
+
+    fn join_forwarders(&mut self) {
+        // The pipes close when the child exits, so these end promptly (unless
+        // the child left a grandchild holding them, which neither relay does).
+        for handle in self.forwarders.drain(..) {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            let name = self.kind.name();
+            let pid = self.child.id();
+            let mut live = live();
+            if let Err(e) = self.child.kill() {
+                eprintln!("bench: cannot kill {name} (pid {pid}): {e}");
+            }
+            match self.child.wait() {
+                Ok(status) => self.exited = Some(status),
+                Err(e) => eprintln!("bench: cannot reap {name} (pid {pid}): {e}"),
+            }
+            live.retain(|&p| p != pid);
+        }
+        self.join_forwarders();
+    }
+}
+
+/// Copies `pipe` line by line to our stderr with a `[name]` prefix; the first
+/// line goes to `first_line` instead, when given.
+fn forward(
+    name: &'static str,
+    pipe: impl Read + Send + 'static,
+    mut first_line: Option<mpsc::Sender<String>>,
+) -> Result<JoinHandle<()>, String> {
+    std::thread::Builder::new()
+        .name(format!("{name}-output"))
+        .spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { return };
+                match first_line.take() {
+                    // The receiver may have given up waiting; nothing to do then.
+                    Some(tx) => drop(tx.send(line)),
+                    None => eprintln!("    [{name}] {line}"),
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start a thread reading {name}'s output: {e}"))
+}

@@ -1,0 +1,282 @@
+//! The bench's scenarios, and how one scenario is run against one relay and
+//! turned into a [`Measurement`].
+//!
+//! A run, start to finish, owns everything it starts: the origin (a thread of
+//! this process), the relay (a child process, see `relay.rs`) and the clients
+//! (threads of this process); all three are stopped before [`run`] returns,
+//! on success and on every error path (their guards stop them on drop).
+//!
+//! Sequence: origin up → relay up (listening, and for the baseline connected
+//! upstream) → settle, sample relay RSS with no client → connect the clients
+//! → warm up → measurement window (relay CPU time and origin seq sampled at
+//! both edges; the clients count deliveries, gaps, duplicates and latency only
+//! inside it) → SIGTERM the relay (it sends its clients Close 1001) → close
+//! the clients → stop the origin.
+
+use std::net::SocketAddr;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use crate::client::{self, Clients};
+use crate::gwstat::{Observer, Sample};
+use crate::origin::{Origin, Rate};
+use crate::relay::{Kind, Relay};
+
+/// Pause between the relay listening and the no-client RSS sample.
+const SETTLE: Duration = Duration::from_millis(500);
+
+/// One load shape.
+#[derive(Debug, Clone, Copy)]
+pub struct Scenario {
+    /// Name used in output and to select it on the command line.
+    pub name: &'static str,
+    pub clients: usize,
+    pub rate: Rate,
+    /// Message size in bytes (payload).
+    pub size: usize,
+}
+
+/// Every scenario, in the order they run.
+pub const ALL: [Scenario; 4] = [
+    // 10 000 msg/s to 1000 clients offers 10M deliveries/s, several times what
+    // this machine kind can write: the relay is saturated, while a relay that
+    // keeps up with its origin link can still keep latency low.
+    Scenario {
+        name: "saturated",
+        clients: 1000,
+        rate: Rate::PerSecond(10_000),
+        size: 128,
+    },
+    Scenario {
+        name: "steady",
+        clients: 1000,
+        rate: Rate::PerSecond(200),
+        size: 128,
+    },
+    Scenario {
+        name: "large",
+        clients: 200,
+        rate: Rate::PerSecond(50),
+        size: 64 * 1024,
+    },
+    Scenario {
+        name: "idle",
+        clients: 10_000,
+        rate: Rate::Paused,
+        size: 128,
+    },
+];
+
+impl Scenario {
+    /// Idle scenarios measure memory per client rather than throughput.
+    pub fn is_idle(&self) -> bool {
+        self.rate == Rate::Paused
+    }
+
+    /// One line saying what the load is.
+    pub fn describe(&self) -> String {
+        let size = if self.size % 1024 == 0 {
+            format!("{} KiB", self.size / 1024)
+        } else {
+            format!("{} B", self.size)
+        };
+        match self.rate {
+            Rate::Paused => format!("{} idle clients, origin paused", self.clients),
+            Rate::PerSecond(r) => format!("{} clients x {r} msg/s x {size}", self.clients),
+            Rate::Saturated => format!(
+                "{} clients, {size} messages, origin as fast as the relay reads",
+                self.clients
+            ),
+        }
+    }
+}
+
+/// Timing shared by every run.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Load before the window, not measured.
+    pub warmup: Duration,
+    /// The measurement window.
+    pub window: Duration,
+}
+
+/// What one run measured.
+#[derive(Debug)]
+pub struct Measurement {
+    pub requested: usize,
+    pub connected: usize,
+    /// The clients' measurement window.
+    pub window: Duration,
+    /// Messages received by all clients inside the window.
+    pub delivered: u64,
+    /// Messages the origin generated inside the window.
+    pub published: u64,
+    /// Origin connections open at the window end.
+    pub upstreams: usize,
+    /// Relay CPU time (user + system) over the window, µs.
+    pub cpu_us: u64,
+    /// Wall time between the two CPU samples.
+    pub cpu_wall: Duration,
+    /// This process's CPU time (origin + clients) over the window, µs: the
+    /// load generator competes with the relay for the same cores.
+    pub load_cpu_us: u64,
+    /// Latency p50, p99 and max in µs, if any message carried a timestamp.
+    pub latency: Option<[u64; 3]>,
+    pub gaps: u64,
+    pub dups: u64,
+    /// Relay RSS right after start (no client), KiB.
+    pub rss_empty_kib: u64,
+    /// Relay RSS at the window end, KiB.
+    pub rss_loaded_kib: u64,
+    /// Things that make this run suspect (partial connect, client errors,
+    /// unclean relay exit); the bench exits non-zero when any run has one.
+    pub problems: Vec<String>,
+}
+
+impl Measurement {
+    /// Deliveries per second of window.
+    pub fn deliveries_per_sec(&self) -> f64 {
+        self.delivered as f64 / self.window.as_secs_f64().max(1e-9)
+    }
+
+    /// Relay CPU time per delivery, µs (none without deliveries).
+    pub fn cpu_per_delivery_us(&self) -> Option<f64> {
+        (self.delivered > 0).then(|| self.cpu_us as f64 / self.delivered as f64)
+    }
+
+    /// Relay CPU use, % of one core.
+    pub fn cpu_percent(&self) -> f64 {
+        self.cpu_us as f64 * 100.0 / (self.cpu_wall.as_micros().max(1) as f64)
+    }
+
+    /// Load generator CPU use, % of one core.
+    pub fn load_cpu_percent(&self) -> f64 {
+        self.load_cpu_us as f64 * 100.0 / (self.cpu_wall.as_micros().max(1) as f64)
+    }
+
+    /// RSS growth from no client to all clients connected, per client, KiB.
+    pub fn rss_per_client_kib(&self) -> Option<f64> {
+        (self.connected > 0).then(|| {
+            self.rss_loaded_kib.saturating_sub(self.rss_empty_kib) as f64 / self.connected as f64
+        })
+    }
+
+    /// Deliveries as a share of what the origin published in the window times
+    /// the clients connected (edge effects of about one latency's worth).
+    pub fn delivered_share(&self) -> Option<f64> {
+        let expected = self.published * self.connected as u64;
+        (expected > 0).then(|| self.delivered as f64 / expected as f64)
+    }
+}
+
+/// Runs `scenario` against the relay `kind`. Progress goes to stderr.
+pub fn run(scenario: &Scenario, kind: Kind, settings: &Settings) -> Result<Measurement, String> {
+    let name = kind.name();
+    let origin = Origin::start_with(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        scenario.rate,
+        scenario.size,
+    )
+    .map_err(|e| format!("cannot start the origin: {e}"))?;
+    let origin_url = format!("ws://{}/", origin.local_addr());
+    let relay = Relay::start(kind, &origin_url)?;
+    let observer = Observer::new(relay.pid()).map_err(|e| format!("cannot observe {name}: {e}"))?;
+    let load = Observer::new(std::process::id())
+        .map_err(|e| format!("cannot observe the bench process: {e}"))?;
+    sleep(SETTLE);
+    let empty = sample(&observer, name)?;
+
+    let config = client::Config::new(relay.url(), scenario.clients);
+    let connect_deadline = Instant::now() + config.connect_timeout;
+    let started = Instant::now();
+    let mut clients = Clients::start(config).map_err(|e| format!("cannot start clients: {e}"))?;
+    let progress = clients.wait_connected(connect_deadline);
+    eprintln!(
+        "  {name}: {}/{} clients connected in {:.1}s, {} failed",
+        progress.connected,
+        scenario.clients,
+        started.elapsed().as_secs_f64(),
+        progress.failed
+    );
+    if progress.connected == 0 {
+        let report = clients.finish();
+        return Err(format!(
+            "no client connected to {name} ({} failed; first error: {})",
+            report.connect_failed,
+            report.first_connect_error.as_deref().unwrap_or("timed out")
+        ));
+    }
+
+    sleep(settings.warmup);
+    clients.begin_window();
+    let before = sample(&observer, name)?;
+    let load_before = sample(&load, "the bench process")?;
+    let published_before = origin.published();
+    sleep(settings.window);
+    clients.end_window();
+    let after = sample(&observer, name)?;
+    let load_after = sample(&load, "the bench process")?;
+    let published = origin.published().saturating_sub(published_before);
+    let upstreams = origin.connections();
+
+    // Relay first, so its clients get a Close from it rather than the other
+    // way round (the baseline never reads its clients); then the clients, then
+    // the origin.
+    let mut problems = Vec::new();
+    if let Err(e) = relay.stop() {
+        problems.push(e);
+    }
+    let report = clients.finish();
+    if let Err(e) = origin.stop() {
+        problems.push(format!("the origin failed: {e}"));
+    }
+
+    if report.connected < report.clients {
+        problems.push(format!(
+            "only {}/{} clients connected; first error: {}",
+            report.connected,
+            report.clients,
+            report.first_connect_error.as_deref().unwrap_or("?")
+        ));
+    }
+    let errors = report.io_errors + report.protocol_errors;
+    if errors > 0 {
+        problems.push(format!(
+            "{} client I/O errors and {} protocol errors; first: {}",
+            report.io_errors,
+            report.protocol_errors,
+            report.first_error.as_deref().unwrap_or("?")
+        ));
+    }
+    let latency = (!report.latency.is_empty()).then(|| {
+        [
+            report.latency.value_at_quantile(0.50),
+            report.latency.value_at_quantile(0.99),
+            report.latency.max(),
+        ]
+    });
+    Ok(Measurement {
+        requested: report.clients,
+        connected: report.connected,
+        window: report.window,
+        delivered: report.delivered,
+        published,
+        upstreams,
+        cpu_us: observer.cpu_us(&before, &after),
+        cpu_wall: after.at.saturating_duration_since(before.at),
+        load_cpu_us: load.cpu_us(&load_before, &load_after),
+        latency,
+        gaps: report.gaps,
+        dups: report.dups,
+        rss_empty_kib: empty.rss_kib,
+        rss_loaded_kib: after.rss_kib,
+        problems,
+    })
+}
+
+/// One CPU/RSS sample of `what`, with an error naming it.
+fn sample(observer: &Observer, what: &str) -> Result<Sample, String> {
+    observer
+        .sample()
+        .map_err(|e| format!("cannot sample {what}: {e}"))
+}
