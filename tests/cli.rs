@@ -5,7 +5,7 @@ mod support;
 use std::{
     io::{BufRead, BufReader},
     net::{SocketAddr, TcpListener},
-    process::{Command, Stdio},
+    process::{Child, Command, Stdio},
 };
 
 use support::*;
@@ -54,15 +54,27 @@ fn help_exits_0() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("--lobby-capacity"));
 }
 
+/// A child process killed (and reaped) if the test ends early.
+struct Reaper(Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn demo_serves_ticks_and_sigterm_stops_it_cleanly() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
-        .args(["--demo", "--listen", "127.0.0.1:0", "--log-level", "warn"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start wsgate --demo");
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut child = Reaper(
+        Command::new(env!("CARGO_BIN_EXE_wsgate"))
+            .args(["--demo", "--listen", "127.0.0.1:0", "--log-level", "warn"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start wsgate --demo"),
+    );
+    let mut stdout = BufReader::new(child.0.stdout.take().unwrap());
     let mut line = String::new();
     stdout.read_line(&mut line).unwrap();
     let url = line.split_whitespace().last().expect("a URL").to_owned();
@@ -82,12 +94,12 @@ fn demo_serves_ticks_and_sigterm_stops_it_cleanly() {
     }
 
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
     let close = recv_close(&mut client);
     assert_eq!(close.map(|f| u16::from(f.code)), Some(1001));
-    let status = child.wait().unwrap();
+    let status = child.0.wait().unwrap();
     assert_eq!(status.code(), Some(0));
 }
