@@ -714,8 +714,19 @@ impl OriginLink {
         }
     }
 
+    /// Publishes the state for the lobby listing, and keeps the per-state
+    /// gauges (connecting, backing off) in step.
     fn publish(&self) {
-        self.published.store(self.state.public() as u8, Relaxed);
+        let new = self.state.public();
+        let old = OriginState::from_u8(self.published.swap(new as u8, Relaxed));
+        if old != new {
+            if let Some(gauge) = self.stats.origin_state_gauge(old) {
+                drop_one(gauge);
+            }
+            if let Some(gauge) = self.stats.origin_state_gauge(new) {
+                bump(gauge);
+            }
+        }
     }
 }
 

@@ -19,6 +19,8 @@ pub(crate) struct Stats {
     pub messages_in: AtomicU64,
     pub frames_delivered: AtomicU64,
     pub frames_dropped: AtomicU64,
+    pub origins_connecting: AtomicU64,
+    pub origins_backing_off: AtomicU64,
     pub origin_connect_attempts: AtomicU64,
     pub origin_connected: AtomicU64,
     pub origin_failed_connect: AtomicU64,
@@ -57,6 +59,10 @@ pub struct StatsSnapshot {
     pub frames_delivered: u64,
     /// Frames dropped from full client queues (the oldest goes first).
     pub frames_dropped: u64,
+    /// Lobbies whose origin connection is being established (TCP, TLS, upgrade).
+    pub origins_connecting: u64,
+    /// Lobbies waiting out a backoff before their next origin attempt.
+    pub origins_backing_off: u64,
     /// Origin connect attempts (first connects and reconnects).
     pub origin_connect_attempts: u64,
     /// Origin connections established.
@@ -133,6 +139,16 @@ impl OriginState {
 }
 
 impl Stats {
+    /// The gauge counting lobbies whose origin link is in `state`, if one does
+    /// (`Up` is counted by `origin_connections` where the connection is made).
+    pub(crate) fn origin_state_gauge(&self, state: OriginState) -> Option<&AtomicU64> {
+        match state {
+            OriginState::Connecting => Some(&self.origins_connecting),
+            OriginState::BackingOff => Some(&self.origins_backing_off),
+            OriginState::Idle | OriginState::Up | OriginState::Closing => None,
+        }
+    }
+
     pub(crate) fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
             clients: self.clients.load(Relaxed),
@@ -145,6 +161,8 @@ impl Stats {
             messages_in: self.messages_in.load(Relaxed),
             frames_delivered: self.frames_delivered.load(Relaxed),
             frames_dropped: self.frames_dropped.load(Relaxed),
+            origins_connecting: self.origins_connecting.load(Relaxed),
+            origins_backing_off: self.origins_backing_off.load(Relaxed),
             origin_connect_attempts: self.origin_connect_attempts.load(Relaxed),
             origin_connected: self.origin_connected.load(Relaxed),
             origin_failed_connect: self.origin_failed_connect.load(Relaxed),

@@ -59,6 +59,13 @@ fn an_origin_that_never_answers_the_upgrade_times_out() {
     wait_until("two timed-out attempts", || {
         gw.stats().origin_failed_timeout >= 2
     });
+    let stats = gw.stats();
+    assert_eq!(
+        stats.origins_connecting + stats.origins_backing_off,
+        1,
+        "{stats:?}"
+    );
+    assert_eq!(stats.origin_connections, 0);
     let lobbies = gw.lobbies(DEADLINE);
     assert_eq!(lobbies.len(), 1);
     assert_ne!(lobbies[0].origin, OriginState::Up);
