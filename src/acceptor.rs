@@ -30,9 +30,9 @@ use crate::{
     config::Config,
     error::{Error, Result},
     gateway::ShutdownHandle,
-    http::{self, Parsed},
+    http::{self, Parsed, Rejection},
     manager::{Admission, ManagerMsg},
-    stats::{Stats, bump},
+    stats::{Stats, bump, drop_one},
 };
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -81,6 +81,7 @@ pub(crate) fn spawn(
         manager,
         stats,
         path: config.path.clone(),
+        seat_limit: config.seat_limit(),
         max_request_bytes: config.max_request_bytes,
         handshake_timeout: config.handshake_timeout,
         conns: Vec::new(),
@@ -112,6 +113,8 @@ struct Conn {
     peer: SocketAddr,
     buf: Vec<u8>,
     reply: Option<Reply>,
+    /// The connection holds a seat (counted in `clients`) for its upgrade.
+    has_seat: bool,
     serial: u64,
 }
 
@@ -130,6 +133,8 @@ struct Acceptor {
     manager: Sender<ManagerMsg>,
     stats: Arc<Stats>,
     path: String,
+    /// Most clients admitted at once, if limited.
+    seat_limit: Option<u64>,
     max_request_bytes: usize,
     handshake_timeout: Duration,
     /// Slab of handshaking connections; the index is the poll token.
@@ -232,6 +237,7 @@ impl Acceptor {
             peer,
             buf: Vec::new(),
             reply: None,
+            has_seat: false,
             serial,
         });
         self.deadlines
@@ -257,6 +263,10 @@ impl Acceptor {
                 }
             }
             Step::Admit(at) => {
+                // The seat goes with the client to the manager.
+                if let Some(Some(conn)) = self.conns.get_mut(index) {
+                    conn.has_seat = false;
+                }
                 let Some(mut conn) = self.take(index) else {
                     return;
                 };
@@ -288,13 +298,23 @@ impl Acceptor {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return Step::Close("read error"),
             }
-            let reply = match http::parse(&conn.buf, &self.path, self.max_request_bytes) {
+            let parsed = match http::parse(&conn.buf, &self.path, self.max_request_bytes) {
+                Parsed::Upgrade { .. } if !take_seat(&self.stats, self.seat_limit) => {
+                    bump(&self.stats.refused_full);
+                    Parsed::Reject(Rejection::FULL)
+                }
+                parsed => parsed,
+            };
+            let reply = match parsed {
                 Parsed::Incomplete => continue,
-                Parsed::Upgrade { response, consumed } => Reply {
-                    bytes: response,
-                    written: 0,
-                    upgrade_at: Some(consumed),
-                },
+                Parsed::Upgrade { response, consumed } => {
+                    conn.has_seat = true;
+                    Reply {
+                        bytes: response,
+                        written: 0,
+                        upgrade_at: Some(consumed),
+                    }
+                }
                 Parsed::Reject(rejection) => {
                     bump(&self.stats.handshakes_rejected);
                     debug!(
@@ -313,8 +333,13 @@ impl Acceptor {
         }
     }
 
+    /// Removes a connection from the acceptor, giving back its seat (a
+    /// connection handed to the manager has passed its seat on first).
     fn take(&mut self, index: usize) -> Option<Conn> {
         let mut conn = self.conns.get_mut(index)?.take()?;
+        if std::mem::take(&mut conn.has_seat) {
+            drop_one(&self.stats.clients);
+        }
         if let Err(e) = self.poll.registry().deregister(&mut conn.stream) {
             debug!("{}: deregister failed: {e}", conn.peer);
         }
@@ -357,6 +382,16 @@ fn write_reply(conn: &mut Conn) -> Step {
         Some(at) => Step::Admit(at),
         None => Step::Close("refused"),
     }
+}
+
+/// Counts a client in, unless that would exceed `limit`.
+fn take_seat(stats: &Stats, limit: Option<u64>) -> bool {
+    let before = stats.clients.fetch_add(1, Ordering::SeqCst);
+    if limit.is_some_and(|limit| before >= limit) {
+        drop_one(&stats.clients);
+        return false;
+    }
+    true
 }
 
 fn is_out_of_descriptors(e: &io::Error) -> bool {

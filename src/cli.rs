@@ -31,6 +31,22 @@ pub struct Cli {
     #[argh(option, default = "2")]
     pub writers: usize,
 
+    /// most lobbies, hence origin connections; 0 = no limit (default 0)
+    #[argh(option, default = "0")]
+    pub max_origin_connections: usize,
+
+    /// how often lobbies are compacted; 0 turns it off (default 10s)
+    #[argh(option, default = "Span::secs(10)")]
+    pub compact_interval: Span,
+
+    /// fill, as a fraction of capacity, compaction packs lobbies to (default 0.9)
+    #[argh(option, default = "0.9")]
+    pub compact_fill: f64,
+
+    /// recent frames a new client receives before the live stream (default 0)
+    #[argh(option, default = "0")]
+    pub replay: usize,
+
     /// how long an empty lobby lingers before its thread ends (default 5s)
     #[argh(option, default = "Span::secs(5)")]
     pub lobby_linger: Span,
@@ -113,6 +129,10 @@ impl Cli {
         config.queue_depth = self.queue;
         config.writers = self.writers;
         config.lobby_linger = self.lobby_linger.0;
+        config.max_origin_connections = self.max_origin_connections;
+        config.compact_interval = self.compact_interval.0;
+        config.compact_fill = self.compact_fill;
+        config.replay = self.replay;
         config.origin_backoff_min = self.origin_backoff_min.0;
         config.origin_backoff_max = self.origin_backoff_max.0;
         config.origin_connect_timeout = self.origin_connect_timeout.0;

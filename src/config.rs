@@ -28,6 +28,19 @@ pub struct Config {
     pub queue_depth: usize,
     /// Writer threads serving client sockets. Defaults to 2.
     pub writers: usize,
+    /// Most lobbies, hence origin connections; 0 means no limit. When every
+    /// lobby is full and the limit is reached, new clients get 503 with
+    /// Retry-After. Defaults to 0.
+    pub max_origin_connections: usize,
+    /// How often the manager checks whether the clients fit in fewer lobbies
+    /// and migrates them if so; zero turns compaction off. Defaults to 10 s.
+    pub compact_interval: Duration,
+    /// Fill, as a fraction of capacity, that compaction packs lobbies to.
+    /// Defaults to 0.9.
+    pub compact_fill: f64,
+    /// Frames a new client is sent from its lobby's recent history before the
+    /// live stream (at most [`Config::history_len`]). Defaults to 0.
+    pub replay: usize,
     /// How long an empty lobby keeps its thread before it ends. Defaults to 5 s.
     pub lobby_linger: Duration,
     /// Time a client has to complete the HTTP upgrade. Defaults to 10 s.
@@ -80,6 +93,10 @@ impl Default for Config {
             lobby_capacity: 512,
             queue_depth: 16,
             writers: 2,
+            max_origin_connections: 0,
+            compact_interval: Duration::from_secs(10),
+            compact_fill: 0.9,
+            replay: 0,
             lobby_linger: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
             max_request_bytes: 8 * 1024,
@@ -142,6 +159,15 @@ impl Config {
                 "writers must be between 1 and {MAX_WRITERS}"
             )));
         }
+        if !(self.compact_fill > 0.0 && self.compact_fill <= 1.0) {
+            return bad("compact fill must be above 0 and at most 1");
+        }
+        if self.replay > self.history_len() {
+            return Err(Error::Config(format!(
+                "replay must be at most {} (the frames a lobby remembers)",
+                self.history_len()
+            )));
+        }
         if !self.path.starts_with('/') {
             return bad("path must start with '/'");
         }
@@ -180,6 +206,19 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Frames each lobby remembers, for gap-free migrations and replay:
+    /// well above the queue depth (4×), and at least 64.
+    pub fn history_len(&self) -> usize {
+        self.queue_depth.saturating_mul(4).max(64)
+    }
+
+    /// Most clients the gateway admits given the origin connection limit, if any.
+    pub(crate) fn seat_limit(&self) -> Option<u64> {
+        (self.max_origin_connections > 0).then(|| {
+            (self.max_origin_connections as u64).saturating_mul(self.lobby_capacity as u64)
+        })
     }
 
     /// The origin URL, parsed and checked: `ws://`, with a host.

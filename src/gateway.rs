@@ -73,6 +73,8 @@ impl Gateway {
             stats: Arc::clone(&stats),
             manager: manager_tx.clone(),
             on_origin_loss: config.on_origin_loss,
+            history: config.history_len(),
+            replay: config.replay,
         };
         let manager = manager::spawn(&config, manager_rx, env, writers)?;
         let acceptor =

@@ -38,6 +38,13 @@ pub(crate) struct Rejection {
 }
 
 impl Rejection {
+    /// No lobby has room and no more origin connections are allowed.
+    pub(crate) const FULL: Rejection = Rejection {
+        status: 503,
+        why: "all lobbies are full; try again later",
+        headers: "Retry-After: 5\r\n",
+    };
+
     const fn new(status: u16, why: &'static str) -> Rejection {
         Rejection {
             status,

@@ -48,6 +48,7 @@ pub mod demo;
 mod error;
 mod frame;
 mod gateway;
+mod history;
 mod http;
 mod id;
 mod lobby;

@@ -5,7 +5,16 @@
 //! writer that owns a member, once. It never touches a client socket and never
 //! waits on a queue. It keeps its origin link while it has members and closes
 //! it when the last one leaves; the manager decides when an empty lobby ends
-//! (`manager.rs`). Origin connection mechanics live in `origin.rs`.
+//! and which clients move between lobbies (`manager.rs`).
+//!
+//! The lobby remembers its last frames (`history.rs`): a new client can be
+//! sent the latest few (replay), and a client moving in from another lobby
+//! continues right after the last frame that lobby queued for it: from this
+//! lobby's history if it is ahead (fed as fast as the client's queue takes
+//! frames, so the catch-up itself drops nothing), once it gets there if it is
+//! behind (held at most [`ADOPT_WAIT`]), or at the live edge, counted as a
+//! gap, if the two streams never meet. Origin connection mechanics live in
+//! `origin.rs`.
 
 use std::{
     sync::{
@@ -13,35 +22,46 @@ use std::{
         atomic::{AtomicU8, Ordering::Relaxed},
     },
     thread::{self, JoinHandle},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, unbounded};
-use log::{error, info, trace, warn};
+use log::{debug, error, info, trace, warn};
 use mio::{Events, Poll, Token, Waker};
 
 use crate::{
     config::OriginLoss,
     error::{Error, Result},
     frame::{self, MessageKind, close_code},
+    history::{History, Resume},
     id::{ClientId, LobbyId},
     manager::ManagerMsg,
     origin::{Drive, OriginLink, OriginTarget},
     queue::{ClientQueue, Pushed},
-    stats::{OriginState, Stats},
+    stats::{OriginState, Stats, bump},
     writer::WriterWake,
 };
 
 const WAKER: Token = Token(0);
 const ORIGIN: Token = Token(1);
+/// Longest a client moving in waits for this lobby to reach its position.
+pub(crate) const ADOPT_WAIT: Duration = Duration::from_secs(2);
+/// How often a lobby tops up the queues of clients catching up from its
+/// history when no origin message wakes it.
+const CATCH_UP_TICK: Duration = Duration::from_millis(5);
 
 /// A lobby's inbox.
 #[derive(Debug)]
 pub(crate) enum LobbyMsg {
-    /// Start delivering to this client.
+    /// Start delivering to this new client (after the configured replay).
     Join(Member),
     /// Stop delivering to this client.
     Leave(ClientId),
+    /// Stop delivering to this client, which moves to another lobby; answer
+    /// the manager with [`ManagerMsg::Released`] and its position.
+    Release(ClientId),
+    /// Take over a client from another lobby, continuing after `resume`.
+    Adopt { member: Member, resume: Resume },
     /// Close the origin connection and end the thread.
     Shutdown,
 }
@@ -94,6 +114,10 @@ pub(crate) struct LobbyEnv {
     pub stats: Arc<Stats>,
     pub manager: Sender<ManagerMsg>,
     pub on_origin_loss: OriginLoss,
+    /// Frames each lobby remembers.
+    pub history: usize,
+    /// Frames a new client is sent from the history.
+    pub replay: usize,
 }
 
 /// Starts a lobby thread.
@@ -118,11 +142,19 @@ pub(crate) fn spawn(id: LobbyId, env: &LobbyEnv) -> Result<LobbyHandle> {
         id,
         poll,
         inbox,
-        members: Vec::new(),
         origin,
-        writers: Arc::clone(&env.writers),
-        touched: vec![false; env.writers.len()],
-        stats: Arc::clone(&env.stats),
+        fanout: Fanout {
+            lobby: id,
+            members: Vec::new(),
+            catching_up: Vec::new(),
+            adopting: Vec::new(),
+            history: History::new(env.history),
+            replay: env.replay,
+            writers: Arc::clone(&env.writers),
+            touched: vec![false; env.writers.len()],
+            stats: Arc::clone(&env.stats),
+        },
+        manager: env.manager.clone(),
         on_origin_loss: env.on_origin_loss,
     };
     let guard = EndGuard {
@@ -131,6 +163,7 @@ pub(crate) fn spawn(id: LobbyId, env: &LobbyEnv) -> Result<LobbyHandle> {
         stats: Arc::clone(&env.stats),
     };
     env.stats.lobbies.fetch_add(1, Relaxed);
+    bump(&env.stats.lobbies_started);
     let thread = thread::Builder::new()
         .name(format!("wsgate-lobby-{}", id.0))
         .spawn(move || {
@@ -163,6 +196,7 @@ struct EndGuard {
 impl Drop for EndGuard {
     fn drop(&mut self) {
         self.stats.lobbies.fetch_sub(1, Relaxed);
+        bump(&self.stats.lobbies_ended);
         let _ = self.manager.send(ManagerMsg::LobbyEnded(self.id));
     }
 }
@@ -172,12 +206,9 @@ struct Lobby {
     id: LobbyId,
     poll: Poll,
     inbox: Receiver<LobbyMsg>,
-    members: Vec<Member>,
     origin: OriginLink,
-    writers: Arc<[Arc<WriterWake>]>,
-    /// Per writer: owns a member that got the current frame.
-    touched: Vec<bool>,
-    stats: Arc<Stats>,
+    fanout: Fanout,
+    manager: Sender<ManagerMsg>,
     on_origin_loss: OriginLoss,
 }
 
@@ -190,10 +221,15 @@ impl Lobby {
         let mut is_ending = false;
         loop {
             let timeout = if more {
-                Some(std::time::Duration::ZERO)
+                Some(Duration::ZERO)
+            } else if self.fanout.is_catching_up() {
+                Some(CATCH_UP_TICK)
             } else {
                 self.origin
                     .deadline()
+                    .into_iter()
+                    .chain(self.fanout.next_adopt_deadline())
+                    .min()
                     .map(|at| at.saturating_duration_since(Instant::now()))
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
@@ -207,17 +243,14 @@ impl Lobby {
                 is_ending = true;
                 self.origin.stop("lobby ending");
             }
-            let Lobby {
-                origin,
-                members,
-                writers,
-                touched,
-                stats,
-                ..
-            } = &mut self;
-            more = origin.drive(&mut |kind, payload| {
-                fan_out(members, writers, touched, stats, kind, payload);
-            }) == Drive::More;
+            let Lobby { origin, fanout, .. } = &mut self;
+            more =
+                origin.drive(&mut |kind, payload| fanout.broadcast(kind, payload)) == Drive::More;
+            self.fanout.expire_adoptions(Instant::now());
+            if self.fanout.is_catching_up() {
+                self.fanout.catch_up();
+                self.fanout.wake_writers();
+            }
             if self.origin.take_failure() && self.on_origin_loss == OriginLoss::Close {
                 self.close_members();
             }
@@ -232,24 +265,24 @@ impl Lobby {
     /// reconnects, perhaps to another gateway. The close frame goes through
     /// each member's queue, after what it already holds.
     fn close_members(&mut self) {
-        if self.members.is_empty() {
+        let count =
+            self.fanout.members.len() + self.fanout.catching_up.len() + self.fanout.adopting.len();
+        if count == 0 {
             return;
         }
         warn!(
-            "{}: origin lost; closing its {} clients with 1012",
-            self.id,
-            self.members.len()
+            "{}: origin lost; closing its {count} clients with 1012",
+            self.id
         );
         let close = frame::encode_close(close_code::SERVICE_RESTART, "origin connection lost");
-        for member in self.members.drain(..) {
+        let fanout = &mut self.fanout;
+        let adopting = fanout.adopting.drain(..).map(|a| a.member);
+        let catching_up = fanout.catching_up.drain(..).map(|c| c.member);
+        for member in fanout.members.drain(..).chain(catching_up).chain(adopting) {
             member.queue.push(close.clone());
-            self.touched[member.writer] = true;
+            fanout.touched[member.writer] = true;
         }
-        for (writer, touched) in self.writers.iter().zip(self.touched.iter_mut()) {
-            if std::mem::take(touched) {
-                writer.notify();
-            }
-        }
+        fanout.wake_writers();
         self.origin.stop("no clients");
     }
 
@@ -259,52 +292,222 @@ impl Lobby {
             match self.inbox.try_recv() {
                 Ok(LobbyMsg::Join(member)) => {
                     trace!("{}: {} joined", self.id, member.id);
-                    self.members.push(member);
+                    self.fanout.join_new(member);
+                    self.origin.start();
+                }
+                Ok(LobbyMsg::Adopt { member, resume }) => {
+                    trace!("{}: {} moving in", self.id, member.id);
+                    self.fanout.adopt(member, resume);
                     self.origin.start();
                 }
                 Ok(LobbyMsg::Leave(id)) => {
-                    if let Some(at) = self.members.iter().position(|m| m.id == id) {
-                        self.members.swap_remove(at);
-                        trace!("{}: {id} left", self.id);
-                    }
-                    if self.members.is_empty() {
-                        self.origin.stop("no clients");
-                    }
+                    self.fanout.remove(id);
+                    self.stop_if_empty();
+                }
+                Ok(LobbyMsg::Release(id)) => {
+                    let resume = self.fanout.remove(id).unwrap_or_default();
+                    let _ = self.manager.send(ManagerMsg::Released { id, resume });
+                    self.stop_if_empty();
                 }
                 Ok(LobbyMsg::Shutdown) | Err(TryRecvError::Disconnected) => return false,
                 Err(TryRecvError::Empty) => return true,
             }
         }
     }
+
+    fn stop_if_empty(&mut self) {
+        if self.fanout.is_empty() {
+            self.origin.stop("no clients");
+        }
+    }
 }
 
-/// Encodes one origin message once and queues it for every member.
-fn fan_out(
-    members: &[Member],
-    writers: &[Arc<WriterWake>],
-    touched: &mut [bool],
-    stats: &Stats,
-    kind: MessageKind,
-    payload: &[u8],
-) {
-    stats.messages_in.fetch_add(1, Relaxed);
-    if members.is_empty() {
-        return;
+/// A client moving in, held until this lobby reaches its position.
+#[derive(Debug)]
+struct Adopting {
+    member: Member,
+    resume: Resume,
+    deadline: Instant,
+}
+
+/// A client being brought up to the live edge from the history, as fast as
+/// its queue takes frames: `next` is the number of its next frame.
+#[derive(Debug)]
+struct CatchingUp {
+    member: Member,
+    next: u64,
+}
+
+/// Everything the fan-out touches: members, their writers, the history.
+#[derive(Debug)]
+struct Fanout {
+    lobby: LobbyId,
+    /// Clients at the live edge: each broadcast goes to them.
+    members: Vec<Member>,
+    catching_up: Vec<CatchingUp>,
+    adopting: Vec<Adopting>,
+    history: History,
+    replay: usize,
+    writers: Arc<[Arc<WriterWake>]>,
+    /// Per writer: owns a member that got frames since the last wake.
+    touched: Vec<bool>,
+    stats: Arc<Stats>,
+}
+
+impl Fanout {
+    fn is_empty(&self) -> bool {
+        self.members.is_empty() && self.catching_up.is_empty() && self.adopting.is_empty()
     }
-    let frame = frame::encode(kind.opcode(), payload);
-    let mut dropped = 0;
-    for member in members {
-        if member.queue.push(frame.clone()) == Pushed::DroppedOldest {
-            dropped += 1;
+
+    /// Encodes one origin message once, queues it for every member, and
+    /// moves along the clients joining from the history or from another lobby.
+    fn broadcast(&mut self, kind: MessageKind, payload: &[u8]) {
+        self.stats.messages_in.fetch_add(1, Relaxed);
+        if self.is_empty() {
+            return;
         }
-        touched[member.writer] = true;
+        let frame = frame::encode(kind.opcode(), payload);
+        let mut dropped = 0;
+        for member in &self.members {
+            if member.queue.push(frame.clone()) == Pushed::DroppedOldest {
+                dropped += 1;
+            }
+            self.touched[member.writer] = true;
+        }
+        if dropped > 0 {
+            self.stats.frames_dropped.fetch_add(dropped, Relaxed);
+        }
+        self.history.push(frame);
+        if !self.adopting.is_empty() {
+            // Those whose last frame was this one join at the live edge.
+            let history = &self.history;
+            let (ready, waiting) = std::mem::take(&mut self.adopting)
+                .into_iter()
+                .partition(|a| history.ends_with(&a.resume));
+            self.adopting = waiting;
+            for adopted in ready {
+                trace!("{}: {} caught up with", self.lobby, adopted.member.id);
+                self.members.push(adopted.member);
+            }
+        }
+        self.catch_up();
+        self.wake_writers();
     }
-    for (writer, touched) in writers.iter().zip(touched.iter_mut()) {
-        if std::mem::take(touched) {
-            writer.notify();
+
+    /// A new client: the last `replay` frames, then the live stream.
+    fn join_new(&mut self, member: Member) {
+        let from = self
+            .history
+            .head()
+            .saturating_sub(self.replay as u64)
+            .max(self.history.oldest());
+        self.enlist(member, from);
+    }
+
+    /// A client from another lobby: continue right after `resume`.
+    fn adopt(&mut self, member: Member, resume: Resume) {
+        if resume.is_empty() {
+            // It had received nothing yet: the live edge is where it starts.
+            return self.enlist(member, self.history.head());
+        }
+        match self.history.find_after(&resume) {
+            Some(next) => self.enlist(member, next),
+            None => self.adopting.push(Adopting {
+                member,
+                resume,
+                deadline: Instant::now() + ADOPT_WAIT,
+            }),
         }
     }
-    if dropped > 0 {
-        stats.frames_dropped.fetch_add(dropped, Relaxed);
+
+    /// Brings `member` up from frame `next` to the live edge, then makes it a member.
+    fn enlist(&mut self, member: Member, next: u64) {
+        self.catching_up.push(CatchingUp { member, next });
+        self.catch_up();
+        self.wake_writers();
+    }
+
+    /// Queues history frames for catching-up clients while their queues have
+    /// room (never dropping what they have not seen); those that reach the
+    /// live edge become members.
+    fn catch_up(&mut self) {
+        if self.catching_up.is_empty() {
+            return;
+        }
+        let mut i = 0;
+        while i < self.catching_up.len() {
+            let c = &mut self.catching_up[i];
+            if c.next < self.history.oldest() {
+                // It fell behind the history: frames are gone.
+                debug!("{}: {} missed frames catching up", self.lobby, c.member.id);
+                bump(&self.stats.migration_gaps);
+                c.next = self.history.oldest();
+            }
+            while c.next < self.history.head() && c.member.queue.len() < c.member.queue.depth() {
+                if let Some(frame) = self.history.get(c.next) {
+                    c.member.queue.push(frame.clone());
+                }
+                c.next += 1;
+                self.touched[c.member.writer] = true;
+            }
+            if c.next == self.history.head() {
+                let done = self.catching_up.swap_remove(i);
+                self.members.push(done.member);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Whether some client is still being brought up to the live edge.
+    fn is_catching_up(&self) -> bool {
+        !self.catching_up.is_empty()
+    }
+
+    /// Clients that waited too long for this lobby to reach their position
+    /// join at the live edge; each such migration counts as a gap.
+    fn expire_adoptions(&mut self, now: Instant) {
+        if self.adopting.iter().all(|a| a.deadline > now) {
+            return;
+        }
+        let (late, waiting) = std::mem::take(&mut self.adopting)
+            .into_iter()
+            .partition(|a: &Adopting| a.deadline <= now);
+        self.adopting = waiting;
+        for adopted in late {
+            debug!(
+                "{}: {} joins at the live edge (its position never came)",
+                self.lobby, adopted.member.id
+            );
+            bump(&self.stats.migration_gaps);
+            self.members.push(adopted.member);
+        }
+    }
+
+    fn next_adopt_deadline(&self) -> Option<Instant> {
+        self.adopting.iter().map(|a| a.deadline).min()
+    }
+
+    /// Removes a client; returns its position in the stream if it was here.
+    fn remove(&mut self, id: ClientId) -> Option<Resume> {
+        if let Some(at) = self.members.iter().position(|m| m.id == id) {
+            self.members.swap_remove(at);
+            trace!("{}: {id} left", self.lobby);
+            return Some(self.history.resume_before(self.history.head()));
+        }
+        if let Some(at) = self.catching_up.iter().position(|c| c.member.id == id) {
+            let c = self.catching_up.swap_remove(at);
+            return Some(self.history.resume_before(c.next));
+        }
+        let at = self.adopting.iter().position(|a| a.member.id == id)?;
+        Some(self.adopting.swap_remove(at).resume)
+    }
+
+    fn wake_writers(&mut self) {
+        for (writer, touched) in self.writers.iter().zip(self.touched.iter_mut()) {
+            if std::mem::take(touched) {
+                writer.notify();
+            }
+        }
     }
 }

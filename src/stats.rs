@@ -19,6 +19,11 @@ pub(crate) struct Stats {
     pub messages_in: AtomicU64,
     pub frames_delivered: AtomicU64,
     pub frames_dropped: AtomicU64,
+    pub lobbies_started: AtomicU64,
+    pub lobbies_ended: AtomicU64,
+    pub migrations: AtomicU64,
+    pub migration_gaps: AtomicU64,
+    pub refused_full: AtomicU64,
     pub origins_connecting: AtomicU64,
     pub origins_backing_off: AtomicU64,
     pub origin_connect_attempts: AtomicU64,
@@ -39,7 +44,7 @@ pub(crate) struct Stats {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct StatsSnapshot {
-    /// Clients currently connected (upgraded and placed in a lobby).
+    /// Clients currently connected, from their upgrade until they leave.
     pub clients: u64,
     /// Lobby threads currently running, lingering ones included.
     pub lobbies: u64,
@@ -59,6 +64,18 @@ pub struct StatsSnapshot {
     pub frames_delivered: u64,
     /// Frames dropped from full client queues (the oldest goes first).
     pub frames_dropped: u64,
+    /// Lobby threads started since start.
+    pub lobbies_started: u64,
+    /// Lobby threads ended since start.
+    pub lobbies_ended: u64,
+    /// Clients moved between lobbies by compaction.
+    pub migrations: u64,
+    /// Migrations where the two lobbies' streams never met, so the client
+    /// joined its new lobby at the live edge and may have missed messages.
+    pub migration_gaps: u64,
+    /// Upgrade requests refused with 503 because every lobby was full and no
+    /// more origin connections were allowed.
+    pub refused_full: u64,
     /// Lobbies whose origin connection is being established (TCP, TLS, upgrade).
     pub origins_connecting: u64,
     /// Lobbies waiting out a backoff before their next origin attempt.
@@ -161,6 +178,11 @@ impl Stats {
             messages_in: self.messages_in.load(Relaxed),
             frames_delivered: self.frames_delivered.load(Relaxed),
             frames_dropped: self.frames_dropped.load(Relaxed),
+            lobbies_started: self.lobbies_started.load(Relaxed),
+            lobbies_ended: self.lobbies_ended.load(Relaxed),
+            migrations: self.migrations.load(Relaxed),
+            migration_gaps: self.migration_gaps.load(Relaxed),
+            refused_full: self.refused_full.load(Relaxed),
             origins_connecting: self.origins_connecting.load(Relaxed),
             origins_backing_off: self.origins_backing_off.load(Relaxed),
             origin_connect_attempts: self.origin_connect_attempts.load(Relaxed),

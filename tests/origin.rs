@@ -82,7 +82,9 @@ fn a_refused_upgrade_is_retried_until_it_succeeds() {
     let mut client = connect_clients(&gw, 1).remove(0);
     wait_until("the third attempt to get through", || origin.open() == 1);
     assert_eq!(gw.stats().origin_failed_upgrade, 2);
-    assert_eq!(gw.lobbies(DEADLINE)[0].origin, OriginState::Up);
+    wait_until("the lobby to see its origin up", || {
+        gw.lobbies(DEADLINE)[0].origin == OriginState::Up
+    });
     origin.send_seq(7);
     assert_eq!(recv_text(&mut client), "7");
 }

@@ -91,6 +91,20 @@ pub fn wait_clients(gw: &GatewayHandle, n: u64) {
     wait_until(&format!("{n} clients"), || gw.stats().clients == n);
 }
 
+/// Waits until the manager has placed at least `n` clients in lobbies (an
+/// upgrade completes just before its client is placed). Once placed, a client
+/// gets every message the origin sends afterwards.
+#[track_caller]
+pub fn wait_placed(gw: &GatewayHandle, n: usize) {
+    wait_until(&format!("{n} clients placed"), || {
+        gw.lobbies(DEADLINE)
+            .iter()
+            .map(|l| l.clients)
+            .sum::<usize>()
+            >= n
+    });
+}
+
 /// Connects `n` clients and waits until every one is placed in a lobby and
 /// the origin has a connection from each lobby.
 pub fn connect_clients(gw: &GatewayHandle, n: usize) -> Vec<Client> {
@@ -99,6 +113,7 @@ pub fn connect_clients(gw: &GatewayHandle, n: usize) -> Vec<Client> {
     let clients: Vec<Client> = (0..n).map(|_| ws_client(gw.local_addr())).collect();
     let want = before + n as u64;
     wait_until(&format!("{want} clients"), || gw.stats().clients >= want);
+    wait_placed(gw, want as usize);
     clients
 }
 
@@ -209,4 +224,135 @@ pub fn lobby_threads() -> usize {
                 .count()
         })
         .unwrap_or(0)
+}
+
+/// A thread that reads a client's text messages until stopped.
+pub struct Reader {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: thread::JoinHandle<Vec<String>>,
+}
+
+impl Reader {
+    /// Starts reading `client` in its own thread.
+    pub fn spawn(mut client: Client) -> Reader {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        client
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("read timeout");
+        let thread = thread::spawn(move || {
+            let mut got = Vec::new();
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                match client.read() {
+                    Ok(Message::Text(t)) => got.push(t.as_str().to_owned()),
+                    Ok(_) => {}
+                    Err(tungstenite::Error::Io(e))
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(e) => panic!("reader failed after {} messages: {e}", got.len()),
+                }
+            }
+            got
+        });
+        Reader { stop, thread }
+    }
+
+    /// Stops reading and returns every text message received, in order.
+    pub fn finish(self) -> Vec<String> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().expect("reader thread")
+    }
+}
+
+/// A thread that makes the origin send numbered text messages `"1"`, `"2"`, …
+/// at a steady pace, each followed by `heartbeats(n)` copies of [`HEARTBEAT`].
+pub struct Feed {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: thread::JoinHandle<u64>,
+}
+
+/// The identical payload a feed interleaves between numbered messages.
+pub const HEARTBEAT: &str = "{\"hb\":1}";
+
+impl Feed {
+    /// Sends one numbered message every `every`, from 1, with no heartbeats.
+    pub fn start(origin: std::sync::Arc<TestOrigin>, every: Duration) -> Feed {
+        Feed::new(origin, every, 1, |_| 0)
+    }
+
+    /// Sends one numbered message every `every`, from 1, each followed by
+    /// `heartbeats(n)` heartbeats.
+    pub fn with_heartbeats(
+        origin: std::sync::Arc<TestOrigin>,
+        every: Duration,
+        heartbeats: fn(u64) -> usize,
+    ) -> Feed {
+        Feed::new(origin, every, 1, heartbeats)
+    }
+
+    /// Sends one numbered message every `every`, from `first`, each followed
+    /// by `heartbeats(n)` heartbeats.
+    pub fn new(
+        origin: std::sync::Arc<TestOrigin>,
+        every: Duration,
+        first: u64,
+        heartbeats: fn(u64) -> usize,
+    ) -> Feed {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::spawn(move || {
+            let mut n = first - 1;
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                n += 1;
+                origin.send_seq(n);
+                for _ in 0..heartbeats(n) {
+                    origin.send(Message::text(HEARTBEAT));
+                }
+                thread::sleep(every);
+            }
+            n
+        });
+        Feed { stop, thread }
+    }
+
+    /// Stops the feed; returns the last number sent.
+    pub fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().expect("feed thread")
+    }
+}
+
+/// Checks a client's stream: numbered messages consecutive (no gap, no
+/// duplicate), each followed by exactly `heartbeats(n)` heartbeats (except at
+/// the ends, where the stream may start or stop mid-pattern). Returns the
+/// numbers seen.
+#[track_caller]
+pub fn assert_continuous(got: &[String], heartbeats: fn(u64) -> usize) -> Vec<u64> {
+    let mut numbers = Vec::new();
+    let mut beats_after: Vec<usize> = Vec::new();
+    for msg in got {
+        if msg == HEARTBEAT {
+            if let Some(b) = beats_after.last_mut() {
+                *b += 1;
+            }
+        } else {
+            numbers.push(
+                msg.parse::<u64>()
+                    .unwrap_or_else(|_| panic!("unexpected {msg:?}")),
+            );
+            beats_after.push(0);
+        }
+    }
+    assert!(!numbers.is_empty(), "no numbered message received");
+    for w in numbers.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "gap or duplicate in {numbers:?}");
+    }
+    let inner = numbers.len().saturating_sub(1);
+    for (n, beats) in numbers.iter().zip(&beats_after).take(inner) {
+        assert_eq!(*beats, heartbeats(*n), "heartbeats after {n} in {got:?}");
+    }
+    numbers
 }

@@ -43,6 +43,12 @@ pub struct OriginOptions {
     pub reject_first: usize,
     /// The HTTP status for refused upgrades.
     pub reject_status: u16,
+    /// Connection number k sends each message k × `skew` after it was sent
+    /// (so upstream connections are a few messages apart).
+    pub skew: Duration,
+    /// Prefix each text message with its connection number, so no two
+    /// connections carry the same stream.
+    pub tag_per_conn: bool,
     /// Serve TLS with this configuration.
     #[cfg(feature = "tls")]
     pub tls: Option<Arc<rustls::ServerConfig>>,
@@ -314,8 +320,20 @@ fn serve<S: Read + Write>(
         Ok(()) => true,
         Err(e) => is_would_block(&e),
     };
+    let delay = shared.options.skew * conn as u32;
+    let tag = |msg: Message| match (&msg, shared.options.tag_per_conn) {
+        (Message::Text(text), true) => Message::text(format!("{conn}:{}", text.as_str())),
+        _ => msg,
+    };
+    let mut delayed: std::collections::VecDeque<(Instant, Message)> = Default::default();
     'conn: while !shared.stop.load(Ordering::SeqCst) {
         while let Ok(msg) = rx.try_recv() {
+            delayed.push_back((Instant::now() + delay, tag(msg)));
+        }
+        while delayed.front().is_some_and(|(at, _)| *at <= Instant::now()) {
+            let Some((_, msg)) = delayed.pop_front() else {
+                break;
+            };
             if !send(&mut ws, msg) {
                 break 'conn;
             }
@@ -349,10 +367,8 @@ fn serve<S: Read + Write>(
             }
         }
         let _ = ws.flush();
-        if let Ok(msg) = rx.recv_timeout(Duration::from_millis(2)) {
-            if !send(&mut ws, msg) {
-                break;
-            }
+        if let Ok(msg) = rx.recv_timeout(Duration::from_millis(1)) {
+            delayed.push_back((Instant::now() + delay, tag(msg)));
         }
     }
 }

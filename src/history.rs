@@ -1,0 +1,244 @@
+//! A lobby's memory of its latest frames, for migrations and late joiners.
+//!
+//! The lobby thread appends every frame it broadcasts, with a fingerprint of
+//! its bytes. A client moving between lobbies carries the fingerprints of the
+//! last frames its old lobby queued for it; the new lobby finds that run in
+//! its own history and continues right after it, so the client sees one
+//! continuous stream even when the two origin connections are a few messages
+//! apart. Matching a run of fingerprints, not one, keeps repeated payloads
+//! (heartbeats) from misaligning it. A late joiner can be given the last few
+//! frames. Bounded: the last `capacity` frames, shared (`Arc`) with queues.
+
+use std::collections::VecDeque;
+
+use crate::frame::Frame;
+
+/// How many trailing fingerprints identify a position in the stream.
+pub(crate) const RESUME_RUN: usize = 8;
+
+/// Where a migrating client is in the stream: the fingerprints of the last
+/// frames queued for it, oldest first (at most [`RESUME_RUN`]; empty if none).
+pub(crate) type Resume = Vec<u64>;
+
+/// The last frames of a lobby's stream. Frames are numbered from 0 in the
+/// order the lobby broadcast them; a number is a position in the stream.
+#[derive(Debug)]
+pub(crate) struct History {
+    entries: VecDeque<(u64, Frame)>,
+    /// The number of `entries[0]`.
+    first: u64,
+    capacity: usize,
+}
+
+impl History {
+    /// Remembers up to `capacity` frames.
+    pub(crate) fn new(capacity: usize) -> History {
+        History {
+            entries: VecDeque::with_capacity(capacity),
+            first: 0,
+            capacity,
+        }
+    }
+
+    /// Appends a frame, forgetting the oldest beyond capacity.
+    pub(crate) fn push(&mut self, frame: Frame) {
+        if self.entries.len() == self.capacity {
+            self.entries.pop_front();
+            self.first += 1;
+        }
+        self.entries.push_back((fingerprint(&frame), frame));
+    }
+
+    /// The number the next frame will get: the live edge.
+    pub(crate) fn head(&self) -> u64 {
+        self.first + self.entries.len() as u64
+    }
+
+    /// The number of the oldest frame remembered.
+    pub(crate) fn oldest(&self) -> u64 {
+        self.first
+    }
+
+    /// Frame number `at`, if still remembered.
+    pub(crate) fn get(&self, at: u64) -> Option<&Frame> {
+        let index = usize::try_from(at.checked_sub(self.first)?).ok()?;
+        self.entries.get(index).map(|(_, f)| f)
+    }
+
+    /// The position just before frame `at` (a client that has had every
+    /// frame before `at`), as fingerprints to find it in another lobby.
+    pub(crate) fn resume_before(&self, at: u64) -> Resume {
+        let end = usize::try_from(at.saturating_sub(self.first))
+            .map_or(self.entries.len(), |e| e.min(self.entries.len()));
+        let start = end.saturating_sub(RESUME_RUN);
+        self.entries.range(start..end).map(|(fp, _)| *fp).collect()
+    }
+
+    /// Whether the newest frames are exactly the run `resume` ends with (the
+    /// lobby has just reached the point a migrating client is at).
+    pub(crate) fn ends_with(&self, resume: &[u64]) -> bool {
+        let n = resume.len().min(self.entries.len());
+        n > 0
+            && self
+                .entries
+                .iter()
+                .rev()
+                .zip(resume.iter().rev())
+                .take(n)
+                .all(|((fp, _), want)| fp == want)
+    }
+
+    /// The number of the frame after the newest occurrence of the run
+    /// `resume`; `None` if the run is not in the history (a run cut by the
+    /// start of a young history counts as found).
+    pub(crate) fn find_after(&self, resume: &[u64]) -> Option<u64> {
+        let len = self.entries.len();
+        if resume.is_empty() || len == 0 {
+            return None;
+        }
+        // The run would end at entries[end - 1].
+        (1..=len).rev().find_map(|end| {
+            let n = resume.len().min(end);
+            let is_whole_run = n == resume.len() || end == n && len < self.capacity;
+            let matches =
+                (0..n).all(|i| self.entries[end - 1 - i].0 == resume[resume.len() - 1 - i]);
+            (is_whole_run && matches).then_some(self.first + end as u64)
+        })
+    }
+}
+
+/// A 64-bit fingerprint of a frame's bytes (header included, so opcodes differ).
+/// Word-at-a-time multiply-rotate: fast on large frames, collisions are
+/// negligible once a run of them must match.
+fn fingerprint(bytes: &[u8]) -> u64 {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut h = bytes.len() as u64;
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        h = (h.rotate_left(5) ^ u64::from_le_bytes(word)).wrapping_mul(K);
+    }
+    let mut last = [0u8; 8];
+    last[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+    h = (h.rotate_left(5) ^ u64::from_le_bytes(last)).wrapping_mul(K);
+    h ^ (h >> 29)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{OP_TEXT, encode};
+
+    fn frame(text: &str) -> Frame {
+        encode(OP_TEXT, text.as_bytes())
+    }
+
+    fn history(texts: &[&str]) -> History {
+        let mut h = History::new(32);
+        for t in texts {
+            h.push(frame(t));
+        }
+        h
+    }
+
+    fn resume(h: &History) -> Resume {
+        h.resume_before(h.head())
+    }
+
+    /// The texts from number `from` to the head.
+    fn from(h: &History, from: u64) -> Vec<String> {
+        (from..h.head())
+            .map(|at| String::from_utf8_lossy(&h.get(at).unwrap()[2..]).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_lobby_ahead_resumes_right_after_the_run() {
+        let behind = history(&["1", "2", "3"]);
+        let ahead = history(&["1", "2", "3", "4", "5"]);
+        let at = ahead.find_after(&resume(&behind)).expect("found");
+        assert_eq!(from(&ahead, at), ["4", "5"]);
+    }
+
+    #[test]
+    fn a_lobby_behind_has_not_reached_the_run_yet() {
+        let ahead = history(&["1", "2", "3", "4"]);
+        let mut behind = history(&["1", "2"]);
+        let run = resume(&ahead);
+        assert!(behind.find_after(&run).is_none());
+        behind.push(frame("3"));
+        assert!(!behind.ends_with(&run));
+        behind.push(frame("4"));
+        assert!(behind.ends_with(&run));
+    }
+
+    #[test]
+    fn repeated_heartbeats_do_not_misalign() {
+        let hb = "{\"hb\":1}";
+        let source = history(&["1", hb, hb, "2", hb, "3", hb, hb]);
+        let target = history(&["1", hb, hb, "2", hb, "3", hb, hb, "4", hb, hb]);
+        let at = target.find_after(&resume(&source)).expect("found");
+        assert_eq!(from(&target, at), ["4", hb, hb]);
+        // One heartbeat alone would have matched the last one.
+        let one = vec![*resume(&source).last().unwrap()];
+        assert_eq!(target.find_after(&one), Some(target.head()));
+    }
+
+    #[test]
+    fn unknown_streams_do_not_match() {
+        let a = history(&["a", "b", "c"]);
+        let b = history(&["x", "y", "z"]);
+        assert!(b.find_after(&resume(&a)).is_none());
+        assert!(b.find_after(&[]).is_none());
+    }
+
+    #[test]
+    fn a_young_source_resumes_on_all_it_saw() {
+        let source = history(&["5", "6"]);
+        let target = history(&["1", "2", "3", "4", "5", "6", "7"]);
+        let at = target.find_after(&resume(&source)).unwrap();
+        assert_eq!(from(&target, at), ["7"]);
+    }
+
+    #[test]
+    fn a_young_target_matches_the_part_of_the_run_it_saw() {
+        let source = history(&["1", "2", "3", "4", "5", "6", "7", "8"]);
+        let target = history(&["6", "7", "8", "9"]);
+        let at = target.find_after(&resume(&source)).unwrap();
+        assert_eq!(from(&target, at), ["9"]);
+        // An old (full) target needs the whole run.
+        let mut full = History::new(4);
+        for t in ["6", "7", "8", "9"] {
+            full.push(frame(t));
+        }
+        assert!(full.find_after(&resume(&source)).is_none());
+    }
+
+    #[test]
+    fn positions_survive_eviction_and_resume_before_any_point() {
+        let mut h = History::new(3);
+        for t in ["1", "2", "3", "4", "5"] {
+            h.push(frame(t));
+        }
+        assert_eq!((h.oldest(), h.head()), (2, 5));
+        assert!(h.get(1).is_none());
+        assert_eq!(from(&h, 2), ["3", "4", "5"]);
+        // A client that has had frames up to "4" resumes after "4" elsewhere.
+        let other = history(&["3", "4", "5", "6"]);
+        let at = other.find_after(&h.resume_before(4)).unwrap();
+        assert_eq!(from(&other, at), ["5", "6"]);
+    }
+
+    #[test]
+    fn fingerprints_depend_on_every_byte() {
+        let base = vec![7u8; 100];
+        let fp = fingerprint(&base);
+        for i in [0, 7, 8, 63, 99] {
+            let mut changed = base.clone();
+            changed[i] ^= 1;
+            assert_ne!(fingerprint(&changed), fp, "byte {i}");
+        }
+        assert_ne!(fingerprint(&base[..99]), fp);
+    }
+}
