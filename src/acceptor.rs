@@ -8,9 +8,9 @@
 //! `manager.rs` and `writer.rs`.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     io::{self, Read, Write},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, Sender};
 use log::{debug, error, info, warn};
 use mio::{
     Events, Interest, Poll, Token, Waker,
@@ -30,7 +30,7 @@ use crate::{
     config::Config,
     error::{Error, Result},
     gateway::ShutdownHandle,
-    http::{self, Parsed, Rejection},
+    http::{self, Parsed, Rejection, Route},
     manager::{Admission, ManagerMsg},
     stats::{Stats, bump, drop_one},
 };
@@ -59,12 +59,14 @@ impl AcceptorHandle {
     }
 }
 
-/// Starts the acceptor on an already bound listener.
+/// Starts the acceptor on an already bound listener. `left` carries the
+/// address of each client that leaves (for the per-address limit).
 pub(crate) fn spawn(
     mut listener: TcpListener,
     config: &Config,
     stats: Arc<Stats>,
     manager: Sender<ManagerMsg>,
+    left: Receiver<IpAddr>,
 ) -> Result<AcceptorHandle> {
     let poll = Poll::new().map_err(Error::io("create the acceptor poll"))?;
     poll.registry()
@@ -81,7 +83,14 @@ pub(crate) fn spawn(
         manager,
         stats,
         path: config.path.clone(),
-        seat_limit: config.seat_limit(),
+        allowed_origins: config.allowed_origins.clone(),
+        limits: Limits {
+            max_clients: (config.max_clients > 0).then_some(config.max_clients as u64),
+            lobby_seats: config.lobby_seats(),
+            max_per_ip: (config.max_clients_per_ip > 0).then_some(config.max_clients_per_ip),
+        },
+        per_ip: HashMap::new(),
+        left,
         max_request_bytes: config.max_request_bytes,
         handshake_timeout: config.handshake_timeout,
         conns: Vec::new(),
@@ -133,8 +142,12 @@ struct Acceptor {
     manager: Sender<ManagerMsg>,
     stats: Arc<Stats>,
     path: String,
-    /// Most clients admitted at once, if limited.
-    seat_limit: Option<u64>,
+    allowed_origins: Vec<String>,
+    limits: Limits,
+    /// Clients per address, kept only when that is limited.
+    per_ip: HashMap<IpAddr, usize>,
+    /// Addresses of clients that left, from the manager.
+    left: Receiver<IpAddr>,
     max_request_bytes: usize,
     handshake_timeout: Duration,
     /// Slab of handshaking connections; the index is the poll token.
@@ -298,10 +311,22 @@ impl Acceptor {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return Step::Close("read error"),
             }
-            let parsed = match http::parse(&conn.buf, &self.path, self.max_request_bytes) {
-                Parsed::Upgrade { .. } if !take_seat(&self.stats, self.seat_limit) => {
-                    bump(&self.stats.refused_full);
-                    Parsed::Reject(Rejection::FULL)
+            let route = Route {
+                path: &self.path,
+                allowed_origins: &self.allowed_origins,
+                max_bytes: self.max_request_bytes,
+            };
+            let parsed = match http::parse_route(&conn.buf, &route) {
+                Parsed::Upgrade { response, consumed } => {
+                    let ip = conn.peer.ip();
+                    match admit(&self.stats, &mut self.per_ip, &self.left, &self.limits, ip) {
+                        Ok(()) => Parsed::Upgrade { response, consumed },
+                        Err(rejection) => Parsed::Reject(rejection),
+                    }
+                }
+                Parsed::Reject(r) if r.status == 403 => {
+                    bump(&self.stats.refused_origin);
+                    Parsed::Reject(r)
                 }
                 parsed => parsed,
             };
@@ -339,6 +364,9 @@ impl Acceptor {
         let mut conn = self.conns.get_mut(index)?.take()?;
         if std::mem::take(&mut conn.has_seat) {
             drop_one(&self.stats.clients);
+            if self.limits.max_per_ip.is_some() {
+                release_ip(&mut self.per_ip, conn.peer.ip());
+            }
         }
         if let Err(e) = self.poll.registry().deregister(&mut conn.stream) {
             debug!("{}: deregister failed: {e}", conn.peer);
@@ -384,14 +412,60 @@ fn write_reply(conn: &mut Conn) -> Step {
     }
 }
 
-/// Counts a client in, unless that would exceed `limit`.
-fn take_seat(stats: &Stats, limit: Option<u64>) -> bool {
-    let before = stats.clients.fetch_add(1, Ordering::SeqCst);
-    if limit.is_some_and(|limit| before >= limit) {
-        drop_one(&stats.clients);
-        return false;
+/// The admission limits, all optional.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// Most clients connected at once.
+    max_clients: Option<u64>,
+    /// Most clients the lobbies can hold, when origin connections are limited.
+    lobby_seats: Option<u64>,
+    /// Most clients from one address.
+    max_per_ip: Option<usize>,
+}
+
+/// Counts a client from `ip` in (a seat in `clients`, and in `per_ip` when
+/// limited), or says which limit refuses it.
+fn admit(
+    stats: &Stats,
+    per_ip: &mut HashMap<IpAddr, usize>,
+    left: &Receiver<IpAddr>,
+    limits: &Limits,
+    ip: IpAddr,
+) -> Result<(), Rejection> {
+    if let Some(max) = limits.max_per_ip {
+        for gone in left.try_iter() {
+            release_ip(per_ip, gone);
+        }
+        if per_ip.get(&ip).is_some_and(|&n| n >= max) {
+            bump(&stats.refused_per_ip);
+            return Err(Rejection::TOO_MANY_FROM_ADDRESS);
+        }
     }
-    true
+    let before = stats.clients.fetch_add(1, Ordering::SeqCst);
+    if limits.max_clients.is_some_and(|max| before >= max) {
+        drop_one(&stats.clients);
+        bump(&stats.refused_full);
+        return Err(Rejection::TOO_MANY_CLIENTS);
+    }
+    if limits.lobby_seats.is_some_and(|max| before >= max) {
+        drop_one(&stats.clients);
+        bump(&stats.refused_full);
+        return Err(Rejection::FULL);
+    }
+    if limits.max_per_ip.is_some() {
+        *per_ip.entry(ip).or_default() += 1;
+    }
+    Ok(())
+}
+
+/// One client from `ip` is gone.
+fn release_ip(per_ip: &mut HashMap<IpAddr, usize>, ip: IpAddr) {
+    if let Some(n) = per_ip.get_mut(&ip) {
+        *n -= 1;
+        if *n == 0 {
+            per_ip.remove(&ip);
+        }
+    }
 }
 
 fn is_out_of_descriptors(e: &io::Error) -> bool {

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use argh::FromArgs;
 use log::LevelFilter;
-use wsgate::{Config, Error, OriginLoss};
+use wsgate::{ClientMessages, Config, Error, OriginLoss, SlowClient};
 
 /// wsgate: one origin WebSocket feed, fanned out to many clients.
 #[derive(FromArgs, Debug)]
@@ -30,6 +30,50 @@ pub struct Cli {
     /// writer threads serving client sockets (default 2)
     #[argh(option, default = "2")]
     pub writers: usize,
+
+    /// most clients connected at once, beyond which 503; 0 = no limit (default 0)
+    #[argh(option, default = "0")]
+    pub max_clients: usize,
+
+    /// most clients from one IP address, beyond which 429; 0 = no limit (default 0)
+    #[argh(option, default = "0")]
+    pub max_clients_per_ip: usize,
+
+    /// browser origin allowed to connect, e.g. https://app.example (repeatable; default: any)
+    #[argh(option)]
+    pub allow_origin: Vec<String>,
+
+    /// time a client has to complete its upgrade (default 10s)
+    #[argh(option, default = "Span::secs(10)")]
+    pub handshake_timeout: Span,
+
+    /// largest client message in bytes, beyond which close 1009 (default 65536)
+    #[argh(option, default = "64 * 1024")]
+    pub max_client_message: usize,
+
+    /// most messages a client may send per second, beyond which close 1008; 0 = off (default 100)
+    #[argh(option, default = "100")]
+    pub max_client_rate: u32,
+
+    /// ping clients silent this long, close them after as long again (default 30s)
+    #[argh(option, default = "Span::secs(30)")]
+    pub client_ping: Span,
+
+    /// slow clients: drop their oldest frames, or disconnect them with 1013 (default drop)
+    #[argh(option, default = "SlowClient::Drop")]
+    pub slow_client: SlowClient,
+
+    /// with --slow-client disconnect, frames a client may lose per minute (default 256)
+    #[argh(option, default = "256")]
+    pub slow_client_drops: u64,
+
+    /// client text/binary messages: drop them, or forward them to the origin (default drop)
+    #[argh(option, default = "ClientMessages::Drop")]
+    pub client_messages: ClientMessages,
+
+    /// on shutdown, time clients get to receive what is queued and the close (default 5s)
+    #[argh(option, default = "Span::secs(5)")]
+    pub drain_timeout: Span,
 
     /// most lobbies, hence origin connections; 0 = no limit (default 0)
     #[argh(option, default = "0")]
@@ -129,6 +173,17 @@ impl Cli {
         config.queue_depth = self.queue;
         config.writers = self.writers;
         config.lobby_linger = self.lobby_linger.0;
+        config.max_clients = self.max_clients;
+        config.max_clients_per_ip = self.max_clients_per_ip;
+        config.allowed_origins = self.allow_origin.clone();
+        config.handshake_timeout = self.handshake_timeout.0;
+        config.max_client_message = self.max_client_message;
+        config.max_client_rate = self.max_client_rate;
+        config.client_ping = self.client_ping.0;
+        config.slow_client = self.slow_client;
+        config.slow_client_drops = self.slow_client_drops;
+        config.client_messages = self.client_messages;
+        config.drain_timeout = self.drain_timeout.0;
         config.max_origin_connections = self.max_origin_connections;
         config.compact_interval = self.compact_interval.0;
         config.compact_fill = self.compact_fill;

@@ -22,6 +22,32 @@ pub struct Config {
     pub origin: String,
     /// Request path clients connect to; any other path gets 404. Defaults to `/`.
     pub path: String,
+    /// Most clients connected at once; more get 503. 0 means no limit.
+    /// Defaults to 0.
+    pub max_clients: usize,
+    /// Most clients connected at once from one IP address; more get 429.
+    /// 0 means no limit. Defaults to 0.
+    pub max_clients_per_ip: usize,
+    /// Browser origins allowed to connect (`https://app.example`); a request
+    /// whose `Origin` header is not listed gets 403. Requests without an
+    /// `Origin` header (non-browser clients) are not affected. Empty allows
+    /// every origin. Defaults to empty.
+    pub allowed_origins: Vec<String>,
+    /// Most messages (data and control) a client may send per second; above,
+    /// it is closed with 1008. 0 means no limit. Defaults to 100.
+    pub max_client_rate: u32,
+    /// A client silent this long is pinged; one that stays silent as long
+    /// again is closed. Defaults to 30 s.
+    pub client_ping: Duration,
+    /// What happens to a client that cannot keep up. Defaults to
+    /// [`SlowClient::Drop`].
+    pub slow_client: SlowClient,
+    /// With [`SlowClient::Disconnect`], frames a client may lose within a
+    /// minute before it is closed with 1013. Defaults to 256.
+    pub slow_client_drops: u64,
+    /// What happens to the text and binary messages clients send. Defaults
+    /// to [`ClientMessages::Drop`].
+    pub client_messages: ClientMessages,
     /// Clients per lobby, hence per origin connection. Defaults to 512.
     pub lobby_capacity: usize,
     /// Frames queued per client before the oldest is dropped. Defaults to 16.
@@ -90,6 +116,14 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             origin: String::new(),
             path: "/".to_owned(),
+            max_clients: 0,
+            max_clients_per_ip: 0,
+            allowed_origins: Vec::new(),
+            max_client_rate: 100,
+            client_ping: Duration::from_secs(30),
+            slow_client: SlowClient::Drop,
+            slow_client_drops: 256,
+            client_messages: ClientMessages::Drop,
             lobby_capacity: 512,
             queue_depth: 16,
             writers: 2,
@@ -140,6 +174,51 @@ impl std::str::FromStr for OriginLoss {
     }
 }
 
+/// What happens to a client that cannot keep up with its lobby.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SlowClient {
+    /// Its queue drops its oldest frames; it stays connected.
+    #[default]
+    Drop,
+    /// Beyond [`Config::slow_client_drops`] drops in a minute, close it with 1013.
+    Disconnect,
+}
+
+impl std::str::FromStr for SlowClient {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "drop" => Ok(SlowClient::Drop),
+            "disconnect" => Ok(SlowClient::Disconnect),
+            _ => Err(format!("expected drop or disconnect, not {s:?}")),
+        }
+    }
+}
+
+/// What happens to the text and binary messages clients send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClientMessages {
+    /// Read and discarded: the feed is one-way.
+    #[default]
+    Drop,
+    /// Sent upstream on the client's lobby's origin connection (what the
+    /// origin answers is broadcast as usual).
+    Forward,
+}
+
+impl std::str::FromStr for ClientMessages {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "drop" => Ok(ClientMessages::Drop),
+            "forward" => Ok(ClientMessages::Forward),
+            _ => Err(format!("expected drop or forward, not {s:?}")),
+        }
+    }
+}
+
 /// Most writer threads a gateway may run; more would only add hand-offs.
 const MAX_WRITERS: usize = 256;
 
@@ -186,6 +265,19 @@ impl Config {
         if self.origin_connect_timeout.is_zero() {
             return bad("origin connect timeout must be above zero");
         }
+        if self.client_ping.is_zero() {
+            return bad("client ping interval must be above zero");
+        }
+        for origin in &self.allowed_origins {
+            if origin
+                .parse::<Uri>()
+                .map_or(true, |u| u.scheme().is_none() || u.host().is_none())
+            {
+                return Err(Error::Config(format!(
+                    "allowed origin {origin:?} is not a scheme://host[:port] origin"
+                )));
+            }
+        }
         if self.origin_ping.is_zero() || self.origin_timeout <= self.origin_ping {
             return bad("origin liveness must satisfy 0 < ping interval < timeout");
         }
@@ -214,8 +306,8 @@ impl Config {
         self.queue_depth.saturating_mul(4).max(64)
     }
 
-    /// Most clients the gateway admits given the origin connection limit, if any.
-    pub(crate) fn seat_limit(&self) -> Option<u64> {
+    /// Most clients the lobbies can hold given the origin connection limit, if any.
+    pub(crate) fn lobby_seats(&self) -> Option<u64> {
         (self.max_origin_connections > 0).then(|| {
             (self.max_origin_connections as u64).saturating_mul(self.lobby_capacity as u64)
         })

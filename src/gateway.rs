@@ -76,16 +76,22 @@ impl Gateway {
             history: config.history_len(),
             replay: config.replay,
         };
-        let manager = manager::spawn(&config, manager_rx, env, writers)?;
-        let acceptor =
-            match acceptor::spawn(listener, &config, Arc::clone(&stats), manager_tx.clone()) {
-                Ok(acceptor) => acceptor,
-                Err(e) => {
-                    let _ = manager_tx.send(ManagerMsg::Shutdown);
-                    join_manager(manager);
-                    return Err(e);
-                }
-            };
+        let (left_tx, left_rx) = unbounded();
+        let manager = manager::spawn(&config, manager_rx, env, writers, left_tx)?;
+        let acceptor = match acceptor::spawn(
+            listener,
+            &config,
+            Arc::clone(&stats),
+            manager_tx.clone(),
+            left_rx,
+        ) {
+            Ok(acceptor) => acceptor,
+            Err(e) => {
+                let _ = manager_tx.send(ManagerMsg::Shutdown);
+                join_manager(manager);
+                return Err(e);
+            }
+        };
         Ok(GatewayHandle {
             local_addr,
             stats,

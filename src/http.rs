@@ -45,6 +45,20 @@ impl Rejection {
         headers: "Retry-After: 5\r\n",
     };
 
+    /// The gateway holds as many clients as it is allowed to.
+    pub(crate) const TOO_MANY_CLIENTS: Rejection = Rejection {
+        status: 503,
+        why: "too many clients; try again later",
+        headers: "Retry-After: 5\r\n",
+    };
+
+    /// This address has as many clients connected as it is allowed.
+    pub(crate) const TOO_MANY_FROM_ADDRESS: Rejection = Rejection {
+        status: 429,
+        why: "too many connections from this address",
+        headers: "Retry-After: 5\r\n",
+    };
+
     const fn new(status: u16, why: &'static str) -> Rejection {
         Rejection {
             status,
@@ -82,8 +96,34 @@ fn reason_phrase(status: u16) -> &'static str {
     }
 }
 
-/// Parses the request in `buf`, served at `path`, whose size limit is `max_bytes`.
+/// What an upgrade request must match to be accepted.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Route<'a> {
+    /// The only path served.
+    pub path: &'a str,
+    /// Browser origins allowed (`Origin` header); empty allows all.
+    pub allowed_origins: &'a [String],
+    /// The request size limit.
+    pub max_bytes: usize,
+}
+
+/// Parses the request in `buf`, served at `path`, whose size limit is
+/// `max_bytes`, from any origin.
+#[cfg(test)]
 pub(crate) fn parse(buf: &[u8], path: &str, max_bytes: usize) -> Parsed {
+    parse_route(
+        buf,
+        &Route {
+            path,
+            allowed_origins: &[],
+            max_bytes,
+        },
+    )
+}
+
+/// Parses the request in `buf` against `route`.
+pub(crate) fn parse_route(buf: &[u8], route: &Route<'_>) -> Parsed {
+    let max_bytes = route.max_bytes;
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let consumed = match req.parse(buf) {
@@ -93,7 +133,7 @@ pub(crate) fn parse(buf: &[u8], path: &str, max_bytes: usize) -> Parsed {
         Err(httparse::Error::TooManyHeaders) => return reject(431, "too many request headers"),
         Err(_) => return reject(400, "malformed HTTP request"),
     };
-    match check(&req, path) {
+    match check(&req, route) {
         Ok(key) => {
             let response = format!(
                 "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
@@ -113,7 +153,7 @@ fn reject(status: u16, why: &'static str) -> Parsed {
 }
 
 /// Checks a complete request; returns its `Sec-WebSocket-Key`.
-fn check<'b>(req: &httparse::Request<'_, 'b>, path: &str) -> Result<&'b str, Rejection> {
+fn check<'b>(req: &httparse::Request<'_, 'b>, route: &Route<'_>) -> Result<&'b str, Rejection> {
     if req.method != Some("GET") {
         return Err(Rejection {
             headers: "Allow: GET\r\n",
@@ -125,7 +165,7 @@ fn check<'b>(req: &httparse::Request<'_, 'b>, path: &str) -> Result<&'b str, Rej
     }
     let target = req.path.unwrap_or("");
     let req_path = target.split_once('?').map_or(target, |(p, _)| p);
-    if req_path != path {
+    if req_path != route.path {
         return Err(Rejection::new(404, "no WebSocket endpoint at this path"));
     }
     let header = |name| header_values(req.headers, name);
@@ -144,6 +184,12 @@ fn check<'b>(req: &httparse::Request<'_, 'b>, path: &str) -> Result<&'b str, Rej
             ..Rejection::new(426, "unsupported WebSocket version")
         });
     }
+    if let Some(origin) = header("Origin").next() {
+        let allowed = route.allowed_origins;
+        if !allowed.is_empty() && !allowed.iter().any(|a| same_origin(a, origin)) {
+            return Err(Rejection::new(403, "origin not allowed"));
+        }
+    }
     match header("Sec-WebSocket-Key").next().map(str::trim) {
         Some(key) if is_valid_key(key) => Ok(key),
         _ => Err(Rejection::new(
@@ -151,6 +197,14 @@ fn check<'b>(req: &httparse::Request<'_, 'b>, path: &str) -> Result<&'b str, Rej
             "missing or malformed Sec-WebSocket-Key",
         )),
     }
+}
+
+/// Whether two origins (`scheme://host[:port]`) are the same; scheme and
+/// host compare without case, a trailing slash is ignored.
+fn same_origin(a: &str, b: &str) -> bool {
+    a.trim()
+        .trim_end_matches('/')
+        .eq_ignore_ascii_case(b.trim().trim_end_matches('/'))
 }
 
 /// The values of every header called `name`, skipping non-UTF-8 ones.
@@ -239,6 +293,59 @@ mod tests {
         for (req, want) in cases {
             assert_eq!(status(parse(req.as_bytes(), "/", 8192)), want, "{req:?}");
         }
+    }
+
+    #[test]
+    fn origins_off_the_list_get_403() {
+        let allowed = vec!["https://app.example".to_owned()];
+        let route = Route {
+            path: "/",
+            allowed_origins: &allowed,
+            max_bytes: 8192,
+        };
+        let with_origin =
+            |origin: &str| request("GET / HTTP/1.1", &format!("Origin: {origin}\r\n"));
+        assert_eq!(
+            status(parse_route(
+                with_origin("https://app.example").as_bytes(),
+                &route
+            )),
+            101
+        );
+        assert_eq!(
+            status(parse_route(
+                with_origin("HTTPS://APP.example/").as_bytes(),
+                &route
+            )),
+            101
+        );
+        assert_eq!(
+            status(parse_route(
+                with_origin("https://evil.example").as_bytes(),
+                &route
+            )),
+            403
+        );
+        assert_eq!(
+            status(parse_route(with_origin("null").as_bytes(), &route)),
+            403
+        );
+        // Non-browser clients send no Origin; an empty list allows every origin.
+        assert_eq!(
+            status(parse_route(
+                request("GET / HTTP/1.1", "").as_bytes(),
+                &route
+            )),
+            101
+        );
+        assert_eq!(
+            status(parse(
+                with_origin("https://evil.example").as_bytes(),
+                "/",
+                8192
+            )),
+            101
+        );
     }
 
     #[test]

@@ -44,6 +44,7 @@
 mod acceptor;
 mod backoff;
 mod config;
+mod conn;
 pub mod demo;
 mod error;
 mod frame;
@@ -60,7 +61,7 @@ mod stats;
 mod tls;
 mod writer;
 
-pub use config::{Config, OriginLoss};
+pub use config::{ClientMessages, Config, OriginLoss, SlowClient};
 pub use error::{Error, Result};
 pub use gateway::{Gateway, GatewayHandle, ShutdownHandle};
 pub use stats::{LobbyInfo, OriginState, StatsSnapshot};

@@ -62,6 +62,8 @@ pub(crate) enum LobbyMsg {
     Release(ClientId),
     /// Take over a client from another lobby, continuing after `resume`.
     Adopt { member: Member, resume: Resume },
+    /// Send a client's message upstream.
+    Forward { kind: MessageKind, payload: Vec<u8> },
     /// Close the origin connection and end the thread.
     Shutdown,
 }
@@ -308,6 +310,14 @@ impl Lobby {
                     let resume = self.fanout.remove(id).unwrap_or_default();
                     let _ = self.manager.send(ManagerMsg::Released { id, resume });
                     self.stop_if_empty();
+                }
+                Ok(LobbyMsg::Forward { kind, payload }) => {
+                    let counter = if self.origin.send(kind, payload) {
+                        &self.fanout.stats.forwarded
+                    } else {
+                        &self.fanout.stats.forward_dropped
+                    };
+                    bump(counter);
                 }
                 Ok(LobbyMsg::Shutdown) | Err(TryRecvError::Disconnected) => return false,
                 Err(TryRecvError::Empty) => return true,

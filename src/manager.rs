@@ -17,7 +17,7 @@ use std::{
     cmp::Reverse,
     collections::{BTreeMap, HashMap},
     io::Write,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, atomic::Ordering::Relaxed},
     thread::{self, JoinHandle},
     time::{Duration, Instant},
@@ -28,9 +28,9 @@ use log::{debug, error, info, warn};
 use mio::net::TcpStream;
 
 use crate::{
-    config::Config,
+    config::{Config, SlowClient},
     error::{Error, Result},
-    frame::{self, close_code},
+    frame::{self, MessageKind, close_code},
     history::Resume,
     id::{ClientId, LobbyId},
     lobby::{self, LobbyEnv, LobbyHandle, LobbyMsg, Member},
@@ -46,6 +46,12 @@ pub(crate) enum ManagerMsg {
     Admit(Admission),
     /// A writer dropped this client's connection.
     Departed(ClientId),
+    /// A client sent this message, to go upstream on its lobby's origin connection.
+    Forward {
+        id: ClientId,
+        kind: MessageKind,
+        payload: Vec<u8>,
+    },
     /// A lobby let a moving client go; this is where it was in the stream.
     Released { id: ClientId, resume: Resume },
     /// A lobby thread ended, whether asked to or by panic.
@@ -65,12 +71,15 @@ pub(crate) struct Admission {
     pub leftover: Vec<u8>,
 }
 
-/// Starts the manager thread, which takes ownership of the writers.
+/// Starts the manager thread, which takes ownership of the writers. The
+/// address of each client that leaves goes to `left` when clients per address
+/// are limited (the acceptor counts them).
 pub(crate) fn spawn(
     config: &Config,
     inbox: Receiver<ManagerMsg>,
     env: LobbyEnv,
     writers: Vec<WriterHandle>,
+    left: Sender<IpAddr>,
 ) -> Result<JoinHandle<()>> {
     let compact_interval = (!config.compact_interval.is_zero()).then_some(config.compact_interval);
     let manager = Manager {
@@ -81,6 +90,8 @@ pub(crate) fn spawn(
         next_compaction: compact_interval.map(|every| Instant::now() + every),
         max_lobbies: (config.max_origin_connections > 0).then_some(config.max_origin_connections),
         queue_depth: config.queue_depth,
+        count_drops: config.slow_client == SlowClient::Disconnect,
+        left: (config.max_clients_per_ip > 0).then_some(left),
         linger: config.lobby_linger,
         writer_load: vec![0; writers.len()],
         writers,
@@ -112,6 +123,7 @@ struct LobbyEntry {
 #[derive(Debug)]
 struct ClientEntry {
     lobby: LobbyId,
+    ip: IpAddr,
     queue: ClientQueue,
     writer: usize,
     /// While moving: the old lobby, asked to release it; `lobby` is the new one.
@@ -128,6 +140,10 @@ struct Manager {
     next_compaction: Option<Instant>,
     max_lobbies: Option<usize>,
     queue_depth: usize,
+    /// Queues count their drops (for the slow-client disconnect policy).
+    count_drops: bool,
+    /// Where departing clients' addresses go, when they are counted.
+    left: Option<Sender<IpAddr>>,
     linger: Duration,
     env: LobbyEnv,
     stats: Arc<Stats>,
@@ -165,6 +181,7 @@ impl Manager {
             match msg {
                 Some(ManagerMsg::Admit(admission)) => self.admit(admission),
                 Some(ManagerMsg::Departed(id)) => self.depart(id),
+                Some(ManagerMsg::Forward { id, kind, payload }) => self.forward(id, kind, payload),
                 Some(ManagerMsg::Released { id, resume }) => self.released(id, resume),
                 Some(ManagerMsg::LobbyEnded(id)) => self.lobby_ended(id),
                 Some(ManagerMsg::Inspect(reply)) => {
@@ -191,11 +208,12 @@ impl Manager {
         } = admission;
         let id = ClientId(self.next_client);
         self.next_client += 1;
-        let queue = ClientQueue::new(self.queue_depth);
+        let queue = ClientQueue::new(self.queue_depth, self.count_drops);
         let writer = self.least_loaded_writer();
         let Some(lobby) = self.join_some_lobby(id, &queue, writer) else {
             // The seat the acceptor took is given back; tell the client why.
             drop_one(&self.stats.clients);
+            self.release_ip(peer.ip());
             bump(&self.stats.refused_full);
             debug!("{id} from {peer} refused: no lobby with room");
             let close = frame::encode_close(close_code::TRY_AGAIN_LATER, "no lobby with room");
@@ -212,6 +230,7 @@ impl Manager {
             id,
             ClientEntry {
                 lobby,
+                ip: peer.ip(),
                 queue,
                 writer,
                 moving_from: None,
@@ -436,12 +455,31 @@ impl Manager {
             .unwrap_or(0)
     }
 
+    /// Sends a client's message upstream through its lobby (the new one if moving).
+    fn forward(&mut self, id: ClientId, kind: MessageKind, payload: Vec<u8>) {
+        let sent = self.clients.get(&id).is_some_and(|client| {
+            self.lobbies
+                .get(&client.lobby)
+                .is_some_and(|l| l.handle.send(LobbyMsg::Forward { kind, payload }))
+        });
+        if !sent {
+            bump(&self.stats.forward_dropped);
+        }
+    }
+
+    fn release_ip(&self, ip: IpAddr) {
+        if let Some(left) = &self.left {
+            let _ = left.send(ip);
+        }
+    }
+
     fn depart(&mut self, id: ClientId) {
         let Some(client) = self.clients.remove(&id) else {
             return;
         };
         self.writer_load[client.writer] -= 1;
         drop_one(&self.stats.clients);
+        self.release_ip(client.ip);
         if let Some(lobby) = self.lobbies.get_mut(&client.lobby) {
             // A moving client is not in its new lobby yet; its old one lets it go.
             if client.moving_from.is_none() {

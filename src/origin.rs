@@ -44,6 +44,8 @@ use crate::{
 const READS_PER_DRIVE: usize = 256;
 /// A connection that lived this long earns a fresh backoff when it fails.
 const STABLE_AFTER: Duration = Duration::from_secs(30);
+/// Bytes tungstenite buffers before writing to the origin socket.
+const WRITE_BUFFER: usize = 128 * 1024;
 /// How long a closing connection waits for the origin's close reply.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
@@ -85,9 +87,12 @@ impl OriginTarget {
         for protocol in &config.origin_subprotocols {
             request = request.with_sub_protocol(protocol.as_str());
         }
+        // Forwarded client messages queue in the write buffer while the origin
+        // is slow; bound it.
         let ws_config = WebSocketConfig::default()
             .max_message_size(Some(config.max_origin_message))
-            .max_frame_size(Some(config.max_origin_message));
+            .max_frame_size(Some(config.max_origin_message))
+            .max_write_buffer_size(WRITE_BUFFER + 2 * config.max_client_message);
         #[cfg(feature = "tls")]
         let tls = if is_tls {
             Some(crate::tls::client_config(config.origin_ca.as_deref())?)
@@ -303,6 +308,28 @@ impl OriginLink {
             other => self.state = other,
         }
         self.publish();
+    }
+
+    /// Sends a client's message upstream; false if it cannot be sent now
+    /// (the link is not up, or its write buffer is full).
+    pub(crate) fn send(&mut self, kind: MessageKind, payload: Vec<u8>) -> bool {
+        let State::Up(live) = &mut self.state else {
+            return false;
+        };
+        let message = match kind {
+            MessageKind::Binary => Message::binary(payload),
+            MessageKind::Text => match String::from_utf8(payload) {
+                Ok(text) => Message::text(text),
+                Err(_) => return false,
+            },
+        };
+        match live.ws.write(message).and_then(|()| live.ws.flush()) {
+            Ok(()) => true,
+            Err(e) if is_would_block(&e) => true,
+            Err(tungstenite::Error::WriteBufferFull(_)) => false,
+            // A broken connection shows on the next read; this message is lost.
+            Err(_) => false,
+        }
     }
 
     /// Whether a close handshake is still under way.

@@ -16,6 +16,13 @@ pub(crate) struct Stats {
     pub handshakes_rejected: AtomicU64,
     pub handshakes_timed_out: AtomicU64,
     pub client_protocol_errors: AtomicU64,
+    pub client_rate_limited: AtomicU64,
+    pub clients_timed_out: AtomicU64,
+    pub slow_disconnects: AtomicU64,
+    pub refused_per_ip: AtomicU64,
+    pub refused_origin: AtomicU64,
+    pub forwarded: AtomicU64,
+    pub forward_dropped: AtomicU64,
     pub messages_in: AtomicU64,
     pub frames_delivered: AtomicU64,
     pub frames_dropped: AtomicU64,
@@ -58,6 +65,20 @@ pub struct StatsSnapshot {
     pub handshakes_timed_out: u64,
     /// Clients closed for breaking the protocol (bad frame, oversized message).
     pub client_protocol_errors: u64,
+    /// Clients closed (1008) for sending more messages per second than allowed.
+    pub client_rate_limited: u64,
+    /// Clients closed for staying silent through a keepalive ping.
+    pub clients_timed_out: u64,
+    /// Clients closed (1013) by the disconnect slow-client policy.
+    pub slow_disconnects: u64,
+    /// Upgrade requests refused with 429: too many clients from one address.
+    pub refused_per_ip: u64,
+    /// Upgrade requests refused with 403: a browser origin not allowed.
+    pub refused_origin: u64,
+    /// Client messages sent upstream (with `ClientMessages::Forward`).
+    pub forwarded: u64,
+    /// Client messages that could not be sent upstream (origin down or backed up).
+    pub forward_dropped: u64,
     /// Data messages received from the origin, summed over lobbies.
     pub messages_in: u64,
     /// Frames completely written to clients.
@@ -73,8 +94,8 @@ pub struct StatsSnapshot {
     /// Migrations where the two lobbies' streams never met, so the client
     /// joined its new lobby at the live edge and may have missed messages.
     pub migration_gaps: u64,
-    /// Upgrade requests refused with 503 because every lobby was full and no
-    /// more origin connections were allowed.
+    /// Upgrade requests refused with 503: the client limit reached, or every
+    /// lobby full and no more origin connections allowed.
     pub refused_full: u64,
     /// Lobbies whose origin connection is being established (TCP, TLS, upgrade).
     pub origins_connecting: u64,
@@ -175,6 +196,13 @@ impl Stats {
             handshakes_rejected: self.handshakes_rejected.load(Relaxed),
             handshakes_timed_out: self.handshakes_timed_out.load(Relaxed),
             client_protocol_errors: self.client_protocol_errors.load(Relaxed),
+            client_rate_limited: self.client_rate_limited.load(Relaxed),
+            clients_timed_out: self.clients_timed_out.load(Relaxed),
+            slow_disconnects: self.slow_disconnects.load(Relaxed),
+            refused_per_ip: self.refused_per_ip.load(Relaxed),
+            refused_origin: self.refused_origin.load(Relaxed),
+            forwarded: self.forwarded.load(Relaxed),
+            forward_dropped: self.forward_dropped.load(Relaxed),
             messages_in: self.messages_in.load(Relaxed),
             frames_delivered: self.frames_delivered.load(Relaxed),
             frames_dropped: self.frames_dropped.load(Relaxed),

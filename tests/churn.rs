@@ -54,7 +54,10 @@ fn after_churn_lobbies_settle_dense_and_threads_match() {
     let n = clients.len();
     let stats = gw.stats();
     assert!(stats.migrations > 0, "compaction moved nobody: {stats:?}");
-    assert!(peak > 2 * CAPACITY, "churn never needed several lobbies (peak {peak})");
+    assert!(
+        peak > 2 * CAPACITY,
+        "churn never needed several lobbies (peak {peak})"
+    );
 
     let per = (CAPACITY as f64 * FILL).floor() as usize;
     let (fewest, most) = (n.div_ceil(CAPACITY), n.div_ceil(per));
@@ -68,7 +71,11 @@ fn after_churn_lobbies_settle_dense_and_threads_match() {
             && origin.open() == lobbies.len()
     });
     let lobbies = gw.lobbies(DEADLINE);
-    assert_eq!(gw.stats().clients as usize, n, "every client is in exactly one lobby");
+    assert_eq!(
+        gw.stats().clients as usize,
+        n,
+        "every client is in exactly one lobby"
+    );
     assert!(lobbies.iter().all(|l| l.clients <= CAPACITY));
     feed.stop();
     eprintln!(

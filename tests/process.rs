@@ -1,0 +1,246 @@
+//! The `wsgate` binary under conditions only a real process shows: a low
+//! open-file limit, SIGTERM, and its memory after attacks. Each test spawns
+//! its own gateway process, reaped when the test ends.
+
+mod support;
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use support::*;
+
+/// A gateway child process, killed and reaped if the test ends early.
+struct Gateway {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Gateway {
+    /// Starts `wsgate` through `sh -c` with `prefix` (e.g. a ulimit) and `args`.
+    fn spawn(prefix: &str, args: &str) -> Gateway {
+        let command = format!(
+            "{prefix} exec '{}' --listen 127.0.0.1:0 --log-level warn {args}",
+            env!("CARGO_BIN_EXE_wsgate")
+        );
+        let mut child = Command::new("sh")
+            .args(["-c", &command])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start wsgate");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        stdout
+            .read_line(&mut line)
+            .expect("wsgate prints its address");
+        let addr = line
+            .split_whitespace()
+            .last()
+            .and_then(|url| {
+                url.trim_start_matches("ws://")
+                    .trim_end_matches('/')
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        Gateway { child, addr }
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("VmRSS")
+    }
+
+    fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    fn terminate(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -TERM");
+    }
+
+    /// Waits for the process to exit; its exit code and stderr.
+    fn wait(mut self) -> (Option<i32>, String) {
+        let status = self.child.wait().expect("wait");
+        let mut stderr = String::new();
+        if let Some(mut err) = self.child.stderr.take() {
+            let _ = err.read_to_string(&mut stderr);
+        }
+        (status.code(), stderr)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Connects and sends an upgrade request.
+fn request_upgrade(addr: SocketAddr) -> Option<TcpStream> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.write_all(
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .ok()?;
+    Some(s)
+}
+
+/// Whether `s` has been answered 101, waiting at most `patience`.
+fn is_upgraded(s: &mut TcpStream, patience: Duration) -> bool {
+    let mut head = [0u8; 12];
+    s.set_read_timeout(Some(patience)).is_ok()
+        && s.read_exact(&mut head).is_ok()
+        && &head == b"HTTP/1.1 101"
+}
+
+/// Sends an upgrade request; the stream if answered 101 within `patience`.
+fn upgrade(addr: SocketAddr, patience: Duration) -> Option<TcpStream> {
+    let mut s = request_upgrade(addr)?;
+    is_upgraded(&mut s, patience).then_some(s)
+}
+
+#[test]
+fn out_of_descriptors_it_keeps_serving_and_recovers() {
+    let origin = TestOrigin::start();
+    let gw = Gateway::spawn("ulimit -n 64 &&", &format!("--origin {}", origin.url()));
+    let mut clients: Vec<Client> = (0..30).map(|_| ws_client(gw.addr)).collect();
+    wait_until("origin connection", || origin.open() == 1);
+    std::thread::sleep(Duration::from_millis(200));
+
+    // Far more connections than descriptors: most wait in the backlog.
+    let mut extra: Vec<TcpStream> = (0..60).filter_map(|_| request_upgrade(gw.addr)).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut upgraded = 0;
+    for s in &mut extra {
+        upgraded += usize::from(is_upgraded(s, Duration::from_millis(20)));
+    }
+    assert!(
+        upgraded < 60,
+        "the limit did not bite ({upgraded} upgraded)"
+    );
+    origin.send_seq(1);
+    for c in &mut clients {
+        assert_eq!(recv_text(c), "1", "existing clients keep receiving");
+    }
+
+    // Free descriptors: new clients get in again.
+    drop(extra);
+    for mut c in clients.drain(..20) {
+        let _ = c.close(None);
+    }
+    let mut late = None;
+    wait_until("a new client accepted again", || {
+        late = upgrade(gw.addr, Duration::from_secs(1));
+        late.is_some()
+    });
+    let (code, stderr) = {
+        gw.terminate();
+        gw.wait()
+    };
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("out of file descriptors"), "{stderr}");
+}
+
+#[test]
+fn sigterm_closes_every_client_with_1001_and_exits_0_within_the_drain_timeout() {
+    let origin = TestOrigin::start();
+    let gw = Gateway::spawn("", &format!("--origin {} --drain-timeout 3s", origin.url()));
+    let mut clients: Vec<Client> = (0..5).map(|_| ws_client(gw.addr)).collect();
+    wait_until("origin connection", || origin.open() == 1);
+    origin.send_seq(1);
+    for c in &mut clients {
+        assert_eq!(recv_text(c), "1");
+    }
+    let start = Instant::now();
+    gw.terminate();
+    for c in &mut clients {
+        let close = recv_close(c).expect("a close frame");
+        assert_eq!(u16::from(close.code), 1001);
+        let _ = c.flush(); // the close reply
+    }
+    let (code, stderr) = gw.wait();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        start.elapsed()
+    );
+    wait_until("the origin connection closed", || origin.open() == 0);
+}
+
+#[test]
+fn after_attacks_it_still_serves_and_its_memory_returns_near_baseline() {
+    let origin = TestOrigin::start();
+    let gw = Gateway::spawn(
+        "",
+        &format!(
+            "--origin {} --handshake-timeout 1s --max-client-rate 20",
+            origin.url()
+        ),
+    );
+    let mut good = ws_client(gw.addr);
+    wait_until("origin connection", || origin.open() == 1);
+    origin.send_seq(1);
+    assert_eq!(recv_text(&mut good), "1");
+    let baseline_fds = gw.open_fds();
+    let baseline = gw.rss_kib();
+
+    // Stalled handshakes, floods, oversized messages, garbage.
+    let stalled: Vec<TcpStream> = (0..1000)
+        .filter_map(|_| {
+            let mut s = TcpStream::connect(gw.addr).ok()?;
+            s.write_all(b"GET / HTTP/1.1\r\nHost: slow").ok()?;
+            Some(s)
+        })
+        .collect();
+    let mut attackers = Vec::new();
+    for i in 0..200 {
+        let mut raw = raw_client(gw.addr);
+        let attack = match i % 3 {
+            0 => (0..100)
+                .flat_map(|_| masked_frame(0x81, b"flood"))
+                .collect(),
+            1 => masked_frame(0x82, &vec![7u8; 70_000]),
+            _ => vec![0xFF; 64],
+        };
+        let _ = raw.write_all(&attack);
+        attackers.push(raw);
+    }
+    for raw in &mut attackers {
+        assert!(
+            read_close_code(raw).is_some(),
+            "every attacker is closed with a code"
+        );
+    }
+    drop(attackers);
+    drop(stalled);
+    wait_until("the attackers' sockets released", || {
+        gw.open_fds() <= baseline_fds + 2
+    });
+
+    origin.send_seq(2);
+    assert_eq!(recv_text(&mut good), "2", "the good client is served");
+    let after = gw.rss_kib();
+    assert!(
+        after <= baseline + 4 * 1024,
+        "RSS grew from {baseline} KiB to {after} KiB"
+    );
+    eprintln!("RSS {baseline} KiB before the attacks, {after} KiB after");
+}

@@ -1,0 +1,280 @@
+//! A public-facing gateway under bad input: admission limits, protocol
+//! violations, floods, dead peers, slow clients, stalled handshakes; and the
+//! forwarding of client messages upstream.
+
+mod support;
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use support::*;
+use tungstenite::Message;
+use wsgate::{ClientMessages, SlowClient};
+
+const UPGRADE: &str = "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                       Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+
+fn upgrade_with(extra: &str) -> String {
+    format!("{UPGRADE}{extra}\r\n")
+}
+
+/// A raw upgrade from a given loopback source address.
+fn raw_from(source: [u8; 4], gw: SocketAddr) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&SocketAddr::from((source, 0)).into()).unwrap();
+    socket.connect(&gw.into()).unwrap();
+    let mut stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    stream.write_all(upgrade_with("").as_bytes()).unwrap();
+    stream
+}
+
+fn status_line(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8];
+    while !head.ends_with(b"\r\n") && stream.read(&mut byte).is_ok_and(|n| n == 1) {
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).trim().to_owned()
+}
+
+#[test]
+fn the_client_limit_answers_503() {
+    let origin = TestOrigin::start();
+    let mut config = test_config(&origin.url());
+    config.max_clients = 2;
+    let gw = start_gateway(config);
+    let _clients = connect_clients(&gw, 2);
+    let response = http_exchange(gw.local_addr(), &upgrade_with(""));
+    assert!(response.starts_with("HTTP/1.1 503 "), "{response}");
+    assert!(response.contains("Retry-After:"));
+    assert_eq!(gw.stats().refused_full, 1);
+}
+
+#[test]
+fn the_per_address_limit_answers_429_and_frees_up() {
+    let origin = TestOrigin::start();
+    let mut config = test_config(&origin.url());
+    config.max_clients_per_ip = 2;
+    let gw = start_gateway(config);
+    let mut a = raw_from([127, 0, 0, 1], gw.local_addr());
+    let mut b = raw_from([127, 0, 0, 1], gw.local_addr());
+    assert!(status_line(&mut a).contains(" 101 "));
+    assert!(status_line(&mut b).contains(" 101 "));
+    let mut c = raw_from([127, 0, 0, 1], gw.local_addr());
+    assert!(status_line(&mut c).starts_with("HTTP/1.1 429 "));
+    let mut other = raw_from([127, 0, 0, 2], gw.local_addr());
+    assert!(
+        status_line(&mut other).contains(" 101 "),
+        "another address is not limited"
+    );
+    assert_eq!(gw.stats().refused_per_ip, 1);
+    drop(a);
+    wait_clients(&gw, 2);
+    let mut d = raw_from([127, 0, 0, 1], gw.local_addr());
+    assert!(status_line(&mut d).contains(" 101 "), "a place was freed");
+}
+
+#[test]
+fn origins_off_the_allow_list_get_403() {
+    let origin = TestOrigin::start();
+    let mut config = test_config(&origin.url());
+    config.allowed_origins = vec!["https://app.example".into()];
+    let gw = start_gateway(config);
+    let evil = http_exchange(
+        gw.local_addr(),
+        &upgrade_with("Origin: https://evil.example\r\n"),
+    );
+    assert!(evil.starts_with("HTTP/1.1 403 "), "{evil}");
+    let mut good = TcpStream::connect(gw.local_addr()).unwrap();
+    good.set_read_timeout(Some(DEADLINE)).unwrap();
+    good.write_all(upgrade_with("Origin: https://app.example\r\n").as_bytes())
+        .unwrap();
+    assert!(status_line(&mut good).contains(" 101 "));
+    assert_eq!(gw.stats().refused_origin, 1);
+}
+
+#[test]
+fn each_bad_request_gets_its_status() {
+    let origin = TestOrigin::start();
+    let gw = start_gateway(test_config(&origin.url()));
+    let cases = [
+        (UPGRADE.replace("GET", "POST") + "\r\n", "405"),
+        (
+            upgrade_with("").replace("Version: 13", "Version: 12"),
+            "426",
+        ),
+        (
+            upgrade_with(&format!("X-Pad: {}\r\n", "p".repeat(9000))),
+            "431",
+        ),
+        ("GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_owned(), "426"),
+    ];
+    for (request, status) in cases {
+        let response = http_exchange(gw.local_addr(), &request);
+        assert!(
+            response.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{response}"
+        );
+    }
+    assert_eq!(gw.stats().handshakes_rejected, 4);
+}
+
+#[test]
+fn each_bad_frame_gets_its_close_code() {
+    let origin = TestOrigin::start();
+    let gw = start_gateway(test_config(&origin.url()));
+    let cases: [(Vec<u8>, u16); 6] = [
+        (masked_frame(0x81, &[0xC3, 0x28]), 1007), // invalid UTF-8
+        (masked_frame(0xC1, b"rsv"), 1002),        // reserved bit
+        (masked_frame(0x83, b"op"), 1002),         // unknown opcode
+        (masked_frame(0x09, b"frag"), 1002),       // fragmented ping
+        (masked_frame(0x89, &[0u8; 126]), 1002),   // oversized ping
+        (masked_frame(0x82, &vec![0u8; 64 * 1024 + 1]), 1009), // oversized message
+    ];
+    for (frame, code) in &cases {
+        let mut raw = raw_client(gw.local_addr());
+        raw.write_all(frame).unwrap();
+        assert_eq!(read_close_code(&mut raw), Some(*code), "{:x?}", &frame[..2]);
+    }
+    wait_until("every violation counted", || {
+        gw.stats().client_protocol_errors == 6
+    });
+}
+
+#[test]
+fn a_flooding_client_is_closed_with_1008() {
+    let origin = TestOrigin::start();
+    let mut config = test_config(&origin.url());
+    config.max_client_rate = 50;
+    let gw = start_gateway(config);
+    let mut calm = connect_clients(&gw, 1).remove(0);
+    let mut raw = raw_client(gw.local_addr());
+    let flood: Vec<u8> = (0..200).flat_map(|_| masked_frame(0x81, b"spam")).collect();
+    raw.write_all(&flood).unwrap();
+    assert_eq!(read_close_code(&mut raw), Some(1008));
+    assert_eq!(gw.stats().client_rate_limited, 1);
+    // The others are not affected.
+    wait_until("origin connection", || origin.open() == 1);
+    origin.send_seq(1);
+    assert_eq!(recv_text(&mut calm), "1");
+}
+
+#[test]
+fn silent_clients_are_pinged_then_closed_while_live_ones_stay() {
+    let origin = TestOrigin::start();
+    let mut config = test_config(&origin.url());
+    config.client_ping = Duration::from_millis(300);
+    let gw = start_gateway(config);
+    // tungstenite answers pings while it reads; the raw client never does.
+    let live = Reader::spawn(connect_clients(&gw, 1).remove(0));
+    let mut silent = raw_client(gw.local_addr());
+    wait_clients(&gw, 2);
+    let (opcode, _) = read_server_frame(&mut silent).unwrap();
+    assert_eq!(opcode, 0x9, "a ping first");
+    assert_eq!(read_close_code(&mut silent), Some(1001));
+    wait_until("the silent client gone", || gw.stats().clients == 1);
+    assert_eq!(gw.stats().clients_timed_out, 1);
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(gw.stats().clients, 1, "the live client stays");
+    live.finish();
+}
+
+#[test]
+fn the_disconnect_policy_closes_a_stalled_client_with_1013() {
+    const N: u64 = 400;
+    let origin = TestOrigin::start();
+    let mut config = test_config(&origin.url());
+    config.queue_depth = 4;
+    config.slow_client = SlowClient::Disconnect;
+    config.slow_client_drops = 10;
+    let gw = start_gateway(config);
+    let mut stalled = ws_client(gw.local_addr());
+    wait_placed(&gw, 1);
+    let mut fast = connect_clients(&gw, 2);
+    wait_until("origin connection", || origin.open() == 1);
+    let payload = |n: u64| {
+        let mut p = format!("{n:08}").into_bytes();
+        p.resize(32 * 1024, b'.');
+        Message::binary(p)
+    };
+    for n in 1..=N {
+        origin.send(payload(n));
+        for client in &mut fast {
+            let m = client.read().unwrap().into_data();
+            assert_eq!(
+                &m[..8],
+                format!("{n:08}").as_bytes(),
+                "fast clients see every message"
+            );
+        }
+    }
+    wait_until("the stalled client disconnected", || {
+        gw.stats().slow_disconnects == 1
+    });
+    // Reading now, it drains what its socket held, then finds the 1013.
+    let close = recv_close(&mut stalled).expect("a close frame");
+    assert_eq!(u16::from(close.code), 1013);
+    wait_clients(&gw, 2);
+}
+
+#[test]
+fn forwarded_client_messages_reach_the_origin() {
+    let origin = TestOrigin::start();
+    let mut config = test_config(&origin.url());
+    config.client_messages = ClientMessages::Forward;
+    let gw = start_gateway(config);
+    let mut client = connect_clients(&gw, 1).remove(0);
+    wait_until("origin connection", || origin.open() == 1);
+    client.send(Message::text("subscribe ETH")).unwrap();
+    client.send(Message::text("x".repeat(70_000))).unwrap();
+    wait_until("the message upstream", || {
+        origin
+            .events()
+            .iter()
+            .any(|e| matches!(e, OriginEvent::Received { text, .. } if text == "subscribe ETH"))
+    });
+    assert_eq!(
+        read_close_code_ws(&mut client),
+        Some(1009),
+        "forwarding obeys the size limit"
+    );
+    assert_eq!(gw.stats().forwarded, 1);
+}
+
+/// Reads a tungstenite client until the gateway's close; its code.
+fn read_close_code_ws(client: &mut Client) -> Option<u16> {
+    recv_close(client).map(|f| u16::from(f.code))
+}
+
+#[test]
+fn stalled_handshakes_do_not_stop_real_clients_and_are_closed_at_the_deadline() {
+    let origin = TestOrigin::start();
+    let mut config = test_config(&origin.url());
+    config.handshake_timeout = Duration::from_secs(2);
+    let gw = start_gateway(config);
+    let mut stalled: Vec<TcpStream> = (0..1000)
+        .map(|_| {
+            let mut s = TcpStream::connect(gw.local_addr()).unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nHost: slow").unwrap();
+            s
+        })
+        .collect();
+    let mut good = connect_clients(&gw, 1).remove(0);
+    wait_until("origin connection", || origin.open() == 1);
+    origin.send_seq(1);
+    assert_eq!(recv_text(&mut good), "1");
+    wait_until("all stalled handshakes closed", || {
+        gw.stats().handshakes_timed_out == 1000
+    });
+    for s in &mut stalled {
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(s.read(&mut buf).unwrap_or(0), 0, "closed without an answer");
+    }
+    origin.send_seq(2);
+    assert_eq!(recv_text(&mut good), "2");
+}
