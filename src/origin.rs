@@ -11,6 +11,7 @@
 //! decides when a link is needed and what to do with each message.
 
 use std::{
+    collections::VecDeque,
     io::{self, Read, Write},
     net::{SocketAddr, ToSocketAddrs},
     sync::{
@@ -64,6 +65,8 @@ pub(crate) struct OriginTarget {
     timeout: Duration,
     backoff_min: Duration,
     backoff_max: Duration,
+    /// Bytes of client messages kept while the connection comes up.
+    outbox_bytes: usize,
     #[cfg(feature = "tls")]
     tls: Option<Arc<rustls::ClientConfig>>,
 }
@@ -111,6 +114,7 @@ impl OriginTarget {
             timeout: config.origin_timeout,
             backoff_min: config.origin_backoff_min,
             backoff_max: config.origin_backoff_max,
+            outbox_bytes: (2 * config.max_client_message).max(1 << 20),
             #[cfg(feature = "tls")]
             tls,
         })
@@ -166,6 +170,45 @@ impl Write for OriginStream {
             #[cfg(feature = "tls")]
             OriginStream::Tls(tls) => tls.flush(),
         }
+    }
+}
+
+/// Client messages waiting for the origin connection to come up, bounded in bytes.
+#[derive(Debug)]
+struct Outbox {
+    messages: VecDeque<Message>,
+    bytes: usize,
+    limit: usize,
+}
+
+impl Outbox {
+    fn new(limit: usize) -> Outbox {
+        Outbox {
+            messages: VecDeque::new(),
+            bytes: 0,
+            limit,
+        }
+    }
+
+    /// Keeps `message` unless that would exceed the limit.
+    fn push(&mut self, message: Message) -> bool {
+        let len = message.len();
+        if self.bytes + len > self.limit {
+            return false;
+        }
+        self.bytes += len;
+        self.messages.push_back(message);
+        true
+    }
+
+    fn drain(&mut self) -> impl Iterator<Item = Message> + '_ {
+        self.bytes = 0;
+        self.messages.drain(..)
+    }
+
+    fn clear(&mut self) {
+        self.bytes = 0;
+        self.messages.clear();
     }
 }
 
@@ -262,6 +305,8 @@ pub(crate) struct OriginLink {
     attempts: usize,
     /// A failure happened since the lobby last asked.
     has_failed: bool,
+    /// Client messages to forward once the connection is up.
+    outbox: Outbox,
     /// The state, published for the manager's lobby listing.
     published: Arc<AtomicU8>,
     stats: Arc<Stats>,
@@ -283,6 +328,7 @@ impl OriginLink {
             .map_or(0, |d| d.as_nanos() as u64)
             ^ u64::from(lobby.0).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let backoff = Backoff::new(target.backoff_min, target.backoff_max, seed);
+        let outbox = Outbox::new(target.outbox_bytes);
         OriginLink {
             lobby,
             target,
@@ -292,6 +338,7 @@ impl OriginLink {
             backoff,
             attempts: 0,
             has_failed: false,
+            outbox,
             published,
             stats,
         }
@@ -313,15 +360,22 @@ impl OriginLink {
     /// Sends a client's message upstream; false if it cannot be sent now
     /// (the link is not up, or its write buffer is full).
     pub(crate) fn send(&mut self, kind: MessageKind, payload: Vec<u8>) -> bool {
-        let State::Up(live) = &mut self.state else {
-            return false;
-        };
         let message = match kind {
             MessageKind::Binary => Message::binary(payload),
             MessageKind::Text => match String::from_utf8(payload) {
                 Ok(text) => Message::text(text),
                 Err(_) => return false,
             },
+        };
+        let live = match &mut self.state {
+            State::Up(live) => live,
+            // On its way up: keep the message for the connection (bounded).
+            State::Waiting(_) | State::Connecting(..) | State::Upgrading(..) => {
+                return self.outbox.push(message);
+            }
+            #[cfg(feature = "tls")]
+            State::Securing(..) => return self.outbox.push(message),
+            State::Idle | State::Closing(..) => return false,
         };
         match live.ws.write(message).and_then(|()| live.ws.flush()) {
             Ok(()) => true,
@@ -371,6 +425,7 @@ impl OriginLink {
             State::Idle | State::Waiting(_) => {}
         }
         self.backoff.reset();
+        self.outbox.clear();
         self.publish();
     }
 
@@ -560,11 +615,12 @@ impl OriginLink {
                 info!("{}: origin connected ({})", self.lobby, self.target.uri);
                 bump(&self.stats.origin_connected);
                 self.stats.origin_connections.fetch_add(1, Relaxed);
-                // Init messages go out first, in order, before anything is forwarded.
-                for text in &self.target.init {
-                    if let Err(e) = ws.write(Message::text(text.as_str())) {
+                // Init messages go out first, in order, then what clients sent meanwhile.
+                let init = self.target.init.iter().map(|t| Message::text(t.as_str()));
+                for message in init.chain(self.outbox.drain()) {
+                    if let Err(e) = ws.write(message) {
                         if !is_would_block(&e) {
-                            warn!("{}: cannot queue origin init message: {e}", self.lobby);
+                            warn!("{}: cannot queue a message for the origin: {e}", self.lobby);
                         }
                     }
                 }
