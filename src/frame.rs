@@ -4,9 +4,9 @@
 //! allocation) that a lobby encodes once and every member's queue shares.
 //! [`Decoder`] is a streaming parser of masked client frames: it unmasks in
 //! place, validates RFC 6455 rules as bytes arrive, and keeps no more per
-//! client than a frame header, one control payload and a partial UTF-8
-//! sequence. It never allocates and never panics on any input. Sockets live
-//! elsewhere (`writer.rs`).
+//! client than a frame header, a partial UTF-8 sequence and, once the client
+//! has sent a control frame, that frame's payload (125 bytes at most). It
+//! never panics on any input. Sockets live elsewhere (`conn.rs`).
 
 use std::sync::Arc;
 
@@ -147,8 +147,9 @@ pub(crate) struct Decoder {
     message: Option<MessageKind>,
     message_len: u64,
     utf8: Utf8Validator,
-    control: [u8; MAX_CONTROL_PAYLOAD],
-    control_len: usize,
+    /// The current control frame's payload; allocated on a client's first
+    /// control frame only, so an idle client costs no buffer.
+    control: Vec<u8>,
     closed: bool,
 }
 
@@ -163,8 +164,7 @@ impl Decoder {
             message: None,
             message_len: 0,
             utf8: Utf8Validator::default(),
-            control: [0; MAX_CONTROL_PAYLOAD],
-            control_len: 0,
+            control: Vec::new(),
             closed: false,
         }
     }
@@ -196,8 +196,7 @@ impl Decoder {
             frame.remaining -= n as u64;
             let frame = *frame;
             if frame.opcode & 0x8 != 0 {
-                self.control[self.control_len..self.control_len + n].copy_from_slice(chunk);
-                self.control_len += n;
+                self.control.extend_from_slice(chunk);
             } else {
                 let kind = self.message.unwrap_or(MessageKind::Binary);
                 if kind == MessageKind::Text {
@@ -275,7 +274,7 @@ impl Decoder {
                 if len > MAX_CONTROL_PAYLOAD as u64 {
                     return Err(protocol("control frame too long"));
                 }
-                self.control_len = 0;
+                self.control.clear();
             }
             OP_CONTINUATION => {
                 if self.message.is_none() {
@@ -320,7 +319,7 @@ impl Decoder {
         let Some(frame) = self.frame.take() else {
             return Ok(());
         };
-        let payload = &self.control[..self.control_len];
+        let payload = &self.control[..];
         match frame.opcode {
             OP_PING => on(Event::Ping(payload)),
             OP_PONG => on(Event::Pong),
@@ -560,5 +559,333 @@ mod tests {
         let (events, r) = decode_all(&bytes, bytes.len());
         assert_eq!(r, Ok(()));
         assert_eq!(events.len(), 1);
+    }
+}
+
+#[cfg(test)]
+mod props {
+    //! Property tests of [`Decoder`] over generated streams. The invariants
+    //! are checked by `crate::fuzz`, which the fuzz targets share: no panic,
+    //! well-formed events, no message above the limit, no event after Close,
+    //! and the same transcript however the stream is split into reads.
+
+    use super::*;
+    use crate::fuzz::{self, Control, Item, Rng, Transcript};
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+
+    /// Size limits at the edges of each length form, and none.
+    fn max_message() -> impl Strategy<Value = usize> {
+        prop_oneof![
+            Just(0),
+            Just(1),
+            Just(125),
+            Just(126),
+            Just(65_536),
+            Just(usize::MAX),
+            0..2048usize,
+        ]
+    }
+
+    /// Read sizes, cycled to split a stream; 0 is an empty read.
+    fn reads() -> impl Strategy<Value = Vec<usize>> {
+        vec(
+            prop_oneof![3 => 1..4usize, 1 => Just(0usize), 2 => 1..600usize],
+            1..12,
+        )
+        .prop_map(|mut reads| {
+            reads.push(1); // never only empty reads
+            reads
+        })
+    }
+
+    fn split(reads: &[usize]) -> impl FnMut() -> usize + '_ {
+        let mut i = 0;
+        move || {
+            i += 1;
+            reads[(i - 1) % reads.len()]
+        }
+    }
+
+    /// A close payload with a valid code and a UTF-8 reason.
+    fn close_payload() -> impl Strategy<Value = Vec<u8>> {
+        (
+            prop_oneof![
+                Just(1000u16),
+                Just(1003),
+                Just(1014),
+                Just(3000),
+                Just(4999)
+            ],
+            "\\PC{0,20}",
+        )
+            .prop_map(|(code, reason)| {
+                let mut p = code.to_be_bytes().to_vec();
+                p.extend_from_slice(reason.as_bytes());
+                p
+            })
+    }
+
+    /// One frame, mostly valid: now and then unmasked, with reserved bits,
+    /// an unknown opcode, a long control payload or invalid UTF-8.
+    fn frame() -> impl Strategy<Value = Vec<u8>> {
+        let opcode = prop_oneof![
+            4 => prop_oneof![Just(OP_CONTINUATION), Just(OP_TEXT), Just(OP_BINARY)],
+            3 => prop_oneof![Just(OP_CLOSE), Just(OP_PING), Just(OP_PONG)],
+            1 => 0..16u8,
+        ];
+        let payload = prop_oneof![
+            Just(Vec::new()),
+            vec(any::<u8>(), 0..40),
+            "\\PC{0,20}".prop_map(String::into_bytes),
+            // Text cut anywhere, perhaps inside a character.
+            ("\\PC{0,12}", any::<Index>())
+                .prop_map(|(s, cut)| s.as_bytes()[..cut.index(s.len() + 1)].to_vec()),
+            close_payload(),
+            vec(any::<u8>(), 120..130),
+            vec(any::<u8>(), 0..300),
+        ];
+        let rsv = prop_oneof![9 => Just(0u8), 1 => 1..8u8];
+        let masked = prop_oneof![9 => Just(true), 1 => Just(false)];
+        (
+            any::<bool>(),
+            rsv,
+            opcode,
+            masked,
+            payload,
+            any::<[u8; 4]>(),
+        )
+            .prop_map(|(fin, rsv, opcode, masked, payload, mask)| {
+                let first = u8::from(fin) << 7 | rsv << 4 | opcode;
+                if masked {
+                    return fuzz::client_frame(first, mask, &payload);
+                }
+                let mut frame = fuzz::client_frame(first, [0; 4], &payload);
+                frame[1] &= 0x7F;
+                let mask_at = match frame[1] {
+                    126 => 4,
+                    127 => 10,
+                    _ => 2,
+                };
+                frame.drain(mask_at..mask_at + 4);
+                frame
+            })
+    }
+
+    /// Message sizes, the length-form boundaries among them.
+    fn size() -> impl Strategy<Value = usize> {
+        prop_oneof![
+            2 => prop_oneof![Just(0usize), Just(1), Just(125), Just(126), Just(127)],
+            1 => prop_oneof![Just(65_535usize), Just(65_536)],
+            6 => 0..300usize,
+        ]
+    }
+
+    fn control() -> impl Strategy<Value = Control> {
+        prop_oneof![
+            vec(any::<u8>(), 0..=125).prop_map(Control::Ping),
+            vec(any::<u8>(), 0..=125).prop_map(Control::Pong),
+        ]
+    }
+
+    /// A data message in up to 4 fragments (which may split a character),
+    /// with control frames between them.
+    fn message() -> impl Strategy<Value = Item> {
+        let cuts = vec((any::<Index>(), proptest::option::of(control())), 0..4);
+        (any::<bool>(), size(), any::<u64>(), cuts).prop_map(|(text, len, seed, cuts)| {
+            let kind = if text {
+                MessageKind::Text
+            } else {
+                MessageKind::Binary
+            };
+            let payload = Rng::new(seed).payload(kind, len);
+            let mut at: Vec<usize> = cuts.iter().map(|(i, _)| i.index(len + 1)).collect();
+            at.sort_unstable();
+            let mut fragments = Vec::new();
+            let mut start = 0;
+            for (end, (_, between)) in at.into_iter().zip(cuts) {
+                fragments.push((payload[start..end].to_vec(), between));
+                start = end;
+            }
+            fragments.push((payload[start..].to_vec(), None));
+            Item::Message { kind, fragments }
+        })
+    }
+
+    fn close() -> impl Strategy<Value = Control> {
+        prop_oneof![
+            Just(Control::Close(None, String::new())),
+            (
+                prop_oneof![Just(1000u16), Just(1001), Just(1011), Just(4000)],
+                "\\PC{0,40}"
+            )
+                .prop_map(|(code, mut reason)| {
+                    while reason.len() > 123 {
+                        reason.pop();
+                    }
+                    Control::Close(Some(code), reason)
+                }),
+        ]
+    }
+
+    /// Decodes `stream` whole, a byte at a time (if short) and in `reads`,
+    /// asserts all agree, and returns the whole decoding.
+    fn decode_every_way(stream: &[u8], max_message: usize, reads: &[usize]) -> Transcript {
+        let whole = fuzz::decode(stream, max_message, || usize::MAX);
+        if stream.len() <= 4096 {
+            fuzz::assert_same_decoding(&whole, &fuzz::decode(stream, max_message, || 1));
+        }
+        fuzz::assert_same_decoding(&whole, &fuzz::decode(stream, max_message, split(reads)));
+        whole
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn arbitrary_bytes_decode_alike_however_split(
+            stream in vec(any::<u8>(), 0..600),
+            max in max_message(),
+            reads in reads(),
+        ) {
+            decode_every_way(&stream, max, &reads);
+            fuzz::client_frames(&stream);
+        }
+
+        #[test]
+        fn near_valid_streams_decode_alike_however_split(
+            frames in vec(frame(), 0..8),
+            garbage in vec(any::<u8>(), 0..4),
+            max in max_message(),
+            reads in reads(),
+        ) {
+            let mut stream = frames.concat();
+            stream.extend(garbage);
+            decode_every_way(&stream, max, &reads);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(96))]
+
+        #[test]
+        fn valid_frames_decode_to_the_messages_sent(
+            items in vec(prop_oneof![4 => message(), 1 => control().prop_map(Item::Control)], 0..6),
+            close in proptest::option::of(close()),
+            mask_seed in any::<u64>(),
+            trailing in vec(any::<u8>(), 0..8),
+            reads in reads(),
+        ) {
+            let mut items = items;
+            items.extend(close.map(Item::Control));
+            let mut masks = Rng::new(mask_seed);
+            let built = fuzz::build(&items, &mut || masks.mask());
+            let mut stream = built.stream;
+            let closed = matches!(items.last(), Some(Item::Control(Control::Close(..))));
+            if closed {
+                stream.extend(trailing); // ignored after a Close
+            }
+            let limit = built.largest_message;
+            let decoded = decode_every_way(&stream, limit, &reads);
+            prop_assert_eq!(decoded, built.expected);
+            if limit > 0 {
+                let over = fuzz::decode(&stream, limit - 1, split(&reads));
+                prop_assert_eq!(over.result.map_err(|v| v.code), Err(close_code::TOO_BIG));
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Text, perhaps made invalid by one edit, in fragments that may
+        /// split characters (and may end with an empty one): accepted exactly
+        /// when the whole message is UTF-8, refused with 1007 otherwise.
+        #[test]
+        fn text_is_refused_exactly_when_not_utf8(
+            text in "\\PC{0,16}",
+            edit in (0..4u8, any::<Index>(), any::<u8>()),
+            cuts in vec(any::<Index>(), 0..4),
+            empty_tail in any::<bool>(),
+            mask in any::<[u8; 4]>(),
+            reads in reads(),
+        ) {
+            let mut payload = text.into_bytes();
+            let (how, at, byte) = edit;
+            let i = at.index(payload.len() + 1);
+            match how {
+                0 => payload.truncate(i),
+                1 if i < payload.len() => payload[i] = byte,
+                2 => payload.insert(i, byte),
+                _ => {}
+            }
+            let mut at: Vec<usize> = cuts.iter().map(|c| c.index(payload.len() + 1)).collect();
+            at.sort_unstable();
+            at.push(payload.len());
+            let mut pieces = Vec::new();
+            let mut start = 0;
+            for end in at {
+                pieces.push(&payload[start..end]);
+                start = end;
+            }
+            if empty_tail {
+                pieces.push(&[]);
+            }
+            let mut stream = Vec::new();
+            for (i, piece) in pieces.iter().enumerate() {
+                let opcode = if i == 0 { OP_TEXT } else { OP_CONTINUATION };
+                let fin = if i + 1 == pieces.len() { 0x80 } else { 0 };
+                stream.extend(fuzz::client_frame(fin | opcode, mask, piece));
+            }
+            let decoded = decode_every_way(&stream, usize::MAX, &reads);
+            if std::str::from_utf8(&payload).is_ok() {
+                prop_assert_eq!(decoded.result, Ok(()));
+                let expected = fuzz::Owned::Data {
+                    kind: MessageKind::Text,
+                    payload: payload.clone(),
+                    fin: true,
+                };
+                prop_assert_eq!(decoded.events, vec![expected]);
+            } else {
+                prop_assert_eq!(decoded.result, Err(INVALID_UTF8));
+            }
+        }
+    }
+
+    /// Every length boundary, for both kinds, in one frame and in fragments
+    /// with a ping between them, split into odd reads.
+    #[test]
+    fn boundary_sizes_round_trip() {
+        let mut rng = Rng::new(7);
+        for len in [0, 1, 125, 126, 127, 65_535, 65_536, 65_537] {
+            for kind in [MessageKind::Text, MessageKind::Binary] {
+                let payload = rng.payload(kind, len);
+                let whole = Item::Message {
+                    kind,
+                    fragments: vec![(payload.clone(), None)],
+                };
+                let (a, b) = payload.split_at(len / 3);
+                let ping = Some(Control::Ping(b"are you there".to_vec()));
+                let fragmented = Item::Message {
+                    kind,
+                    fragments: vec![(a.to_vec(), ping), (b.to_vec(), None)],
+                };
+                for item in [whole, fragmented] {
+                    let built = fuzz::build(std::slice::from_ref(&item), &mut || rng.mask());
+                    let decoded = fuzz::decode(&built.stream, len, || rng.chunk_len());
+                    assert_eq!(decoded, built.expected, "{len} bytes of {kind:?}");
+                    let payloads: Vec<u8> = decoded
+                        .events
+                        .iter()
+                        .flat_map(|e| match e {
+                            fuzz::Owned::Data { payload, .. } => payload.clone(),
+                            _ => Vec::new(),
+                        })
+                        .collect();
+                    assert_eq!(payloads, payload, "{len} bytes of {kind:?}");
+                }
+            }
+        }
     }
 }

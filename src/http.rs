@@ -126,10 +126,13 @@ pub(crate) fn parse_route(buf: &[u8], route: &Route<'_>) -> Parsed {
     let max_bytes = route.max_bytes;
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
-    let consumed = match req.parse(buf) {
-        Ok(httparse::Status::Complete(n)) if n <= max_bytes => n,
+    // Only the first `max_bytes` can hold the head: bytes past the limit must
+    // not change the verdict, however the request was split into reads.
+    let head = &buf[..buf.len().min(max_bytes)];
+    let consumed = match req.parse(head) {
+        Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() < max_bytes => return Parsed::Incomplete,
-        Ok(_) => return reject(431, "request headers too large"),
+        Ok(httparse::Status::Partial) => return reject(431, "request headers too large"),
         Err(httparse::Error::TooManyHeaders) => return reject(431, "too many request headers"),
         Err(_) => return reject(400, "malformed HTTP request"),
     };
@@ -373,5 +376,183 @@ mod tests {
         assert!(text.starts_with("HTTP/1.1 404 Not Found\r\n"));
         assert!(text.ends_with("\r\n\r\nnope\n"));
         assert!(text.contains("Content-Length: 5\r\n"));
+    }
+}
+
+#[cfg(test)]
+mod props {
+    //! Property tests of [`parse`] over generated requests. Each answer is
+    //! checked by `crate::fuzz` (which the fuzz target shares): a status in
+    //! 400..=599 and a complete response for every refusal, a 101 for every
+    //! upgrade, `Incomplete` only below the limit, and verdicts that stay the
+    //! same for every longer prefix of the request.
+
+    use super::*;
+    use crate::fuzz;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    /// `name` in one of the spellings HTTP allows (field names are case-insensitive).
+    fn name(name: &'static str) -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(name.to_owned()),
+            Just(name.to_ascii_lowercase()),
+            Just(name.to_ascii_uppercase()),
+        ]
+    }
+
+    /// Optional whitespace around a field value.
+    fn ows() -> impl Strategy<Value = &'static str> {
+        prop_oneof![Just(""), Just(" "), Just("  "), Just("\t")]
+    }
+
+    fn header(
+        n: impl Strategy<Value = String>,
+        value: impl Strategy<Value = String>,
+    ) -> impl Strategy<Value = String> {
+        (n, ows(), value, ows()).prop_map(|(n, a, v, b)| format!("{n}:{a}{v}{b}"))
+    }
+
+    /// A valid upgrade request head for `path` (headers in any order, any
+    /// case, extra headers and tokens), and that path.
+    fn valid_request() -> impl Strategy<Value = (String, &'static str)> {
+        let path = prop_oneof![Just("/"), Just("/ws"), Just("/feed/live")];
+        let query = prop_oneof![Just(""), Just("?room=1"), Just("?a=b&c=/d")];
+        let key = "[A-Za-z0-9+/]{22}".prop_map(|k| format!("{k}=="));
+        let headers = (
+            header(name("Host"), Just("example.com".to_owned())),
+            header(
+                name("Upgrade"),
+                prop_oneof![Just("websocket"), Just("WebSocket"), Just("h2c, websocket")]
+                    .prop_map(str::to_owned),
+            ),
+            header(
+                name("Connection"),
+                prop_oneof![
+                    Just("Upgrade"),
+                    Just("upgrade"),
+                    Just("keep-alive, Upgrade")
+                ]
+                .prop_map(str::to_owned),
+            ),
+            header(name("Sec-WebSocket-Version"), Just("13".to_owned())),
+            header(name("Sec-WebSocket-Key"), key),
+            vec(header("X-[A-Za-z]{1,8}", "[ -~]{0,30}"), 0..6),
+        )
+            .prop_map(|(h, u, c, v, k, extra)| {
+                let mut all = vec![h, u, c, v, k];
+                all.extend(extra);
+                all
+            })
+            .prop_shuffle();
+        let newline = prop_oneof![Just("\r\n"), Just("\n")];
+        (path, query, headers, newline).prop_map(|(path, query, headers, nl)| {
+            let mut head = format!("GET {path}{query} HTTP/1.1{nl}");
+            for h in headers {
+                head.push_str(&h);
+                head.push_str(nl);
+            }
+            head.push_str(nl);
+            (head, path)
+        })
+    }
+
+    fn route(path: &str, max_bytes: usize) -> Route<'_> {
+        Route {
+            path,
+            allowed_origins: &[],
+            max_bytes,
+        }
+    }
+
+    fn status(parsed: &Parsed) -> u16 {
+        match parsed {
+            Parsed::Incomplete => 0,
+            Parsed::Upgrade { .. } => 101,
+            Parsed::Reject(r) => r.status,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn valid_requests_upgrade_exactly_at_the_end_of_the_head(
+            (head, path) in valid_request(),
+            trailing in vec(any::<u8>(), 0..32),
+        ) {
+            let mut bytes = head.clone().into_bytes();
+            bytes.extend(&trailing);
+            for max_bytes in [head.len(), 8192] {
+                let parsed = parse(&bytes, path, max_bytes);
+                let consumed = match parsed {
+                    Parsed::Upgrade { consumed, .. } => consumed,
+                    other => panic!("{other:?} for {head:?}"),
+                };
+                prop_assert_eq!(consumed, head.len());
+                fuzz::check_upgrade(&bytes, &route(path, max_bytes));
+            }
+            prop_assert_eq!(status(&parse(&bytes, path, head.len() - 1)), 431);
+            prop_assert_eq!(status(&parse(&bytes, "/elsewhere", 8192)), 404);
+        }
+
+        #[test]
+        fn mutated_requests_keep_their_verdicts(
+            (head, path) in valid_request(),
+            edits in vec((any::<prop::sample::Index>(), any::<u8>(), 0..3u8), 1..4),
+            max_bytes in prop_oneof![Just(8192usize), 0..400usize],
+        ) {
+            let mut bytes = head.into_bytes();
+            for (at, byte, how) in edits {
+                let i = at.index(bytes.len() + 1);
+                match how {
+                    0 => bytes.insert(i, byte),
+                    1 if i < bytes.len() => bytes[i] = byte,
+                    _ if i < bytes.len() => {
+                        bytes.remove(i);
+                    }
+                    _ => {}
+                }
+            }
+            fuzz::check_upgrade(&bytes, &route(path, max_bytes));
+        }
+
+        #[test]
+        fn arbitrary_bytes_get_well_formed_final_answers(
+            bytes in vec(any::<u8>(), 0..400),
+        ) {
+            fuzz::upgrade_request(&bytes);
+        }
+
+        #[test]
+        fn origins_are_checked_only_against_a_non_empty_list(
+            (head, path) in valid_request(),
+            origin in proptest::option::of(prop_oneof![
+                Just(("https://example.com", true)),
+                Just(("HTTPS://Example.COM/", true)),
+                Just(("https://example.com.evil", false)),
+                Just(("null", false)),
+            ]),
+            restricted in any::<bool>(),
+        ) {
+            let mut head = head;
+            if let Some((origin, _)) = origin {
+                // Insert the Origin header right after the request line.
+                let at = head.find('\n').expect("a request line") + 1;
+                head.insert_str(at, &format!("Origin: {origin}\r\n"));
+            }
+            let allowed = ["https://example.com".to_owned()];
+            let route = Route {
+                path,
+                allowed_origins: if restricted { &allowed } else { &[] },
+                max_bytes: 8192,
+            };
+            let want = match origin {
+                Some((_, false)) if restricted => 403,
+                _ => 101,
+            };
+            prop_assert_eq!(status(&parse_route(head.as_bytes(), &route)), want);
+            fuzz::check_upgrade(head.as_bytes(), &route);
+        }
     }
 }

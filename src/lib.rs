@@ -48,6 +48,8 @@ mod conn;
 pub mod demo;
 mod error;
 mod frame;
+#[doc(hidden)]
+pub mod fuzz;
 mod gateway;
 mod history;
 mod http;
