@@ -31,6 +31,10 @@ pub struct Cli {
     #[argh(option, default = "2")]
     pub writers: usize,
 
+    /// milliseconds a client's frames may wait to be written together (default 0)
+    #[argh(option, default = "0")]
+    pub write_batch_ms: u64,
+
     /// most clients connected at once, beyond which 503; 0 = no limit (default 0)
     #[argh(option, default = "0")]
     pub max_clients: usize,
@@ -172,6 +176,7 @@ impl Cli {
         config.lobby_capacity = self.lobby_capacity;
         config.queue_depth = self.queue;
         config.writers = self.writers;
+        config.write_batch = Duration::from_millis(self.write_batch_ms);
         config.lobby_linger = self.lobby_linger.0;
         config.max_clients = self.max_clients;
         config.max_clients_per_ip = self.max_clients_per_ip;

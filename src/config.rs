@@ -54,6 +54,10 @@ pub struct Config {
     pub queue_depth: usize,
     /// Writer threads serving client sockets. Defaults to 2.
     pub writers: usize,
+    /// How long a client's frames may wait to be written together (fewer,
+    /// larger writes: less CPU, more latency). Zero writes as soon as frames
+    /// arrive. Defaults to 0.
+    pub write_batch: Duration,
     /// Most lobbies, hence origin connections; 0 means no limit. When every
     /// lobby is full and the limit is reached, new clients get 503 with
     /// Retry-After. Defaults to 0.
@@ -127,6 +131,7 @@ impl Default for Config {
             lobby_capacity: 512,
             queue_depth: 16,
             writers: 2,
+            write_batch: Duration::ZERO,
             max_origin_connections: 0,
             compact_interval: Duration::from_secs(10),
             compact_fill: 0.9,
@@ -264,6 +269,9 @@ impl Config {
         }
         if self.origin_connect_timeout.is_zero() {
             return bad("origin connect timeout must be above zero");
+        }
+        if self.write_batch > Duration::from_secs(1) {
+            return bad("write batch window must be at most 1 s");
         }
         if self.client_ping.is_zero() {
             return bad("client ping interval must be above zero");

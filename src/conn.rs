@@ -81,6 +81,43 @@ pub(crate) struct IoCtx {
     pub policy: Policy,
     /// Where forwarded client messages go.
     pub manager: Sender<ManagerMsg>,
+    /// The zero of the writer's millisecond clock (see [`Millis`]).
+    pub epoch: Instant,
+}
+
+/// A point in time as milliseconds since the writer's epoch, wrapping every
+/// 49 days: 4 bytes where an `Instant` takes 16, for the timestamps every
+/// connection keeps. Intervals compared with it must stay under 24 days.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Millis(u32);
+
+impl Millis {
+    /// Time from `earlier` to `self`.
+    fn since(self, earlier: Millis) -> Duration {
+        Duration::from_millis(u64::from(self.0.wrapping_sub(earlier.0)))
+    }
+
+    /// Whether `self` is at or past `deadline`.
+    fn reached(self, deadline: Millis) -> bool {
+        // The wrapping difference read as signed: a past deadline is a small positive.
+        (self.0.wrapping_sub(deadline.0) as i32) >= 0
+    }
+
+    fn after(self, d: Duration) -> Millis {
+        Millis(self.0.wrapping_add(d.as_millis() as u32))
+    }
+}
+
+impl IoCtx {
+    /// The writer's clock now.
+    pub(crate) fn now(&self) -> Millis {
+        self.at(Instant::now())
+    }
+
+    /// `instant` on the writer's clock.
+    pub(crate) fn at(&self, instant: Instant) -> Millis {
+        Millis(instant.saturating_duration_since(self.epoch).as_millis() as u32)
+    }
 }
 
 /// Where a client stands in the closing handshake.
@@ -127,7 +164,7 @@ pub(crate) struct Conn {
     decoder: Decoder,
     closing: Closing,
     /// When to give up on a closing client.
-    close_deadline: Option<Instant>,
+    close_deadline: Option<Millis>,
     /// The socket may have unread input.
     pub readable: bool,
     /// The socket may accept writes (false after `WouldBlock`).
@@ -137,13 +174,13 @@ pub(crate) struct Conn {
     /// The client sent a close frame, or broke the rules: ignore its input.
     is_peer_done: bool,
     /// When the client last sent anything.
-    last_heard: Instant,
+    last_heard: Millis,
     is_pinged: bool,
     /// Messages counted in the current one-second window.
-    rate_window: Instant,
+    rate_window: Millis,
     rate_count: u32,
     /// Queue drops seen at the start of the current drop window.
-    drop_window: Instant,
+    drop_window: Millis,
     drops_at_window: u64,
     /// A message being received for forwarding.
     inbound: Option<Box<Inbound>>,
@@ -151,13 +188,8 @@ pub(crate) struct Conn {
 
 impl Conn {
     /// A connection for a client just attached to the writer.
-    pub(crate) fn new(
-        id: ClientId,
-        stream: TcpStream,
-        queue: ClientQueue,
-        policy: &Policy,
-    ) -> Conn {
-        let now = Instant::now();
+    pub(crate) fn new(id: ClientId, stream: TcpStream, queue: ClientQueue, io: &IoCtx) -> Conn {
+        let now = io.now();
         Conn {
             id,
             stream,
@@ -165,7 +197,7 @@ impl Conn {
             queue,
             pending: VecDeque::new(),
             offset: 0,
-            decoder: Decoder::new(policy.max_message),
+            decoder: Decoder::new(io.policy.max_message),
             closing: Closing::Open,
             close_deadline: None,
             readable: true,
@@ -222,14 +254,14 @@ impl Conn {
 
     /// Time-driven rules, checked a few times a second: close deadlines,
     /// keepalive pings, the slow-client policy. True if the client needs a turn.
-    pub(crate) fn tick(&mut self, now: Instant, io: &mut IoCtx) -> Result<bool, &'static str> {
-        if self.close_deadline.is_some_and(|at| now >= at) {
+    pub(crate) fn tick(&mut self, now: Millis, io: &mut IoCtx) -> Result<bool, &'static str> {
+        if self.close_deadline.is_some_and(|at| now.reached(at)) {
             return Err("close not completed in time");
         }
         if !matches!(self.closing, Closing::Open) {
             return Ok(false);
         }
-        let silent = now.saturating_duration_since(self.last_heard);
+        let silent = now.since(self.last_heard);
         if silent >= io.policy.ping_after * 2 {
             bump(&io.stats.clients_timed_out);
             debug!("{}: silent for {silent:?}; closing", self.id);
@@ -249,7 +281,7 @@ impl Conn {
                 self.close_now(close_code::TRY_AGAIN_LATER, "too slow to keep up", io);
                 return Ok(true);
             }
-            if now.saturating_duration_since(self.drop_window) >= DROP_WINDOW {
+            if now.since(self.drop_window) >= DROP_WINDOW {
                 self.drop_window = now;
                 self.drops_at_window = self.queue.drops();
             }
@@ -258,7 +290,7 @@ impl Conn {
     }
 
     /// Starts the shutdown close: what is queued, then 1001, within `deadline`.
-    pub(crate) fn begin_drain(&mut self, deadline: Instant) {
+    pub(crate) fn begin_drain(&mut self, deadline: Millis) {
         if let Closing::Open = self.closing {
             self.closing = Closing::Draining(frame::encode_close(
                 close_code::GOING_AWAY,
@@ -271,7 +303,8 @@ impl Conn {
     /// Decodes bytes the client sent (read from the socket, or sent along
     /// with its upgrade request) and reacts to them.
     pub(crate) fn decode(&mut self, bytes: &mut [u8], io: &mut IoCtx) {
-        self.last_heard = Instant::now();
+        let now = io.now();
+        self.last_heard = now;
         self.is_pinged = false;
         let mut pongs: Vec<Frame> = Vec::new();
         let mut peer_close = None;
@@ -321,7 +354,7 @@ impl Conn {
                 Some(code) => frame::encode_close(code, ""),
                 None => frame::encode(frame::OP_CLOSE, &[]),
             };
-            self.close_with(reply, io.policy.close_wait);
+            self.close_with(reply, now.after(io.policy.close_wait));
         }
         if let Err(Violation { code, reason }) = result {
             debug!(
@@ -330,7 +363,7 @@ impl Conn {
             );
             bump(&io.stats.client_protocol_errors);
             self.close_now(code, reason, io);
-        } else if self.over_rate(messages, io.policy.max_rate) {
+        } else if self.over_rate(messages, io.policy.max_rate, now) {
             debug!(
                 "{}: more than {} messages a second; closing",
                 self.id, io.policy.max_rate
@@ -341,12 +374,11 @@ impl Conn {
     }
 
     /// Counts `messages` in the current second; true once over `max` (0: no limit).
-    fn over_rate(&mut self, messages: u32, max: u32) -> bool {
+    fn over_rate(&mut self, messages: u32, max: u32, now: Millis) -> bool {
         if max == 0 || messages == 0 {
             return false;
         }
-        let now = Instant::now();
-        if now.saturating_duration_since(self.rate_window) >= Duration::from_secs(1) {
+        if now.since(self.rate_window) >= Duration::from_secs(1) {
             self.rate_window = now;
             self.rate_count = 0;
         }
@@ -358,7 +390,10 @@ impl Conn {
     fn close_now(&mut self, code: u16, reason: &str, io: &IoCtx) {
         self.is_peer_done = true;
         self.inbound = None;
-        self.close_with(frame::encode_close(code, reason), io.policy.close_wait);
+        self.close_with(
+            frame::encode_close(code, reason),
+            io.now().after(io.policy.close_wait),
+        );
     }
 
     fn read(&mut self, io: &mut IoCtx) -> Turn {
@@ -403,15 +438,15 @@ impl Conn {
     }
 
     /// Sends `close` after the frame being written, dropping what else is
-    /// unsent; the client has `wait` to receive it and answer.
-    fn close_with(&mut self, close: Frame, wait: Duration) {
+    /// unsent; the client has until `deadline` to receive it and answer.
+    fn close_with(&mut self, close: Frame, deadline: Millis) {
         match self.closing {
             Closing::Open | Closing::Draining(_) => {
                 let keep = usize::from(self.offset > 0).min(self.pending.len());
                 self.pending.truncate(keep);
                 self.pending.push_back(close);
                 self.closing = Closing::Sending;
-                self.close_deadline = Some(Instant::now() + wait);
+                self.close_deadline = Some(deadline);
             }
             Closing::Sending | Closing::Sent => {}
         }
@@ -458,7 +493,7 @@ impl Conn {
             io.batch.push(frame);
             if is_close {
                 self.closing = Closing::Sending;
-                self.close_deadline = Some(Instant::now() + io.policy.close_wait);
+                self.close_deadline = Some(io.now().after(io.policy.close_wait));
                 break;
             }
         }
@@ -612,4 +647,20 @@ fn write_frames<'a>(
         count += 1;
     }
     stream.write_vectored(&slices[..count])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_millisecond_clock_survives_wrapping() {
+        let before = Millis(u32::MAX - 5);
+        let after = before.after(Duration::from_millis(10));
+        assert_eq!(after, Millis(4));
+        assert_eq!(after.since(before), Duration::from_millis(10));
+        assert!(after.reached(before));
+        assert!(!before.reached(after));
+        assert!(after.reached(after));
+    }
 }

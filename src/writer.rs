@@ -80,6 +80,11 @@ impl WriterWake {
         }
     }
 
+    /// Whether a wake is pending (without clearing it).
+    fn is_pending(&self) -> bool {
+        self.notified.load(Ordering::SeqCst)
+    }
+
     /// Clears the pending wake; true if there was one.
     fn take(&self) -> bool {
         let was = self.notified.swap(false, Ordering::SeqCst);
@@ -143,6 +148,8 @@ pub(crate) fn spawn(
         ready: Vec::new(),
         spare: Vec::new(),
         next_tick: Instant::now() + TICK,
+        batch_window: (!config.write_batch.is_zero()).then_some(config.write_batch),
+        flush_at: None,
         drain_deadline: None,
         drain_timeout: config.drain_timeout,
         io: IoCtx {
@@ -153,6 +160,7 @@ pub(crate) fn spawn(
             stats,
             policy: Policy::new(config),
             manager,
+            epoch: Instant::now(),
         },
     };
     let thread = thread::Builder::new()
@@ -177,6 +185,10 @@ struct Writer {
     spare: Vec<usize>,
     /// When the time-driven rules are next checked.
     next_tick: Instant,
+    /// With write batching: how long queued frames may wait to be written together.
+    batch_window: Option<Duration>,
+    /// With write batching: when the frames queued since the first wake are written.
+    flush_at: Option<Instant>,
     drain_deadline: Option<Instant>,
     drain_timeout: Duration,
     io: IoCtx,
@@ -208,10 +220,8 @@ impl Writer {
                 mark_ready(&mut self.ready, conn, token);
             }
             self.take_messages();
-            if self.wake.take() {
-                self.scan_queues();
-            }
             let now = Instant::now();
+            self.take_wake(now);
             if now >= self.next_tick {
                 self.tick(now);
             }
@@ -238,6 +248,7 @@ impl Writer {
             .then_some(self.next_tick)
             .into_iter()
             .chain(self.drain_deadline)
+            .chain(self.flush_at)
             .min()?;
         Some(next.saturating_duration_since(Instant::now()))
     }
@@ -278,9 +289,9 @@ impl Writer {
             self.depart(id);
             return;
         }
-        let mut conn = Conn::new(id, stream, queue, &self.io.policy);
+        let mut conn = Conn::new(id, stream, queue, &self.io);
         if let Some(deadline) = self.drain_deadline {
-            conn.begin_drain(deadline);
+            conn.begin_drain(self.io.at(deadline));
         }
         if !leftover.is_empty() {
             let mut leftover = leftover;
@@ -298,10 +309,34 @@ impl Writer {
         debug!("writer {}: draining clients", self.index);
         let deadline = Instant::now() + self.drain_timeout;
         self.drain_deadline = Some(deadline);
+        let deadline = self.io.at(deadline);
         for (token, slot) in self.conns.iter_mut().enumerate() {
             if let Some(conn) = slot {
                 conn.begin_drain(deadline);
                 mark_ready(&mut self.ready, conn, token);
+            }
+        }
+    }
+
+    /// Reacts to lobbies' wakes: at once, or, with a write-batching window,
+    /// once the window since the first wake has passed. During the window the
+    /// wake stays pending, so lobbies do not wake the writer again.
+    fn take_wake(&mut self, now: Instant) {
+        match self.batch_window {
+            None => {
+                if self.wake.take() {
+                    self.scan_queues();
+                }
+            }
+            Some(window) => {
+                if self.flush_at.is_none() && self.wake.is_pending() {
+                    self.flush_at = Some(now + window);
+                }
+                if self.flush_at.is_some_and(|at| at <= now) {
+                    self.flush_at = None;
+                    self.wake.take();
+                    self.scan_queues();
+                }
             }
         }
     }
@@ -321,6 +356,7 @@ impl Writer {
     /// slow-client policy).
     fn tick(&mut self, now: Instant) {
         self.next_tick = now + TICK;
+        let now = self.io.at(now);
         let mut expired = Vec::new();
         for (token, slot) in self.conns.iter_mut().enumerate() {
             let Some(conn) = slot else {

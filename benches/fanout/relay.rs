@@ -140,10 +140,14 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Spawns the relay in front of `origin_url` and waits until it listens.
-    pub fn start(kind: Kind, origin_url: &str) -> Result<Relay, String> {
+    /// Spawns the relay in front of `origin_url` (wsgate with `wsgate_args`
+    /// added) and waits until it listens.
+    pub fn start(kind: Kind, origin_url: &str, wsgate_args: &[&str]) -> Result<Relay, String> {
         let name = kind.name();
         let mut command = kind.command(origin_url)?;
+        if kind == Kind::Wsgate {
+            command.args(wsgate_args);
+        }
         let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -34,10 +34,14 @@ pub struct Scenario {
     pub rate: Rate,
     /// Message size in bytes (payload).
     pub size: usize,
+    /// Clients (the first ones) that never read.
+    pub slow: usize,
+    /// Flags added to wsgate's command line (the baseline has no knobs).
+    pub wsgate_args: &'static [&'static str],
 }
 
 /// Every scenario, in the order they run.
-pub const ALL: [Scenario; 4] = [
+pub const ALL: [Scenario; 7] = [
     // 10 000 msg/s to 1000 clients offers 10M deliveries/s, several times what
     // this machine kind can write: the relay is saturated, while a relay that
     // keeps up with its origin link can still keep latency low.
@@ -46,24 +50,59 @@ pub const ALL: [Scenario; 4] = [
         clients: 1000,
         rate: Rate::PerSecond(10_000),
         size: 128,
+        slow: 0,
+        wsgate_args: &[],
     },
     Scenario {
         name: "steady",
         clients: 1000,
         rate: Rate::PerSecond(200),
         size: 128,
+        slow: 0,
+        wsgate_args: &[],
+    },
+    // The same with a 10 ms write-batching window: fewer, larger writes.
+    Scenario {
+        name: "batched",
+        clients: 1000,
+        rate: Rate::PerSecond(200),
+        size: 128,
+        slow: 0,
+        wsgate_args: &["--write-batch-ms", "10"],
+    },
+    // Well below saturation: latency is the measure.
+    Scenario {
+        name: "light",
+        clients: 1000,
+        rate: Rate::PerSecond(50),
+        size: 128,
+        slow: 0,
+        wsgate_args: &[],
+    },
+    // 100 of the 1000 clients never read: the others must lose nothing.
+    Scenario {
+        name: "slow",
+        clients: 1000,
+        rate: Rate::PerSecond(200),
+        size: 128,
+        slow: 100,
+        wsgate_args: &[],
     },
     Scenario {
         name: "large",
         clients: 200,
         rate: Rate::PerSecond(50),
         size: 64 * 1024,
+        slow: 0,
+        wsgate_args: &[],
     },
     Scenario {
         name: "idle",
         clients: 10_000,
         rate: Rate::Paused,
         size: 128,
+        slow: 0,
+        wsgate_args: &[],
     },
 ];
 
@@ -179,14 +218,15 @@ pub fn run(scenario: &Scenario, kind: Kind, settings: &Settings) -> Result<Measu
     )
     .map_err(|e| format!("cannot start the origin: {e}"))?;
     let origin_url = format!("ws://{}/", origin.local_addr());
-    let relay = Relay::start(kind, &origin_url)?;
+    let relay = Relay::start(kind, &origin_url, scenario.wsgate_args)?;
     let observer = Observer::new(relay.pid()).map_err(|e| format!("cannot observe {name}: {e}"))?;
     let load = Observer::new(std::process::id())
         .map_err(|e| format!("cannot observe the bench process: {e}"))?;
     sleep(SETTLE);
     let empty = sample(&observer, name)?;
 
-    let config = client::Config::new(relay.url(), scenario.clients);
+    let mut config = client::Config::new(relay.url(), scenario.clients);
+    config.slow = scenario.slow;
     let connect_deadline = Instant::now() + config.connect_timeout;
     let started = Instant::now();
     let mut clients = Clients::start(config).map_err(|e| format!("cannot start clients: {e}"))?;
