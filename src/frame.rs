@@ -441,22 +441,7 @@ mod tests {
 
     /// Builds a masked client frame.
     fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
-        let mask = [0x11, 0x22, 0x33, 0x44];
-        let mut out = vec![first];
-        match payload.len() {
-            n if n < 126 => out.push(0x80 | n as u8),
-            n if n <= 0xFFFF => {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(0x80 | 127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
-        out
+        crate::fuzz::client_frame(first, [0x11, 0x22, 0x33, 0x44], payload)
     }
 
     /// Feeds `bytes` in pieces of `step`, collecting events as owned values.
