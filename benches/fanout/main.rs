@@ -17,9 +17,11 @@
 //!
 //! Scenarios (`scenario.rs`): `saturated` (1000 clients × 10 000 msg/s ×
 //! 128 B: 10M deliveries/s offered, far more than the machine can write),
-//! `steady` (1000 clients × 200 msg/s ×
-//! 128 B), `large` (200 clients × 50 msg/s × 64 KiB), `idle` (10 000 idle
-//! clients; relay RSS per client).
+//! `steady` (1000 × 200 msg/s × 128 B), `batched` (the same, wsgate with
+//! `--write-batch-ms 10`), `light` (1000 × 50 msg/s: latency below
+//! saturation), `slow` (steady, with 100 clients that never read), `large`
+//! (200 × 50 msg/s × 64 KiB), `idle` (10 000 idle clients; relay RSS per
+//! client).
 //!
 //! Per run: deliveries/s (messages received by clients in the window /
 //! window), relay CPU per delivery (relay utime + stime over the window /
