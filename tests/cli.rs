@@ -54,25 +54,34 @@ fn help_exits_0() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("--lobby-capacity"));
 }
 
-/// A child process killed (and reaped) if the test ends early.
-struct Reaper(Child);
+/// A child process killed (and reaped) if the test ends early; if the test
+/// fails, the child's log is printed.
+struct Reaper(Child, std::path::PathBuf);
 
 impl Drop for Reaper {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.1).unwrap_or_default();
+            eprintln!("wsgate's log:\n{log}");
+        }
+        let _ = std::fs::remove_file(&self.1);
     }
 }
 
 #[test]
 fn demo_serves_ticks_and_sigterm_stops_it_cleanly() {
+    let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("demo-{}.log", std::process::id()));
     let mut child = Reaper(
         Command::new(env!("CARGO_BIN_EXE_wsgate"))
-            .args(["--demo", "--listen", "127.0.0.1:0", "--log-level", "warn"])
+            .args(["--demo", "--listen", "127.0.0.1:0", "--log-level", "debug"])
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("start wsgate --demo"),
+        log,
     );
     let mut stdout = BufReader::new(child.0.stdout.take().unwrap());
     let mut line = String::new();
