@@ -92,9 +92,10 @@ pub(crate) struct IoCtx {
 pub(crate) struct Millis(u32);
 
 impl Millis {
-    /// Time from `earlier` to `self`.
+    /// Time from `earlier` to `self` (zero if `earlier` is in fact later).
     fn since(self, earlier: Millis) -> Duration {
-        Duration::from_millis(u64::from(self.0.wrapping_sub(earlier.0)))
+        let elapsed = self.0.wrapping_sub(earlier.0) as i32;
+        Duration::from_millis(u64::from(elapsed.max(0).unsigned_abs()))
     }
 
     /// Whether `self` is at or past `deadline`.
@@ -662,5 +663,6 @@ mod tests {
         assert!(after.reached(before));
         assert!(!before.reached(after));
         assert!(after.reached(after));
+        assert_eq!(before.since(after), Duration::ZERO, "no huge span backwards");
     }
 }
