@@ -663,6 +663,10 @@ mod tests {
         assert!(after.reached(before));
         assert!(!before.reached(after));
         assert!(after.reached(after));
-        assert_eq!(before.since(after), Duration::ZERO, "no huge span backwards");
+        assert_eq!(
+            before.since(after),
+            Duration::ZERO,
+            "no huge span backwards"
+        );
     }
 }

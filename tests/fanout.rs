@@ -70,7 +70,9 @@ fn clients_fill_the_fullest_lobby_with_room() {
     // The manager may not have placed the last client when its upgrade completes.
     wait_until("lobbies of 4, 4 and 2", || members(&gw) == [4, 4, 2]);
     wait_until("three origin connections", || origin.open() == 3);
-    wait_until("the gateway to count them", || gw.stats().origin_connections == 3);
+    wait_until("the gateway to count them", || {
+        gw.stats().origin_connections == 3
+    });
 
     // The first four clients are in the first lobby; one leaves.
     clients.remove(0).close(None).unwrap();
