@@ -25,9 +25,11 @@ impl Ca {
     }
 
     /// Writes the CA certificate to a PEM file for the gateway's `origin_ca`.
-    fn pem_file(&self, name: &str) -> TempFile {
-        let path =
-            std::env::temp_dir().join(format!("wsgate-test-{}-{name}.pem", std::process::id()));
+    fn pem_file(&self) -> TempFile {
+        // Tests run in parallel: each file gets its own name.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let path = std::env::temp_dir().join(format!("wsgate-test-{}-{n}.pem", std::process::id()));
         std::fs::write(&path, self.issuer.pem()).unwrap();
         TempFile(path)
     }
@@ -67,18 +69,20 @@ fn tls_origin(config: Arc<rustls::ServerConfig>) -> TestOrigin {
     })
 }
 
-fn wss_url(origin: &TestOrigin, host: &str) -> String {
-    format!("wss://{host}:{}/feed", origin.addr().port())
+/// A gateway dialling `origin` as `wss://host`, trusting only `ca`; the CA
+/// file lives as long as the returned guard.
+fn gateway_trusting(origin: &TestOrigin, host: &str, ca: &Ca) -> (wsgate::GatewayHandle, TempFile) {
+    let mut config = test_config(&format!("wss://{host}:{}/feed", origin.addr().port()));
+    let ca_file = ca.pem_file();
+    config.origin_ca = Some(ca_file.0.clone());
+    (start_gateway(config), ca_file)
 }
 
 #[test]
 fn wss_with_a_private_ca_delivers() {
     let ca = Ca::new();
     let origin = tls_origin(ca.server_config("localhost"));
-    let mut config = test_config(&wss_url(&origin, "localhost"));
-    let ca_file = ca.pem_file("good");
-    config.origin_ca = Some(ca_file.0.clone());
-    let gw = start_gateway(config);
+    let (gw, _ca_file) = gateway_trusting(&origin, "localhost", &ca);
     let mut client = connect_clients(&gw, 1).remove(0);
     wait_until("the TLS origin connection", || origin.open() == 1);
     origin.send_seq(42);
@@ -89,10 +93,7 @@ fn wss_with_a_private_ca_delivers() {
 #[test]
 fn the_wrong_ca_fails_and_keeps_retrying() {
     let origin = tls_origin(Ca::new().server_config("localhost"));
-    let mut config = test_config(&wss_url(&origin, "localhost"));
-    let ca_file = Ca::new().pem_file("other");
-    config.origin_ca = Some(ca_file.0.clone());
-    let gw = start_gateway(config);
+    let (gw, _ca_file) = gateway_trusting(&origin, "localhost", &Ca::new());
     let _client = connect_clients(&gw, 1);
     wait_until("repeated TLS failures", || {
         gw.stats().origin_failed_tls >= 3
@@ -105,10 +106,7 @@ fn the_wrong_ca_fails_and_keeps_retrying() {
 fn the_wrong_host_name_fails_and_keeps_retrying() {
     let ca = Ca::new();
     let origin = tls_origin(ca.server_config("feed.example"));
-    let mut config = test_config(&wss_url(&origin, "localhost"));
-    let ca_file = ca.pem_file("host");
-    config.origin_ca = Some(ca_file.0.clone());
-    let gw = start_gateway(config);
+    let (gw, _ca_file) = gateway_trusting(&origin, "localhost", &ca);
     let _client = connect_clients(&gw, 1);
     wait_until("repeated TLS failures", || {
         gw.stats().origin_failed_tls >= 3

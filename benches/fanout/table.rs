@@ -1,6 +1,7 @@
 //! Output formatting: the per-run detail line, the per-scenario ratio line
 //! and the summary table printed at the end. Nothing here measures anything.
 
+use crate::client::ms;
 use crate::relay::Kind;
 use crate::scenario::{Measurement, Scenario};
 
@@ -210,16 +211,4 @@ fn micros(us: f64) -> String {
 
 fn kib(k: f64) -> String {
     format!("{k:.2}KiB")
-}
-
-/// A latency in µs, shown in ms with about three significant digits.
-fn ms(us: u64) -> String {
-    let v = us as f64 / 1000.0;
-    if v < 10.0 {
-        format!("{v:.2}ms")
-    } else if v < 100.0 {
-        format!("{v:.1}ms")
-    } else {
-        format!("{v:.0}ms")
-    }
 }

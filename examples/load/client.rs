@@ -151,7 +151,64 @@ pub struct Report {
     pub clean_closes: u64,
 }
 
+/// Formats a latency in µs as milliseconds with about three significant digits.
+pub fn ms(us: u64) -> String {
+    let v = us as f64 / 1000.0;
+    if v < 10.0 {
+        format!("{v:.2}ms")
+    } else if v < 100.0 {
+        format!("{v:.1}ms")
+    } else {
+        format!("{v:.0}ms")
+    }
+}
+
 impl Report {
+    /// A report with nothing counted yet.
+    fn empty(clients: usize, window: Duration) -> Report {
+        Report {
+            clients,
+            connected: 0,
+            slow_connected: 0,
+            connect_failed: 0,
+            first_connect_error: None,
+            first_error: None,
+            window,
+            delivered: 0,
+            total_messages: 0,
+            latency: new_histogram(),
+            gaps: 0,
+            dups: 0,
+            io_errors: 0,
+            protocol_errors: 0,
+            server_closes: 0,
+            clean_closes: 0,
+        }
+    }
+
+    /// Adds one client thread's counts (its `clients` and `window` are unused).
+    fn absorb(&mut self, t: Report) {
+        self.connected += t.connected;
+        self.slow_connected += t.slow_connected;
+        self.connect_failed += t.connect_failed;
+        if self.first_connect_error.is_none() {
+            self.first_connect_error = t.first_connect_error;
+        }
+        if self.first_error.is_none() {
+            self.first_error = t.first_error;
+        }
+        self.delivered += t.delivered;
+        self.total_messages += t.total_messages;
+        // Both histograms have the same bounds, so adding cannot fail.
+        let _ = self.latency.add(&t.latency);
+        self.gaps += t.gaps;
+        self.dups += t.dups;
+        self.io_errors += t.io_errors;
+        self.protocol_errors += t.protocol_errors;
+        self.server_closes += t.server_closes;
+        self.clean_closes += t.clean_closes;
+    }
+
     /// All errors after connect: I/O, protocol, and server-initiated closes.
     pub fn errors(&self) -> u64 {
         self.io_errors + self.protocol_errors + self.server_closes
@@ -213,7 +270,7 @@ struct Shared {
 pub struct Clients {
     shared: Arc<Shared>,
     wakers: Vec<Arc<Waker>>,
-    threads: Vec<JoinHandle<ThreadReport>>,
+    threads: Vec<JoinHandle<Report>>,
     clients: usize,
     window_start: Option<Instant>,
     window_end: Option<Instant>,
@@ -320,51 +377,16 @@ impl Clients {
     /// for the server's Close), joins the threads and merges their reports.
     pub fn finish(mut self) -> Report {
         self.set_phase(PHASE_CLOSE);
-        let mut report = Report {
-            clients: self.clients,
-            connected: 0,
-            slow_connected: 0,
-            connect_failed: 0,
-            first_connect_error: None,
-            first_error: None,
-            window: match (self.window_start, self.window_end) {
-                (Some(s), Some(e)) => e.saturating_duration_since(s),
-                _ => Duration::ZERO,
-            },
-            delivered: 0,
-            total_messages: 0,
-            latency: new_histogram(),
-            gaps: 0,
-            dups: 0,
-            io_errors: 0,
-            protocol_errors: 0,
-            server_closes: 0,
-            clean_closes: 0,
+        let window = match (self.window_start, self.window_end) {
+            (Some(s), Some(e)) => e.saturating_duration_since(s),
+            _ => Duration::ZERO,
         };
+        let mut report = Report::empty(self.clients, window);
         for h in std::mem::take(&mut self.threads) {
-            let Ok(t) = h.join() else {
-                report.io_errors += 1;
-                continue;
-            };
-            report.connected += t.connected;
-            report.slow_connected += t.slow_connected;
-            report.connect_failed += t.connect_failed;
-            if report.first_connect_error.is_none() {
-                report.first_connect_error = t.first_connect_error;
+            match h.join() {
+                Ok(thread) => report.absorb(thread),
+                Err(_) => report.io_errors += 1,
             }
-            if report.first_error.is_none() {
-                report.first_error = t.first_error;
-            }
-            report.delivered += t.delivered;
-            report.total_messages += t.total_messages;
-            // Both histograms have the same bounds, so adding cannot fail.
-            let _ = report.latency.add(&t.latency);
-            report.gaps += t.gaps;
-            report.dups += t.dups;
-            report.io_errors += t.io_errors;
-            report.protocol_errors += t.protocol_errors;
-            report.server_closes += t.server_closes;
-            report.clean_closes += t.clean_closes;
         }
         report
     }
@@ -434,23 +456,6 @@ impl Target {
 }
 
 /// Per-thread counters, merged into [`Report`].
-struct ThreadReport {
-    connected: usize,
-    slow_connected: usize,
-    connect_failed: usize,
-    first_connect_error: Option<String>,
-    first_error: Option<String>,
-    delivered: u64,
-    total_messages: u64,
-    latency: Histogram<u64>,
-    gaps: u64,
-    dups: u64,
-    io_errors: u64,
-    protocol_errors: u64,
-    server_closes: u64,
-    clean_closes: u64,
-}
-
 /// Transient state while a connection is being set up (freed after).
 struct Handshake {
     request: Vec<u8>,
@@ -509,31 +514,16 @@ struct Worker {
 
 /// The event loop's mutable state besides the connections.
 struct Loop {
-    stats: ThreadReport,
+    stats: Report,
     measuring: bool,
     rng: u64,
     scratch: Vec<u8>,
 }
 
 impl Worker {
-    fn run(mut self) -> ThreadReport {
+    fn run(mut self) -> Report {
         let mut lp = Loop {
-            stats: ThreadReport {
-                connected: 0,
-                slow_connected: 0,
-                connect_failed: 0,
-                first_connect_error: None,
-                first_error: None,
-                delivered: 0,
-                total_messages: 0,
-                latency: new_histogram(),
-                gaps: 0,
-                dups: 0,
-                io_errors: 0,
-                protocol_errors: 0,
-                server_closes: 0,
-                clean_closes: 0,
-            },
+            stats: Report::empty(0, Duration::ZERO),
             measuring: false,
             rng: seed(),
             scratch: vec![0u8; SCRATCH],

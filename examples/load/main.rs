@@ -46,6 +46,8 @@ use std::time::{Duration, Instant};
 use argh::FromArgs;
 use crossbeam_channel::RecvTimeoutError;
 
+use crate::client::ms;
+
 /// Load generator for wsgate: origin, clients and gateway observer in one
 /// process (loopback only). Prints one summary line on stdout.
 #[derive(FromArgs)]
@@ -321,18 +323,6 @@ fn describe_rate(args: &Args) -> String {
         "saturated".to_string()
     } else {
         format!("{}/s", args.rate)
-    }
-}
-
-/// Formats a latency in µs as milliseconds.
-fn ms(us: u64) -> String {
-    let v = us as f64 / 1000.0;
-    if v < 10.0 {
-        format!("{v:.2}ms")
-    } else if v < 100.0 {
-        format!("{v:.1}ms")
-    } else {
-        format!("{v:.0}ms")
     }
 }
 
