@@ -175,10 +175,12 @@ impl GatewayHandle {
         self.shutdown.clone()
     }
 
-    /// Waits until the gateway has stopped and every thread has ended.
-    /// Blocks until [`shutdown`](Self::shutdown) is called if it was not.
-    pub fn join(mut self) {
+    /// Waits until the gateway has stopped and every thread has ended, and
+    /// returns its final counters. Blocks until [`shutdown`](Self::shutdown)
+    /// is called if it was not.
+    pub fn join(mut self) -> StatsSnapshot {
         self.join_threads();
+        self.stats.snapshot()
     }
 
     fn join_threads(&mut self) {

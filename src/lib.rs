@@ -31,7 +31,8 @@
 //! println!("clients connect to ws://{}/", gateway.local_addr());
 //! assert_eq!(gateway.stats().clients, 0);
 //! gateway.shutdown();
-//! gateway.join();
+//! let last = gateway.join(); // the final counters
+//! assert_eq!(last.frames_delivered, 0);
 //! # Ok::<(), wsgate::Error>(())
 //! ```
 //!

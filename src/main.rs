@@ -6,7 +6,7 @@
 
 mod cli;
 
-use std::{net::SocketAddr, process::ExitCode, thread, time::Duration};
+use std::{io::IsTerminal, net::SocketAddr, process::ExitCode, thread, time::Duration};
 
 use argh::{EarlyExit, FromArgs};
 use log::{LevelFilter, info};
@@ -99,7 +99,11 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
             }
         })
         .map_err(|e| format!("cannot start the signal thread: {e}"))?;
-    gateway.join();
+    let stats = gateway.join();
+    info!(
+        "stopped: clients served {}, origin messages {}, frames delivered {}, frames dropped {}",
+        stats.clients_accepted, stats.messages_in, stats.frames_delivered, stats.frames_dropped
+    );
     signal_handle.close();
     let _ = watcher.join();
     drop(demo);
@@ -112,6 +116,13 @@ fn init_logging(level: LevelFilter) {
         .set_target_level(LevelFilter::Off)
         .add_filter_allow_str("wsgate")
         .build();
+    // termcolor's Auto colours any stream when TERM allows it, pipes and
+    // files included; colour only a terminal.
+    let color = if std::io::stderr().is_terminal() {
+        ColorChoice::Auto
+    } else {
+        ColorChoice::Never
+    };
     // Fails only if a logger is already set, which cannot happen here.
-    let _ = TermLogger::init(level, config, TerminalMode::Stderr, ColorChoice::Auto);
+    let _ = TermLogger::init(level, config, TerminalMode::Stderr, color);
 }

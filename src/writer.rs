@@ -233,10 +233,20 @@ impl Writer {
                 }
             }
         }
-        let left = self.conns.iter().flatten().count();
-        if left > 0 {
-            info!("writer {}: dropping {left} clients still open", self.index);
+        let open: Vec<usize> = (0..self.conns.len())
+            .filter(|&token| self.conns[token].is_some())
+            .collect();
+        if !open.is_empty() {
+            info!(
+                "writer {}: dropping {} clients still open",
+                self.index,
+                open.len()
+            );
         }
+        for token in open {
+            self.remove(token, "still open at the drain deadline");
+        }
+        self.publish_counts();
     }
 
     fn poll_timeout(&self) -> Option<Duration> {

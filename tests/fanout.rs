@@ -146,6 +146,90 @@ fn a_client_that_never_reads_does_not_slow_the_others() {
 }
 
 #[test]
+fn under_overload_the_drop_count_equals_what_clients_miss() {
+    const QUEUE: usize = 4;
+    const N: u64 = 300;
+    const PAUSED: usize = 4;
+    const READING: usize = 4;
+    let origin = TestOrigin::start();
+    let mut config = test_config(&origin.url());
+    config.queue_depth = QUEUE;
+    config.writers = 2;
+    let gw = start_gateway(config);
+    // The paused clients' small receive buffers overflow after a few
+    // messages rather than after megabytes.
+    let mut clients: Vec<Client> = (0..PAUSED)
+        .map(|_| small_buffer_client(gw.local_addr()))
+        .collect();
+    wait_placed(&gw, PAUSED);
+    clients.extend(connect_clients(&gw, READING));
+    wait_until("origin connection", || origin.open() == 1);
+
+    let payload = |n: u64| {
+        let mut p = format!("{n:08}").into_bytes();
+        p.resize(64 * 1024, b'.');
+        Message::binary(p)
+    };
+    // Reads until message N; returns the sequence numbers received, in order.
+    let read_all = |mut client: Client| {
+        let mut got = Vec::new();
+        while got.last() != Some(&N) {
+            let data = client.read().expect("read").into_data();
+            let n: u64 = std::str::from_utf8(&data[..8]).unwrap().parse().unwrap();
+            got.push(n);
+        }
+        got
+    };
+    let mut clients = clients.into_iter();
+    let paused: Vec<Client> = clients.by_ref().take(PAUSED).collect();
+    let received: Vec<Vec<u64>> = std::thread::scope(|s| {
+        // Half the clients read as fast as they can while the origin sends
+        // faster than the writers can deliver; the other half read nothing
+        // until the origin is done, so their queues overflow for certain.
+        let readers: Vec<_> = clients.map(|c| s.spawn(move || read_all(c))).collect();
+        for n in 1..=N {
+            origin.send(payload(n));
+        }
+        wait_until("the gateway to read every message", || {
+            gw.stats().messages_in == N
+        });
+        let late: Vec<_> = paused
+            .into_iter()
+            .map(|c| s.spawn(move || read_all(c)))
+            .collect();
+        readers
+            .into_iter()
+            .chain(late)
+            .map(|h| h.join().expect("reader"))
+            .collect()
+    });
+
+    let mut missed = 0;
+    let mut delivered = 0;
+    for (i, got) in received.iter().enumerate() {
+        assert!(
+            got.windows(2).all(|w| w[0] < w[1]),
+            "client {i} out of order: {got:?}"
+        );
+        delivered += got.len() as u64;
+        missed += N - got.len() as u64;
+    }
+    assert!(missed > 0, "the paused clients lost nothing: no overload");
+    // The writers publish their counts just after writing; allow them a moment.
+    wait_until("every frame either delivered or counted as dropped", || {
+        let stats = gw.stats();
+        stats.frames_dropped == missed && stats.frames_delivered == delivered
+    });
+    // The final counters, as the binary logs them at exit, say the same.
+    gw.shutdown();
+    let last = gw.join();
+    assert_eq!(
+        (last.frames_dropped, last.frames_delivered),
+        (missed, delivered)
+    );
+}
+
+#[test]
 fn clients_survive_an_origin_restart() {
     let origin = TestOrigin::start();
     let gw = start_gateway(test_config(&origin.url()));
@@ -169,4 +253,18 @@ fn clients_survive_an_origin_restart() {
         assert_eq!(recv_text(c), "2");
     }
     assert!(gw.stats().origin_lost >= 1);
+}
+
+/// A client whose socket receive buffer is 16 KiB (no autotuning).
+fn small_buffer_client(addr: std::net::SocketAddr) -> Client {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.set_recv_buffer_size(16 * 1024).expect("SO_RCVBUF");
+    socket.connect(&addr.into()).expect("connect");
+    let stream: std::net::TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(DEADLINE))
+        .expect("read timeout");
+    let (ws, _) = tungstenite::client(format!("ws://{addr}/"), stream).expect("upgrade");
+    ws
 }

@@ -23,7 +23,7 @@ impl Gateway {
     /// Starts `wsgate` through `sh -c` with `prefix` (e.g. a ulimit) and `args`.
     fn spawn(prefix: &str, args: &str) -> Gateway {
         let command = format!(
-            "{prefix} exec '{}' --listen 127.0.0.1:0 --log-level warn {args}",
+            "{prefix} exec '{}' --listen 127.0.0.1:0 {args}",
             env!("CARGO_BIN_EXE_wsgate")
         );
         let mut child = Command::new("sh")
@@ -119,7 +119,10 @@ fn upgrade(addr: SocketAddr, patience: Duration) -> Option<TcpStream> {
 #[test]
 fn out_of_descriptors_it_keeps_serving_and_recovers() {
     let origin = TestOrigin::start();
-    let gw = Gateway::spawn("ulimit -n 64 &&", &format!("--origin {}", origin.url()));
+    let gw = Gateway::spawn(
+        "ulimit -n 64 &&",
+        &format!("--origin {} --log-level warn", origin.url()),
+    );
     let mut clients: Vec<Client> = (0..30).map(|_| ws_client(gw.addr)).collect();
     wait_until("origin connection", || origin.open() == 1);
     std::thread::sleep(Duration::from_millis(200));
@@ -161,7 +164,14 @@ fn out_of_descriptors_it_keeps_serving_and_recovers() {
 #[test]
 fn sigterm_closes_every_client_with_1001_and_exits_0_within_the_drain_timeout() {
     let origin = TestOrigin::start();
-    let gw = Gateway::spawn("", &format!("--origin {} --drain-timeout 3s", origin.url()));
+    let gw = Gateway::spawn(
+        "",
+        &format!(
+            // A client placed after the message still gets it, once.
+            "--origin {} --drain-timeout 3s --replay 1 --log-level info",
+            origin.url()
+        ),
+    );
     let mut clients: Vec<Client> = (0..5).map(|_| ws_client(gw.addr)).collect();
     wait_until("origin connection", || origin.open() == 1);
     origin.send_seq(1);
@@ -178,6 +188,12 @@ fn sigterm_closes_every_client_with_1001_and_exits_0_within_the_drain_timeout() 
     let (code, stderr) = gw.wait();
     assert_eq!(code, Some(0), "{stderr}");
     assert!(
+        stderr.contains(
+            "stopped: clients served 5, origin messages 1, frames delivered 5, frames dropped 0"
+        ),
+        "no final counters in: {stderr}"
+    );
+    assert!(
         start.elapsed() < Duration::from_secs(3),
         "took {:?}",
         start.elapsed()
@@ -191,7 +207,7 @@ fn after_attacks_it_still_serves_and_its_memory_returns_near_baseline() {
     let gw = Gateway::spawn(
         "",
         &format!(
-            "--origin {} --handshake-timeout 1s --max-client-rate 20",
+            "--origin {} --handshake-timeout 1s --max-client-rate 20 --log-level warn",
             origin.url()
         ),
     );
