@@ -32,6 +32,8 @@ pub const WSGATE_ENV: &str = "WSGATE_BENCH_WSGATE";
 /// Pids of the relays started and not yet reaped.
 static LIVE: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 
+/// What precedes the drop count in wsgate's last log line.
+const DROPPED_MARK: &str = "frames dropped ";
 /// Time a relay has to print its address.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a relay has to exit after SIGTERM before it is killed. wsgate's own
@@ -75,7 +77,8 @@ impl Kind {
                 // The defaults, spelled out so the output says what ran.
                 cmd.args(["--listen", LISTEN, "--origin", origin_url])
                     .args(["--writers", "2", "--queue", "16", "--lobby-capacity", "512"])
-                    .args(["--log-level", "warn"]);
+                    // Info for the final counters; lifecycle lines only.
+                    .args(["--log-level", "info"]);
                 Ok(cmd)
             }
         }
@@ -136,7 +139,7 @@ pub struct Relay {
     /// Set once the child has been waited for.
     exited: Option<ExitStatus>,
     url: String,
-    forwarders: Vec<JoinHandle<()>>,
+    forwarders: Vec<JoinHandle<Option<u64>>>,
 }
 
 impl Relay {
@@ -206,17 +209,17 @@ impl Relay {
 
     /// Sends SIGTERM and waits for the exit; kills the child if it does not
     /// exit within [`STOP_TIMEOUT`]. Fails unless it exited with status 0.
-    pub fn stop(mut self) -> Result<(), String> {
+    /// Returns the frames the relay says it dropped over its life (from
+    /// wsgate's final `stopped: …, frames dropped N` log line; none from the
+    /// baseline, which drops nothing).
+    pub fn stop(mut self) -> Result<Option<u64>, String> {
         let name = self.kind.name();
         // Not reaped yet, so the pid is still this child's.
         send_signal("-TERM", self.child.id())
             .map_err(|e| format!("cannot stop {name} (killed instead): {e}"))?;
         let outcome = self.wait_exit(STOP_TIMEOUT);
         match self.exited {
-            Some(status) if status.success() => {
-                self.join_forwarders();
-                Ok(())
-            }
+            Some(status) if status.success() => Ok(self.join_forwarders()),
             Some(status) => Err(format!("{name} exited with {status} after SIGTERM")),
             // Dropping `self` kills it.
             None => Err(format!(
@@ -252,12 +255,17 @@ impl Relay {
         Ok(status)
     }
 
-    fn join_forwarders(&mut self) {
+    /// Joins the output threads; the frames-dropped count if one reported it.
+    fn join_forwarders(&mut self) -> Option<u64> {
         // The pipes close when the child exits, so these end promptly (unless
         // the child left a grandchild holding them, which neither relay does).
+        let mut dropped = None;
         for handle in self.forwarders.drain(..) {
-            let _ = handle.join();
+            if let Ok(Some(count)) = handle.join() {
+                dropped = Some(count);
+            }
         }
+        dropped
     }
 }
 
@@ -281,23 +289,29 @@ impl Drop for Relay {
 }
 
 /// Copies `pipe` line by line to our stderr with a `[name]` prefix; the first
-/// line goes to `first_line` instead, when given.
+/// line goes to `first_line` instead, when given. The thread returns the last
+/// `frames dropped N` count it saw.
 fn forward(
     name: &'static str,
     pipe: impl Read + Send + 'static,
     mut first_line: Option<mpsc::Sender<String>>,
-) -> Result<JoinHandle<()>, String> {
+) -> Result<JoinHandle<Option<u64>>, String> {
     std::thread::Builder::new()
         .name(format!("{name}-output"))
         .spawn(move || {
+            let mut dropped = None;
             for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { return };
+                let Ok(line) = line else { break };
+                if let Some((_, count)) = line.rsplit_once(DROPPED_MARK) {
+                    dropped = count.trim().parse().ok().or(dropped);
+                }
                 match first_line.take() {
                     // The receiver may have given up waiting; nothing to do then.
                     Some(tx) => drop(tx.send(line)),
                     None => eprintln!("    [{name}] {line}"),
                 }
             }
+            dropped
         })
         .map_err(|e| format!("cannot start a thread reading {name}'s output: {e}"))
 }

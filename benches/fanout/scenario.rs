@@ -163,6 +163,10 @@ pub struct Measurement {
     pub latency: Option<[u64; 3]>,
     pub gaps: u64,
     pub dups: u64,
+    /// Messages the clients missed over the whole run (not only the window).
+    pub missed: u64,
+    /// Frames the relay says it dropped over the whole run (wsgate only).
+    pub relay_dropped: Option<u64>,
     /// Relay RSS right after start (no client), KiB.
     pub rss_empty_kib: u64,
     /// Relay RSS at the window end, KiB.
@@ -263,9 +267,10 @@ pub fn run(scenario: &Scenario, kind: Kind, settings: &Settings) -> Result<Measu
     // way round (the baseline never reads its clients); then the clients, then
     // the origin.
     let mut problems = Vec::new();
-    if let Err(e) = relay.stop() {
+    let relay_dropped = relay.stop().unwrap_or_else(|e| {
         problems.push(e);
-    }
+        None
+    });
     let report = clients.finish();
     if let Err(e) = origin.stop() {
         problems.push(format!("the origin failed: {e}"));
@@ -288,6 +293,16 @@ pub fn run(scenario: &Scenario, kind: Kind, settings: &Settings) -> Result<Measu
             report.first_error.as_deref().unwrap_or("?")
         ));
     }
+    // Clients count what they miss between their first and last message;
+    // the relay also counts drops before a client's first frame (its queue
+    // overflowing while the writer has not reached it yet), so it may count
+    // more, never fewer.
+    if let Some(dropped) = relay_dropped.filter(|&d| d < report.missed) {
+        problems.push(format!(
+            "{name} counted {dropped} dropped frames, fewer than its clients missed ({})",
+            report.missed
+        ));
+    }
     let latency = (!report.latency.is_empty()).then(|| {
         [
             report.latency.value_at_quantile(0.50),
@@ -308,6 +323,8 @@ pub fn run(scenario: &Scenario, kind: Kind, settings: &Settings) -> Result<Measu
         latency,
         gaps: report.gaps,
         dups: report.dups,
+        missed: report.missed,
+        relay_dropped,
         rss_empty_kib: empty.rss_kib,
         rss_loaded_kib: after.rss_kib,
         problems,

@@ -47,6 +47,14 @@ pub fn detail(kind: Kind, m: &Measurement) -> String {
         m.rss_loaded_kib,
         opt(m.rss_per_client_kib().map(kib)),
     ));
+    if let Some(dropped) = m.relay_dropped {
+        s.push_str(&format!(
+            "\n            whole run: relay dropped {dropped} frames, clients missed {} messages \
+             between their first and last ({:.1} per client dropped before its first)",
+            m.missed,
+            dropped.saturating_sub(m.missed) as f64 / m.connected.max(1) as f64
+        ));
+    }
     for problem in &m.problems {
         s.push_str(&format!("\n            PROBLEM: {problem}"));
     }

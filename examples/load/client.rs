@@ -139,6 +139,9 @@ pub struct Report {
     pub latency: Histogram<u64>,
     /// Missing seqs seen in the window.
     pub gaps: u64,
+    /// Missing seqs over the whole run, window or not: what the clients lost
+    /// between each one's first and last message.
+    pub missed: u64,
     /// Seqs at or below the last one seen, in the window.
     pub dups: u64,
     /// I/O errors (resets, unexpected EOF) on connected clients.
@@ -178,6 +181,7 @@ impl Report {
             total_messages: 0,
             latency: new_histogram(),
             gaps: 0,
+            missed: 0,
             dups: 0,
             io_errors: 0,
             protocol_errors: 0,
@@ -202,6 +206,7 @@ impl Report {
         // Both histograms have the same bounds, so adding cannot fail.
         let _ = self.latency.add(&t.latency);
         self.gaps += t.gaps;
+        self.missed += t.missed;
         self.dups += t.dups;
         self.io_errors += t.io_errors;
         self.protocol_errors += t.protocol_errors;
@@ -924,6 +929,9 @@ impl Worker {
                 }
                 let seq = u64::from_le_bytes(prefix[0..8].try_into().unwrap_or([0; 8]));
                 let sent = u64::from_le_bytes(prefix[8..16].try_into().unwrap_or([0; 8]));
+                if *last_seq != 0 && seq > *last_seq + 1 {
+                    stats.missed += seq - *last_seq - 1;
+                }
                 if *last_seq != 0 && measuring {
                     if seq > *last_seq + 1 {
                         stats.gaps += seq - *last_seq - 1;
