@@ -204,6 +204,21 @@ impl Measurement {
         })
     }
 
+    /// When every client got every message: the CPU each origin message cost
+    /// the relay and the load generator, in ms, and the time that much work
+    /// takes on every core of the machine. Each message is one write per
+    /// client and one read per client, so that time bounds from below how
+    /// long the last client of a message waits, whatever the relay.
+    pub fn per_message_ms(&self) -> Option<[f64; 3]> {
+        let all_delivered = self.delivered_share().is_some_and(|share| share >= 0.99);
+        (all_delivered && self.published > 0).then(|| {
+            let per_message = |us: u64| us as f64 / self.published as f64 / 1000.0;
+            let (relay, load) = (per_message(self.cpu_us), per_message(self.load_cpu_us));
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            [relay, load, (relay + load) / cores as f64]
+        })
+    }
+
     /// Deliveries as a share of what the origin published in the window times
     /// the clients connected (edge effects of about one latency's worth).
     pub fn delivered_share(&self) -> Option<f64> {

@@ -47,6 +47,12 @@ pub fn detail(kind: Kind, m: &Measurement) -> String {
         m.rss_loaded_kib,
         opt(m.rss_per_client_kib().map(kib)),
     ));
+    if let Some([relay, load, floor]) = m.per_message_ms() {
+        s.push_str(&format!(
+            "\n            cpu per origin message: relay {relay:.2}ms + load generator {load:.2}ms; \
+             spread over every core, {floor:.2}ms: the last client's wait cannot be shorter"
+        ));
+    }
     if let Some(dropped) = m.relay_dropped {
         s.push_str(&format!(
             "\n            whole run: relay dropped {dropped} frames, clients missed {} messages \
