@@ -309,7 +309,8 @@ impl Config {
     }
 
     /// Frames each lobby remembers, for gap-free migrations and replay:
-    /// well above the queue depth (4×), and at least 64.
+    /// well above the queue depth (4×), and at least 64. Of large frames it
+    /// holds fewer: beyond the newest `max(queue_depth, replay)`, only 1 MiB.
     pub fn history_len(&self) -> usize {
         self.queue_depth.saturating_mul(4).max(64)
     }

@@ -74,6 +74,7 @@ impl Gateway {
             manager: manager_tx.clone(),
             on_origin_loss: config.on_origin_loss,
             history: config.history_len(),
+            history_keep: config.queue_depth.max(config.replay),
             replay: config.replay,
         };
         let (left_tx, left_rx) = unbounded();

@@ -7,11 +7,19 @@
 //! continuous stream even when the two origin connections are a few messages
 //! apart. Matching a run of fingerprints, not one, keeps repeated payloads
 //! (heartbeats) from misaligning it. A late joiner can be given the last few
-//! frames. Bounded: the last `capacity` frames, shared (`Arc`) with queues.
+//! frames. Bounded twice: the fingerprints of the last `capacity` frames,
+//! and the frames themselves (shared with queues through `Arc`) only as far
+//! as [`FRAME_BUDGET`] bytes allow beyond the newest `keep`: large messages
+//! must not make every lobby hold `capacity` of them.
 
 use std::collections::VecDeque;
 
 use crate::frame::Frame;
+
+/// Bytes of frames a history holds beyond its newest `keep` frames, per
+/// lobby. 128-byte messages never reach it; 64 KiB messages are held only
+/// as deep as a client queue.
+pub(crate) const FRAME_BUDGET: usize = 1 << 20;
 
 /// How many trailing fingerprints identify a position in the stream.
 pub(crate) const RESUME_RUN: usize = 8;
@@ -22,31 +30,55 @@ pub(crate) type Resume = Vec<u64>;
 
 /// The last frames of a lobby's stream. Frames are numbered from 0 in the
 /// order the lobby broadcast them; a number is a position in the stream.
+/// Only the newest `held` entries still have their frame.
 #[derive(Debug)]
 pub(crate) struct History {
-    entries: VecDeque<(u64, Frame)>,
+    entries: VecDeque<(u64, Option<Frame>)>,
     /// The number of `entries[0]`.
     first: u64,
     capacity: usize,
+    /// Frames held whatever their size.
+    keep: usize,
+    /// Entries holding their frame: the newest ones.
+    held: usize,
+    /// Bytes of the frames held.
+    bytes: usize,
 }
 
 impl History {
-    /// Remembers up to `capacity` frames.
-    pub(crate) fn new(capacity: usize) -> History {
+    /// Remembers the fingerprints of up to `capacity` frames, and the frames
+    /// themselves: at least the newest `keep`, more within [`FRAME_BUDGET`].
+    pub(crate) fn new(capacity: usize, keep: usize) -> History {
         History {
             entries: VecDeque::with_capacity(capacity),
             first: 0,
             capacity,
+            keep,
+            held: 0,
+            bytes: 0,
         }
     }
 
-    /// Appends a frame, forgetting the oldest beyond capacity.
+    /// Appends a frame, forgetting the oldest beyond capacity and releasing
+    /// the oldest frames beyond the byte budget.
     pub(crate) fn push(&mut self, frame: Frame) {
         if self.entries.len() == self.capacity {
-            self.entries.pop_front();
+            if let Some((_, Some(gone))) = self.entries.pop_front() {
+                self.held -= 1;
+                self.bytes -= gone.len();
+            }
             self.first += 1;
         }
-        self.entries.push_back((fingerprint(&frame), frame));
+        self.held += 1;
+        self.bytes += frame.len();
+        self.entries.push_back((fingerprint(&frame), Some(frame)));
+        while self.held > self.keep && self.bytes > FRAME_BUDGET {
+            let oldest = self.entries.len() - self.held;
+            if let Some(gone) = self.entries[oldest].1.take() {
+                self.bytes -= gone.len();
+            }
+            self.held -= 1;
+        }
     }
 
     /// The number the next frame will get: the live edge.
@@ -54,15 +86,15 @@ impl History {
         self.first + self.entries.len() as u64
     }
 
-    /// The number of the oldest frame remembered.
+    /// The number of the oldest frame still held.
     pub(crate) fn oldest(&self) -> u64 {
-        self.first
+        self.head() - self.held as u64
     }
 
-    /// Frame number `at`, if still remembered.
+    /// Frame number `at`, if still held.
     pub(crate) fn get(&self, at: u64) -> Option<&Frame> {
         let index = usize::try_from(at.checked_sub(self.first)?).ok()?;
-        self.entries.get(index).map(|(_, f)| f)
+        self.entries.get(index)?.1.as_ref()
     }
 
     /// The position just before frame `at` (a client that has had every
@@ -135,7 +167,7 @@ mod tests {
     }
 
     fn history(texts: &[&str]) -> History {
-        let mut h = History::new(32);
+        let mut h = History::new(32, 32);
         for t in texts {
             h.push(frame(t));
         }
@@ -208,7 +240,7 @@ mod tests {
         let at = target.find_after(&resume(&source)).unwrap();
         assert_eq!(from(&target, at), ["9"]);
         // An old (full) target needs the whole run.
-        let mut full = History::new(4);
+        let mut full = History::new(4, 4);
         for t in ["6", "7", "8", "9"] {
             full.push(frame(t));
         }
@@ -217,7 +249,7 @@ mod tests {
 
     #[test]
     fn positions_survive_eviction_and_resume_before_any_point() {
-        let mut h = History::new(3);
+        let mut h = History::new(3, 3);
         for t in ["1", "2", "3", "4", "5"] {
             h.push(frame(t));
         }
@@ -228,6 +260,31 @@ mod tests {
         let other = history(&["3", "4", "5", "6"]);
         let at = other.find_after(&h.resume_before(4)).unwrap();
         assert_eq!(from(&other, at), ["5", "6"]);
+    }
+
+    #[test]
+    fn large_frames_are_held_only_within_the_budget() {
+        let big = |n: u8| encode(OP_TEXT, &vec![b'0' + n; FRAME_BUDGET / 4]);
+        let mut h = History::new(64, 2);
+        for n in 0..8 {
+            h.push(big(n));
+        }
+        // Four quarter-budget frames (plus headers) exceed it: three are held.
+        assert_eq!((h.oldest(), h.head()), (5, 8));
+        assert!(h.get(4).is_none());
+        assert_eq!(h.get(5).map(|f| f[10]), Some(b'5'));
+        // Positions are still known: a run ending at an evicted frame is found.
+        let mut source = History::new(64, 64);
+        for n in 0..5 {
+            source.push(big(n));
+        }
+        assert_eq!(h.find_after(&resume(&source)), Some(5));
+        // Never fewer than `keep`, whatever their size.
+        let mut tight = History::new(64, 2);
+        for n in 0..4 {
+            tight.push(encode(OP_TEXT, &vec![n; FRAME_BUDGET]));
+        }
+        assert_eq!(tight.head() - tight.oldest(), 2);
     }
 
     #[test]

@@ -118,6 +118,8 @@ pub(crate) struct LobbyEnv {
     pub on_origin_loss: OriginLoss,
     /// Frames each lobby remembers.
     pub history: usize,
+    /// Frames each lobby holds whatever their size (see `history.rs`).
+    pub history_keep: usize,
     /// Frames a new client is sent from the history.
     pub replay: usize,
 }
@@ -150,7 +152,7 @@ pub(crate) fn spawn(id: LobbyId, env: &LobbyEnv) -> Result<LobbyHandle> {
             members: Vec::new(),
             catching_up: Vec::new(),
             adopting: Vec::new(),
-            history: History::new(env.history),
+            history: History::new(env.history, env.history_keep),
             replay: env.replay,
             writers: Arc::clone(&env.writers),
             touched: vec![false; env.writers.len()],
