@@ -34,6 +34,7 @@ use crate::{
     manager::{Admission, ManagerMsg},
     stats::{Stats, bump, drop_one},
 };
+use socket2::SockRef;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX);
@@ -93,6 +94,7 @@ pub(crate) fn spawn(
         left,
         max_request_bytes: config.max_request_bytes,
         handshake_timeout: config.handshake_timeout,
+        send_buffer: config.client_send_buffer,
         conns: Vec::new(),
         free: Vec::new(),
         deadlines: VecDeque::new(),
@@ -150,6 +152,8 @@ struct Acceptor {
     left: Receiver<IpAddr>,
     max_request_bytes: usize,
     handshake_timeout: Duration,
+    /// `SO_SNDBUF` for client sockets; 0 leaves the kernel's autotuning.
+    send_buffer: usize,
     /// Slab of handshaking connections; the index is the poll token.
     conns: Vec<Option<Conn>>,
     free: Vec<usize>,
@@ -228,6 +232,11 @@ impl Acceptor {
     fn add(&mut self, mut stream: TcpStream, peer: SocketAddr) {
         if let Err(e) = stream.set_nodelay(true) {
             debug!("{peer}: cannot set TCP_NODELAY: {e}");
+        }
+        if self.send_buffer > 0 {
+            if let Err(e) = SockRef::from(&stream).set_send_buffer_size(self.send_buffer) {
+                debug!("{peer}: cannot set SO_SNDBUF: {e}");
+            }
         }
         let index = self.free.pop().unwrap_or(self.conns.len());
         let interest = Interest::READABLE | Interest::WRITABLE;

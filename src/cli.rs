@@ -55,6 +55,11 @@ pub struct Cli {
     #[argh(option, default = "64 * 1024")]
     pub max_client_message: usize,
 
+    /// kernel send buffer per client in bytes: small keeps slow clients' data
+    /// fresh; 0 = kernel autotuning (default 0)
+    #[argh(option, default = "0")]
+    pub client_send_buffer: usize,
+
     /// most messages a client may send per second, beyond which close 1008; 0 = off (default 100)
     #[argh(option, default = "100")]
     pub max_client_rate: u32,
@@ -183,6 +188,7 @@ impl Cli {
         config.allowed_origins = self.allow_origin.clone();
         config.handshake_timeout = self.handshake_timeout.0;
         config.max_client_message = self.max_client_message;
+        config.client_send_buffer = self.client_send_buffer;
         config.max_client_rate = self.max_client_rate;
         config.client_ping = self.client_ping.0;
         config.slow_client = self.slow_client;

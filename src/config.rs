@@ -80,6 +80,15 @@ pub struct Config {
     /// Largest client message, in bytes; larger closes the client with 1009.
     /// Defaults to 64 KiB.
     pub max_client_message: usize,
+    /// Kernel send buffer of each client socket (`SO_SNDBUF`), in bytes; 0
+    /// leaves it to the kernel's autotuning. Defaults to 0. A client that
+    /// stops reading first fills this buffer, then its queue, and only then
+    /// loses its oldest frames: autotuning lets megabytes wait there, which a
+    /// small-message feed takes minutes to fill, so such a client later reads
+    /// that old backlog. A small buffer (tens of KiB) keeps what a slow client
+    /// reads fresh, at the cost of throughput to distant clients (a window of
+    /// at most this much per round trip).
+    pub client_send_buffer: usize,
     /// Largest origin message, in bytes; larger drops the origin connection.
     /// Defaults to 16 MiB.
     pub max_origin_message: usize,
@@ -140,6 +149,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             max_request_bytes: 8 * 1024,
             max_client_message: 64 * 1024,
+            client_send_buffer: 0,
             max_origin_message: 16 << 20,
             origin_backoff_min: Duration::from_millis(100),
             origin_backoff_max: Duration::from_secs(30),
@@ -263,6 +273,9 @@ impl Config {
         }
         if self.max_client_message == 0 || self.max_origin_message == 0 {
             return bad("message size limits must be above zero");
+        }
+        if !(self.client_send_buffer == 0 || (4096..=1 << 30).contains(&self.client_send_buffer)) {
+            return bad("client send buffer must be 0 (autotuning) or 4 KiB to 1 GiB");
         }
         if self.origin_backoff_min.is_zero() || self.origin_backoff_min > self.origin_backoff_max {
             return bad("origin backoff must satisfy 0 < min <= max");
@@ -401,5 +414,20 @@ mod tests {
         let mut c = with_origin("ws://h/");
         c.writers = 0;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn client_send_buffer_is_autotuned_or_sane() {
+        for (bytes, ok) in [
+            (0, true),
+            (1, false),
+            (4095, false),
+            (4096, true),
+            (1 << 31, false),
+        ] {
+            let mut c = with_origin("ws://h/");
+            c.client_send_buffer = bytes;
+            assert_eq!(c.validate().is_ok(), ok, "{bytes}");
+        }
     }
 }

@@ -468,6 +468,10 @@ impl Conn {
                 self.advance_batch(r, io)
             } else {
                 self.trim(io);
+                if self.pending.is_empty() {
+                    // All of it was older than a full queue: write the queue.
+                    continue;
+                }
                 let r = write_frames(&mut self.stream, self.pending.iter(), self.offset);
                 self.advance_pending(r, io)
             };

@@ -230,6 +230,53 @@ fn under_overload_the_drop_count_equals_what_clients_miss() {
 }
 
 #[test]
+fn a_small_send_buffer_keeps_what_a_stalled_client_reads_fresh() {
+    const N: u64 = 2000;
+    let origin = TestOrigin::start();
+    let mut config = test_config(&origin.url());
+    config.client_send_buffer = 8 * 1024;
+    let gw = start_gateway(config);
+    let mut stalled = small_buffer_client(gw.local_addr());
+    wait_placed(&gw, 1);
+    wait_until("origin connection", || origin.open() == 1);
+
+    // 2 MB of 1 KiB messages, none read until the gateway has them all:
+    // autotuned kernel buffers would hold every one (they grow to 4 MiB).
+    for n in 1..=N {
+        let mut p = format!("{n:08}").into_bytes();
+        p.resize(1024, b'.');
+        origin.send(Message::binary(p));
+    }
+    wait_until("the gateway to read every message", || {
+        gw.stats().messages_in == N
+    });
+    // It was not given up on while stalled.
+    assert_eq!(gw.stats().clients, 1);
+    let mut got = Vec::new();
+    while got.last() != Some(&N) {
+        let data = stalled.read().expect("read").into_data();
+        got.push(
+            std::str::from_utf8(&data[..8])
+                .unwrap()
+                .parse::<u64>()
+                .unwrap(),
+        );
+    }
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "out of order: {got:?}");
+    // What waited: the queue (16), the frames being written, and the two
+    // kernel buffers (8 KiB send and 16 KiB receive, each doubled by the
+    // kernel): about 70 messages, not 2000.
+    assert!(
+        got.len() < 150,
+        "{} messages waited for a stalled client",
+        got.len()
+    );
+    wait_until("the rest counted as dropped", || {
+        gw.stats().frames_dropped == N - got.len() as u64
+    });
+}
+
+#[test]
 fn clients_survive_an_origin_restart() {
     let origin = TestOrigin::start();
     let gw = start_gateway(test_config(&origin.url()));
