@@ -55,11 +55,16 @@ pub fn detail(kind: Kind, m: &Measurement) -> String {
     }
     if let Some(dropped) = m.relay_dropped {
         s.push_str(&format!(
-            "\n            whole run: relay dropped {dropped} frames, clients missed {} messages \
-             between their first and last ({:.1} per client dropped before its first)",
-            m.missed,
-            dropped.saturating_sub(m.missed) as f64 / m.connected.max(1) as f64
+            "\n            whole run: relay dropped {dropped} frames, reading clients missed {} \
+             messages between their first and last",
+            m.missed
         ));
+        if dropped > m.missed {
+            s.push_str(
+                " (the rest were for clients that never read, or queued before a \
+                 client's first frame was written)",
+            );
+        }
     }
     for problem in &m.problems {
         s.push_str(&format!("\n            PROBLEM: {problem}"));

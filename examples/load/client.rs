@@ -50,6 +50,8 @@ const EINPROGRESS: i32 = 115;
 const SCRATCH: usize = 64 * 1024;
 /// Reads per readiness event before yielding to other clients.
 const READS_PER_TURN: usize = 16;
+/// Receive buffer of a slow client (the kernel doubles it).
+const SLOW_RCVBUF: usize = 4 * 1024;
 /// Largest handshake response we accept.
 const MAX_RESPONSE: usize = 8 * 1024;
 /// Largest unsent control-frame backlog per client before it is dropped.
@@ -77,7 +79,8 @@ pub struct Config {
     /// Source addresses `127.0.0.1 ..= 127.0.0.<source_ips>` to cycle over
     /// (IPv4 loopback targets only; clamped to 1..=254).
     pub source_ips: u8,
-    /// The first `slow` clients handshake and then never read again.
+    /// The first `slow` clients handshake and then never read again; their
+    /// receive buffers are small (4 KiB), so they fill within seconds.
     pub slow: usize,
     /// Deadline for all clients to connect and handshake, from `start`.
     pub connect_timeout: Duration,
@@ -713,6 +716,13 @@ impl Worker {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
         socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;
+        let slow = index < self.slow;
+        if slow {
+            // Without reads the kernel never grows the receive buffer from
+            // its default, which still absorbs minutes of a small feed: the
+            // relay's own queue would never be reached within a run.
+            socket.set_recv_buffer_size(SLOW_RCVBUF)?;
+        }
         if let IpAddr::V4(v4) = addr.ip() {
             if v4.is_loopback() {
                 let x = 1 + (index % usize::from(self.source_ips)) as u8;
@@ -747,7 +757,7 @@ impl Worker {
                 response: Vec::new(),
                 accept,
             })),
-            slow: index < self.slow,
+            slow,
             last_seq: 0,
             pending: Vec::new(),
             parser: Parser::new(false),
