@@ -490,7 +490,9 @@ impl Conn {
     /// Takes up to a vectored write's worth of frames from the queue. A close
     /// frame there (the lobby closing its members) ends the stream.
     fn pull(&mut self, io: &mut IoCtx) {
-        while io.batch.len() < MAX_IOV {
+        // Pop what is there, no more: a failed pop costs as much as a good one.
+        let queued = self.queue.len().min(MAX_IOV - io.batch.len());
+        for _ in 0..queued {
             let Some(frame) = self.queue.pop() else {
                 break;
             };
@@ -638,12 +640,19 @@ fn is_data(frame: &Frame) -> bool {
     frame.first().is_some_and(|b| b & 0x08 == 0)
 }
 
-/// One vectored write of `frames`, the first starting at `offset`.
+/// One vectored write of `frames`, the first starting at `offset`; a plain
+/// write for a single frame, the usual case below saturation (no iovec array
+/// to fill, none for the kernel to copy).
 fn write_frames<'a>(
     stream: &mut TcpStream,
-    frames: impl Iterator<Item = &'a Frame>,
+    mut frames: impl ExactSizeIterator<Item = &'a Frame>,
     offset: usize,
 ) -> io::Result<usize> {
+    if frames.len() == 1 {
+        if let Some(frame) = frames.next() {
+            return stream.write(&frame[offset..]);
+        }
+    }
     let mut slices = [IoSlice::new(&[]); MAX_IOV];
     let mut count = 0;
     for (slot, frame) in slices.iter_mut().zip(frames) {
