@@ -25,6 +25,7 @@ use mio::{
     Events, Interest, Poll, Token, Waker,
     net::{TcpListener, TcpStream},
 };
+use socket2::SockRef;
 
 use crate::{
     config::Config,
@@ -34,7 +35,6 @@ use crate::{
     manager::{Admission, ManagerMsg},
     stats::{Stats, bump, drop_one},
 };
-use socket2::SockRef;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX);
