@@ -457,6 +457,10 @@ impl Conn {
     /// turn's budget is spent.
     fn write(&mut self, io: &mut IoCtx) -> Turn {
         for _ in 0..WRITES_PER_TURN {
+            if !self.pending.is_empty() {
+                // Left from a stalled write: keep no more than a queue's worth.
+                self.trim(io);
+            }
             let written = if self.pending.is_empty() {
                 if matches!(self.closing, Closing::Open | Closing::Draining(_)) {
                     self.pull(io);
@@ -467,11 +471,6 @@ impl Conn {
                 let r = write_frames(&mut self.stream, io.batch.iter(), 0);
                 self.advance_batch(r, io)
             } else {
-                self.trim(io);
-                if self.pending.is_empty() {
-                    // All of it was older than a full queue: write the queue.
-                    continue;
-                }
                 let r = write_frames(&mut self.stream, self.pending.iter(), self.offset);
                 self.advance_pending(r, io)
             };

@@ -939,14 +939,14 @@ impl Worker {
                 }
                 let seq = u64::from_le_bytes(prefix[0..8].try_into().unwrap_or([0; 8]));
                 let sent = u64::from_le_bytes(prefix[8..16].try_into().unwrap_or([0; 8]));
-                if *last_seq != 0 && seq > *last_seq + 1 {
-                    stats.missed += seq - *last_seq - 1;
-                }
-                if *last_seq != 0 && measuring {
-                    if seq > *last_seq + 1 {
-                        stats.gaps += seq - *last_seq - 1;
-                    } else if seq <= *last_seq {
-                        stats.dups += 1;
+                if *last_seq != 0 {
+                    let gap = seq.saturating_sub(*last_seq + 1);
+                    stats.missed += gap;
+                    if measuring {
+                        stats.gaps += gap;
+                        if seq <= *last_seq {
+                            stats.dups += 1;
+                        }
                     }
                 }
                 *last_seq = (*last_seq).max(seq);
