@@ -94,26 +94,17 @@ fn a_client_that_never_reads_does_not_slow_the_others() {
     let mut config = test_config(&origin.url());
     config.queue_depth = QUEUE;
     let gw = start_gateway(config);
-    let mut slow = ws_client(gw.local_addr());
+    let slow = ws_client(gw.local_addr());
     wait_placed(&gw, 1);
     let mut fast = connect_clients(&gw, 3);
     wait_until("origin connection", || origin.open() == 1);
 
     // 64 KiB messages fill the slow client's socket buffers quickly.
-    let payload = |n: u64| {
-        let mut p = format!("{n:08}").into_bytes();
-        p.resize(64 * 1024, b'.');
-        Message::binary(p)
-    };
-    let seq = |m: Message| -> u64 {
-        let data = m.into_data();
-        std::str::from_utf8(&data[..8]).unwrap().parse().unwrap()
-    };
     for n in 1..=N {
-        origin.send(payload(n));
+        origin.send(numbered(n, 64 * 1024));
         // Fast clients keep up as the origin sends.
         for client in &mut fast {
-            assert_eq!(seq(client.read().unwrap()), n);
+            assert_eq!(number(client.read().unwrap()), n);
         }
     }
     wait_until("the slow client's drops counted", || {
@@ -123,10 +114,7 @@ fn a_client_that_never_reads_does_not_slow_the_others() {
     // Now the slow client reads what was kept for it: an increasing sequence
     // that ends with the newest message, whose tail after the last gap is at
     // most the queue (plus the frame that was being written).
-    let mut got = Vec::new();
-    while got.last() != Some(&N) {
-        got.push(seq(slow.read().unwrap()));
-    }
+    let got = read_until(slow, N);
     assert!(got.windows(2).all(|w| w[0] < w[1]), "out of order: {got:?}");
     let tail = got
         .windows(2)
@@ -165,37 +153,22 @@ fn under_overload_the_drop_count_equals_what_clients_miss() {
     clients.extend(connect_clients(&gw, READING));
     wait_until("origin connection", || origin.open() == 1);
 
-    let payload = |n: u64| {
-        let mut p = format!("{n:08}").into_bytes();
-        p.resize(64 * 1024, b'.');
-        Message::binary(p)
-    };
-    // Reads until message N; returns the sequence numbers received, in order.
-    let read_all = |mut client: Client| {
-        let mut got = Vec::new();
-        while got.last() != Some(&N) {
-            let data = client.read().expect("read").into_data();
-            let n: u64 = std::str::from_utf8(&data[..8]).unwrap().parse().unwrap();
-            got.push(n);
-        }
-        got
-    };
     let mut clients = clients.into_iter();
     let paused: Vec<Client> = clients.by_ref().take(PAUSED).collect();
     let received: Vec<Vec<u64>> = std::thread::scope(|s| {
         // Half the clients read as fast as they can while the origin sends
         // faster than the writers can deliver; the other half read nothing
         // until the origin is done, so their queues overflow for certain.
-        let readers: Vec<_> = clients.map(|c| s.spawn(move || read_all(c))).collect();
+        let readers: Vec<_> = clients.map(|c| s.spawn(move || read_until(c, N))).collect();
         for n in 1..=N {
-            origin.send(payload(n));
+            origin.send(numbered(n, 64 * 1024));
         }
         wait_until("the gateway to read every message", || {
             gw.stats().messages_in == N
         });
         let late: Vec<_> = paused
             .into_iter()
-            .map(|c| s.spawn(move || read_all(c)))
+            .map(|c| s.spawn(move || read_until(c, N)))
             .collect();
         readers
             .into_iter()
@@ -236,32 +209,21 @@ fn a_small_send_buffer_keeps_what_a_stalled_client_reads_fresh() {
     let mut config = test_config(&origin.url());
     config.client_send_buffer = 8 * 1024;
     let gw = start_gateway(config);
-    let mut stalled = small_buffer_client(gw.local_addr());
+    let stalled = small_buffer_client(gw.local_addr());
     wait_placed(&gw, 1);
     wait_until("origin connection", || origin.open() == 1);
 
     // 2 MB of 1 KiB messages, none read until the gateway has them all:
     // autotuned kernel buffers would hold every one (they grow to 4 MiB).
     for n in 1..=N {
-        let mut p = format!("{n:08}").into_bytes();
-        p.resize(1024, b'.');
-        origin.send(Message::binary(p));
+        origin.send(numbered(n, 1024));
     }
     wait_until("the gateway to read every message", || {
         gw.stats().messages_in == N
     });
     // It was not given up on while stalled.
     assert_eq!(gw.stats().clients, 1);
-    let mut got = Vec::new();
-    while got.last() != Some(&N) {
-        let data = stalled.read().expect("read").into_data();
-        got.push(
-            std::str::from_utf8(&data[..8])
-                .unwrap()
-                .parse::<u64>()
-                .unwrap(),
-        );
-    }
+    let got = read_until(stalled, N);
     assert!(got.windows(2).all(|w| w[0] < w[1]), "out of order: {got:?}");
     // What waited: the queue (16), the frames being written, and the two
     // kernel buffers (8 KiB send and 16 KiB receive, each doubled by the
@@ -314,4 +276,26 @@ fn small_buffer_client(addr: std::net::SocketAddr) -> Client {
         .expect("read timeout");
     let (ws, _) = tungstenite::client(format!("ws://{addr}/"), stream).expect("upgrade");
     ws
+}
+
+/// A binary message of `size` bytes that starts with `n` in 8 digits.
+fn numbered(n: u64, size: usize) -> Message {
+    let mut payload = format!("{n:08}").into_bytes();
+    payload.resize(size, b'.');
+    Message::binary(payload)
+}
+
+/// The number a [`numbered`] message carries.
+fn number(message: Message) -> u64 {
+    let data = message.into_data();
+    std::str::from_utf8(&data[..8]).unwrap().parse().unwrap()
+}
+
+/// Reads `client` until message `last`; the numbers received, in order.
+fn read_until(mut client: Client, last: u64) -> Vec<u64> {
+    let mut got = Vec::new();
+    while got.last() != Some(&last) {
+        got.push(number(client.read().expect("read")));
+    }
+    got
 }
