@@ -419,8 +419,9 @@ pub(crate) struct Built {
     pub largest_message: usize,
 }
 
-/// Masks `payload` into a client frame (header with the shortest length form).
-pub(crate) fn client_frame(first: u8, mask: [u8; 4], payload: &[u8]) -> Vec<u8> {
+/// Masks `payload` into a client frame (header with the shortest length
+/// form). Also the integration tests' frame builder.
+pub fn client_frame(first: u8, mask: [u8; 4], payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len() + 14);
     out.push(first);
     match payload.len() {

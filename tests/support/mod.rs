@@ -161,22 +161,7 @@ fn read_http_head(stream: &mut TcpStream) -> String {
 
 /// A masked client frame.
 pub fn masked_frame(first: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [0xA1, 0xB2, 0xC3, 0xD4];
-    let mut out = vec![first];
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n <= 0xFFFF => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    out
+    wsgate::fuzz::client_frame(first, [0xA1, 0xB2, 0xC3, 0xD4], payload)
 }
 
 /// Reads one unmasked server frame: (opcode, payload).
