@@ -4,13 +4,20 @@
 //! upgrade: requests are read as bytes arrive (never blocking on a slow peer),
 //! bounded in size and in time, answered with 101 or an HTTP error status, and
 //! upgraded sockets go to the manager with any bytes read past the request.
+//!
+//! Admission is counted from accept: each connection takes a seat
+//! (`seat.rs`) against its address before it has sent a byte, so one
+//! address cannot hold more handshakes than it may hold clients. Pending
+//! handshakes are capped; at the cap, or when the process is out of file
+//! descriptors, the oldest is closed to make room, so a flood of half-sent
+//! requests delays a well-behaved client by no more than its own handshake.
 //! Request parsing lives in `http.rs`; what happens after the upgrade lives in
 //! `manager.rs` and `writer.rs`.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     io::{self, Read, Write},
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -19,35 +26,39 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
 use log::{debug, error, info, warn};
 use mio::{
     Events, Interest, Poll, Token, Waker,
     net::{TcpListener, TcpStream},
 };
-use socket2::SockRef;
 
 use crate::{
     config::Config,
     error::{Error, Result},
     gateway::ShutdownHandle,
-    http::{self, Parsed, Rejection, Route},
+    http::{self, HeadScan, Parsed, Route},
     manager::{Admission, ManagerMsg},
+    seat::{Seat, Seats},
     stats::{Stats, bump, drop_one},
+    supervise::EndGuard,
+    sys,
 };
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX);
-/// How long accepting pauses when the process is out of file descriptors.
+/// How long accepting pauses when accepting fails for want of resources
+/// (descriptors with no handshake to shed, kernel memory), instead of spinning.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(250);
+/// Connections accepted per turn of the loop, so handshakes in progress are
+/// served between bursts of new connections.
+const ACCEPTS_PER_TURN: usize = 256;
 /// Bytes read from a handshaking socket at a time.
 const READ_CHUNK: usize = 4096;
 
 /// The gateway's handle on the acceptor thread.
 #[derive(Debug)]
 pub(crate) struct AcceptorHandle {
-    /// Stopping the acceptor is how the whole gateway shuts down.
-    pub shutdown: ShutdownHandle,
     thread: JoinHandle<()>,
 }
 
@@ -60,15 +71,20 @@ impl AcceptorHandle {
     }
 }
 
-/// Starts the acceptor on an already bound listener. `left` carries the
-/// address of each client that leaves (for the per-address limit).
-pub(crate) fn spawn(
+/// An acceptor ready to run: its poll and listener set up, so the handle
+/// that stops it exists before any other thread starts.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    acceptor: Acceptor,
+}
+
+/// Sets up the acceptor on an already bound listener; returns it with the
+/// handle that stops it (and with it the gateway).
+pub(crate) fn prepare(
     mut listener: TcpListener,
     config: &Config,
     stats: Arc<Stats>,
-    manager: Sender<ManagerMsg>,
-    left: Receiver<IpAddr>,
-) -> Result<AcceptorHandle> {
+) -> Result<(Prepared, ShutdownHandle)> {
     let poll = Poll::new().map_err(Error::io("create the acceptor poll"))?;
     poll.registry()
         .register(&mut listener, LISTENER, Interest::READABLE)
@@ -80,32 +96,41 @@ pub(crate) fn spawn(
     let acceptor = Acceptor {
         poll,
         listener,
-        stop: Arc::clone(&stop),
-        manager,
+        stop,
+        manager: None,
+        seats: Seats::new(config, Arc::clone(&stats)),
         stats,
         path: config.path.clone(),
         allowed_origins: config.allowed_origins.clone(),
-        limits: Limits {
-            max_clients: (config.max_clients > 0).then_some(config.max_clients as u64),
-            lobby_seats: config.lobby_seats(),
-            max_per_ip: (config.max_clients_per_ip > 0).then_some(config.max_clients_per_ip),
-        },
-        per_ip: HashMap::new(),
-        left,
         max_request_bytes: config.max_request_bytes,
         handshake_timeout: config.handshake_timeout,
+        max_pending: pending_cap(config.max_pending_handshakes),
         send_buffer: config.client_send_buffer,
+        unsent: config.client_unsent,
         conns: Vec::new(),
         free: Vec::new(),
+        pending: 0,
         deadlines: VecDeque::new(),
         next_serial: 0,
         paused_until: None,
+        accept_more: false,
     };
+    Ok((Prepared { acceptor }, shutdown))
+}
+
+/// Starts the prepared acceptor, which hands upgraded clients to `manager`.
+pub(crate) fn spawn(prepared: Prepared, manager: Sender<ManagerMsg>) -> Result<AcceptorHandle> {
+    let mut acceptor = prepared.acceptor;
+    let guard = EndGuard::acceptor(manager.clone(), Arc::clone(&acceptor.stats));
+    acceptor.manager = Some(manager);
     let thread = thread::Builder::new()
         .name("wsgate-acceptor".to_owned())
-        .spawn(move || acceptor.run())
+        .spawn(move || {
+            let _guard = guard;
+            acceptor.run();
+        })
         .map_err(Error::io("spawn the acceptor thread"))?;
-    Ok(AcceptorHandle { shutdown, thread })
+    Ok(AcceptorHandle { thread })
 }
 
 /// The answer being written to a handshaking connection.
@@ -123,9 +148,10 @@ struct Conn {
     stream: TcpStream,
     peer: SocketAddr,
     buf: Vec<u8>,
+    scan: HeadScan,
     reply: Option<Reply>,
-    /// The connection holds a seat (counted in `clients`) for its upgrade.
-    has_seat: bool,
+    /// Its claim on the gateway's capacity (given back when it is dropped).
+    seat: Seat,
     serial: u64,
 }
 
@@ -141,27 +167,32 @@ struct Acceptor {
     poll: Poll,
     listener: TcpListener,
     stop: Arc<AtomicBool>,
-    manager: Sender<ManagerMsg>,
+    /// Where upgraded clients go; set when the thread starts.
+    manager: Option<Sender<ManagerMsg>>,
+    seats: Seats,
     stats: Arc<Stats>,
     path: String,
     allowed_origins: Vec<String>,
-    limits: Limits,
-    /// Clients per address, kept only when that is limited.
-    per_ip: HashMap<IpAddr, usize>,
-    /// Addresses of clients that left, from the manager.
-    left: Receiver<IpAddr>,
     max_request_bytes: usize,
     handshake_timeout: Duration,
+    max_pending: usize,
     /// `SO_SNDBUF` for client sockets; 0 leaves the kernel's autotuning.
     send_buffer: usize,
+    /// `TCP_NOTSENT_LOWAT` for client sockets; 0 leaves the kernel default.
+    unsent: usize,
     /// Slab of handshaking connections; the index is the poll token.
     conns: Vec<Option<Conn>>,
     free: Vec<usize>,
-    /// Handshake deadlines in the order they fall (all have the same timeout).
+    /// Connections in the slab.
+    pending: usize,
+    /// Handshake deadlines in the order they fall (all have the same
+    /// timeout), hence also the connections from oldest to newest.
     deadlines: VecDeque<(Instant, usize, u64)>,
     next_serial: u64,
-    /// Set while out of file descriptors.
+    /// Set while accepting is paused for want of resources.
     paused_until: Option<Instant>,
+    /// The last turn stopped accepting before the listener was drained.
+    accept_more: bool,
 }
 
 impl Acceptor {
@@ -180,24 +211,31 @@ impl Acceptor {
                     break;
                 }
             }
+            #[cfg(feature = "fault-injection")]
+            self.stats.faults.check(crate::fault::Fault::Acceptor);
             for event in &events {
                 match event.token() {
-                    LISTENER => self.accept_all(),
+                    LISTENER => self.accept_more = true,
                     WAKER => {}
                     Token(index) => self.advance(index),
                 }
             }
             if self.paused_until.is_some_and(|at| at <= Instant::now()) {
                 self.paused_until = None;
-                self.accept_all();
+                self.accept_more = true;
+            }
+            if self.accept_more && self.paused_until.is_none() {
+                self.accept_some();
             }
             self.expire();
         }
         info!("listener closed");
-        let _ = self.manager.send(ManagerMsg::Shutdown);
     }
 
     fn timeout(&self) -> Option<Duration> {
+        if self.accept_more && self.paused_until.is_none() {
+            return Some(Duration::ZERO);
+        }
         let next = self
             .deadlines
             .front()
@@ -208,35 +246,64 @@ impl Acceptor {
         Some(next.saturating_duration_since(Instant::now()))
     }
 
-    fn accept_all(&mut self) {
-        if self.paused_until.is_some() {
-            return;
-        }
-        loop {
+    /// Accepts up to a turn's worth of connections; `accept_more` says
+    /// whether the listener may still hold some.
+    fn accept_some(&mut self) {
+        for _ in 0..ACCEPTS_PER_TURN {
             match self.listener.accept() {
                 Ok((stream, peer)) => self.add(stream, peer),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if is_out_of_descriptors(&e) => {
-                    warn!(
-                        "out of file descriptors ({e}); pausing accepts for {} ms",
-                        ACCEPT_PAUSE.as_millis()
-                    );
-                    self.paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.accept_more = false;
                     return;
                 }
-                Err(e) => debug!("accept failed: {e}"),
+                Err(e) if is_out_of_descriptors(&e) => {
+                    // Close the oldest handshake to free a descriptor for
+                    // the connection waiting; pause only if there is none.
+                    if !self.shed_oldest("out of file descriptors") {
+                        self.pause("out of file descriptors, none held by a handshake", &e);
+                        return;
+                    }
+                }
+                Err(e) if is_transient(&e) => debug!("accept failed: {e}"),
+                Err(e) => {
+                    self.pause("accept failed", &e);
+                    return;
+                }
             }
         }
     }
 
+    fn pause(&mut self, why: &str, e: &io::Error) {
+        warn!(
+            "{why} ({e}); pausing accepts for {} ms",
+            ACCEPT_PAUSE.as_millis()
+        );
+        self.paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+    }
+
     fn add(&mut self, mut stream: TcpStream, peer: SocketAddr) {
+        let seat = match self.seats.take(peer.ip()) {
+            Ok(seat) => seat,
+            Err(rejection) => {
+                // Refused before reading a byte: one small write to a fresh
+                // socket, which has room for it, then close.
+                bump(&self.stats.handshakes_rejected);
+                debug!(
+                    "{peer}: refused with {}: {}",
+                    rejection.status, rejection.why
+                );
+                let _ = stream.write(&rejection.response());
+                return;
+            }
+        };
+        if self.pending >= self.max_pending {
+            self.shed_oldest("too many pending handshakes");
+        }
         if let Err(e) = stream.set_nodelay(true) {
             debug!("{peer}: cannot set TCP_NODELAY: {e}");
         }
-        if self.send_buffer > 0 {
-            if let Err(e) = SockRef::from(&stream).set_send_buffer_size(self.send_buffer) {
-                debug!("{peer}: cannot set SO_SNDBUF: {e}");
-            }
+        if let Err(e) = sys::limit_send_buffers(&stream, self.send_buffer, self.unsent) {
+            debug!("{peer}: cannot limit the socket's send buffering: {e}");
         }
         let index = self.free.pop().unwrap_or(self.conns.len());
         let interest = Interest::READABLE | Interest::WRITABLE;
@@ -258,10 +325,13 @@ impl Acceptor {
             stream,
             peer,
             buf: Vec::new(),
+            scan: HeadScan::default(),
             reply: None,
-            has_seat: false,
+            seat,
             serial,
         });
+        self.pending += 1;
+        bump(&self.stats.handshakes_pending);
         self.deadlines
             .push_back((Instant::now() + self.handshake_timeout, index, serial));
         self.advance(index);
@@ -285,10 +355,6 @@ impl Acceptor {
                 }
             }
             Step::Admit(at) => {
-                // The seat goes with the client to the manager.
-                if let Some(Some(conn)) = self.conns.get_mut(index) {
-                    conn.has_seat = false;
-                }
                 let Some(mut conn) = self.take(index) else {
                     return;
                 };
@@ -297,8 +363,13 @@ impl Acceptor {
                     stream: conn.stream,
                     peer: conn.peer,
                     leftover,
+                    seat: conn.seat,
                 };
-                if self.manager.send(ManagerMsg::Admit(admission)).is_err() {
+                let sent = self
+                    .manager
+                    .as_ref()
+                    .is_some_and(|m| m.send(ManagerMsg::Admit(admission)).is_ok());
+                if !sent {
                     error!("the manager has ended; refusing {}", conn.peer);
                 }
             }
@@ -320,15 +391,18 @@ impl Acceptor {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return Step::Close("read error"),
             }
+            if !conn.scan.should_parse(&conn.buf, self.max_request_bytes) {
+                continue;
+            }
             let route = Route {
                 path: &self.path,
                 allowed_origins: &self.allowed_origins,
                 max_bytes: self.max_request_bytes,
             };
             let parsed = match http::parse_route(&conn.buf, &route) {
+                Parsed::Incomplete => continue,
                 Parsed::Upgrade { response, consumed } => {
-                    let ip = conn.peer.ip();
-                    match admit(&self.stats, &mut self.per_ip, &self.left, &self.limits, ip) {
+                    match self.seats.claim_client(&mut conn.seat) {
                         Ok(()) => Parsed::Upgrade { response, consumed },
                         Err(rejection) => Parsed::Reject(rejection),
                     }
@@ -341,14 +415,11 @@ impl Acceptor {
             };
             let reply = match parsed {
                 Parsed::Incomplete => continue,
-                Parsed::Upgrade { response, consumed } => {
-                    conn.has_seat = true;
-                    Reply {
-                        bytes: response,
-                        written: 0,
-                        upgrade_at: Some(consumed),
-                    }
-                }
+                Parsed::Upgrade { response, consumed } => Reply {
+                    bytes: response,
+                    written: 0,
+                    upgrade_at: Some(consumed),
+                },
                 Parsed::Reject(rejection) => {
                     bump(&self.stats.handshakes_rejected);
                     debug!(
@@ -367,21 +438,32 @@ impl Acceptor {
         }
     }
 
-    /// Removes a connection from the acceptor, giving back its seat (a
-    /// connection handed to the manager has passed its seat on first).
+    /// Removes a connection from the acceptor. Its seat goes with it: to the
+    /// manager for an upgrade, or given back when the connection is dropped.
     fn take(&mut self, index: usize) -> Option<Conn> {
         let mut conn = self.conns.get_mut(index)?.take()?;
-        if std::mem::take(&mut conn.has_seat) {
-            drop_one(&self.stats.clients);
-            if self.limits.max_per_ip.is_some() {
-                release_ip(&mut self.per_ip, conn.peer.ip());
-            }
-        }
         if let Err(e) = self.poll.registry().deregister(&mut conn.stream) {
             debug!("{}: deregister failed: {e}", conn.peer);
         }
         self.free.push(index);
+        self.pending -= 1;
+        drop_one(&self.stats.handshakes_pending);
         Some(conn)
+    }
+
+    /// Closes the oldest pending handshake; false if there is none.
+    fn shed_oldest(&mut self, why: &str) -> bool {
+        while let Some((_, index, serial)) = self.deadlines.pop_front() {
+            let is_same = matches!(&self.conns.get(index), Some(Some(c)) if c.serial == serial);
+            if is_same {
+                if let Some(conn) = self.take(index) {
+                    bump(&self.stats.handshakes_shed);
+                    debug!("{}: oldest pending handshake closed ({why})", conn.peer);
+                    return true;
+                }
+            }
+        }
+        false
     }
 
     fn expire(&mut self) {
@@ -421,63 +503,34 @@ fn write_reply(conn: &mut Conn) -> Step {
     }
 }
 
-/// The admission limits, all optional.
-#[derive(Debug, Clone, Copy)]
-struct Limits {
-    /// Most clients connected at once.
-    max_clients: Option<u64>,
-    /// Most clients the lobbies can hold, when origin connections are limited.
-    lobby_seats: Option<u64>,
-    /// Most clients from one address.
-    max_per_ip: Option<usize>,
-}
-
-/// Counts a client from `ip` in (a seat in `clients`, and in `per_ip` when
-/// limited), or says which limit refuses it.
-fn admit(
-    stats: &Stats,
-    per_ip: &mut HashMap<IpAddr, usize>,
-    left: &Receiver<IpAddr>,
-    limits: &Limits,
-    ip: IpAddr,
-) -> Result<(), Rejection> {
-    if let Some(max) = limits.max_per_ip {
-        for gone in left.try_iter() {
-            release_ip(per_ip, gone);
-        }
-        if per_ip.get(&ip).is_some_and(|&n| n >= max) {
-            bump(&stats.refused_per_ip);
-            return Err(Rejection::TOO_MANY_FROM_ADDRESS);
-        }
+/// The pending-handshake cap: as configured, but at most half the
+/// open-file limit, so that handshakes alone never take the descriptors
+/// clients, lobbies and origin connections need.
+fn pending_cap(configured: usize) -> usize {
+    let Some(half) = sys::open_files_limit().map(|n| usize::try_from(n / 2).unwrap_or(usize::MAX))
+    else {
+        return configured;
+    };
+    let cap = configured.min(half.max(1));
+    if cap < configured {
+        info!("pending handshakes capped at {cap}, half the open-file limit");
     }
-    let before = stats.clients.fetch_add(1, Ordering::SeqCst);
-    if limits.max_clients.is_some_and(|max| before >= max) {
-        drop_one(&stats.clients);
-        bump(&stats.refused_full);
-        return Err(Rejection::TOO_MANY_CLIENTS);
-    }
-    if limits.lobby_seats.is_some_and(|max| before >= max) {
-        drop_one(&stats.clients);
-        bump(&stats.refused_full);
-        return Err(Rejection::FULL);
-    }
-    if limits.max_per_ip.is_some() {
-        *per_ip.entry(ip).or_default() += 1;
-    }
-    Ok(())
-}
-
-/// One client from `ip` is gone.
-fn release_ip(per_ip: &mut HashMap<IpAddr, usize>, ip: IpAddr) {
-    if let Some(n) = per_ip.get_mut(&ip) {
-        *n -= 1;
-        if *n == 0 {
-            per_ip.remove(&ip);
-        }
-    }
+    cap
 }
 
 fn is_out_of_descriptors(e: &io::Error) -> bool {
     // EMFILE (per process) and ENFILE (system wide) on Linux.
     matches!(e.raw_os_error(), Some(24 | 23))
+}
+
+/// Accept errors about one connection (gone before it was accepted), after
+/// which the next accept may well succeed.
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::PermissionDenied
+    ) || matches!(e.raw_os_error(), Some(71)) // EPROTO
 }

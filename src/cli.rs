@@ -39,13 +39,29 @@ pub struct Cli {
     #[argh(option, default = "0")]
     pub max_clients: usize,
 
-    /// most clients from one IP address, beyond which 429; 0 = no limit (default 0)
+    /// most connections from one address (pending handshakes included),
+    /// beyond which 429; 0 = no limit (default 0)
     #[argh(option, default = "0")]
     pub max_clients_per_ip: usize,
+
+    /// leading bits of an IPv6 address counted as one address by
+    /// --max-clients-per-ip (default 64)
+    #[argh(option, default = "64")]
+    pub ipv6_prefix: u8,
+
+    /// most connections in their upgrade at once; beyond, the oldest is
+    /// closed (default 1024)
+    #[argh(option, default = "1024")]
+    pub max_pending_handshakes: usize,
 
     /// browser origin allowed to connect, e.g. https://app.example (repeatable; default: any)
     #[argh(option)]
     pub allow_origin: Vec<String>,
+
+    /// with --client-messages forward and no --allow-origin: let every
+    /// browser origin send messages upstream
+    #[argh(switch)]
+    pub allow_any_origin: bool,
 
     /// time a client has to complete its upgrade (default 10s)
     #[argh(option, default = "Span::secs(10)")]
@@ -55,12 +71,18 @@ pub struct Cli {
     #[argh(option, default = "64 * 1024")]
     pub max_client_message: usize,
 
-    /// kernel send buffer per client in bytes: small keeps slow clients' data
-    /// fresh; 0 = kernel autotuning (default 0)
+    /// kernel send buffer per client in bytes (an expert knob; see
+    /// --client-unsent first); 0 = kernel autotuning (default 0)
     #[argh(option, default = "0")]
     pub client_send_buffer: usize,
 
-    /// most messages a client may send per second, beyond which close 1008; 0 = off (default 100)
+    /// most bytes a client socket holds unsent (TCP_NOTSENT_LOWAT), so a
+    /// stalled client costs its queue plus this; 0 = kernel default (default 16384)
+    #[argh(option, default = "16 * 1024")]
+    pub client_unsent: usize,
+
+    /// most frames a client may send per second (and in a burst), beyond
+    /// which close 1008; 0 = off (default 100)
     #[argh(option, default = "100")]
     pub max_client_rate: u32,
 
@@ -185,10 +207,14 @@ impl Cli {
         config.lobby_linger = self.lobby_linger.0;
         config.max_clients = self.max_clients;
         config.max_clients_per_ip = self.max_clients_per_ip;
+        config.ipv6_prefix = self.ipv6_prefix;
+        config.max_pending_handshakes = self.max_pending_handshakes;
         config.allowed_origins = self.allow_origin.clone();
+        config.allow_any_origin = self.allow_any_origin;
         config.handshake_timeout = self.handshake_timeout.0;
         config.max_client_message = self.max_client_message;
         config.client_send_buffer = self.client_send_buffer;
+        config.client_unsent = self.client_unsent;
         config.max_client_rate = self.max_client_rate;
         config.client_ping = self.client_ping.0;
         config.slow_client = self.slow_client;

@@ -25,16 +25,35 @@ pub struct Config {
     /// Most clients connected at once; more get 503. 0 means no limit.
     /// Defaults to 0.
     pub max_clients: usize,
-    /// Most clients connected at once from one IP address; more get 429.
-    /// 0 means no limit. Defaults to 0.
+    /// Most connections at once from one address (IPv4) or network (IPv6,
+    /// see [`Config::ipv6_prefix`]), counted from accept, pending handshakes
+    /// included; more get 429 at once. 0 means no limit. Defaults to 0.
     pub max_clients_per_ip: usize,
+    /// Leading bits of an IPv6 address that [`Config::max_clients_per_ip`]
+    /// counts together (a /64 is usually one subscriber). Defaults to 64.
+    pub ipv6_prefix: u8,
+    /// Most connections in their HTTP upgrade at once. At this cap, or when
+    /// the process runs out of file descriptors, the oldest pending
+    /// handshake is closed to make room for the new connection, so a flood
+    /// of half-sent requests cannot lock out other clients. The gateway uses
+    /// at most half its open-file limit for them, leaving the rest to
+    /// clients, lobbies and origin connections. Defaults to 1024.
+    pub max_pending_handshakes: usize,
     /// Browser origins allowed to connect (`https://app.example`); a request
     /// whose `Origin` header is not listed gets 403. Requests without an
     /// `Origin` header (non-browser clients) are not affected. Empty allows
     /// every origin. Defaults to empty.
     pub allowed_origins: Vec<String>,
-    /// Most messages (data and control) a client may send per second; above,
-    /// it is closed with 1008. 0 means no limit. Defaults to 100.
+    /// Says that every browser origin may connect even though client
+    /// messages are forwarded upstream: with [`ClientMessages::Forward`],
+    /// [`Config::validate`] refuses an empty [`Config::allowed_origins`]
+    /// unless this is set, since any web page could otherwise send messages
+    /// to the origin with the gateway's credentials. Defaults to false.
+    pub allow_any_origin: bool,
+    /// Most frames (data and control) a client may send per second, with a
+    /// burst of as many; each frame is counted as it is decoded, before it is
+    /// answered or forwarded, and a client over the limit is closed with 1008
+    /// and its further input ignored. 0 means no limit. Defaults to 100.
     pub max_client_rate: u32,
     /// A client silent this long is pinged; one that stays silent as long
     /// again is closed. Defaults to 30 s.
@@ -89,6 +108,13 @@ pub struct Config {
     /// reads fresh, at the cost of throughput to distant clients (a window of
     /// at most this much per round trip).
     pub client_send_buffer: usize,
+    /// Most bytes written to a client socket but not yet sent
+    /// (`TCP_NOTSENT_LOWAT`); 0 leaves the kernel default. A client that
+    /// stops reading then holds at most its queue plus about this much in
+    /// the kernel, instead of the megabytes send-buffer autotuning allows,
+    /// and reads fresh frames when it resumes; bytes in flight (what a
+    /// distant fast client needs) are not limited. Defaults to 16 KiB.
+    pub client_unsent: usize,
     /// Largest origin message, in bytes; larger drops the origin connection.
     /// Defaults to 16 MiB.
     pub max_origin_message: usize,
@@ -131,7 +157,10 @@ impl Default for Config {
             path: "/".to_owned(),
             max_clients: 0,
             max_clients_per_ip: 0,
+            ipv6_prefix: 64,
+            max_pending_handshakes: 1024,
             allowed_origins: Vec::new(),
+            allow_any_origin: false,
             max_client_rate: 100,
             client_ping: Duration::from_secs(30),
             slow_client: SlowClient::Drop,
@@ -150,6 +179,7 @@ impl Default for Config {
             max_request_bytes: 8 * 1024,
             max_client_message: 64 * 1024,
             client_send_buffer: 0,
+            client_unsent: 16 * 1024,
             max_origin_message: 16 << 20,
             origin_backoff_min: Duration::from_millis(100),
             origin_backoff_max: Duration::from_secs(30),
@@ -236,6 +266,9 @@ impl std::str::FromStr for ClientMessages {
 
 /// Most writer threads a gateway may run; more would only add hand-offs.
 const MAX_WRITERS: usize = 256;
+/// Highest client frame rate limit accepted (the limiter counts in
+/// thousandths of a frame in 32 bits).
+const MAX_CLIENT_RATE: u32 = 1_000_000;
 
 impl Config {
     /// Checks every value, returning [`Error::Config`] naming the first bad one.
@@ -276,6 +309,29 @@ impl Config {
         }
         if !(self.client_send_buffer == 0 || (4096..=1 << 30).contains(&self.client_send_buffer)) {
             return bad("client send buffer must be 0 (autotuning) or 4 KiB to 1 GiB");
+        }
+        if !(self.client_unsent == 0 || (1024..=1 << 30).contains(&self.client_unsent)) {
+            return bad("client unsent bytes must be 0 (kernel default) or 1 KiB to 1 GiB");
+        }
+        if self.ipv6_prefix > 128 {
+            return bad("IPv6 prefix must be at most 128 bits");
+        }
+        if self.max_pending_handshakes == 0 {
+            return bad("max pending handshakes must be at least 1");
+        }
+        if self.max_client_rate > MAX_CLIENT_RATE {
+            return Err(Error::Config(format!(
+                "max client rate must be at most {MAX_CLIENT_RATE} frames a second"
+            )));
+        }
+        if self.client_messages == ClientMessages::Forward
+            && self.allowed_origins.is_empty()
+            && !self.allow_any_origin
+        {
+            return bad(
+                "forwarding client messages needs --allow-origin (the browser origins that may \
+                 send upstream) or an explicit --allow-any-origin",
+            );
         }
         if self.origin_backoff_min.is_zero() || self.origin_backoff_min > self.origin_backoff_max {
             return bad("origin backoff must satisfy 0 < min <= max");
@@ -414,6 +470,37 @@ mod tests {
         let mut c = with_origin("ws://h/");
         c.writers = 0;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn forwarding_needs_the_browser_origins_said() {
+        let mut c = with_origin("ws://h/");
+        c.client_messages = ClientMessages::Forward;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("--allow-any-origin"), "{err}");
+        c.allowed_origins = vec!["https://app.example".into()];
+        assert!(c.validate().is_ok());
+        c.allowed_origins.clear();
+        c.allow_any_origin = true;
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn admission_and_buffering_limits_are_sane() {
+        let mut c = with_origin("ws://h/");
+        c.ipv6_prefix = 129;
+        assert!(c.validate().is_err());
+        let mut c = with_origin("ws://h/");
+        c.max_pending_handshakes = 0;
+        assert!(c.validate().is_err());
+        let mut c = with_origin("ws://h/");
+        c.max_client_rate = MAX_CLIENT_RATE + 1;
+        assert!(c.validate().is_err());
+        for (bytes, ok) in [(0, true), (1023, false), (1024, true), (1 << 31, false)] {
+            let mut c = with_origin("ws://h/");
+            c.client_unsent = bytes;
+            assert_eq!(c.validate().is_ok(), ok, "{bytes}");
+        }
     }
 
     #[test]

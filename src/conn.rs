@@ -5,10 +5,14 @@
 //! (`frame.rs`), answer pings, complete closes, enforce the per-client limits
 //! (message size, message rate, keepalive, slow-client policy), forward client
 //! messages when configured, and write queued frames with vectored writes.
-//! It keeps per client only what it must: the socket, the queue handle, a
-//! frame decoder, a few timestamps, and, only while a write is unfinished,
-//! the unwritten frames. The writer owns the event loop, the wakeups and the
-//! slab of connections; nothing here blocks.
+//! It keeps per client only what it must: the socket, the queue handle, its
+//! seat, a frame decoder, a few timestamps, and, only while a write is
+//! unfinished, the unwritten frames: at most a queue's worth of data frames,
+//! one pong (a newer ping's pong replaces an unsent one, as RFC 6455 §5.5.3
+//! allows), a keepalive ping and a close. Every frame a client sends is
+//! counted against its rate limit as its header is decoded, before anything
+//! in it is answered or forwarded. The writer owns the event loop, the
+//! wakeups and the slab of connections; nothing here blocks.
 
 use std::{
     collections::VecDeque,
@@ -17,17 +21,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Sender, TrySendError};
 use log::debug;
 use mio::net::TcpStream;
 
 use crate::{
     config::{ClientMessages, Config, SlowClient},
-    frame::{self, Decoder, Event, Frame, MessageKind, Violation, close_code},
+    frame::{self, Decoder, Event, Frame, Violation, close_code},
     id::ClientId,
-    manager::ManagerMsg,
+    lobby::Forwarded,
+    manager::{ClientMessage, ManagerMsg},
     queue::ClientQueue,
-    stats::{Stats, bump},
+    seat::Seat,
+    stats::{Disconnect, Stats, bump},
 };
 
 /// Most frames gathered into one vectored write.
@@ -38,6 +44,11 @@ const WRITES_PER_TURN: usize = 4;
 const READS_PER_TURN: usize = 4;
 /// The window over which slow-client drops are counted.
 const DROP_WINDOW: Duration = Duration::from_secs(60);
+/// What a client over its frame rate is closed with.
+const RATE_EXCEEDED: Violation = Violation {
+    code: close_code::POLICY_VIOLATION,
+    reason: "message rate exceeded",
+};
 
 /// The per-client rules, the same for every client; built once from the config.
 #[derive(Debug, Clone)]
@@ -79,8 +90,10 @@ pub(crate) struct IoCtx {
     pub dropped: u64,
     pub stats: Arc<Stats>,
     pub policy: Policy,
-    /// Where forwarded client messages go.
+    /// Where departures are reported.
     pub manager: Sender<ManagerMsg>,
+    /// Where forwarded client messages go (bounded: when full, they are dropped).
+    pub forwards: Sender<ClientMessage>,
     /// The zero of the writer's millisecond clock (see [`Millis`]).
     pub epoch: Instant,
 }
@@ -121,6 +134,43 @@ impl IoCtx {
     }
 }
 
+/// A client's frame budget: a token bucket holding up to a second's worth
+/// of frames (the burst), refilled continuously, in thousandths of a frame.
+#[derive(Debug, Clone, Copy)]
+struct RateLimit {
+    credit: u32,
+    at: Millis,
+}
+
+impl RateLimit {
+    /// A full bucket for `max` frames a second.
+    fn full(max: u32, now: Millis) -> RateLimit {
+        RateLimit {
+            credit: max.saturating_mul(1000),
+            at: now,
+        }
+    }
+
+    /// Takes one frame's credit at `now`; false if there is none (`max` 0:
+    /// no limit).
+    fn take(&mut self, max: u32, now: Millis) -> bool {
+        if max == 0 {
+            return true;
+        }
+        let elapsed = u64::try_from(now.since(self.at).as_millis()).unwrap_or(u64::MAX);
+        self.at = now;
+        // `max` frames a second is `max` thousandths of a frame a millisecond.
+        let cap = u64::from(max) * 1000;
+        let credit = (u64::from(self.credit) + elapsed.saturating_mul(u64::from(max))).min(cap);
+        let (credit, ok) = match credit.checked_sub(1000) {
+            Some(left) => (left, true),
+            None => (credit, false),
+        };
+        self.credit = u32::try_from(credit).unwrap_or(u32::MAX);
+        ok
+    }
+}
+
 /// Where a client stands in the closing handshake.
 #[derive(Debug)]
 enum Closing {
@@ -141,15 +191,8 @@ pub(crate) enum Turn {
     Idle,
     /// Work is left (budget spent): serve again next turn.
     More,
-    /// The connection is finished.
-    Remove(&'static str),
-}
-
-/// A data message being received, for forwarding.
-#[derive(Debug)]
-struct Inbound {
-    kind: MessageKind,
-    payload: Vec<u8>,
+    /// The connection is finished, for this reason.
+    Remove(Disconnect),
 }
 
 /// One client connection.
@@ -158,6 +201,8 @@ pub(crate) struct Conn {
     pub id: ClientId,
     stream: TcpStream,
     queue: ClientQueue,
+    /// Its place in the client counts, given back when the connection drops.
+    _seat: Seat,
     /// Frames taken from the queue (or control frames) not yet fully written.
     pending: VecDeque<Frame>,
     /// Bytes of `pending[0]` already written.
@@ -166,6 +211,9 @@ pub(crate) struct Conn {
     closing: Closing,
     /// When to give up on a closing client.
     close_deadline: Option<Millis>,
+    /// Why the connection is closing, once it is: who started the close
+    /// handshake, or which rule.
+    closing_for: Option<Disconnect>,
     /// The socket may have unread input.
     pub readable: bool,
     /// The socket may accept writes (false after `WouldBlock`).
@@ -177,38 +225,43 @@ pub(crate) struct Conn {
     /// When the client last sent anything.
     last_heard: Millis,
     is_pinged: bool,
-    /// Messages counted in the current one-second window.
-    rate_window: Millis,
-    rate_count: u32,
+    rate: RateLimit,
     /// Queue drops seen at the start of the current drop window.
     drop_window: Millis,
     drops_at_window: u64,
     /// A message being received for forwarding.
-    inbound: Option<Box<Inbound>>,
+    inbound: Option<Box<Forwarded>>,
 }
 
 impl Conn {
     /// A connection for a client just attached to the writer.
-    pub(crate) fn new(id: ClientId, stream: TcpStream, queue: ClientQueue, io: &IoCtx) -> Conn {
+    pub(crate) fn new(
+        id: ClientId,
+        stream: TcpStream,
+        queue: ClientQueue,
+        seat: Seat,
+        io: &IoCtx,
+    ) -> Conn {
         let now = io.now();
         Conn {
             id,
             stream,
             drops_at_window: queue.drops(),
             queue,
+            _seat: seat,
             pending: VecDeque::new(),
             offset: 0,
             decoder: Decoder::new(io.policy.max_message),
             closing: Closing::Open,
             close_deadline: None,
+            closing_for: None,
             readable: true,
             writable: true,
             is_ready: false,
             is_peer_done: false,
             last_heard: now,
             is_pinged: false,
-            rate_window: now,
-            rate_count: 0,
+            rate: RateLimit::full(io.policy.max_rate, now),
             drop_window: now,
             inbound: None,
         }
@@ -219,9 +272,28 @@ impl Conn {
         &mut self.stream
     }
 
-    /// Data frames taken from the queue but never written (lost when it goes).
-    pub(crate) fn unwritten(&self) -> u64 {
-        self.pending.iter().filter(|f| is_data(f)).count() as u64
+    /// Empties what the client was owed but never received: data frames
+    /// taken from the queue but unwritten, and those still queued. Returns
+    /// how many (they are lost as the connection goes).
+    pub(crate) fn discard(&mut self) -> u64 {
+        let unwritten = self.pending.drain(..).filter(is_data).count() as u64;
+        let queued = std::iter::from_fn(|| self.queue.pop())
+            .take(self.queue.depth())
+            .filter(is_data)
+            .count() as u64;
+        unwritten + queued
+    }
+
+    /// Why the connection ends, when the socket says it does: the reason
+    /// the close began if it had, else `otherwise`.
+    fn ended(&self, otherwise: Disconnect) -> Turn {
+        Turn::Remove(self.closing_for.unwrap_or(otherwise))
+    }
+
+    /// One best-effort close frame with `code`, written at once (its writer
+    /// failed and the connection is about to be dropped).
+    pub(crate) fn abort(&mut self, code: u16, why: &str) {
+        let _ = self.stream.write(&frame::encode_close(code, why));
     }
 
     /// Whether the lobby's frames for this client should be written now.
@@ -241,7 +313,7 @@ impl Conn {
                 return turn;
             }
             if matches!(self.closing, Closing::Sent) && self.is_peer_done {
-                return Turn::Remove("close handshake done");
+                return self.ended(Disconnect::ClientClosed);
             }
         }
         if self.writable {
@@ -255,18 +327,18 @@ impl Conn {
 
     /// Time-driven rules, checked a few times a second: close deadlines,
     /// keepalive pings, the slow-client policy. True if the client needs a turn.
-    pub(crate) fn tick(&mut self, now: Millis, io: &mut IoCtx) -> Result<bool, &'static str> {
+    pub(crate) fn tick(&mut self, now: Millis, io: &mut IoCtx) -> Result<bool, Disconnect> {
         if self.close_deadline.is_some_and(|at| now.reached(at)) {
-            return Err("close not completed in time");
+            debug!("{}: close not completed in time", self.id);
+            return Err(self.closing_for.unwrap_or(Disconnect::ConnectionLost));
         }
         if !matches!(self.closing, Closing::Open) {
             return Ok(false);
         }
         let silent = now.since(self.last_heard);
         if silent >= io.policy.ping_after * 2 {
-            bump(&io.stats.clients_timed_out);
             debug!("{}: silent for {silent:?}; closing", self.id);
-            self.close_now(close_code::GOING_AWAY, "no answer to ping", io);
+            self.close_now(Disconnect::Silent, "no answer to ping", io);
             return Ok(true);
         }
         if silent >= io.policy.ping_after && !self.is_pinged {
@@ -277,9 +349,8 @@ impl Conn {
         if let Some(max) = io.policy.max_drops {
             let drops = self.queue.drops() - self.drops_at_window;
             if drops > max {
-                bump(&io.stats.slow_disconnects);
                 debug!("{}: lost {drops} frames within a minute; closing", self.id);
-                self.close_now(close_code::TRY_AGAIN_LATER, "too slow to keep up", io);
+                self.close_now(Disconnect::TooSlow, "too slow to keep up", io);
                 return Ok(true);
             }
             if now.since(self.drop_window) >= DROP_WINDOW {
@@ -298,56 +369,53 @@ impl Conn {
                 "server shutting down",
             ));
             self.close_deadline = Some(deadline);
+            self.closing_for = Some(Disconnect::Shutdown);
         }
     }
 
     /// Decodes bytes the client sent (read from the socket, or sent along
-    /// with its upgrade request) and reacts to them.
+    /// with its upgrade request) and reacts to them. Each frame is counted
+    /// against the rate limit as its header is decoded: a client over it is
+    /// closed with 1008 before that frame is acted on, and the rest of its
+    /// input is ignored.
     pub(crate) fn decode(&mut self, bytes: &mut [u8], io: &mut IoCtx) {
         let now = io.now();
         self.last_heard = now;
         self.is_pinged = false;
-        let mut pongs: Vec<Frame> = Vec::new();
+        let mut pong = None;
         let mut peer_close = None;
-        let mut messages = 0u32;
-        let forward = io.policy.forward;
-        let inbound = &mut self.inbound;
-        let mut outbound = Vec::new();
-        let result = self.decoder.decode(bytes, &mut |event| match event {
-            Event::Ping(payload) => {
-                messages += 1;
-                pongs.push(frame::encode(frame::OP_PONG, payload));
-            }
-            Event::Pong => messages += 1,
-            Event::Close { code, .. } => peer_close = Some(code),
-            Event::Data { kind, payload, fin } => {
-                if forward {
+        let IoCtx {
+            policy,
+            forwards,
+            stats,
+            ..
+        } = io;
+        let (id, rate, inbound) = (self.id, &mut self.rate, &mut self.inbound);
+        let result = self.decoder.decode(bytes, &mut |event| {
+            match event {
+                Event::FrameStart if !rate.take(policy.max_rate, now) => return Err(RATE_EXCEEDED),
+                Event::FrameStart | Event::Pong => {}
+                // Only the latest ping needs its pong (RFC 6455 §5.5.3).
+                Event::Ping(payload) => pong = Some(frame::encode(frame::OP_PONG, payload)),
+                Event::Close { code, .. } => peer_close = Some(code),
+                Event::Data { kind, payload, fin } if policy.forward => {
                     let message = inbound.get_or_insert_with(|| {
-                        Box::new(Inbound {
+                        Box::new(Forwarded {
                             kind,
                             payload: Vec::new(),
                         })
                     });
                     message.payload.extend_from_slice(payload);
-                    if fin {
-                        outbound.extend(inbound.take());
+                    if let Some(message) = inbound.take_if(|_| fin) {
+                        forward(forwards, stats, id, *message);
                     }
                 }
-                if fin {
-                    messages += 1;
-                }
+                Event::Data { .. } => {}
             }
+            Ok(())
         });
-        for pong in pongs {
+        if let Some(pong) = pong {
             self.push_control(pong);
-        }
-        for message in outbound {
-            let Inbound { kind, payload } = *message;
-            let _ = io.manager.send(ManagerMsg::Forward {
-                id: self.id,
-                kind,
-                payload,
-            });
         }
         if let Some(code) = peer_close {
             self.is_peer_done = true;
@@ -355,46 +423,28 @@ impl Conn {
                 Some(code) => frame::encode_close(code, ""),
                 None => frame::encode(frame::OP_CLOSE, &[]),
             };
-            self.close_with(reply, now.after(io.policy.close_wait));
+            if self.close_with(reply, now.after(io.policy.close_wait)) {
+                self.closing_for = Some(Disconnect::ClientClosed);
+            }
         }
         if let Err(Violation { code, reason }) = result {
-            debug!(
-                "{}: protocol violation: {reason} (closing with {code})",
-                self.id
-            );
-            bump(&io.stats.client_protocol_errors);
-            self.close_now(code, reason, io);
-        } else if self.over_rate(messages, io.policy.max_rate, now) {
-            debug!(
-                "{}: more than {} messages a second; closing",
-                self.id, io.policy.max_rate
-            );
-            bump(&io.stats.client_rate_limited);
-            self.close_now(close_code::POLICY_VIOLATION, "message rate exceeded", io);
+            debug!("{}: {reason} (closing with {code})", self.id);
+            self.close_now(Disconnect::for_close_code(code), reason, io);
         }
     }
 
-    /// Counts `messages` in the current second; true once over `max` (0: no limit).
-    fn over_rate(&mut self, messages: u32, max: u32, now: Millis) -> bool {
-        if max == 0 || messages == 0 {
-            return false;
-        }
-        if now.since(self.rate_window) >= Duration::from_secs(1) {
-            self.rate_window = now;
-            self.rate_count = 0;
-        }
-        self.rate_count = self.rate_count.saturating_add(messages);
-        self.rate_count > max
-    }
-
-    /// Closes the client for breaking a rule: its input is ignored from now on.
-    fn close_now(&mut self, code: u16, reason: &str, io: &IoCtx) {
+    /// Closes the client for breaking a rule (`reason` says which; the
+    /// close code follows from it): its input is ignored from now on.
+    fn close_now(&mut self, reason: Disconnect, why: &str, io: &IoCtx) {
         self.is_peer_done = true;
         self.inbound = None;
-        self.close_with(
-            frame::encode_close(code, reason),
+        let code = reason.close_code().unwrap_or(close_code::POLICY_VIOLATION);
+        if self.close_with(
+            frame::encode_close(code, why),
             io.now().after(io.policy.close_wait),
-        );
+        ) {
+            self.closing_for = Some(reason);
+        }
     }
 
     fn read(&mut self, io: &mut IoCtx) -> Turn {
@@ -402,7 +452,7 @@ impl Conn {
             let mut scratch = std::mem::take(&mut io.scratch);
             let read = self.stream.read(&mut scratch);
             let turn = match read {
-                Ok(0) => Some(Turn::Remove("closed by peer")),
+                Ok(0) => Some(self.ended(Disconnect::ConnectionLost)),
                 Ok(n) => {
                     if !self.is_peer_done {
                         self.decode(&mut scratch[..n], io);
@@ -416,7 +466,7 @@ impl Conn {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => None,
                 Err(e) => {
                     debug!("{}: read failed: {e}", self.id);
-                    Some(Turn::Remove("read error"))
+                    Some(self.ended(Disconnect::SocketError))
                 }
             };
             io.scratch = scratch;
@@ -427,20 +477,29 @@ impl Conn {
         Turn::More
     }
 
-    /// Queues a control frame at the next frame boundary, after earlier ones.
+    /// Queues a control frame at the next frame boundary, after earlier
+    /// ones; a pong replaces an unsent pong. So at most a pong and a ping
+    /// wait here, however often a client that never reads pings.
     fn push_control(&mut self, frame: Frame) {
-        if matches!(self.closing, Closing::Open | Closing::Draining(_)) {
-            let mut at = usize::from(self.offset > 0).min(self.pending.len());
-            while self.pending.get(at).is_some_and(|f| !is_data(f)) {
-                at += 1;
-            }
-            self.pending.insert(at, frame);
+        if !matches!(self.closing, Closing::Open | Closing::Draining(_)) {
+            return;
         }
+        let is_pong = opcode(&frame) == frame::OP_PONG;
+        let mut at = usize::from(self.offset > 0).min(self.pending.len());
+        while let Some(unsent) = self.pending.get_mut(at).filter(|f| !is_data(f)) {
+            if is_pong && opcode(unsent) == frame::OP_PONG {
+                *unsent = frame;
+                return;
+            }
+            at += 1;
+        }
+        self.pending.insert(at, frame);
     }
 
     /// Sends `close` after the frame being written, dropping what else is
     /// unsent; the client has until `deadline` to receive it and answer.
-    fn close_with(&mut self, close: Frame, deadline: Millis) {
+    /// False if a close was already under way (this one is not sent).
+    fn close_with(&mut self, close: Frame, deadline: Millis) -> bool {
         match self.closing {
             Closing::Open | Closing::Draining(_) => {
                 let keep = usize::from(self.offset > 0).min(self.pending.len());
@@ -448,8 +507,9 @@ impl Conn {
                 self.pending.push_back(close);
                 self.closing = Closing::Sending;
                 self.close_deadline = Some(deadline);
+                true
             }
-            Closing::Sending | Closing::Sent => {}
+            Closing::Sending | Closing::Sent => false,
         }
     }
 
@@ -480,7 +540,7 @@ impl Conn {
                     self.writable = false;
                     return Turn::Idle;
                 }
-                Err(why) => return Turn::Remove(why),
+                Err(reason) => return self.ended(reason),
             }
         }
         Turn::More
@@ -495,11 +555,14 @@ impl Conn {
             let Some(frame) = self.queue.pop() else {
                 break;
             };
-            let is_close = frame.first().is_some_and(|b| b & 0x0F == frame::OP_CLOSE);
+            let is_close = opcode(&frame) == frame::OP_CLOSE;
             io.batch.push(frame);
             if is_close {
+                // Only a lobby that lost its origin (with `--on-origin-loss
+                // close`) queues a close frame.
                 self.closing = Closing::Sending;
                 self.close_deadline = Some(io.now().after(io.policy.close_wait));
+                self.closing_for = Some(Disconnect::OriginLost);
                 break;
             }
         }
@@ -516,7 +579,7 @@ impl Conn {
             Closing::Sending => {
                 self.closing = Closing::Sent;
                 if self.is_peer_done {
-                    return Turn::Remove("close handshake done");
+                    return self.ended(Disconnect::ClientClosed);
                 }
                 Turn::Idle
             }
@@ -548,22 +611,34 @@ impl Conn {
         self.queue.count_drops(dropped);
     }
 
-    /// Accounts a write from the writer's batch; unwritten frames move to `pending`.
+    /// Accounts a write from the writer's batch: unwritten frames move to
+    /// `pending`. The batch is empty afterwards whatever happened (its
+    /// frames are this client's; on an error they are counted as dropped).
     fn advance_batch(
         &mut self,
         r: io::Result<usize>,
         io: &mut IoCtx,
-    ) -> Result<Progress, &'static str> {
+    ) -> Result<Progress, Disconnect> {
+        let progress = self.take_batch(r, io);
+        if !io.batch.is_empty() {
+            io.dropped += io.batch.iter().filter(|f| is_data(f)).count() as u64;
+            io.batch.clear();
+        }
+        progress
+    }
+
+    fn take_batch(&mut self, r: io::Result<usize>, io: &mut IoCtx) -> Result<Progress, Disconnect> {
         let (mut n, progress) = match r {
-            Ok(0) => return Err("write returned zero"),
+            Ok(0) => {
+                debug!("{}: write returned zero", self.id);
+                return Err(Disconnect::SocketError);
+            }
             Ok(n) => (n, Progress::Partial),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => (0, Progress::Blocked),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => (0, Progress::Partial),
             Err(e) => {
                 debug!("{}: write failed: {e}", self.id);
-                io.dropped += io.batch.iter().filter(|f| is_data(f)).count() as u64;
-                io.batch.clear();
-                return Err("write error");
+                return Err(Disconnect::SocketError);
             }
         };
         let mut done = 0;
@@ -592,15 +667,18 @@ impl Conn {
         &mut self,
         r: io::Result<usize>,
         io: &mut IoCtx,
-    ) -> Result<Progress, &'static str> {
+    ) -> Result<Progress, Disconnect> {
         let mut n = match r {
-            Ok(0) => return Err("write returned zero"),
+            Ok(0) => {
+                debug!("{}: write returned zero", self.id);
+                return Err(Disconnect::SocketError);
+            }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Progress::Blocked),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(Progress::Partial),
             Err(e) => {
                 debug!("{}: write failed: {e}", self.id);
-                return Err("write error");
+                return Err(Disconnect::SocketError);
             }
         };
         while let Some(head) = self.pending.front() {
@@ -635,8 +713,22 @@ enum Progress {
 }
 
 /// Data frames count as deliveries; control frames (ping, pong, close) do not.
-fn is_data(frame: &Frame) -> bool {
+pub(crate) fn is_data(frame: &Frame) -> bool {
     frame.first().is_some_and(|b| b & 0x08 == 0)
+}
+
+/// A server frame's opcode.
+fn opcode(frame: &Frame) -> u8 {
+    frame.first().map_or(0, |b| b & 0x0F)
+}
+
+/// Hands a complete client message to the manager for the origin, or drops
+/// and counts it when the way there is backed up.
+fn forward(forwards: &Sender<ClientMessage>, stats: &Stats, id: ClientId, message: Forwarded) {
+    match forwards.try_send(ClientMessage { id, message }) {
+        Ok(()) => {}
+        Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => bump(&stats.forward_dropped),
+    }
 }
 
 /// One vectored write of `frames`, the first starting at `offset`; a plain
@@ -665,6 +757,99 @@ fn write_frames<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::seat::Seats;
+
+    /// A connection over a real loopback socket, with its writer context.
+    fn conn() -> (Conn, IoCtx, std::net::TcpStream) {
+        let config = Config::default();
+        let stats = Arc::new(Stats::default());
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, addr) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let seat = Seats::new(&config, Arc::clone(&stats))
+            .take(addr.ip())
+            .unwrap();
+        let io = IoCtx {
+            scratch: vec![0; 1024].into_boxed_slice(),
+            batch: Vec::new(),
+            delivered: 0,
+            dropped: 0,
+            stats,
+            policy: Policy::new(&config),
+            manager: crossbeam_channel::unbounded().0,
+            forwards: crossbeam_channel::bounded(1).0,
+            epoch: Instant::now(),
+        };
+        let queue = ClientQueue::new(config.queue_depth, false);
+        let stream = TcpStream::from_std(server);
+        (Conn::new(ClientId(1), stream, queue, seat, &io), io, peer)
+    }
+
+    #[test]
+    fn the_writers_batch_is_left_empty_whatever_the_write_did() {
+        let (mut conn, mut io, _peer) = conn();
+        let frames = || (0..3).map(|i| frame::encode(frame::OP_TEXT, &[b'0' + i]));
+        let failures = [
+            Ok(0),
+            Err(io::Error::from(io::ErrorKind::BrokenPipe)),
+            Err(io::Error::from(io::ErrorKind::ConnectionReset)),
+        ];
+        for (i, failure) in failures.into_iter().enumerate() {
+            io.batch.extend(frames());
+            assert!(conn.advance_batch(failure, &mut io).is_err());
+            assert!(
+                io.batch.is_empty(),
+                "case {i}: nothing left for the next client"
+            );
+            assert_eq!(
+                io.dropped,
+                3 * (i as u64 + 1),
+                "case {i}: counted as dropped"
+            );
+        }
+        // A partial write: the rest waits in the client's own pending list.
+        io.batch.extend(frames());
+        let progress = conn.advance_batch(Ok(4), &mut io);
+        assert_eq!(progress, Ok(Progress::Partial));
+        assert!(io.batch.is_empty());
+        assert_eq!((io.delivered, conn.pending.len(), conn.offset), (1, 2, 1));
+    }
+
+    #[test]
+    fn a_client_that_never_reads_has_one_pong_waiting_however_often_it_pings() {
+        let (mut conn, _io, _peer) = conn();
+        conn.pending
+            .push_back(frame::encode(frame::OP_TEXT, b"data"));
+        conn.offset = 1; // a data frame half written
+        for i in 0..1000u32 {
+            conn.push_control(frame::encode(frame::OP_PONG, &i.to_be_bytes()));
+        }
+        conn.push_control(frame::encode(frame::OP_PING, b""));
+        let kinds: Vec<u8> = conn.pending.iter().map(opcode).collect();
+        assert_eq!(kinds, [frame::OP_TEXT, frame::OP_PONG, frame::OP_PING]);
+        assert_eq!(
+            &conn.pending[1][2..],
+            &999u32.to_be_bytes(),
+            "the latest pong"
+        );
+    }
+
+    #[test]
+    fn the_rate_limit_allows_a_burst_then_the_rate() {
+        let start = Millis(1000);
+        let mut rate = RateLimit::full(100, start);
+        let burst = (0..1000).take_while(|_| rate.take(100, start)).count();
+        assert_eq!(burst, 100);
+        // 10 ms later: one more frame's credit (100 a second).
+        assert!(rate.take(100, start.after(Duration::from_millis(10))));
+        assert!(!rate.take(100, start.after(Duration::from_millis(10))));
+        // Long idle refills the burst, no more.
+        let later = start.after(Duration::from_secs(60));
+        assert_eq!((0..1000).take_while(|_| rate.take(100, later)).count(), 100);
+        let mut off = RateLimit::full(0, start);
+        assert!((0..1000).all(|_| off.take(0, start)));
+    }
 
     #[test]
     fn the_millisecond_clock_survives_wrapping() {

@@ -30,6 +30,7 @@ pub(crate) mod close_code {
     pub const INVALID_PAYLOAD: u16 = 1007;
     pub const POLICY_VIOLATION: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
+    pub const INTERNAL_ERROR: u16 = 1011;
     pub const SERVICE_RESTART: u16 = 1012;
     pub const TRY_AGAIN_LATER: u16 = 1013;
 }
@@ -93,6 +94,10 @@ impl MessageKind {
 /// Something the decoder found in the client's byte stream.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Event<'a> {
+    /// A frame's header was read and is valid; its payload follows. Every
+    /// frame, data or control, starts with one (so limits can count frames
+    /// before anything in them is acted on).
+    FrameStart,
     /// A piece of a data message's payload, unmasked; `fin` on the last piece.
     Data {
         kind: MessageKind,
@@ -171,16 +176,20 @@ impl Decoder {
 
     /// Decodes `input` (unmasking it in place), calling `on` for each event.
     ///
-    /// Stops at the first violation; the caller closes the client with it.
+    /// Stops at the first violation, its own or one `on` returns (a limit the
+    /// caller enforces); the caller closes the client with it.
     pub(crate) fn decode(
         &mut self,
         mut input: &mut [u8],
-        on: &mut impl FnMut(Event<'_>),
+        on: &mut impl FnMut(Event<'_>) -> Result<(), Violation>,
     ) -> Result<(), Violation> {
         while !input.is_empty() && !self.closed {
             let Some(frame) = self.frame.as_mut() else {
                 let taken = self.read_header(input)?;
                 input = &mut input[taken..];
+                if self.frame.is_some() {
+                    on(Event::FrameStart)?;
+                }
                 if self.frame.is_some_and(|f| f.remaining == 0) {
                     self.finish_frame(on)?;
                 }
@@ -211,7 +220,7 @@ impl Decoder {
                         kind,
                         payload: chunk,
                         fin,
-                    });
+                    })?;
                 }
             }
             if frame.remaining == 0 {
@@ -315,18 +324,21 @@ impl Decoder {
     }
 
     /// Completes the current frame once its whole payload has been read.
-    fn finish_frame(&mut self, on: &mut impl FnMut(Event<'_>)) -> Result<(), Violation> {
+    fn finish_frame(
+        &mut self,
+        on: &mut impl FnMut(Event<'_>) -> Result<(), Violation>,
+    ) -> Result<(), Violation> {
         let Some(frame) = self.frame.take() else {
             return Ok(());
         };
         let payload = &self.control[..];
         match frame.opcode {
-            OP_PING => on(Event::Ping(payload)),
-            OP_PONG => on(Event::Pong),
+            OP_PING => on(Event::Ping(payload))?,
+            OP_PONG => on(Event::Pong)?,
             OP_CLOSE => {
                 let (code, reason) = parse_close(payload)?;
                 self.closed = true;
-                on(Event::Close { code, reason });
+                on(Event::Close { code, reason })?;
             }
             _ => {
                 if frame.fin {
@@ -337,7 +349,7 @@ impl Decoder {
                             kind,
                             payload: &[],
                             fin: true,
-                        });
+                        })?;
                     }
                     self.message_len = 0;
                 }
@@ -450,7 +462,12 @@ mod tests {
         let mut seen = Vec::new();
         let mut buf = bytes.to_vec();
         for piece in buf.chunks_mut(step) {
-            let r = dec.decode(piece, &mut |e| seen.push(format!("{e:?}")));
+            let r = dec.decode(piece, &mut |e| {
+                if e != Event::FrameStart {
+                    seen.push(format!("{e:?}"));
+                }
+                Ok(())
+            });
             if r.is_err() {
                 return (seen, r);
             }

@@ -203,9 +203,12 @@ pub(crate) enum Owned {
     },
 }
 
-impl From<Event<'_>> for Owned {
-    fn from(event: Event<'_>) -> Owned {
-        match event {
+impl Owned {
+    /// The owned form of `event`; none for a frame start, which says
+    /// nothing a transcript compares.
+    fn of(event: Event<'_>) -> Option<Owned> {
+        Some(match event {
+            Event::FrameStart => return None,
             Event::Data { kind, payload, fin } => Owned::Data {
                 kind,
                 payload: payload.to_vec(),
@@ -217,7 +220,7 @@ impl From<Event<'_>> for Owned {
                 code,
                 reason: reason.to_owned(),
             },
-        }
+        })
     }
 }
 
@@ -234,6 +237,14 @@ pub(crate) struct Transcript {
 impl Transcript {
     /// Appends `event`, merging it into the previous piece of the same message.
     pub(crate) fn push(&mut self, event: Owned) {
+        self.extend(Some(event));
+    }
+
+    /// Appends `event` if there is one (see [`Transcript::push`]).
+    fn extend(&mut self, event: Option<Owned>) {
+        let Some(event) = event else {
+            return;
+        };
         if let Owned::Data {
             kind: next_kind,
             payload: more,
@@ -262,9 +273,10 @@ struct Checker {
 }
 
 impl Checker {
-    fn see(&mut self, event: Event<'_>) {
+    fn see(&mut self, event: Event<'_>) -> Result<(), Violation> {
         assert!(!self.closed, "event after Close: {event:?}");
         match event {
+            Event::FrameStart => return Ok(()),
             Event::Data { kind, payload, fin } => {
                 assert!(fin || !payload.is_empty(), "empty non-final Data piece");
                 let (first_kind, bytes) = self.message.get_or_insert_with(|| (kind, Vec::new()));
@@ -297,7 +309,8 @@ impl Checker {
                 self.closed = true;
             }
         }
-        self.transcript.push(event.into());
+        self.transcript.extend(Owned::of(event));
+        Ok(())
     }
 }
 

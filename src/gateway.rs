@@ -3,9 +3,9 @@
 //! Start-up validates the configuration, binds the listener (so a busy port is
 //! an error the caller sees), then spawns the writer pool, the manager (which
 //! takes the writers and starts lobbies on demand) and the acceptor. Shutdown
-//! runs down the same chain: the acceptor stops accepting and tells the
-//! manager, which stops and joins the lobbies and then the writers. No thread
-//! loop lives here.
+//! runs down the same chain: the acceptor stops accepting and its end reaches
+//! the manager, which stops the lobbies and drains the writers together, then
+//! joins them all. No thread loop lives here.
 
 use std::{
     net::SocketAddr,
@@ -27,9 +27,9 @@ use crate::{
     config::Config,
     error::{Error, Result},
     lobby::LobbyEnv,
-    manager::{self, ManagerMsg},
+    manager::{self, FORWARD_QUEUE, Inboxes, ManagerMsg},
     origin::OriginTarget,
-    stats::{LobbyInfo, Stats, StatsSnapshot},
+    stats::{LobbyInfo, Stats, StatsSnapshot, bump},
     writer::{self, WriterHandle, WriterMsg},
 };
 
@@ -55,11 +55,14 @@ impl Gateway {
             .local_addr()
             .map_err(Error::io("read the listener address"))?;
         let stats = Arc::new(Stats::default());
+        let (prepared, shutdown) = acceptor::prepare(listener, &config, Arc::clone(&stats))?;
         let (manager_tx, manager_rx) = unbounded();
+        let (forwards_tx, forwards) = bounded(FORWARD_QUEUE);
 
         let mut writers: Vec<WriterHandle> = Vec::with_capacity(config.writers);
         for index in 0..config.writers {
-            match writer::spawn(index, &config, Arc::clone(&stats), manager_tx.clone()) {
+            let channels = (manager_tx.clone(), forwards_tx.clone());
+            match writer::spawn(index, &config, Arc::clone(&stats), channels) {
                 Ok(handle) => writers.push(handle),
                 Err(e) => {
                     stop_writers(writers);
@@ -77,26 +80,24 @@ impl Gateway {
             history_keep: config.queue_depth.max(config.replay),
             replay: config.replay,
         };
-        let (left_tx, left_rx) = unbounded();
-        let manager = manager::spawn(&config, manager_rx, env, writers, left_tx)?;
-        let acceptor = match acceptor::spawn(
-            listener,
-            &config,
-            Arc::clone(&stats),
-            manager_tx.clone(),
-            left_rx,
-        ) {
+        let inboxes = Inboxes {
+            inbox: manager_rx,
+            forwards,
+            _forwards_tx: forwards_tx,
+        };
+        let manager = manager::spawn(&config, inboxes, env, writers, shutdown.clone())?;
+        let acceptor = match acceptor::spawn(prepared, manager_tx.clone()) {
             Ok(acceptor) => acceptor,
             Err(e) => {
                 let _ = manager_tx.send(ManagerMsg::Shutdown);
-                join_manager(manager);
+                join_manager(manager, &stats);
                 return Err(e);
             }
         };
         Ok(GatewayHandle {
             local_addr,
             stats,
-            shutdown: acceptor.shutdown.clone(),
+            shutdown,
             manager_tx,
             threads: Some((acceptor, manager)),
         })
@@ -126,9 +127,13 @@ fn stop_writers(writers: Vec<WriterHandle>) {
     }
 }
 
-fn join_manager(manager: JoinHandle<()>) {
+/// Waits for the manager; it catches its own panics, so one that still
+/// ends it (in its shutdown) is counted here.
+fn join_manager(manager: JoinHandle<()>, stats: &Stats) {
     if manager.join().is_err() {
-        error!("the manager thread panicked");
+        bump(&stats.thread_panics);
+        bump(&stats.fatal_errors);
+        error!("the manager thread panicked while shutting down");
     }
 }
 
@@ -143,6 +148,24 @@ pub struct GatewayHandle {
 }
 
 impl GatewayHandle {
+    /// Makes the next thread of `fault`'s kind panic (or stall), to test
+    /// supervision. Only in builds with the `fault-injection` feature.
+    #[cfg(feature = "fault-injection")]
+    #[doc(hidden)]
+    pub fn inject_fault(&self, fault: crate::fault::Fault) {
+        use crate::fault::Fault;
+        self.stats.faults.arm(fault);
+        // Wake the thread that checks it (writers tick, lobbies wake on
+        // origin messages).
+        match fault {
+            Fault::Acceptor => self.shutdown.wake(),
+            Fault::Manager => {
+                let _ = self.manager_tx.send(ManagerMsg::Inspect(bounded(1).0));
+            }
+            Fault::Writer | Fault::Lobby | Fault::SlowResolve => {}
+        }
+    }
+
     /// The address clients connect to (useful when the config said port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
@@ -178,7 +201,10 @@ impl GatewayHandle {
 
     /// Waits until the gateway has stopped and every thread has ended, and
     /// returns its final counters. Blocks until [`shutdown`](Self::shutdown)
-    /// is called if it was not.
+    /// is called if it was not, or until a fatal failure stops the gateway
+    /// ([`StatsSnapshot::fatal_errors`] then says so). Once shutdown has
+    /// begun it returns within the drain timeout and a second (the origin
+    /// close handshakes overlap the drain).
     pub fn join(mut self) -> StatsSnapshot {
         self.join_threads();
         self.stats.snapshot()
@@ -187,7 +213,7 @@ impl GatewayHandle {
     fn join_threads(&mut self) {
         if let Some((acceptor, manager)) = self.threads.take() {
             acceptor.join();
-            join_manager(manager);
+            join_manager(manager, &self.stats);
         }
     }
 }
@@ -217,6 +243,11 @@ impl ShutdownHandle {
     /// Begins the shutdown (see [`GatewayHandle::shutdown`]); returns at once.
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::SeqCst);
+        self.wake();
+    }
+
+    /// Wakes the acceptor to look at its flags.
+    pub(crate) fn wake(&self) {
         if let Err(e) = self.waker.wake() {
             error!("cannot wake the acceptor: {e}");
         }

@@ -121,8 +121,11 @@ impl History {
     }
 
     /// The number of the frame after the newest occurrence of the run
-    /// `resume`; `None` if the run is not in the history (a run cut by the
-    /// start of a young history counts as found).
+    /// `resume`; `None` if the run is not in the history. Only a history
+    /// younger than the run (it has seen fewer frames than the run holds)
+    /// may match it partly: its whole stream then ends the run. Anything
+    /// else needs the whole run, so a frame that recurs (a heartbeat) at the
+    /// start of a history cannot pass for the run.
     pub(crate) fn find_after(&self, resume: &[u64]) -> Option<u64> {
         let len = self.entries.len();
         if resume.is_empty() || len == 0 {
@@ -131,7 +134,8 @@ impl History {
         // The run would end at entries[end - 1].
         (1..=len).rev().find_map(|end| {
             let n = resume.len().min(end);
-            let is_whole_run = n == resume.len() || end == n && len < self.capacity;
+            let is_younger = self.first == 0 && len < resume.len();
+            let is_whole_run = n == resume.len() || end == n && is_younger;
             let matches =
                 (0..n).all(|i| self.entries[end - 1 - i].0 == resume[resume.len() - 1 - i]);
             (is_whole_run && matches).then_some(self.first + end as u64)
@@ -239,12 +243,25 @@ mod tests {
         let target = history(&["6", "7", "8", "9"]);
         let at = target.find_after(&resume(&source)).unwrap();
         assert_eq!(from(&target, at), ["9"]);
-        // An old (full) target needs the whole run.
-        let mut full = History::new(4, 4);
-        for t in ["6", "7", "8", "9"] {
-            full.push(frame(t));
+        // One that forgot its start is not young, whatever it holds now.
+        let mut old = History::new(4, 4);
+        for t in ["5", "6", "7", "8", "9"] {
+            old.push(frame(t));
         }
-        assert!(full.find_after(&resume(&source)).is_none());
+        assert!(old.find_after(&resume(&source)).is_none());
+    }
+
+    #[test]
+    fn a_run_needs_matching_whole_unless_the_target_is_younger_than_it() {
+        let hb = "{\"hb\":1}";
+        let source = history(&["1", "2", "3", "4", "5", "6", "7", hb]);
+        // A target whose stream starts with the run's last frame, but which
+        // is older than the run and never saw the rest of it.
+        let target = history(&[hb, "x", "y", "z", "w", "v", "u", "t", "s", "r"]);
+        assert!(target.find_after(&resume(&source)).is_none());
+        // Younger than the run, the same start is where the run ends.
+        let young = history(&[hb, "8"]);
+        assert_eq!(young.find_after(&resume(&source)), Some(1));
     }
 
     #[test]

@@ -151,6 +151,42 @@ pub(crate) fn parse_route(buf: &[u8], route: &Route<'_>) -> Parsed {
     }
 }
 
+/// Decides when a request buffer that grows read by read is worth parsing:
+/// once it holds the end of the head, once it exceeds the size limit, and
+/// whenever it has doubled since the last parse (so a request that is
+/// malformed from its first bytes is refused early). Searching for the end
+/// of the head resumes where it stopped, so the work stays linear in the
+/// request's size however it is split into reads; parsing at every read
+/// would be quadratic for a request sent a byte at a time.
+#[derive(Debug, Default)]
+pub(crate) struct HeadScan {
+    /// Bytes already searched for the end of the head.
+    scanned: usize,
+    /// Parse again once the buffer holds this many bytes.
+    parse_at: usize,
+}
+
+impl HeadScan {
+    /// Whether `buf` (the request so far) should be parsed now.
+    pub(crate) fn should_parse(&mut self, buf: &[u8], max_bytes: usize) -> bool {
+        // A head ends with an empty line: "\n\n" or "\n\r\n".
+        let from = self.scanned.saturating_sub(2);
+        let is_complete = buf.get(from..).is_some_and(|tail| {
+            tail.iter().enumerate().any(|(i, &b)| {
+                b == b'\n'
+                    && (tail.get(i + 1) == Some(&b'\n')
+                        || tail.get(i + 1..i + 3) == Some(&b"\r\n"[..]))
+            })
+        });
+        self.scanned = buf.len();
+        if is_complete || buf.len() > max_bytes || buf.len() >= self.parse_at {
+            self.parse_at = buf.len().saturating_mul(2);
+            return true;
+        }
+        false
+    }
+}
+
 fn reject(status: u16, why: &'static str) -> Parsed {
     Parsed::Reject(Rejection::new(status, why))
 }
@@ -276,6 +312,42 @@ mod tests {
                 parse(&bytes.as_bytes()[..cut], "/", 8192),
                 Parsed::Incomplete
             );
+        }
+    }
+
+    #[test]
+    fn a_request_sent_a_byte_at_a_time_is_parsed_a_logarithmic_number_of_times() {
+        let bytes = request(
+            "GET / HTTP/1.1",
+            &format!("X-Pad: {}\r\n", "p".repeat(6000)),
+        );
+        let mut scan = HeadScan::default();
+        let mut parses = 0;
+        let mut verdict = Parsed::Incomplete;
+        for end in 1..=bytes.len() {
+            if scan.should_parse(&bytes.as_bytes()[..end], 8192) {
+                parses += 1;
+                verdict = parse(&bytes.as_bytes()[..end], "/", 8192);
+            }
+        }
+        assert_eq!(status(verdict), 101);
+        assert!(parses <= 16, "{parses} parses for {} bytes", bytes.len());
+    }
+
+    #[test]
+    fn the_scan_finds_the_end_of_the_head_split_anywhere() {
+        for head in ["GET / HTTP/1.1\r\nA: b\r\n\r\n", "GET / HTTP/1.1\nA: b\n\n"] {
+            for cut in 1..head.len() {
+                let mut scan = HeadScan {
+                    scanned: 0,
+                    parse_at: usize::MAX,
+                };
+                assert!(
+                    !scan.should_parse(&head.as_bytes()[..cut], 8192),
+                    "{head:?} {cut}"
+                );
+                assert!(scan.should_parse(head.as_bytes(), 8192), "{head:?} {cut}");
+            }
         }
     }
 

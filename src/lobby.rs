@@ -25,7 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError, unbounded};
+use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError, bounded, unbounded};
 use log::{debug, error, info, trace, warn};
 use mio::{Events, Poll, Token, Waker};
 
@@ -39,6 +39,7 @@ use crate::{
     origin::{Drive, OriginLink, OriginTarget},
     queue::{ClientQueue, Pushed},
     stats::{OriginState, Stats, bump},
+    supervise::EndGuard,
     writer::WriterWake,
 };
 
@@ -49,6 +50,9 @@ pub(crate) const ADOPT_WAIT: Duration = Duration::from_secs(2);
 /// How often a lobby tops up the queues of clients catching up from its
 /// history when no origin message wakes it.
 const CATCH_UP_TICK: Duration = Duration::from_millis(5);
+/// Client messages waiting for a lobby to send them upstream; more are
+/// dropped and counted (each is at most `--max-client-message` bytes).
+const FORWARD_QUEUE: usize = 64;
 
 /// A lobby's inbox.
 #[derive(Debug)]
@@ -62,8 +66,6 @@ pub(crate) enum LobbyMsg {
     Release(ClientId),
     /// Take over a client from another lobby, continuing after `resume`.
     Adopt { member: Member, resume: Resume },
-    /// Send a client's message upstream.
-    Forward { kind: MessageKind, payload: Vec<u8> },
     /// Close the origin connection and end the thread.
     Shutdown,
 }
@@ -76,11 +78,20 @@ pub(crate) struct Member {
     pub writer: usize,
 }
 
+/// A client's message for the origin, on its way through its lobby.
+#[derive(Debug)]
+pub(crate) struct Forwarded {
+    pub kind: MessageKind,
+    pub payload: Vec<u8>,
+}
+
 /// The manager's handle on a lobby thread.
 #[derive(Debug)]
 pub(crate) struct LobbyHandle {
     tx: Sender<LobbyMsg>,
-    waker: Waker,
+    /// Client messages for the origin: a bounded path, apart from the inbox.
+    forwards: Sender<Forwarded>,
+    waker: Arc<Waker>,
     origin: Arc<AtomicU8>,
     thread: JoinHandle<()>,
 }
@@ -89,10 +100,26 @@ impl LobbyHandle {
     /// Sends `msg` and wakes the lobby. False if the lobby has ended.
     pub(crate) fn send(&self, msg: LobbyMsg) -> bool {
         let sent = self.tx.send(msg).is_ok();
+        self.wake();
+        sent
+    }
+
+    /// Hands a client's message to the lobby for its origin, unless the
+    /// lobby is backed up (or has ended): false then, and it is dropped.
+    pub(crate) fn forward(&self, message: Forwarded) -> bool {
+        match self.forwards.try_send(message) {
+            Ok(()) => {
+                self.wake();
+                true
+            }
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+        }
+    }
+
+    fn wake(&self) {
         if let Err(e) = self.waker.wake() {
             error!("cannot wake lobby: {e}");
         }
-        sent
     }
 
     /// Where the lobby's origin connection stands.
@@ -127,18 +154,19 @@ pub(crate) struct LobbyEnv {
 /// Starts a lobby thread.
 pub(crate) fn spawn(id: LobbyId, env: &LobbyEnv) -> Result<LobbyHandle> {
     let poll = Poll::new().map_err(Error::io("create a lobby poll"))?;
-    let waker = Waker::new(poll.registry(), WAKER).map_err(Error::io("create a lobby waker"))?;
+    let waker =
+        Arc::new(Waker::new(poll.registry(), WAKER).map_err(Error::io("create a lobby waker"))?);
     let registry = poll
         .registry()
         .try_clone()
         .map_err(Error::io("clone a poll registry"))?;
     let (tx, inbox) = unbounded();
+    let (forwards_tx, forwards) = bounded(FORWARD_QUEUE);
     let published = Arc::new(AtomicU8::new(OriginState::Idle as u8));
     let origin = OriginLink::new(
         id,
         Arc::clone(&env.target),
-        registry,
-        ORIGIN,
+        (registry, ORIGIN, Arc::clone(&waker)),
         Arc::clone(&published),
         Arc::clone(&env.stats),
     );
@@ -146,6 +174,7 @@ pub(crate) fn spawn(id: LobbyId, env: &LobbyEnv) -> Result<LobbyHandle> {
         id,
         poll,
         inbox,
+        forwards,
         origin,
         fanout: Fanout {
             lobby: id,
@@ -161,13 +190,7 @@ pub(crate) fn spawn(id: LobbyId, env: &LobbyEnv) -> Result<LobbyHandle> {
         manager: env.manager.clone(),
         on_origin_loss: env.on_origin_loss,
     };
-    let guard = EndGuard {
-        id,
-        manager: env.manager.clone(),
-        stats: Arc::clone(&env.stats),
-    };
-    env.stats.lobbies.fetch_add(1, Relaxed);
-    bump(&env.stats.lobbies_started);
+    let guard = EndGuard::lobby(id, env.manager.clone(), Arc::clone(&env.stats));
     let thread = thread::Builder::new()
         .name(format!("wsgate-lobby-{}", id.0))
         .spawn(move || {
@@ -177,6 +200,7 @@ pub(crate) fn spawn(id: LobbyId, env: &LobbyEnv) -> Result<LobbyHandle> {
     match thread {
         Ok(thread) => Ok(LobbyHandle {
             tx,
+            forwards: forwards_tx,
             waker,
             origin: published,
             thread,
@@ -189,27 +213,12 @@ pub(crate) fn spawn(id: LobbyId, env: &LobbyEnv) -> Result<LobbyHandle> {
     }
 }
 
-/// Tells the manager the lobby ended, however it ended (a panic included).
-#[derive(Debug)]
-struct EndGuard {
-    id: LobbyId,
-    manager: Sender<ManagerMsg>,
-    stats: Arc<Stats>,
-}
-
-impl Drop for EndGuard {
-    fn drop(&mut self) {
-        self.stats.lobbies.fetch_sub(1, Relaxed);
-        bump(&self.stats.lobbies_ended);
-        let _ = self.manager.send(ManagerMsg::LobbyEnded(self.id));
-    }
-}
-
 #[derive(Debug)]
 struct Lobby {
     id: LobbyId,
     poll: Poll,
     inbox: Receiver<LobbyMsg>,
+    forwards: Receiver<Forwarded>,
     origin: OriginLink,
     fanout: Fanout,
     manager: Sender<ManagerMsg>,
@@ -242,6 +251,8 @@ impl Lobby {
                     break;
                 }
             }
+            #[cfg(feature = "fault-injection")]
+            self.fanout.stats.faults.check(crate::fault::Fault::Lobby);
             if !is_ending && !self.take_messages() {
                 // Finish the origin's close handshake before the thread ends.
                 is_ending = true;
@@ -313,18 +324,23 @@ impl Lobby {
                     let _ = self.manager.send(ManagerMsg::Released { id, resume });
                     self.stop_if_empty();
                 }
-                Ok(LobbyMsg::Forward { kind, payload }) => {
-                    let counter = if self.origin.send(kind, payload) {
-                        &self.fanout.stats.forwarded
-                    } else {
-                        &self.fanout.stats.forward_dropped
-                    };
-                    bump(counter);
-                }
                 Ok(LobbyMsg::Shutdown) | Err(TryRecvError::Disconnected) => return false,
-                Err(TryRecvError::Empty) => return true,
+                Err(TryRecvError::Empty) => break,
             }
         }
+        // What is queued now, no more: the inbox gets its turn again first.
+        for _ in 0..self.forwards.len() {
+            let Ok(Forwarded { kind, payload }) = self.forwards.try_recv() else {
+                break;
+            };
+            let counter = if self.origin.send(kind, payload) {
+                &self.fanout.stats.forwarded
+            } else {
+                &self.fanout.stats.forward_dropped
+            };
+            bump(counter);
+        }
+        true
     }
 
     fn stop_if_empty(&mut self) {
@@ -348,6 +364,8 @@ struct Adopting {
 struct CatchingUp {
     member: Member,
     next: u64,
+    /// It already fell behind the history once (a migration gap, counted once).
+    is_gapped: bool,
 }
 
 /// Everything the fan-out touches: members, their writers, the history.
@@ -434,7 +452,11 @@ impl Fanout {
 
     /// Brings `member` up from frame `next` to the live edge, then makes it a member.
     fn enlist(&mut self, member: Member, next: u64) {
-        self.catching_up.push(CatchingUp { member, next });
+        self.catching_up.push(CatchingUp {
+            member,
+            next,
+            is_gapped: false,
+        });
         self.catch_up();
         self.wake_writers();
     }
@@ -450,9 +472,18 @@ impl Fanout {
         while i < self.catching_up.len() {
             let c = &mut self.catching_up[i];
             if c.next < self.history.oldest() {
-                // It fell behind the history: frames are gone.
-                debug!("{}: {} missed frames catching up", self.lobby, c.member.id);
-                bump(&self.stats.migration_gaps);
+                // Its queue stayed full while the history moved on: the
+                // frames it skips are lost to it, counted as a slow client's.
+                let lost = self.history.oldest() - c.next;
+                debug!(
+                    "{}: {} missed {lost} frames catching up",
+                    self.lobby, c.member.id
+                );
+                if !std::mem::replace(&mut c.is_gapped, true) {
+                    bump(&self.stats.migration_gaps);
+                }
+                self.stats.frames_dropped.fetch_add(lost, Relaxed);
+                c.member.queue.count_drops(lost);
                 c.next = self.history.oldest();
             }
             while c.next < self.history.head() && c.member.queue.len() < c.member.queue.depth() {
@@ -521,5 +552,58 @@ impl Fanout {
                 writer.notify();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_stuck_catching_up_counts_what_it_loses_as_drops_and_one_gap() {
+        let poll = Poll::new().unwrap();
+        let stats = Arc::new(Stats::default());
+        let mut fanout = Fanout {
+            lobby: LobbyId(0),
+            members: Vec::new(),
+            catching_up: Vec::new(),
+            adopting: Vec::new(),
+            history: History::new(64, 4),
+            replay: 0,
+            writers: Arc::from([WriterWake::for_tests(&poll)]),
+            touched: vec![false],
+            stats: Arc::clone(&stats),
+        };
+        // A member that keeps up, so the lobby broadcasts.
+        fanout.members.push(Member {
+            id: ClientId(0),
+            queue: ClientQueue::new(1000, false),
+            writer: 0,
+        });
+        for n in 0..20u8 {
+            fanout.broadcast(MessageKind::Text, &[n]);
+        }
+        // Twenty frames behind, with a queue of four that is never read.
+        let queue = ClientQueue::new(4, true);
+        let member = Member {
+            id: ClientId(1),
+            queue: queue.clone(),
+            writer: 0,
+        };
+        fanout.enlist(member, fanout.history.head() - 20);
+        for n in 0..200u8 {
+            fanout.broadcast(MessageKind::Text, &[n]);
+        }
+        // It got the four frames its queue holds; every other frame since is lost.
+        assert_eq!(queue.len(), 4);
+        let head = fanout.history.head();
+        let owed = head - (head - 200 - 20);
+        assert_eq!(queue.drops(), owed - 4 - (head - fanout.history.oldest()));
+        assert_eq!(stats.frames_dropped.load(Relaxed), queue.drops());
+        assert_eq!(
+            stats.migration_gaps.load(Relaxed),
+            1,
+            "one gap, not one per frame"
+        );
     }
 }

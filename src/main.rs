@@ -1,15 +1,17 @@
 //! The `wsgate` binary: flags → [`wsgate::Config`] → a running gateway.
 //!
 //! It sets up logging, starts the demo origin for `--demo`, runs the gateway
-//! until SIGINT or SIGTERM, and turns errors into exit code 2 with one line on
-//! stderr. All gateway behaviour lives in the library.
+//! until SIGINT or SIGTERM (a second one exits at once), and turns errors
+//! into exit codes: 2 with one line on stderr for a usage or configuration
+//! error, 1 when the gateway stopped on a fatal failure. All gateway
+//! behaviour lives in the library.
 
 mod cli;
 
 use std::{io::IsTerminal, net::SocketAddr, process::ExitCode, thread, time::Duration};
 
 use argh::{EarlyExit, FromArgs};
-use log::{LevelFilter, info};
+use log::{LevelFilter, error, info, warn};
 use signal_hook::{
     consts::{SIGINT, SIGTERM},
     iterator::Signals,
@@ -28,7 +30,8 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     match run(&cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("wsgate: {e}");
             ExitCode::from(2)
@@ -65,7 +68,9 @@ fn parse_args() -> Result<Cli, ExitCode> {
     })
 }
 
-fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
+/// Runs the gateway until it stops; true if it stopped cleanly (not on a
+/// fatal failure).
+fn run(cli: &Cli) -> Result<bool, Box<dyn std::error::Error>> {
     init_logging(cli.log_level);
     let mut config = cli.config()?;
     let demo = if cli.demo {
@@ -93,9 +98,14 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     let watcher = thread::Builder::new()
         .name("wsgate-signals".to_owned())
         .spawn(move || {
-            if let Some(signal) = signals.forever().next() {
-                info!("signal {signal} received; shutting down");
+            let mut received = signals.forever();
+            if let Some(signal) = received.next() {
+                info!("signal {signal} received; shutting down (a second one exits at once)");
                 shutdown.shutdown();
+            }
+            if let Some(signal) = received.next() {
+                warn!("signal {signal} received again; exiting now");
+                std::process::exit(128 + signal);
             }
         })
         .map_err(|e| format!("cannot start the signal thread: {e}"))?;
@@ -107,7 +117,10 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     signal_handle.close();
     let _ = watcher.join();
     drop(demo);
-    Ok(())
+    if stats.fatal_errors > 0 {
+        error!("stopped after a fatal failure (see above); exiting with status 1");
+    }
+    Ok(stats.fatal_errors == 0)
 }
 
 fn init_logging(level: LevelFilter) {

@@ -12,32 +12,49 @@
 //! `Adopt` to the new one), so a client that leaves meanwhile is never
 //! adopted. It owns the lobby and writer handles and, on shutdown, stops and
 //! joins them all. It never touches a socket's bytes.
+//!
+//! It also supervises: every other thread reports its end here
+//! (`supervise.rs`). A lobby that ended unexpectedly has its clients placed
+//! afresh; the acceptor's end is the gateway's shutdown; a writer that ended
+//! outside a shutdown (its panics are caught in the writer) is fatal. A
+//! panic in the manager itself is caught: it shuts the gateway down as
+//! gracefully as it can and counts a fatal error.
 
 use std::{
     cmp::Reverse,
     collections::{BTreeMap, HashMap},
     io::Write,
-    net::{IpAddr, SocketAddr},
-    sync::{Arc, atomic::Ordering::Relaxed},
+    net::SocketAddr,
+    panic::{self, AssertUnwindSafe},
+    sync::Arc,
     thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender, select};
 use log::{debug, error, info, warn};
 use mio::net::TcpStream;
 
 use crate::{
     config::{Config, SlowClient},
     error::{Error, Result},
-    frame::{self, MessageKind, close_code},
+    frame::{self, close_code},
+    gateway::ShutdownHandle,
     history::Resume,
     id::{ClientId, LobbyId},
-    lobby::{self, LobbyEnv, LobbyHandle, LobbyMsg, Member},
+    lobby::{self, Forwarded, LobbyEnv, LobbyHandle, LobbyMsg, Member},
     queue::ClientQueue,
-    stats::{LobbyInfo, Stats, bump, drop_one},
+    seat::Seat,
+    stats::{Disconnect, LobbyInfo, Stats, bump},
+    supervise::ThreadKind,
     writer::{Attach, WriterHandle, WriterMsg},
 };
+
+/// Client messages waiting for the manager to route them to their lobbies;
+/// more are dropped and counted (each is at most `--max-client-message` bytes).
+pub(crate) const FORWARD_QUEUE: usize = 256;
+/// Longest the manager sleeps with nothing scheduled (it wakes on messages).
+const IDLE_WAIT: Duration = Duration::from_secs(3600);
 
 /// The manager's inbox.
 #[derive(Debug)]
@@ -46,16 +63,10 @@ pub(crate) enum ManagerMsg {
     Admit(Admission),
     /// A writer dropped this client's connection.
     Departed(ClientId),
-    /// A client sent this message, to go upstream on its lobby's origin connection.
-    Forward {
-        id: ClientId,
-        kind: MessageKind,
-        payload: Vec<u8>,
-    },
     /// A lobby let a moving client go; this is where it was in the stream.
     Released { id: ClientId, resume: Resume },
-    /// A lobby thread ended, whether asked to or by panic.
-    LobbyEnded(LobbyId),
+    /// A thread ended, whether asked to or by panic.
+    ThreadEnded { thread: ThreadKind, panicked: bool },
     /// Reply with the current lobbies, for [`GatewayHandle::lobbies`](crate::GatewayHandle::lobbies).
     Inspect(Sender<Vec<LobbyInfo>>),
     /// Stop every lobby and writer, then end.
@@ -69,21 +80,40 @@ pub(crate) struct Admission {
     pub peer: SocketAddr,
     /// Bytes the client sent after its upgrade request.
     pub leftover: Vec<u8>,
+    /// Its place in the client counts, given back when the client is dropped.
+    pub seat: Seat,
 }
 
-/// Starts the manager thread, which takes ownership of the writers. The
-/// address of each client that leaves goes to `left` when clients per address
-/// are limited (the acceptor counts them).
+/// A client's message for the origin, from its writer (over a bounded
+/// channel apart from the inbox).
+#[derive(Debug)]
+pub(crate) struct ClientMessage {
+    pub id: ClientId,
+    pub message: Forwarded,
+}
+
+/// The channels the manager reads: its inbox and the client messages.
+#[derive(Debug)]
+pub(crate) struct Inboxes {
+    pub inbox: Receiver<ManagerMsg>,
+    pub forwards: Receiver<ClientMessage>,
+    /// Kept so `forwards` never reads as closed, even with no writer left.
+    pub _forwards_tx: Sender<ClientMessage>,
+}
+
+/// Starts the manager thread, which takes ownership of the writers; on a
+/// fatal failure it stops the gateway through `shutdown`.
 pub(crate) fn spawn(
     config: &Config,
-    inbox: Receiver<ManagerMsg>,
+    inboxes: Inboxes,
     env: LobbyEnv,
     writers: Vec<WriterHandle>,
-    left: Sender<IpAddr>,
+    shutdown: ShutdownHandle,
 ) -> Result<JoinHandle<()>> {
     let compact_interval = (!config.compact_interval.is_zero()).then_some(config.compact_interval);
     let manager = Manager {
-        inbox,
+        inboxes,
+        shutdown,
         capacity: config.lobby_capacity,
         compact_to: ((config.lobby_capacity as f64 * config.compact_fill).floor() as usize).max(1),
         compact_interval,
@@ -91,7 +121,6 @@ pub(crate) fn spawn(
         max_lobbies: (config.max_origin_connections > 0).then_some(config.max_origin_connections),
         queue_depth: config.queue_depth,
         count_drops: config.slow_client == SlowClient::Disconnect,
-        left: (config.max_clients_per_ip > 0).then_some(left),
         linger: config.lobby_linger,
         writer_load: vec![0; writers.len()],
         writers,
@@ -103,9 +132,20 @@ pub(crate) fn spawn(
         next_client: 0,
         next_lobby: 0,
     };
+    // If the thread cannot start, the manager is dropped unstarted, and its
+    // drop stops the writers it was given.
     thread::Builder::new()
         .name("wsgate-manager".to_owned())
-        .spawn(move || manager.run())
+        .spawn(move || {
+            let mut manager = manager;
+            if panic::catch_unwind(AssertUnwindSafe(|| manager.run())).is_err() {
+                bump(&manager.stats.thread_panics);
+                bump(&manager.stats.fatal_errors);
+                error!("the manager panicked; shutting the gateway down");
+            }
+            // Stops the acceptor if it still runs; the drop stops the rest.
+            manager.shutdown.shutdown();
+        })
         .map_err(Error::io("spawn the manager thread"))
 }
 
@@ -114,6 +154,9 @@ struct LobbyEntry {
     handle: LobbyHandle,
     /// Clients placed here, moving ones counted where they are going.
     members: usize,
+    /// Its thread has ended (a message to it failed): place nobody here;
+    /// its end, reported by its guard, re-homes its clients.
+    is_dead: bool,
     empty_since: Option<Instant>,
     /// When the lobby started, or last received migrated clients: it is not
     /// drained again until a compaction interval has passed since.
@@ -123,7 +166,6 @@ struct LobbyEntry {
 #[derive(Debug)]
 struct ClientEntry {
     lobby: LobbyId,
-    ip: IpAddr,
     queue: ClientQueue,
     writer: usize,
     /// While moving: the old lobby, asked to release it; `lobby` is the new one.
@@ -132,7 +174,9 @@ struct ClientEntry {
 
 #[derive(Debug)]
 struct Manager {
-    inbox: Receiver<ManagerMsg>,
+    inboxes: Inboxes,
+    /// Stops the acceptor, hence the gateway, on a fatal failure.
+    shutdown: ShutdownHandle,
     capacity: usize,
     /// Members per lobby that compaction packs to (capacity × fill).
     compact_to: usize,
@@ -142,8 +186,6 @@ struct Manager {
     queue_depth: usize,
     /// Queues count their drops (for the slow-client disconnect policy).
     count_drops: bool,
-    /// Where departing clients' addresses go, when they are counted.
-    left: Option<Sender<IpAddr>>,
     linger: Duration,
     env: LobbyEnv,
     stats: Arc<Stats>,
@@ -159,35 +201,43 @@ struct Manager {
 
 impl Manager {
     /// The main loop: one message at a time, with timeouts for lingering
-    /// lobbies and compaction rounds.
-    fn run(mut self) {
+    /// lobbies and compaction rounds, until the gateway shuts down (the
+    /// thread's closure then drops the manager, which stops everything).
+    fn run(&mut self) {
         loop {
             let deadline = self
                 .next_linger_end()
                 .into_iter()
                 .chain(self.next_compaction)
                 .min();
-            let msg = match deadline {
-                Some(at) => match self
-                    .inbox
-                    .recv_timeout(at.saturating_duration_since(Instant::now()))
-                {
-                    Ok(msg) => Some(msg),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => Some(ManagerMsg::Shutdown),
-                },
-                None => Some(self.inbox.recv().unwrap_or(ManagerMsg::Shutdown)),
+            let timeout =
+                deadline.map_or(IDLE_WAIT, |at| at.saturating_duration_since(Instant::now()));
+            let msg = select! {
+                recv(self.inboxes.inbox) -> msg => Some(msg.unwrap_or(ManagerMsg::Shutdown)),
+                recv(self.inboxes.forwards) -> message => {
+                    if let Ok(message) = message {
+                        self.forward(message);
+                    }
+                    None
+                }
+                default(timeout) => None,
             };
+            #[cfg(feature = "fault-injection")]
+            self.stats.faults.check(crate::fault::Fault::Manager);
             match msg {
                 Some(ManagerMsg::Admit(admission)) => self.admit(admission),
                 Some(ManagerMsg::Departed(id)) => self.depart(id),
-                Some(ManagerMsg::Forward { id, kind, payload }) => self.forward(id, kind, payload),
                 Some(ManagerMsg::Released { id, resume }) => self.released(id, resume),
-                Some(ManagerMsg::LobbyEnded(id)) => self.lobby_ended(id),
+                Some(ManagerMsg::ThreadEnded { thread, panicked })
+                    if !self.thread_ended(thread, panicked) =>
+                {
+                    return;
+                }
+                Some(ManagerMsg::ThreadEnded { .. }) => {}
                 Some(ManagerMsg::Inspect(reply)) => {
                     let _ = reply.send(self.lobby_infos());
                 }
-                Some(ManagerMsg::Shutdown) => break,
+                Some(ManagerMsg::Shutdown) => return,
                 None => {}
             }
             let now = Instant::now();
@@ -197,7 +247,23 @@ impl Manager {
             }
             self.end_lingering(now);
         }
-        self.shutdown();
+    }
+
+    /// Reacts to a thread's end; false if the gateway must shut down.
+    fn thread_ended(&mut self, thread: ThreadKind, panicked: bool) -> bool {
+        match thread {
+            ThreadKind::Lobby(id) => {
+                self.lobby_ended(id);
+                true
+            }
+            // Its normal end is the gateway's shutdown.
+            ThreadKind::Acceptor if !panicked => false,
+            ThreadKind::Acceptor | ThreadKind::Writer(_) => {
+                bump(&self.stats.fatal_errors);
+                error!("{thread} ended; shutting the gateway down");
+                false
+            }
+        }
     }
 
     fn admit(&mut self, admission: Admission) {
@@ -205,16 +271,16 @@ impl Manager {
             mut stream,
             peer,
             leftover,
+            seat,
         } = admission;
         let id = ClientId(self.next_client);
         self.next_client += 1;
         let queue = ClientQueue::new(self.queue_depth, self.count_drops);
         let writer = self.least_loaded_writer();
         let Some(lobby) = self.join_some_lobby(id, &queue, writer) else {
-            // The seat the acceptor took is given back; tell the client why.
-            drop_one(&self.stats.clients);
-            self.release_ip(peer.ip());
+            // Its seat is given back as it drops here; tell the client why.
             bump(&self.stats.refused_full);
+            self.stats.disconnected(Disconnect::NoRoom);
             debug!("{id} from {peer} refused: no lobby with room");
             let close = frame::encode_close(close_code::TRY_AGAIN_LATER, "no lobby with room");
             let _ = stream.write(&close);
@@ -225,12 +291,12 @@ impl Manager {
             stream,
             queue: queue.clone(),
             leftover,
+            seat,
         };
         self.clients.insert(
             id,
             ClientEntry {
                 lobby,
-                ip: peer.ip(),
                 queue,
                 writer,
                 moving_from: None,
@@ -241,6 +307,7 @@ impl Manager {
         debug!("{id} from {peer} placed in {lobby}");
         if !self.writers[writer].send(WriterMsg::Attach(attach)) {
             error!("writer {writer} has ended; dropping {id}");
+            self.stats.disconnected(Disconnect::InternalError);
             self.depart(id);
         }
     }
@@ -269,16 +336,17 @@ impl Manager {
                 entry.empty_since = None;
                 return Some(lobby);
             }
-            // The lobby died under us; forget it and try another.
-            self.lobby_ended(lobby);
+            // Its thread has ended. Its guard's report re-homes its clients
+            // later; handling that here would place this client twice.
+            entry.is_dead = true;
         }
     }
 
-    /// The fullest lobby with room (the oldest on ties).
+    /// The fullest live lobby with room (the oldest on ties).
     fn fullest_with_room(&self) -> Option<LobbyId> {
         self.lobbies
             .iter()
-            .filter(|(_, l)| l.members < self.capacity)
+            .filter(|(_, l)| l.members < self.capacity && !l.is_dead)
             .max_by_key(|(id, l)| (l.members, Reverse(**id)))
             .map(|(id, _)| *id)
     }
@@ -299,6 +367,7 @@ impl Manager {
                     LobbyEntry {
                         handle,
                         members: 0,
+                        is_dead: false,
                         empty_since: None,
                         settled_since: Instant::now(),
                     },
@@ -455,21 +524,16 @@ impl Manager {
             .unwrap_or(0)
     }
 
-    /// Sends a client's message upstream through its lobby (the new one if moving).
-    fn forward(&mut self, id: ClientId, kind: MessageKind, payload: Vec<u8>) {
-        let sent = self.clients.get(&id).is_some_and(|client| {
+    /// Sends a client's message upstream through its lobby (the new one if
+    /// moving), unless that lobby is backed up.
+    fn forward(&mut self, message: ClientMessage) {
+        let sent = self.clients.get(&message.id).is_some_and(|client| {
             self.lobbies
                 .get(&client.lobby)
-                .is_some_and(|l| l.handle.send(LobbyMsg::Forward { kind, payload }))
+                .is_some_and(|l| l.handle.forward(message.message))
         });
         if !sent {
             bump(&self.stats.forward_dropped);
-        }
-    }
-
-    fn release_ip(&self, ip: IpAddr) {
-        if let Some(left) = &self.left {
-            let _ = left.send(ip);
         }
     }
 
@@ -478,8 +542,6 @@ impl Manager {
             return;
         };
         self.writer_load[client.writer] -= 1;
-        drop_one(&self.stats.clients);
-        self.release_ip(client.ip);
         if let Some(lobby) = self.lobbies.get_mut(&client.lobby) {
             // A moving client is not in its new lobby yet; its old one lets it go.
             if client.moving_from.is_none() {
@@ -551,7 +613,14 @@ impl Manager {
         }
     }
 
-    fn shutdown(mut self) {
+    /// Stops every lobby and writer and waits for them: lobbies stop
+    /// fanning out at once (each then finishes its origin's close handshake,
+    /// within a second), while writers drain their clients (within the drain
+    /// timeout), so the two waits overlap. Runs once, when the manager drops.
+    fn stop_all(&mut self) {
+        if self.lobbies.is_empty() && self.ending.is_empty() && self.writers.is_empty() {
+            return;
+        }
         info!(
             "shutting down {} lobbies and {} writers",
             self.lobbies.len(),
@@ -561,15 +630,20 @@ impl Manager {
             entry.handle.send(LobbyMsg::Shutdown);
             self.ending.insert(id, entry.handle);
         }
-        for (_, handle) in self.ending.drain() {
-            handle.join();
-        }
         for writer in &self.writers {
             writer.send(WriterMsg::Shutdown);
+        }
+        for (_, handle) in self.ending.drain() {
+            handle.join();
         }
         for writer in self.writers.drain(..) {
             writer.join();
         }
-        self.stats.clients.store(0, Relaxed);
+    }
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        self.stop_all();
     }
 }

@@ -7,22 +7,27 @@
 //! serving its inbox while an origin is slow or down. Once up, the link pings
 //! the origin and declares it dead when nothing arrives for the liveness
 //! timeout. Every failure is counted by cause and retried after a jittered
-//! [`Backoff`]. This file knows nothing of clients: the lobby (`lobby.rs`)
+//! [`Backoff`]. A host name is resolved on a short-lived thread of its own
+//! (the system resolver blocks), whose answer wakes the lobby; the lobby
+//! waits for it no longer than the connect timeout and never joins a lookup
+//! it gave up on, so a slow resolver delays neither its inbox nor shutdown. This file knows nothing of clients: the lobby (`lobby.rs`)
 //! decides when a link is needed and what to do with each message.
 
 use std::{
     collections::VecDeque,
     io::{self, Read, Write},
-    net::{SocketAddr, ToSocketAddrs},
+    net::{IpAddr, SocketAddr, ToSocketAddrs},
     sync::{
         Arc,
         atomic::{AtomicU8, AtomicU64, Ordering::Relaxed},
     },
+    thread::{self, JoinHandle},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use crossbeam_channel::{Receiver, TryRecvError, bounded};
 use log::{debug, info, warn};
-use mio::{Interest, Registry, Token, net::TcpStream};
+use mio::{Interest, Registry, Token, Waker, net::TcpStream};
 use tungstenite::{
     ClientRequestBuilder, Message, WebSocket,
     client::client_with_config,
@@ -45,6 +50,10 @@ use crate::{
 const READS_PER_DRIVE: usize = 256;
 /// A connection that lived this long earns a fresh backoff when it fails.
 const STABLE_AFTER: Duration = Duration::from_secs(30);
+/// A connection that delivered messages earns a fresh backoff only if it
+/// also lived this long: an origin that sends one message and closes must
+/// not be redialled at the shortest delay forever.
+const HEALTHY_AFTER: Duration = Duration::from_secs(5);
 /// Bytes read from the origin socket at a time. tungstenite zero-fills its read
 /// buffer to this size, so it is resident memory per lobby: its default, 128 KiB,
 /// costs 256 bytes per client at 10 000 clients. A lobby reads until the socket
@@ -62,6 +71,8 @@ pub(crate) struct OriginTarget {
     uri: Uri,
     host: String,
     port: u16,
+    /// The address, when the host is an IP address (nothing to resolve).
+    literal: Option<SocketAddr>,
     request: ClientRequestBuilder,
     init: Vec<String>,
     ws_config: WebSocketConfig,
@@ -110,6 +121,10 @@ impl OriginTarget {
         };
         Ok(OriginTarget {
             uri,
+            literal: host
+                .parse::<IpAddr>()
+                .ok()
+                .map(|ip| SocketAddr::new(ip, port)),
             host,
             port,
             request,
@@ -125,10 +140,14 @@ impl OriginTarget {
             tls,
         })
     }
+}
 
-    fn resolve(&self) -> io::Result<Vec<SocketAddr>> {
-        Ok((self.host.as_str(), self.port).to_socket_addrs()?.collect())
-    }
+/// A host name lookup under way on its own thread.
+#[derive(Debug)]
+struct Lookup {
+    answer: Receiver<io::Result<Vec<SocketAddr>>>,
+    /// Joined once it answered; left to finish alone if given up on.
+    thread: JoinHandle<()>,
 }
 
 /// The byte stream to the origin: plain TCP, or TLS over it.
@@ -237,6 +256,8 @@ enum State {
     Idle,
     /// Waiting out the backoff before the next attempt.
     Waiting(Instant),
+    /// Resolving the origin's host name, until the connect deadline.
+    Resolving(Box<Lookup>, Instant),
     /// TCP connect in progress.
     Connecting(TcpStream, Instant),
     /// TLS handshake in progress.
@@ -260,7 +281,9 @@ impl State {
         match self {
             State::Idle => OriginState::Idle,
             State::Waiting(_) => OriginState::BackingOff,
-            State::Connecting(..) | State::Upgrading(..) => OriginState::Connecting,
+            State::Resolving(..) | State::Connecting(..) | State::Upgrading(..) => {
+                OriginState::Connecting
+            }
             #[cfg(feature = "tls")]
             State::Securing(..) => OriginState::Connecting,
             State::Up(_) => OriginState::Up,
@@ -309,6 +332,8 @@ pub(crate) struct OriginLink {
     backoff: Backoff,
     /// Connect attempts made, to rotate over the origin's addresses.
     attempts: usize,
+    /// Wakes the lobby (a host name lookup answered).
+    waker: Arc<Waker>,
     /// A failure happened since the lobby last asked.
     has_failed: bool,
     /// Client messages to forward once the connection is up.
@@ -324,8 +349,7 @@ impl OriginLink {
     pub(crate) fn new(
         lobby: LobbyId,
         target: Arc<OriginTarget>,
-        registry: Registry,
-        token: Token,
+        (registry, token, waker): (Registry, Token, Arc<Waker>),
         published: Arc<AtomicU8>,
         stats: Arc<Stats>,
     ) -> OriginLink {
@@ -343,6 +367,7 @@ impl OriginLink {
             state: State::Idle,
             backoff,
             attempts: 0,
+            waker,
             has_failed: false,
             outbox,
             published,
@@ -376,7 +401,10 @@ impl OriginLink {
         let live = match &mut self.state {
             State::Up(live) => live,
             // On its way up: keep the message for the connection (bounded).
-            State::Waiting(_) | State::Connecting(..) | State::Upgrading(..) => {
+            State::Waiting(_)
+            | State::Resolving(..)
+            | State::Connecting(..)
+            | State::Upgrading(..) => {
                 return self.outbox.push(message);
             }
             #[cfg(feature = "tls")]
@@ -428,7 +456,8 @@ impl OriginLink {
             State::Securing(mut tls, _) => self.deregister(&mut tls.sock),
             State::Upgrading(mut mid, _) => self.deregister(mid.get_mut().get_mut().tcp()),
             State::Closing(ws, at) => self.state = State::Closing(ws, at),
-            State::Idle | State::Waiting(_) => {}
+            // The lookup finishes alone; nobody reads its answer.
+            State::Idle | State::Waiting(_) | State::Resolving(..) => {}
         }
         self.backoff.reset();
         self.outbox.clear();
@@ -439,6 +468,7 @@ impl OriginLink {
     pub(crate) fn deadline(&self) -> Option<Instant> {
         match &self.state {
             State::Waiting(at)
+            | State::Resolving(_, at)
             | State::Connecting(_, at)
             | State::Upgrading(_, at)
             | State::Closing(_, at) => Some(*at),
@@ -469,6 +499,10 @@ impl OriginLink {
                 self.connect();
                 Drive::Idle
             }
+            State::Resolving(lookup, deadline) => {
+                self.resolved(lookup, deadline, now);
+                Drive::Idle
+            }
             State::Connecting(tcp, deadline) => self.finish_connect(tcp, deadline, now),
             #[cfg(feature = "tls")]
             State::Securing(tls, deadline) => self.secure(tls, deadline, now),
@@ -488,19 +522,77 @@ impl OriginLink {
         }
     }
 
-    /// Starts a TCP connect, rotating over the origin's addresses.
+    /// Starts an attempt: a TCP connect to an IP address, or else a lookup
+    /// of the host name first.
     fn connect(&mut self) {
         bump(&self.stats.origin_connect_attempts);
-        let addr = match self.target.resolve() {
-            Ok(addrs) if !addrs.is_empty() => addrs[self.attempts % addrs.len()],
-            Ok(_) => return self.fail(Failure::Connect, "origin host resolves to no address"),
-            Err(e) => {
-                return self.fail(
-                    Failure::Connect,
-                    &format!("cannot resolve origin host: {e}"),
-                );
+        let deadline = Instant::now() + self.target.connect_timeout;
+        if let Some(addr) = self.target.literal {
+            return self.connect_to(addr, deadline);
+        }
+        let (tx, answer) = bounded(1);
+        let target = Arc::clone(&self.target);
+        let waker = Arc::clone(&self.waker);
+        #[cfg(feature = "fault-injection")]
+        let slow = self.stats.faults.take(crate::fault::Fault::SlowResolve);
+        let spawned = thread::Builder::new()
+            .name(format!("wsgate-resolve-{}", self.lobby.0))
+            .spawn(move || {
+                #[cfg(feature = "fault-injection")]
+                if slow {
+                    thread::sleep(Duration::from_secs(30));
+                }
+                let addrs = (target.host.as_str(), target.port)
+                    .to_socket_addrs()
+                    .map(Iterator::collect);
+                let _ = tx.send(addrs);
+                let _ = waker.wake();
+            });
+        match spawned {
+            Ok(thread) => {
+                debug!("{}: resolving {}", self.lobby, self.target.host);
+                self.state = State::Resolving(Box::new(Lookup { answer, thread }), deadline);
             }
+            Err(e) => self.fail(
+                Failure::Connect,
+                &format!("cannot start a name lookup: {e}"),
+            ),
+        }
+    }
+
+    /// Connects to an address of the lookup's answer, once it has come.
+    fn resolved(&mut self, lookup: Box<Lookup>, deadline: Instant, now: Instant) {
+        let answer = match lookup.answer.try_recv() {
+            Err(TryRecvError::Empty) if now < deadline => {
+                self.state = State::Resolving(lookup, deadline);
+                return;
+            }
+            Err(TryRecvError::Empty) => {
+                return self.fail(Failure::Timeout, "origin host name lookup timed out");
+            }
+            Err(TryRecvError::Disconnected) => Err(io::Error::other(
+                "the lookup thread ended without an answer",
+            )),
+            Ok(answer) => answer,
         };
+        // It has answered, so it is ending: this join is immediate.
+        let _ = lookup.thread.join();
+        match answer {
+            Ok(addrs) if !addrs.is_empty() => {
+                let addr = addrs[self.attempts % addrs.len()];
+                self.connect_to(addr, deadline);
+            }
+            Ok(_) => self.fail(Failure::Connect, "origin host resolves to no address"),
+            Err(e) => self.fail(
+                Failure::Connect,
+                &format!("cannot resolve origin host: {e}"),
+            ),
+        }
+    }
+
+    /// Starts a TCP connect to `addr` (rotating over the origin's addresses
+    /// from one attempt to the next).
+    fn connect_to(&mut self, addr: SocketAddr, deadline: Instant) {
         self.attempts = self.attempts.wrapping_add(1);
         let mut tcp = match TcpStream::connect(addr) {
             Ok(tcp) => tcp,
@@ -516,7 +608,7 @@ impl OriginLink {
             );
         }
         debug!("{}: connecting to origin at {addr}", self.lobby);
-        self.state = State::Connecting(tcp, Instant::now() + self.target.connect_timeout);
+        self.state = State::Connecting(tcp, deadline);
     }
 
     fn finish_connect(&mut self, mut tcp: TcpStream, deadline: Instant, now: Instant) -> Drive {
@@ -749,7 +841,8 @@ impl OriginLink {
         let _ = live.ws.flush();
         self.deregister(live.ws.get_mut().tcp());
         drop_one(&self.stats.origin_connections);
-        if live.got_message || live.since.elapsed() >= STABLE_AFTER {
+        let lived = live.since.elapsed();
+        if lived >= STABLE_AFTER || (live.got_message && lived >= HEALTHY_AFTER) {
             self.backoff.reset();
         }
         self.fail(cause, why);

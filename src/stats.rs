@@ -15,10 +15,9 @@ pub(crate) struct Stats {
     pub clients_accepted: AtomicU64,
     pub handshakes_rejected: AtomicU64,
     pub handshakes_timed_out: AtomicU64,
-    pub client_protocol_errors: AtomicU64,
-    pub client_rate_limited: AtomicU64,
-    pub clients_timed_out: AtomicU64,
-    pub slow_disconnects: AtomicU64,
+    pub handshakes_pending: AtomicU64,
+    pub handshakes_shed: AtomicU64,
+    pub disconnects: [AtomicU64; Disconnect::COUNT],
     pub refused_per_ip: AtomicU64,
     pub refused_origin: AtomicU64,
     pub forwarded: AtomicU64,
@@ -42,6 +41,11 @@ pub(crate) struct Stats {
     pub origin_lost: AtomicU64,
     pub origin_silent: AtomicU64,
     pub origin_oversized: AtomicU64,
+    pub thread_panics: AtomicU64,
+    pub fatal_errors: AtomicU64,
+    /// Test hooks that make a thread panic (feature `fault-injection`).
+    #[cfg(feature = "fault-injection")]
+    pub faults: crate::fault::Faults,
 }
 
 /// A point-in-time copy of the gateway's counters.
@@ -63,15 +67,14 @@ pub struct StatsSnapshot {
     pub handshakes_rejected: u64,
     /// Connections closed because the upgrade did not complete in time.
     pub handshakes_timed_out: u64,
-    /// Clients closed for breaking the protocol (bad frame, oversized message).
-    pub client_protocol_errors: u64,
-    /// Clients closed (1008) for sending more messages per second than allowed.
-    pub client_rate_limited: u64,
-    /// Clients closed for staying silent through a keepalive ping.
-    pub clients_timed_out: u64,
-    /// Clients closed (1013) by the disconnect slow-client policy.
-    pub slow_disconnects: u64,
-    /// Upgrade requests refused with 429: too many clients from one address.
+    /// Connections currently in their HTTP upgrade.
+    pub handshakes_pending: u64,
+    /// Pending handshakes closed to make room for new connections (at the
+    /// pending-handshake cap, or out of file descriptors).
+    pub handshakes_shed: u64,
+    /// Clients gone, by why: see [`StatsSnapshot::disconnected`].
+    disconnects: [u64; Disconnect::COUNT],
+    /// Connections refused with 429: as many from their address as allowed.
     pub refused_per_ip: u64,
     /// Upgrade requests refused with 403: a browser origin not allowed.
     pub refused_origin: u64,
@@ -119,9 +122,19 @@ pub struct StatsSnapshot {
     pub origin_silent: u64,
     /// Established connections dropped for an oversized message.
     pub origin_oversized: u64,
+    /// Gateway threads that panicked, whether their work was recovered or not.
+    pub thread_panics: u64,
+    /// Failures the gateway could not recover from (a thread it cannot run
+    /// without ended): it shuts down, and the binary exits non-zero.
+    pub fatal_errors: u64,
 }
 
 impl StatsSnapshot {
+    /// Clients whose connection ended for `reason`.
+    pub fn disconnected(&self, reason: Disconnect) -> u64 {
+        self.disconnects[reason as usize]
+    }
+
     /// Every origin failure, whatever its cause.
     pub fn origin_failures(&self) -> u64 {
         self.origin_failed_connect
@@ -195,10 +208,9 @@ impl Stats {
             clients_accepted: self.clients_accepted.load(Relaxed),
             handshakes_rejected: self.handshakes_rejected.load(Relaxed),
             handshakes_timed_out: self.handshakes_timed_out.load(Relaxed),
-            client_protocol_errors: self.client_protocol_errors.load(Relaxed),
-            client_rate_limited: self.client_rate_limited.load(Relaxed),
-            clients_timed_out: self.clients_timed_out.load(Relaxed),
-            slow_disconnects: self.slow_disconnects.load(Relaxed),
+            handshakes_pending: self.handshakes_pending.load(Relaxed),
+            handshakes_shed: self.handshakes_shed.load(Relaxed),
+            disconnects: std::array::from_fn(|i| self.disconnects[i].load(Relaxed)),
             refused_per_ip: self.refused_per_ip.load(Relaxed),
             refused_origin: self.refused_origin.load(Relaxed),
             forwarded: self.forwarded.load(Relaxed),
@@ -222,7 +234,132 @@ impl Stats {
             origin_lost: self.origin_lost.load(Relaxed),
             origin_silent: self.origin_silent.load(Relaxed),
             origin_oversized: self.origin_oversized.load(Relaxed),
+            thread_panics: self.thread_panics.load(Relaxed),
+            fatal_errors: self.fatal_errors.load(Relaxed),
         }
+    }
+
+    /// Counts a client gone for `reason`.
+    pub(crate) fn disconnected(&self, reason: Disconnect) {
+        bump(&self.disconnects[reason as usize]);
+    }
+}
+
+/// Why a client's connection ended. Each reason has a counter
+/// ([`StatsSnapshot::disconnected`]); where the gateway closed the
+/// connection, the close code it sent is [`Disconnect::close_code`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Disconnect {
+    /// The client completed a close handshake it started.
+    ClientClosed,
+    /// The client's connection ended without a close handshake.
+    ConnectionLost,
+    /// Reading or writing its socket failed (reset, broken pipe).
+    SocketError,
+    /// It broke the protocol: closed with 1002.
+    ProtocolError,
+    /// It sent a text message that is not UTF-8: closed with 1007.
+    InvalidUtf8,
+    /// It sent a message above the size limit: closed with 1009.
+    TooBig,
+    /// It sent more frames a second than allowed: closed with 1008.
+    RateLimited,
+    /// It stayed silent through a keepalive ping: closed with 1001.
+    Silent,
+    /// It lost more frames than the disconnect slow-client policy allows:
+    /// closed with 1013.
+    TooSlow,
+    /// No lobby had room for it: closed with 1013 as it arrived.
+    NoRoom,
+    /// Its lobby lost the origin, with `--on-origin-loss close`: closed with 1012.
+    OriginLost,
+    /// The gateway shut down: closed with 1001 after its queued frames.
+    Shutdown,
+    /// It did not complete a close handshake (or receive its queued frames
+    /// at shutdown) in time, and was dropped.
+    CloseTimeout,
+    /// The writer thread serving it failed: closed with 1011.
+    InternalError,
+}
+
+impl Disconnect {
+    /// How many reasons there are.
+    pub const COUNT: usize = 14;
+
+    /// Every reason, in declaration order.
+    pub const ALL: [Disconnect; Disconnect::COUNT] = [
+        Disconnect::ClientClosed,
+        Disconnect::ConnectionLost,
+        Disconnect::SocketError,
+        Disconnect::ProtocolError,
+        Disconnect::InvalidUtf8,
+        Disconnect::TooBig,
+        Disconnect::RateLimited,
+        Disconnect::Silent,
+        Disconnect::TooSlow,
+        Disconnect::NoRoom,
+        Disconnect::OriginLost,
+        Disconnect::Shutdown,
+        Disconnect::CloseTimeout,
+        Disconnect::InternalError,
+    ];
+
+    /// A short snake_case name, for logs and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Disconnect::ClientClosed => "client_closed",
+            Disconnect::ConnectionLost => "connection_lost",
+            Disconnect::SocketError => "socket_error",
+            Disconnect::ProtocolError => "protocol_error",
+            Disconnect::InvalidUtf8 => "invalid_utf8",
+            Disconnect::TooBig => "too_big",
+            Disconnect::RateLimited => "rate_limited",
+            Disconnect::Silent => "silent",
+            Disconnect::TooSlow => "too_slow",
+            Disconnect::NoRoom => "no_room",
+            Disconnect::OriginLost => "origin_lost",
+            Disconnect::Shutdown => "shutdown",
+            Disconnect::CloseTimeout => "close_timeout",
+            Disconnect::InternalError => "internal_error",
+        }
+    }
+
+    /// The close code the gateway sends for this reason, if it closes.
+    pub fn close_code(self) -> Option<u16> {
+        use crate::frame::close_code as code;
+        match self {
+            Disconnect::ClientClosed
+            | Disconnect::ConnectionLost
+            | Disconnect::SocketError
+            | Disconnect::CloseTimeout => None,
+            Disconnect::ProtocolError => Some(code::PROTOCOL_ERROR),
+            Disconnect::InvalidUtf8 => Some(code::INVALID_PAYLOAD),
+            Disconnect::TooBig => Some(code::TOO_BIG),
+            Disconnect::RateLimited => Some(code::POLICY_VIOLATION),
+            Disconnect::Silent | Disconnect::Shutdown => Some(code::GOING_AWAY),
+            Disconnect::TooSlow | Disconnect::NoRoom => Some(code::TRY_AGAIN_LATER),
+            Disconnect::OriginLost => Some(code::SERVICE_RESTART),
+            Disconnect::InternalError => Some(code::INTERNAL_ERROR),
+        }
+    }
+
+    /// The reason a close with `code` was sent for, given the violation or
+    /// rule behind it.
+    pub(crate) fn for_close_code(code: u16) -> Disconnect {
+        use crate::frame::close_code as c;
+        match code {
+            c::INVALID_PAYLOAD => Disconnect::InvalidUtf8,
+            c::TOO_BIG => Disconnect::TooBig,
+            c::POLICY_VIOLATION => Disconnect::RateLimited,
+            _ => Disconnect::ProtocolError,
+        }
+    }
+}
+
+impl std::fmt::Display for Disconnect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 

@@ -10,9 +10,15 @@
 //! rules live in `conn.rs`; this file is the loop, the wakeups, the slab of
 //! connections and the timers. It does not decide which lobby a client
 //! belongs to (`manager.rs`) nor encode broadcast frames (`lobby.rs`).
+//!
+//! A panic in the loop is caught: the writer's clients are closed with 1011
+//! and reported gone (their seats released, their frames counted as
+//! dropped), and the writer carries on, empty, taking new clients. Only an
+//! end it cannot catch reaches its guard (`supervise.rs`), and is fatal.
 
 use std::{
     io,
+    panic::{self, AssertUnwindSafe},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering, fence},
@@ -27,12 +33,15 @@ use mio::{Events, Interest, Poll, Token, Waker, net::TcpStream};
 
 use crate::{
     config::Config,
-    conn::{Conn, IoCtx, Policy, Turn},
+    conn::{Conn, IoCtx, Policy, Turn, is_data},
     error::{Error, Result},
+    frame::close_code,
     id::ClientId,
-    manager::ManagerMsg,
+    manager::{ClientMessage, ManagerMsg},
     queue::ClientQueue,
-    stats::Stats,
+    seat::Seat,
+    stats::{Disconnect, Stats, bump},
+    supervise::EndGuard,
 };
 
 /// Poll token of the writer's waker; client tokens are slab indices below it.
@@ -59,6 +68,8 @@ pub(crate) struct Attach {
     pub queue: ClientQueue,
     /// Bytes the client sent after its upgrade request.
     pub leftover: Vec<u8>,
+    /// Its place in the client counts; it drops with the connection.
+    pub seat: Seat,
 }
 
 /// How a lobby tells a writer its clients have frames: at most one wake per
@@ -78,6 +89,15 @@ impl WriterWake {
                 error!("cannot wake writer: {e}");
             }
         }
+    }
+
+    /// A wake for tests of the lobby's fan-out, on `poll`.
+    #[cfg(test)]
+    pub(crate) fn for_tests(poll: &Poll) -> Arc<WriterWake> {
+        Arc::new(WriterWake {
+            notified: AtomicBool::new(false),
+            waker: Waker::new(poll.registry(), WAKER).expect("a waker"),
+        })
     }
 
     /// Whether a wake is pending (without clearing it).
@@ -124,12 +144,13 @@ impl WriterHandle {
     }
 }
 
-/// Starts writer thread number `index`.
+/// Starts writer thread number `index`, reporting departures to `manager`
+/// and sending client messages for the origin to `forwards`.
 pub(crate) fn spawn(
     index: usize,
     config: &Config,
     stats: Arc<Stats>,
-    manager: Sender<ManagerMsg>,
+    (manager, forwards): (Sender<ManagerMsg>, Sender<ClientMessage>),
 ) -> Result<WriterHandle> {
     let poll = Poll::new().map_err(Error::io("create a writer poll"))?;
     let waker = Waker::new(poll.registry(), WAKER).map_err(Error::io("create a writer waker"))?;
@@ -159,13 +180,18 @@ pub(crate) fn spawn(
             dropped: 0,
             stats,
             policy: Policy::new(config),
-            manager,
+            manager: manager.clone(),
+            forwards,
             epoch: Instant::now(),
         },
     };
+    let guard = EndGuard::writer(index, manager, Arc::clone(&writer.io.stats));
     let thread = thread::Builder::new()
         .name(format!("wsgate-writer-{index}"))
-        .spawn(move || writer.run())
+        .spawn(move || {
+            let _guard = guard;
+            writer.run();
+        })
         .map_err(Error::io("spawn a writer thread"))?;
     Ok(WriterHandle { tx, wake, thread })
 }
@@ -195,8 +221,55 @@ struct Writer {
 }
 
 impl Writer {
-    /// The main loop: poll, take messages, serve ready clients, check timers.
+    /// Serves clients until the shutdown drain ends, recovering from panics
+    /// (see the module docs), then drops whoever is left.
     fn run(mut self) {
+        while panic::catch_unwind(AssertUnwindSafe(|| self.serve())).is_err() {
+            self.recover();
+        }
+        let open: Vec<usize> = (0..self.conns.len())
+            .filter(|&token| self.conns[token].is_some())
+            .collect();
+        if !open.is_empty() {
+            info!(
+                "writer {}: dropping {} clients still open",
+                self.index,
+                open.len()
+            );
+        }
+        for token in open {
+            self.remove(token, Disconnect::Shutdown);
+        }
+        self.publish_counts();
+    }
+
+    /// After a panic: closes every client with 1011 and forgets them, so the
+    /// loop starts again from a clean state.
+    fn recover(&mut self) {
+        bump(&self.io.stats.thread_panics);
+        let open: Vec<usize> = (0..self.conns.len())
+            .filter(|&token| self.conns[token].is_some())
+            .collect();
+        error!(
+            "writer {} panicked; closing its {} clients with 1011",
+            self.index,
+            open.len()
+        );
+        self.io.dropped += self.io.batch.drain(..).filter(is_data).count() as u64;
+        self.ready.clear();
+        self.spare.clear();
+        for token in open {
+            if let Some(Some(conn)) = self.conns.get_mut(token) {
+                conn.abort(close_code::INTERNAL_ERROR, "internal error");
+            }
+            self.remove(token, Disconnect::InternalError);
+        }
+        self.publish_counts();
+    }
+
+    /// The main loop: poll, take messages, serve ready clients, check timers,
+    /// until the shutdown drain is over.
+    fn serve(&mut self) {
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = self.poll_timeout();
@@ -206,6 +279,8 @@ impl Writer {
                     break;
                 }
             }
+            #[cfg(feature = "fault-injection")]
+            self.io.stats.faults.check(crate::fault::Fault::Writer);
             for event in &events {
                 let token = event.token().0;
                 let Some(Some(conn)) = self.conns.get_mut(token) else {
@@ -233,20 +308,6 @@ impl Writer {
                 }
             }
         }
-        let open: Vec<usize> = (0..self.conns.len())
-            .filter(|&token| self.conns[token].is_some())
-            .collect();
-        if !open.is_empty() {
-            info!(
-                "writer {}: dropping {} clients still open",
-                self.index,
-                open.len()
-            );
-        }
-        for token in open {
-            self.remove(token, "still open at the drain deadline");
-        }
-        self.publish_counts();
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
@@ -286,6 +347,7 @@ impl Writer {
             mut stream,
             queue,
             leftover,
+            seat,
         } = attach;
         let token = self.free.pop().unwrap_or(self.conns.len());
         let interest = Interest::READABLE | Interest::WRITABLE;
@@ -296,10 +358,11 @@ impl Writer {
         {
             debug!("{id}: cannot register socket: {e}");
             self.free.push(token);
+            self.io.stats.disconnected(Disconnect::SocketError);
             self.depart(id);
             return;
         }
-        let mut conn = Conn::new(id, stream, queue, &self.io);
+        let mut conn = Conn::new(id, stream, queue, seat, &self.io);
         if let Some(deadline) = self.drain_deadline {
             conn.begin_drain(self.io.at(deadline));
         }
@@ -378,8 +441,8 @@ impl Writer {
                 Err(why) => expired.push((token, why)),
             }
         }
-        for (token, why) in expired {
-            self.remove(token, why);
+        for (token, reason) in expired {
+            self.remove(token, reason);
         }
     }
 
@@ -396,14 +459,16 @@ impl Writer {
                     conn.is_ready = true;
                     self.ready.push(token);
                 }
-                Turn::Remove(why) => self.remove(token, why),
+                Turn::Remove(reason) => self.remove(token, reason),
             }
         }
         ready.clear();
         self.spare = ready;
     }
 
-    fn remove(&mut self, token: usize, why: &str) {
+    /// Drops a client (and with it its seat), counting why and what it
+    /// was never sent.
+    fn remove(&mut self, token: usize, reason: Disconnect) {
         let Some(mut conn) = self.conns.get_mut(token).and_then(Option::take) else {
             return;
         };
@@ -411,8 +476,9 @@ impl Writer {
             debug!("{}: deregister failed: {e}", conn.id);
         }
         self.free.push(token);
-        self.io.dropped += conn.unwritten();
-        debug!("{} left: {why}", conn.id);
+        self.io.dropped += conn.discard();
+        self.io.stats.disconnected(reason);
+        debug!("{} left: {reason}", conn.id);
         self.depart(conn.id);
     }
 

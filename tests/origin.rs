@@ -220,3 +220,23 @@ fn lobbies_reconnect_at_spread_out_times() {
         *first - back
     );
 }
+
+#[test]
+fn an_origin_that_sends_one_message_and_closes_is_redialled_ever_more_slowly() {
+    let origin = TestOrigin::start_with(OriginOptions {
+        hello_and_close: true,
+        ..OriginOptions::default()
+    });
+    let mut config = test_config(&origin.url());
+    config.origin_backoff_min = Duration::from_millis(50);
+    config.origin_backoff_max = Duration::from_secs(2);
+    let gw = start_gateway(config);
+    let mut client = connect_clients(&gw, 1).remove(0);
+    assert_eq!(recv_text(&mut client), "hello");
+    std::thread::sleep(Duration::from_secs(3));
+    // A fresh backoff after each message would redial every 50-100 ms:
+    // 30 or more times in 3 s. Growing delays make it about 7.
+    let dialled = origin.accepted();
+    assert!(dialled <= 12, "{dialled} connections in 3 s");
+    assert!(gw.stats().origin_lost >= 3);
+}

@@ -8,6 +8,7 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream},
     process::{Child, Command, Stdio},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -259,4 +260,72 @@ fn after_attacks_it_still_serves_and_its_memory_returns_near_baseline() {
         "RSS grew from {baseline} KiB to {after} KiB"
     );
     eprintln!("RSS {baseline} KiB before the attacks, {after} KiB after");
+}
+
+#[test]
+fn out_of_descriptors_a_flood_of_half_requests_does_not_lock_out_another_address() {
+    const HALF: usize = 1100;
+    let origin = TestOrigin::start();
+    let gw = Gateway::spawn(
+        "ulimit -n 1024 &&",
+        &format!(
+            "--origin {} --handshake-timeout 60s --log-level warn",
+            origin.url()
+        ),
+    );
+    // One address holds more half-sent requests than the gateway has descriptors.
+    let flood: Vec<TcpStream> = (0..HALF)
+        .filter_map(|_| {
+            let mut s = connect_from(gw.addr, [127, 0, 0, 1], 0);
+            s.write_all(b"GET / HTTP/1.1\r\nHost: slow").ok()?;
+            Some(s)
+        })
+        .collect();
+    assert_eq!(flood.len(), HALF);
+    std::thread::sleep(Duration::from_millis(500));
+    // A client from another address gets in and receives, long before the
+    // flood's handshakes would time out.
+    let start = Instant::now();
+    let mut other = connect_from(gw.addr, [127, 0, 0, 2], 0);
+    other.write_all(UPGRADE_REQUEST.as_bytes()).unwrap();
+    assert!(read_http_head(&mut other).starts_with("HTTP/1.1 101"));
+    wait_until("origin connection", || origin.open() == 1);
+    origin.send_seq(1);
+    let (opcode, payload) = read_server_frame(&mut other).expect("the first message");
+    assert_eq!((opcode, payload.as_slice()), (0x1, &b"1"[..]));
+    let took = start.elapsed();
+    eprintln!(
+        "with {HALF} half-sent requests held, a new client received its first message in {took:?}"
+    );
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    drop(flood);
+    gw.terminate();
+    let (code, stderr) = gw.wait();
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+#[test]
+fn a_second_sigterm_exits_at_once() {
+    let origin = Arc::new(TestOrigin::start());
+    let gw = Gateway::spawn(
+        "",
+        &format!(
+            "--origin {} --drain-timeout 60s --log-level info",
+            origin.url()
+        ),
+    );
+    // A client that never reads a busy feed keeps the drain going.
+    let _stalled = stalled_client(gw.addr);
+    wait_until("origin connection", || origin.open() == 1);
+    let feed = Feed::start(origin.clone(), Duration::from_millis(1));
+    std::thread::sleep(Duration::from_millis(500));
+    gw.terminate();
+    std::thread::sleep(Duration::from_millis(500));
+    let start = Instant::now();
+    gw.terminate();
+    let (code, stderr) = gw.wait();
+    feed.stop();
+    assert!(start.elapsed() < Duration::from_secs(10), "{stderr}");
+    assert_eq!(code, Some(128 + 15), "{stderr}");
+    assert!(stderr.contains("received again; exiting now"), "{stderr}");
 }

@@ -147,7 +147,7 @@ pub fn http_exchange(addr: SocketAddr, request: &str) -> String {
     String::from_utf8_lossy(&response).into_owned()
 }
 
-fn read_http_head(stream: &mut TcpStream) -> String {
+pub fn read_http_head(stream: &mut TcpStream) -> String {
     let mut head = Vec::new();
     let mut byte = [0u8];
     while !head.ends_with(b"\r\n\r\n") {
@@ -340,4 +340,64 @@ pub fn assert_continuous(got: &[String], heartbeats: fn(u64) -> usize) -> Vec<u6
         assert_eq!(*beats, heartbeats(*n), "heartbeats after {n} in {got:?}");
     }
     numbers
+}
+
+/// The upgrade request the raw clients send.
+pub const UPGRADE_REQUEST: &str = "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+    Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+    Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
+/// A TCP connection to `addr` from the loopback address `source`, with a
+/// receive buffer of `rcvbuf` bytes (0: the default), nothing sent yet.
+pub fn connect_from(addr: SocketAddr, source: [u8; 4], rcvbuf: usize) -> TcpStream {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    if rcvbuf > 0 {
+        socket.set_recv_buffer_size(rcvbuf).expect("SO_RCVBUF");
+    }
+    socket
+        .bind(&SocketAddr::from((source, 0)).into())
+        .expect("bind source address");
+    socket.connect(&addr.into()).expect("connect");
+    let stream: TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(DEADLINE))
+        .expect("read timeout");
+    stream
+}
+
+/// A raw client upgraded by hand whose socket receives into a 4 KiB buffer:
+/// once it stops reading, it stalls within a few frames.
+pub fn stalled_client(addr: SocketAddr) -> TcpStream {
+    let mut stream = connect_from(addr, [127, 0, 0, 1], 4096);
+    stream
+        .write_all(UPGRADE_REQUEST.as_bytes())
+        .expect("send request");
+    let response = read_http_head(&mut stream);
+    assert!(response.starts_with("HTTP/1.1 101"), "{response}");
+    stream
+}
+
+/// The send and receive queues (bytes) of the TCP socket from `local` to
+/// `remote`, as `ss` shows them (Send-Q: written, not yet acknowledged),
+/// read from `/proc/net/tcp`; `None` if there is no such socket.
+pub fn socket_queues(local: SocketAddr, remote: SocketAddr) -> Option<(u64, u64)> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let addr = |field: &str| -> Option<SocketAddr> {
+        let (ip, port) = field.split_once(':')?;
+        let ip = u32::from_str_radix(ip, 16).ok()?;
+        let port = u16::from_str_radix(port, 16).ok()?;
+        Some(SocketAddr::from((ip.to_le_bytes(), port)))
+    };
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if addr(fields.get(1)?)? != local || addr(fields.get(2)?)? != remote {
+            return None;
+        }
+        let (tx, rx) = fields.get(4)?.split_once(':')?;
+        Some((
+            u64::from_str_radix(tx, 16).ok()?,
+            u64::from_str_radix(rx, 16).ok()?,
+        ))
+    })
 }

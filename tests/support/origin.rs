@@ -49,6 +49,8 @@ pub struct OriginOptions {
     /// Prefix each text message with its connection number, so no two
     /// connections carry the same stream.
     pub tag_per_conn: bool,
+    /// Send one message ("hello") right after the upgrade, then close.
+    pub hello_and_close: bool,
     /// Serve TLS with this configuration.
     #[cfg(feature = "tls")]
     pub tls: Option<Arc<rustls::ServerConfig>>,
@@ -278,7 +280,7 @@ fn upgraded<S: Read + Write>(stream: S, tcp: &TcpStream, shared: &Shared) {
         }
         Ok(resp)
     };
-    let Ok(ws) = tungstenite::accept_hdr(stream, callback) else {
+    let Ok(mut ws) = tungstenite::accept_hdr(stream, callback) else {
         return;
     };
     tcp.set_nonblocking(true).expect("nonblocking");
@@ -299,7 +301,11 @@ fn upgraded<S: Read + Write>(stream: S, tcp: &TcpStream, shared: &Shared) {
             at: Instant::now(),
             headers,
         });
-    if shared.options.silent {
+    if shared.options.hello_and_close {
+        let _ = ws.send(Message::text("hello"));
+        let _ = ws.close(None);
+        let _ = ws.flush();
+    } else if shared.options.silent {
         while !shared.stop.load(Ordering::SeqCst) {
             thread::sleep(Duration::from_millis(5));
         }

@@ -1,0 +1,257 @@
+//! Client seats: the per-address count from accept and the live client
+//! count, owned in one place and released exactly once.
+//!
+//! [`Seats`] lives in the acceptor thread and is the only owner of the
+//! per-address map; the live client count is the `clients` gauge in the
+//! stats. A [`Seat`] is taken when a connection is accepted (counted against
+//! its address, pending handshake included) and becomes a client's seat at
+//! the upgrade (counted in `clients`, within `--max-clients` and the lobby
+//! seats). The seat then travels with the connection: acceptor → manager →
+//! writer. Wherever it is dropped (refused, closed, shut down, or lost with
+//! a thread that panicked), its drop gives both counts back: the gauge at
+//! once, the address through a channel the acceptor drains before its next
+//! admission. Nothing here touches a socket.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, atomic::Ordering},
+};
+
+use crossbeam_channel::{Receiver, Sender, unbounded};
+
+use crate::{
+    config::Config,
+    http::Rejection,
+    stats::{Stats, bump, drop_one},
+};
+
+/// The group of addresses a per-address limit counts together: one IPv4
+/// address, or an IPv6 prefix (a /64 is one subscriber's network).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum AddrKey {
+    /// An IPv4 address (IPv4-mapped IPv6 addresses included).
+    V4(u32),
+    /// The first `prefix` bits of an IPv6 address.
+    V6(u128),
+}
+
+impl AddrKey {
+    /// The group of `ip` when IPv6 addresses are grouped by `prefix` bits.
+    pub(crate) fn of(ip: IpAddr, prefix: u8) -> AddrKey {
+        match ip {
+            IpAddr::V4(v4) => AddrKey::V4(u32::from(v4)),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => AddrKey::V4(u32::from(v4)),
+                None => {
+                    let mask = u128::MAX
+                        .checked_shl(128 - u32::from(prefix.min(128)))
+                        .unwrap_or(0);
+                    AddrKey::V6(u128::from(v6) & mask)
+                }
+            },
+        }
+    }
+}
+
+/// What a dropped seat gives back, shared by every seat of a gateway.
+#[derive(Debug)]
+struct Book {
+    stats: Arc<Stats>,
+    /// Where released addresses go (the acceptor's [`Seats`]).
+    released: Sender<AddrKey>,
+}
+
+/// A connection's claim on the gateway's capacity; see the module docs.
+#[derive(Debug)]
+pub(crate) struct Seat {
+    book: Arc<Book>,
+    /// The address group it is counted against, when addresses are limited.
+    addr: Option<AddrKey>,
+    /// It holds a place in the `clients` gauge (the upgrade completed).
+    is_client: bool,
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        if self.is_client {
+            drop_one(&self.book.stats.clients);
+        }
+        if let Some(addr) = self.addr {
+            // A closed channel means the acceptor has ended: nothing to count.
+            let _ = self.book.released.send(addr);
+        }
+    }
+}
+
+/// The admission limits and the per-address counts, owned by the acceptor.
+#[derive(Debug)]
+pub(crate) struct Seats {
+    book: Arc<Book>,
+    released: Receiver<AddrKey>,
+    per_addr: HashMap<AddrKey, u32>,
+    /// Most connections from one address group, if limited.
+    max_per_addr: Option<u32>,
+    ipv6_prefix: u8,
+    /// Most clients connected at once, if limited.
+    max_clients: Option<u64>,
+    /// Most clients the lobbies can hold, when origin connections are limited.
+    lobby_seats: Option<u64>,
+}
+
+impl Seats {
+    /// The limits `config` sets, counting in `stats`.
+    pub(crate) fn new(config: &Config, stats: Arc<Stats>) -> Seats {
+        let (tx, released) = unbounded();
+        Seats {
+            book: Arc::new(Book {
+                stats,
+                released: tx,
+            }),
+            released,
+            per_addr: HashMap::new(),
+            max_per_addr: (config.max_clients_per_ip > 0)
+                .then(|| u32::try_from(config.max_clients_per_ip).unwrap_or(u32::MAX)),
+            ipv6_prefix: config.ipv6_prefix,
+            max_clients: (config.max_clients > 0).then_some(config.max_clients as u64),
+            lobby_seats: config.lobby_seats(),
+        }
+    }
+
+    /// A seat for a connection just accepted from `ip`, or the refusal (429)
+    /// when its address group already holds as many connections as allowed.
+    pub(crate) fn take(&mut self, ip: IpAddr) -> Result<Seat, Rejection> {
+        let mut seat = Seat {
+            book: Arc::clone(&self.book),
+            addr: None,
+            is_client: false,
+        };
+        let Some(max) = self.max_per_addr else {
+            return Ok(seat);
+        };
+        for gone in self.released.try_iter() {
+            if let Some(n) = self.per_addr.get_mut(&gone) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_addr.remove(&gone);
+                }
+            }
+        }
+        let addr = AddrKey::of(ip, self.ipv6_prefix);
+        let count = self.per_addr.entry(addr).or_default();
+        if *count >= max {
+            bump(&self.book.stats.refused_per_ip);
+            return Err(Rejection::TOO_MANY_FROM_ADDRESS);
+        }
+        *count += 1;
+        seat.addr = Some(addr);
+        Ok(seat)
+    }
+
+    /// Makes `seat` a client's (counted in `clients`) at its upgrade, or
+    /// says which limit refuses it (503).
+    pub(crate) fn claim_client(&self, seat: &mut Seat) -> Result<(), Rejection> {
+        if seat.is_client {
+            return Ok(());
+        }
+        let stats = &self.book.stats;
+        let before = stats.clients.fetch_add(1, Ordering::SeqCst);
+        let refusal = if self.max_clients.is_some_and(|max| before >= max) {
+            Some(Rejection::TOO_MANY_CLIENTS)
+        } else if self.lobby_seats.is_some_and(|max| before >= max) {
+            Some(Rejection::FULL)
+        } else {
+            None
+        };
+        if let Some(rejection) = refusal {
+            drop_one(&stats.clients);
+            bump(&stats.refused_full);
+            return Err(rejection);
+        }
+        seat.is_client = true;
+        Ok(())
+    }
+
+    /// Address groups currently counted (for tests of the bookkeeping).
+    #[cfg(test)]
+    fn counted(&mut self) -> u32 {
+        let _ = self.take(IpAddr::from([0, 0, 0, 0])).map(drop);
+        self.per_addr
+            .iter()
+            .filter(|(k, _)| **k != AddrKey::V4(0))
+            .map(|(_, n)| *n)
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv6Addr;
+
+    use super::*;
+
+    fn seats(per_ip: usize, max_clients: usize) -> Seats {
+        let config = Config {
+            max_clients_per_ip: per_ip,
+            max_clients,
+            ..Config::default()
+        };
+        Seats::new(&config, Arc::new(Stats::default()))
+    }
+
+    #[test]
+    fn ipv6_addresses_group_by_prefix() {
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(AddrKey::of(a, 64), AddrKey::of(b, 64));
+        assert_ne!(AddrKey::of(a, 64), AddrKey::of(c, 64));
+        assert_eq!(AddrKey::of(a, 48), AddrKey::of(c, 48));
+        assert_ne!(AddrKey::of(a, 128), AddrKey::of(b, 128));
+        assert_eq!(AddrKey::of(a, 0), AddrKey::of(c, 0));
+        let mapped = IpAddr::V6(Ipv6Addr::from([0, 0, 0, 0, 0, 0xffff, 0x7f00, 1]));
+        assert_eq!(
+            AddrKey::of(mapped, 64),
+            AddrKey::of(IpAddr::from([127, 0, 0, 1]), 64)
+        );
+    }
+
+    #[test]
+    fn the_address_limit_counts_from_accept_and_frees_on_drop() {
+        let mut s = seats(2, 0);
+        let ip = IpAddr::from([10, 0, 0, 1]);
+        let a = s.take(ip).unwrap();
+        let b = s.take(ip).unwrap();
+        assert_eq!(
+            s.take(ip).unwrap_err().status,
+            429,
+            "pending handshakes count"
+        );
+        assert!(
+            s.take(IpAddr::from([10, 0, 0, 2])).is_ok(),
+            "other addresses are not"
+        );
+        drop(a);
+        let c = s.take(ip).unwrap();
+        drop((b, c));
+        assert_eq!(s.counted(), 0, "every seat released exactly once");
+    }
+
+    #[test]
+    fn client_seats_are_counted_once_and_released_once() {
+        let mut s = seats(0, 2);
+        let stats = Arc::clone(&s.book.stats);
+        let mut a = s.take(IpAddr::from([10, 0, 0, 1])).unwrap();
+        let mut b = s.take(IpAddr::from([10, 0, 0, 1])).unwrap();
+        let mut c = s.take(IpAddr::from([10, 0, 0, 1])).unwrap();
+        s.claim_client(&mut a).unwrap();
+        s.claim_client(&mut a).unwrap();
+        s.claim_client(&mut b).unwrap();
+        assert_eq!(s.claim_client(&mut c).unwrap_err().status, 503);
+        assert_eq!(stats.clients.load(Ordering::SeqCst), 2);
+        drop(c);
+        assert_eq!(stats.clients.load(Ordering::SeqCst), 2);
+        drop((a, b));
+        assert_eq!(stats.clients.load(Ordering::SeqCst), 0);
+    }
+}
