@@ -42,7 +42,7 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-use wire::{Frame, Parser, SmallFrame};
+use wire::{Frame, OP_PING, Parser, SmallFrame};
 
 /// `EINPROGRESS` on Linux: what a non-blocking `connect` returns.
 const EINPROGRESS: i32 = 115;
@@ -82,6 +82,9 @@ pub struct Config {
     /// The first `slow` clients handshake and then never read again; their
     /// receive buffers are small (4 KiB), so they fill within seconds.
     pub slow: usize,
+    /// Pings a second each slow client sends (125-byte payloads), never
+    /// reading the pongs; 0 sends none.
+    pub slow_ping: u32,
     /// Deadline for all clients to connect and handshake, from `start`.
     pub connect_timeout: Duration,
     /// Connections being set up (connect + upgrade) at once per thread.
@@ -101,6 +104,7 @@ impl Config {
             threads: 2,
             source_ips: 50,
             slow: 0,
+            slow_ping: 0,
             connect_timeout: Duration::from_secs(30),
             max_in_flight: 64,
         }
@@ -321,6 +325,7 @@ impl Clients {
                 indices: (t..config.clients).step_by(threads).collect(),
                 source_ips: config.source_ips.clamp(1, 254),
                 slow: config.slow,
+                slow_ping: config.slow_ping,
                 max_in_flight: config.max_in_flight.max(1),
                 connect_deadline,
             };
@@ -516,6 +521,7 @@ struct Worker {
     indices: Vec<usize>,
     source_ips: u8,
     slow: usize,
+    slow_ping: u32,
     max_in_flight: usize,
     connect_deadline: Instant,
 }
@@ -543,6 +549,8 @@ impl Worker {
         let mut next = 0usize;
         let mut connecting_done = false;
         let mut close_deadline: Option<Instant> = None;
+        let ping_every = (self.slow_ping > 0).then(|| Duration::from_secs(1) / self.slow_ping);
+        let mut next_ping = Instant::now();
         let mut again: Vec<usize> = Vec::new();
         let mut todo: Vec<usize> = Vec::new();
         let mut events = Events::with_capacity(1024);
@@ -643,10 +651,24 @@ impl Worker {
                 }
             }
 
-            let timeout = if again.is_empty() {
-                Duration::from_millis(50)
-            } else {
+            if let Some(every) = ping_every.filter(|_| now >= next_ping) {
+                next_ping += every;
+                let ping = SmallFrame::new(OP_PING, &[b'p'; 125], Some(lp.mask()));
+                for conn in conns.iter_mut().flatten() {
+                    if conn.slow && matches!(conn.state, State::Open) {
+                        // A full socket only delays this ping; the count is what matters.
+                        let _ = send(conn, ping.as_bytes());
+                    }
+                }
+            }
+            let timeout = if !again.is_empty() {
                 Duration::ZERO
+            } else if ping_every.is_some() {
+                next_ping
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(50))
+            } else {
+                Duration::from_millis(50)
             };
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() == io::ErrorKind::Interrupted {

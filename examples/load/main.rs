@@ -82,6 +82,9 @@ struct Args {
     /// the first M clients handshake and then never read (default 0)
     #[argh(option, default = "0")]
     slow: usize,
+    /// pings a second each never-reading client sends (default 0)
+    #[argh(option, default = "0")]
+    slow_ping: u32,
     /// clients only connect and hold; the origin publishes nothing
     #[argh(switch)]
     idle: bool,
@@ -235,6 +238,7 @@ fn run(args: &Args) -> Result<String, String> {
             config.threads = args.threads;
             config.source_ips = args.source_ips;
             config.slow = args.slow;
+            config.slow_ping = args.slow_ping;
             config.connect_timeout = Duration::from_secs(args.connect_timeout);
             config.max_in_flight = args.in_flight;
             let t0 = Instant::now();
