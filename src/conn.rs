@@ -77,6 +77,8 @@ pub(crate) struct IoCtx {
     pub delivered: u64,
     /// Frames dropped here since the counts were last published.
     pub dropped: u64,
+    /// Bytes written since the counts were last published.
+    pub bytes: u64,
     pub stats: Arc<Stats>,
     pub policy: Policy,
     /// Where forwarded client messages go.
@@ -556,7 +558,10 @@ impl Conn {
     ) -> Result<Progress, &'static str> {
         let (mut n, progress) = match r {
             Ok(0) => return Err("write returned zero"),
-            Ok(n) => (n, Progress::Partial),
+            Ok(n) => {
+                io.bytes += n as u64;
+                (n, Progress::Partial)
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => (0, Progress::Blocked),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => (0, Progress::Partial),
             Err(e) => {
@@ -595,7 +600,10 @@ impl Conn {
     ) -> Result<Progress, &'static str> {
         let mut n = match r {
             Ok(0) => return Err("write returned zero"),
-            Ok(n) => n,
+            Ok(n) => {
+                io.bytes += n as u64;
+                n
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Progress::Blocked),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(Progress::Partial),
             Err(e) => {
