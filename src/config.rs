@@ -316,7 +316,10 @@ impl Config {
                 )));
             }
         }
-        if self.admin.is_some_and(|a| a == self.listen && a.port() != 0) {
+        if self
+            .admin
+            .is_some_and(|a| a == self.listen && a.port() != 0)
+        {
             return bad("the admin address must differ from the client listen address");
         }
         for protocol in &self.origin_subprotocols {
