@@ -43,6 +43,7 @@
 #![forbid(unsafe_code)]
 
 mod acceptor;
+mod admin;
 mod backoff;
 mod config;
 mod conn;
@@ -52,11 +53,13 @@ mod frame;
 #[doc(hidden)]
 pub mod fuzz;
 mod gateway;
+mod health;
 mod history;
 mod http;
 mod id;
 mod lobby;
 mod manager;
+pub mod metrics;
 mod origin;
 mod queue;
 mod stats;
@@ -67,4 +70,5 @@ mod writer;
 pub use config::{ClientMessages, Config, OriginLoss, SlowClient};
 pub use error::{Error, Result};
 pub use gateway::{Gateway, GatewayHandle, ShutdownHandle};
+pub use health::Health;
 pub use stats::{LobbyInfo, OriginState, StatsSnapshot};
