@@ -36,6 +36,14 @@
 //! # Ok::<(), wsgate::Error>(())
 //! ```
 //!
+//! # Operations
+//!
+//! With [`Config::admin`] set, one more thread serves operators over HTTP:
+//! Prometheus metrics at `/metrics` ([`metrics`]), `/livez` and `/readyz`
+//! ([`GatewayHandle::liveness`], [`GatewayHandle::readiness`]), the lobby list
+//! at `/lobbies` and a dashboard at `/`. An embedding program can instead add
+//! [`GatewayHandle::metrics_collector`] to its own `prometheus_client` registry.
+//!
 //! The binary (`wsgate --origin ws://…` or `wsgate --demo`) is a thin layer
 //! over [`Gateway`]; see the README for flags, logging and guarantees.
 
