@@ -92,7 +92,7 @@ pub(crate) fn prepare(
     let waker =
         Waker::new(poll.registry(), WAKER).map_err(Error::io("create the acceptor waker"))?;
     let stop = Arc::new(AtomicBool::new(false));
-    let shutdown = ShutdownHandle::new(Arc::clone(&stop), waker);
+    let shutdown = ShutdownHandle::new(Arc::clone(&stop), waker, Arc::clone(&stats));
     let acceptor = Acceptor {
         poll,
         listener,

@@ -170,6 +170,11 @@ pub struct Cli {
     #[argh(option, default = "16 << 20")]
     pub max_message: usize,
 
+    /// admin HTTP server address: /metrics, /livez, /readyz, /lobbies and a
+    /// dashboard at / (default: none)
+    #[argh(option)]
+    pub admin: Option<SocketAddr>,
+
     /// log level: off, error, warn, info, debug or trace (default info)
     #[argh(option, default = "LevelFilter::Info")]
     pub log_level: LevelFilter,
@@ -221,6 +226,7 @@ impl Cli {
         config.slow_client_drops = self.slow_client_drops;
         config.client_messages = self.client_messages;
         config.drain_timeout = self.drain_timeout.0;
+        config.admin = self.admin;
         config.max_origin_connections = self.max_origin_connections;
         config.compact_interval = self.compact_interval.0;
         config.compact_fill = self.compact_fill;

@@ -147,6 +147,10 @@ pub struct Config {
     /// On shutdown, how long clients get to receive what is queued and the
     /// 1001 close. Defaults to 5 s.
     pub drain_timeout: Duration,
+    /// Address of the admin HTTP server (`/metrics`, `/livez`, `/readyz`,
+    /// `/lobbies`, a dashboard at `/`), never the client listener. Bind it
+    /// where only operators reach it. Defaults to none (no admin server).
+    pub admin: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -192,6 +196,7 @@ impl Default for Config {
             origin_subprotocols: Vec::new(),
             origin_ca: None,
             drain_timeout: Duration::from_secs(5),
+            admin: None,
         }
     }
 }
@@ -367,6 +372,12 @@ impl Config {
                 )));
             }
         }
+        if self
+            .admin
+            .is_some_and(|a| a == self.listen && a.port() != 0)
+        {
+            return bad("the admin address must differ from the client listen address");
+        }
         for protocol in &self.origin_subprotocols {
             if protocol.is_empty() || !protocol.bytes().all(|b| b.is_ascii_graphic() && b != b',') {
                 return Err(Error::Config(format!(
@@ -516,5 +527,17 @@ mod tests {
             c.client_send_buffer = bytes;
             assert_eq!(c.validate().is_ok(), ok, "{bytes}");
         }
+    }
+
+    #[test]
+    fn the_admin_server_never_shares_the_client_listener() {
+        let mut c = with_origin("ws://h/");
+        c.admin = Some(c.listen);
+        assert!(c.validate().is_err());
+        c.admin = Some(SocketAddr::from(([127, 0, 0, 1], 9090)));
+        assert!(c.validate().is_ok());
+        c.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        c.admin = Some(c.listen);
+        assert!(c.validate().is_ok(), "port 0 binds two different ports");
     }
 }

@@ -88,6 +88,8 @@ pub(crate) struct IoCtx {
     pub delivered: u64,
     /// Frames dropped here since the counts were last published.
     pub dropped: u64,
+    /// Bytes written since the counts were last published.
+    pub bytes: u64,
     pub stats: Arc<Stats>,
     pub policy: Policy,
     /// Where departures are reported.
@@ -633,7 +635,10 @@ impl Conn {
                 debug!("{}: write returned zero", self.id);
                 return Err(Disconnect::SocketError);
             }
-            Ok(n) => (n, Progress::Partial),
+            Ok(n) => {
+                io.bytes += n as u64;
+                (n, Progress::Partial)
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => (0, Progress::Blocked),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => (0, Progress::Partial),
             Err(e) => {
@@ -673,7 +678,10 @@ impl Conn {
                 debug!("{}: write returned zero", self.id);
                 return Err(Disconnect::SocketError);
             }
-            Ok(n) => n,
+            Ok(n) => {
+                io.bytes += n as u64;
+                n
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Progress::Blocked),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(Progress::Partial),
             Err(e) => {
@@ -775,6 +783,7 @@ mod tests {
             batch: Vec::new(),
             delivered: 0,
             dropped: 0,
+            bytes: 0,
             stats,
             policy: Policy::new(&config),
             manager: crossbeam_channel::unbounded().0,

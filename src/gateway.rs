@@ -24,10 +24,13 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::{
     acceptor::{self, AcceptorHandle},
+    admin::{self, AdminHandle},
     config::Config,
     error::{Error, Result},
+    health::{Health, Probes},
     lobby::LobbyEnv,
     manager::{self, FORWARD_QUEUE, Inboxes, ManagerMsg},
+    metrics::GatewayCollector,
     origin::OriginTarget,
     stats::{LobbyInfo, Stats, StatsSnapshot, bump},
     writer::{self, WriterHandle, WriterMsg},
@@ -54,6 +57,16 @@ impl Gateway {
         let local_addr = listener
             .local_addr()
             .map_err(Error::io("read the listener address"))?;
+        let admin_listener = match config.admin {
+            Some(addr) => {
+                let listener = admin::bind(addr).map_err(|source| Error::Bind { addr, source })?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(Error::io("read the admin listener address"))?;
+                Some((listener, bound))
+            }
+            None => None,
+        };
         let stats = Arc::new(Stats::default());
         let (prepared, shutdown) = acceptor::prepare(listener, &config, Arc::clone(&stats))?;
         let (manager_tx, manager_rx) = unbounded();
@@ -94,13 +107,28 @@ impl Gateway {
                 return Err(e);
             }
         };
-        Ok(GatewayHandle {
+        let mut handle = GatewayHandle {
             local_addr,
-            stats,
+            admin_addr: admin_listener.as_ref().map(|(_, addr)| *addr),
+            probes: Probes::new(Arc::clone(&stats), &config),
             shutdown,
+            stats,
             manager_tx,
             threads: Some((acceptor, manager)),
-        })
+            admin: None,
+        };
+        if let Some((listener, _)) = admin_listener {
+            let sources = admin::Sources {
+                stats: Arc::clone(&handle.stats),
+                probes: handle.probes.clone(),
+                collector: handle.metrics_collector(),
+                manager: handle.manager_tx.clone(),
+                lobby_capacity: config.lobby_capacity,
+            };
+            // On failure the handle's drop stops what started.
+            handle.admin = Some(admin::spawn(listener, sources)?);
+        }
+        Ok(handle)
     }
 }
 
@@ -141,10 +169,14 @@ fn join_manager(manager: JoinHandle<()>, stats: &Stats) {
 #[derive(Debug)]
 pub struct GatewayHandle {
     local_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     stats: Arc<Stats>,
+    probes: Probes,
     shutdown: ShutdownHandle,
     manager_tx: Sender<ManagerMsg>,
     threads: Option<(AcceptorHandle, JoinHandle<()>)>,
+    /// Stopped last, so it answers through the drain.
+    admin: Option<AdminHandle>,
 }
 
 impl GatewayHandle {
@@ -179,11 +211,30 @@ impl GatewayHandle {
     /// The current lobbies and their client counts, ordered by id. Empty if
     /// the gateway has stopped or its manager does not answer within `timeout`.
     pub fn lobbies(&self, timeout: Duration) -> Vec<LobbyInfo> {
-        let (tx, rx) = bounded(1);
-        if self.manager_tx.send(ManagerMsg::Inspect(tx)).is_err() {
-            return Vec::new();
-        }
-        rx.recv_timeout(timeout).unwrap_or_default()
+        ask_lobbies(&self.manager_tx, timeout).unwrap_or_default()
+    }
+
+    /// The address of the admin HTTP server, if [`Config::admin`] asked for one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// A `prometheus_client` collector of the gateway's metrics, to add them
+    /// to an embedding program's registry with [`crate::metrics::register`].
+    pub fn metrics_collector(&self) -> GatewayCollector {
+        GatewayCollector::new(Arc::clone(&self.stats))
+    }
+
+    /// Whether the gateway should get new clients (what `/readyz` answers):
+    /// not while draining, not when full, not while it has clients and no
+    /// origin connection is up.
+    pub fn readiness(&self) -> Health {
+        self.probes.readiness()
+    }
+
+    /// Whether the gateway runs without a fatal failure (what `/livez` answers).
+    pub fn liveness(&self) -> Health {
+        self.probes.liveness()
     }
 
     /// Begins a graceful shutdown and returns at once: stop accepting, send
@@ -215,6 +266,9 @@ impl GatewayHandle {
             acceptor.join();
             join_manager(manager, &self.stats);
         }
+        if let Some(admin) = self.admin.take() {
+            admin.stop();
+        }
     }
 }
 
@@ -230,18 +284,23 @@ impl Drop for GatewayHandle {
 pub struct ShutdownHandle {
     stop: Arc<AtomicBool>,
     waker: Arc<Waker>,
+    /// Where `draining` is raised, before anything else happens.
+    stats: Arc<Stats>,
 }
 
 impl ShutdownHandle {
-    pub(crate) fn new(stop: Arc<AtomicBool>, waker: Waker) -> ShutdownHandle {
+    pub(crate) fn new(stop: Arc<AtomicBool>, waker: Waker, stats: Arc<Stats>) -> ShutdownHandle {
         ShutdownHandle {
             stop,
             waker: Arc::new(waker),
+            stats,
         }
     }
 
     /// Begins the shutdown (see [`GatewayHandle::shutdown`]); returns at once.
     pub fn shutdown(&self) {
+        // Readiness fails before the first client hears of the drain.
+        self.stats.draining.store(true, Ordering::SeqCst);
         self.stop.store(true, Ordering::SeqCst);
         self.wake();
     }
@@ -252,4 +311,15 @@ impl ShutdownHandle {
             error!("cannot wake the acceptor: {e}");
         }
     }
+}
+
+/// Asks the manager for its lobby list; `None` if it has stopped or does not
+/// answer within `timeout`.
+pub(crate) fn ask_lobbies(
+    manager: &Sender<ManagerMsg>,
+    timeout: Duration,
+) -> Option<Vec<LobbyInfo>> {
+    let (tx, rx) = bounded(1);
+    manager.send(ManagerMsg::Inspect(tx)).ok()?;
+    rx.recv_timeout(timeout).ok()
 }

@@ -36,6 +36,14 @@
 //! # Ok::<(), wsgate::Error>(())
 //! ```
 //!
+//! # Operations
+//!
+//! With [`Config::admin`] set, one more thread serves operators over HTTP:
+//! Prometheus metrics at `/metrics` ([`metrics`]), `/livez` and `/readyz`
+//! ([`GatewayHandle::liveness`], [`GatewayHandle::readiness`]), the lobby list
+//! at `/lobbies` and a dashboard at `/`. An embedding program can instead add
+//! [`GatewayHandle::metrics_collector`] to its own `prometheus_client` registry.
+//!
 //! The binary (`wsgate --origin ws://…` or `wsgate --demo`) is a thin layer
 //! over [`Gateway`]; see the README for flags, logging and guarantees.
 
@@ -44,6 +52,7 @@
 #![deny(unsafe_code)]
 
 mod acceptor;
+mod admin;
 mod backoff;
 mod config;
 mod conn;
@@ -56,11 +65,13 @@ mod frame;
 #[doc(hidden)]
 pub mod fuzz;
 mod gateway;
+mod health;
 mod history;
 mod http;
 mod id;
 mod lobby;
 mod manager;
+pub mod metrics;
 mod origin;
 mod queue;
 mod seat;
@@ -74,4 +85,5 @@ mod writer;
 pub use config::{ClientMessages, Config, OriginLoss, SlowClient};
 pub use error::{Error, Result};
 pub use gateway::{Gateway, GatewayHandle, ShutdownHandle};
+pub use health::Health;
 pub use stats::{Disconnect, LobbyInfo, OriginState, StatsSnapshot};

@@ -38,7 +38,7 @@ use crate::{
     manager::ManagerMsg,
     origin::{Drive, OriginLink, OriginTarget},
     queue::{ClientQueue, Pushed},
-    stats::{OriginState, Stats, bump},
+    stats::{LobbyCounters, OriginState, Stats, bump},
     supervise::EndGuard,
     writer::WriterWake,
 };
@@ -93,6 +93,7 @@ pub(crate) struct LobbyHandle {
     forwards: Sender<Forwarded>,
     waker: Arc<Waker>,
     origin: Arc<AtomicU8>,
+    counters: Arc<LobbyCounters>,
     thread: JoinHandle<()>,
 }
 
@@ -125,6 +126,11 @@ impl LobbyHandle {
     /// Where the lobby's origin connection stands.
     pub(crate) fn origin_state(&self) -> OriginState {
         OriginState::from_u8(self.origin.load(Relaxed))
+    }
+
+    /// The lobby's per-message counters.
+    pub(crate) fn counters(&self) -> &LobbyCounters {
+        &self.counters
     }
 
     /// Waits for the thread to end.
@@ -163,6 +169,7 @@ pub(crate) fn spawn(id: LobbyId, env: &LobbyEnv) -> Result<LobbyHandle> {
     let (tx, inbox) = unbounded();
     let (forwards_tx, forwards) = bounded(FORWARD_QUEUE);
     let published = Arc::new(AtomicU8::new(OriginState::Idle as u8));
+    let counters = Arc::new(LobbyCounters::starting(&env.stats.epoch));
     let origin = OriginLink::new(
         id,
         Arc::clone(&env.target),
@@ -186,7 +193,9 @@ pub(crate) fn spawn(id: LobbyId, env: &LobbyEnv) -> Result<LobbyHandle> {
             writers: Arc::clone(&env.writers),
             touched: vec![false; env.writers.len()],
             stats: Arc::clone(&env.stats),
+            counters: Arc::clone(&counters),
         },
+        published: Arc::clone(&published),
         manager: env.manager.clone(),
         on_origin_loss: env.on_origin_loss,
     };
@@ -203,6 +212,7 @@ pub(crate) fn spawn(id: LobbyId, env: &LobbyEnv) -> Result<LobbyHandle> {
             forwards: forwards_tx,
             waker,
             origin: published,
+            counters,
             thread,
         }),
         // The guard went down with the closure and undid the count.
@@ -221,6 +231,8 @@ struct Lobby {
     forwards: Receiver<Forwarded>,
     origin: OriginLink,
     fanout: Fanout,
+    /// The origin state as `origin` publishes it.
+    published: Arc<AtomicU8>,
     manager: Sender<ManagerMsg>,
     on_origin_loss: OriginLoss,
 }
@@ -269,6 +281,9 @@ impl Lobby {
             if self.origin.take_failure() && self.on_origin_loss == OriginLoss::Close {
                 self.close_members();
             }
+            let state = OriginState::from_u8(self.published.load(Relaxed));
+            let stats = &self.fanout.stats;
+            self.fanout.counters.observe_origin(&stats.epoch, state);
             if is_ending && !self.origin.is_closing() {
                 break;
             }
@@ -382,6 +397,8 @@ struct Fanout {
     /// Per writer: owns a member that got frames since the last wake.
     touched: Vec<bool>,
     stats: Arc<Stats>,
+    /// This lobby's counters, bumped once per message.
+    counters: Arc<LobbyCounters>,
 }
 
 impl Fanout {
@@ -394,6 +411,7 @@ impl Fanout {
     fn broadcast(&mut self, kind: MessageKind, payload: &[u8]) {
         self.stats.messages_in.fetch_add(1, Relaxed);
         if self.is_empty() {
+            self.counters.message(&self.stats.epoch, 0, 0);
             return;
         }
         let frame = frame::encode(kind.opcode(), payload);
@@ -407,6 +425,8 @@ impl Fanout {
         if dropped > 0 {
             self.stats.frames_dropped.fetch_add(dropped, Relaxed);
         }
+        let pushed = self.members.len() as u64;
+        self.counters.message(&self.stats.epoch, pushed, dropped);
         self.history.push(frame);
         if !self.adopting.is_empty() {
             // Those whose last frame was this one join at the live edge.
@@ -572,6 +592,7 @@ mod tests {
             replay: 0,
             writers: Arc::from([WriterWake::for_tests(&poll)]),
             touched: vec![false],
+            counters: Arc::new(LobbyCounters::starting(&stats.epoch)),
             stats: Arc::clone(&stats),
         };
         // A member that keeps up, so the lobby broadcasts.

@@ -90,6 +90,9 @@ fn run(cli: &Cli) -> Result<bool, Box<dyn std::error::Error>> {
     } else {
         println!("wsgate: clients connect to {url}");
     }
+    if let Some(admin) = gateway.admin_addr() {
+        println!("  admin: dashboard at http://{admin}/, metrics at http://{admin}/metrics");
+    }
 
     let mut signals = Signals::new([SIGINT, SIGTERM])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;

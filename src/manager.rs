@@ -26,7 +26,7 @@ use std::{
     io::Write,
     net::SocketAddr,
     panic::{self, AssertUnwindSafe},
-    sync::Arc,
+    sync::{Arc, atomic::Ordering::Relaxed},
     thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
@@ -508,12 +508,24 @@ impl Manager {
     }
 
     fn lobby_infos(&self) -> Vec<LobbyInfo> {
+        let now = self.stats.epoch.millis();
         self.lobbies
             .iter()
-            .map(|(id, l)| LobbyInfo {
-                id: id.0,
-                clients: l.members,
-                origin: l.handle.origin_state(),
+            .map(|(id, l)| {
+                let counters = l.handle.counters();
+                let last = counters.last_message.load(Relaxed);
+                let since = counters.origin_since.load(Relaxed);
+                LobbyInfo {
+                    id: id.0,
+                    clients: l.members,
+                    origin: l.handle.origin_state(),
+                    origin_since: Duration::from_millis(now.saturating_sub(since)),
+                    messages_in: counters.messages_in.load(Relaxed),
+                    frames_out: counters.frames_out.load(Relaxed),
+                    frames_dropped: counters.frames_dropped.load(Relaxed),
+                    last_message_age: (last > 0)
+                        .then(|| Duration::from_millis(now.saturating_sub(last - 1))),
+                }
             })
             .collect()
     }

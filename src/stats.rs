@@ -4,7 +4,10 @@
 //! paths add in batches (a writer adds a whole vectored write's frames at once),
 //! so these cache lines are not touched once per delivery.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::{
+    sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed},
+    time::{Duration, Instant},
+};
 
 /// Live counters, shared by every gateway thread.
 #[derive(Debug, Default)]
@@ -46,6 +49,77 @@ pub(crate) struct Stats {
     /// Test hooks that make a thread panic (feature `fault-injection`).
     #[cfg(feature = "fault-injection")]
     pub faults: crate::fault::Faults,
+    /// Bytes written to client sockets (frames, control frames included).
+    pub bytes_sent: AtomicU64,
+    /// Set first thing when shutdown begins: readiness turns false.
+    pub draining: AtomicBool,
+    /// When the gateway started: the zero of per-lobby timestamps.
+    pub epoch: Epoch,
+}
+
+/// The instant a gateway's stats were created, the zero of the millisecond
+/// timestamps lobbies publish.
+#[derive(Debug)]
+pub(crate) struct Epoch(Instant);
+
+impl Default for Epoch {
+    fn default() -> Self {
+        Epoch(Instant::now())
+    }
+}
+
+impl Epoch {
+    /// Milliseconds since the epoch.
+    pub(crate) fn millis(&self) -> u64 {
+        u64::try_from(self.0.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+/// One lobby's counters, bumped by its thread once per origin message (never
+/// per client) and read by the manager for [`LobbyInfo`].
+#[derive(Debug, Default)]
+pub(crate) struct LobbyCounters {
+    /// Origin data messages received.
+    pub messages_in: AtomicU64,
+    /// Frames pushed into members' queues by broadcasts.
+    pub frames_out: AtomicU64,
+    /// Frames dropped from full member queues by broadcasts.
+    pub frames_dropped: AtomicU64,
+    /// When the last origin message arrived, as epoch millis + 1 (0: never).
+    pub last_message: AtomicU64,
+    /// The origin state last seen (an [`OriginState`] discriminant).
+    pub origin_seen: AtomicU8,
+    /// Since when the origin has been in that state, in epoch millis.
+    pub origin_since: AtomicU64,
+}
+
+impl LobbyCounters {
+    /// Counters for a lobby starting now, its origin idle.
+    pub(crate) fn starting(epoch: &Epoch) -> LobbyCounters {
+        let counters = LobbyCounters::default();
+        counters.origin_since.store(epoch.millis(), Relaxed);
+        counters
+    }
+
+    /// Counts one origin message broadcast to `pushed` members, `dropped` of
+    /// which lost their oldest frame.
+    pub(crate) fn message(&self, epoch: &Epoch, pushed: u64, dropped: u64) {
+        self.messages_in.fetch_add(1, Relaxed);
+        self.last_message.store(epoch.millis() + 1, Relaxed);
+        if pushed > 0 {
+            self.frames_out.fetch_add(pushed, Relaxed);
+        }
+        if dropped > 0 {
+            self.frames_dropped.fetch_add(dropped, Relaxed);
+        }
+    }
+
+    /// Notes the origin link's current state, timing it from when it changed.
+    pub(crate) fn observe_origin(&self, epoch: &Epoch, state: OriginState) {
+        if self.origin_seen.swap(state as u8, Relaxed) != state as u8 {
+            self.origin_since.store(epoch.millis(), Relaxed);
+        }
+    }
 }
 
 /// A point-in-time copy of the gateway's counters.
@@ -73,7 +147,7 @@ pub struct StatsSnapshot {
     /// pending-handshake cap, or out of file descriptors).
     pub handshakes_shed: u64,
     /// Clients gone, by why: see [`StatsSnapshot::disconnected`].
-    disconnects: [u64; Disconnect::COUNT],
+    pub(crate) disconnects: [u64; Disconnect::COUNT],
     /// Connections refused with 429: as many from their address as allowed.
     pub refused_per_ip: u64,
     /// Upgrade requests refused with 403: a browser origin not allowed.
@@ -125,8 +199,13 @@ pub struct StatsSnapshot {
     /// Gateway threads that panicked, whether their work was recovered or not.
     pub thread_panics: u64,
     /// Failures the gateway could not recover from (a thread it cannot run
-    /// without ended): it shuts down, and the binary exits non-zero.
+    /// without ended): it shuts down, the binary exits non-zero, and
+    /// liveness fails.
     pub fatal_errors: u64,
+    /// Bytes written to client sockets, control frames included.
+    pub bytes_sent: u64,
+    /// Whether shutdown has begun (readiness is false from then on).
+    pub draining: bool,
 }
 
 impl StatsSnapshot {
@@ -157,6 +236,16 @@ pub struct LobbyInfo {
     pub clients: usize,
     /// Where the lobby's origin connection stands.
     pub origin: OriginState,
+    /// How long the origin connection has been in that state.
+    pub origin_since: Duration,
+    /// Origin data messages the lobby received.
+    pub messages_in: u64,
+    /// Frames its broadcasts pushed into member queues.
+    pub frames_out: u64,
+    /// Frames its broadcasts dropped from full member queues.
+    pub frames_dropped: u64,
+    /// Time since the last origin message; `None` if none came yet.
+    pub last_message_age: Option<Duration>,
 }
 
 /// Where a lobby's origin connection stands.
@@ -177,6 +266,18 @@ pub enum OriginState {
 }
 
 impl OriginState {
+    /// The state's name in metrics labels and JSON: `idle`, `connecting`,
+    /// `up`, `backing_off` or `closing`.
+    pub fn name(self) -> &'static str {
+        match self {
+            OriginState::Idle => "idle",
+            OriginState::Connecting => "connecting",
+            OriginState::Up => "up",
+            OriginState::BackingOff => "backing_off",
+            OriginState::Closing => "closing",
+        }
+    }
+
     /// Reads back a state published as its `u8` discriminant.
     pub(crate) fn from_u8(value: u8) -> OriginState {
         match value {
@@ -236,6 +337,8 @@ impl Stats {
             origin_oversized: self.origin_oversized.load(Relaxed),
             thread_panics: self.thread_panics.load(Relaxed),
             fatal_errors: self.fatal_errors.load(Relaxed),
+            bytes_sent: self.bytes_sent.load(Relaxed),
+            draining: self.draining.load(Relaxed),
         }
     }
 

@@ -178,6 +178,7 @@ pub(crate) fn spawn(
             batch: Vec::with_capacity(64),
             delivered: 0,
             dropped: 0,
+            bytes: 0,
             stats,
             policy: Policy::new(config),
             manager: manager.clone(),
@@ -495,6 +496,10 @@ impl Writer {
                 .frames_delivered
                 .fetch_add(self.io.delivered, Relaxed);
             self.io.delivered = 0;
+        }
+        if self.io.bytes > 0 {
+            self.io.stats.bytes_sent.fetch_add(self.io.bytes, Relaxed);
+            self.io.bytes = 0;
         }
         if self.io.dropped > 0 {
             self.io

@@ -1,0 +1,377 @@
+//! Prometheus metrics: a [`prometheus_client`] collector over the gateway's
+//! counters.
+//!
+//! [`GatewayCollector`] reads one [`StatsSnapshot`] per scrape and encodes it
+//! through `prometheus_client`; it keeps no counters of its own, so what a
+//! scrape shows is exactly what [`GatewayHandle::stats`] shows. It runs on the
+//! thread that scrapes: the admin thread for `GET /metrics`, or an embedder's
+//! thread when the collector is registered in the embedder's own [`Registry`]
+//! (see [`register`]). It reads atomics only: it never waits on a gateway
+//! thread and takes no lock a gateway thread holds.
+//!
+//! Names follow Prometheus conventions: the `wsgate_` prefix (from the
+//! registry), `_total` on counters, base units (`_bytes`, `_seconds`). Where a
+//! counter is split by a label (a cause, a reason, a status), the split is a
+//! table below, so a new reason is one line.
+//!
+//! [`GatewayHandle::stats`]: crate::GatewayHandle::stats
+
+use std::{fmt, sync::Arc};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet},
+    metrics::{MetricType, gauge::ConstGauge},
+    registry::{Registry, Unit},
+};
+
+use crate::stats::{Disconnect, Stats, StatsSnapshot};
+
+/// The prefix every wsgate metric name carries.
+pub const PREFIX: &str = "wsgate";
+
+/// A `prometheus_client` [`Collector`] that encodes a gateway's counters on
+/// each scrape. Cheap to clone; get one from
+/// [`GatewayHandle::metrics_collector`](crate::GatewayHandle::metrics_collector).
+///
+/// Its metric names carry no prefix of their own: [`register`] puts them
+/// under `wsgate_`.
+#[derive(Debug, Clone)]
+pub struct GatewayCollector {
+    stats: Arc<Stats>,
+}
+
+impl GatewayCollector {
+    pub(crate) fn new(stats: Arc<Stats>) -> GatewayCollector {
+        GatewayCollector { stats }
+    }
+}
+
+/// Adds a gateway's metrics to `registry`, under the `wsgate_` prefix (after
+/// any prefix the registry already has).
+///
+/// ```
+/// use prometheus_client::{encoding::text::encode, registry::Registry};
+/// # use wsgate::{Config, Gateway};
+/// # let mut config = Config::default();
+/// # config.listen = "127.0.0.1:0".parse().unwrap();
+/// # config.origin = "ws://127.0.0.1:9/feed".to_owned();
+/// # let gateway = Gateway::start(config)?;
+/// let mut registry = Registry::default(); // the embedding program's own
+/// wsgate::metrics::register(&mut registry, gateway.metrics_collector());
+/// let mut text = String::new();
+/// encode(&mut text, &registry).unwrap();
+/// assert!(text.contains("wsgate_clients 0"));
+/// # Ok::<(), wsgate::Error>(())
+/// ```
+pub fn register(registry: &mut Registry, collector: GatewayCollector) {
+    registry
+        .sub_registry_with_prefix(PREFIX)
+        .register_collector(Box::new(collector));
+}
+
+/// The Prometheus text exposition (format 0.0.4) of the gateway's metrics, as
+/// served at `GET /metrics`, and its `Content-Type`.
+pub(crate) fn exposition(collector: &GatewayCollector) -> Result<String, fmt::Error> {
+    let mut registry = Registry::default();
+    register(&mut registry, collector.clone());
+    let mut text = String::new();
+    prometheus_client::encoding::prometheus_text::encode(&mut text, &registry)?;
+    Ok(text)
+}
+
+/// The `Content-Type` of [`exposition`].
+pub(crate) const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// One value of a labelled metric: the label's value and how to read it.
+type Split = (&'static str, fn(&StatsSnapshot) -> u64);
+
+/// Origin connections by state (a gauge).
+const ORIGIN_STATES: &[Split] = &[
+    ("up", |s| s.origin_connections),
+    ("connecting", |s| s.origins_connecting),
+    ("backing_off", |s| s.origins_backing_off),
+];
+
+/// Origin connect attempts and connections that failed, by cause.
+const ORIGIN_FAILURES: &[Split] = &[
+    ("connect", |s| s.origin_failed_connect),
+    ("timeout", |s| s.origin_failed_timeout),
+    ("tls", |s| s.origin_failed_tls),
+    ("upgrade", |s| s.origin_failed_upgrade),
+    ("lost", |s| s.origin_lost),
+    ("silent", |s| s.origin_silent),
+    ("oversized", |s| s.origin_oversized),
+];
+
+/// Frames dropped, by reason. The stats count one kind today: frames a full
+/// queue (or a stalled client's backlog) lost, oldest first.
+const DROP_REASONS: &[Split] = &[("queue_full", |s| s.frames_dropped)];
+
+/// Upgrade requests answered with an HTTP error, by status. `other` is every
+/// other refusal (400, 404, 405, 426, 431).
+const REFUSALS: &[Split] = &[
+    ("403", |s| s.refused_origin),
+    ("429", |s| s.refused_per_ip),
+    ("503", |s| s.refused_full),
+    ("other", |s| {
+        s.handshakes_rejected
+            .saturating_sub(s.refused_origin + s.refused_per_ip + s.refused_full)
+    }),
+];
+
+/// Client migrations between lobbies, by outcome.
+const MIGRATIONS: &[Split] = &[
+    ("gap_free", |s| {
+        s.migrations.saturating_sub(s.migration_gaps)
+    }),
+    ("gap", |s| s.migration_gaps),
+];
+
+/// Client messages for the origin (with `--client-messages forward`), by outcome.
+const FORWARDS: &[Split] = &[
+    ("sent", |s| s.forwarded),
+    ("dropped", |s| s.forward_dropped),
+];
+
+impl Collector for GatewayCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let s = self.stats.snapshot();
+        let mut out = Out {
+            encoder: &mut encoder,
+            s: &s,
+        };
+        out.gauge("clients", "Clients connected", s.clients)?;
+        out.gauge(
+            "lobbies",
+            "Lobby threads running, lingering ones included",
+            s.lobbies,
+        )?;
+        out.gauges_by(
+            "origin_connections",
+            "Origin connections by state",
+            "state",
+            ORIGIN_STATES,
+        )?;
+        out.counter(
+            "clients_accepted",
+            "Clients that completed the upgrade",
+            s.clients_accepted,
+        )?;
+        out.counters_by(
+            "handshakes_refused",
+            "Upgrade requests answered with an HTTP error, by status",
+            "status",
+            REFUSALS,
+        )?;
+        out.counter(
+            "handshake_timeouts",
+            "Connections closed because the upgrade did not complete in time",
+            s.handshakes_timed_out,
+        )?;
+        out.gauge(
+            "handshakes_pending",
+            "Connections in their HTTP upgrade",
+            s.handshakes_pending,
+        )?;
+        out.counter(
+            "handshakes_shed",
+            "Pending handshakes closed to make room (pending cap, or out of descriptors)",
+            s.handshakes_shed,
+        )?;
+        out.disconnects()?;
+        out.counter(
+            "origin_connect_attempts",
+            "Origin connect attempts, first connects and reconnects",
+            s.origin_connect_attempts,
+        )?;
+        out.counter(
+            "origin_connects",
+            "Origin connections established",
+            s.origin_connected,
+        )?;
+        out.counters_by(
+            "origin_failures",
+            "Origin connect attempts and connections that failed, by cause",
+            "cause",
+            ORIGIN_FAILURES,
+        )?;
+        out.counter(
+            "origin_messages_received",
+            "Data messages received from the origin, summed over lobbies",
+            s.messages_in,
+        )?;
+        out.counter(
+            "frames_delivered",
+            "Data frames completely written to clients",
+            s.frames_delivered,
+        )?;
+        out.counters_by(
+            "frames_dropped",
+            "Data frames dropped before reaching a client, by reason",
+            "reason",
+            DROP_REASONS,
+        )?;
+        out.counter_in(
+            "client_sent",
+            "Bytes written to client sockets, control frames included",
+            &Unit::Bytes,
+            s.bytes_sent,
+        )?;
+        out.counters_by(
+            "migrations",
+            "Clients moved between lobbies by compaction, by outcome",
+            "outcome",
+            MIGRATIONS,
+        )?;
+        out.counters_by(
+            "forwarded_messages",
+            "Client messages for the origin, by outcome",
+            "outcome",
+            FORWARDS,
+        )?;
+        out.counter(
+            "lobbies_started",
+            "Lobby threads started",
+            s.lobbies_started,
+        )?;
+        out.counter("lobbies_ended", "Lobby threads ended", s.lobbies_ended)?;
+        out.counter(
+            "thread_panics",
+            "Gateway threads that panicked, recovered or not",
+            s.thread_panics,
+        )?;
+        out.counter(
+            "fatal_errors",
+            "Failures that leave the gateway unable to serve; liveness fails above 0",
+            s.fatal_errors,
+        )?;
+        out.gauge(
+            "draining",
+            "1 once shutdown has begun (readiness fails), else 0",
+            u64::from(s.draining),
+        )?;
+        let uptime = ConstGauge::new(self.stats.epoch.millis() as f64 / 1000.0);
+        let metric = out.encoder.encode_descriptor(
+            "uptime",
+            "Time since the gateway started",
+            Some(&Unit::Seconds),
+            uptime.metric_type(),
+        )?;
+        uptime.encode(metric)
+    }
+}
+
+/// Encodes metrics from one snapshot.
+struct Out<'a, 'e> {
+    encoder: &'a mut DescriptorEncoder<'e>,
+    s: &'a StatsSnapshot,
+}
+
+impl Out<'_, '_> {
+    fn gauge(&mut self, name: &str, help: &str, value: u64) -> fmt::Result {
+        let mut metric = self
+            .encoder
+            .encode_descriptor(name, help, None, MetricType::Gauge)?;
+        metric.encode_gauge(&value)
+    }
+
+    fn counter(&mut self, name: &str, help: &str, value: u64) -> fmt::Result {
+        self.counter_with(name, help, None, value)
+    }
+
+    fn counter_in(&mut self, name: &str, help: &str, unit: &Unit, value: u64) -> fmt::Result {
+        self.counter_with(name, help, Some(unit), value)
+    }
+
+    fn counter_with(
+        &mut self,
+        name: &str,
+        help: &str,
+        unit: Option<&Unit>,
+        value: u64,
+    ) -> fmt::Result {
+        let mut metric = self
+            .encoder
+            .encode_descriptor(name, help, unit, MetricType::Counter)?;
+        metric.encode_counter::<NoLabelSet, _, u64>(&value, None)
+    }
+
+    fn gauges_by(&mut self, name: &str, help: &str, label: &str, rows: &[Split]) -> fmt::Result {
+        let mut metric = self
+            .encoder
+            .encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for (value, read) in rows {
+            metric
+                .encode_family(&[(label, *value)])?
+                .encode_gauge(&read(self.s))?;
+        }
+        Ok(())
+    }
+
+    /// Clients gone, by reason and by the close code the gateway sent
+    /// (`none` where it sent none).
+    fn disconnects(&mut self) -> fmt::Result {
+        let mut metric = self.encoder.encode_descriptor(
+            "client_disconnects",
+            "Clients gone, by reason and the close code the gateway sent",
+            None,
+            MetricType::Counter,
+        )?;
+        for reason in Disconnect::ALL {
+            let code = reason.close_code().map_or("none".into(), |c| c.to_string());
+            metric
+                .encode_family(&[("reason", reason.name()), ("code", code.as_str())])?
+                .encode_counter::<NoLabelSet, _, u64>(&self.s.disconnected(reason), None)?;
+        }
+        Ok(())
+    }
+
+    fn counters_by(&mut self, name: &str, help: &str, label: &str, rows: &[Split]) -> fmt::Result {
+        let mut metric = self
+            .encoder
+            .encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (value, read) in rows {
+            metric
+                .encode_family(&[(label, *value)])?
+                .encode_counter::<NoLabelSet, _, u64>(&read(self.s), None)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_come_from_the_stats_with_their_labels() {
+        let stats = Arc::new(Stats::default());
+        stats
+            .frames_dropped
+            .store(7, std::sync::atomic::Ordering::Relaxed);
+        stats
+            .origin_lost
+            .store(2, std::sync::atomic::Ordering::Relaxed);
+        stats
+            .bytes_sent
+            .store(1234, std::sync::atomic::Ordering::Relaxed);
+        let text = exposition(&GatewayCollector::new(stats)).unwrap();
+        for line in [
+            "# TYPE wsgate_frames_dropped_total counter",
+            "wsgate_frames_dropped_total{reason=\"queue_full\"} 7",
+            "wsgate_origin_failures_total{cause=\"lost\"} 2",
+            "wsgate_origin_failures_total{cause=\"tls\"} 0",
+            "wsgate_client_sent_bytes_total 1234",
+            "wsgate_origin_connections{state=\"backing_off\"} 0",
+            "wsgate_clients 0",
+            "wsgate_client_disconnects_total{reason=\"rate_limited\",code=\"1008\"} 0",
+            "wsgate_client_disconnects_total{reason=\"connection_lost\",code=\"none\"} 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing in\n{text}"
+            );
+        }
+    }
+}
