@@ -33,7 +33,7 @@ use crate::{
     manager::{ClientMessage, ManagerMsg},
     queue::ClientQueue,
     seat::Seat,
-    stats::{Disconnect, Stats, bump},
+    stats::{Disconnect, LatencySampler, Stats, bump},
 };
 
 /// Most frames gathered into one vectored write.
@@ -90,6 +90,8 @@ pub(crate) struct IoCtx {
     pub dropped: u64,
     /// Bytes written since the counts were last published.
     pub bytes: u64,
+    /// Delivery latency samples since the counts were last published.
+    pub latency: LatencySampler,
     pub stats: Arc<Stats>,
     pub policy: Policy,
     /// Where departures are reported.
@@ -654,6 +656,7 @@ impl Conn {
             n -= frame.len();
             if is_data(frame) {
                 io.delivered += 1;
+                io.latency.delivered(frame.stamp(), &io.stats.epoch);
             }
             done += 1;
         }
@@ -699,6 +702,7 @@ impl Conn {
             self.offset = 0;
             if is_data(head) {
                 io.delivered += 1;
+                io.latency.delivered(head.stamp(), &io.stats.epoch);
             }
             self.pending.pop_front();
         }
@@ -784,6 +788,7 @@ mod tests {
             delivered: 0,
             dropped: 0,
             bytes: 0,
+            latency: LatencySampler::default(),
             stats,
             policy: Policy::new(&config),
             manager: crossbeam_channel::unbounded().0,

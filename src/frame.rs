@@ -1,17 +1,50 @@
 //! WebSocket framing on the client side: server frames out, client frames in.
 //!
 //! [`encode`] builds an unmasked server frame (header and payload in one shared
-//! allocation) that a lobby encodes once and every member's queue shares.
+//! allocation) that a lobby encodes once and every member's queue shares; a
+//! broadcast frame also carries, unsent, the time its lobby encoded it, so a
+//! writer can time its delivery.
 //! [`Decoder`] is a streaming parser of masked client frames: it unmasks in
 //! place, validates RFC 6455 rules as bytes arrive, and keeps no more per
 //! client than a frame header, a partial UTF-8 sequence and, once the client
 //! has sent a control frame, that frame's payload (125 bytes at most). It
 //! never panics on any input. Sockets live elsewhere (`conn.rs`).
 
-use std::sync::Arc;
+use std::{ops::Deref, sync::Arc};
 
-/// An encoded server frame: header and payload, shared by every client queue.
-pub type Frame = Arc<[u8]>;
+/// An encoded server frame: header and payload (what it derefs to), shared
+/// by every client queue, behind the microsecond its lobby encoded it (see
+/// [`Frame::stamp`]), which is never sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame(Arc<[u8]>);
+
+/// Bytes of the stamp before a frame's wire bytes.
+const STAMP: usize = 4;
+
+impl Frame {
+    /// When a lobby encoded this frame, in microseconds on the gateway's
+    /// clock (wrapping every 71 minutes); 0 for frames nobody times.
+    pub(crate) fn stamp(&self) -> u32 {
+        let mut stamp = [0u8; STAMP];
+        stamp.copy_from_slice(&self.0[..STAMP]);
+        u32::from_le_bytes(stamp)
+    }
+
+    /// Whether two frames share one allocation (one encoding).
+    #[cfg(test)]
+    pub(crate) fn ptr_eq(a: &Frame, b: &Frame) -> bool {
+        Arc::ptr_eq(&a.0, &b.0)
+    }
+}
+
+impl Deref for Frame {
+    type Target = [u8];
+
+    /// The bytes that go on the wire.
+    fn deref(&self) -> &[u8] {
+        &self.0[STAMP..]
+    }
+}
 
 pub(crate) const OP_CONTINUATION: u8 = 0x0;
 pub(crate) const OP_TEXT: u8 = 0x1;
@@ -37,6 +70,12 @@ pub(crate) mod close_code {
 
 /// Encodes one unmasked, final server frame.
 pub(crate) fn encode(opcode: u8, payload: &[u8]) -> Frame {
+    encode_stamped(opcode, payload, 0)
+}
+
+/// Encodes one unmasked, final server frame, stamped with the microsecond
+/// `stamp` (see [`Frame::stamp`]).
+pub(crate) fn encode_stamped(opcode: u8, payload: &[u8], stamp: u32) -> Frame {
     let mut header = [0u8; 10];
     header[0] = 0x80 | opcode;
     let len = payload.len();
@@ -53,11 +92,15 @@ pub(crate) fn encode(opcode: u8, payload: &[u8]) -> Frame {
         10
     };
     // One allocation: the chained iterator has an exact length.
-    header[..header_len]
-        .iter()
-        .chain(payload)
-        .copied()
-        .collect()
+    Frame(
+        stamp
+            .to_le_bytes()
+            .iter()
+            .chain(&header[..header_len])
+            .chain(payload)
+            .copied()
+            .collect(),
+    )
 }
 
 /// Encodes a server close frame with `code` and a reason (cut to fit 123 bytes).

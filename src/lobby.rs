@@ -414,7 +414,7 @@ impl Fanout {
             self.counters.message(&self.stats.epoch, 0, 0);
             return;
         }
-        let frame = frame::encode(kind.opcode(), payload);
+        let frame = frame::encode_stamped(kind.opcode(), payload, self.stats.epoch.micros());
         let mut dropped = 0;
         for member in &self.members {
             if member.queue.push(frame.clone()) == Pushed::DroppedOldest {

@@ -218,6 +218,7 @@ impl Collector for GatewayCollector {
             &Unit::Bytes,
             s.bytes_sent,
         )?;
+        out.latency()?;
         out.counters_by(
             "migrations",
             "Clients moved between lobbies by compaction, by outcome",
@@ -307,6 +308,20 @@ impl Out<'_, '_> {
                 .encode_gauge(&read(self.s))?;
         }
         Ok(())
+    }
+
+    /// The sampled delivery latency, a histogram in seconds.
+    fn latency(&mut self) -> fmt::Result {
+        let (buckets, sum) = self.s.delivery_latency();
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let mut metric = self.encoder.encode_descriptor(
+            "delivery_latency",
+            "From an origin message's arrival to the write that completes it to a client \
+             (one delivery in 16 is timed)",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        metric.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
     }
 
     /// Clients gone, by reason and by the close code the gateway sent

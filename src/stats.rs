@@ -55,6 +55,7 @@ pub(crate) struct Stats {
     pub draining: AtomicBool,
     /// When the gateway started: the zero of per-lobby timestamps.
     pub epoch: Epoch,
+    pub latency: Latency,
 }
 
 /// The instant a gateway's stats were created, the zero of the millisecond
@@ -72,6 +73,87 @@ impl Epoch {
     /// Milliseconds since the epoch.
     pub(crate) fn millis(&self) -> u64 {
         u64::try_from(self.0.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Microseconds since the epoch, wrapping every 71 minutes: frame stamps.
+    pub(crate) fn micros(&self) -> u32 {
+        self.0.elapsed().as_micros() as u32
+    }
+}
+
+/// Upper bounds, in seconds, of the delivery latency histogram's buckets
+/// (a last one, +Inf, takes the rest).
+pub(crate) const LATENCY_BOUNDS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+/// One delivery in this many is timed for the histogram.
+pub(crate) const LATENCY_SAMPLE: u32 = 16;
+
+/// The delivery latency histogram: from an origin message's arrival (its
+/// lobby encoding it) to the write that completes it to a client, one
+/// delivery in [`LATENCY_SAMPLE`]. Buckets are not cumulative.
+#[derive(Debug, Default)]
+pub(crate) struct Latency {
+    buckets: [AtomicU64; LATENCY_BOUNDS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl Latency {
+    /// Adds a writer's samples (and empties them).
+    pub(crate) fn absorb(&self, sampler: &mut LatencySampler) {
+        if sampler.count == 0 {
+            return;
+        }
+        for (bucket, n) in self.buckets.iter().zip(&mut sampler.buckets) {
+            if *n > 0 {
+                bucket.fetch_add(std::mem::take(n), Relaxed);
+            }
+        }
+        self.sum_micros
+            .fetch_add(std::mem::take(&mut sampler.sum_micros), Relaxed);
+        sampler.count = 0;
+    }
+}
+
+/// A writer's latency samples not yet added to the shared histogram.
+#[derive(Debug)]
+pub(crate) struct LatencySampler {
+    /// Deliveries until the next timed one.
+    countdown: u32,
+    buckets: [u64; LATENCY_BOUNDS.len() + 1],
+    sum_micros: u64,
+    count: u64,
+}
+
+impl Default for LatencySampler {
+    fn default() -> Self {
+        LatencySampler {
+            countdown: LATENCY_SAMPLE,
+            buckets: [0; LATENCY_BOUNDS.len() + 1],
+            sum_micros: 0,
+            count: 0,
+        }
+    }
+}
+
+impl LatencySampler {
+    /// Notes a delivery of a frame stamped `stamp` (see `Frame::stamp`),
+    /// timing one in [`LATENCY_SAMPLE`].
+    pub(crate) fn delivered(&mut self, stamp: u32, epoch: &Epoch) {
+        self.countdown -= 1;
+        if self.countdown > 0 {
+            return;
+        }
+        self.countdown = LATENCY_SAMPLE;
+        let micros = epoch.micros().wrapping_sub(stamp);
+        let seconds = f64::from(micros) / 1e6;
+        let bucket = LATENCY_BOUNDS
+            .iter()
+            .position(|&bound| seconds <= bound)
+            .unwrap_or(LATENCY_BOUNDS.len());
+        self.buckets[bucket] += 1;
+        self.sum_micros += u64::from(micros);
+        self.count += 1;
     }
 }
 
@@ -206,9 +288,25 @@ pub struct StatsSnapshot {
     pub bytes_sent: u64,
     /// Whether shutdown has begun (readiness is false from then on).
     pub draining: bool,
+    /// The delivery latency histogram's buckets (not cumulative; the last
+    /// is above every bound), sampled: see `LATENCY_SAMPLE`.
+    pub(crate) latency_buckets: [u64; LATENCY_BOUNDS.len() + 1],
+    /// The sum of the sampled latencies, in microseconds.
+    pub(crate) latency_sum_micros: u64,
 }
 
 impl StatsSnapshot {
+    /// The sampled delivery latency (time from an origin message's arrival
+    /// to the write that completes it to a client; one delivery in 16 is
+    /// timed): for each bucket its upper bound in seconds (`INFINITY` for
+    /// the last) and how many samples fell in it; and the samples' sum in
+    /// seconds.
+    pub fn delivery_latency(&self) -> (Vec<(f64, u64)>, f64) {
+        let bounds = LATENCY_BOUNDS.iter().copied().chain([f64::INFINITY]);
+        let buckets = bounds.zip(self.latency_buckets).collect();
+        (buckets, self.latency_sum_micros as f64 / 1e6)
+    }
+
     /// Clients whose connection ended for `reason`.
     pub fn disconnected(&self, reason: Disconnect) -> u64 {
         self.disconnects[reason as usize]
@@ -339,6 +437,8 @@ impl Stats {
             fatal_errors: self.fatal_errors.load(Relaxed),
             bytes_sent: self.bytes_sent.load(Relaxed),
             draining: self.draining.load(Relaxed),
+            latency_buckets: std::array::from_fn(|i| self.latency.buckets[i].load(Relaxed)),
+            latency_sum_micros: self.latency.sum_micros.load(Relaxed),
         }
     }
 

@@ -40,7 +40,7 @@ use crate::{
     manager::{ClientMessage, ManagerMsg},
     queue::ClientQueue,
     seat::Seat,
-    stats::{Disconnect, Stats, bump},
+    stats::{Disconnect, LatencySampler, Stats, bump},
     supervise::EndGuard,
 };
 
@@ -179,6 +179,7 @@ pub(crate) fn spawn(
             delivered: 0,
             dropped: 0,
             bytes: 0,
+            latency: LatencySampler::default(),
             stats,
             policy: Policy::new(config),
             manager: manager.clone(),
@@ -508,6 +509,7 @@ impl Writer {
                 .fetch_add(self.io.dropped, Relaxed);
             self.io.dropped = 0;
         }
+        self.io.stats.latency.absorb(&mut self.io.latency);
     }
 }
 

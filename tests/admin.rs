@@ -93,6 +93,23 @@ fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]
     }
 }
 
+/// The buckets (cumulative) of the histogram `name`.
+fn histogram(
+    scrape: &prometheus_parse::Scrape,
+    name: &str,
+) -> Vec<prometheus_parse::HistogramCount> {
+    scrape
+        .samples
+        .iter()
+        .find_map(|s| match &s.value {
+            prometheus_parse::Value::Histogram(buckets) if s.metric == name => {
+                Some(buckets.clone())
+            }
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no histogram {name}"))
+}
+
 #[test]
 fn metrics_count_exactly_what_the_clients_received() {
     const K: usize = 4;
@@ -160,17 +177,39 @@ fn metrics_count_exactly_what_the_clients_received() {
         );
     }
     assert!(sample(&s, "wsgate_uptime_seconds", &[]) > 0.0);
+    // One delivery in 16 is timed: the histogram holds that many samples,
+    // each within the test's lifetime.
+    let buckets = histogram(&s, "wsgate_delivery_latency_seconds");
+    let timed = buckets.last().map(|b| b.count).unwrap_or(0.0);
+    // (each writer counts its own deliveries: up to one short per writer)
+    let most = ((K as u64 * N) / 16) as f64;
+    assert!(
+        (most - 2.0..=most).contains(&timed),
+        "{timed} timed: {buckets:?}"
+    );
+    assert!(
+        buckets.windows(2).all(|w| w[0].count <= w[1].count),
+        "cumulative"
+    );
+    assert!(
+        buckets
+            .iter()
+            .any(|b| b.less_than <= 2.5 && b.count == timed),
+        "every sample under 2.5 s: {buckets:?}"
+    );
     // Every metric has its help text, and counters end in _total.
     for sample in &s.samples {
         assert!(sample.metric.starts_with("wsgate_"), "{}", sample.metric);
         if matches!(sample.value, prometheus_parse::Value::Counter(_)) {
             assert!(sample.metric.ends_with("_total"), "{}", sample.metric);
         }
-        assert!(
-            s.docs.contains_key(&sample.metric),
-            "{} has no HELP",
-            sample.metric
-        );
+        // A histogram's _sum and _count share its HELP.
+        let family = ["_sum", "_count"]
+            .iter()
+            .find_map(|suffix| sample.metric.strip_suffix(suffix))
+            .filter(|base| s.docs.contains_key(*base))
+            .unwrap_or(&sample.metric);
+        assert!(s.docs.contains_key(family), "{} has no HELP", sample.metric);
     }
 }
 
@@ -347,18 +386,26 @@ fn readyz_fails_as_shutdown_begins_and_the_admin_answers_through_the_drain() {
 
 #[test]
 fn livez_fails_once_the_gateway_has_a_fatal_error() {
-    // Nothing in the gateway sets fatal_errors yet (supervision will); the
-    // probe logic is checked on snapshots in health.rs. Here: a healthy
-    // gateway is live, and the probe is served with the right status.
-    let origin = TestOrigin::start();
-    let gw = start_gateway(admin_config(&origin.url()));
+    let origin = std::sync::Arc::new(TestOrigin::start());
+    let mut config = admin_config(&origin.url());
+    config.drain_timeout = Duration::from_secs(5);
+    let gw = start_gateway(config);
     assert!(gw.liveness().ok);
-    let livez = get(admin(&gw), "/livez");
-    assert_eq!(livez.status, 200);
+    assert_eq!(get(admin(&gw), "/livez").status, 200);
+    // A client that never reads a busy feed keeps the drain, and the admin
+    // server, going once the acceptor fails.
+    let _stalled = stalled_client(gw.local_addr());
+    wait_until("the origin connection", || origin.open() == 1);
+    let feed = Feed::start(origin.clone(), Duration::from_millis(1));
+    std::thread::sleep(Duration::from_millis(300));
+    gw.inject_fault(wsgate::fault::Fault::Acceptor);
+    wait_until("/livez failing", || get(admin(&gw), "/livez").status == 503);
+    assert!(!gw.liveness().ok);
     assert_eq!(
         sample(&scrape(admin(&gw)), "wsgate_fatal_errors_total", &[]),
-        0.0
+        1.0
     );
+    feed.stop();
 }
 
 #[test]
