@@ -44,6 +44,18 @@
 //! at `/lobbies` and a dashboard at `/`. An embedding program can instead add
 //! [`GatewayHandle::metrics_collector`] to its own `prometheus_client` registry.
 //!
+//! # Limits and failures
+//!
+//! A client costs at most its queue of shared frames plus
+//! [`Config::client_unsent`] bytes in its socket, however it behaves; its
+//! frames are counted against [`Config::max_client_rate`] as they are
+//! decoded; its connection counts against its address from accept. Every
+//! thread's end is reported: a writer that panics closes its clients with
+//! 1011 and carries on, a lobby's clients are placed elsewhere, and the
+//! acceptor's or the manager's failure stops the gateway with
+//! [`StatsSnapshot::fatal_errors`] set. Why each client left is counted by
+//! [`Disconnect`] reason.
+//!
 //! The binary (`wsgate --origin ws://…` or `wsgate --demo`) is a thin layer
 //! over [`Gateway`]; see the README for flags, logging and guarantees.
 

@@ -19,8 +19,8 @@
 //! 128 B: 10M deliveries/s offered, far more than the machine can write),
 //! `steady` (1000 × 200 msg/s × 128 B), `batched` (the same, wsgate with
 //! `--write-batch-ms 10`), `light` (1000 × 50 msg/s: latency below
-//! saturation), `slow` (steady, with 100 clients that never read, wsgate with
-//! 64 KiB client send buffers so their queues overflow), `large`
+//! saturation), `slow` (steady, with 100 clients that never read: with
+//! wsgate's unsent bound their queues overflow within seconds), `large`
 //! (200 × 50 msg/s × 64 KiB), `idle` (10 000 idle clients; relay RSS per
 //! client).
 //!
