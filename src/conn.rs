@@ -7,9 +7,9 @@
 //! messages when configured, and write queued frames with vectored writes.
 //! It keeps per client only what it must: the socket, the queue handle, its
 //! seat, a frame decoder, a few timestamps, and, only while a write is
-//! unfinished, the unwritten frames: at most a queue's worth of data frames,
-//! one pong (a newer ping's pong replaces an unsent one, as RFC 6455 §5.5.3
-//! allows), a keepalive ping and a close. Every frame a client sends is
+//! unfinished, the unwritten frames: at most a queue's worth of data frames
+//! and, once its socket is full, one pong (a newer ping's pong replaces an
+//! unsent one, as RFC 6455 §5.5.3 allows), a keepalive ping and a close. Every frame a client sends is
 //! counted against its rate limit as its header is decoded, before anything
 //! in it is answered or forwarded. The writer owns the event loop, the
 //! wakeups and the slab of connections; nothing here blocks.
@@ -386,7 +386,7 @@ impl Conn {
         let now = io.now();
         self.last_heard = now;
         self.is_pinged = false;
-        let mut pong = None;
+        let mut pongs = Vec::new();
         let mut peer_close = None;
         let IoCtx {
             policy,
@@ -399,8 +399,7 @@ impl Conn {
             match event {
                 Event::FrameStart if !rate.take(policy.max_rate, now) => return Err(RATE_EXCEEDED),
                 Event::FrameStart | Event::Pong => {}
-                // Only the latest ping needs its pong (RFC 6455 §5.5.3).
-                Event::Ping(payload) => pong = Some(frame::encode(frame::OP_PONG, payload)),
+                Event::Ping(payload) => pongs.push(frame::encode(frame::OP_PONG, payload)),
                 Event::Close { code, .. } => peer_close = Some(code),
                 Event::Data { kind, payload, fin } if policy.forward => {
                     let message = inbound.get_or_insert_with(|| {
@@ -418,7 +417,7 @@ impl Conn {
             }
             Ok(())
         });
-        if let Some(pong) = pong {
+        for pong in pongs {
             self.push_control(pong);
         }
         if let Some(code) = peer_close {
@@ -482,16 +481,18 @@ impl Conn {
     }
 
     /// Queues a control frame at the next frame boundary, after earlier
-    /// ones; a pong replaces an unsent pong. So at most a pong and a ping
-    /// wait here, however often a client that never reads pings.
+    /// ones. While the socket is full, a pong replaces an unsent pong (only
+    /// the latest ping needs its answer, RFC 6455 §5.5.3): so at most a pong
+    /// and a ping wait here, however often a client that never reads pings,
+    /// while one that reads gets every pong.
     fn push_control(&mut self, frame: Frame) {
         if !matches!(self.closing, Closing::Open | Closing::Draining(_)) {
             return;
         }
-        let is_pong = opcode(&frame) == frame::OP_PONG;
+        let replaces_pong = opcode(&frame) == frame::OP_PONG && !self.writable;
         let mut at = usize::from(self.offset > 0).min(self.pending.len());
         while let Some(unsent) = self.pending.get_mut(at).filter(|f| !is_data(f)) {
-            if is_pong && opcode(unsent) == frame::OP_PONG {
+            if replaces_pong && opcode(unsent) == frame::OP_PONG {
                 *unsent = frame;
                 return;
             }
@@ -835,7 +836,8 @@ mod tests {
         let (mut conn, _io, _peer) = conn();
         conn.pending
             .push_back(frame::encode(frame::OP_TEXT, b"data"));
-        conn.offset = 1; // a data frame half written
+        conn.offset = 1; // a data frame half written, its socket full
+        conn.writable = false;
         for i in 0..1000u32 {
             conn.push_control(frame::encode(frame::OP_PONG, &i.to_be_bytes()));
         }
