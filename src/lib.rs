@@ -86,6 +86,7 @@ mod manager;
 pub mod metrics;
 mod origin;
 mod queue;
+mod registry;
 mod seat;
 mod stats;
 mod supervise;

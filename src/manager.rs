@@ -21,8 +21,7 @@
 //! gracefully as it can and counts a fatal error.
 
 use std::{
-    cmp::Reverse,
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     io::Write,
     net::SocketAddr,
     panic::{self, AssertUnwindSafe},
@@ -41,9 +40,10 @@ use crate::{
     frame::{self, close_code},
     gateway::ShutdownHandle,
     history::Resume,
-    id::{ClientId, LobbyId},
+    id::{ClientId, LobbyId, RouteId},
     lobby::{self, Forwarded, LobbyEnv, LobbyHandle, LobbyMsg, Member},
     queue::ClientQueue,
+    registry::{Group, Orphan, Place, Registry, Rules},
     seat::Seat,
     stats::{Disconnect, LobbyInfo, Stats, bump},
     supervise::ThreadKind,
@@ -111,14 +111,23 @@ pub(crate) fn spawn(
     shutdown: ShutdownHandle,
 ) -> Result<JoinHandle<()>> {
     let compact_interval = (!config.compact_interval.is_zero()).then_some(config.compact_interval);
+    let mut registry = Registry::default();
+    registry.set_rules(
+        ROUTE,
+        Rules {
+            capacity: config.lobby_capacity,
+            compact_to: ((config.lobby_capacity as f64 * config.compact_fill).floor() as usize)
+                .max(1),
+            max_lobbies: (config.max_origin_connections > 0)
+                .then_some(config.max_origin_connections),
+        },
+    );
     let manager = Manager {
         inboxes,
         shutdown,
-        capacity: config.lobby_capacity,
-        compact_to: ((config.lobby_capacity as f64 * config.compact_fill).floor() as usize).max(1),
+        registry,
         compact_interval,
         next_compaction: compact_interval.map(|every| Instant::now() + every),
-        max_lobbies: (config.max_origin_connections > 0).then_some(config.max_origin_connections),
         queue_depth: config.queue_depth,
         count_drops: config.slow_client == SlowClient::Disconnect,
         linger: config.lobby_linger,
@@ -126,11 +135,10 @@ pub(crate) fn spawn(
         writers,
         stats: Arc::clone(&env.stats),
         env,
-        lobbies: BTreeMap::new(),
+        lobbies: HashMap::new(),
         ending: HashMap::new(),
         clients: HashMap::new(),
         next_client: 0,
-        next_lobby: 0,
     };
     // If the thread cannot start, the manager is dropped unstarted, and its
     // drop stops the writers it was given.
@@ -149,27 +157,16 @@ pub(crate) fn spawn(
         .map_err(Error::io("spawn the manager thread"))
 }
 
-#[derive(Debug)]
-struct LobbyEntry {
-    handle: LobbyHandle,
-    /// Clients placed here, moving ones counted where they are going.
-    members: usize,
-    /// Its thread has ended (a message to it failed): place nobody here;
-    /// its end, reported by its guard, re-homes its clients.
-    is_dead: bool,
-    empty_since: Option<Instant>,
-    /// When the lobby started, or last received migrated clients: it is not
-    /// drained again until a compaction interval has passed since.
-    settled_since: Instant,
-}
+/// The one route a gateway serves today.
+const ROUTE: RouteId = RouteId(0);
 
+/// What the manager keeps of a client besides its place (`registry.rs`):
+/// its queue, which outlives moves between lobbies, and its writer.
 #[derive(Debug)]
 struct ClientEntry {
-    lobby: LobbyId,
     queue: ClientQueue,
     writer: usize,
-    /// While moving: the old lobby, asked to release it; `lobby` is the new one.
-    moving_from: Option<LobbyId>,
+    group: Group,
 }
 
 #[derive(Debug)]
@@ -177,26 +174,24 @@ struct Manager {
     inboxes: Inboxes,
     /// Stops the acceptor, hence the gateway, on a fatal failure.
     shutdown: ShutdownHandle,
-    capacity: usize,
-    /// Members per lobby that compaction packs to (capacity × fill).
-    compact_to: usize,
+    /// Which client is where, and the placement and compaction rules.
+    registry: Registry,
     compact_interval: Option<Duration>,
     next_compaction: Option<Instant>,
-    max_lobbies: Option<usize>,
     queue_depth: usize,
     /// Queues count their drops (for the slow-client disconnect policy).
     count_drops: bool,
     linger: Duration,
     env: LobbyEnv,
     stats: Arc<Stats>,
-    lobbies: BTreeMap<LobbyId, LobbyEntry>,
+    /// The running lobbies' threads.
+    lobbies: HashMap<LobbyId, LobbyHandle>,
     /// Lobbies told to shut down, joined when they report their end.
     ending: HashMap<LobbyId, LobbyHandle>,
     clients: HashMap<ClientId, ClientEntry>,
     writers: Vec<WriterHandle>,
     writer_load: Vec<usize>,
     next_client: u64,
-    next_lobby: u32,
 }
 
 impl Manager {
@@ -206,7 +201,8 @@ impl Manager {
     fn run(&mut self) {
         loop {
             let deadline = self
-                .next_linger_end()
+                .registry
+                .next_linger_end(self.linger)
                 .into_iter()
                 .chain(self.next_compaction)
                 .min();
@@ -275,10 +271,23 @@ impl Manager {
         } = admission;
         let id = ClientId(self.next_client);
         self.next_client += 1;
+        let group = Group {
+            route: ROUTE,
+            key: None,
+        };
         let queue = ClientQueue::new(self.queue_depth, self.count_drops);
         let writer = self.least_loaded_writer();
-        let Some(lobby) = self.join_some_lobby(id, &queue, writer) else {
+        self.clients.insert(
+            id,
+            ClientEntry {
+                queue: queue.clone(),
+                writer,
+                group,
+            },
+        );
+        let Some(lobby) = self.place(id) else {
             // Its seat is given back as it drops here; tell the client why.
+            self.clients.remove(&id);
             bump(&self.stats.refused_full);
             self.stats.disconnected(Disconnect::NoRoom);
             debug!("{id} from {peer} refused: no lobby with room");
@@ -289,19 +298,10 @@ impl Manager {
         let attach = Attach {
             id,
             stream,
-            queue: queue.clone(),
+            queue,
             leftover,
             seat,
         };
-        self.clients.insert(
-            id,
-            ClientEntry {
-                lobby,
-                queue,
-                writer,
-                moving_from: None,
-            },
-        );
         self.writer_load[writer] += 1;
         bump(&self.stats.clients_accepted);
         debug!("{id} from {peer} placed in {lobby}");
@@ -312,220 +312,123 @@ impl Manager {
         }
     }
 
-    /// Puts a new client in the fullest lobby with room, starting one if
-    /// needed and allowed.
-    fn join_some_lobby(
-        &mut self,
-        id: ClientId,
-        queue: &ClientQueue,
-        writer: usize,
-    ) -> Option<LobbyId> {
+    /// Puts a known client in the fullest lobby of its group with room,
+    /// starting one if needed and allowed; the lobby it joined.
+    fn place(&mut self, id: ClientId) -> Option<LobbyId> {
+        let client = self.clients.get(&id)?;
         loop {
-            let lobby = match self.fullest_with_room() {
-                Some(lobby) => lobby,
-                None => self.start_lobby()?,
+            let lobby = match self.registry.place(&client.group, Instant::now()) {
+                Place::Join(lobby) => lobby,
+                Place::Start(lobby) => match lobby::spawn(lobby, &self.env) {
+                    Ok(handle) => {
+                        self.lobbies.insert(lobby, handle);
+                        lobby
+                    }
+                    Err(e) => {
+                        error!("{e}");
+                        self.registry.lobby_ended(lobby);
+                        return None;
+                    }
+                },
+                Place::Full => return None,
             };
             let member = Member {
                 id,
-                queue: queue.clone(),
-                writer,
+                queue: client.queue.clone(),
+                writer: client.writer,
             };
-            let entry = self.lobbies.get_mut(&lobby)?;
-            if entry.handle.send(LobbyMsg::Join(member)) {
-                entry.members += 1;
-                entry.empty_since = None;
+            if self
+                .lobbies
+                .get(&lobby)
+                .is_some_and(|l| l.send(LobbyMsg::Join(member)))
+            {
+                self.registry.join(id, lobby);
                 return Some(lobby);
             }
             // Its thread has ended. Its guard's report re-homes its clients
             // later; handling that here would place this client twice.
-            entry.is_dead = true;
+            self.registry.mark_dead(lobby);
         }
     }
 
-    /// The fullest live lobby with room (the oldest on ties).
-    fn fullest_with_room(&self) -> Option<LobbyId> {
-        self.lobbies
-            .iter()
-            .filter(|(_, l)| l.members < self.capacity && !l.is_dead)
-            .max_by_key(|(id, l)| (l.members, Reverse(**id)))
-            .map(|(id, _)| *id)
-    }
-
-    fn start_lobby(&mut self) -> Option<LobbyId> {
-        if self
-            .max_lobbies
-            .is_some_and(|max| self.lobbies.len() >= max)
-        {
-            return None;
-        }
-        let id = LobbyId(self.next_lobby);
-        self.next_lobby = self.next_lobby.wrapping_add(1);
-        match lobby::spawn(id, &self.env) {
-            Ok(handle) => {
-                self.lobbies.insert(
-                    id,
-                    LobbyEntry {
-                        handle,
-                        members: 0,
-                        is_dead: false,
-                        empty_since: None,
-                        settled_since: Instant::now(),
-                    },
-                );
-                Some(id)
-            }
-            Err(e) => {
-                error!("{e}");
-                None
-            }
-        }
-    }
-
-    /// If the clients fit in fewer lobbies at the compaction fill, moves the
-    /// members of the emptiest settled lobbies into the fullest ones with room.
+    /// If a group's clients fit in fewer lobbies at the compaction fill,
+    /// moves the members of its emptiest settled lobbies into its fullest.
     fn compact(&mut self, now: Instant) {
         let Some(interval) = self.compact_interval else {
             return;
         };
-        let total: usize = self.lobbies.values().map(|l| l.members).sum();
-        let needed = total.div_ceil(self.compact_to);
-        let mut occupied: Vec<(LobbyId, usize)> = self
-            .lobbies
-            .iter()
-            .filter(|(_, l)| l.members > 0)
-            .map(|(id, l)| (*id, l.members))
-            .collect();
-        if occupied.len() <= needed {
-            return;
-        }
-        occupied.sort_by_key(|&(id, members)| (Reverse(members), id));
-        let targets: Vec<LobbyId> = occupied[..needed].iter().map(|(id, _)| *id).collect();
-        let sources: Vec<LobbyId> = occupied[needed..]
-            .iter()
-            .rev()
-            .map(|(id, _)| *id)
-            .filter(|id| {
-                self.lobbies
-                    .get(id)
-                    .is_some_and(|l| now.duration_since(l.settled_since) >= interval)
-            })
-            .collect();
+        let moves = self.registry.plan_compaction(now, interval);
         let mut moved = 0;
-        'sources: for source in sources {
-            let movers: Vec<ClientId> = self
-                .clients
-                .iter()
-                .filter(|(_, c)| c.lobby == source && c.moving_from.is_none())
-                .map(|(id, _)| *id)
-                .collect();
-            for id in movers {
-                let target = targets
-                    .iter()
-                    .filter_map(|t| self.lobbies.get(t).map(|l| (*t, l.members)))
-                    .filter(|&(_, members)| members < self.compact_to)
-                    .max_by_key(|&(t, members)| (members, Reverse(t)))
-                    .map(|(t, _)| t);
-                let Some(target) = target else {
-                    break 'sources;
-                };
-                self.start_move(id, source, target, now);
+        for m in moves {
+            let released = self
+                .lobbies
+                .get(&m.from)
+                .is_some_and(|l| l.send(LobbyMsg::Release(m.client)));
+            if released {
+                self.registry.start_move(m, now);
                 moved += 1;
             }
         }
         if moved > 0 {
-            info!("compacting: moving {moved} clients into {needed} lobbies");
-        }
-    }
-
-    /// Asks `source` to release `id`, which will be adopted by `target`.
-    fn start_move(&mut self, id: ClientId, source: LobbyId, target: LobbyId, now: Instant) {
-        let (Some(client), Some(from)) = (self.clients.get_mut(&id), self.lobbies.get_mut(&source))
-        else {
-            return;
-        };
-        if !from.handle.send(LobbyMsg::Release(id)) {
-            return;
-        }
-        from.members -= 1;
-        if from.members == 0 {
-            from.empty_since = Some(now);
-        }
-        client.lobby = target;
-        client.moving_from = Some(source);
-        if let Some(to) = self.lobbies.get_mut(&target) {
-            to.members += 1;
-            to.empty_since = None;
-            to.settled_since = now;
+            info!("compacting: moving {moved} clients");
         }
     }
 
     /// The old lobby let `id` go: hand it to its new lobby with its position.
     fn released(&mut self, id: ClientId, resume: Resume) {
-        let Some(client) = self.clients.get_mut(&id) else {
-            return; // It left meanwhile.
+        let (Some(target), Some(client)) = (self.registry.released(id), self.clients.get(&id))
+        else {
+            return; // It left meanwhile, or its move was settled otherwise.
         };
-        if client.moving_from.take().is_none() {
-            return;
-        }
         let member = Member {
             id,
             queue: client.queue.clone(),
             writer: client.writer,
         };
-        let target = client.lobby;
         let adopted = self
             .lobbies
             .get(&target)
-            .is_some_and(|l| l.handle.send(LobbyMsg::Adopt { member, resume }));
+            .is_some_and(|l| l.send(LobbyMsg::Adopt { member, resume }));
         if adopted {
             bump(&self.stats.migrations);
             debug!("{id} moved to {target}");
             return;
         }
         // The new lobby is gone: place the client afresh.
-        if let Some(entry) = self.lobbies.get_mut(&target) {
-            entry.members -= 1;
-        }
+        self.registry.mark_dead(target);
+        self.registry.unplace(id, Instant::now());
         self.rehome(id);
     }
 
     /// Puts an existing client in some lobby (its own died or vanished).
     fn rehome(&mut self, id: ClientId) {
-        let Some(client) = self.clients.get(&id) else {
-            return;
-        };
-        let (queue, writer) = (client.queue.clone(), client.writer);
-        match self.join_some_lobby(id, &queue, writer) {
-            Some(lobby) => {
-                if let Some(client) = self.clients.get_mut(&id) {
-                    client.lobby = lobby;
-                    client.moving_from = None;
-                }
-            }
+        if self.place(id).is_none() {
             // The client stays connected with nothing to receive until it leaves.
-            None => error!("no lobby for {id}"),
+            error!("no lobby for {id}");
         }
     }
 
     fn lobby_infos(&self) -> Vec<LobbyInfo> {
         let now = self.stats.epoch.millis();
-        self.lobbies
-            .iter()
-            .map(|(id, l)| {
-                let counters = l.handle.counters();
+        self.registry
+            .occupancy()
+            .into_iter()
+            .filter_map(|o| {
+                let handle = self.lobbies.get(&o.id)?;
+                let counters = handle.counters();
                 let last = counters.last_message.load(Relaxed);
                 let since = counters.origin_since.load(Relaxed);
-                LobbyInfo {
-                    id: id.0,
-                    clients: l.members,
-                    origin: l.handle.origin_state(),
+                Some(LobbyInfo {
+                    id: o.id.0,
+                    clients: o.members,
+                    origin: handle.origin_state(),
                     origin_since: Duration::from_millis(now.saturating_sub(since)),
                     messages_in: counters.messages_in.load(Relaxed),
                     frames_out: counters.frames_out.load(Relaxed),
                     frames_dropped: counters.frames_dropped.load(Relaxed),
                     last_message_age: (last > 0)
                         .then(|| Duration::from_millis(now.saturating_sub(last - 1))),
-                }
+                })
             })
             .collect()
     }
@@ -539,11 +442,11 @@ impl Manager {
     /// Sends a client's message upstream through its lobby (the new one if
     /// moving), unless that lobby is backed up.
     fn forward(&mut self, message: ClientMessage) {
-        let sent = self.clients.get(&message.id).is_some_and(|client| {
-            self.lobbies
-                .get(&client.lobby)
-                .is_some_and(|l| l.handle.forward(message.message))
-        });
+        let sent = self
+            .registry
+            .lobby_of(message.id)
+            .and_then(|lobby| self.lobbies.get(&lobby))
+            .is_some_and(|l| l.forward(message.message));
         if !sent {
             bump(&self.stats.forward_dropped);
         }
@@ -554,41 +457,22 @@ impl Manager {
             return;
         };
         self.writer_load[client.writer] -= 1;
-        if let Some(lobby) = self.lobbies.get_mut(&client.lobby) {
+        if let Some(gone) = self.registry.leave(id, Instant::now()) {
             // A moving client is not in its new lobby yet; its old one lets it go.
-            if client.moving_from.is_none() {
-                lobby.handle.send(LobbyMsg::Leave(id));
-            }
-            lobby.members -= 1;
-            if lobby.members == 0 {
-                lobby.empty_since = Some(Instant::now());
+            if gone.tell_lobby {
+                if let Some(lobby) = self.lobbies.get(&gone.lobby) {
+                    lobby.send(LobbyMsg::Leave(id));
+                }
             }
         }
     }
 
-    fn next_linger_end(&self) -> Option<Instant> {
-        self.lobbies
-            .values()
-            .filter_map(|l| l.empty_since)
-            .min()
-            .map(|since| since + self.linger)
-    }
-
     fn end_lingering(&mut self, now: Instant) {
-        let expired: Vec<LobbyId> = self
-            .lobbies
-            .iter()
-            .filter(|(_, l)| {
-                l.empty_since
-                    .is_some_and(|since| since + self.linger <= now)
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        for id in expired {
-            if let Some(entry) = self.lobbies.remove(&id) {
+        for id in self.registry.take_lingering(now, self.linger) {
+            if let Some(handle) = self.lobbies.remove(&id) {
                 debug!("{id} stayed empty for {:?}; ending it", self.linger);
-                entry.handle.send(LobbyMsg::Shutdown);
-                self.ending.insert(id, entry.handle);
+                handle.send(LobbyMsg::Shutdown);
+                self.ending.insert(id, handle);
             }
         }
     }
@@ -598,30 +482,22 @@ impl Manager {
             handle.join();
             return;
         }
-        let Some(entry) = self.lobbies.remove(&id) else {
+        let Some(orphans) = self.registry.lobby_ended(id) else {
             return;
         };
         warn!(
             "{id} ended unexpectedly; moving its {} clients",
-            entry.members
+            orphans.len()
         );
-        entry.handle.join();
-        // Its clients, and those it was asked to release but never did.
-        let orphans: Vec<ClientId> = self
-            .clients
-            .iter()
-            .filter(|(_, c)| c.lobby == id || c.moving_from == Some(id))
-            .map(|(cid, _)| *cid)
-            .collect();
-        for cid in orphans {
-            if let Some(client) = self.clients.get(&cid) {
-                if client.lobby != id {
-                    // Moving out of the dead lobby: its new lobby takes it as is.
-                    self.released(cid, Resume::new());
-                    continue;
-                }
+        if let Some(handle) = self.lobbies.remove(&id) {
+            handle.join();
+        }
+        for orphan in orphans {
+            match orphan {
+                // Moving out of the dead lobby: its new lobby takes it as is.
+                Orphan::Adopt(cid, _) => self.released(cid, Resume::new()),
+                Orphan::Rehome(cid) => self.rehome(cid),
             }
-            self.rehome(cid);
         }
     }
 
@@ -638,9 +514,10 @@ impl Manager {
             self.lobbies.len(),
             self.writers.len()
         );
-        for (id, entry) in std::mem::take(&mut self.lobbies) {
-            entry.handle.send(LobbyMsg::Shutdown);
-            self.ending.insert(id, entry.handle);
+        self.registry.take_all();
+        for (id, handle) in std::mem::take(&mut self.lobbies) {
+            handle.send(LobbyMsg::Shutdown);
+            self.ending.insert(id, handle);
         }
         for writer in &self.writers {
             writer.send(WriterMsg::Shutdown);
