@@ -347,7 +347,7 @@ impl Conn {
         }
         if silent >= io.policy.ping_after && !self.is_pinged {
             self.is_pinged = true;
-            self.push_control(frame::encode(frame::OP_PING, b""));
+            self.push_controls([frame::encode(frame::OP_PING, b"")]);
             return Ok(true);
         }
         if let Some(max) = io.policy.max_drops {
@@ -417,9 +417,7 @@ impl Conn {
             }
             Ok(())
         });
-        for pong in pongs {
-            self.push_control(pong);
-        }
+        self.push_controls(pongs);
         if let Some(code) = peer_close {
             self.is_peer_done = true;
             let reply = match code {
@@ -480,25 +478,35 @@ impl Conn {
         Turn::More
     }
 
-    /// Queues a control frame at the next frame boundary, after earlier
-    /// ones. While the socket is full, a pong replaces an unsent pong (only
-    /// the latest ping needs its answer, RFC 6455 §5.5.3): so at most a pong
-    /// and a ping wait here, however often a client that never reads pings,
-    /// while one that reads gets every pong.
-    fn push_control(&mut self, frame: Frame) {
+    /// Queues control frames at the next frame boundary, after earlier
+    /// ones (one walk over those, however many are queued). While the socket
+    /// is full, a pong replaces an unsent pong (only the latest ping needs
+    /// its answer, RFC 6455 §5.5.3): so at most a pong and a ping wait here,
+    /// however often a client that never reads pings, while one that reads
+    /// gets every pong.
+    fn push_controls(&mut self, frames: impl IntoIterator<Item = Frame>) {
         if !matches!(self.closing, Closing::Open | Closing::Draining(_)) {
             return;
         }
-        let replaces_pong = opcode(&frame) == frame::OP_PONG && !self.writable;
         let mut at = usize::from(self.offset > 0).min(self.pending.len());
-        while let Some(unsent) = self.pending.get_mut(at).filter(|f| !is_data(f)) {
-            if replaces_pong && opcode(unsent) == frame::OP_PONG {
-                *unsent = frame;
-                return;
+        let mut unsent_pong = None;
+        while let Some(unsent) = self.pending.get(at).filter(|f| !is_data(f)) {
+            if opcode(unsent) == frame::OP_PONG {
+                unsent_pong = Some(at);
             }
             at += 1;
         }
-        self.pending.insert(at, frame);
+        for frame in frames {
+            if opcode(&frame) == frame::OP_PONG && !self.writable {
+                if let Some(pong) = unsent_pong.and_then(|i| self.pending.get_mut(i)) {
+                    *pong = frame;
+                    continue;
+                }
+                unsent_pong = Some(at);
+            }
+            self.pending.insert(at, frame);
+            at += 1;
+        }
     }
 
     /// Sends `close` after the frame being written, dropping what else is
@@ -839,9 +847,9 @@ mod tests {
         conn.offset = 1; // a data frame half written, its socket full
         conn.writable = false;
         for i in 0..1000u32 {
-            conn.push_control(frame::encode(frame::OP_PONG, &i.to_be_bytes()));
+            conn.push_controls([frame::encode(frame::OP_PONG, &i.to_be_bytes())]);
         }
-        conn.push_control(frame::encode(frame::OP_PING, b""));
+        conn.push_controls([frame::encode(frame::OP_PING, b"")]);
         let kinds: Vec<u8> = conn.pending.iter().map(opcode).collect();
         assert_eq!(kinds, [frame::OP_TEXT, frame::OP_PONG, frame::OP_PING]);
         assert_eq!(
@@ -849,6 +857,15 @@ mod tests {
             &999u32.to_be_bytes(),
             "the latest pong"
         );
+    }
+
+    #[test]
+    fn a_client_whose_socket_has_room_gets_every_pong_in_order() {
+        let (mut conn, _io, _peer) = conn();
+        let pongs = (0..3u8).map(|i| frame::encode(frame::OP_PONG, &[i]));
+        conn.push_controls(pongs);
+        let payloads: Vec<u8> = conn.pending.iter().map(|f| f[2]).collect();
+        assert_eq!(payloads, [0, 1, 2]);
     }
 
     #[test]
