@@ -37,9 +37,11 @@ use crate::{
     config::Config,
     error::{Error, Result},
     gateway::ShutdownHandle,
-    http::{self, HeadScan, Parsed, Route},
+    http::{self, Endpoint, HeadScan, Parsed, Route},
+    id::RouteId,
     manager::{Admission, ManagerMsg},
-    seat::{Seat, Seats},
+    registry::Group,
+    seat::{RouteLimits, Seat, Seats},
     stats::{Stats, bump, drop_one},
     supervise::EndGuard,
     sys,
@@ -76,6 +78,19 @@ impl AcceptorHandle {
 #[derive(Debug)]
 pub(crate) struct Prepared {
     acceptor: Acceptor,
+    /// Where its commands come from (see [`AcceptorMsg`]).
+    pub commands: Sender<AcceptorMsg>,
+}
+
+/// The acceptor's inbox (read whenever its waker wakes it).
+#[derive(Debug)]
+pub(crate) enum AcceptorMsg {
+    /// A reload: serve these routes, and admit by this configuration's
+    /// gateway-wide limits from now on.
+    Reload {
+        config: Box<Config>,
+        routes: Vec<(RouteId, Config)>,
+    },
 }
 
 /// Sets up the acceptor on an already bound listener; returns it with the
@@ -83,6 +98,7 @@ pub(crate) struct Prepared {
 pub(crate) fn prepare(
     mut listener: TcpListener,
     config: &Config,
+    routes: &[(RouteId, Config)],
     stats: Arc<Stats>,
 ) -> Result<(Prepared, ShutdownHandle)> {
     let poll = Poll::new().map_err(Error::io("create the acceptor poll"))?;
@@ -93,14 +109,20 @@ pub(crate) fn prepare(
         Waker::new(poll.registry(), WAKER).map_err(Error::io("create the acceptor waker"))?;
     let stop = Arc::new(AtomicBool::new(false));
     let shutdown = ShutdownHandle::new(Arc::clone(&stop), waker, Arc::clone(&stats));
+    let mut seats = Seats::new(config, Arc::clone(&stats));
+    for (id, route) in routes {
+        seats.set_route(*id, RouteLimits::new(route));
+    }
+    let (commands, inbox) = crossbeam_channel::unbounded();
     let acceptor = Acceptor {
         poll,
         listener,
         stop,
+        inbox,
         manager: None,
-        seats: Seats::new(config, Arc::clone(&stats)),
+        seats,
         stats,
-        path: config.path.clone(),
+        endpoints: routes.iter().map(|(id, r)| endpoint(*id, r)).collect(),
         allowed_origins: config.allowed_origins.clone(),
         max_request_bytes: config.max_request_bytes,
         handshake_timeout: config.handshake_timeout,
@@ -115,7 +137,7 @@ pub(crate) fn prepare(
         paused_until: None,
         accept_more: false,
     };
-    Ok((Prepared { acceptor }, shutdown))
+    Ok((Prepared { acceptor, commands }, shutdown))
 }
 
 /// Starts the prepared acceptor, which hands upgraded clients to `manager`.
@@ -133,13 +155,25 @@ pub(crate) fn spawn(prepared: Prepared, manager: Sender<ManagerMsg>) -> Result<A
     Ok(AcceptorHandle { thread })
 }
 
+/// The client-facing rules of a route's settings.
+fn endpoint(id: RouteId, route: &Config) -> Endpoint {
+    Endpoint {
+        route: id,
+        path: route.path.clone(),
+        subprotocols: route.subprotocols.clone(),
+        require_subprotocol: route.require_subprotocol,
+        query_params: route.pass_query.then(|| route.query_params.clone()),
+    }
+}
+
 /// The answer being written to a handshaking connection.
 #[derive(Debug)]
 struct Reply {
     bytes: Vec<u8>,
     written: usize,
-    /// For an upgrade, where the WebSocket bytes start in the request buffer.
-    upgrade_at: Option<usize>,
+    /// For an upgrade: where the WebSocket bytes start in the request
+    /// buffer, and the lobbies the client may join.
+    upgrade: Option<(usize, Group)>,
 }
 
 /// A connection in its upgrade.
@@ -158,7 +192,7 @@ struct Conn {
 /// What to do with a connection after it made progress.
 enum Step {
     Wait,
-    Admit(usize),
+    Admit(usize, Group),
     Close(&'static str),
 }
 
@@ -167,11 +201,13 @@ struct Acceptor {
     poll: Poll,
     listener: TcpListener,
     stop: Arc<AtomicBool>,
+    inbox: crossbeam_channel::Receiver<AcceptorMsg>,
     /// Where upgraded clients go; set when the thread starts.
     manager: Option<Sender<ManagerMsg>>,
     seats: Seats,
     stats: Arc<Stats>,
-    path: String,
+    /// The paths served, with their routes' client-facing rules.
+    endpoints: Vec<Endpoint>,
     allowed_origins: Vec<String>,
     max_request_bytes: usize,
     handshake_timeout: Duration,
@@ -216,7 +252,7 @@ impl Acceptor {
             for event in &events {
                 match event.token() {
                     LISTENER => self.accept_more = true,
-                    WAKER => {}
+                    WAKER => self.take_commands(),
                     Token(index) => self.advance(index),
                 }
             }
@@ -230,6 +266,23 @@ impl Acceptor {
             self.expire();
         }
         info!("listener closed");
+    }
+
+    fn take_commands(&mut self) {
+        while let Ok(AcceptorMsg::Reload { config, routes }) = self.inbox.try_recv() {
+            self.seats.set_limits(&config);
+            for (id, route) in &routes {
+                self.seats.set_route(*id, RouteLimits::new(route));
+            }
+            self.endpoints = routes.iter().map(|(id, r)| endpoint(*id, r)).collect();
+            self.allowed_origins.clone_from(&config.allowed_origins);
+            self.max_request_bytes = config.max_request_bytes;
+            self.handshake_timeout = config.handshake_timeout;
+            self.max_pending = pending_cap(config.max_pending_handshakes);
+            self.send_buffer = config.client_send_buffer;
+            self.unsent = config.client_unsent;
+            debug!("acceptor: now serving {} routes", self.endpoints.len());
+        }
     }
 
     fn timeout(&self) -> Option<Duration> {
@@ -354,7 +407,7 @@ impl Acceptor {
                     let _ = conn.stream.shutdown(std::net::Shutdown::Write);
                 }
             }
-            Step::Admit(at) => {
+            Step::Admit(at, group) => {
                 let Some(mut conn) = self.take(index) else {
                     return;
                 };
@@ -364,6 +417,7 @@ impl Acceptor {
                     peer: conn.peer,
                     leftover,
                     seat: conn.seat,
+                    group,
                 };
                 let sent = self
                     .manager
@@ -395,15 +449,26 @@ impl Acceptor {
                 continue;
             }
             let route = Route {
-                path: &self.path,
+                endpoints: &self.endpoints,
                 allowed_origins: &self.allowed_origins,
                 max_bytes: self.max_request_bytes,
             };
             let parsed = match http::parse_route(&conn.buf, &route) {
                 Parsed::Incomplete => continue,
-                Parsed::Upgrade { response, consumed } => {
-                    match self.seats.claim_client(&mut conn.seat) {
-                        Ok(()) => Parsed::Upgrade { response, consumed },
+                Parsed::Upgrade {
+                    response,
+                    consumed,
+                    route,
+                    key,
+                } => {
+                    let group = Group { route, key };
+                    match self.seats.claim_client(&mut conn.seat, &group) {
+                        Ok(()) => Parsed::Upgrade {
+                            response,
+                            consumed,
+                            route: group.route,
+                            key: group.key,
+                        },
                         Err(rejection) => Parsed::Reject(rejection),
                     }
                 }
@@ -415,10 +480,15 @@ impl Acceptor {
             };
             let reply = match parsed {
                 Parsed::Incomplete => continue,
-                Parsed::Upgrade { response, consumed } => Reply {
+                Parsed::Upgrade {
+                    response,
+                    consumed,
+                    route,
+                    key,
+                } => Reply {
                     bytes: response,
                     written: 0,
-                    upgrade_at: Some(consumed),
+                    upgrade: Some((consumed, Group { route, key })),
                 },
                 Parsed::Reject(rejection) => {
                     bump(&self.stats.handshakes_rejected);
@@ -429,7 +499,7 @@ impl Acceptor {
                     Reply {
                         bytes: rejection.response(),
                         written: 0,
-                        upgrade_at: None,
+                        upgrade: None,
                     }
                 }
             };
@@ -497,8 +567,8 @@ fn write_reply(conn: &mut Conn) -> Step {
             Err(_) => return Step::Close("write error"),
         }
     }
-    match reply.upgrade_at {
-        Some(at) => Step::Admit(at),
+    match reply.upgrade.take() {
+        Some((at, group)) => Step::Admit(at, group),
         None => Step::Close("refused"),
     }
 }

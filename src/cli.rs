@@ -1,154 +1,184 @@
-//! Command-line flags, and their mapping onto a [`wsgate::Config`].
+//! Command-line flags, and how they override a [`wsgate::Config`].
 //!
-//! Only parsing and mapping live here; `main.rs` runs the gateway.
+//! Each flag is named after the setting it overrides (`--queue-depth` sets
+//! `queue_depth`); older spellings stay as hidden aliases. No flag has a
+//! default of its own: settings start from [`Config::default`], then the
+//! config file (`--config`), then the flags given. Only parsing and merging
+//! live here; `main.rs` runs the gateway.
 
 use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use argh::FromArgs;
 use log::LevelFilter;
-use wsgate::{ClientMessages, Config, Error, OriginLoss, SlowClient};
+use wsgate::{ClientMessages, Config, Error, OriginLoss, RouteConfig, SlowClient};
 
 /// wsgate: one origin WebSocket feed, fanned out to many clients.
-#[derive(FromArgs, Debug)]
+///
+/// Settings come from their defaults (see --print-config), then --config
+/// FILE, then these flags.
+#[derive(FromArgs, Debug, Default, Clone)]
 pub struct Cli {
-    /// address clients connect to (default 127.0.0.1:8080)
-    #[argh(option, default = "SocketAddr::from(([127, 0, 0, 1], 8080))")]
-    pub listen: SocketAddr,
+    /// TOML config file (the README has an annotated example); flags override it
+    #[argh(option)]
+    pub config: Option<PathBuf>,
 
-    /// upstream WebSocket URL, ws:// or wss:// (required unless --demo)
+    /// print the settings these flags and the file make, as TOML, and exit
+    #[argh(switch)]
+    pub print_config: bool,
+
+    /// run an embedded demo origin and point the gateway at it
+    #[argh(switch)]
+    pub demo: bool,
+
+    /// log level: off, error, warn, info, debug or trace (info unless set)
+    #[argh(option)]
+    pub log_level: Option<LevelFilter>,
+
+    /// address clients connect to
+    #[argh(option)]
+    pub listen: Option<SocketAddr>,
+
+    /// upstream URL of the route at --path: the short form of --route PATH=URL
     #[argh(option)]
     pub origin: Option<String>,
 
-    /// clients per lobby, hence per origin connection (default 512)
-    #[argh(option, default = "512")]
-    pub lobby_capacity: usize,
+    /// request path of the --origin route
+    #[argh(option)]
+    pub path: Option<String>,
 
-    /// frames queued per client before the oldest is dropped (default 16)
-    #[argh(option, default = "16")]
-    pub queue: usize,
+    /// a route: clients at PATH are fanned out from URL (repeatable)
+    #[argh(option)]
+    pub route: Vec<RouteFlag>,
 
-    /// writer threads serving client sockets (default 2)
-    #[argh(option, default = "2")]
-    pub writers: usize,
+    /// clients per lobby, hence per origin connection
+    #[argh(option)]
+    pub lobby_capacity: Option<usize>,
 
-    /// milliseconds a client's frames may wait to be written together (default 0)
-    #[argh(option, default = "0")]
-    pub write_batch_ms: u64,
+    /// frames queued per client before the oldest is dropped
+    #[argh(option)]
+    pub queue_depth: Option<usize>,
 
-    /// most clients connected at once, beyond which 503; 0 = no limit (default 0)
-    #[argh(option, default = "0")]
-    pub max_clients: usize,
+    /// writer threads serving client sockets
+    #[argh(option)]
+    pub writers: Option<usize>,
+
+    /// how long a client's frames may wait to be written together, e.g. 2ms
+    #[argh(option)]
+    pub write_batch: Option<Span>,
+
+    /// most clients connected at once, beyond which 503; 0 = no limit
+    #[argh(option)]
+    pub max_clients: Option<usize>,
 
     /// most connections from one address (pending handshakes included),
-    /// beyond which 429; 0 = no limit (default 0)
-    #[argh(option, default = "0")]
-    pub max_clients_per_ip: usize,
-
-    /// leading bits of an IPv6 address counted as one address by
-    /// --max-clients-per-ip (default 64)
-    #[argh(option, default = "64")]
-    pub ipv6_prefix: u8,
-
-    /// most connections in their upgrade at once; beyond, the oldest is
-    /// closed (default 1024)
-    #[argh(option, default = "1024")]
-    pub max_pending_handshakes: usize,
-
-    /// browser origin allowed to connect, e.g. https://app.example (repeatable; default: any)
+    /// beyond which 429; 0 = no limit
     #[argh(option)]
-    pub allow_origin: Vec<String>,
+    pub max_clients_per_ip: Option<usize>,
 
-    /// with --client-messages forward and no --allow-origin: let every
+    /// leading bits of an IPv6 address counted as one address
+    #[argh(option)]
+    pub ipv6_prefix: Option<u8>,
+
+    /// most connections in their upgrade at once; beyond, the oldest is closed
+    #[argh(option)]
+    pub max_pending_handshakes: Option<usize>,
+
+    /// browser origin allowed to connect, e.g. https://app.example (repeatable)
+    #[argh(option)]
+    pub allowed_origin: Vec<String>,
+
+    /// with --client-messages forward and no --allowed-origin: let every
     /// browser origin send messages upstream
     #[argh(switch)]
     pub allow_any_origin: bool,
 
-    /// time a client has to complete its upgrade (default 10s)
-    #[argh(option, default = "Span::secs(10)")]
-    pub handshake_timeout: Span,
+    /// time a client has to complete its upgrade
+    #[argh(option)]
+    pub handshake_timeout: Option<Span>,
 
-    /// largest client message in bytes, beyond which close 1009 (default 65536)
-    #[argh(option, default = "64 * 1024")]
-    pub max_client_message: usize,
+    /// largest upgrade request in bytes, beyond which 431
+    #[argh(option)]
+    pub max_request_bytes: Option<usize>,
 
-    /// kernel send buffer per client in bytes (an expert knob; see
-    /// --client-unsent first); 0 = kernel autotuning (default 0)
-    #[argh(option, default = "0")]
-    pub client_send_buffer: usize,
+    /// largest client message in bytes, beyond which close 1009
+    #[argh(option)]
+    pub max_client_message: Option<usize>,
 
-    /// most bytes a client socket holds unsent (TCP_NOTSENT_LOWAT), so a
-    /// stalled client costs its queue plus this; 0 = kernel default (default 16384)
-    #[argh(option, default = "16 * 1024")]
-    pub client_unsent: usize,
+    /// kernel send buffer per client in bytes (expert); 0 = autotuning
+    #[argh(option)]
+    pub client_send_buffer: Option<usize>,
 
-    /// most frames a client may send per second (and in a burst), beyond
-    /// which close 1008; 0 = off (default 100)
-    #[argh(option, default = "100")]
-    pub max_client_rate: u32,
+    /// most bytes a client socket holds unsent (TCP_NOTSENT_LOWAT); 0 = kernel default
+    #[argh(option)]
+    pub client_unsent: Option<usize>,
 
-    /// ping clients silent this long, close them after as long again (default 30s)
-    #[argh(option, default = "Span::secs(30)")]
-    pub client_ping: Span,
+    /// most frames a client may send per second (and in a burst); 0 = off
+    #[argh(option)]
+    pub max_client_rate: Option<u32>,
 
-    /// slow clients: drop their oldest frames, or disconnect them with 1013 (default drop)
-    #[argh(option, default = "SlowClient::Drop")]
-    pub slow_client: SlowClient,
+    /// ping clients silent this long, close them after as long again
+    #[argh(option)]
+    pub client_ping: Option<Span>,
 
-    /// with --slow-client disconnect, frames a client may lose per minute (default 256)
-    #[argh(option, default = "256")]
-    pub slow_client_drops: u64,
+    /// slow clients: drop their oldest frames, or disconnect them with 1013
+    #[argh(option)]
+    pub slow_client: Option<SlowClient>,
 
-    /// client text/binary messages: drop them, or forward them to the origin (default drop)
-    #[argh(option, default = "ClientMessages::Drop")]
-    pub client_messages: ClientMessages,
+    /// with --slow-client disconnect, frames a client may lose per minute
+    #[argh(option)]
+    pub slow_client_drops: Option<u64>,
 
-    /// on shutdown, time clients get to receive what is queued and the close (default 5s)
-    #[argh(option, default = "Span::secs(5)")]
-    pub drain_timeout: Span,
+    /// client text/binary messages: drop them, or forward them to the origin
+    #[argh(option)]
+    pub client_messages: Option<ClientMessages>,
 
-    /// most lobbies, hence origin connections; 0 = no limit (default 0)
-    #[argh(option, default = "0")]
-    pub max_origin_connections: usize,
+    /// on shutdown, time clients get to receive what is queued and the close
+    #[argh(option)]
+    pub drain_timeout: Option<Span>,
 
-    /// how often lobbies are compacted; 0 turns it off (default 10s)
-    #[argh(option, default = "Span::secs(10)")]
-    pub compact_interval: Span,
+    /// most lobbies, hence origin connections, per route; 0 = no limit
+    #[argh(option)]
+    pub max_origin_connections: Option<usize>,
 
-    /// fill, as a fraction of capacity, compaction packs lobbies to (default 0.9)
-    #[argh(option, default = "0.9")]
-    pub compact_fill: f64,
+    /// how often lobbies are compacted; 0 turns it off
+    #[argh(option)]
+    pub compact_interval: Option<Span>,
 
-    /// recent frames a new client receives before the live stream (default 0)
-    #[argh(option, default = "0")]
-    pub replay: usize,
+    /// fill, as a fraction of capacity, compaction packs lobbies to
+    #[argh(option)]
+    pub compact_fill: Option<f64>,
 
-    /// how long an empty lobby lingers before its thread ends (default 5s)
-    #[argh(option, default = "Span::secs(5)")]
-    pub lobby_linger: Span,
+    /// recent frames a new client receives before the live stream
+    #[argh(option)]
+    pub replay: Option<usize>,
 
-    /// first reconnect delay after an origin failure (default 100ms)
-    #[argh(option, default = "Span::millis(100)")]
-    pub origin_backoff_min: Span,
+    /// how long an empty lobby lingers before its thread ends
+    #[argh(option)]
+    pub lobby_linger: Option<Span>,
 
-    /// longest reconnect delay (default 30s)
-    #[argh(option, default = "Span::secs(30)")]
-    pub origin_backoff_max: Span,
+    /// first reconnect delay after an origin failure
+    #[argh(option)]
+    pub origin_backoff_min: Option<Span>,
 
-    /// bound on origin TCP connect + TLS + upgrade (default 10s)
-    #[argh(option, default = "Span::secs(10)")]
-    pub origin_connect_timeout: Span,
+    /// longest reconnect delay
+    #[argh(option)]
+    pub origin_backoff_max: Option<Span>,
 
-    /// interval between pings to the origin (default 15s)
-    #[argh(option, default = "Span::secs(15)")]
-    pub origin_ping: Span,
+    /// bound on origin name lookup, TCP connect, TLS and upgrade
+    #[argh(option)]
+    pub origin_connect_timeout: Option<Span>,
 
-    /// origin declared dead after this long with nothing received (default 45s)
-    #[argh(option, default = "Span::secs(45)")]
-    pub origin_timeout: Span,
+    /// interval between pings to the origin
+    #[argh(option)]
+    pub origin_ping: Option<Span>,
 
-    /// on origin loss: keep clients connected, or close them with 1012 (default keep)
-    #[argh(option, default = "OriginLoss::Keep")]
-    pub on_origin_loss: OriginLoss,
+    /// origin declared dead after this long with nothing received
+    #[argh(option)]
+    pub origin_timeout: Option<Span>,
+
+    /// on origin loss: keep clients connected, or close them with 1012
+    #[argh(option)]
+    pub on_origin_loss: Option<OriginLoss>,
 
     /// header sent on every origin handshake, 'Name: value' (repeatable)
     #[argh(option)]
@@ -166,99 +196,159 @@ pub struct Cli {
     #[argh(option)]
     pub origin_ca: Option<PathBuf>,
 
-    /// largest origin message in bytes; larger drops the connection (default 16777216)
-    #[argh(option, default = "16 << 20")]
-    pub max_message: usize,
+    /// largest origin message in bytes; larger drops the connection
+    #[argh(option)]
+    pub max_origin_message: Option<usize>,
 
-    /// admin HTTP server address: /metrics, /livez, /readyz, /lobbies and a
-    /// dashboard at / (default: none)
+    /// subprotocol clients may ask for; the first offered that is listed is
+    /// chosen (repeatable)
+    #[argh(option)]
+    pub subprotocol: Vec<String>,
+
+    /// refuse (400) clients that offer none of the --subprotocol names
+    #[argh(switch)]
+    pub require_subprotocol: bool,
+
+    /// key lobbies by the client's query string (see --query-param)
+    #[argh(switch)]
+    pub pass_query: bool,
+
+    /// with --pass-query, a query parameter that keys lobbies (repeatable)
+    #[argh(option)]
+    pub query_param: Vec<String>,
+
+    /// with --pass-query, most distinct keys at once, beyond which 503; 0 = no limit
+    #[argh(option)]
+    pub max_keys: Option<usize>,
+
+    /// admin HTTP server address: /metrics, /livez, /readyz, /lobbies, dashboard
     #[argh(option)]
     pub admin: Option<SocketAddr>,
 
-    /// log level: off, error, warn, info, debug or trace (default info)
-    #[argh(option, default = "LevelFilter::Info")]
-    pub log_level: LevelFilter,
+    /// old spelling of --queue-depth
+    #[argh(option, hidden_help)]
+    pub queue: Option<usize>,
 
-    /// run an embedded demo origin and point the gateway at it
-    #[argh(switch)]
-    pub demo: bool,
+    /// old spelling of --max-origin-message
+    #[argh(option, hidden_help)]
+    pub max_message: Option<usize>,
+
+    /// old spelling of --write-batch, in milliseconds
+    #[argh(option, hidden_help)]
+    pub write_batch_ms: Option<u64>,
+
+    /// old spelling of --allowed-origin
+    #[argh(option, hidden_help)]
+    pub allow_origin: Vec<String>,
 }
 
 impl Cli {
-    /// The gateway configuration these flags describe. The origin is left
-    /// empty for `--demo`, which fills it once the demo origin is up.
-    pub fn config(&self) -> Result<Config, Error> {
-        let origin = match (&self.origin, self.demo) {
-            (Some(_), true) => {
-                return Err(Error::Config(
-                    "use either --origin or --demo, not both".into(),
-                ));
-            }
-            (None, false) => {
-                return Err(Error::Config(
-                    "--origin URL is required (or try --demo)".into(),
-                ));
-            }
-            (Some(origin), false) => origin.clone(),
-            (None, true) => String::new(),
-        };
-        let mut config = Config::default();
-        config.listen = self.listen;
-        config.origin = origin;
-        config.lobby_capacity = self.lobby_capacity;
-        config.queue_depth = self.queue;
-        config.writers = self.writers;
-        config.write_batch = Duration::from_millis(self.write_batch_ms);
-        config.lobby_linger = self.lobby_linger.0;
-        config.max_clients = self.max_clients;
-        config.max_clients_per_ip = self.max_clients_per_ip;
-        config.ipv6_prefix = self.ipv6_prefix;
-        config.max_pending_handshakes = self.max_pending_handshakes;
-        config.allowed_origins = self.allow_origin.clone();
-        config.allow_any_origin = self.allow_any_origin;
-        config.handshake_timeout = self.handshake_timeout.0;
-        config.max_client_message = self.max_client_message;
-        config.client_send_buffer = self.client_send_buffer;
-        config.client_unsent = self.client_unsent;
-        config.max_client_rate = self.max_client_rate;
-        config.client_ping = self.client_ping.0;
-        config.slow_client = self.slow_client;
-        config.slow_client_drops = self.slow_client_drops;
-        config.client_messages = self.client_messages;
-        config.drain_timeout = self.drain_timeout.0;
-        config.admin = self.admin;
-        config.max_origin_connections = self.max_origin_connections;
-        config.compact_interval = self.compact_interval.0;
-        config.compact_fill = self.compact_fill;
-        config.replay = self.replay;
-        config.origin_backoff_min = self.origin_backoff_min.0;
-        config.origin_backoff_max = self.origin_backoff_max.0;
-        config.origin_connect_timeout = self.origin_connect_timeout.0;
-        config.origin_ping = self.origin_ping.0;
-        config.origin_timeout = self.origin_timeout.0;
-        config.on_origin_loss = self.on_origin_loss;
-        config.origin_headers = self
-            .origin_header
-            .iter()
-            .map(|h| parse_header(h))
-            .collect::<Result<_, _>>()?;
-        config.origin_init = self.origin_init.clone();
-        config.origin_subprotocols = self.origin_subprotocol.clone();
-        config.origin_ca = self.origin_ca.clone();
-        config.max_origin_message = self.max_message;
-        Ok(config)
-    }
-}
-
-/// Splits `Name: value`.
-fn parse_header(header: &str) -> Result<(String, String), Error> {
-    match header.split_once(':') {
-        Some((name, value)) if !name.trim().is_empty() => {
-            Ok((name.trim().to_owned(), value.trim().to_owned()))
+    /// The settings: `file` (a config file's, or the defaults) with every
+    /// flag given applied on top. The origin is left empty for `--demo`,
+    /// which fills it once the demo origin is up.
+    pub fn apply(&self, mut config: Config) -> Result<Config, Error> {
+        if self.demo && (self.origin.is_some() || !self.route.is_empty()) {
+            return Err(Error::Config(
+                "use either --origin/--route or --demo, not both".into(),
+            ));
         }
-        _ => Err(Error::Config(format!(
-            "--origin-header {header:?} is not of the form 'Name: value'"
-        ))),
+        macro_rules! set {
+            ($($field:ident),* $(,)?) => {
+                $(if let Some(value) = &self.$field {
+                    config.$field = value.clone().into();
+                })*
+            };
+        }
+        set!(
+            listen,
+            origin,
+            path,
+            lobby_capacity,
+            queue_depth,
+            writers,
+            write_batch,
+            max_clients,
+            max_clients_per_ip,
+            ipv6_prefix,
+            max_pending_handshakes,
+            handshake_timeout,
+            max_request_bytes,
+            max_client_message,
+            client_send_buffer,
+            client_unsent,
+            max_client_rate,
+            client_ping,
+            slow_client,
+            slow_client_drops,
+            client_messages,
+            drain_timeout,
+            max_origin_connections,
+            compact_interval,
+            compact_fill,
+            replay,
+            lobby_linger,
+            origin_backoff_min,
+            origin_backoff_max,
+            origin_connect_timeout,
+            origin_ping,
+            origin_timeout,
+            on_origin_loss,
+            max_origin_message,
+            max_keys,
+        );
+        if let Some(path) = &self.origin_ca {
+            config.origin_ca = Some(path.clone());
+        }
+        if let Some(admin) = self.admin {
+            config.admin = Some(admin);
+        }
+        // Hidden aliases: the old spellings.
+        if let Some(depth) = self.queue {
+            config.queue_depth = depth;
+        }
+        if let Some(bytes) = self.max_message {
+            config.max_origin_message = bytes;
+        }
+        if let Some(ms) = self.write_batch_ms {
+            config.write_batch = Duration::from_millis(ms);
+        }
+        // Repeatable flags replace the file's list when given; switches turn on.
+        macro_rules! set_list {
+            ($($flag:ident => $field:ident),* $(,)?) => {
+                $(if !self.$flag.is_empty() {
+                    config.$field = self.$flag.clone();
+                })*
+            };
+        }
+        set_list!(
+            allowed_origin => allowed_origins,
+            allow_origin => allowed_origins,
+            origin_init => origin_init,
+            origin_subprotocol => origin_subprotocols,
+            subprotocol => subprotocols,
+            query_param => query_params,
+        );
+        if !self.origin_header.is_empty() {
+            config.origin_headers = self
+                .origin_header
+                .iter()
+                .map(|h| {
+                    wsgate::parse_header(h)
+                        .map_err(|e| Error::Config(format!("origin_headers: {e}")))
+                })
+                .collect::<Result<_, _>>()?;
+        }
+        config.allow_any_origin |= self.allow_any_origin;
+        config.require_subprotocol |= self.require_subprotocol;
+        config.pass_query |= self.pass_query;
+        if !self.route.is_empty() {
+            config.routes = self.route.iter().map(|r| r.0.clone()).collect();
+        }
+        if self.demo {
+            config.origin = String::new();
+            config.routes.clear();
+        }
+        Ok(config)
     }
 }
 
@@ -266,34 +356,33 @@ fn parse_header(header: &str) -> Result<(String, String), Error> {
 #[derive(Debug, Clone, Copy)]
 pub struct Span(pub Duration);
 
-impl Span {
-    const fn secs(s: u64) -> Span {
-        Span(Duration::from_secs(s))
-    }
-
-    const fn millis(ms: u64) -> Span {
-        Span(Duration::from_millis(ms))
-    }
-}
-
 impl FromStr for Span {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Span, String> {
-        let (number, scale) = if let Some(n) = s.strip_suffix("ms") {
-            (n, 0.001)
-        } else if let Some(n) = s.strip_suffix('s') {
-            (n, 1.0)
-        } else if let Some(n) = s.strip_suffix('m') {
-            (n, 60.0)
-        } else {
-            (s, 1.0)
-        };
-        match number.parse::<f64>() {
-            Ok(n) if n.is_finite() && n >= 0.0 && n * scale < 1e9 => {
-                Ok(Span(Duration::from_secs_f64(n * scale)))
+        wsgate::parse_duration(s).map(Span)
+    }
+}
+
+impl From<Span> for Duration {
+    fn from(span: Span) -> Duration {
+        span.0
+    }
+}
+
+/// A `--route PATH=URL` flag.
+#[derive(Debug, Clone)]
+pub struct RouteFlag(RouteConfig);
+
+impl FromStr for RouteFlag {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<RouteFlag, String> {
+        match s.split_once('=') {
+            Some((path, url)) if path.starts_with('/') && !url.is_empty() => {
+                Ok(RouteFlag(RouteConfig::new(path, url)))
             }
-            _ => Err(format!("{s:?} is not a duration like 250ms, 10s or 2m")),
+            _ => Err(format!("{s:?} is not of the form PATH=URL")),
         }
     }
 }
@@ -301,6 +390,10 @@ impl FromStr for Span {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cli(args: &[&str]) -> Result<Cli, String> {
+        Cli::from_args(&["wsgate"], args).map_err(|e| e.output)
+    }
 
     #[test]
     fn spans_parse_with_and_without_units() {
@@ -317,10 +410,270 @@ mod tests {
     #[test]
     fn headers_split_on_the_first_colon() {
         assert_eq!(
-            parse_header("Authorization: Bearer a:b").unwrap(),
+            wsgate::parse_header("Authorization: Bearer a:b").unwrap(),
             ("Authorization".into(), "Bearer a:b".into())
         );
-        assert!(parse_header("no colon").is_err());
-        assert!(parse_header(": value").is_err());
+        assert!(wsgate::parse_header("no colon").is_err());
+        assert!(wsgate::parse_header(": value").is_err());
+    }
+
+    #[test]
+    fn old_spellings_are_hidden_aliases() {
+        let c = cli(&[
+            "--queue",
+            "8",
+            "--max-message",
+            "1000",
+            "--write-batch-ms",
+            "3",
+        ])
+        .unwrap()
+        .apply(Config::default())
+        .unwrap();
+        assert_eq!(c.queue_depth, 8);
+        assert_eq!(c.max_origin_message, 1000);
+        assert_eq!(c.write_batch, Duration::from_millis(3));
+        let help = cli(&["--help"]).unwrap_err();
+        assert!(!help.contains("--write-batch-ms"), "{help}");
+        assert!(help.contains("--queue-depth"), "{help}");
+    }
+
+    /// Every setting: its config file key, the flags that set it, and the
+    /// same value in the file's form.
+    const SETTINGS: &[(&str, &[&str], &str)] = &[
+        (
+            "listen",
+            &["--listen", "127.0.0.2:9"],
+            r#"listen = "127.0.0.2:9""#,
+        ),
+        (
+            "origin",
+            &["--origin", "ws://h/x"],
+            r#"origin = "ws://h/x""#,
+        ),
+        ("path", &["--path", "/x"], r#"path = "/x""#),
+        (
+            "route",
+            &["--route", "/a=ws://h/a", "--route", "/b=ws://h/b"],
+            "[[route]]\npath = \"/a\"\norigin = \"ws://h/a\"\n\
+             [[route]]\npath = \"/b\"\norigin = \"ws://h/b\"",
+        ),
+        (
+            "lobby_capacity",
+            &["--lobby-capacity", "7"],
+            "lobby_capacity = 7",
+        ),
+        ("queue_depth", &["--queue-depth", "7"], "queue_depth = 7"),
+        ("writers", &["--writers", "7"], "writers = 7"),
+        (
+            "write_batch",
+            &["--write-batch", "2ms"],
+            r#"write_batch = "2ms""#,
+        ),
+        ("max_clients", &["--max-clients", "7"], "max_clients = 7"),
+        (
+            "max_clients_per_ip",
+            &["--max-clients-per-ip", "7"],
+            "max_clients_per_ip = 7",
+        ),
+        ("ipv6_prefix", &["--ipv6-prefix", "48"], "ipv6_prefix = 48"),
+        (
+            "max_pending_handshakes",
+            &["--max-pending-handshakes", "7"],
+            "max_pending_handshakes = 7",
+        ),
+        (
+            "allowed_origins",
+            &["--allowed-origin", "https://a.example"],
+            r#"allowed_origins = ["https://a.example"]"#,
+        ),
+        (
+            "allow_any_origin",
+            &["--allow-any-origin"],
+            "allow_any_origin = true",
+        ),
+        (
+            "handshake_timeout",
+            &["--handshake-timeout", "3s"],
+            r#"handshake_timeout = "3s""#,
+        ),
+        (
+            "max_request_bytes",
+            &["--max-request-bytes", "700"],
+            "max_request_bytes = 700",
+        ),
+        (
+            "max_client_message",
+            &["--max-client-message", "7"],
+            "max_client_message = 7",
+        ),
+        (
+            "client_send_buffer",
+            &["--client-send-buffer", "8192"],
+            "client_send_buffer = 8192",
+        ),
+        (
+            "client_unsent",
+            &["--client-unsent", "4096"],
+            "client_unsent = 4096",
+        ),
+        (
+            "max_client_rate",
+            &["--max-client-rate", "7"],
+            "max_client_rate = 7",
+        ),
+        (
+            "client_ping",
+            &["--client-ping", "7s"],
+            r#"client_ping = "7s""#,
+        ),
+        (
+            "slow_client",
+            &["--slow-client", "disconnect"],
+            r#"slow_client = "disconnect""#,
+        ),
+        (
+            "slow_client_drops",
+            &["--slow-client-drops", "7"],
+            "slow_client_drops = 7",
+        ),
+        (
+            "client_messages",
+            &["--client-messages", "forward"],
+            r#"client_messages = "forward""#,
+        ),
+        (
+            "drain_timeout",
+            &["--drain-timeout", "250ms"],
+            r#"drain_timeout = "250ms""#,
+        ),
+        (
+            "max_origin_connections",
+            &["--max-origin-connections", "7"],
+            "max_origin_connections = 7",
+        ),
+        (
+            "compact_interval",
+            &["--compact-interval", "1m"],
+            r#"compact_interval = "1m""#,
+        ),
+        (
+            "compact_fill",
+            &["--compact-fill", "0.5"],
+            "compact_fill = 0.5",
+        ),
+        ("replay", &["--replay", "7"], "replay = 7"),
+        (
+            "lobby_linger",
+            &["--lobby-linger", "7s"],
+            r#"lobby_linger = "7s""#,
+        ),
+        (
+            "origin_backoff_min",
+            &["--origin-backoff-min", "1s"],
+            r#"origin_backoff_min = "1s""#,
+        ),
+        (
+            "origin_backoff_max",
+            &["--origin-backoff-max", "1m"],
+            r#"origin_backoff_max = "1m""#,
+        ),
+        (
+            "origin_connect_timeout",
+            &["--origin-connect-timeout", "7s"],
+            r#"origin_connect_timeout = "7s""#,
+        ),
+        (
+            "origin_ping",
+            &["--origin-ping", "7s"],
+            r#"origin_ping = "7s""#,
+        ),
+        (
+            "origin_timeout",
+            &["--origin-timeout", "70s"],
+            r#"origin_timeout = "70s""#,
+        ),
+        (
+            "on_origin_loss",
+            &["--on-origin-loss", "close"],
+            r#"on_origin_loss = "close""#,
+        ),
+        (
+            "origin_headers",
+            &["--origin-header", "X-Key: v"],
+            r#"origin_headers = ["X-Key: v"]"#,
+        ),
+        (
+            "origin_init",
+            &["--origin-init", "sub"],
+            r#"origin_init = ["sub"]"#,
+        ),
+        (
+            "origin_subprotocols",
+            &["--origin-subprotocol", "p1"],
+            r#"origin_subprotocols = ["p1"]"#,
+        ),
+        (
+            "origin_ca",
+            &["--origin-ca", "/ca.pem"],
+            r#"origin_ca = "/ca.pem""#,
+        ),
+        (
+            "max_origin_message",
+            &["--max-origin-message", "7"],
+            "max_origin_message = 7",
+        ),
+        (
+            "admin",
+            &["--admin", "127.0.0.1:9"],
+            r#"admin = "127.0.0.1:9""#,
+        ),
+        (
+            "subprotocols",
+            &["--subprotocol", "s1"],
+            r#"subprotocols = ["s1"]"#,
+        ),
+        (
+            "require_subprotocol",
+            &["--require-subprotocol"],
+            "require_subprotocol = true",
+        ),
+        ("pass_query", &["--pass-query"], "pass_query = true"),
+        (
+            "query_params",
+            &["--query-param", "symbol"],
+            r#"query_params = ["symbol"]"#,
+        ),
+        ("max_keys", &["--max-keys", "7"], "max_keys = 7"),
+    ];
+
+    #[test]
+    fn every_setting_has_a_flag_and_a_file_key_that_agree() {
+        for (key, args, text) in SETTINGS {
+            let from_flags = cli(args).unwrap().apply(Config::default()).unwrap();
+            let from_file = Config::from_toml(text).unwrap();
+            assert_eq!(from_flags, from_file, "{key}");
+            assert_ne!(from_flags, Config::default(), "{key} changes something");
+        }
+        // No setting is missing from the table (so none lacks a flag): every
+        // key the file form has, Option ones included once set.
+        let mut full = Config::from_toml(r#"admin = "127.0.0.1:1""#).unwrap();
+        full.origin_ca = Some("/x".into());
+        full.routes.push(RouteConfig::new("/", "ws://h/"));
+        let table: toml::Table = toml::from_str(&full.to_toml()).unwrap();
+        let listed: Vec<&str> = SETTINGS.iter().map(|(key, ..)| *key).collect();
+        for key in table.keys() {
+            assert!(
+                listed.contains(&key.as_str()),
+                "{key} has no row (and maybe no flag)"
+            );
+        }
+    }
+
+    #[test]
+    fn flags_override_the_file_and_keep_what_they_do_not_say() {
+        let file = Config::from_toml("lobby_capacity = 64\nqueue_depth = 4\n").unwrap();
+        let c = cli(&["--queue-depth", "32"]).unwrap().apply(file).unwrap();
+        assert_eq!((c.lobby_capacity, c.queue_depth), (64, 32));
     }
 }

@@ -1,27 +1,45 @@
-//! Every knob of the gateway, its default, and its validation.
+//! Every knob of the gateway, its default, and its validation: the one
+//! definition of each setting.
 //!
-//! [`Config`] is a plain struct the CLI fills from flags and an embedder fills
-//! in code; [`Config::validate`] checks it once, before any thread starts.
-//! Nothing here opens sockets or spawns threads.
+//! [`Config`] is a plain struct that an embedder fills in code, a config
+//! file fills through serde ([`Config::from_toml`]: TOML, durations as
+//! `250ms` or `10s`, unknown keys refused with their line), and the CLI
+//! overrides flag by flag (`cli.rs`). Its [`Default`] is the only place a
+//! default is written. Route settings at the top level are the defaults of
+//! every route; a `[[route]]` table ([`RouteConfig`]) overrides them for its
+//! path. [`Config::validate`] checks it all once, before any thread starts
+//! or a reload applies. Nothing here opens sockets or spawns threads.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{collections::HashSet, net::SocketAddr, path::PathBuf, time::Duration};
 
+use serde::{Deserialize, Serialize};
 use tungstenite::http::{HeaderName, HeaderValue, Uri};
 
 use crate::error::{Error, Result};
 
 /// Gateway configuration. Start from [`Config::default`] and change what you need.
-#[derive(Debug, Clone)]
+///
+/// Settings marked *per route* are the defaults of every route and can be
+/// overridden in a [`RouteConfig`]; the others are gateway-wide.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct Config {
     /// Address the client listener binds. Port 0 picks a free port.
     /// Defaults to `127.0.0.1:8080`.
     pub listen: SocketAddr,
-    /// Upstream WebSocket URL every lobby connects to (`ws://host[:port]/path`).
-    /// Clients never choose it. Defaults to empty, which [`Config::validate`] rejects.
+    /// Upstream WebSocket URL (`ws://host[:port]/path`) of the route served
+    /// at [`Config::path`]: the short form of one [`RouteConfig`]. Clients
+    /// never choose it. Empty serves only [`Config::routes`]; with neither,
+    /// [`Config::validate`] refuses the configuration. Defaults to empty.
     pub origin: String,
-    /// Request path clients connect to; any other path gets 404. Defaults to `/`.
+    /// Request path of the route [`Config::origin`] describes. Defaults to `/`.
     pub path: String,
+    /// Routes: each a path clients connect to and its own upstream, with
+    /// overrides of the per-route settings. A client joins lobbies of its
+    /// route only; a path no route serves gets 404. Defaults to none.
+    #[serde(rename = "route")]
+    pub routes: Vec<RouteConfig>,
     /// Most clients connected at once; more get 503. 0 means no limit.
     /// Defaults to 0.
     pub max_clients: usize,
@@ -57,6 +75,7 @@ pub struct Config {
     pub max_client_rate: u32,
     /// A client silent this long is pinged; one that stays silent as long
     /// again is closed. Defaults to 30 s.
+    #[serde(with = "duration")]
     pub client_ping: Duration,
     /// What happens to a client that cannot keep up. Defaults to
     /// [`SlowClient::Drop`].
@@ -67,32 +86,37 @@ pub struct Config {
     /// What happens to the text and binary messages clients send. Defaults
     /// to [`ClientMessages::Drop`].
     pub client_messages: ClientMessages,
-    /// Clients per lobby, hence per origin connection. Defaults to 512.
+    /// Clients per lobby, hence per origin connection. Per route. Defaults to 512.
     pub lobby_capacity: usize,
-    /// Frames queued per client before the oldest is dropped. Defaults to 16.
+    /// Frames queued per client before the oldest is dropped. Per route.
+    /// Defaults to 16.
     pub queue_depth: usize,
     /// Writer threads serving client sockets. Defaults to 2.
     pub writers: usize,
     /// How long a client's frames may wait to be written together (fewer,
     /// larger writes: less CPU, more latency). Zero writes as soon as frames
     /// arrive. Defaults to 0.
+    #[serde(with = "duration")]
     pub write_batch: Duration,
     /// Most lobbies, hence origin connections; 0 means no limit. When every
     /// lobby is full and the limit is reached, new clients get 503 with
-    /// Retry-After. Defaults to 0.
+    /// Retry-After. Per route. Defaults to 0.
     pub max_origin_connections: usize,
     /// How often the manager checks whether the clients fit in fewer lobbies
     /// and migrates them if so; zero turns compaction off. Defaults to 10 s.
+    #[serde(with = "duration")]
     pub compact_interval: Duration,
     /// Fill, as a fraction of capacity, that compaction packs lobbies to.
     /// Defaults to 0.9.
     pub compact_fill: f64,
     /// Frames a new client is sent from its lobby's recent history before the
-    /// live stream (at most [`Config::history_len`]). Defaults to 0.
+    /// live stream (at most [`Config::history_len`]). Per route. Defaults to 0.
     pub replay: usize,
     /// How long an empty lobby keeps its thread before it ends. Defaults to 5 s.
+    #[serde(with = "duration")]
     pub lobby_linger: Duration,
     /// Time a client has to complete the HTTP upgrade. Defaults to 10 s.
+    #[serde(with = "duration")]
     pub handshake_timeout: Duration,
     /// Largest HTTP upgrade request accepted, in bytes; larger gets 431. Defaults to 8 KiB.
     pub max_request_bytes: usize,
@@ -116,41 +140,169 @@ pub struct Config {
     /// distant fast client needs) are not limited. Defaults to 16 KiB.
     pub client_unsent: usize,
     /// Largest origin message, in bytes; larger drops the origin connection.
-    /// Defaults to 16 MiB.
+    /// Per route. Defaults to 16 MiB.
     pub max_origin_message: usize,
     /// First delay before reconnecting to a failed origin. Defaults to 100 ms.
+    #[serde(with = "duration")]
     pub origin_backoff_min: Duration,
     /// Longest delay between origin reconnect attempts. Defaults to 30 s.
+    #[serde(with = "duration")]
     pub origin_backoff_max: Duration,
     /// Bound on TCP connect, TLS handshake and WebSocket upgrade to the origin.
     /// Defaults to 10 s.
+    #[serde(with = "duration")]
     pub origin_connect_timeout: Duration,
     /// Interval between pings a lobby sends its origin. Defaults to 15 s.
+    #[serde(with = "duration")]
     pub origin_ping: Duration,
     /// An origin connection with nothing received (data or pong) for this long
     /// is declared dead and replaced. Defaults to 45 s.
+    #[serde(with = "duration")]
     pub origin_timeout: Duration,
     /// What a lobby does with its clients when its origin connection fails.
-    /// Defaults to [`OriginLoss::Keep`].
+    /// Per route. Defaults to [`OriginLoss::Keep`].
     pub on_origin_loss: OriginLoss,
     /// Extra headers sent on every origin handshake (credentials, say);
-    /// clients never see them. Defaults to none.
+    /// clients never see them. In a config file, `"Name: value"` strings.
+    /// Per route. Defaults to none.
+    #[serde(with = "headers")]
     pub origin_headers: Vec<(String, String)>,
     /// Text messages sent, in order, right after every origin (re)connect and
-    /// before anything is forwarded (a subscribe request, say). Defaults to none.
+    /// before anything is forwarded (a subscribe request, say). Per route.
+    /// Defaults to none.
     pub origin_init: Vec<String>,
-    /// Subprotocols offered on the origin handshake. Defaults to none.
+    /// Subprotocols offered on the origin handshake. Per route. Defaults to none.
     pub origin_subprotocols: Vec<String>,
     /// PEM file of the CA that signs the origin's certificate, for `wss://`
     /// origins with a private CA; replaces the built-in web roots. Defaults to none.
     pub origin_ca: Option<PathBuf>,
     /// On shutdown, how long clients get to receive what is queued and the
     /// 1001 close. Defaults to 5 s.
+    #[serde(with = "duration")]
     pub drain_timeout: Duration,
     /// Address of the admin HTTP server (`/metrics`, `/livez`, `/readyz`,
     /// `/lobbies`, a dashboard at `/`), never the client listener. Bind it
     /// where only operators reach it. Defaults to none (no admin server).
     pub admin: Option<SocketAddr>,
+    /// Subprotocols clients may ask for (`Sec-WebSocket-Protocol`): the
+    /// gateway answers with the first one the client offers that is listed
+    /// here. Per route. Defaults to none (the header is ignored).
+    pub subprotocols: Vec<String>,
+    /// Refuse (400) a client that offers none of [`Config::subprotocols`].
+    /// Per route. Defaults to false.
+    pub require_subprotocol: bool,
+    /// Key lobbies by the client's query string: clients share lobbies (and
+    /// upstream connections) only with clients of the same normalised query
+    /// (the parameters named in [`Config::query_params`], sorted), which is
+    /// appended to the origin URL. Without it a query string is ignored.
+    /// Per route. Defaults to false.
+    pub pass_query: bool,
+    /// With [`Config::pass_query`], the query parameters that make a lobby's
+    /// key (others are dropped). Per route. Defaults to none.
+    pub query_params: Vec<String>,
+    /// With [`Config::pass_query`], most distinct keys at once; clients with
+    /// a new key beyond it get 503. 0 means no limit. Per route. Defaults to 0.
+    pub max_keys: usize,
+}
+
+/// One route of a [`Config`]: the path clients connect to, its upstream, and
+/// overrides of the per-route settings (`None`: the top level's value). In a
+/// config file, a `[[route]]` table.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RouteConfig {
+    /// Request path clients connect to, e.g. `/prices`.
+    pub path: String,
+    /// Upstream URL of this route's lobbies.
+    pub origin: String,
+    /// Overrides [`Config::lobby_capacity`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lobby_capacity: Option<usize>,
+    /// Overrides [`Config::queue_depth`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_depth: Option<usize>,
+    /// Overrides [`Config::replay`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay: Option<usize>,
+    /// Overrides [`Config::max_origin_connections`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_origin_connections: Option<usize>,
+    /// Overrides [`Config::max_origin_message`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_origin_message: Option<usize>,
+    /// Overrides [`Config::on_origin_loss`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_origin_loss: Option<OriginLoss>,
+    /// Overrides [`Config::origin_headers`].
+    #[serde(default, with = "opt_headers", skip_serializing_if = "Option::is_none")]
+    pub origin_headers: Option<Vec<(String, String)>>,
+    /// Overrides [`Config::origin_init`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin_init: Option<Vec<String>>,
+    /// Overrides [`Config::origin_subprotocols`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin_subprotocols: Option<Vec<String>>,
+    /// Overrides [`Config::subprotocols`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subprotocols: Option<Vec<String>>,
+    /// Overrides [`Config::require_subprotocol`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub require_subprotocol: Option<bool>,
+    /// Overrides [`Config::pass_query`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pass_query: Option<bool>,
+    /// Overrides [`Config::query_params`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_params: Option<Vec<String>>,
+    /// Overrides [`Config::max_keys`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_keys: Option<usize>,
+}
+
+impl RouteConfig {
+    /// A route serving `path` from `origin`, with every per-route setting
+    /// taken from the top level.
+    pub fn new(path: &str, origin: &str) -> RouteConfig {
+        RouteConfig {
+            path: path.to_owned(),
+            origin: origin.to_owned(),
+            ..RouteConfig::default()
+        }
+    }
+
+    /// `defaults` with this route's path, origin and overrides: the
+    /// settings its lobbies run with.
+    fn apply(&self, defaults: &Config) -> Config {
+        let mut c = defaults.clone();
+        c.routes = Vec::new();
+        c.path.clone_from(&self.path);
+        c.origin.clone_from(&self.origin);
+        macro_rules! set {
+            ($($field:ident),*) => {
+                $(if let Some(value) = &self.$field {
+                    c.$field = value.clone();
+                })*
+            };
+        }
+        set!(
+            lobby_capacity,
+            queue_depth,
+            replay,
+            max_origin_connections,
+            max_origin_message,
+            on_origin_loss,
+            origin_headers,
+            origin_init,
+            origin_subprotocols,
+            subprotocols,
+            require_subprotocol,
+            pass_query,
+            query_params,
+            max_keys
+        );
+        c
+    }
 }
 
 impl Default for Config {
@@ -197,12 +349,19 @@ impl Default for Config {
             origin_ca: None,
             drain_timeout: Duration::from_secs(5),
             admin: None,
+            routes: Vec::new(),
+            subprotocols: Vec::new(),
+            require_subprotocol: false,
+            pass_query: false,
+            query_params: Vec::new(),
+            max_keys: 0,
         }
     }
 }
 
 /// What a lobby does with its clients when its origin connection fails.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum OriginLoss {
     /// Keep clients connected; they resume receiving after the reconnect.
     #[default]
@@ -225,7 +384,8 @@ impl std::str::FromStr for OriginLoss {
 }
 
 /// What happens to a client that cannot keep up with its lobby.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum SlowClient {
     /// Its queue drops its oldest frames; it stays connected.
     #[default]
@@ -247,7 +407,8 @@ impl std::str::FromStr for SlowClient {
 }
 
 /// What happens to the text and binary messages clients send.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ClientMessages {
     /// Read and discarded: the feed is one-way.
     #[default]
@@ -276,15 +437,98 @@ const MAX_WRITERS: usize = 256;
 const MAX_CLIENT_RATE: u32 = 1_000_000;
 
 impl Config {
-    /// Checks every value, returning [`Error::Config`] naming the first bad one.
+    /// Parses a TOML config file's text (see the README for an annotated
+    /// example); every setting it leaves out keeps its default. An unknown
+    /// key, a wrong type or a bad duration is an [`Error::Config`] that
+    /// starts with `line N:` and names the key. It is not validated yet:
+    /// command-line flags may still override it.
+    pub fn from_toml(text: &str) -> Result<Config> {
+        toml::from_str(text).map_err(|e| {
+            let message = e.message().split(", expected one of").next().unwrap_or("");
+            let Some(span) = e.span() else {
+                return Error::Config(message.to_owned());
+            };
+            let key_of = |line: &str| {
+                line.split_once('=')
+                    .map(|(key, _)| key.trim().to_owned())
+                    .filter(|key| !key.is_empty() && !key.starts_with('['))
+            };
+            let mut line = text[..span.start.min(text.len())].lines().count().max(1);
+            // An unknown key's span can be its whole table: find the key.
+            if let Some(unknown) = message
+                .strip_prefix("unknown field `")
+                .and_then(|m| m.split('`').next())
+            {
+                if let Some(n) = text
+                    .lines()
+                    .enumerate()
+                    .skip(line - 1)
+                    .find(|(_, l)| key_of(l).as_deref() == Some(unknown))
+                    .map(|(n, _)| n + 1)
+                {
+                    line = n;
+                }
+            }
+            let key = text.lines().nth(line - 1).and_then(key_of);
+            Error::Config(match key {
+                Some(key) => format!("line {line}: {key}: {message}"),
+                None => format!("line {line}: {message}"),
+            })
+        })
+    }
+
+    /// The configuration as a TOML file (every setting, defaults included).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
+    }
+
+    /// Every route, each as the full settings its lobbies run with (the
+    /// top level with the route's path, origin and overrides): the route
+    /// [`Config::origin`] describes first, if any, then [`Config::routes`].
+    pub fn route_configs(&self) -> Vec<Config> {
+        let short = (!self.origin.is_empty()).then(|| RouteConfig::new(&self.path, &self.origin));
+        short
+            .iter()
+            .chain(&self.routes)
+            .map(|route| route.apply(self))
+            .collect()
+    }
+
+    /// Checks every value, returning [`Error::Config`] naming the first bad
+    /// one (its setting's name first, after `route PATH:` for a route's).
     pub fn validate(&self) -> Result<()> {
+        let routes = self.route_configs();
+        if routes.is_empty() {
+            return Err(Error::Config(
+                "origin: an origin is required: --origin URL or --route PATH=URL (or try --demo)"
+                    .to_owned(),
+            ));
+        }
+        let mut paths = HashSet::new();
+        for route in &routes {
+            let scoped = |e: Error| match e {
+                Error::Config(msg) if !self.routes.is_empty() => {
+                    Error::Config(format!("route {}: {msg}", route.path))
+                }
+                e => e,
+            };
+            if !paths.insert(route.path.as_str()) {
+                return Err(scoped(Error::Config("path: served by two routes".into())));
+            }
+            route.validate_route().map_err(scoped)?;
+        }
+        Ok(())
+    }
+
+    /// Checks one route's settings (and the gateway-wide ones with them).
+    fn validate_route(&self) -> Result<()> {
         self.origin_uri()?;
         let bad = |msg: &str| Err(Error::Config(msg.to_owned()));
         if self.lobby_capacity == 0 {
-            return bad("lobby capacity must be at least 1");
+            return bad("lobby_capacity must be at least 1");
         }
         if self.queue_depth == 0 {
-            return bad("queue depth must be at least 1");
+            return bad("queue_depth must be at least 1");
         }
         if self.writers == 0 || self.writers > MAX_WRITERS {
             return Err(Error::Config(format!(
@@ -292,7 +536,7 @@ impl Config {
             )));
         }
         if !(self.compact_fill > 0.0 && self.compact_fill <= 1.0) {
-            return bad("compact fill must be above 0 and at most 1");
+            return bad("compact_fill must be above 0 and at most 1");
         }
         if self.replay > self.history_len() {
             return Err(Error::Config(format!(
@@ -300,33 +544,36 @@ impl Config {
                 self.history_len()
             )));
         }
-        if !self.path.starts_with('/') {
-            return bad("path must start with '/'");
+        if !self.path.starts_with('/') || self.path.contains(['?', '#', ' ']) {
+            return bad("path must start with '/' and hold no query");
         }
         if self.handshake_timeout.is_zero() {
-            return bad("handshake timeout must be above zero");
+            return bad("handshake_timeout must be above zero");
         }
         if self.max_request_bytes < 256 {
-            return bad("max request size must be at least 256 bytes");
+            return bad("max_request_bytes must be at least 256");
         }
-        if self.max_client_message == 0 || self.max_origin_message == 0 {
-            return bad("message size limits must be above zero");
+        if self.max_client_message == 0 {
+            return bad("max_client_message must be above zero");
+        }
+        if self.max_origin_message == 0 {
+            return bad("max_origin_message must be above zero");
         }
         if !(self.client_send_buffer == 0 || (4096..=1 << 30).contains(&self.client_send_buffer)) {
-            return bad("client send buffer must be 0 (autotuning) or 4 KiB to 1 GiB");
+            return bad("client_send_buffer must be 0 (autotuning) or 4 KiB to 1 GiB");
         }
         if !(self.client_unsent == 0 || (1024..=1 << 30).contains(&self.client_unsent)) {
-            return bad("client unsent bytes must be 0 (kernel default) or 1 KiB to 1 GiB");
+            return bad("client_unsent must be 0 (kernel default) or 1 KiB to 1 GiB");
         }
         if self.ipv6_prefix > 128 {
-            return bad("IPv6 prefix must be at most 128 bits");
+            return bad("ipv6_prefix must be at most 128 bits");
         }
         if self.max_pending_handshakes == 0 {
-            return bad("max pending handshakes must be at least 1");
+            return bad("max_pending_handshakes must be at least 1");
         }
         if self.max_client_rate > MAX_CLIENT_RATE {
             return Err(Error::Config(format!(
-                "max client rate must be at most {MAX_CLIENT_RATE} frames a second"
+                "max_client_rate must be at most {MAX_CLIENT_RATE} frames a second"
             )));
         }
         if self.client_messages == ClientMessages::Forward
@@ -334,21 +581,21 @@ impl Config {
             && !self.allow_any_origin
         {
             return bad(
-                "forwarding client messages needs --allow-origin (the browser origins that may \
+                "client_messages: forwarding needs --allow-origin (the browser origins that may \
                  send upstream) or an explicit --allow-any-origin",
             );
         }
         if self.origin_backoff_min.is_zero() || self.origin_backoff_min > self.origin_backoff_max {
-            return bad("origin backoff must satisfy 0 < min <= max");
+            return bad("origin_backoff_min must be above zero and at most origin_backoff_max");
         }
         if self.origin_connect_timeout.is_zero() {
-            return bad("origin connect timeout must be above zero");
+            return bad("origin_connect_timeout must be above zero");
         }
         if self.write_batch > Duration::from_secs(1) {
-            return bad("write batch window must be at most 1 s");
+            return bad("write_batch must be at most 1s");
         }
         if self.client_ping.is_zero() {
-            return bad("client ping interval must be above zero");
+            return bad("client_ping must be above zero");
         }
         for origin in &self.allowed_origins {
             if origin
@@ -356,19 +603,19 @@ impl Config {
                 .map_or(true, |u| u.scheme().is_none() || u.host().is_none())
             {
                 return Err(Error::Config(format!(
-                    "allowed origin {origin:?} is not a scheme://host[:port] origin"
+                    "allowed_origins: {origin:?} is not a scheme://host[:port] origin"
                 )));
             }
         }
         if self.origin_ping.is_zero() || self.origin_timeout <= self.origin_ping {
-            return bad("origin liveness must satisfy 0 < ping interval < timeout");
+            return bad("origin_timeout must be above origin_ping, which must be above zero");
         }
         for (name, value) in &self.origin_headers {
             if HeaderName::try_from(name.as_str()).is_err()
                 || HeaderValue::try_from(value.as_str()).is_err()
             {
                 return Err(Error::Config(format!(
-                    "origin header {name:?} is not valid"
+                    "origin_headers: {name:?} is not a valid header"
                 )));
             }
         }
@@ -376,14 +623,26 @@ impl Config {
             .admin
             .is_some_and(|a| a == self.listen && a.port() != 0)
         {
-            return bad("the admin address must differ from the client listen address");
+            return bad("admin must differ from the client listen address");
         }
-        for protocol in &self.origin_subprotocols {
-            if protocol.is_empty() || !protocol.bytes().all(|b| b.is_ascii_graphic() && b != b',') {
-                return Err(Error::Config(format!(
-                    "origin subprotocol {protocol:?} is not a valid token"
-                )));
+        for (key, protocols) in [
+            ("origin_subprotocols", &self.origin_subprotocols),
+            ("subprotocols", &self.subprotocols),
+        ] {
+            if let Some(p) = protocols.iter().find(|p| !is_token(p)) {
+                return Err(Error::Config(format!("{key}: {p:?} is not a valid token")));
             }
+        }
+        if self.require_subprotocol && self.subprotocols.is_empty() {
+            return bad("require_subprotocol needs subprotocols");
+        }
+        if self.pass_query && self.query_params.is_empty() {
+            return bad("pass_query needs query_params (the parameters that key lobbies)");
+        }
+        if let Some(p) = self.query_params.iter().find(|p| !is_query_name(p)) {
+            return Err(Error::Config(format!(
+                "query_params: {p:?} is not a query parameter name"
+            )));
         }
         Ok(())
     }
@@ -404,9 +663,11 @@ impl Config {
 
     /// The origin URL, parsed and checked: `ws://`, with a host.
     pub(crate) fn origin_uri(&self) -> Result<Uri> {
-        let bad = |why: &str| Err(Error::Config(format!("origin URL {:?} {why}", self.origin)));
+        let bad = |why: &str| Err(Error::Config(format!("origin: {:?} {why}", self.origin)));
         if self.origin.is_empty() {
-            return Err(Error::Config("an origin URL is required".to_owned()));
+            return Err(Error::Config(
+                "origin: an origin URL is required".to_owned(),
+            ));
         }
         let Ok(uri) = self.origin.parse::<Uri>() else {
             return bad("is not a valid URL");
@@ -421,6 +682,121 @@ impl Config {
             return bad("has no host");
         }
         Ok(uri)
+    }
+}
+
+/// A subprotocol name: an HTTP token (no separators, no spaces).
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// A query parameter name the gateway keys lobbies by: letters, digits,
+/// `-`, `_` and `.` (nothing that needs escaping).
+pub(crate) fn is_query_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+/// Durations in config files: `250ms`, `10s`, `2m`, or a bare number of
+/// seconds (the same form as the command line's).
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::format_duration(*d))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        super::parse_duration(&text).map_err(D::Error::custom)
+    }
+}
+
+/// Origin headers in config files: `"Name: value"` strings (the command
+/// line's form).
+mod headers {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub(super) fn serialize<S: Serializer>(
+        headers: &[(String, String)],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(headers.iter().map(|(n, v)| format!("{n}: {v}")))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<(String, String)>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|h| super::parse_header(h).map_err(D::Error::custom))
+            .collect()
+    }
+}
+
+/// [`headers`] for a route's optional override.
+mod opt_headers {
+    use serde::{Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(
+        headers: &Option<Vec<(String, String)>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match headers {
+            Some(headers) => super::headers::serialize(headers, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Vec<(String, String)>>, D::Error> {
+        super::headers::deserialize(d).map(Some)
+    }
+}
+
+/// Parses a duration: `250ms`, `10s`, `2m`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let (number, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    match number.trim().parse::<f64>() {
+        Ok(n) if n.is_finite() && n >= 0.0 && n * scale < 1e9 => {
+            Ok(Duration::from_secs_f64(n * scale))
+        }
+        _ => Err(format!("{s:?} is not a duration like 250ms, 10s or 2m")),
+    }
+}
+
+/// Writes a duration the way [`parse_duration`] reads it back.
+fn format_duration(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{}s", d.as_secs())
+    } else if d.as_nanos() % 1_000_000 == 0 {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{}s", d.as_secs_f64())
+    }
+}
+
+/// Splits an origin header written `Name: value`.
+pub fn parse_header(header: &str) -> std::result::Result<(String, String), String> {
+    match header.split_once(':') {
+        Some((name, value)) if !name.trim().is_empty() => {
+            Ok((name.trim().to_owned(), value.trim().to_owned()))
+        }
+        _ => Err(format!("{header:?} is not of the form 'Name: value'")),
     }
 }
 
@@ -445,7 +821,7 @@ mod tests {
     fn rejects_bad_origins() {
         for origin in ["http://x/", "x", "ws://", "ws:// bad"] {
             let err = with_origin(origin).validate().unwrap_err();
-            assert!(err.to_string().contains("origin URL"), "{origin}: {err}");
+            assert!(err.to_string().contains("origin: "), "{origin}: {err}");
         }
     }
 
@@ -481,6 +857,82 @@ mod tests {
         let mut c = with_origin("ws://h/");
         c.writers = 0;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn a_config_file_names_the_line_and_key_of_what_is_wrong() {
+        let cases = [
+            (
+                "listen = \"127.0.0.1:1\"\nlobby_capacty = 5\n",
+                "line 2",
+                "lobby_capacty",
+            ),
+            ("queue_depth = \"many\"\n", "line 1", "queue_depth"),
+            (
+                "\n\ndrain_timeout = \"10 parsecs\"\n",
+                "line 3",
+                "drain_timeout",
+            ),
+            (
+                "[[route]]\npath = \"/a\"\norigin = \"ws://h/\"\nqueue = 3\n",
+                "line 4",
+                "queue",
+            ),
+        ];
+        for (text, line, key) in cases {
+            let err = Config::from_toml(text).unwrap_err().to_string();
+            assert!(err.contains(line) && err.contains(key), "{text:?}: {err}");
+            assert_eq!(err.lines().count(), 1, "one line: {err}");
+        }
+    }
+
+    #[test]
+    fn routes_inherit_the_top_level_and_override_it() {
+        let text = "lobby_capacity = 100\norigin = \"ws://h/all\"\n\
+                    [[route]]\npath = \"/book\"\norigin = \"ws://h/book\"\n\
+                    lobby_capacity = 10\npass_query = true\nquery_params = [\"symbol\"]\n\
+                    origin_headers = [\"Authorization: Bearer x\"]\n";
+        let config = Config::from_toml(text).unwrap();
+        config.validate().unwrap();
+        let routes = config.route_configs();
+        assert_eq!(routes.len(), 2);
+        assert_eq!(
+            (routes[0].path.as_str(), routes[0].lobby_capacity),
+            ("/", 100)
+        );
+        assert_eq!(
+            (routes[1].path.as_str(), routes[1].lobby_capacity),
+            ("/book", 10)
+        );
+        assert!(routes[1].pass_query && !routes[0].pass_query);
+        assert_eq!(
+            routes[1].origin_headers,
+            [("Authorization".to_owned(), "Bearer x".to_owned())]
+        );
+        // Two routes on one path are refused.
+        let mut twice = config.clone();
+        twice.routes.push(RouteConfig::new("/book", "ws://h/other"));
+        let err = twice.validate().unwrap_err().to_string();
+        assert!(err.contains("route /book: path"), "{err}");
+        // A route's bad value is named with its route.
+        let mut bad = config;
+        bad.routes[0].lobby_capacity = Some(0);
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("route /book: lobby_capacity"), "{err}");
+    }
+
+    #[test]
+    fn the_file_form_round_trips() {
+        let mut config = with_origin("ws://h/feed");
+        config.routes.push(RouteConfig {
+            replay: Some(3),
+            origin_headers: Some(vec![("X-Key".into(), "k".into())]),
+            ..RouteConfig::new("/r", "ws://h/r")
+        });
+        config.write_batch = Duration::from_millis(2);
+        config.origin_headers = vec![("Authorization".into(), "Bearer t".into())];
+        let text = config.to_toml();
+        assert_eq!(Config::from_toml(&text).unwrap(), config, "{text}");
     }
 
     #[test]

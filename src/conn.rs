@@ -571,11 +571,19 @@ impl Conn {
             let is_close = opcode(&frame) == frame::OP_CLOSE;
             io.batch.push(frame);
             if is_close {
-                // Only a lobby that lost its origin (with `--on-origin-loss
-                // close`) queues a close frame.
+                // A lobby queues a close frame when it lost its origin (with
+                // `--on-origin-loss close`) or its route was removed.
                 self.closing = Closing::Sending;
                 self.close_deadline = Some(io.now().after(io.policy.close_wait));
-                self.closing_for = Some(Disconnect::OriginLost);
+                let route_removed = io
+                    .batch
+                    .last()
+                    .is_some_and(|close| close.get(4..) == Some(frame::ROUTE_REMOVED.as_bytes()));
+                self.closing_for = Some(if route_removed {
+                    Disconnect::RouteRemoved
+                } else {
+                    Disconnect::OriginLost
+                });
                 break;
             }
         }

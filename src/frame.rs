@@ -68,6 +68,13 @@ pub(crate) mod close_code {
     pub const TRY_AGAIN_LATER: u16 = 1013;
 }
 
+/// The reason of the 1012 close a lobby sends its clients when it lost its
+/// origin (with `--on-origin-loss close`).
+pub(crate) const ORIGIN_LOST: &str = "origin connection lost";
+/// The reason of the 1012 close a lobby sends its clients when a reload
+/// removed their route.
+pub(crate) const ROUTE_REMOVED: &str = "route removed";
+
 /// Encodes one unmasked, final server frame.
 pub(crate) fn encode(opcode: u8, payload: &[u8]) -> Frame {
     encode_stamped(opcode, payload, 0)

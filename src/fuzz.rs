@@ -22,7 +22,10 @@
 //! generated inputs.
 
 use crate::frame::{Decoder, Event, MessageKind, OP_CLOSE, OP_PING, OP_PONG, Violation};
-use crate::http::{self, Parsed, Route};
+use crate::{
+    http::{self, Endpoint, Parsed, Route},
+    id::RouteId,
+};
 
 /// Message size limits `client_frames` picks from with its first byte.
 const MAX_MESSAGE: [usize; 8] = [0, 1, 125, 126, 1024, 65_535, 65_536, usize::MAX];
@@ -179,8 +182,12 @@ pub fn upgrade_request(data: &[u8]) {
         return;
     };
     let allowed_origins = allowed_origins(knobs >> 5);
+    let endpoints = [Endpoint::plain(
+        RouteId(0),
+        PATHS[usize::from((knobs >> 3) & 3)],
+    )];
     let route = Route {
-        path: PATHS[usize::from((knobs >> 3) & 3)],
+        endpoints: &endpoints,
         allowed_origins: &allowed_origins,
         max_bytes: MAX_REQUEST[usize::from(knobs & 7)],
     };
@@ -576,7 +583,9 @@ fn parse_checked(buf: &[u8], route: &Route<'_>) -> Parsed {
             "incomplete at {} bytes, limit {max_bytes}",
             buf.len()
         ),
-        Parsed::Upgrade { response, consumed } => {
+        Parsed::Upgrade {
+            response, consumed, ..
+        } => {
             assert!(
                 *consumed > 0 && *consumed <= buf.len(),
                 "consumed {consumed}"

@@ -8,9 +8,10 @@
 //! joins them all. No thread loop lives here.
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
@@ -18,20 +19,20 @@ use std::{
 };
 
 use crossbeam_channel::{Sender, bounded, unbounded};
-use log::error;
+use log::{error, info, warn};
 use mio::{Waker, net::TcpListener};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::{
-    acceptor::{self, AcceptorHandle},
+    acceptor::{self, AcceptorHandle, AcceptorMsg},
     admin::{self, AdminHandle},
     config::Config,
     error::{Error, Result},
     health::{Health, Probes},
+    id::RouteId,
     lobby::LobbyEnv,
-    manager::{self, FORWARD_QUEUE, Inboxes, ManagerMsg},
+    manager::{self, FORWARD_QUEUE, Inboxes, ManagerMsg, RouteEnv},
     metrics::GatewayCollector,
-    origin::OriginTarget,
     stats::{LobbyInfo, Stats, StatsSnapshot, bump},
     writer::{self, WriterHandle, WriterMsg},
 };
@@ -49,7 +50,16 @@ impl Gateway {
     /// problems, a listener that cannot be bound, or threads that cannot start.
     pub fn start(config: Config) -> Result<GatewayHandle> {
         config.validate()?;
-        let target = Arc::new(OriginTarget::from_config(&config)?);
+        let routes: Vec<(RouteId, Config)> = config
+            .route_configs()
+            .into_iter()
+            .zip(0..)
+            .map(|(route, id)| (RouteId(id), route))
+            .collect();
+        let route_envs = routes
+            .iter()
+            .map(|(id, route)| RouteEnv::new(*id, route.clone()))
+            .collect::<Result<Vec<_>>>()?;
         let listener = bind(config.listen).map_err(|source| Error::Bind {
             addr: config.listen,
             source,
@@ -68,8 +78,22 @@ impl Gateway {
             None => None,
         };
         let stats = Arc::new(Stats::default());
-        let (prepared, shutdown) = acceptor::prepare(listener, &config, Arc::clone(&stats))?;
+        let (prepared, shutdown) =
+            acceptor::prepare(listener, &config, &routes, Arc::clone(&stats))?;
         let (manager_tx, manager_rx) = unbounded();
+        let reload = ReloadHandle {
+            inner: Arc::new(Reloader {
+                book: Mutex::new(RouteBook {
+                    ids: routes.iter().map(|(id, r)| (r.path.clone(), *id)).collect(),
+                    next: u32::try_from(routes.len()).unwrap_or(u32::MAX),
+                    config: config.clone(),
+                }),
+                acceptor: prepared.commands.clone(),
+                wake: shutdown.clone(),
+                manager: manager_tx.clone(),
+                stats: Arc::clone(&stats),
+            }),
+        };
         let (forwards_tx, forwards) = bounded(FORWARD_QUEUE);
 
         let mut writers: Vec<WriterHandle> = Vec::with_capacity(config.writers);
@@ -83,8 +107,9 @@ impl Gateway {
                 }
             }
         }
+        // Per route, the manager fills in the upstream and the route's settings.
         let env = LobbyEnv {
-            target,
+            target: Arc::clone(&route_envs[0].target),
             writers: writers.iter().map(WriterHandle::wake).collect(),
             stats: Arc::clone(&stats),
             manager: manager_tx.clone(),
@@ -98,7 +123,7 @@ impl Gateway {
             forwards,
             _forwards_tx: forwards_tx,
         };
-        let manager = manager::spawn(&config, inboxes, env, writers, shutdown.clone())?;
+        let manager = manager::spawn(&config, route_envs, inboxes, env, writers, shutdown.clone())?;
         let acceptor = match acceptor::spawn(prepared, manager_tx.clone()) {
             Ok(acceptor) => acceptor,
             Err(e) => {
@@ -112,6 +137,7 @@ impl Gateway {
             admin_addr: admin_listener.as_ref().map(|(_, addr)| *addr),
             probes: Probes::new(Arc::clone(&stats), &config),
             shutdown,
+            reload,
             stats,
             manager_tx,
             threads: Some((acceptor, manager)),
@@ -173,6 +199,7 @@ pub struct GatewayHandle {
     stats: Arc<Stats>,
     probes: Probes,
     shutdown: ShutdownHandle,
+    reload: ReloadHandle,
     manager_tx: Sender<ManagerMsg>,
     threads: Option<(AcceptorHandle, JoinHandle<()>)>,
     /// Stopped last, so it answers through the drain.
@@ -222,7 +249,7 @@ impl GatewayHandle {
     /// A `prometheus_client` collector of the gateway's metrics, to add them
     /// to an embedding program's registry with [`crate::metrics::register`].
     pub fn metrics_collector(&self) -> GatewayCollector {
-        GatewayCollector::new(Arc::clone(&self.stats))
+        GatewayCollector::new(Arc::clone(&self.stats), Some(self.manager_tx.clone()))
     }
 
     /// Whether the gateway should get new clients (what `/readyz` answers):
@@ -248,6 +275,18 @@ impl GatewayHandle {
     /// handler, say) while this one waits in [`join`](Self::join).
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         self.shutdown.clone()
+    }
+
+    /// Applies a new configuration without dropping clients; see
+    /// [`ReloadHandle::reload`].
+    pub fn reload(&self, config: Config) -> Result<()> {
+        self.reload.reload(config)
+    }
+
+    /// A handle that can reload the configuration from another thread (a
+    /// SIGHUP handler, say) while this one waits in [`join`](Self::join).
+    pub fn reload_handle(&self) -> ReloadHandle {
+        self.reload.clone()
     }
 
     /// Waits until the gateway has stopped and every thread has ended, and
@@ -276,6 +315,132 @@ impl Drop for GatewayHandle {
     fn drop(&mut self) {
         self.shutdown();
         self.join_threads();
+    }
+}
+
+/// Applies a new configuration to a running gateway, from any thread. Cheap
+/// to clone.
+#[derive(Debug, Clone)]
+pub struct ReloadHandle {
+    inner: Arc<Reloader>,
+}
+
+#[derive(Debug)]
+struct Reloader {
+    /// The running configuration and the ids its routes' paths have. Only
+    /// reloads use it (no gateway thread does).
+    book: Mutex<RouteBook>,
+    acceptor: Sender<AcceptorMsg>,
+    /// Wakes the acceptor to read its inbox.
+    wake: ShutdownHandle,
+    manager: Sender<ManagerMsg>,
+    stats: Arc<Stats>,
+}
+
+#[derive(Debug)]
+struct RouteBook {
+    config: Config,
+    /// A route keeps its id while its path is served.
+    ids: HashMap<String, RouteId>,
+    next: u32,
+}
+
+/// Whether two configurations agree on one setting.
+type SameSetting = fn(&Config, &Config) -> bool;
+
+/// Gateway-wide settings a reload cannot change (the threads and sockets
+/// they shape are made at start): each as its name and how to compare it.
+const NEEDS_RESTART: &[(&str, SameSetting)] = &[
+    ("listen", |a, b| a.listen == b.listen),
+    ("admin", |a, b| a.admin == b.admin),
+    ("writers", |a, b| a.writers == b.writers),
+    ("write_batch", |a, b| a.write_batch == b.write_batch),
+    ("client_ping", |a, b| a.client_ping == b.client_ping),
+    ("max_client_rate", |a, b| {
+        a.max_client_rate == b.max_client_rate
+    }),
+    ("max_client_message", |a, b| {
+        a.max_client_message == b.max_client_message
+    }),
+    ("slow_client", |a, b| a.slow_client == b.slow_client),
+    ("slow_client_drops", |a, b| {
+        a.slow_client_drops == b.slow_client_drops
+    }),
+    ("client_messages", |a, b| {
+        a.client_messages == b.client_messages
+    }),
+    ("drain_timeout", |a, b| a.drain_timeout == b.drain_timeout),
+];
+
+impl ReloadHandle {
+    /// Applies `config` to the running gateway without dropping clients:
+    /// routes added start serving; routes removed close their clients with
+    /// 1012 after what they have queued; a route whose upstream changed
+    /// (URL, headers, init messages…) reconnects through new lobbies that
+    /// its clients move to (gap-free where the two streams meet); other
+    /// changes (capacities, limits, subprotocols…) apply to new clients.
+    /// Gateway-wide settings that shape threads and sockets made at start
+    /// (the listen address, the writers…) keep their running value, with a
+    /// warning. A configuration that does not validate changes nothing: it
+    /// is logged at error, counted in `reload_failures`, and returned.
+    pub fn reload(&self, config: Config) -> Result<()> {
+        let inner = &self.inner;
+        let applied = config.validate().and_then(|()| self.apply(config));
+        match &applied {
+            Ok(()) => bump(&inner.stats.reloads),
+            Err(e) => self.reject(&e.to_string()),
+        }
+        applied
+    }
+
+    /// Counts and logs a reload that failed before it could be applied (a
+    /// config file that does not parse, say); the running configuration stays.
+    pub fn reject(&self, why: &str) {
+        bump(&self.inner.stats.reload_failures);
+        error!("reload failed, keeping the running configuration: {why}");
+    }
+
+    fn apply(&self, config: Config) -> Result<()> {
+        let inner = &self.inner;
+        let mut book = inner
+            .book
+            .lock()
+            .map_err(|_| Error::Config("a reload panicked; reload again".into()))?;
+        let mut envs = Vec::new();
+        let mut routes = Vec::new();
+        for route in config.route_configs() {
+            let id = match book.ids.get(&route.path) {
+                Some(id) => *id,
+                None => {
+                    let id = RouteId(book.next);
+                    book.next = book.next.saturating_add(1);
+                    id
+                }
+            };
+            envs.push(RouteEnv::new(id, route.clone())?);
+            routes.push((id, route));
+        }
+        for (name, same) in NEEDS_RESTART {
+            if !same(&book.config, &config) {
+                warn!("reload: {name} changes only with a restart; keeping the running value");
+            }
+        }
+        let _ = inner.acceptor.send(AcceptorMsg::Reload {
+            config: Box::new(config.clone()),
+            routes: routes.clone(),
+        });
+        inner.wake.wake();
+        let sent = inner.manager.send(ManagerMsg::Reload {
+            routes: envs,
+            config: Box::new(config.clone()),
+        });
+        if sent.is_err() {
+            return Err(Error::Config("the gateway has stopped".into()));
+        }
+        info!("configuration reloaded: {} routes", routes.len());
+        book.ids = routes.iter().map(|(id, r)| (r.path.clone(), *id)).collect();
+        book.config = config;
+        Ok(())
     }
 }
 

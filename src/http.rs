@@ -10,7 +10,11 @@
 //! not used because it answers malformed requests with no status at all, and
 //! allocates per-connection buffers this gateway does not want.
 
+use std::sync::Arc;
+
 use tungstenite::handshake::derive_accept_key;
+
+use crate::{config::is_query_name, id::RouteId};
 
 /// Most request headers accepted; more gets 431.
 const MAX_HEADERS: usize = 64;
@@ -20,8 +24,15 @@ const MAX_HEADERS: usize = 64;
 pub(crate) enum Parsed {
     /// The request is not complete yet: read more.
     Incomplete,
-    /// A valid upgrade: send `response`; bytes after `consumed` are WebSocket data.
-    Upgrade { response: Vec<u8>, consumed: usize },
+    /// A valid upgrade: send `response`; bytes after `consumed` are
+    /// WebSocket data. The client belongs to `route`, and to the lobbies of
+    /// `key` (its normalised query) if the route keys lobbies by query.
+    Upgrade {
+        response: Vec<u8>,
+        consumed: usize,
+        route: RouteId,
+        key: Option<Arc<str>>,
+    },
     /// Refuse the request with this status.
     Reject(Rejection),
 }
@@ -49,6 +60,13 @@ impl Rejection {
     pub(crate) const TOO_MANY_CLIENTS: Rejection = Rejection {
         status: 503,
         why: "too many clients; try again later",
+        headers: "Retry-After: 5\r\n",
+    };
+
+    /// The route has as many query keys as it is allowed.
+    pub(crate) const TOO_MANY_KEYS: Rejection = Rejection {
+        status: 503,
+        why: "too many distinct queries on this route; try again later",
         headers: "Retry-After: 5\r\n",
     };
 
@@ -96,11 +114,37 @@ fn reason_phrase(status: u16) -> &'static str {
     }
 }
 
+/// One path the gateway serves, and what a request for it must match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Endpoint {
+    pub route: RouteId,
+    pub path: String,
+    /// Subprotocols a client may ask for, in the route's order.
+    pub subprotocols: Vec<String>,
+    /// Refuse (400) a client that offers none of them.
+    pub require_subprotocol: bool,
+    /// For lobbies keyed by query: the parameters that make the key.
+    pub query_params: Option<Vec<String>>,
+}
+
+impl Endpoint {
+    /// An endpoint at `path` with no subprotocols and no query key.
+    pub(crate) fn plain(route: RouteId, path: &str) -> Endpoint {
+        Endpoint {
+            route,
+            path: path.to_owned(),
+            subprotocols: Vec::new(),
+            require_subprotocol: false,
+            query_params: None,
+        }
+    }
+}
+
 /// What an upgrade request must match to be accepted.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Route<'a> {
-    /// The only path served.
-    pub path: &'a str,
+    /// The paths served; any other gets 404.
+    pub endpoints: &'a [Endpoint],
     /// Browser origins allowed (`Origin` header); empty allows all.
     pub allowed_origins: &'a [String],
     /// The request size limit.
@@ -114,7 +158,7 @@ pub(crate) fn parse(buf: &[u8], path: &str, max_bytes: usize) -> Parsed {
     parse_route(
         buf,
         &Route {
-            path,
+            endpoints: &[Endpoint::plain(RouteId(0), path)],
             allowed_origins: &[],
             max_bytes,
         },
@@ -137,14 +181,20 @@ pub(crate) fn parse_route(buf: &[u8], route: &Route<'_>) -> Parsed {
         Err(_) => return reject(400, "malformed HTTP request"),
     };
     match check(&req, route) {
-        Ok(key) => {
+        Ok(accepted) => {
+            let protocol = accepted
+                .protocol
+                .map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n"))
+                .unwrap_or_default();
             let response = format!(
-                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-                derive_accept_key(key.as_bytes())
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{protocol}\r\n",
+                derive_accept_key(accepted.key.as_bytes())
             );
             Parsed::Upgrade {
                 response: response.into_bytes(),
                 consumed,
+                route: accepted.endpoint.route,
+                key: accepted.lobby_key,
             }
         }
         Err(rejection) => Parsed::Reject(rejection),
@@ -191,8 +241,22 @@ fn reject(status: u16, why: &'static str) -> Parsed {
     Parsed::Reject(Rejection::new(status, why))
 }
 
-/// Checks a complete request; returns its `Sec-WebSocket-Key`.
-fn check<'b>(req: &httparse::Request<'_, 'b>, route: &Route<'_>) -> Result<&'b str, Rejection> {
+/// A request that passed every check.
+struct Accepted<'b, 'r> {
+    endpoint: &'r Endpoint,
+    /// Its `Sec-WebSocket-Key`.
+    key: &'b str,
+    /// The subprotocol chosen, if any.
+    protocol: Option<&'r str>,
+    /// Its normalised query, for a route keyed by query.
+    lobby_key: Option<Arc<str>>,
+}
+
+/// Checks a complete request against the endpoints.
+fn check<'b, 'r>(
+    req: &httparse::Request<'_, 'b>,
+    route: &Route<'r>,
+) -> Result<Accepted<'b, 'r>, Rejection> {
     if req.method != Some("GET") {
         return Err(Rejection {
             headers: "Allow: GET\r\n",
@@ -203,10 +267,10 @@ fn check<'b>(req: &httparse::Request<'_, 'b>, route: &Route<'_>) -> Result<&'b s
         return Err(Rejection::new(400, "HTTP/1.1 is required"));
     }
     let target = req.path.unwrap_or("");
-    let req_path = target.split_once('?').map_or(target, |(p, _)| p);
-    if req_path != route.path {
+    let (req_path, query) = target.split_once('?').unwrap_or((target, ""));
+    let Some(endpoint) = route.endpoints.iter().find(|e| e.path == req_path) else {
         return Err(Rejection::new(404, "no WebSocket endpoint at this path"));
-    }
+    };
     let header = |name| header_values(req.headers, name);
     let has_token = |name, token: &str| {
         header(name).any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
@@ -229,13 +293,76 @@ fn check<'b>(req: &httparse::Request<'_, 'b>, route: &Route<'_>) -> Result<&'b s
             return Err(Rejection::new(403, "origin not allowed"));
         }
     }
-    match header("Sec-WebSocket-Key").next().map(str::trim) {
-        Some(key) if is_valid_key(key) => Ok(key),
-        _ => Err(Rejection::new(
-            400,
-            "missing or malformed Sec-WebSocket-Key",
-        )),
+    let key = match header("Sec-WebSocket-Key").next().map(str::trim) {
+        Some(key) if is_valid_key(key) => key,
+        _ => {
+            return Err(Rejection::new(
+                400,
+                "missing or malformed Sec-WebSocket-Key",
+            ));
+        }
+    };
+    // The first subprotocol the client offers that the route lists.
+    let protocol = header("Sec-WebSocket-Protocol")
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find_map(|offered| endpoint.subprotocols.iter().find(|p| p.as_str() == offered))
+        .map(String::as_str);
+    if protocol.is_none() && endpoint.require_subprotocol {
+        return Err(Rejection::new(400, "no subprotocol this endpoint speaks"));
     }
+    let lobby_key = match &endpoint.query_params {
+        Some(params) => Some(
+            lobby_key(query, params)
+                .ok_or_else(|| Rejection::new(400, "malformed query string"))?,
+        ),
+        None => None,
+    };
+    Ok(Accepted {
+        endpoint,
+        key,
+        protocol,
+        lobby_key,
+    })
+}
+
+/// A query string's lobby key: the parameters named in `params`, sorted
+/// (by name, then value), joined with `&`; `None` if a parameter is not
+/// well formed (a name or value needing more than letters, digits, `-_.~`
+/// and `%XX` escapes), so nothing odd can reach the origin URL.
+fn lobby_key(query: &str, params: &[String]) -> Option<Arc<str>> {
+    let mut kept: Vec<(&str, &str)> = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if !is_query_name(name) || !is_query_value(value) {
+            return None;
+        }
+        if params.iter().any(|p| p == name) {
+            kept.push((name, value));
+        }
+    }
+    kept.sort_unstable();
+    let key: Vec<String> = kept.iter().map(|(n, v)| format!("{n}={v}")).collect();
+    Some(Arc::from(key.join("&")))
+}
+
+/// A query value: unreserved characters and well-formed `%XX` escapes.
+fn is_query_value(value: &str) -> bool {
+    let b = value.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if b
+                .get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) =>
+            {
+                i += 3;
+            }
+            c if c.is_ascii_alphanumeric() || b"-_.~".contains(&c) => i += 1,
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// Whether two origins (`scheme://host[:port]`) are the same; scheme and
@@ -294,7 +421,9 @@ mod tests {
         let head = bytes.len();
         bytes.extend_from_slice(b"\x81\x80");
         match parse(&bytes, "/", 8192) {
-            Parsed::Upgrade { response, consumed } => {
+            Parsed::Upgrade {
+                response, consumed, ..
+            } => {
                 assert_eq!(consumed, head);
                 let text = String::from_utf8(response).unwrap();
                 // The RFC 6455 §1.3 example.
@@ -351,6 +480,98 @@ mod tests {
         }
     }
 
+    fn endpoints() -> Vec<Endpoint> {
+        vec![
+            Endpoint::plain(RouteId(0), "/prices"),
+            Endpoint {
+                subprotocols: vec!["v2".into(), "v1".into()],
+                require_subprotocol: true,
+                query_params: Some(vec!["symbol".into(), "depth".into()]),
+                ..Endpoint::plain(RouteId(1), "/book")
+            },
+        ]
+    }
+
+    fn upgrade(target: &str, extra: &str) -> Parsed {
+        let endpoints = endpoints();
+        let bytes = request(&format!("GET {target} HTTP/1.1"), extra);
+        let route = Route {
+            endpoints: &endpoints,
+            allowed_origins: &[],
+            max_bytes: 8192,
+        };
+        parse_route(bytes.as_bytes(), &route)
+    }
+
+    #[test]
+    fn each_path_goes_to_its_route_and_others_get_404() {
+        let prices = upgrade("/prices?ignored=1", "");
+        assert!(
+            matches!(
+                prices,
+                Parsed::Upgrade {
+                    route: RouteId(0),
+                    key: None,
+                    ..
+                }
+            ),
+            "{prices:?}"
+        );
+        assert_eq!(status(upgrade("/nowhere", "")), 404);
+        assert_eq!(status(upgrade("/pricesx", "")), 404);
+    }
+
+    #[test]
+    fn the_first_offered_subprotocol_the_route_lists_is_chosen() {
+        let book = |offer: &str| upgrade("/book", &format!("Sec-WebSocket-Protocol: {offer}\r\n"));
+        for (offer, chosen) in [("v1, v2", "v1"), ("x, v2", "v2"), ("v2,v1", "v2")] {
+            match book(offer) {
+                Parsed::Upgrade { response, .. } => {
+                    let text = String::from_utf8(response).unwrap();
+                    let want = format!("Sec-WebSocket-Protocol: {chosen}\r\n");
+                    assert!(text.contains(&want), "{offer}: {text}");
+                }
+                other => panic!("{offer}: {other:?}"),
+            }
+        }
+        assert_eq!(status(book("x, y")), 400, "the route requires one");
+        assert_eq!(status(upgrade("/book", "")), 400);
+        // A route listing none ignores the header.
+        let plain = upgrade("/prices", "Sec-WebSocket-Protocol: v1\r\n");
+        match plain {
+            Parsed::Upgrade { response, .. } => {
+                let text = String::from_utf8(response).unwrap();
+                assert!(!text.contains("Sec-WebSocket-Protocol"), "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn query_keys_keep_the_routes_parameters_sorted_and_refuse_odd_bytes() {
+        let proto = "Sec-WebSocket-Protocol: v1\r\n";
+        let key = |target: &str| match upgrade(target, proto) {
+            Parsed::Upgrade { key, .. } => key.map(|k| k.to_string()),
+            other => panic!("{target}: {other:?}"),
+        };
+        assert_eq!(key("/book?symbol=btc").as_deref(), Some("symbol=btc"));
+        assert_eq!(
+            key("/book?x=1&symbol=eth&depth=10").as_deref(),
+            Some("depth=10&symbol=eth"),
+            "sorted, unknown names dropped"
+        );
+        assert_eq!(key("/book").as_deref(), Some(""));
+        assert_eq!(key("/book?symbol=a%2Fb").as_deref(), Some("symbol=a%2Fb"));
+        for bad in [
+            "/book?symbol=a b",
+            "/book?symbol=<x>",
+            "/book?symbol=%zz",
+            "/book?s*=1",
+        ] {
+            assert_eq!(status(upgrade(bad, proto)), 400, "{bad}");
+        }
+    }
+
     #[test]
     fn each_refusal_has_its_status() {
         let cases = [
@@ -373,8 +594,9 @@ mod tests {
     #[test]
     fn origins_off_the_list_get_403() {
         let allowed = vec!["https://app.example".to_owned()];
+        let endpoints = [Endpoint::plain(RouteId(0), "/")];
         let route = Route {
-            path: "/",
+            endpoints: &endpoints,
             allowed_origins: &allowed,
             max_bytes: 8192,
         };
@@ -529,9 +751,9 @@ mod props {
         })
     }
 
-    fn route(path: &str, max_bytes: usize) -> Route<'_> {
+    fn route(endpoints: &[Endpoint], max_bytes: usize) -> Route<'_> {
         Route {
-            path,
+            endpoints,
             allowed_origins: &[],
             max_bytes,
         }
@@ -562,7 +784,7 @@ mod props {
                     other => panic!("{other:?} for {head:?}"),
                 };
                 prop_assert_eq!(consumed, head.len());
-                fuzz::check_upgrade(&bytes, &route(path, max_bytes));
+                fuzz::check_upgrade(&bytes, &route(&[Endpoint::plain(RouteId(0), path)], max_bytes));
             }
             prop_assert_eq!(status(&parse(&bytes, path, head.len() - 1)), 431);
             prop_assert_eq!(status(&parse(&bytes, "/elsewhere", 8192)), 404);
@@ -586,7 +808,7 @@ mod props {
                     _ => {}
                 }
             }
-            fuzz::check_upgrade(&bytes, &route(path, max_bytes));
+            fuzz::check_upgrade(&bytes, &route(&[Endpoint::plain(RouteId(0), path)], max_bytes));
         }
 
         #[test]
@@ -614,8 +836,9 @@ mod props {
                 head.insert_str(at, &format!("Origin: {origin}\r\n"));
             }
             let allowed = ["https://example.com".to_owned()];
+            let endpoints = [Endpoint::plain(RouteId(0), path)];
             let route = Route {
-                path,
+                endpoints: &endpoints,
                 allowed_origins: if restricted { &allowed } else { &[] },
                 max_bytes: 8192,
             };

@@ -95,8 +95,10 @@ mod sys;
 mod tls;
 mod writer;
 
-pub use config::{ClientMessages, Config, OriginLoss, SlowClient};
+pub use config::{
+    ClientMessages, Config, OriginLoss, RouteConfig, SlowClient, parse_duration, parse_header,
+};
 pub use error::{Error, Result};
-pub use gateway::{Gateway, GatewayHandle, ShutdownHandle};
+pub use gateway::{Gateway, GatewayHandle, ReloadHandle, ShutdownHandle};
 pub use health::Health;
 pub use stats::{Disconnect, LobbyInfo, OriginState, StatsSnapshot};

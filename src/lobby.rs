@@ -66,6 +66,10 @@ pub(crate) enum LobbyMsg {
     Release(ClientId),
     /// Take over a client from another lobby, continuing after `resume`.
     Adopt { member: Member, resume: Resume },
+    /// Its route was removed: close every member with 1012 after what it
+    /// has queued, and the origin connection; the manager ends the thread
+    /// once it has lingered.
+    Retire,
     /// Close the origin connection and end the thread.
     Shutdown,
 }
@@ -279,7 +283,7 @@ impl Lobby {
                 self.fanout.wake_writers();
             }
             if self.origin.take_failure() && self.on_origin_loss == OriginLoss::Close {
-                self.close_members();
+                self.close_members(frame::ORIGIN_LOST);
             }
             let state = OriginState::from_u8(self.published.load(Relaxed));
             let stats = &self.fanout.stats;
@@ -294,17 +298,17 @@ impl Lobby {
     /// With `--on-origin-loss close`: close every member with 1012 so it
     /// reconnects, perhaps to another gateway. The close frame goes through
     /// each member's queue, after what it already holds.
-    fn close_members(&mut self) {
+    fn close_members(&mut self, reason: &str) {
         let count =
             self.fanout.members.len() + self.fanout.catching_up.len() + self.fanout.adopting.len();
         if count == 0 {
             return;
         }
         warn!(
-            "{}: origin lost; closing its {count} clients with 1012",
+            "{}: {reason}; closing its {count} clients with 1012",
             self.id
         );
-        let close = frame::encode_close(close_code::SERVICE_RESTART, "origin connection lost");
+        let close = frame::encode_close(close_code::SERVICE_RESTART, reason);
         let fanout = &mut self.fanout;
         let adopting = fanout.adopting.drain(..).map(|a| a.member);
         let catching_up = fanout.catching_up.drain(..).map(|c| c.member);
@@ -318,6 +322,9 @@ impl Lobby {
 
     /// Applies inbox messages. False when the lobby must end.
     fn take_messages(&mut self) -> bool {
+        // A client's messages for the origin were sent before its departure
+        // (on the other channel): they go out before the link closes.
+        let mut left = false;
         loop {
             match self.inbox.try_recv() {
                 Ok(LobbyMsg::Join(member)) => {
@@ -332,13 +339,14 @@ impl Lobby {
                 }
                 Ok(LobbyMsg::Leave(id)) => {
                     self.fanout.remove(id);
-                    self.stop_if_empty();
+                    left = true;
                 }
                 Ok(LobbyMsg::Release(id)) => {
                     let resume = self.fanout.remove(id).unwrap_or_default();
                     let _ = self.manager.send(ManagerMsg::Released { id, resume });
-                    self.stop_if_empty();
+                    left = true;
                 }
+                Ok(LobbyMsg::Retire) => self.close_members(frame::ROUTE_REMOVED),
                 Ok(LobbyMsg::Shutdown) | Err(TryRecvError::Disconnected) => return false,
                 Err(TryRecvError::Empty) => break,
             }
@@ -355,13 +363,10 @@ impl Lobby {
             };
             bump(counter);
         }
-        true
-    }
-
-    fn stop_if_empty(&mut self) {
-        if self.fanout.is_empty() {
+        if left && self.fanout.is_empty() {
             self.origin.stop("no clients");
         }
+        true
     }
 }
 

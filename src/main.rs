@@ -8,16 +8,22 @@
 
 mod cli;
 
-use std::{io::IsTerminal, net::SocketAddr, process::ExitCode, thread, time::Duration};
+use std::{
+    io::{IsTerminal, Write},
+    net::SocketAddr,
+    process::ExitCode,
+    thread,
+    time::Duration,
+};
 
 use argh::{EarlyExit, FromArgs};
 use log::{LevelFilter, error, info, warn};
 use signal_hook::{
-    consts::{SIGINT, SIGTERM},
+    consts::{SIGHUP, SIGINT, SIGTERM},
     iterator::Signals,
 };
 use simplelog::{ColorChoice, ConfigBuilder, TermLogger, TerminalMode};
-use wsgate::{Gateway, demo::DemoOrigin};
+use wsgate::{Config, Error, Gateway, demo::DemoOrigin};
 
 use crate::cli::Cli;
 
@@ -71,8 +77,12 @@ fn parse_args() -> Result<Cli, ExitCode> {
 /// Runs the gateway until it stops; true if it stopped cleanly (not on a
 /// fatal failure).
 fn run(cli: &Cli) -> Result<bool, Box<dyn std::error::Error>> {
-    init_logging(cli.log_level);
-    let mut config = cli.config()?;
+    let mut config = load(cli)?;
+    if cli.print_config {
+        print!("{}", config.to_toml());
+        return Ok(true);
+    }
+    init_logging(cli.log_level.unwrap_or(LevelFilter::Info));
     let demo = if cli.demo {
         let demo = DemoOrigin::start(SocketAddr::from(([127, 0, 0, 1], 0)), DEMO_TICK)
             .map_err(|e| format!("cannot start the demo origin: {e}"))?;
@@ -81,34 +91,71 @@ fn run(cli: &Cli) -> Result<bool, Box<dyn std::error::Error>> {
     } else {
         None
     };
-    let path = config.path.clone();
-    let gateway = Gateway::start(config)?;
-    let url = format!("ws://{}{path}", gateway.local_addr());
+    let routes = config.route_configs();
+    let gateway = Gateway::start(config).map_err(|e| with_location(e, cli))?;
+    let url = |path: &str| format!("ws://{}{path}", gateway.local_addr());
     if demo.is_some() {
-        println!("wsgate demo: connect WebSocket clients to {url}");
-        println!("  e.g. python3 -m websockets {url}   (Ctrl-C stops the gateway)");
+        let url = url("/");
+        say(&format!("wsgate demo: connect WebSocket clients to {url}"));
+        say(&format!(
+            "  e.g. python3 -m websockets {url}   (Ctrl-C stops the gateway)"
+        ));
     } else {
-        println!("wsgate: clients connect to {url}");
+        let (first, more) = routes
+            .split_first()
+            .map_or((None, &[][..]), |(f, m)| (Some(f), m));
+        if let Some(route) = first {
+            say(&format!("wsgate: clients connect to {}", url(&route.path)));
+        }
+        for route in more {
+            say(&format!(
+                "  and to {} (from {})",
+                url(&route.path),
+                route.origin
+            ));
+        }
     }
     if let Some(admin) = gateway.admin_addr() {
-        println!("  admin: dashboard at http://{admin}/, metrics at http://{admin}/metrics");
+        say(&format!(
+            "  admin: dashboard at http://{admin}/, metrics at http://{admin}/metrics"
+        ));
     }
 
-    let mut signals = Signals::new([SIGINT, SIGTERM])
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let signal_handle = signals.handle();
     let shutdown = gateway.shutdown_handle();
+    let reload = gateway.reload_handle();
+    let cli_for_reload = cli.clone();
+    let is_demo = demo.is_some();
     let watcher = thread::Builder::new()
         .name("wsgate-signals".to_owned())
         .spawn(move || {
-            let mut received = signals.forever();
-            if let Some(signal) = received.next() {
-                info!("signal {signal} received; shutting down (a second one exits at once)");
-                shutdown.shutdown();
-            }
-            if let Some(signal) = received.next() {
-                warn!("signal {signal} received again; exiting now");
-                std::process::exit(128 + signal);
+            let mut stopping = false;
+            for signal in signals.forever() {
+                match signal {
+                    SIGHUP if is_demo => warn!("SIGHUP: the demo has nothing to reload"),
+                    SIGHUP => {
+                        info!("SIGHUP received; reloading the configuration");
+                        match load(&cli_for_reload) {
+                            Ok(config) => {
+                                let _ = reload.reload(config);
+                            }
+                            Err(e) => reload.reject(&message(&e)),
+                        }
+                    }
+                    _ if stopping => {
+                        warn!("signal {signal} received again; exiting now");
+                        std::process::exit(128 + signal);
+                    }
+                    _ => {
+                        info!(
+                            "signal {signal} received; shutting down (a second one exits at once)"
+                        );
+                        stopping = true;
+                        shutdown.shutdown();
+                    }
+                }
             }
         })
         .map_err(|e| format!("cannot start the signal thread: {e}"))?;
@@ -124,6 +171,79 @@ fn run(cli: &Cli) -> Result<bool, Box<dyn std::error::Error>> {
         error!("stopped after a fatal failure (see above); exiting with status 1");
     }
     Ok(stats.fatal_errors == 0)
+}
+
+/// Prints a line for the operator. Whoever reads our standard output may
+/// have gone (a closed pipe): the gateway runs on regardless.
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+}
+
+/// The settings: the defaults, then the config file, then the flags; not
+/// yet validated. A file error names the file, its line and the key.
+fn load(cli: &Cli) -> Result<Config, Error> {
+    let file = match &cli.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+            Config::from_toml(&text).map_err(|e| {
+                let msg = message(&e);
+                // "line N: key: why" reads "FILE:N: key: why".
+                let located = msg
+                    .strip_prefix("line ")
+                    .and_then(|m| m.split_once(": "))
+                    .map(|(line, rest)| format!("{}:{line}: {rest}", path.display()));
+                Error::Config(located.unwrap_or_else(|| format!("{}: {msg}", path.display())))
+            })?
+        }
+        None => Config::default(),
+    };
+    cli.apply(file)
+}
+
+/// An error's message without its kind's prefix.
+fn message(e: &Error) -> String {
+    match e {
+        Error::Config(msg) => msg.clone(),
+        e => e.to_string(),
+    }
+}
+
+/// A validation error about a setting the config file holds, with the file
+/// and the line where it is set (`route PATH:` errors: within that route).
+fn with_location(e: Error, cli: &Cli) -> Error {
+    let (Error::Config(msg), Some(path)) = (&e, &cli.config) else {
+        return e;
+    };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return e;
+    };
+    let (route, rest) = match msg.strip_prefix("route ").and_then(|m| m.split_once(": ")) {
+        Some((route, rest)) => (Some(route), rest),
+        None => (None, msg.as_str()),
+    };
+    let key: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+        .collect();
+    let lines: Vec<&str> = text.lines().collect();
+    // A route's key is looked for after its `path = "..."` line.
+    let from = route
+        .and_then(|r| {
+            lines
+                .iter()
+                .position(|l| l.replace(' ', "") == format!("path=\"{r}\""))
+        })
+        .unwrap_or(0);
+    let found = lines.iter().enumerate().skip(from).find(|(_, l)| {
+        l.split_once('=')
+            .is_some_and(|(k, _)| !key.is_empty() && k.trim() == key)
+    });
+    match found {
+        Some((n, _)) => Error::Config(format!("{}:{}: {msg}", path.display(), n + 1)),
+        None => Error::Config(format!("{}: {msg}", path.display())),
+    }
 }
 
 fn init_logging(level: LevelFilter) {

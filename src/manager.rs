@@ -42,8 +42,9 @@ use crate::{
     history::Resume,
     id::{ClientId, LobbyId, RouteId},
     lobby::{self, Forwarded, LobbyEnv, LobbyHandle, LobbyMsg, Member},
+    origin::OriginTarget,
     queue::ClientQueue,
-    registry::{Group, Orphan, Place, Registry, Rules},
+    registry::{Group, Move, Orphan, Place, Registry, Rules},
     seat::Seat,
     stats::{Disconnect, LobbyInfo, Stats, bump},
     supervise::ThreadKind,
@@ -67,6 +68,12 @@ pub(crate) enum ManagerMsg {
     Released { id: ClientId, resume: Resume },
     /// A thread ended, whether asked to or by panic.
     ThreadEnded { thread: ThreadKind, panicked: bool },
+    /// A new configuration: these routes (new ones, changed ones and
+    /// unchanged ones), and the gateway-wide settings in `config`.
+    Reload {
+        routes: Vec<RouteEnv>,
+        config: Box<Config>,
+    },
     /// Reply with the current lobbies, for [`GatewayHandle::lobbies`](crate::GatewayHandle::lobbies).
     Inspect(Sender<Vec<LobbyInfo>>),
     /// Stop every lobby and writer, then end.
@@ -82,6 +89,8 @@ pub(crate) struct Admission {
     pub leftover: Vec<u8>,
     /// Its place in the client counts, given back when the client is dropped.
     pub seat: Seat,
+    /// The lobbies it may join: its route's, and its query key's.
+    pub group: Group,
 }
 
 /// A client's message for the origin, from its writer (over a bounded
@@ -105,6 +114,7 @@ pub(crate) struct Inboxes {
 /// fatal failure it stops the gateway through `shutdown`.
 pub(crate) fn spawn(
     config: &Config,
+    routes: Vec<RouteEnv>,
     inboxes: Inboxes,
     env: LobbyEnv,
     writers: Vec<WriterHandle>,
@@ -112,23 +122,16 @@ pub(crate) fn spawn(
 ) -> Result<JoinHandle<()>> {
     let compact_interval = (!config.compact_interval.is_zero()).then_some(config.compact_interval);
     let mut registry = Registry::default();
-    registry.set_rules(
-        ROUTE,
-        Rules {
-            capacity: config.lobby_capacity,
-            compact_to: ((config.lobby_capacity as f64 * config.compact_fill).floor() as usize)
-                .max(1),
-            max_lobbies: (config.max_origin_connections > 0)
-                .then_some(config.max_origin_connections),
-        },
-    );
+    for route in &routes {
+        registry.set_rules(route.id, route.rules());
+    }
     let manager = Manager {
         inboxes,
         shutdown,
         registry,
+        routes: routes.into_iter().map(|r| (r.id, r)).collect(),
         compact_interval,
         next_compaction: compact_interval.map(|every| Instant::now() + every),
-        queue_depth: config.queue_depth,
         count_drops: config.slow_client == SlowClient::Disconnect,
         linger: config.lobby_linger,
         writer_load: vec![0; writers.len()],
@@ -157,8 +160,70 @@ pub(crate) fn spawn(
         .map_err(Error::io("spawn the manager thread"))
 }
 
-/// The one route a gateway serves today.
-const ROUTE: RouteId = RouteId(0);
+/// A route as the manager runs it: its settings and where its lobbies'
+/// messages come from.
+#[derive(Debug)]
+pub(crate) struct RouteEnv {
+    pub id: RouteId,
+    /// The route's settings (the top level with its overrides).
+    pub config: Config,
+    /// The upstream of its lobbies without a query key.
+    pub target: Arc<OriginTarget>,
+}
+
+impl RouteEnv {
+    /// A route's runtime form; fails if its upstream is unusable (a CA
+    /// file that cannot be read, say).
+    pub(crate) fn new(id: RouteId, config: Config) -> Result<RouteEnv> {
+        let target = Arc::new(OriginTarget::from_config(&config)?);
+        Ok(RouteEnv { id, config, target })
+    }
+
+    /// Whether `other` reaches its upstream differently (URL, handshake,
+    /// init messages, limits of the link), so lobbies must reconnect.
+    fn upstream_differs(&self, other: &RouteEnv) -> bool {
+        let (a, b) = (&self.config, &other.config);
+        a.origin != b.origin
+            || a.origin_headers != b.origin_headers
+            || a.origin_init != b.origin_init
+            || a.origin_subprotocols != b.origin_subprotocols
+            || a.origin_ca != b.origin_ca
+            || a.max_origin_message != b.max_origin_message
+            || a.origin_connect_timeout != b.origin_connect_timeout
+            || a.origin_ping != b.origin_ping
+            || a.origin_timeout != b.origin_timeout
+            || a.origin_backoff_min != b.origin_backoff_min
+            || a.origin_backoff_max != b.origin_backoff_max
+            || a.pass_query != b.pass_query
+            || a.query_params != b.query_params
+    }
+
+    /// Its placement rules.
+    fn rules(&self) -> Rules {
+        let c = &self.config;
+        Rules {
+            capacity: c.lobby_capacity,
+            compact_to: ((c.lobby_capacity as f64 * c.compact_fill).floor() as usize).max(1),
+            max_lobbies: (c.max_origin_connections > 0).then_some(c.max_origin_connections),
+        }
+    }
+
+    /// The upstream of the lobbies of query `key`: the route's URL with the
+    /// key appended as its query.
+    fn target_for(&self, key: Option<&str>) -> Result<Arc<OriginTarget>> {
+        let Some(key) = key.filter(|k| !k.is_empty()) else {
+            return Ok(Arc::clone(&self.target));
+        };
+        let mut config = self.config.clone();
+        let join = if config.origin.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        config.origin = format!("{}{join}{key}", config.origin);
+        OriginTarget::from_config(&config).map(Arc::new)
+    }
+}
 
 /// What the manager keeps of a client besides its place (`registry.rs`):
 /// its queue, which outlives moves between lobbies, and its writer.
@@ -176,12 +241,13 @@ struct Manager {
     shutdown: ShutdownHandle,
     /// Which client is where, and the placement and compaction rules.
     registry: Registry,
+    routes: HashMap<RouteId, RouteEnv>,
     compact_interval: Option<Duration>,
     next_compaction: Option<Instant>,
-    queue_depth: usize,
     /// Queues count their drops (for the slow-client disconnect policy).
     count_drops: bool,
     linger: Duration,
+    /// What every lobby shares; per route, [`Manager::lobby_env`] fills in the rest.
     env: LobbyEnv,
     stats: Arc<Stats>,
     /// The running lobbies' threads.
@@ -220,6 +286,13 @@ impl Manager {
             };
             #[cfg(feature = "fault-injection")]
             self.stats.faults.check(crate::fault::Fault::Manager);
+            if msg.is_some() {
+                // A client's messages go upstream before its departure (sent
+                // after them, on the other channel) is handled.
+                while let Ok(message) = self.inboxes.forwards.try_recv() {
+                    self.forward(message);
+                }
+            }
             match msg {
                 Some(ManagerMsg::Admit(admission)) => self.admit(admission),
                 Some(ManagerMsg::Departed(id)) => self.depart(id),
@@ -233,6 +306,7 @@ impl Manager {
                 Some(ManagerMsg::Inspect(reply)) => {
                     let _ = reply.send(self.lobby_infos());
                 }
+                Some(ManagerMsg::Reload { routes, config }) => self.reload(routes, &config),
                 Some(ManagerMsg::Shutdown) => return,
                 None => {}
             }
@@ -268,14 +342,18 @@ impl Manager {
             peer,
             leftover,
             seat,
+            group,
         } = admission;
         let id = ClientId(self.next_client);
         self.next_client += 1;
-        let group = Group {
-            route: ROUTE,
-            key: None,
+        let Some(route) = self.routes.get(&group.route) else {
+            debug!("{id} from {peer} refused: its route is gone");
+            self.stats.disconnected(Disconnect::NoRoom);
+            let close = frame::encode_close(close_code::SERVICE_RESTART, "route removed");
+            let _ = stream.write(&close);
+            return;
         };
-        let queue = ClientQueue::new(self.queue_depth, self.count_drops);
+        let queue = ClientQueue::new(route.config.queue_depth, self.count_drops);
         let writer = self.least_loaded_writer();
         self.clients.insert(
             id,
@@ -316,26 +394,13 @@ impl Manager {
     /// starting one if needed and allowed; the lobby it joined.
     fn place(&mut self, id: ClientId) -> Option<LobbyId> {
         let client = self.clients.get(&id)?;
+        let (group, queue, writer) = (client.group.clone(), client.queue.clone(), client.writer);
         loop {
-            let lobby = match self.registry.place(&client.group, Instant::now()) {
-                Place::Join(lobby) => lobby,
-                Place::Start(lobby) => match lobby::spawn(lobby, &self.env) {
-                    Ok(handle) => {
-                        self.lobbies.insert(lobby, handle);
-                        lobby
-                    }
-                    Err(e) => {
-                        error!("{e}");
-                        self.registry.lobby_ended(lobby);
-                        return None;
-                    }
-                },
-                Place::Full => return None,
-            };
+            let lobby = self.find_lobby(&group)?;
             let member = Member {
                 id,
-                queue: client.queue.clone(),
-                writer: client.writer,
+                queue: queue.clone(),
+                writer,
             };
             if self
                 .lobbies
@@ -348,6 +413,96 @@ impl Manager {
             // Its thread has ended. Its guard's report re-homes its clients
             // later; handling that here would place this client twice.
             self.registry.mark_dead(lobby);
+        }
+    }
+
+    /// The lobby of `group` a client should go to, starting it if needed.
+    fn find_lobby(&mut self, group: &Group) -> Option<LobbyId> {
+        match self.registry.place(group, Instant::now()) {
+            Place::Join(lobby) => Some(lobby),
+            Place::Start(lobby) => match self
+                .lobby_env(group)
+                .and_then(|env| lobby::spawn(lobby, &env))
+            {
+                Ok(handle) => {
+                    self.lobbies.insert(lobby, handle);
+                    Some(lobby)
+                }
+                Err(e) => {
+                    error!("{e}");
+                    self.registry.lobby_ended(lobby);
+                    None
+                }
+            },
+            Place::Full => None,
+        }
+    }
+
+    /// Applies a new configuration. Added routes serve new clients; a
+    /// removed route's lobbies close their clients with 1012 after what
+    /// they have queued; a route whose upstream changed gets new lobbies,
+    /// and its clients move to them as compaction moves clients (gap-free
+    /// where the two streams meet); other changes apply to new clients.
+    fn reload(&mut self, routes: Vec<RouteEnv>, config: &Config) {
+        let now = Instant::now();
+        self.compact_interval =
+            (!config.compact_interval.is_zero()).then_some(config.compact_interval);
+        self.next_compaction = self.compact_interval.map(|every| now + every);
+        self.linger = config.lobby_linger;
+        let kept: Vec<RouteId> = routes.iter().map(|r| r.id).collect();
+        for env in routes {
+            let id = env.id;
+            self.registry.set_rules(id, env.rules());
+            let old = self.routes.insert(id, env);
+            let path = &self.routes[&id].config.path;
+            match old {
+                None => info!("route {path} added"),
+                Some(old) if old.upstream_differs(&self.routes[&id]) => {
+                    info!("route {path}: upstream changed; moving its clients to new lobbies");
+                    self.evacuate(id, now);
+                }
+                Some(_) => {}
+            }
+        }
+        let removed: Vec<RouteId> = self
+            .routes
+            .keys()
+            .filter(|id| !kept.contains(id))
+            .copied()
+            .collect();
+        for id in removed {
+            if let Some(route) = self.routes.remove(&id) {
+                info!("route {} removed; closing its clients", route.config.path);
+            }
+            self.registry.remove_rules(id);
+            for lobby in self.registry.retire(id) {
+                if let Some(handle) = self.lobbies.get(&lobby) {
+                    handle.send(LobbyMsg::Retire);
+                }
+            }
+        }
+    }
+
+    /// Moves every client of `route`'s lobbies into new lobbies (its
+    /// upstream changed): the old ones take nobody new and end once empty.
+    fn evacuate(&mut self, route: RouteId, now: Instant) {
+        for from in self.registry.retire(route) {
+            for client in self.registry.clients_in(from) {
+                let Some(group) = self.clients.get(&client).map(|c| c.group.clone()) else {
+                    continue;
+                };
+                let Some(to) = self.find_lobby(&group) else {
+                    warn!("no lobby for {client} on its route's new upstream; it stays");
+                    continue;
+                };
+                let released = self
+                    .lobbies
+                    .get(&from)
+                    .is_some_and(|l| l.send(LobbyMsg::Release(client)));
+                if released {
+                    self.registry.start_move(Move { client, from, to }, now);
+                }
+            }
         }
     }
 
@@ -408,6 +563,23 @@ impl Manager {
         }
     }
 
+    /// What a new lobby of `group` runs with.
+    fn lobby_env(&self, group: &Group) -> Result<LobbyEnv> {
+        let route = self
+            .routes
+            .get(&group.route)
+            .ok_or_else(|| Error::Config(format!("no route {:?}", group.route)))?;
+        let c = &route.config;
+        Ok(LobbyEnv {
+            target: route.target_for(group.key.as_deref())?,
+            on_origin_loss: c.on_origin_loss,
+            history: c.history_len(),
+            history_keep: c.queue_depth.max(c.replay),
+            replay: c.replay,
+            ..self.env.clone()
+        })
+    }
+
     fn lobby_infos(&self) -> Vec<LobbyInfo> {
         let now = self.stats.epoch.millis();
         self.registry
@@ -420,6 +592,11 @@ impl Manager {
                 let since = counters.origin_since.load(Relaxed);
                 Some(LobbyInfo {
                     id: o.id.0,
+                    route: self
+                        .routes
+                        .get(&o.group.route)
+                        .map_or_else(String::new, |r| r.config.path.clone()),
+                    key: o.group.key.as_deref().map(str::to_owned),
                     clients: o.members,
                     origin: handle.origin_state(),
                     origin_since: Duration::from_millis(now.saturating_sub(since)),

@@ -16,7 +16,9 @@
 //!
 //! [`GatewayHandle::stats`]: crate::GatewayHandle::stats
 
-use std::{fmt, sync::Arc};
+use std::{collections::BTreeMap, fmt, sync::Arc, time::Duration};
+
+use crossbeam_channel::Sender;
 
 use prometheus_client::{
     collector::Collector,
@@ -25,7 +27,11 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::stats::{Disconnect, Stats, StatsSnapshot};
+use crate::{
+    gateway::ask_lobbies,
+    manager::ManagerMsg,
+    stats::{Disconnect, Stats, StatsSnapshot},
+};
 
 /// The prefix every wsgate metric name carries.
 pub const PREFIX: &str = "wsgate";
@@ -39,11 +45,17 @@ pub const PREFIX: &str = "wsgate";
 #[derive(Debug, Clone)]
 pub struct GatewayCollector {
     stats: Arc<Stats>,
+    /// Asked for the lobby list (the per-route gauges), briefly; `None` in
+    /// tests of the counters alone.
+    manager: Option<Sender<ManagerMsg>>,
 }
 
+/// Longest a scrape waits for the manager's lobby list.
+const LOBBY_LIST_WAIT: Duration = Duration::from_millis(250);
+
 impl GatewayCollector {
-    pub(crate) fn new(stats: Arc<Stats>) -> GatewayCollector {
-        GatewayCollector { stats }
+    pub(crate) fn new(stats: Arc<Stats>, manager: Option<Sender<ManagerMsg>>) -> GatewayCollector {
+        GatewayCollector { stats, manager }
     }
 }
 
@@ -238,6 +250,16 @@ impl Collector for GatewayCollector {
         )?;
         out.counter("lobbies_ended", "Lobby threads ended", s.lobbies_ended)?;
         out.counter(
+            "reloads",
+            "Configurations applied by a reload (SIGHUP)",
+            s.reloads,
+        )?;
+        out.counter(
+            "reload_failures",
+            "Reloads refused (the running configuration stayed)",
+            s.reload_failures,
+        )?;
+        out.counter(
             "thread_panics",
             "Gateway threads that panicked, recovered or not",
             s.thread_panics,
@@ -252,6 +274,32 @@ impl Collector for GatewayCollector {
             "1 once shutdown has begun (readiness fails), else 0",
             u64::from(s.draining),
         )?;
+        if let Some(lobbies) = self
+            .manager
+            .as_ref()
+            .and_then(|m| ask_lobbies(m, LOBBY_LIST_WAIT))
+        {
+            let mut routes: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+            for lobby in lobbies {
+                let route = routes.entry(lobby.route).or_default();
+                route.0 += lobby.clients as u64;
+                route.1 += 1;
+            }
+            for (name, help, pick) in [
+                ("route_clients", "Clients placed in each route's lobbies", 0),
+                ("route_lobbies", "Lobbies of each route", 1),
+            ] {
+                let mut metric =
+                    out.encoder
+                        .encode_descriptor(name, help, None, MetricType::Gauge)?;
+                for (route, counts) in &routes {
+                    let value = if pick == 0 { counts.0 } else { counts.1 };
+                    metric
+                        .encode_family(&[("route", route.as_str())])?
+                        .encode_gauge(&value)?;
+                }
+            }
+        }
         let uptime = ConstGauge::new(self.stats.epoch.millis() as f64 / 1000.0);
         let metric = out.encoder.encode_descriptor(
             "uptime",
@@ -371,7 +419,7 @@ mod tests {
         stats
             .bytes_sent
             .store(1234, std::sync::atomic::Ordering::Relaxed);
-        let text = exposition(&GatewayCollector::new(stats)).unwrap();
+        let text = exposition(&GatewayCollector::new(stats, None)).unwrap();
         for line in [
             "# TYPE wsgate_frames_dropped_total counter",
             "wsgate_frames_dropped_total{reason=\"queue_full\"} 7",

@@ -60,10 +60,20 @@ struct Lobby {
     members: usize,
     /// Its thread has ended (a message to it failed): place nobody here.
     is_dead: bool,
+    /// Its route was removed or its upstream changed: place nobody here,
+    /// move nobody in; it ends once its clients have left.
+    is_retiring: bool,
     empty_since: Option<Instant>,
     /// When it started, or last received migrated clients: it is not
     /// drained again until a compaction interval has passed since.
     settled_since: Instant,
+}
+
+impl Lobby {
+    /// Whether clients may be placed here or moved in.
+    fn is_open(&self) -> bool {
+        !self.is_dead && !self.is_retiring
+    }
 }
 
 /// A client as the registry knows it.
@@ -122,6 +132,36 @@ impl Registry {
         self.rules.insert(route, rules);
     }
 
+    /// Forgets a route's rules: nobody is placed in it any more.
+    pub(crate) fn remove_rules(&mut self, route: RouteId) {
+        self.rules.remove(&route);
+    }
+
+    /// Retires every open lobby of `route` (they take nobody new and end
+    /// once empty); returns them.
+    pub(crate) fn retire(&mut self, route: RouteId) -> Vec<LobbyId> {
+        self.lobbies
+            .iter_mut()
+            .filter(|(_, l)| l.group.route == route && l.is_open())
+            .map(|(id, l)| {
+                l.is_retiring = true;
+                *id
+            })
+            .collect()
+    }
+
+    /// The clients in `lobby` that are not moving (in order).
+    pub(crate) fn clients_in(&self, lobby: LobbyId) -> Vec<ClientId> {
+        let mut clients: Vec<ClientId> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.lobby == lobby && c.moving_from.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        clients.sort();
+        clients
+    }
+
     /// Finds a lobby for a new client of `group`: the fullest live one with
     /// room (the oldest on ties), else a new one if the route allows it.
     /// A new lobby is registered at once; if its thread cannot start,
@@ -133,7 +173,7 @@ impl Registry {
         let fullest = self
             .lobbies
             .iter()
-            .filter(|(_, l)| l.group == *group && !l.is_dead && l.members < rules.capacity)
+            .filter(|(_, l)| l.group == *group && l.is_open() && l.members < rules.capacity)
             .max_by_key(|(id, l)| (l.members, Reverse(**id)))
             .map(|(id, _)| *id);
         if let Some(id) = fullest {
@@ -142,7 +182,7 @@ impl Registry {
         let of_route = self
             .lobbies
             .values()
-            .filter(|l| l.group.route == group.route)
+            .filter(|l| l.group.route == group.route && !l.is_retiring)
             .count();
         if rules.max_lobbies.is_some_and(|max| of_route >= max) {
             return Place::Full;
@@ -155,6 +195,7 @@ impl Registry {
                 group: group.clone(),
                 members: 0,
                 is_dead: false,
+                is_retiring: false,
                 empty_since: None,
                 settled_since: now,
             },
@@ -211,7 +252,7 @@ impl Registry {
     pub(crate) fn plan_compaction(&self, now: Instant, interval: Duration) -> Vec<Move> {
         let mut groups: BTreeMap<&Group, Vec<(LobbyId, usize)>> = BTreeMap::new();
         for (id, l) in &self.lobbies {
-            if l.members > 0 && !l.is_dead {
+            if l.members > 0 && l.is_open() {
                 groups.entry(&l.group).or_default().push((*id, l.members));
             }
         }
@@ -517,6 +558,31 @@ mod tests {
         );
         assert_eq!(r.released(ClientId(10)), None);
         assert_eq!(members(&r), [(0, 9), (1, 0)]);
+    }
+
+    #[test]
+    fn retired_lobbies_take_nobody_and_count_against_no_limit() {
+        let now = Instant::now();
+        let mut r = registry(2, Some(2));
+        let g = group(0, None);
+        fill(&mut r, &g, 0, 3, now); // lobbies 0 (full) and 1
+        assert_eq!(r.retire(RouteId(0)), [LobbyId(0), LobbyId(1)]);
+        assert_eq!(r.clients_in(LobbyId(0)), [ClientId(0), ClientId(1)]);
+        // New lobbies start beside the retiring ones, within the limit.
+        assert_eq!(r.place(&g, now), Place::Start(LobbyId(2)));
+        let m = Move {
+            client: ClientId(0),
+            from: LobbyId(0),
+            to: LobbyId(2),
+        };
+        r.start_move(m, now);
+        assert!(r.plan_compaction(now, Duration::ZERO).is_empty());
+        r.remove_rules(RouteId(0));
+        assert_eq!(
+            r.place(&g, now),
+            Place::Full,
+            "a removed route takes nobody"
+        );
     }
 
     #[test]

@@ -2,15 +2,16 @@
 //! count, owned in one place and released exactly once.
 //!
 //! [`Seats`] lives in the acceptor thread and is the only owner of the
-//! per-address map; the live client count is the `clients` gauge in the
-//! stats. A [`Seat`] is taken when a connection is accepted (counted against
-//! its address, pending handshake included) and becomes a client's seat at
-//! the upgrade (counted in `clients`, within `--max-clients` and the lobby
-//! seats). The seat then travels with the connection: acceptor → manager →
-//! writer. Wherever it is dropped (refused, closed, shut down, or lost with
-//! a thread that panicked), its drop gives both counts back: the gauge at
-//! once, the address through a channel the acceptor drains before its next
-//! admission. Nothing here touches a socket.
+//! per-address and per-route counts; the live client count is the `clients`
+//! gauge in the stats. A [`Seat`] is taken when a connection is accepted
+//! (counted against its address, pending handshake included) and becomes a
+//! client's seat at the upgrade (counted in `clients` within
+//! `--max-clients`, and in its route within the route's lobby seats and
+//! query keys). The seat then travels with the connection: acceptor →
+//! manager → writer. Wherever it is dropped (refused, closed, shut down, or
+//! lost with a thread that panicked), its drop gives every count back: the
+//! gauge at once, the rest through a channel the acceptor drains before its
+//! next admission. Nothing here touches a socket.
 
 use std::{
     collections::HashMap,
@@ -23,6 +24,8 @@ use crossbeam_channel::{Receiver, Sender, unbounded};
 use crate::{
     config::Config,
     http::Rejection,
+    id::RouteId,
+    registry::Group,
     stats::{Stats, bump, drop_one},
 };
 
@@ -58,8 +61,15 @@ impl AddrKey {
 #[derive(Debug)]
 struct Book {
     stats: Arc<Stats>,
-    /// Where released addresses go (the acceptor's [`Seats`]).
-    released: Sender<AddrKey>,
+    /// Where released counts go (the acceptor's [`Seats`]).
+    released: Sender<Released>,
+}
+
+/// The counts a dropped seat held besides the gauge.
+#[derive(Debug)]
+struct Released {
+    addr: Option<AddrKey>,
+    group: Option<Group>,
 }
 
 /// A connection's claim on the gateway's capacity; see the module docs.
@@ -68,6 +78,8 @@ pub(crate) struct Seat {
     book: Arc<Book>,
     /// The address group it is counted against, when addresses are limited.
     addr: Option<AddrKey>,
+    /// The route (and key) it is counted in, once it is a client's.
+    group: Option<Group>,
     /// It holds a place in the `clients` gauge (the upgrade completed).
     is_client: bool,
 }
@@ -77,9 +89,36 @@ impl Drop for Seat {
         if self.is_client {
             drop_one(&self.book.stats.clients);
         }
-        if let Some(addr) = self.addr {
+        if self.addr.is_some() || self.group.is_some() {
+            let released = Released {
+                addr: self.addr,
+                group: self.group.take(),
+            };
             // A closed channel means the acceptor has ended: nothing to count.
-            let _ = self.book.released.send(addr);
+            let _ = self.book.released.send(released);
+        }
+    }
+}
+
+/// A route's admission limits, and its counts.
+#[derive(Debug, Default)]
+pub(crate) struct RouteLimits {
+    /// Most clients its lobbies can hold, when its origin connections are limited.
+    pub lobby_seats: Option<u64>,
+    /// Most distinct query keys at once, if limited.
+    pub max_keys: Option<usize>,
+    clients: u64,
+    /// Clients per query key.
+    keys: HashMap<Arc<str>, u32>,
+}
+
+impl RouteLimits {
+    /// The limits a route's settings describe.
+    pub(crate) fn new(route: &Config) -> RouteLimits {
+        RouteLimits {
+            lobby_seats: route.lobby_seats(),
+            max_keys: (route.pass_query && route.max_keys > 0).then_some(route.max_keys),
+            ..RouteLimits::default()
         }
     }
 }
@@ -88,15 +127,14 @@ impl Drop for Seat {
 #[derive(Debug)]
 pub(crate) struct Seats {
     book: Arc<Book>,
-    released: Receiver<AddrKey>,
+    released: Receiver<Released>,
     per_addr: HashMap<AddrKey, u32>,
     /// Most connections from one address group, if limited.
     max_per_addr: Option<u32>,
     ipv6_prefix: u8,
     /// Most clients connected at once, if limited.
     max_clients: Option<u64>,
-    /// Most clients the lobbies can hold, when origin connections are limited.
-    lobby_seats: Option<u64>,
+    routes: HashMap<RouteId, RouteLimits>,
 }
 
 impl Seats {
@@ -114,7 +152,49 @@ impl Seats {
                 .then(|| u32::try_from(config.max_clients_per_ip).unwrap_or(u32::MAX)),
             ipv6_prefix: config.ipv6_prefix,
             max_clients: (config.max_clients > 0).then_some(config.max_clients as u64),
-            lobby_seats: config.lobby_seats(),
+            routes: HashMap::new(),
+        }
+    }
+
+    /// Changes the gateway-wide limits (a reload); the counts carry over.
+    pub(crate) fn set_limits(&mut self, config: &Config) {
+        self.max_per_addr = (config.max_clients_per_ip > 0)
+            .then(|| u32::try_from(config.max_clients_per_ip).unwrap_or(u32::MAX));
+        self.ipv6_prefix = config.ipv6_prefix;
+        self.max_clients = (config.max_clients > 0).then_some(config.max_clients as u64);
+    }
+
+    /// Sets (or changes) a route's limits; its counts carry over.
+    pub(crate) fn set_route(&mut self, route: RouteId, limits: RouteLimits) {
+        let entry = self.routes.entry(route).or_default();
+        entry.lobby_seats = limits.lobby_seats;
+        entry.max_keys = limits.max_keys;
+    }
+
+    /// Takes back what dropped seats held.
+    fn absorb_releases(&mut self) {
+        for gone in self.released.try_iter() {
+            if let Some(addr) = gone.addr {
+                if let Some(n) = self.per_addr.get_mut(&addr) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.per_addr.remove(&addr);
+                    }
+                }
+            }
+            if let Some(group) = gone.group {
+                if let Some(route) = self.routes.get_mut(&group.route) {
+                    route.clients = route.clients.saturating_sub(1);
+                    if let Some(key) = group.key {
+                        if let Some(n) = route.keys.get_mut(&key) {
+                            *n -= 1;
+                            if *n == 0 {
+                                route.keys.remove(&key);
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -124,19 +204,13 @@ impl Seats {
         let mut seat = Seat {
             book: Arc::clone(&self.book),
             addr: None,
+            group: None,
             is_client: false,
         };
         let Some(max) = self.max_per_addr else {
             return Ok(seat);
         };
-        for gone in self.released.try_iter() {
-            if let Some(n) = self.per_addr.get_mut(&gone) {
-                *n -= 1;
-                if *n == 0 {
-                    self.per_addr.remove(&gone);
-                }
-            }
-        }
+        self.absorb_releases();
         let addr = AddrKey::of(ip, self.ipv6_prefix);
         let count = self.per_addr.entry(addr).or_default();
         if *count >= max {
@@ -148,18 +222,26 @@ impl Seats {
         Ok(seat)
     }
 
-    /// Makes `seat` a client's (counted in `clients`) at its upgrade, or
-    /// says which limit refuses it (503).
-    pub(crate) fn claim_client(&self, seat: &mut Seat) -> Result<(), Rejection> {
+    /// Makes `seat` a client of `group` at its upgrade (counted in
+    /// `clients` and in its route), or says which limit refuses it (503).
+    pub(crate) fn claim_client(&mut self, seat: &mut Seat, group: &Group) -> Result<(), Rejection> {
         if seat.is_client {
             return Ok(());
         }
+        self.absorb_releases();
         let stats = &self.book.stats;
+        let route = self.routes.entry(group.route).or_default();
+        let is_new_key = group
+            .key
+            .as_ref()
+            .is_some_and(|k| !route.keys.contains_key(k));
         let before = stats.clients.fetch_add(1, Ordering::SeqCst);
         let refusal = if self.max_clients.is_some_and(|max| before >= max) {
             Some(Rejection::TOO_MANY_CLIENTS)
-        } else if self.lobby_seats.is_some_and(|max| before >= max) {
+        } else if route.lobby_seats.is_some_and(|max| route.clients >= max) {
             Some(Rejection::FULL)
+        } else if is_new_key && route.max_keys.is_some_and(|max| route.keys.len() >= max) {
+            Some(Rejection::TOO_MANY_KEYS)
         } else {
             None
         };
@@ -168,6 +250,11 @@ impl Seats {
             bump(&stats.refused_full);
             return Err(rejection);
         }
+        route.clients += 1;
+        if let Some(key) = &group.key {
+            *route.keys.entry(Arc::clone(key)).or_default() += 1;
+        }
+        seat.group = Some(group.clone());
         seat.is_client = true;
         Ok(())
     }
@@ -197,6 +284,13 @@ mod tests {
             ..Config::default()
         };
         Seats::new(&config, Arc::new(Stats::default()))
+    }
+
+    fn group(key: Option<&str>) -> Group {
+        Group {
+            route: RouteId(0),
+            key: key.map(Arc::from),
+        }
     }
 
     #[test]
@@ -238,16 +332,50 @@ mod tests {
     }
 
     #[test]
+    fn a_route_holds_at_most_its_keys_and_frees_one_with_its_last_client() {
+        let mut s = seats(0, 0);
+        s.set_route(
+            RouteId(0),
+            RouteLimits {
+                max_keys: Some(2),
+                ..RouteLimits::default()
+            },
+        );
+        let ip = IpAddr::from([10, 0, 0, 1]);
+        let claim = |s: &mut Seats, key| {
+            let mut seat = s.take(ip).unwrap();
+            s.claim_client(&mut seat, &group(Some(key))).map(|()| seat)
+        };
+        let btc = claim(&mut s, "symbol=btc").unwrap();
+        let btc2 = claim(&mut s, "symbol=btc").unwrap();
+        let eth = claim(&mut s, "symbol=eth").unwrap();
+        assert_eq!(claim(&mut s, "symbol=sol").unwrap_err().status, 503);
+        assert!(
+            claim(&mut s, "symbol=eth").is_ok(),
+            "a known key is no new key"
+        );
+        drop((btc, btc2));
+        assert!(
+            claim(&mut s, "symbol=sol").is_ok(),
+            "btc's last client left"
+        );
+        drop(eth);
+    }
+
+    #[test]
     fn client_seats_are_counted_once_and_released_once() {
         let mut s = seats(0, 2);
         let stats = Arc::clone(&s.book.stats);
         let mut a = s.take(IpAddr::from([10, 0, 0, 1])).unwrap();
         let mut b = s.take(IpAddr::from([10, 0, 0, 1])).unwrap();
         let mut c = s.take(IpAddr::from([10, 0, 0, 1])).unwrap();
-        s.claim_client(&mut a).unwrap();
-        s.claim_client(&mut a).unwrap();
-        s.claim_client(&mut b).unwrap();
-        assert_eq!(s.claim_client(&mut c).unwrap_err().status, 503);
+        s.claim_client(&mut a, &group(None)).unwrap();
+        s.claim_client(&mut a, &group(None)).unwrap();
+        s.claim_client(&mut b, &group(None)).unwrap();
+        assert_eq!(
+            s.claim_client(&mut c, &group(None)).unwrap_err().status,
+            503
+        );
         assert_eq!(stats.clients.load(Ordering::SeqCst), 2);
         drop(c);
         assert_eq!(stats.clients.load(Ordering::SeqCst), 2);

@@ -46,6 +46,8 @@ pub(crate) struct Stats {
     pub origin_oversized: AtomicU64,
     pub thread_panics: AtomicU64,
     pub fatal_errors: AtomicU64,
+    pub reloads: AtomicU64,
+    pub reload_failures: AtomicU64,
     /// Test hooks that make a thread panic (feature `fault-injection`).
     #[cfg(feature = "fault-injection")]
     pub faults: crate::fault::Faults,
@@ -286,6 +288,11 @@ pub struct StatsSnapshot {
     pub fatal_errors: u64,
     /// Bytes written to client sockets, control frames included.
     pub bytes_sent: u64,
+    /// Configurations applied by a reload (SIGHUP, `GatewayHandle::reload`).
+    pub reloads: u64,
+    /// Reloads refused: a file that did not parse, or settings that did not
+    /// validate (the running configuration stays).
+    pub reload_failures: u64,
     /// Whether shutdown has begun (readiness is false from then on).
     pub draining: bool,
     /// The delivery latency histogram's buckets (not cumulative; the last
@@ -330,6 +337,10 @@ impl StatsSnapshot {
 pub struct LobbyInfo {
     /// The lobby's number, unique for the gateway's lifetime.
     pub id: u32,
+    /// The path of its route.
+    pub route: String,
+    /// Its query key, for a route whose lobbies are keyed by query.
+    pub key: Option<String>,
     /// Clients placed in the lobby.
     pub clients: usize,
     /// Where the lobby's origin connection stands.
@@ -436,6 +447,8 @@ impl Stats {
             thread_panics: self.thread_panics.load(Relaxed),
             fatal_errors: self.fatal_errors.load(Relaxed),
             bytes_sent: self.bytes_sent.load(Relaxed),
+            reloads: self.reloads.load(Relaxed),
+            reload_failures: self.reload_failures.load(Relaxed),
             draining: self.draining.load(Relaxed),
             latency_buckets: std::array::from_fn(|i| self.latency.buckets[i].load(Relaxed)),
             latency_sum_micros: self.latency.sum_micros.load(Relaxed),
@@ -477,11 +490,10 @@ pub enum Disconnect {
     NoRoom,
     /// Its lobby lost the origin, with `--on-origin-loss close`: closed with 1012.
     OriginLost,
+    /// A reload removed its route: closed with 1012 after its queued frames.
+    RouteRemoved,
     /// The gateway shut down: closed with 1001 after its queued frames.
     Shutdown,
-    /// It did not complete a close handshake (or receive its queued frames
-    /// at shutdown) in time, and was dropped.
-    CloseTimeout,
     /// The writer thread serving it failed: closed with 1011.
     InternalError,
 }
@@ -503,8 +515,8 @@ impl Disconnect {
         Disconnect::TooSlow,
         Disconnect::NoRoom,
         Disconnect::OriginLost,
+        Disconnect::RouteRemoved,
         Disconnect::Shutdown,
-        Disconnect::CloseTimeout,
         Disconnect::InternalError,
     ];
 
@@ -522,8 +534,8 @@ impl Disconnect {
             Disconnect::TooSlow => "too_slow",
             Disconnect::NoRoom => "no_room",
             Disconnect::OriginLost => "origin_lost",
+            Disconnect::RouteRemoved => "route_removed",
             Disconnect::Shutdown => "shutdown",
-            Disconnect::CloseTimeout => "close_timeout",
             Disconnect::InternalError => "internal_error",
         }
     }
@@ -532,17 +544,14 @@ impl Disconnect {
     pub fn close_code(self) -> Option<u16> {
         use crate::frame::close_code as code;
         match self {
-            Disconnect::ClientClosed
-            | Disconnect::ConnectionLost
-            | Disconnect::SocketError
-            | Disconnect::CloseTimeout => None,
+            Disconnect::ClientClosed | Disconnect::ConnectionLost | Disconnect::SocketError => None,
             Disconnect::ProtocolError => Some(code::PROTOCOL_ERROR),
             Disconnect::InvalidUtf8 => Some(code::INVALID_PAYLOAD),
             Disconnect::TooBig => Some(code::TOO_BIG),
             Disconnect::RateLimited => Some(code::POLICY_VIOLATION),
             Disconnect::Silent | Disconnect::Shutdown => Some(code::GOING_AWAY),
             Disconnect::TooSlow | Disconnect::NoRoom => Some(code::TRY_AGAIN_LATER),
-            Disconnect::OriginLost => Some(code::SERVICE_RESTART),
+            Disconnect::OriginLost | Disconnect::RouteRemoved => Some(code::SERVICE_RESTART),
             Disconnect::InternalError => Some(code::INTERNAL_ERROR),
         }
     }

@@ -727,9 +727,11 @@ fn run_chromium(chromium: &std::path::Path, args: &[&str]) -> String {
             _ => break None,
         }
     };
-    // Chromium's own helpers (zygote, renderer) share its process group.
-    let _ = Command::new("kill")
-        .args(["-KILL", &format!("-{pid}")])
+    // Chromium's own helpers (zygote, renderer) share its process group,
+    // named by its positive id (`kill -KILL -PGID` from procps-ng 4.0.2 was
+    // seen to signal every process, -1, instead).
+    let _ = Command::new("pkill")
+        .args(["-KILL", "-g", &pid.to_string()])
         .stderr(Stdio::null())
         .status();
     let _ = child.kill();

@@ -48,10 +48,137 @@ fn bad_flags_exit_2_with_one_clear_line() {
 }
 
 #[test]
+fn config_file_errors_name_the_file_line_and_key_and_exit_2() {
+    let dir = std::env::temp_dir().join(format!("wsgate-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        (
+            "unknown key",
+            "origin = \"ws://h/\"\nlobby_capacty = 5\n",
+            ":2",
+            "lobby_capacty",
+        ),
+        (
+            "wrong type",
+            "origin = \"ws://h/\"\n\nqueue_depth = \"x\"\n",
+            ":3",
+            "queue_depth",
+        ),
+        (
+            "bad duration",
+            "drain_timeout = \"soon\"\norigin = \"ws://h/\"\n",
+            ":1",
+            "drain_timeout",
+        ),
+        (
+            "bad value",
+            "origin = \"ws://h/\"\nlobby_capacity = 0\n",
+            ":2",
+            "lobby_capacity",
+        ),
+        (
+            "a route's bad value",
+            "[[route]]\npath = \"/a\"\norigin = \"ws://h/\"\nlobby_capacity = 0\n",
+            ":4",
+            "route /a: lobby_capacity",
+        ),
+    ];
+    for (what, text, line, key) in cases {
+        let file = dir.join("wsgate.toml");
+        std::fs::write(&file, text).unwrap();
+        let out = wsgate(&[
+            "--config",
+            file.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{what}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{what}: {stderr}");
+        let at = format!("{}{line}", file.display());
+        assert!(
+            stderr.contains(&at) && stderr.contains(key),
+            "{what}: wanted {at} and {key} in {stderr}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn print_config_shows_every_setting_in_the_file_form() {
+    let out = wsgate(&[
+        "--origin",
+        "ws://h/",
+        "--queue-depth",
+        "9",
+        "--print-config",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let config = wsgate::Config::from_toml(&text).expect("a config file");
+    assert_eq!(config.queue_depth, 9);
+    assert_eq!(config.origin, "ws://h/");
+    assert!(text.contains("drain_timeout = \"5s\""), "{text}");
+}
+
+#[test]
+fn a_closed_standard_output_does_not_stop_the_gateway() {
+    let origin = TestOrigin::start();
+    let routes = [
+        format!("/a={}", origin.url()),
+        format!("/b={}", origin.url()),
+    ];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--route",
+            &routes[0],
+            "--route",
+            &routes[1],
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start wsgate");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    // Whoever read our first line goes away before the rest is printed.
+    drop(stdout);
+    let addr: SocketAddr = line
+        .split_whitespace()
+        .last()
+        .and_then(|url| {
+            url.trim_start_matches("ws://")
+                .split('/')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let stream = std::net::TcpStream::connect(addr).expect("still listening");
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let (mut client, _) =
+        tungstenite::client(format!("ws://{addr}/b"), stream).expect("still serving");
+    wait_until("its upstream", || origin.open() == 1);
+    origin.send_seq(1);
+    assert_eq!(recv_text(&mut client), "1");
+    assert!(child.try_wait().unwrap().is_none(), "still running");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
 fn help_exits_0() {
     let out = wsgate(&["--help"]);
     assert_eq!(out.status.code(), Some(0));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("--lobby-capacity"));
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("--lobby-capacity") && help.contains("--route"),
+        "{help}"
+    );
 }
 
 /// A child process killed (and reaped) if the test ends early; if the test

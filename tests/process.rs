@@ -18,6 +18,8 @@ use support::*;
 struct Gateway {
     child: Child,
     addr: SocketAddr,
+    /// Kept open: the gateway may print more than its first line.
+    _stdout: BufReader<std::process::ChildStdout>,
 }
 
 impl Gateway {
@@ -43,12 +45,17 @@ impl Gateway {
             .last()
             .and_then(|url| {
                 url.trim_start_matches("ws://")
-                    .trim_end_matches('/')
+                    .split('/')
+                    .next()?
                     .parse()
                     .ok()
             })
             .unwrap_or_else(|| panic!("no address in {line:?}"));
-        Gateway { child, addr }
+        Gateway {
+            child,
+            addr,
+            _stdout: stdout,
+        }
     }
 
     fn rss_kib(&self) -> u64 {
@@ -67,11 +74,16 @@ impl Gateway {
     }
 
     fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends `SIG<name>` to the process (by its PID).
+    fn signal(&self, name: &str) {
         let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([&format!("-{name}"), &self.child.id().to_string()])
             .status()
             .is_ok_and(|s| s.success());
-        assert!(ok, "kill -TERM");
+        assert!(ok, "kill -{name}");
     }
 
     /// Waits for the process to exit; its exit code and stderr.
@@ -328,4 +340,77 @@ fn a_second_sigterm_exits_at_once() {
     assert!(start.elapsed() < Duration::from_secs(10), "{stderr}");
     assert_eq!(code, Some(128 + 15), "{stderr}");
     assert!(stderr.contains("received again; exiting now"), "{stderr}");
+}
+
+#[test]
+fn sighup_reloads_the_config_file_and_a_broken_one_changes_nothing() {
+    let origin = Arc::new(TestOrigin::start());
+    let dir = std::env::temp_dir().join(format!("wsgate-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("wsgate.toml");
+    let write = |paths: &[&str], extra: &str| {
+        let mut text = String::from(extra);
+        for path in paths {
+            text.push_str(&format!(
+                "[[route]]\npath = \"{path}\"\norigin = \"ws://{}{path}\"\n",
+                origin.addr()
+            ));
+        }
+        std::fs::write(&file, text).unwrap();
+    };
+    write(&["/a", "/b"], "compact_interval = \"0s\"\n");
+    let gw = Gateway::spawn("", &format!("--config {} --log-level info", file.display()));
+    let at = |path: &str| {
+        let stream = TcpStream::connect(gw.addr).unwrap();
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        tungstenite::client(format!("ws://{}{path}", gw.addr), stream)
+            .expect("upgrade")
+            .0
+    };
+    let stays = Reader::spawn(at("/a"));
+    let mut removed = at("/b");
+    wait_until("two upstreams", || origin.open() == 2);
+    let feed = Feed::start(origin.clone(), Duration::from_millis(5));
+    std::thread::sleep(Duration::from_millis(300));
+
+    write(&["/a", "/c"], "compact_interval = \"0s\"\n");
+    gw.signal("HUP");
+    let close = recv_close(&mut removed).expect("a close frame");
+    assert_eq!(u16::from(close.code), 1012, "the removed route's client");
+    let mut added = {
+        let mut tries = 0;
+        loop {
+            // The reload may still be on its way when the close arrives.
+            let stream = TcpStream::connect(gw.addr).unwrap();
+            stream.set_read_timeout(Some(DEADLINE)).unwrap();
+            match tungstenite::client(format!("ws://{}/c", gw.addr), stream) {
+                Ok((ws, _)) => break ws,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    eprintln!("/c not served yet: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("/c never served: {e}"),
+            }
+        }
+    };
+    assert!(recv_text(&mut added).parse::<u64>().is_ok());
+
+    std::fs::write(&file, "[[route]]\npath = \"/a\"\nbogus = 1\n").unwrap();
+    gw.signal("HUP");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(recv_text(&mut added).parse::<u64>().is_ok(), "still served");
+    feed.stop();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_continuous(&stays.finish(), |_| 0);
+    drop(added);
+    gw.terminate();
+    let (code, stderr) = gw.wait();
+    assert_eq!(code, Some(0), "{stderr}");
+    let where_ = format!("{}:3", file.display());
+    assert!(
+        stderr.contains("reload failed") && stderr.contains(&where_) && stderr.contains("bogus"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

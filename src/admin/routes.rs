@@ -169,6 +169,10 @@ struct LobbiesJson {
 #[derive(Debug, Serialize)]
 struct LobbyJson {
     id: u32,
+    /// The path of its route.
+    route: String,
+    /// Its query key, for a route keyed by query; null otherwise.
+    key: Option<String>,
     clients: usize,
     /// `idle`, `connecting`, `up`, `backing_off` or `closing`.
     origin: &'static str,
@@ -185,6 +189,8 @@ impl From<LobbyInfo> for LobbyJson {
     fn from(l: LobbyInfo) -> LobbyJson {
         LobbyJson {
             id: l.id,
+            route: l.route,
+            key: l.key,
             clients: l.clients,
             origin: l.origin.name(),
             origin_since_seconds: l.origin_since.as_secs_f64(),

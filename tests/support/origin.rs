@@ -59,10 +59,12 @@ pub struct OriginOptions {
 /// Something the origin saw.
 #[derive(Debug, Clone)]
 pub enum OriginEvent {
-    /// Connection number `conn` completed its upgrade, with these request headers.
+    /// Connection number `conn` completed its upgrade, asking for `uri`
+    /// (path and query) with these request headers.
     Connected {
         conn: usize,
         at: Instant,
+        uri: String,
         headers: Vec<(String, String)>,
     },
     /// Connection `conn` sent this text message.
@@ -255,9 +257,11 @@ fn upgrade_and_serve(stream: TcpStream, shared: &Shared) {
 
 fn upgraded<S: Read + Write>(stream: S, tcp: &TcpStream, shared: &Shared) {
     let mut headers = Vec::new();
+    let mut uri = String::new();
     // tungstenite's callback signature returns its (large) HTTP error response.
     #[allow(clippy::result_large_err)]
     let callback = |req: &Request, mut resp: Response| {
+        uri = req.uri().to_string();
         headers = req
             .headers()
             .iter()
@@ -299,6 +303,7 @@ fn upgraded<S: Read + Write>(stream: S, tcp: &TcpStream, shared: &Shared) {
         .push(OriginEvent::Connected {
             conn,
             at: Instant::now(),
+            uri,
             headers,
         });
     if shared.options.hello_and_close {
