@@ -344,6 +344,8 @@ fn a_second_sigterm_exits_at_once() {
 
 #[test]
 fn sighup_reloads_the_config_file_and_a_broken_one_changes_nothing() {
+    // /a stays as it is, /h gets a new origin header (its lobbies reconnect
+    // and its clients move), /b is removed, /c is added.
     let origin = Arc::new(TestOrigin::start());
     let dir = std::env::temp_dir().join(format!("wsgate-reload-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -358,7 +360,16 @@ fn sighup_reloads_the_config_file_and_a_broken_one_changes_nothing() {
         }
         std::fs::write(&file, text).unwrap();
     };
-    write(&["/a", "/b"], "compact_interval = \"0s\"\n");
+    let header = |generation: u32| {
+        format!(
+            "[[route]]\npath = \"/h\"\norigin = \"ws://{}/h\"\norigin_headers = [\"X-Gen: {generation}\"]\n",
+            origin.addr()
+        )
+    };
+    write(
+        &["/a", "/b"],
+        &format!("compact_interval = \"0s\"\n{}", header(1)),
+    );
     let gw = Gateway::spawn("", &format!("--config {} --log-level info", file.display()));
     let at = |path: &str| {
         let stream = TcpStream::connect(gw.addr).unwrap();
@@ -368,12 +379,16 @@ fn sighup_reloads_the_config_file_and_a_broken_one_changes_nothing() {
             .0
     };
     let stays = Reader::spawn(at("/a"));
+    let moves = Reader::spawn(at("/h"));
     let mut removed = at("/b");
-    wait_until("two upstreams", || origin.open() == 2);
+    wait_until("three upstreams", || origin.open() == 3);
     let feed = Feed::start(origin.clone(), Duration::from_millis(5));
     std::thread::sleep(Duration::from_millis(300));
 
-    write(&["/a", "/c"], "compact_interval = \"0s\"\n");
+    write(
+        &["/a", "/c"],
+        &format!("compact_interval = \"0s\"\n{}", header(2)),
+    );
     gw.signal("HUP");
     let close = recv_close(&mut removed).expect("a close frame");
     assert_eq!(u16::from(close.code), 1012, "the removed route's client");
@@ -403,6 +418,12 @@ fn sighup_reloads_the_config_file_and_a_broken_one_changes_nothing() {
     feed.stop();
     std::thread::sleep(Duration::from_millis(200));
     assert_continuous(&stays.finish(), |_| 0);
+    assert_continuous(&moves.finish(), |_| 0);
+    let reconnected = origin.events().iter().any(|e| {
+        matches!(e, OriginEvent::Connected { uri, headers, .. }
+            if uri == "/h" && headers.iter().any(|(n, v)| n == "x-gen" && v == "2"))
+    });
+    assert!(reconnected, "/h reconnected with its new header");
     drop(added);
     gw.terminate();
     let (code, stderr) = gw.wait();
