@@ -127,7 +127,12 @@ fn query_keyed_lobbies_get_their_own_upstream_and_the_key_cap_answers_503() {
     drop(eth);
     wait_until("eth's client gone", || gw.stats().clients == 2);
     let mut sol = client_at(gw.local_addr(), "/book?symbol=sol", &[]);
-    wait_placed(&gw, 3);
+    wait_until("sol's upstream", || {
+        origin
+            .events()
+            .iter()
+            .any(|e| matches!(e, OriginEvent::Connected { uri, .. } if uri == "/feed?symbol=sol"))
+    });
     origin.send_seq(2);
     assert!(recv_text(&mut sol).ends_with(":2"));
 }
