@@ -15,7 +15,8 @@ pub struct Cli {
     #[argh(option, default = "SocketAddr::from(([127, 0, 0, 1], 8080))")]
     pub listen: SocketAddr,
 
-    /// upstream WebSocket URL, ws:// or wss:// (required unless --demo)
+    /// upstream URL: ws:// or wss:// (WebSocket), redis:// or rediss://
+    /// (pub/sub channel), redis+stream:// (stream) (required unless --demo)
     #[argh(option)]
     pub origin: Option<String>,
 
@@ -179,14 +180,14 @@ pub struct Cli {
     #[argh(option, default = "LevelFilter::Info")]
     pub log_level: LevelFilter,
 
-    /// run an embedded demo origin and point the gateway at it
+    /// feed the gateway from an embedded ticker (the in-process publisher)
     #[argh(switch)]
     pub demo: bool,
 }
 
 impl Cli {
     /// The gateway configuration these flags describe. The origin is left
-    /// empty for `--demo`, which fills it once the demo origin is up.
+    /// empty for `--demo`, whose ticker feeds the gateway through a publisher.
     pub fn config(&self) -> Result<Config, Error> {
         let origin = match (&self.origin, self.demo) {
             (Some(_), true) => {

@@ -17,8 +17,15 @@ pub struct Config {
     /// Address the client listener binds. Port 0 picks a free port.
     /// Defaults to `127.0.0.1:8080`.
     pub listen: SocketAddr,
-    /// Upstream WebSocket URL every lobby connects to (`ws://host[:port]/path`).
-    /// Clients never choose it. Defaults to empty, which [`Config::validate`] rejects.
+    /// Upstream URL every lobby reads from; its scheme picks the source:
+    /// a WebSocket origin (`ws://host[:port]/path`, `wss://` with the `tls`
+    /// feature), or with the `redis` feature a Redis pub/sub channel
+    /// (`redis://[[user]:password@]host[:port][/db]/channel`, `rediss://`
+    /// with TLS) or stream (`redis+stream://…/key[?field=NAME]`, reading
+    /// each entry's `data` field unless `field` names another). Clients
+    /// never choose it. Leave it empty for a gateway fed by a
+    /// [`Publisher`](crate::Publisher) ([`Builder::publisher`](crate::Builder::publisher)).
+    /// Defaults to empty, which [`Config::validate`] rejects.
     pub origin: String,
     /// Request path clients connect to; any other path gets 404. Defaults to `/`.
     pub path: String,
@@ -278,7 +285,13 @@ const MAX_CLIENT_RATE: u32 = 1_000_000;
 impl Config {
     /// Checks every value, returning [`Error::Config`] naming the first bad one.
     pub fn validate(&self) -> Result<()> {
-        self.origin_uri()?;
+        crate::source::check_url(&self.origin)?;
+        self.validate_settings()
+    }
+
+    /// Checks every value but the origin URL (a gateway fed by a publisher
+    /// has none).
+    pub(crate) fn validate_settings(&self) -> Result<()> {
         let bad = |msg: &str| Err(Error::Config(msg.to_owned()));
         if self.lobby_capacity == 0 {
             return bad("lobby capacity must be at least 1");
@@ -400,27 +413,6 @@ impl Config {
         (self.max_origin_connections > 0).then(|| {
             (self.max_origin_connections as u64).saturating_mul(self.lobby_capacity as u64)
         })
-    }
-
-    /// The origin URL, parsed and checked: `ws://`, with a host.
-    pub(crate) fn origin_uri(&self) -> Result<Uri> {
-        let bad = |why: &str| Err(Error::Config(format!("origin URL {:?} {why}", self.origin)));
-        if self.origin.is_empty() {
-            return Err(Error::Config("an origin URL is required".to_owned()));
-        }
-        let Ok(uri) = self.origin.parse::<Uri>() else {
-            return bad("is not a valid URL");
-        };
-        match uri.scheme_str() {
-            Some("ws") => {}
-            Some("wss") if cfg!(feature = "tls") => {}
-            Some("wss") => return bad("uses wss://, but this build has no TLS (feature `tls`)"),
-            _ => return bad("must start with ws:// or wss://"),
-        }
-        if uri.host().is_none_or(str::is_empty) {
-            return bad("has no host");
-        }
-        Ok(uri)
     }
 }
 

@@ -1,6 +1,9 @@
-//! Starting and stopping a gateway: [`Gateway::start`] and [`GatewayHandle`].
+//! Starting and stopping a gateway: [`Gateway::start`], [`Builder`] and
+//! [`GatewayHandle`].
 //!
-//! Start-up validates the configuration, binds the listener (so a busy port is
+//! Start-up runs on the caller's thread: it validates the configuration,
+//! builds the one [`Upstream`] every lobby reads from (from the origin URL,
+//! or an in-process [`Publisher`]), binds the listener (so a busy port is
 //! an error the caller sees), then spawns the writer pool, the manager (which
 //! takes the writers and starts lobbies on demand) and the acceptor. Shutdown
 //! runs down the same chain: the acceptor stops accepting and its end reaches
@@ -31,7 +34,7 @@ use crate::{
     lobby::LobbyEnv,
     manager::{self, FORWARD_QUEUE, Inboxes, ManagerMsg},
     metrics::GatewayCollector,
-    origin::OriginTarget,
+    source::{Publisher, Upstream},
     stats::{LobbyInfo, Stats, StatsSnapshot, bump},
     writer::{self, WriterHandle, WriterMsg},
 };
@@ -43,13 +46,77 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Validates `config`, binds the listener and starts every thread.
+    /// Validates `config`, binds the listener and starts every thread, with
+    /// the lobbies reading from [`Config::origin`].
     ///
     /// Returns once the gateway accepts clients. Errors are configuration
     /// problems, a listener that cannot be bound, or threads that cannot start.
     pub fn start(config: Config) -> Result<GatewayHandle> {
-        config.validate()?;
-        let target = Arc::new(OriginTarget::from_config(&config)?);
+        Gateway::builder(config).start()
+    }
+
+    /// A gateway to set up further before it starts: fed by this program
+    /// through a [`Publisher`] instead of an origin URL, told what to do
+    /// when it stops.
+    pub fn builder(config: Config) -> Builder {
+        Builder {
+            config,
+            publisher: None,
+            on_stop: OnStop(None),
+        }
+    }
+}
+
+/// A gateway not started yet: [`Gateway::builder`], then [`Builder::start`].
+#[derive(Debug)]
+pub struct Builder {
+    config: Config,
+    publisher: Option<Publisher>,
+    on_stop: OnStop,
+}
+
+impl Builder {
+    /// Feeds the gateway from this program: every message given to the
+    /// returned [`Publisher`] (or a clone of it) goes to every client, and
+    /// the gateway dials no origin, so [`Config::origin`] must stay empty.
+    /// Calling it again returns the same publisher.
+    pub fn publisher(&mut self) -> Publisher {
+        self.publisher.get_or_insert_with(Publisher::new).clone()
+    }
+
+    /// Runs `f` once the gateway has stopped, on the thread that stopped it
+    /// last (after every gateway thread but the acceptor has ended),
+    /// whether a shutdown or a fatal failure stopped it; [`GatewayHandle::join`]
+    /// then returns at once. A program that waits for something else (a
+    /// signal) learns this way that the gateway stopped on its own.
+    pub fn on_stop(&mut self, f: impl FnOnce() + Send + 'static) -> &mut Builder {
+        self.on_stop = OnStop(Some(Box::new(f)));
+        self
+    }
+
+    /// Validates the configuration, binds the listener and starts every
+    /// thread; see [`Gateway::start`].
+    pub fn start(self) -> Result<GatewayHandle> {
+        let Builder {
+            config,
+            publisher,
+            on_stop,
+        } = self;
+        let upstream = match &publisher {
+            Some(publisher) => {
+                if !config.origin.is_empty() {
+                    return Err(Error::Config(
+                        "a gateway fed by a publisher takes no origin URL".to_owned(),
+                    ));
+                }
+                config.validate_settings()?;
+                Upstream::Publisher(Arc::clone(publisher.hub()))
+            }
+            None => {
+                config.validate()?;
+                Upstream::from_url(&config.origin, &config)?
+            }
+        };
         let listener = bind(config.listen).map_err(|source| Error::Bind {
             addr: config.listen,
             source,
@@ -68,6 +135,9 @@ impl Gateway {
             None => None,
         };
         let stats = Arc::new(Stats::default());
+        if let Some(publisher) = &publisher {
+            publisher.hub().attach(&stats);
+        }
         let (prepared, shutdown) = acceptor::prepare(listener, &config, Arc::clone(&stats))?;
         let (manager_tx, manager_rx) = unbounded();
         let (forwards_tx, forwards) = bounded(FORWARD_QUEUE);
@@ -84,7 +154,7 @@ impl Gateway {
             }
         }
         let env = LobbyEnv {
-            target,
+            upstream: Arc::new(upstream),
             writers: writers.iter().map(WriterHandle::wake).collect(),
             stats: Arc::clone(&stats),
             manager: manager_tx.clone(),
@@ -97,6 +167,7 @@ impl Gateway {
             inbox: manager_rx,
             forwards,
             _forwards_tx: forwards_tx,
+            _on_stop: on_stop,
         };
         let manager = manager::spawn(&config, inboxes, env, writers, shutdown.clone())?;
         let acceptor = match acceptor::spawn(prepared, manager_tx.clone()) {
@@ -129,6 +200,28 @@ impl Gateway {
             handle.admin = Some(admin::spawn(listener, sources)?);
         }
         Ok(handle)
+    }
+}
+
+/// What to run once the gateway has stopped ([`Builder::on_stop`]): run
+/// when dropped, which the manager does last.
+pub(crate) struct OnStop(Option<Box<dyn FnOnce() + Send>>);
+
+impl std::fmt::Debug for OnStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "OnStop(set)"
+        } else {
+            "OnStop(none)"
+        })
+    }
+}
+
+impl Drop for OnStop {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
     }
 }
 

@@ -1,14 +1,17 @@
 //! The `wsgate` binary: flags → [`wsgate::Config`] → a running gateway.
 //!
-//! It sets up logging, starts the demo origin for `--demo`, runs the gateway
-//! until SIGINT or SIGTERM (a second one exits at once), and turns errors
-//! into exit codes: 2 with one line on stderr for a usage or configuration
-//! error, 1 when the gateway stopped on a fatal failure. All gateway
-//! behaviour lives in the library.
+//! It sets up logging, feeds the gateway from the demo ticker for `--demo`
+//! (the embedding path: a [`wsgate::Publisher`]), runs the gateway until
+//! SIGINT or SIGTERM (a second one exits at once), and turns errors into
+//! exit codes: 2 with one line on stderr for a usage or configuration
+//! error, 1 when the gateway stopped on a fatal failure. The main thread
+//! waits for signals itself, and learns from [`wsgate::Builder::on_stop`]
+//! that the gateway stopped on its own, so the binary runs no thread of its
+//! own beside the gateway's. All gateway behaviour lives in the library.
 
 mod cli;
 
-use std::{io::IsTerminal, net::SocketAddr, process::ExitCode, thread, time::Duration};
+use std::{io::IsTerminal, process::ExitCode, time::Duration};
 
 use argh::{EarlyExit, FromArgs};
 use log::{LevelFilter, error, info, warn};
@@ -17,11 +20,11 @@ use signal_hook::{
     iterator::Signals,
 };
 use simplelog::{ColorChoice, ConfigBuilder, TermLogger, TerminalMode};
-use wsgate::{Gateway, demo::DemoOrigin};
+use wsgate::{Gateway, demo::DemoFeed};
 
 use crate::cli::Cli;
 
-/// Interval between the demo origin's ticks.
+/// Interval between the demo feed's ticks.
 const DEMO_TICK: Duration = Duration::from_millis(100);
 
 fn main() -> ExitCode {
@@ -72,17 +75,23 @@ fn parse_args() -> Result<Cli, ExitCode> {
 /// fatal failure).
 fn run(cli: &Cli) -> Result<bool, Box<dyn std::error::Error>> {
     init_logging(cli.log_level);
-    let mut config = cli.config()?;
-    let demo = if cli.demo {
-        let demo = DemoOrigin::start(SocketAddr::from(([127, 0, 0, 1], 0)), DEMO_TICK)
-            .map_err(|e| format!("cannot start the demo origin: {e}"))?;
-        config.origin = demo.url();
-        Some(demo)
-    } else {
-        None
-    };
+    let config = cli.config()?;
     let path = config.path.clone();
-    let gateway = Gateway::start(config)?;
+    let mut signals = Signals::new([SIGINT, SIGTERM])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let mut builder = Gateway::builder(config);
+    let publisher = cli.demo.then(|| builder.publisher());
+    // The gateway's end, whatever caused it, ends the wait for signals.
+    let signal_handle = signals.handle();
+    builder.on_stop(move || signal_handle.close());
+    let gateway = builder.start()?;
+    let demo = match publisher {
+        Some(publisher) => Some(
+            DemoFeed::start(publisher, DEMO_TICK)
+                .map_err(|e| format!("cannot start the demo feed: {e}"))?,
+        ),
+        None => None,
+    };
     let url = format!("ws://{}{path}", gateway.local_addr());
     if demo.is_some() {
         println!("wsgate demo: connect WebSocket clients to {url}");
@@ -94,32 +103,23 @@ fn run(cli: &Cli) -> Result<bool, Box<dyn std::error::Error>> {
         println!("  admin: dashboard at http://{admin}/, metrics at http://{admin}/metrics");
     }
 
-    let mut signals = Signals::new([SIGINT, SIGTERM])
-        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    let signal_handle = signals.handle();
-    let shutdown = gateway.shutdown_handle();
-    let watcher = thread::Builder::new()
-        .name("wsgate-signals".to_owned())
-        .spawn(move || {
-            let mut received = signals.forever();
-            if let Some(signal) = received.next() {
-                info!("signal {signal} received; shutting down (a second one exits at once)");
-                shutdown.shutdown();
-            }
-            if let Some(signal) = received.next() {
-                warn!("signal {signal} received again; exiting now");
-                std::process::exit(128 + signal);
-            }
-        })
-        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    let mut received = signals.forever();
+    if let Some(signal) = received.next() {
+        info!("signal {signal} received; shutting down (a second one exits at once)");
+        gateway.shutdown();
+    }
+    if let Some(signal) = received.next() {
+        warn!("signal {signal} received again; exiting now");
+        std::process::exit(128 + signal);
+    }
+    // The gateway has stopped (`on_stop` ended the wait); drop the demo
+    // feed first, so the joins below are immediate.
+    drop(demo);
     let stats = gateway.join();
     info!(
         "stopped: clients served {}, origin messages {}, frames delivered {}, frames dropped {}",
         stats.clients_accepted, stats.messages_in, stats.frames_delivered, stats.frames_dropped
     );
-    signal_handle.close();
-    let _ = watcher.join();
-    drop(demo);
     if stats.fatal_errors > 0 {
         error!("stopped after a fatal failure (see above); exiting with status 1");
     }

@@ -99,6 +99,9 @@ pub(crate) struct Inboxes {
     pub forwards: Receiver<ClientMessage>,
     /// Kept so `forwards` never reads as closed, even with no writer left.
     pub _forwards_tx: Sender<ClientMessage>,
+    /// Dropped with the manager, after its lobbies and writers have ended:
+    /// runs the embedder's [`Builder::on_stop`](crate::Builder::on_stop).
+    pub _on_stop: crate::gateway::OnStop,
 }
 
 /// Starts the manager thread, which takes ownership of the writers; on a
