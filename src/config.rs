@@ -156,7 +156,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Address of the admin HTTP server (`/metrics`, `/livez`, `/readyz`,
     /// `/lobbies`, a dashboard at `/`), never the client listener. Bind it
-    /// where only operators reach it. Defaults to none (no admin server).
+    /// where only operators reach it. Needs the `admin` feature. Defaults
+    /// to none (no admin server).
     pub admin: Option<SocketAddr>,
 }
 
@@ -391,6 +392,9 @@ impl Config {
         {
             return bad("the admin address must differ from the client listen address");
         }
+        if self.admin.is_some() && !cfg!(feature = "admin") {
+            return bad("an admin address needs a build with the admin server (feature `admin`)");
+        }
         for protocol in &self.origin_subprotocols {
             if protocol.is_empty() || !protocol.bytes().all(|b| b.is_ascii_graphic() && b != b',') {
                 return Err(Error::Config(format!(
@@ -522,6 +526,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "admin")]
     fn the_admin_server_never_shares_the_client_listener() {
         let mut c = with_origin("ws://h/");
         c.admin = Some(c.listen);

@@ -27,16 +27,19 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::{
     acceptor::{self, AcceptorHandle},
-    admin::{self, AdminHandle},
     config::Config,
     error::{Error, Result},
     health::{Health, Probes},
     lobby::LobbyEnv,
     manager::{self, FORWARD_QUEUE, Inboxes, ManagerMsg},
-    metrics::GatewayCollector,
     source::{Publisher, Upstream},
     stats::{LobbyInfo, Stats, StatsSnapshot, bump},
     writer::{self, WriterHandle, WriterMsg},
+};
+#[cfg(feature = "admin")]
+use crate::{
+    admin::{self, AdminHandle},
+    metrics::GatewayCollector,
 };
 
 /// Entry point for running a gateway in this process.
@@ -124,6 +127,7 @@ impl Builder {
         let local_addr = listener
             .local_addr()
             .map_err(Error::io("read the listener address"))?;
+        #[cfg(feature = "admin")]
         let admin_listener = match config.admin {
             Some(addr) => {
                 let listener = admin::bind(addr).map_err(|source| Error::Bind { addr, source })?;
@@ -178,16 +182,20 @@ impl Builder {
                 return Err(e);
             }
         };
+        #[cfg_attr(not(feature = "admin"), allow(unused_mut))]
         let mut handle = GatewayHandle {
             local_addr,
+            #[cfg(feature = "admin")]
             admin_addr: admin_listener.as_ref().map(|(_, addr)| *addr),
             probes: Probes::new(Arc::clone(&stats), &config),
             shutdown,
             stats,
             manager_tx,
             threads: Some((acceptor, manager)),
+            #[cfg(feature = "admin")]
             admin: None,
         };
+        #[cfg(feature = "admin")]
         if let Some((listener, _)) = admin_listener {
             let sources = admin::Sources {
                 stats: Arc::clone(&handle.stats),
@@ -262,6 +270,7 @@ fn join_manager(manager: JoinHandle<()>, stats: &Stats) {
 #[derive(Debug)]
 pub struct GatewayHandle {
     local_addr: SocketAddr,
+    #[cfg(feature = "admin")]
     admin_addr: Option<SocketAddr>,
     stats: Arc<Stats>,
     probes: Probes,
@@ -269,6 +278,7 @@ pub struct GatewayHandle {
     manager_tx: Sender<ManagerMsg>,
     threads: Option<(AcceptorHandle, JoinHandle<()>)>,
     /// Stopped last, so it answers through the drain.
+    #[cfg(feature = "admin")]
     admin: Option<AdminHandle>,
 }
 
@@ -308,12 +318,14 @@ impl GatewayHandle {
     }
 
     /// The address of the admin HTTP server, if [`Config::admin`] asked for one.
+    #[cfg(feature = "admin")]
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
     }
 
     /// A `prometheus_client` collector of the gateway's metrics, to add them
     /// to an embedding program's registry with [`crate::metrics::register`].
+    #[cfg(feature = "admin")]
     pub fn metrics_collector(&self) -> GatewayCollector {
         GatewayCollector::new(Arc::clone(&self.stats))
     }
@@ -359,6 +371,7 @@ impl GatewayHandle {
             acceptor.join();
             join_manager(manager, &self.stats);
         }
+        #[cfg(feature = "admin")]
         if let Some(admin) = self.admin.take() {
             admin.stop();
         }

@@ -72,11 +72,13 @@
 //!
 //! # Operations
 //!
-//! With [`Config::admin`] set, one more thread serves operators over HTTP:
-//! Prometheus metrics at `/metrics` ([`metrics`]), `/livez` and `/readyz`
-//! ([`GatewayHandle::liveness`], [`GatewayHandle::readiness`]), the lobby list
-//! at `/lobbies` and a dashboard at `/`. An embedding program can instead add
-//! [`GatewayHandle::metrics_collector`] to its own `prometheus_client` registry.
+//! With [`Config::admin`] set (and the `admin` feature), one more thread
+//! serves operators over HTTP: Prometheus metrics at `/metrics` (the
+//! `metrics` module), `/livez` and `/readyz` ([`GatewayHandle::liveness`],
+//! [`GatewayHandle::readiness`]), the lobby list at `/lobbies` and a
+//! dashboard at `/`. An embedding program can instead add
+//! `GatewayHandle::metrics_collector` to its own `prometheus_client`
+//! registry. The probes need no feature.
 //!
 //! # Limits and failures
 //!
@@ -98,6 +100,7 @@
 #![deny(unsafe_code)]
 
 mod acceptor;
+#[cfg(feature = "admin")]
 mod admin;
 mod backoff;
 mod config;
@@ -117,6 +120,7 @@ mod http;
 mod id;
 mod lobby;
 mod manager;
+#[cfg(feature = "admin")]
 pub mod metrics;
 mod queue;
 mod seat;

@@ -99,6 +99,7 @@ fn run(cli: &Cli) -> Result<bool, Box<dyn std::error::Error>> {
     } else {
         println!("wsgate: clients connect to {url}");
     }
+    #[cfg(feature = "admin")]
     if let Some(admin) = gateway.admin_addr() {
         println!("  admin: dashboard at http://{admin}/, metrics at http://{admin}/metrics");
     }
