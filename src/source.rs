@@ -45,6 +45,8 @@ use crate::{
 };
 
 pub(crate) mod publisher;
+#[cfg(feature = "redis")]
+pub(crate) mod redis;
 pub(crate) mod websocket;
 
 pub use publisher::Publisher;
@@ -156,6 +158,9 @@ pub(crate) struct LobbyContext {
 pub(crate) enum Upstream {
     /// A WebSocket origin.
     WebSocket(Arc<websocket::OriginTarget>),
+    /// A Redis channel or stream.
+    #[cfg(feature = "redis")]
+    Redis(Arc<redis::RedisTarget>),
     /// The embedding program's [`Publisher`].
     Publisher(Arc<publisher::Hub>),
 }
@@ -172,6 +177,10 @@ impl Upstream {
                     uri, config,
                 )?)))
             }
+            #[cfg(feature = "redis")]
+            Scheme::Redis => Ok(Upstream::Redis(Arc::new(redis::RedisTarget::new(
+                url, config,
+            )?))),
         }
     }
 
@@ -185,6 +194,8 @@ impl Upstream {
                 lobby.published,
                 lobby.stats,
             )),
+            #[cfg(feature = "redis")]
+            Upstream::Redis(target) => Box::new(redis::RedisLink::new(Arc::clone(target), lobby)),
             Upstream::Publisher(hub) => {
                 Box::new(publisher::PublisherSource::new(Arc::clone(hub), lobby))
             }
@@ -195,6 +206,8 @@ impl Upstream {
 /// The kinds of origin URL.
 enum Scheme {
     WebSocket,
+    #[cfg(feature = "redis")]
+    Redis,
 }
 
 fn scheme(url: &str) -> Result<Scheme> {
@@ -207,7 +220,16 @@ fn scheme(url: &str) -> Result<Scheme> {
     };
     match scheme.to_ascii_lowercase().as_str() {
         "ws" | "wss" => Ok(Scheme::WebSocket),
+        #[cfg(feature = "redis")]
+        "redis" | "rediss" | "redis+stream" | "rediss+stream" => Ok(Scheme::Redis),
+        #[cfg(not(feature = "redis"))]
+        "redis" | "rediss" | "redis+stream" | "rediss+stream" => {
+            bad("is a Redis URL, but this build has no Redis (feature `redis`)")
+        }
         _ if scheme.contains(char::is_whitespace) => bad("is not a valid URL"),
+        _ if cfg!(feature = "redis") => bad(
+            "must start with ws://, wss://, redis://, rediss://, redis+stream:// or rediss+stream://",
+        ),
         _ => bad("must start with ws:// or wss://"),
     }
 }
@@ -217,6 +239,8 @@ fn scheme(url: &str) -> Result<Scheme> {
 pub(crate) fn check_url(url: &str) -> Result<()> {
     match scheme(url)? {
         Scheme::WebSocket => websocket::parse_url(url).map(drop),
+        #[cfg(feature = "redis")]
+        Scheme::Redis => redis::RedisUrl::parse(url).map(drop),
     }
 }
 
@@ -254,6 +278,14 @@ mod tests {
         for bad in ["", "http://h/", "h", "ws://", "ws:// bad", "redis//h"] {
             assert!(check_url(bad).is_err(), "{bad}");
         }
+        assert_eq!(
+            check_url("redis://127.0.0.1:6379/feed").is_ok(),
+            cfg!(feature = "redis")
+        );
+        assert_eq!(
+            check_url("redis+stream://127.0.0.1/events").is_ok(),
+            cfg!(feature = "redis")
+        );
     }
 
     #[test]

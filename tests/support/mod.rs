@@ -17,6 +17,11 @@ use wsgate::{Config, Gateway, GatewayHandle};
 mod origin;
 #[allow(unused_imports)]
 pub use origin::*;
+#[cfg(feature = "redis")]
+mod redis_server;
+#[cfg(feature = "redis")]
+#[allow(unused_imports)]
+pub use redis_server::*;
 
 /// The generous deadline every wait in the tests uses: the machine is small and noisy.
 pub const DEADLINE: Duration = Duration::from_secs(20);
