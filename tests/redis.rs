@@ -478,3 +478,22 @@ fn two_gateway_processes_on_one_channel_each_give_every_client_every_message() {
         }
     }
 }
+
+#[test]
+fn shutdown_ends_within_the_drain_timeout_and_a_second() {
+    let Some(redis) = RedisServer::start() else { return };
+    let mut config = redis_config(&redis.channel_url("feed"));
+    config.lobby_capacity = 5;
+    config.drain_timeout = Duration::from_secs(1);
+    let gw = start_gateway(config);
+    // Clients that never read: the drain waits its whole timeout for them.
+    let _clients = connect_clients(&gw, 10);
+    wait_until("two subscriptions", || gw.stats().origin_connections == 2);
+    let started = Instant::now();
+    gw.shutdown();
+    let last = gw.join();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "shutdown took {took:?}");
+    assert_eq!(last.origin_connections, 0);
+    assert_eq!(last.lobbies, 0);
+}
