@@ -481,7 +481,9 @@ fn two_gateway_processes_on_one_channel_each_give_every_client_every_message() {
 
 #[test]
 fn shutdown_ends_within_the_drain_timeout_and_a_second() {
-    let Some(redis) = RedisServer::start() else { return };
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
     let mut config = redis_config(&redis.channel_url("feed"));
     config.lobby_capacity = 5;
     config.drain_timeout = Duration::from_secs(1);

@@ -617,6 +617,8 @@ pub(crate) struct RedisLink {
     state: State,
     backoff: Backoff,
     has_failed: bool,
+    /// A message was skipped (oversized, no such field) and logged at warn.
+    has_skipped: bool,
     /// For a stream: the last entry delivered, where a reconnect resumes.
     last: Option<StreamPos>,
 }
@@ -645,6 +647,7 @@ impl RedisLink {
             state: State::Idle,
             backoff,
             has_failed: false,
+            has_skipped: false,
             last: None,
         }
     }
@@ -858,7 +861,7 @@ impl RedisLink {
         }
     }
 
-    fn deliver_pubsub(&self, msg: &Msg, deliver: &mut dyn FnMut(Message<'_>)) {
+    fn deliver_pubsub(&mut self, msg: &Msg, deliver: &mut dyn FnMut(Message<'_>)) {
         let payload = msg.get_payload_bytes();
         if self.is_oversized(payload.len()) {
             return;
@@ -924,10 +927,11 @@ impl RedisLink {
                 });
             let Some(payload) = value else {
                 bump(&self.lobby.stats.origin_gaps);
-                warn!(
+                let why = format!(
                     "{}: stream entry {id} has no field {field:?}; skipped",
                     self.lobby.lobby
                 );
+                self.skipped(&why);
                 continue;
             };
             if self.is_oversized(payload.len()) {
@@ -946,16 +950,28 @@ impl RedisLink {
     }
 
     /// Counts and logs a message above `--max-message`, which is skipped.
-    fn is_oversized(&self, len: usize) -> bool {
+    /// Logged at warn once per lobby, then at debug: a feed of them
+    /// must not flood the log.
+    fn is_oversized(&mut self, len: usize) -> bool {
         if len <= self.target.max_message {
             return false;
         }
         bump(&self.lobby.stats.origin_oversized);
-        warn!(
+        let why = format!(
             "{}: skipped a {len}-byte message from {}: above the {}-byte limit",
             self.lobby.lobby, self.target.name, self.target.max_message
         );
+        self.skipped(&why);
         true
+    }
+
+    /// Logs a skipped message: at warn the first time, at debug after.
+    fn skipped(&mut self, why: &str) {
+        if std::mem::replace(&mut self.has_skipped, true) {
+            debug!("{why}");
+        } else {
+            warn!("{why} (more are counted, and logged at debug)");
+        }
     }
 
     /// An established connection is gone: count it and reconnect after a backoff.
