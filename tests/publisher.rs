@@ -12,6 +12,15 @@ use std::{
 use support::*;
 use wsgate::{Gateway, GatewayHandle, Publisher};
 
+/// The heavy tests (a thousand clients, twenty thousand publishes as fast
+/// as they go, migrations on a timer) take turns: on two cores, one of them
+/// can starve another's lobbies past its deadlines.
+fn alone() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A gateway fed by a publisher, with the tests' short timers.
 fn publishing(config: wsgate::Config) -> (GatewayHandle, Publisher) {
     let mut builder = Gateway::builder(config);
@@ -47,6 +56,7 @@ fn warm_up(gw: &GatewayHandle, publisher: &Publisher, clients: u64) {
 
 #[test]
 fn a_thousand_clients_get_every_message_once_and_in_order() {
+    let _turn = alone();
     const CLIENTS: usize = 1000;
     const N: u64 = 100;
     let (gw, publisher) = publishing(test_config(""));
@@ -97,6 +107,7 @@ fn a_thousand_clients_get_every_message_once_and_in_order() {
 
 #[test]
 fn publishing_never_waits_for_slow_clients() {
+    let _turn = alone();
     const STALLED: usize = 50;
     const N: u64 = 20_000;
     let (gw, publisher) = publishing(test_config(""));
@@ -212,6 +223,7 @@ impl PublisherFeed {
 
 #[test]
 fn compaction_moves_clients_on_sequence_numbers_without_gaps() {
+    let _turn = alone();
     // Mostly heartbeats: runs of identical payloads that only positions
     // tell apart.
     let heartbeats: fn(u64) -> usize = |n| 1 + (n % 4) as usize;
