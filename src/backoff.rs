@@ -1,7 +1,7 @@
 //! Reconnect delays: capped exponential backoff with jitter.
 //!
-//! Used by each lobby's origin link (`origin.rs`); nothing here sleeps or
-//! touches a socket.
+//! Used by each lobby's source (`source/websocket.rs`, `source/redis.rs`);
+//! nothing here sleeps or touches a socket.
 
 use std::time::Duration;
 

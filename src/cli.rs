@@ -26,7 +26,7 @@ pub struct Cli {
     #[argh(switch)]
     pub print_config: bool,
 
-    /// run an embedded demo origin and point the gateway at it
+    /// feed the gateway from an embedded ticker (the in-process publisher)
     #[argh(switch)]
     pub demo: bool,
 
@@ -38,7 +38,9 @@ pub struct Cli {
     #[argh(option)]
     pub listen: Option<SocketAddr>,
 
-    /// upstream URL of the route at --path: the short form of --route PATH=URL
+    /// upstream of the route at --path (the short form of --route PATH=URL):
+    /// ws:// or wss:// (WebSocket), redis:// or rediss:// (pub/sub channel),
+    /// redis+stream:// (stream)
     #[argh(option)]
     pub origin: Option<String>,
 
@@ -244,8 +246,8 @@ pub struct Cli {
 
 impl Cli {
     /// The settings: `file` (a config file's, or the defaults) with every
-    /// flag given applied on top. The origin is left empty for `--demo`,
-    /// which fills it once the demo origin is up.
+    /// flag given applied on top. `--demo` leaves no origin and no routes:
+    /// the demo ticker feeds the gateway through its in-process publisher.
     pub fn apply(&self, mut config: Config) -> Result<Config, Error> {
         if self.demo && (self.origin.is_some() || !self.route.is_empty()) {
             return Err(Error::Config(

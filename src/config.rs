@@ -12,6 +12,7 @@
 
 use std::{collections::HashSet, net::SocketAddr, path::PathBuf, time::Duration};
 
+#[cfg(feature = "config-file")]
 use serde::{Deserialize, Serialize};
 use tungstenite::http::{HeaderName, HeaderValue, Uri};
 
@@ -21,24 +22,33 @@ use crate::error::{Error, Result};
 ///
 /// Settings marked *per route* are the defaults of every route and can be
 /// overridden in a [`RouteConfig`]; the others are gateway-wide.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "config-file", derive(Serialize, Deserialize))]
+#[cfg_attr(feature = "config-file", serde(default, deny_unknown_fields))]
 #[non_exhaustive]
 pub struct Config {
     /// Address the client listener binds. Port 0 picks a free port.
     /// Defaults to `127.0.0.1:8080`.
     pub listen: SocketAddr,
-    /// Upstream WebSocket URL (`ws://host[:port]/path`) of the route served
-    /// at [`Config::path`]: the short form of one [`RouteConfig`]. Clients
-    /// never choose it. Empty serves only [`Config::routes`]; with neither,
-    /// [`Config::validate`] refuses the configuration. Defaults to empty.
+    /// Upstream URL of the route served at [`Config::path`] (the short
+    /// form of one [`RouteConfig`]); its scheme picks the source: a
+    /// WebSocket origin (`ws://host[:port]/path`, `wss://` with the `tls`
+    /// feature), or with the `redis` feature a Redis pub/sub channel
+    /// (`redis://[[user]:password@]host[:port][/db]/channel`, `rediss://`
+    /// with TLS) or stream (`redis+stream://…/key[?field=NAME]`, reading
+    /// each entry's `data` field unless `field` names another). Clients
+    /// never choose it. Empty serves only [`Config::routes`], or the
+    /// [`Publisher`](crate::Publisher) of a gateway built with
+    /// [`Builder::publisher`](crate::Builder::publisher); with none of
+    /// these, [`Config::validate`] refuses the configuration. Defaults to
+    /// empty.
     pub origin: String,
     /// Request path of the route [`Config::origin`] describes. Defaults to `/`.
     pub path: String,
     /// Routes: each a path clients connect to and its own upstream, with
     /// overrides of the per-route settings. A client joins lobbies of its
     /// route only; a path no route serves gets 404. Defaults to none.
-    #[serde(rename = "route")]
+    #[cfg_attr(feature = "config-file", serde(rename = "route"))]
     pub routes: Vec<RouteConfig>,
     /// Most clients connected at once; more get 503. 0 means no limit.
     /// Defaults to 0.
@@ -75,7 +85,7 @@ pub struct Config {
     pub max_client_rate: u32,
     /// A client silent this long is pinged; one that stays silent as long
     /// again is closed. Defaults to 30 s.
-    #[serde(with = "duration")]
+    #[cfg_attr(feature = "config-file", serde(with = "duration"))]
     pub client_ping: Duration,
     /// What happens to a client that cannot keep up. Defaults to
     /// [`SlowClient::Drop`].
@@ -96,7 +106,7 @@ pub struct Config {
     /// How long a client's frames may wait to be written together (fewer,
     /// larger writes: less CPU, more latency). Zero writes as soon as frames
     /// arrive. Defaults to 0.
-    #[serde(with = "duration")]
+    #[cfg_attr(feature = "config-file", serde(with = "duration"))]
     pub write_batch: Duration,
     /// Most lobbies, hence origin connections; 0 means no limit. When every
     /// lobby is full and the limit is reached, new clients get 503 with
@@ -104,7 +114,7 @@ pub struct Config {
     pub max_origin_connections: usize,
     /// How often the manager checks whether the clients fit in fewer lobbies
     /// and migrates them if so; zero turns compaction off. Defaults to 10 s.
-    #[serde(with = "duration")]
+    #[cfg_attr(feature = "config-file", serde(with = "duration"))]
     pub compact_interval: Duration,
     /// Fill, as a fraction of capacity, that compaction packs lobbies to.
     /// Defaults to 0.9.
@@ -113,10 +123,10 @@ pub struct Config {
     /// live stream (at most [`Config::history_len`]). Per route. Defaults to 0.
     pub replay: usize,
     /// How long an empty lobby keeps its thread before it ends. Defaults to 5 s.
-    #[serde(with = "duration")]
+    #[cfg_attr(feature = "config-file", serde(with = "duration"))]
     pub lobby_linger: Duration,
     /// Time a client has to complete the HTTP upgrade. Defaults to 10 s.
-    #[serde(with = "duration")]
+    #[cfg_attr(feature = "config-file", serde(with = "duration"))]
     pub handshake_timeout: Duration,
     /// Largest HTTP upgrade request accepted, in bytes; larger gets 431. Defaults to 8 KiB.
     pub max_request_bytes: usize,
@@ -143,21 +153,21 @@ pub struct Config {
     /// Per route. Defaults to 16 MiB.
     pub max_origin_message: usize,
     /// First delay before reconnecting to a failed origin. Defaults to 100 ms.
-    #[serde(with = "duration")]
+    #[cfg_attr(feature = "config-file", serde(with = "duration"))]
     pub origin_backoff_min: Duration,
     /// Longest delay between origin reconnect attempts. Defaults to 30 s.
-    #[serde(with = "duration")]
+    #[cfg_attr(feature = "config-file", serde(with = "duration"))]
     pub origin_backoff_max: Duration,
     /// Bound on TCP connect, TLS handshake and WebSocket upgrade to the origin.
     /// Defaults to 10 s.
-    #[serde(with = "duration")]
+    #[cfg_attr(feature = "config-file", serde(with = "duration"))]
     pub origin_connect_timeout: Duration,
     /// Interval between pings a lobby sends its origin. Defaults to 15 s.
-    #[serde(with = "duration")]
+    #[cfg_attr(feature = "config-file", serde(with = "duration"))]
     pub origin_ping: Duration,
     /// An origin connection with nothing received (data or pong) for this long
     /// is declared dead and replaced. Defaults to 45 s.
-    #[serde(with = "duration")]
+    #[cfg_attr(feature = "config-file", serde(with = "duration"))]
     pub origin_timeout: Duration,
     /// What a lobby does with its clients when its origin connection fails.
     /// Per route. Defaults to [`OriginLoss::Keep`].
@@ -165,7 +175,7 @@ pub struct Config {
     /// Extra headers sent on every origin handshake (credentials, say);
     /// clients never see them. In a config file, `"Name: value"` strings.
     /// Per route. Defaults to none.
-    #[serde(with = "headers")]
+    #[cfg_attr(feature = "config-file", serde(with = "headers"))]
     pub origin_headers: Vec<(String, String)>,
     /// Text messages sent, in order, right after every origin (re)connect and
     /// before anything is forwarded (a subscribe request, say). Per route.
@@ -178,11 +188,12 @@ pub struct Config {
     pub origin_ca: Option<PathBuf>,
     /// On shutdown, how long clients get to receive what is queued and the
     /// 1001 close. Defaults to 5 s.
-    #[serde(with = "duration")]
+    #[cfg_attr(feature = "config-file", serde(with = "duration"))]
     pub drain_timeout: Duration,
     /// Address of the admin HTTP server (`/metrics`, `/livez`, `/readyz`,
     /// `/lobbies`, a dashboard at `/`), never the client listener. Bind it
-    /// where only operators reach it. Defaults to none (no admin server).
+    /// where only operators reach it. Needs the `admin` feature. Defaults
+    /// to none (no admin server).
     pub admin: Option<SocketAddr>,
     /// Subprotocols clients may ask for (`Sec-WebSocket-Protocol`): the
     /// gateway answers with the first one the client offers that is listed
@@ -208,8 +219,9 @@ pub struct Config {
 /// One route of a [`Config`]: the path clients connect to, its upstream, and
 /// overrides of the per-route settings (`None`: the top level's value). In a
 /// config file, a `[[route]]` table.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Default, PartialEq)]
+#[cfg_attr(feature = "config-file", derive(Serialize, Deserialize))]
+#[cfg_attr(feature = "config-file", serde(deny_unknown_fields))]
 #[non_exhaustive]
 pub struct RouteConfig {
     /// Request path clients connect to, e.g. `/prices`.
@@ -217,46 +229,88 @@ pub struct RouteConfig {
     /// Upstream URL of this route's lobbies.
     pub origin: String,
     /// Overrides [`Config::lobby_capacity`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "config-file",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
     pub lobby_capacity: Option<usize>,
     /// Overrides [`Config::queue_depth`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "config-file",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
     pub queue_depth: Option<usize>,
     /// Overrides [`Config::replay`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "config-file",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
     pub replay: Option<usize>,
     /// Overrides [`Config::max_origin_connections`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "config-file",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
     pub max_origin_connections: Option<usize>,
     /// Overrides [`Config::max_origin_message`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "config-file",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
     pub max_origin_message: Option<usize>,
     /// Overrides [`Config::on_origin_loss`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "config-file",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
     pub on_origin_loss: Option<OriginLoss>,
     /// Overrides [`Config::origin_headers`].
-    #[serde(default, with = "opt_headers", skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "config-file",
+        serde(default, with = "opt_headers", skip_serializing_if = "Option::is_none")
+    )]
     pub origin_headers: Option<Vec<(String, String)>>,
     /// Overrides [`Config::origin_init`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "config-file",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
     pub origin_init: Option<Vec<String>>,
     /// Overrides [`Config::origin_subprotocols`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "config-file",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
     pub origin_subprotocols: Option<Vec<String>>,
     /// Overrides [`Config::subprotocols`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "config-file",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
     pub subprotocols: Option<Vec<String>>,
     /// Overrides [`Config::require_subprotocol`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "config-file",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
     pub require_subprotocol: Option<bool>,
     /// Overrides [`Config::pass_query`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "config-file",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
     pub pass_query: Option<bool>,
     /// Overrides [`Config::query_params`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "config-file",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
     pub query_params: Option<Vec<String>>,
     /// Overrides [`Config::max_keys`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "config-file",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
     pub max_keys: Option<usize>,
 }
 
@@ -360,8 +414,9 @@ impl Default for Config {
 }
 
 /// What a lobby does with its clients when its origin connection fails.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "config-file", derive(Serialize, Deserialize))]
+#[cfg_attr(feature = "config-file", serde(rename_all = "lowercase"))]
 pub enum OriginLoss {
     /// Keep clients connected; they resume receiving after the reconnect.
     #[default]
@@ -384,8 +439,9 @@ impl std::str::FromStr for OriginLoss {
 }
 
 /// What happens to a client that cannot keep up with its lobby.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "config-file", derive(Serialize, Deserialize))]
+#[cfg_attr(feature = "config-file", serde(rename_all = "lowercase"))]
 pub enum SlowClient {
     /// Its queue drops its oldest frames; it stays connected.
     #[default]
@@ -407,8 +463,9 @@ impl std::str::FromStr for SlowClient {
 }
 
 /// What happens to the text and binary messages clients send.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "config-file", derive(Serialize, Deserialize))]
+#[cfg_attr(feature = "config-file", serde(rename_all = "lowercase"))]
 pub enum ClientMessages {
     /// Read and discarded: the feed is one-way.
     #[default]
@@ -442,6 +499,7 @@ impl Config {
     /// key, a wrong type or a bad duration is an [`Error::Config`] that
     /// starts with `line N:` and names the key. It is not validated yet:
     /// command-line flags may still override it.
+    #[cfg(feature = "config-file")]
     pub fn from_toml(text: &str) -> Result<Config> {
         toml::from_str(text).map_err(|e| {
             let message = e.message().split(", expected one of").next().unwrap_or("");
@@ -478,6 +536,7 @@ impl Config {
     }
 
     /// The configuration as a TOML file (every setting, defaults included).
+    #[cfg(feature = "config-file")]
     pub fn to_toml(&self) -> String {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
     }
@@ -486,7 +545,15 @@ impl Config {
     /// top level with the route's path, origin and overrides): the route
     /// [`Config::origin`] describes first, if any, then [`Config::routes`].
     pub fn route_configs(&self) -> Vec<Config> {
-        let short = (!self.origin.is_empty()).then(|| RouteConfig::new(&self.path, &self.origin));
+        self.serving(false)
+    }
+
+    /// The routes a gateway serves, as [`Config::route_configs`]; with
+    /// `fed`, the first is the route an in-process publisher feeds, at
+    /// [`Config::path`] with no origin URL.
+    pub(crate) fn serving(&self, fed: bool) -> Vec<Config> {
+        let short =
+            (fed || !self.origin.is_empty()).then(|| RouteConfig::new(&self.path, &self.origin));
         short
             .iter()
             .chain(&self.routes)
@@ -497,7 +564,18 @@ impl Config {
     /// Checks every value, returning [`Error::Config`] naming the first bad
     /// one (its setting's name first, after `route PATH:` for a route's).
     pub fn validate(&self) -> Result<()> {
-        let routes = self.route_configs();
+        self.validate_for(false)
+    }
+
+    /// [`Config::validate`] for a gateway that an in-process publisher
+    /// feeds (`fed`): its route at [`Config::path`] takes no origin URL.
+    pub(crate) fn validate_for(&self, fed: bool) -> Result<()> {
+        if fed && !self.origin.is_empty() {
+            return Err(Error::Config(
+                "origin: a gateway fed by a publisher takes no origin URL".to_owned(),
+            ));
+        }
+        let routes = self.serving(fed);
         if routes.is_empty() {
             return Err(Error::Config(
                 "origin: an origin is required: --origin URL or --route PATH=URL (or try --demo)"
@@ -505,7 +583,7 @@ impl Config {
             ));
         }
         let mut paths = HashSet::new();
-        for route in &routes {
+        for (index, route) in routes.iter().enumerate() {
             let scoped = |e: Error| match e {
                 Error::Config(msg) if !self.routes.is_empty() => {
                     Error::Config(format!("route {}: {msg}", route.path))
@@ -515,14 +593,42 @@ impl Config {
             if !paths.insert(route.path.as_str()) {
                 return Err(scoped(Error::Config("path: served by two routes".into())));
             }
-            route.validate_route().map_err(scoped)?;
+            let checked = if fed && index == 0 {
+                route.validate_published()
+            } else {
+                route.validate_route()
+            };
+            checked.map_err(scoped)?;
         }
         Ok(())
     }
 
+    /// Checks the route a publisher feeds: it has no origin URL to pass a
+    /// query string to.
+    fn validate_published(&self) -> Result<()> {
+        if self.pass_query {
+            return Err(Error::Config(
+                "pass_query: the publisher's route has no origin URL to pass a query to".into(),
+            ));
+        }
+        self.validate_settings()
+    }
+
     /// Checks one route's settings (and the gateway-wide ones with them).
     fn validate_route(&self) -> Result<()> {
-        self.origin_uri()?;
+        crate::source::check_url(&self.origin)?;
+        let scheme = self.origin.split("://").next().unwrap_or_default();
+        if self.pass_query && !matches!(scheme.to_ascii_lowercase().as_str(), "ws" | "wss") {
+            return Err(Error::Config(
+                "pass_query: only a WebSocket origin takes the client's query".into(),
+            ));
+        }
+        self.validate_settings()
+    }
+
+    /// Checks every value but the origin URL: the gateway-wide settings
+    /// and one route's.
+    fn validate_settings(&self) -> Result<()> {
         let bad = |msg: &str| Err(Error::Config(msg.to_owned()));
         if self.lobby_capacity == 0 {
             return bad("lobby_capacity must be at least 1");
@@ -625,6 +731,11 @@ impl Config {
         {
             return bad("admin must differ from the client listen address");
         }
+        if self.admin.is_some() && !cfg!(feature = "admin") {
+            return bad(
+                "admin: an admin address needs a build with the admin server (feature `admin`)",
+            );
+        }
         for (key, protocols) in [
             ("origin_subprotocols", &self.origin_subprotocols),
             ("subprotocols", &self.subprotocols),
@@ -660,29 +771,6 @@ impl Config {
             (self.max_origin_connections as u64).saturating_mul(self.lobby_capacity as u64)
         })
     }
-
-    /// The origin URL, parsed and checked: `ws://`, with a host.
-    pub(crate) fn origin_uri(&self) -> Result<Uri> {
-        let bad = |why: &str| Err(Error::Config(format!("origin: {:?} {why}", self.origin)));
-        if self.origin.is_empty() {
-            return Err(Error::Config(
-                "origin: an origin URL is required".to_owned(),
-            ));
-        }
-        let Ok(uri) = self.origin.parse::<Uri>() else {
-            return bad("is not a valid URL");
-        };
-        match uri.scheme_str() {
-            Some("ws") => {}
-            Some("wss") if cfg!(feature = "tls") => {}
-            Some("wss") => return bad("uses wss://, but this build has no TLS (feature `tls`)"),
-            _ => return bad("must start with ws:// or wss://"),
-        }
-        if uri.host().is_none_or(str::is_empty) {
-            return bad("has no host");
-        }
-        Ok(uri)
-    }
 }
 
 /// A subprotocol name: an HTTP token (no separators, no spaces).
@@ -702,6 +790,7 @@ pub(crate) fn is_query_name(s: &str) -> bool {
 
 /// Durations in config files: `250ms`, `10s`, `2m`, or a bare number of
 /// seconds (the same form as the command line's).
+#[cfg(feature = "config-file")]
 mod duration {
     use std::time::Duration;
 
@@ -719,6 +808,7 @@ mod duration {
 
 /// Origin headers in config files: `"Name: value"` strings (the command
 /// line's form).
+#[cfg(feature = "config-file")]
 mod headers {
     use serde::{Deserialize, Deserializer, Serializer, de::Error};
 
@@ -740,6 +830,7 @@ mod headers {
 }
 
 /// [`headers`] for a route's optional override.
+#[cfg(feature = "config-file")]
 mod opt_headers {
     use serde::{Deserializer, Serializer};
 
@@ -780,6 +871,7 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
 }
 
 /// Writes a duration the way [`parse_duration`] reads it back.
+#[cfg(feature = "config-file")]
 fn format_duration(d: Duration) -> String {
     if d.subsec_nanos() == 0 {
         format!("{}s", d.as_secs())
@@ -859,6 +951,7 @@ mod tests {
         assert!(c.validate().is_err());
     }
 
+    #[cfg(feature = "config-file")]
     #[test]
     fn a_config_file_names_the_line_and_key_of_what_is_wrong() {
         let cases = [
@@ -886,6 +979,7 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "config-file")]
     #[test]
     fn routes_inherit_the_top_level_and_override_it() {
         let text = "lobby_capacity = 100\norigin = \"ws://h/all\"\n\
@@ -921,6 +1015,7 @@ mod tests {
         assert!(err.contains("route /book: lobby_capacity"), "{err}");
     }
 
+    #[cfg(feature = "config-file")]
     #[test]
     fn the_file_form_round_trips() {
         let mut config = with_origin("ws://h/feed");
@@ -982,6 +1077,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "admin")]
     fn the_admin_server_never_shares_the_client_listener() {
         let mut c = with_origin("ws://h/");
         c.admin = Some(c.listen);

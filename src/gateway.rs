@@ -1,6 +1,9 @@
-//! Starting and stopping a gateway: [`Gateway::start`] and [`GatewayHandle`].
+//! Starting and stopping a gateway: [`Gateway::start`], [`Builder`] and
+//! [`GatewayHandle`].
 //!
-//! Start-up validates the configuration, binds the listener (so a busy port is
+//! Start-up runs on the caller's thread: it validates the configuration,
+//! builds the one [`Upstream`] every lobby reads from (from the origin URL,
+//! or an in-process [`Publisher`]), binds the listener (so a busy port is
 //! an error the caller sees), then spawns the writer pool, the manager (which
 //! takes the writers and starts lobbies on demand) and the acceptor. Shutdown
 //! runs down the same chain: the acceptor stops accepting and its end reaches
@@ -25,16 +28,20 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::{
     acceptor::{self, AcceptorHandle, AcceptorMsg},
-    admin::{self, AdminHandle},
     config::Config,
     error::{Error, Result},
     health::{Health, Probes},
     id::RouteId,
     lobby::LobbyEnv,
     manager::{self, FORWARD_QUEUE, Inboxes, ManagerMsg, RouteEnv},
-    metrics::GatewayCollector,
+    source::{Publisher, Upstream},
     stats::{LobbyInfo, Stats, StatsSnapshot, bump},
     writer::{self, WriterHandle, WriterMsg},
+};
+#[cfg(feature = "admin")]
+use crate::{
+    admin::{self, AdminHandle},
+    metrics::GatewayCollector,
 };
 
 /// Entry point for running a gateway in this process.
@@ -44,21 +51,75 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Validates `config`, binds the listener and starts every thread.
+    /// Validates `config`, binds the listener and starts every thread, with
+    /// the lobbies reading from [`Config::origin`].
     ///
     /// Returns once the gateway accepts clients. Errors are configuration
     /// problems, a listener that cannot be bound, or threads that cannot start.
     pub fn start(config: Config) -> Result<GatewayHandle> {
-        config.validate()?;
+        Gateway::builder(config).start()
+    }
+
+    /// A gateway to set up further before it starts: fed by this program
+    /// through a [`Publisher`] instead of an origin URL, told what to do
+    /// when it stops.
+    pub fn builder(config: Config) -> Builder {
+        Builder {
+            config,
+            publisher: None,
+            on_stop: OnStop(None),
+        }
+    }
+}
+
+/// A gateway not started yet: [`Gateway::builder`], then [`Builder::start`].
+#[derive(Debug)]
+pub struct Builder {
+    config: Config,
+    publisher: Option<Publisher>,
+    on_stop: OnStop,
+}
+
+impl Builder {
+    /// Feeds the gateway from this program: every message given to the
+    /// returned [`Publisher`] (or a clone of it) goes to every client, and
+    /// the gateway dials no origin, so [`Config::origin`] must stay empty.
+    /// Calling it again returns the same publisher.
+    pub fn publisher(&mut self) -> Publisher {
+        self.publisher.get_or_insert_with(Publisher::new).clone()
+    }
+
+    /// Runs `f` once the gateway has stopped, on the thread that stopped it
+    /// last (after every gateway thread but the acceptor has ended),
+    /// whether a shutdown or a fatal failure stopped it; [`GatewayHandle::join`]
+    /// then returns at once. A program that waits for something else (a
+    /// signal) learns this way that the gateway stopped on its own.
+    pub fn on_stop(&mut self, f: impl FnOnce() + Send + 'static) -> &mut Builder {
+        self.on_stop = OnStop(Some(Box::new(f)));
+        self
+    }
+
+    /// Validates the configuration, binds the listener and starts every
+    /// thread; see [`Gateway::start`].
+    pub fn start(self) -> Result<GatewayHandle> {
+        let Builder {
+            config,
+            publisher,
+            on_stop,
+        } = self;
+        let fed = publisher
+            .as_ref()
+            .map(|p| Arc::new(Upstream::Publisher(Arc::clone(p.hub()))));
+        config.validate_for(fed.is_some())?;
         let routes: Vec<(RouteId, Config)> = config
-            .route_configs()
+            .serving(fed.is_some())
             .into_iter()
             .zip(0..)
             .map(|(route, id)| (RouteId(id), route))
             .collect();
         let route_envs = routes
             .iter()
-            .map(|(id, route)| RouteEnv::new(*id, route.clone()))
+            .map(|(id, route)| RouteEnv::new(*id, route.clone(), fed.as_ref()))
             .collect::<Result<Vec<_>>>()?;
         let listener = bind(config.listen).map_err(|source| Error::Bind {
             addr: config.listen,
@@ -67,6 +128,7 @@ impl Gateway {
         let local_addr = listener
             .local_addr()
             .map_err(Error::io("read the listener address"))?;
+        #[cfg(feature = "admin")]
         let admin_listener = match config.admin {
             Some(addr) => {
                 let listener = admin::bind(addr).map_err(|source| Error::Bind { addr, source })?;
@@ -78,6 +140,9 @@ impl Gateway {
             None => None,
         };
         let stats = Arc::new(Stats::default());
+        if let Some(publisher) = &publisher {
+            publisher.hub().attach(&stats);
+        }
         let (prepared, shutdown) =
             acceptor::prepare(listener, &config, &routes, Arc::clone(&stats))?;
         let (manager_tx, manager_rx) = unbounded();
@@ -92,6 +157,7 @@ impl Gateway {
                 wake: shutdown.clone(),
                 manager: manager_tx.clone(),
                 stats: Arc::clone(&stats),
+                publisher: fed,
             }),
         };
         let (forwards_tx, forwards) = bounded(FORWARD_QUEUE);
@@ -109,7 +175,7 @@ impl Gateway {
         }
         // Per route, the manager fills in the upstream and the route's settings.
         let env = LobbyEnv {
-            target: Arc::clone(&route_envs[0].target),
+            upstream: Arc::clone(&route_envs[0].upstream),
             writers: writers.iter().map(WriterHandle::wake).collect(),
             stats: Arc::clone(&stats),
             manager: manager_tx.clone(),
@@ -122,6 +188,7 @@ impl Gateway {
             inbox: manager_rx,
             forwards,
             _forwards_tx: forwards_tx,
+            _on_stop: on_stop,
         };
         let manager = manager::spawn(&config, route_envs, inboxes, env, writers, shutdown.clone())?;
         let acceptor = match acceptor::spawn(prepared, manager_tx.clone()) {
@@ -132,8 +199,10 @@ impl Gateway {
                 return Err(e);
             }
         };
+        #[cfg_attr(not(feature = "admin"), allow(unused_mut))]
         let mut handle = GatewayHandle {
             local_addr,
+            #[cfg(feature = "admin")]
             admin_addr: admin_listener.as_ref().map(|(_, addr)| *addr),
             probes: Probes::new(Arc::clone(&stats), &config),
             shutdown,
@@ -141,8 +210,10 @@ impl Gateway {
             stats,
             manager_tx,
             threads: Some((acceptor, manager)),
+            #[cfg(feature = "admin")]
             admin: None,
         };
+        #[cfg(feature = "admin")]
         if let Some((listener, _)) = admin_listener {
             let sources = admin::Sources {
                 stats: Arc::clone(&handle.stats),
@@ -155,6 +226,28 @@ impl Gateway {
             handle.admin = Some(admin::spawn(listener, sources)?);
         }
         Ok(handle)
+    }
+}
+
+/// What to run once the gateway has stopped ([`Builder::on_stop`]): run
+/// when dropped, which the manager does last.
+pub(crate) struct OnStop(Option<Box<dyn FnOnce() + Send>>);
+
+impl std::fmt::Debug for OnStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "OnStop(set)"
+        } else {
+            "OnStop(none)"
+        })
+    }
+}
+
+impl Drop for OnStop {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
     }
 }
 
@@ -195,6 +288,7 @@ fn join_manager(manager: JoinHandle<()>, stats: &Stats) {
 #[derive(Debug)]
 pub struct GatewayHandle {
     local_addr: SocketAddr,
+    #[cfg(feature = "admin")]
     admin_addr: Option<SocketAddr>,
     stats: Arc<Stats>,
     probes: Probes,
@@ -203,6 +297,7 @@ pub struct GatewayHandle {
     manager_tx: Sender<ManagerMsg>,
     threads: Option<(AcceptorHandle, JoinHandle<()>)>,
     /// Stopped last, so it answers through the drain.
+    #[cfg(feature = "admin")]
     admin: Option<AdminHandle>,
 }
 
@@ -242,12 +337,14 @@ impl GatewayHandle {
     }
 
     /// The address of the admin HTTP server, if [`Config::admin`] asked for one.
+    #[cfg(feature = "admin")]
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
     }
 
     /// A `prometheus_client` collector of the gateway's metrics, to add them
     /// to an embedding program's registry with [`crate::metrics::register`].
+    #[cfg(feature = "admin")]
     pub fn metrics_collector(&self) -> GatewayCollector {
         GatewayCollector::new(Arc::clone(&self.stats), Some(self.manager_tx.clone()))
     }
@@ -305,6 +402,7 @@ impl GatewayHandle {
             acceptor.join();
             join_manager(manager, &self.stats);
         }
+        #[cfg(feature = "admin")]
         if let Some(admin) = self.admin.take() {
             admin.stop();
         }
@@ -335,6 +433,9 @@ struct Reloader {
     wake: ShutdownHandle,
     manager: Sender<ManagerMsg>,
     stats: Arc<Stats>,
+    /// The in-process publisher's upstream, if it feeds the route at
+    /// [`Config::path`].
+    publisher: Option<Arc<Upstream>>,
 }
 
 #[derive(Debug)]
@@ -385,7 +486,9 @@ impl ReloadHandle {
     /// is logged at error, counted in `reload_failures`, and returned.
     pub fn reload(&self, config: Config) -> Result<()> {
         let inner = &self.inner;
-        let applied = config.validate().and_then(|()| self.apply(config));
+        let applied = config
+            .validate_for(inner.publisher.is_some())
+            .and_then(|()| self.apply(config));
         match &applied {
             Ok(()) => bump(&inner.stats.reloads),
             Err(e) => self.reject(&e.to_string()),
@@ -408,7 +511,7 @@ impl ReloadHandle {
             .map_err(|_| Error::Config("a reload panicked; reload again".into()))?;
         let mut envs = Vec::new();
         let mut routes = Vec::new();
-        for route in config.route_configs() {
+        for route in config.serving(inner.publisher.is_some()) {
             let id = match book.ids.get(&route.path) {
                 Some(id) => *id,
                 None => {
@@ -417,7 +520,7 @@ impl ReloadHandle {
                     id
                 }
             };
-            envs.push(RouteEnv::new(id, route.clone())?);
+            envs.push(RouteEnv::new(id, route.clone(), inner.publisher.as_ref())?);
             routes.push((id, route));
         }
         for (name, same) in NEEDS_RESTART {

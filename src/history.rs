@@ -6,7 +6,9 @@
 //! its own history and continues right after it, so the client sees one
 //! continuous stream even when the two origin connections are a few messages
 //! apart. Matching a run of fingerprints, not one, keeps repeated payloads
-//! (heartbeats) from misaligning it. A late joiner can be given the last few
+//! (heartbeats) from misaligning it. A source with exact positions (a Redis
+//! stream ID, a publisher's sequence number) supplies each frame's
+//! fingerprint itself, so the match is exact whatever the payloads. A late joiner can be given the last few
 //! frames. Bounded twice: the fingerprints of the last `capacity` frames,
 //! and the frames themselves (shared with queues through `Arc`) only as far
 //! as [`FRAME_BUDGET`] bytes allow beyond the newest `keep`: large messages
@@ -59,9 +61,10 @@ impl History {
         }
     }
 
-    /// Appends a frame, forgetting the oldest beyond capacity and releasing
-    /// the oldest frames beyond the byte budget.
-    pub(crate) fn push(&mut self, frame: Frame) {
+    /// Appends a frame, fingerprinted by its `position` in the source's
+    /// stream if it has one and by its bytes if not, forgetting the oldest
+    /// beyond capacity and releasing the oldest frames beyond the byte budget.
+    pub(crate) fn push(&mut self, frame: Frame, position: Option<u64>) {
         if self.entries.len() == self.capacity {
             if let Some((_, Some(gone))) = self.entries.pop_front() {
                 self.held -= 1;
@@ -71,7 +74,8 @@ impl History {
         }
         self.held += 1;
         self.bytes += frame.len();
-        self.entries.push_back((fingerprint(&frame), Some(frame)));
+        let fp = position.unwrap_or_else(|| fingerprint(&frame));
+        self.entries.push_back((fp, Some(frame)));
         while self.held > self.keep && self.bytes > FRAME_BUDGET {
             let oldest = self.entries.len() - self.held;
             if let Some(gone) = self.entries[oldest].1.take() {
@@ -173,7 +177,7 @@ mod tests {
     fn history(texts: &[&str]) -> History {
         let mut h = History::new(32, 32);
         for t in texts {
-            h.push(frame(t));
+            h.push(frame(t), None);
         }
         h
     }
@@ -203,9 +207,9 @@ mod tests {
         let mut behind = history(&["1", "2"]);
         let run = resume(&ahead);
         assert!(behind.find_after(&run).is_none());
-        behind.push(frame("3"));
+        behind.push(frame("3"), None);
         assert!(!behind.ends_with(&run));
-        behind.push(frame("4"));
+        behind.push(frame("4"), None);
         assert!(behind.ends_with(&run));
     }
 
@@ -246,7 +250,7 @@ mod tests {
         // One that forgot its start is not young, whatever it holds now.
         let mut old = History::new(4, 4);
         for t in ["5", "6", "7", "8", "9"] {
-            old.push(frame(t));
+            old.push(frame(t), None);
         }
         assert!(old.find_after(&resume(&source)).is_none());
     }
@@ -268,7 +272,7 @@ mod tests {
     fn positions_survive_eviction_and_resume_before_any_point() {
         let mut h = History::new(3, 3);
         for t in ["1", "2", "3", "4", "5"] {
-            h.push(frame(t));
+            h.push(frame(t), None);
         }
         assert_eq!((h.oldest(), h.head()), (2, 5));
         assert!(h.get(1).is_none());
@@ -284,7 +288,7 @@ mod tests {
         let big = |n: u8| encode(OP_TEXT, &vec![b'0' + n; FRAME_BUDGET / 4]);
         let mut h = History::new(64, 2);
         for n in 0..8 {
-            h.push(big(n));
+            h.push(big(n), None);
         }
         // Four quarter-budget frames (plus headers) exceed it: three are held.
         assert_eq!((h.oldest(), h.head()), (5, 8));
@@ -293,15 +297,38 @@ mod tests {
         // Positions are still known: a run ending at an evicted frame is found.
         let mut source = History::new(64, 64);
         for n in 0..5 {
-            source.push(big(n));
+            source.push(big(n), None);
         }
         assert_eq!(h.find_after(&resume(&source)), Some(5));
         // Never fewer than `keep`, whatever their size.
         let mut tight = History::new(64, 2);
         for n in 0..4 {
-            tight.push(encode(OP_TEXT, &vec![n; FRAME_BUDGET]));
+            tight.push(encode(OP_TEXT, &vec![n; FRAME_BUDGET]), None);
         }
         assert_eq!(tight.head() - tight.oldest(), 2);
+    }
+
+    #[test]
+    fn exact_positions_align_whatever_the_payloads() {
+        let hb = frame("{\"hb\":1}");
+        let mut a = History::new(32, 32);
+        let mut b = History::new(32, 32);
+        // Identical payloads everywhere: only the positions tell them apart.
+        for at in 0..10 {
+            a.push(hb.clone(), Some(at));
+        }
+        for at in 1..14 {
+            b.push(hb.clone(), Some(at));
+        }
+        let at = b.find_after(&resume(&a)).expect("found");
+        // b starts at position 1: its frame number 9 is position 10.
+        assert_eq!(at, 9, "right after position 9");
+        // Another stream's positions never match.
+        let mut c = History::new(32, 32);
+        for at in 100..120 {
+            c.push(hb.clone(), Some(at));
+        }
+        assert!(c.find_after(&resume(&a)).is_none());
     }
 
     #[test]

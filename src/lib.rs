@@ -1,10 +1,13 @@
-//! wsgate: one origin WebSocket feed, fanned out to tens of thousands of clients.
+//! wsgate: one feed, fanned out to tens of thousands of WebSocket clients.
 //!
 //! Clients connect to the gateway; the gateway groups them into **lobbies**
-//! (512 clients by default), and each lobby holds **one** upstream connection
-//! to the origin and broadcasts every origin message to its members. Each
-//! client has a bounded queue (16 frames by default) that drops its
-//! **oldest** frame when full, so a slow client never slows anyone else.
+//! (512 clients by default), and each lobby reads **one** upstream
+//! [source](Config::origin) and broadcasts every message to its members:
+//! a WebSocket origin (one connection per lobby), a Redis pub/sub channel
+//! or stream (with the `redis` feature), or this program's own messages
+//! through a [`Publisher`]. Each client has a bounded queue (16 frames by
+//! default) that drops its **oldest** frame when full, so a slow client
+//! never slows anyone else.
 //!
 //! Everything is synchronous: a handful of threads talking over crossbeam
 //! channels, no async runtime.
@@ -12,7 +15,7 @@
 //! ```text
 //! clients ─▶ acceptor (mio: accept, HTTP upgrade) ─Admit─▶ manager (placement, lifecycle)
 //!                                                             │ Join / Leave
-//!                          origin ◀── one ws connection ── lobby ×L
+//!   source: ws origin │ Redis channel/stream │ Publisher ──▶ lobby ×L
 //!                                                             │ frame encoded once, Arc-shared
 //!                                     per-client drop-oldest queue (crossbeam bounded)
 //!                                                             ▼
@@ -21,14 +24,20 @@
 //!
 //! # Embedding
 //!
+//! A program with data of its own feeds its clients through a
+//! [`Publisher`]: each message is encoded once, shared by every client, and
+//! publishing never waits for one.
+//!
 //! ```
 //! use wsgate::{Config, Gateway};
 //!
 //! let mut config = Config::default();
 //! config.listen = "127.0.0.1:0".parse().unwrap();
-//! config.origin = "ws://127.0.0.1:9/feed".to_owned(); // dialled once a client arrives
-//! let gateway = Gateway::start(config)?;
+//! let mut builder = Gateway::builder(config);
+//! let publisher = builder.publisher();
+//! let gateway = builder.start()?;
 //! println!("clients connect to ws://{}/", gateway.local_addr());
+//! publisher.publish_text(r#"{"tick":1}"#); // to every client connected now
 //! assert_eq!(gateway.stats().clients, 0);
 //! gateway.shutdown();
 //! let last = gateway.join(); // the final counters
@@ -36,13 +45,40 @@
 //! # Ok::<(), wsgate::Error>(())
 //! ```
 //!
+//! A gateway in front of an upstream feed takes its URL instead:
+//!
+//! ```
+//! use wsgate::{Config, Gateway};
+//!
+//! let mut config = Config::default();
+//! config.listen = "127.0.0.1:0".parse().unwrap();
+//! config.origin = "ws://127.0.0.1:9/feed".to_owned(); // dialled once a client arrives
+//! let gateway = Gateway::start(config)?;
+//! gateway.shutdown();
+//! gateway.join();
+//! # Ok::<(), wsgate::Error>(())
+//! ```
+//!
+//! # Cargo features
+//!
+//! - `tls` (default): `wss://` origins and `rediss://` through rustls.
+//! - `redis` (default): Redis pub/sub and stream sources (the `redis`
+//!   crate's blocking connection; no async runtime).
+//! - `admin` (default): the admin HTTP server, Prometheus metrics and probes.
+//! - `cli` (default): the `wsgate` binary (argh, simplelog, signal-hook).
+//!
+//! With `default-features = false` the crate is the embeddable core: the
+//! gateway, the WebSocket origin and the [`Publisher`].
+//!
 //! # Operations
 //!
-//! With [`Config::admin`] set, one more thread serves operators over HTTP:
-//! Prometheus metrics at `/metrics` ([`metrics`]), `/livez` and `/readyz`
-//! ([`GatewayHandle::liveness`], [`GatewayHandle::readiness`]), the lobby list
-//! at `/lobbies` and a dashboard at `/`. An embedding program can instead add
-//! [`GatewayHandle::metrics_collector`] to its own `prometheus_client` registry.
+//! With [`Config::admin`] set (and the `admin` feature), one more thread
+//! serves operators over HTTP: Prometheus metrics at `/metrics` (the
+//! `metrics` module), `/livez` and `/readyz` ([`GatewayHandle::liveness`],
+//! [`GatewayHandle::readiness`]), the lobby list at `/lobbies` and a
+//! dashboard at `/`. An embedding program can instead add
+//! `GatewayHandle::metrics_collector` to its own `prometheus_client`
+//! registry. The probes need no feature.
 //!
 //! # Limits and failures
 //!
@@ -64,6 +100,7 @@
 #![deny(unsafe_code)]
 
 mod acceptor;
+#[cfg(feature = "admin")]
 mod admin;
 mod backoff;
 mod config;
@@ -83,11 +120,12 @@ mod http;
 mod id;
 mod lobby;
 mod manager;
+#[cfg(feature = "admin")]
 pub mod metrics;
-mod origin;
 mod queue;
 mod registry;
 mod seat;
+mod source;
 mod stats;
 mod supervise;
 mod sys;
@@ -99,6 +137,7 @@ pub use config::{
     ClientMessages, Config, OriginLoss, RouteConfig, SlowClient, parse_duration, parse_header,
 };
 pub use error::{Error, Result};
-pub use gateway::{Gateway, GatewayHandle, ReloadHandle, ShutdownHandle};
+pub use gateway::{Builder, Gateway, GatewayHandle, ReloadHandle, ShutdownHandle};
 pub use health::Health;
+pub use source::Publisher;
 pub use stats::{Disconnect, LobbyInfo, OriginState, StatsSnapshot};

@@ -1,10 +1,12 @@
-//! A lobby thread: one origin connection fanned out to up to `capacity` clients.
+//! A lobby thread: one source fanned out to up to `capacity` clients.
 //!
-//! For each origin message the lobby encodes the server frame once and pushes
+//! For each message from its source (`source.rs`: a WebSocket origin
+//! connection, a Redis subscription, the in-process publisher) the lobby
+//! encodes the server frame once (unless the source did) and pushes
 //! the shared bytes into every member's drop-oldest queue, then wakes each
 //! writer that owns a member, once. It never touches a client socket and never
-//! waits on a queue. It keeps its origin link while it has members and closes
-//! it when the last one leaves; the manager decides when an empty lobby ends
+//! waits on a queue. It keeps its source while it has members and lets it
+//! go when the last one leaves; the manager decides when an empty lobby ends
 //! and which clients move between lobbies (`manager.rs`).
 //!
 //! The lobby remembers its last frames (`history.rs`): a new client can be
@@ -13,8 +15,8 @@
 //! lobby's history if it is ahead (fed as fast as the client's queue takes
 //! frames, so the catch-up itself drops nothing), once it gets there if it is
 //! behind (held at most [`ADOPT_WAIT`]), or at the live edge, counted as a
-//! gap, if the two streams never meet. Origin connection mechanics live in
-//! `origin.rs`.
+//! gap, if the two streams never meet. Connection mechanics live in the
+//! sources (`source/*.rs`).
 
 use std::{
     sync::{
@@ -36,8 +38,8 @@ use crate::{
     history::{History, Resume},
     id::{ClientId, LobbyId},
     manager::ManagerMsg,
-    origin::{Drive, OriginLink, OriginTarget},
     queue::{ClientQueue, Pushed},
+    source::{Body, Drive, LobbyContext, Message, Source, Upstream},
     stats::{LobbyCounters, OriginState, Stats, bump},
     supervise::EndGuard,
     writer::WriterWake,
@@ -148,7 +150,8 @@ impl LobbyHandle {
 /// Everything a new lobby needs, shared by all lobbies.
 #[derive(Debug, Clone)]
 pub(crate) struct LobbyEnv {
-    pub target: Arc<OriginTarget>,
+    /// Where the lobby's messages come from; it opens one source per lobby.
+    pub upstream: Arc<Upstream>,
     pub writers: Arc<[Arc<WriterWake>]>,
     pub stats: Arc<Stats>,
     pub manager: Sender<ManagerMsg>,
@@ -174,13 +177,14 @@ pub(crate) fn spawn(id: LobbyId, env: &LobbyEnv) -> Result<LobbyHandle> {
     let (forwards_tx, forwards) = bounded(FORWARD_QUEUE);
     let published = Arc::new(AtomicU8::new(OriginState::Idle as u8));
     let counters = Arc::new(LobbyCounters::starting(&env.stats.epoch));
-    let origin = OriginLink::new(
-        id,
-        Arc::clone(&env.target),
-        (registry, ORIGIN, Arc::clone(&waker)),
-        Arc::clone(&published),
-        Arc::clone(&env.stats),
-    );
+    let origin = env.upstream.open(LobbyContext {
+        lobby: id,
+        registry,
+        token: ORIGIN,
+        waker: Arc::clone(&waker),
+        published: Arc::clone(&published),
+        stats: Arc::clone(&env.stats),
+    });
     let lobby = Lobby {
         id,
         poll,
@@ -233,7 +237,7 @@ struct Lobby {
     poll: Poll,
     inbox: Receiver<LobbyMsg>,
     forwards: Receiver<Forwarded>,
-    origin: OriginLink,
+    origin: Box<dyn Source>,
     fanout: Fanout,
     /// The origin state as `origin` publishes it.
     published: Arc<AtomicU8>,
@@ -251,13 +255,11 @@ impl Lobby {
         loop {
             let timeout = if more {
                 Some(Duration::ZERO)
-            } else if self.fanout.is_catching_up() {
-                Some(CATCH_UP_TICK)
             } else {
                 self.origin
                     .deadline()
                     .into_iter()
-                    .chain(self.fanout.next_adopt_deadline())
+                    .chain(self.own_deadline())
                     .min()
                     .map(|at| at.saturating_duration_since(Instant::now()))
             };
@@ -274,9 +276,13 @@ impl Lobby {
                 is_ending = true;
                 self.origin.stop("lobby ending");
             }
+            // A source that blocks for input waits no longer than the
+            // lobby's own next deadline.
+            let budget = self.own_deadline().map_or(Duration::MAX, |at| {
+                at.saturating_duration_since(Instant::now())
+            });
             let Lobby { origin, fanout, .. } = &mut self;
-            more =
-                origin.drive(&mut |kind, payload| fanout.broadcast(kind, payload)) == Drive::More;
+            more = origin.drive(budget, &mut |message| fanout.broadcast(message)) == Drive::More;
             self.fanout.expire_adoptions(Instant::now());
             if self.fanout.is_catching_up() {
                 self.fanout.catch_up();
@@ -293,6 +299,15 @@ impl Lobby {
             }
         }
         info!("{} down", self.id);
+    }
+
+    /// When the lobby itself needs to run next: a catch-up tick, a client
+    /// moving in that may wait no longer.
+    fn own_deadline(&self) -> Option<Instant> {
+        if self.fanout.is_catching_up() {
+            return Some(Instant::now() + CATCH_UP_TICK);
+        }
+        self.fanout.next_adopt_deadline()
     }
 
     /// With `--on-origin-loss close`: close every member with 1012 so it
@@ -411,15 +426,21 @@ impl Fanout {
         self.members.is_empty() && self.catching_up.is_empty() && self.adopting.is_empty()
     }
 
-    /// Encodes one origin message once, queues it for every member, and
-    /// moves along the clients joining from the history or from another lobby.
-    fn broadcast(&mut self, kind: MessageKind, payload: &[u8]) {
+    /// Encodes one message once (unless its source did), queues it for
+    /// every member, and moves along the clients joining from the history
+    /// or from another lobby.
+    fn broadcast(&mut self, message: Message<'_>) {
         self.stats.messages_in.fetch_add(1, Relaxed);
         if self.is_empty() {
             self.counters.message(&self.stats.epoch, 0, 0);
             return;
         }
-        let frame = frame::encode_stamped(kind.opcode(), payload, self.stats.epoch.micros());
+        let frame = match message.body {
+            Body::Payload(kind, payload) => {
+                frame::encode_stamped(kind.opcode(), payload, self.stats.epoch.micros())
+            }
+            Body::Frame(frame) => frame.clone(),
+        };
         let mut dropped = 0;
         for member in &self.members {
             if member.queue.push(frame.clone()) == Pushed::DroppedOldest {
@@ -432,7 +453,7 @@ impl Fanout {
         }
         let pushed = self.members.len() as u64;
         self.counters.message(&self.stats.epoch, pushed, dropped);
-        self.history.push(frame);
+        self.history.push(frame, message.position);
         if !self.adopting.is_empty() {
             // Those whose last frame was this one join at the live edge.
             let history = &self.history;
@@ -607,7 +628,7 @@ mod tests {
             writer: 0,
         });
         for n in 0..20u8 {
-            fanout.broadcast(MessageKind::Text, &[n]);
+            fanout.broadcast(Message::payload(MessageKind::Text, &[n]));
         }
         // Twenty frames behind, with a queue of four that is never read.
         let queue = ClientQueue::new(4, true);
@@ -618,7 +639,7 @@ mod tests {
         };
         fanout.enlist(member, fanout.history.head() - 20);
         for n in 0..200u8 {
-            fanout.broadcast(MessageKind::Text, &[n]);
+            fanout.broadcast(Message::payload(MessageKind::Text, &[n]));
         }
         // It got the four frames its queue holds; every other frame since is lost.
         assert_eq!(queue.len(), 4);

@@ -1,18 +1,20 @@
 //! The `wsgate` binary: flags → [`wsgate::Config`] → a running gateway.
 //!
-//! It sets up logging, starts the demo origin for `--demo`, runs the gateway
-//! until SIGINT or SIGTERM (a second one exits at once), and turns errors
-//! into exit codes: 2 with one line on stderr for a usage or configuration
-//! error, 1 when the gateway stopped on a fatal failure. All gateway
-//! behaviour lives in the library.
+//! It sets up logging, feeds the gateway from the demo ticker for `--demo`
+//! (the embedding path: a [`wsgate::Publisher`]), runs the gateway until
+//! SIGINT or SIGTERM (a second one exits at once), reloads the config file
+//! on SIGHUP, and turns errors into
+//! exit codes: 2 with one line on stderr for a usage or configuration
+//! error, 1 when the gateway stopped on a fatal failure. The main thread
+//! waits for signals itself, and learns from [`wsgate::Builder::on_stop`]
+//! that the gateway stopped on its own, so the binary runs no thread of its
+//! own beside the gateway's. All gateway behaviour lives in the library.
 
 mod cli;
 
 use std::{
     io::{IsTerminal, Write},
-    net::SocketAddr,
     process::ExitCode,
-    thread,
     time::Duration,
 };
 
@@ -23,11 +25,11 @@ use signal_hook::{
     iterator::Signals,
 };
 use simplelog::{ColorChoice, ConfigBuilder, TermLogger, TerminalMode};
-use wsgate::{Config, Error, Gateway, demo::DemoOrigin};
+use wsgate::{Config, Error, Gateway, demo::DemoFeed};
 
 use crate::cli::Cli;
 
-/// Interval between the demo origin's ticks.
+/// Interval between the demo feed's ticks.
 const DEMO_TICK: Duration = Duration::from_millis(100);
 
 fn main() -> ExitCode {
@@ -77,25 +79,31 @@ fn parse_args() -> Result<Cli, ExitCode> {
 /// Runs the gateway until it stops; true if it stopped cleanly (not on a
 /// fatal failure).
 fn run(cli: &Cli) -> Result<bool, Box<dyn std::error::Error>> {
-    let mut config = load(cli)?;
+    let config = load(cli)?;
     if cli.print_config {
         print!("{}", config.to_toml());
         return Ok(true);
     }
     init_logging(cli.log_level.unwrap_or(LevelFilter::Info));
-    let demo = if cli.demo {
-        let demo = DemoOrigin::start(SocketAddr::from(([127, 0, 0, 1], 0)), DEMO_TICK)
-            .map_err(|e| format!("cannot start the demo origin: {e}"))?;
-        config.origin = demo.url();
-        Some(demo)
-    } else {
-        None
-    };
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let mut builder = Gateway::builder(config.clone());
+    let publisher = cli.demo.then(|| builder.publisher());
     let routes = config.route_configs();
-    let gateway = Gateway::start(config).map_err(|e| with_location(e, cli))?;
+    // The gateway's end, whatever caused it, ends the wait for signals.
+    let signal_handle = signals.handle();
+    builder.on_stop(move || signal_handle.close());
+    let gateway = builder.start().map_err(|e| with_location(e, cli))?;
+    let demo = match publisher {
+        Some(publisher) => Some(
+            DemoFeed::start(publisher, DEMO_TICK)
+                .map_err(|e| format!("cannot start the demo feed: {e}"))?,
+        ),
+        None => None,
+    };
     let url = |path: &str| format!("ws://{}{path}", gateway.local_addr());
     if demo.is_some() {
-        let url = url("/");
+        let url = url(&config.path);
         say(&format!("wsgate demo: connect WebSocket clients to {url}"));
         say(&format!(
             "  e.g. python3 -m websockets {url}   (Ctrl-C stops the gateway)"
@@ -115,58 +123,44 @@ fn run(cli: &Cli) -> Result<bool, Box<dyn std::error::Error>> {
             ));
         }
     }
+    #[cfg(feature = "admin")]
     if let Some(admin) = gateway.admin_addr() {
         say(&format!(
             "  admin: dashboard at http://{admin}/, metrics at http://{admin}/metrics"
         ));
     }
 
-    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
-        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    let signal_handle = signals.handle();
-    let shutdown = gateway.shutdown_handle();
-    let reload = gateway.reload_handle();
-    let cli_for_reload = cli.clone();
-    let is_demo = demo.is_some();
-    let watcher = thread::Builder::new()
-        .name("wsgate-signals".to_owned())
-        .spawn(move || {
-            let mut stopping = false;
-            for signal in signals.forever() {
-                match signal {
-                    SIGHUP if is_demo => warn!("SIGHUP: the demo has nothing to reload"),
-                    SIGHUP => {
-                        info!("SIGHUP received; reloading the configuration");
-                        match load(&cli_for_reload) {
-                            Ok(config) => {
-                                let _ = reload.reload(config);
-                            }
-                            Err(e) => reload.reject(&message(&e)),
-                        }
+    let mut stopping = false;
+    for signal in signals.forever() {
+        match signal {
+            SIGHUP => {
+                info!("SIGHUP received; reloading the configuration");
+                match load(cli) {
+                    Ok(config) => {
+                        let _ = gateway.reload(config);
                     }
-                    _ if stopping => {
-                        warn!("signal {signal} received again; exiting now");
-                        std::process::exit(128 + signal);
-                    }
-                    _ => {
-                        info!(
-                            "signal {signal} received; shutting down (a second one exits at once)"
-                        );
-                        stopping = true;
-                        shutdown.shutdown();
-                    }
+                    Err(e) => gateway.reload_handle().reject(&message(&e)),
                 }
             }
-        })
-        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+            _ if stopping => {
+                warn!("signal {signal} received again; exiting now");
+                std::process::exit(128 + signal);
+            }
+            _ => {
+                info!("signal {signal} received; shutting down (a second one exits at once)");
+                stopping = true;
+                gateway.shutdown();
+            }
+        }
+    }
+    // The gateway has stopped (`on_stop` ended the wait); drop the demo
+    // feed first, so the joins below are immediate.
+    drop(demo);
     let stats = gateway.join();
     info!(
         "stopped: clients served {}, origin messages {}, frames delivered {}, frames dropped {}",
         stats.clients_accepted, stats.messages_in, stats.frames_delivered, stats.frames_dropped
     );
-    signal_handle.close();
-    let _ = watcher.join();
-    drop(demo);
     if stats.fatal_errors > 0 {
         error!("stopped after a fatal failure (see above); exiting with status 1");
     }

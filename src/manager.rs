@@ -42,10 +42,10 @@ use crate::{
     history::Resume,
     id::{ClientId, LobbyId, RouteId},
     lobby::{self, Forwarded, LobbyEnv, LobbyHandle, LobbyMsg, Member},
-    origin::OriginTarget,
     queue::ClientQueue,
     registry::{Group, Move, Orphan, Place, Registry, Rules},
     seat::Seat,
+    source::Upstream,
     stats::{Disconnect, LobbyInfo, Stats, bump},
     supervise::ThreadKind,
     writer::{Attach, WriterHandle, WriterMsg},
@@ -108,6 +108,9 @@ pub(crate) struct Inboxes {
     pub forwards: Receiver<ClientMessage>,
     /// Kept so `forwards` never reads as closed, even with no writer left.
     pub _forwards_tx: Sender<ClientMessage>,
+    /// Dropped with the manager, after its lobbies and writers have ended:
+    /// runs the embedder's [`Builder::on_stop`](crate::Builder::on_stop).
+    pub _on_stop: crate::gateway::OnStop,
 }
 
 /// Starts the manager thread, which takes ownership of the writers; on a
@@ -168,15 +171,27 @@ pub(crate) struct RouteEnv {
     /// The route's settings (the top level with its overrides).
     pub config: Config,
     /// The upstream of its lobbies without a query key.
-    pub target: Arc<OriginTarget>,
+    pub upstream: Arc<Upstream>,
 }
 
 impl RouteEnv {
     /// A route's runtime form; fails if its upstream is unusable (a CA
-    /// file that cannot be read, say).
-    pub(crate) fn new(id: RouteId, config: Config) -> Result<RouteEnv> {
-        let target = Arc::new(OriginTarget::from_config(&config)?);
-        Ok(RouteEnv { id, config, target })
+    /// file that cannot be read, say). A route without an origin URL is
+    /// the one `publisher` feeds.
+    pub(crate) fn new(
+        id: RouteId,
+        config: Config,
+        publisher: Option<&Arc<Upstream>>,
+    ) -> Result<RouteEnv> {
+        let upstream = match publisher {
+            Some(publisher) if config.origin.is_empty() => Arc::clone(publisher),
+            _ => Arc::new(Upstream::from_url(&config.origin, &config)?),
+        };
+        Ok(RouteEnv {
+            id,
+            config,
+            upstream,
+        })
     }
 
     /// Whether `other` reaches its upstream differently (URL, handshake,
@@ -210,18 +225,13 @@ impl RouteEnv {
 
     /// The upstream of the lobbies of query `key`: the route's URL with the
     /// key appended as its query.
-    fn target_for(&self, key: Option<&str>) -> Result<Arc<OriginTarget>> {
+    fn upstream_for(&self, key: Option<&str>) -> Result<Arc<Upstream>> {
         let Some(key) = key.filter(|k| !k.is_empty()) else {
-            return Ok(Arc::clone(&self.target));
+            return Ok(Arc::clone(&self.upstream));
         };
-        let mut config = self.config.clone();
-        let join = if config.origin.contains('?') {
-            '&'
-        } else {
-            '?'
-        };
-        config.origin = format!("{}{join}{key}", config.origin);
-        OriginTarget::from_config(&config).map(Arc::new)
+        let origin = &self.config.origin;
+        let join = if origin.contains('?') { '&' } else { '?' };
+        Upstream::from_url(&format!("{origin}{join}{key}"), &self.config).map(Arc::new)
     }
 }
 
@@ -571,7 +581,7 @@ impl Manager {
             .ok_or_else(|| Error::Config(format!("no route {:?}", group.route)))?;
         let c = &route.config;
         Ok(LobbyEnv {
-            target: route.target_for(group.key.as_deref())?,
+            upstream: route.upstream_for(group.key.as_deref())?,
             on_origin_loss: c.on_origin_loss,
             history: c.history_len(),
             history_keep: c.queue_depth.max(c.replay),

@@ -214,6 +214,12 @@ impl Collector for GatewayCollector {
             s.messages_in,
         )?;
         out.counter(
+            "origin_gaps",
+            "Messages a lobby's source skipped, never to be delivered: a lobby behind \
+             its publisher, a Redis stream trimmed past a lobby's position",
+            s.origin_gaps,
+        )?;
+        out.counter(
             "frames_delivered",
             "Data frames completely written to clients",
             s.frames_delivered,
@@ -419,6 +425,9 @@ mod tests {
         stats
             .bytes_sent
             .store(1234, std::sync::atomic::Ordering::Relaxed);
+        stats
+            .origin_gaps
+            .store(3, std::sync::atomic::Ordering::Relaxed);
         let text = exposition(&GatewayCollector::new(stats, None)).unwrap();
         for line in [
             "# TYPE wsgate_frames_dropped_total counter",
@@ -426,6 +435,7 @@ mod tests {
             "wsgate_origin_failures_total{cause=\"lost\"} 2",
             "wsgate_origin_failures_total{cause=\"tls\"} 0",
             "wsgate_client_sent_bytes_total 1234",
+            "wsgate_origin_gaps_total 3",
             "wsgate_origin_connections{state=\"backing_off\"} 0",
             "wsgate_clients 0",
             "wsgate_client_disconnects_total{reason=\"rate_limited\",code=\"1008\"} 0",

@@ -44,6 +44,7 @@ pub(crate) struct Stats {
     pub origin_lost: AtomicU64,
     pub origin_silent: AtomicU64,
     pub origin_oversized: AtomicU64,
+    pub origin_gaps: AtomicU64,
     pub thread_panics: AtomicU64,
     pub fatal_errors: AtomicU64,
     pub reloads: AtomicU64,
@@ -280,6 +281,12 @@ pub struct StatsSnapshot {
     pub origin_silent: u64,
     /// Established connections dropped for an oversized message.
     pub origin_oversized: u64,
+    /// Messages a lobby's source skipped over, never to be delivered: a
+    /// lobby that fell behind an in-process publisher lost its oldest
+    /// queued message, or a Redis stream was trimmed past the position a
+    /// lobby resumes from (counted once per such reconnect). Not a failure
+    /// of the connection: not in [`StatsSnapshot::origin_failures`].
+    pub origin_gaps: u64,
     /// Gateway threads that panicked, whether their work was recovered or not.
     pub thread_panics: u64,
     /// Failures the gateway could not recover from (a thread it cannot run
@@ -444,6 +451,7 @@ impl Stats {
             origin_lost: self.origin_lost.load(Relaxed),
             origin_silent: self.origin_silent.load(Relaxed),
             origin_oversized: self.origin_oversized.load(Relaxed),
+            origin_gaps: self.origin_gaps.load(Relaxed),
             thread_panics: self.thread_panics.load(Relaxed),
             fatal_errors: self.fatal_errors.load(Relaxed),
             bytes_sent: self.bytes_sent.load(Relaxed),

@@ -2,8 +2,9 @@
 //!
 //! Built once at start-up from the configuration (the webpki roots, or a
 //! private CA from a PEM file) and shared by every lobby; the handshake itself
-//! is driven by the origin link (`origin.rs`). Compiled only with the `tls`
-//! feature.
+//! is driven by the WebSocket origin link (`source/websocket.rs`); a
+//! `rediss://` source uses the redis crate's own rustls setup. Compiled
+//! only with the `tls` feature.
 
 use std::{path::Path, sync::Arc};
 

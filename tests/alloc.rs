@@ -1,11 +1,17 @@
 //! The hot path allocates nothing per client per message: a counting global
-//! allocator watches the whole process (origin, gateway, clients) while 300
-//! messages go to 200 clients, and the count must not grow with the clients.
-//! Alone in its test binary, since the allocator is process-wide.
+//! allocator watches the whole process (origin or publisher, gateway,
+//! clients) while 300 messages go to 200 clients, and the count must not
+//! grow with the clients. Alone in its test binary, since the allocator is
+//! process-wide; its tests take turns.
 
 mod support;
 
-use std::{io::Read, time::Duration};
+use std::{
+    io::Read,
+    net::TcpStream,
+    sync::{Mutex, MutexGuard},
+    time::Duration,
+};
 
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 use support::*;
@@ -19,9 +25,88 @@ const MESSAGES: u64 = 300;
 /// origin's own (the test origin's message, channel and socket writes), the
 /// lobby's read and its one encoded frame.
 const PER_MESSAGE: usize = 16;
+/// Allocations allowed per message from the in-process publisher: its
+/// one frame (and the test's own number formatting).
+const PER_PUBLISHED: usize = 4;
+
+/// The allocator counts the whole process: one test at a time.
+fn alone() -> MutexGuard<'static, ()> {
+    static TURN: Mutex<()> = Mutex::new(());
+    TURN.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Reads whatever the clients have, into one buffer (no allocation).
+fn drain(clients: &[TcpStream], buf: &mut [u8]) {
+    for mut c in clients {
+        while c.read(buf).is_ok_and(|n| n > 0) {}
+    }
+}
+
+#[test]
+fn published_messages_allocate_per_message_not_per_client() {
+    let _turn = alone();
+    let mut config = test_config("");
+    config.client_ping = Duration::from_secs(3600);
+    let mut builder = wsgate::Gateway::builder(config);
+    let publisher = builder.publisher();
+    let gw = builder.start().expect("gateway starts");
+    let clients: Vec<_> = (0..CLIENTS).map(|_| raw_client(gw.local_addr())).collect();
+    wait_placed(&gw, CLIENTS);
+    wait_until("the lobby subscribed", || {
+        gw.stats().origin_connections == 1
+    });
+    // Every client at the live edge: a message reaches all of them.
+    loop {
+        let before = gw.stats().frames_delivered;
+        publisher.publish_text("warm");
+        std::thread::sleep(Duration::from_millis(50));
+        if gw.stats().frames_delivered - before == CLIENTS as u64 {
+            break;
+        }
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    for c in &clients {
+        c.set_nonblocking(true).unwrap();
+    }
+    let mut sent = 0u64;
+    let burst = |sent: &mut u64| {
+        let before = gw.stats().frames_delivered;
+        for _ in 0..10 {
+            *sent += 1;
+            publisher.publish_text(sent.to_string());
+        }
+        wait_until("the burst delivered", || {
+            gw.stats().frames_delivered >= before + 10 * CLIENTS as u64
+        });
+    };
+    for _ in 0..10 {
+        burst(&mut sent);
+        drain(&clients, &mut buf);
+    }
+
+    let region = Region::new(GLOBAL);
+    let start = sent;
+    while sent < start + MESSAGES {
+        burst(&mut sent);
+        drain(&clients, &mut buf);
+    }
+    let allocations = region.change().allocations;
+    assert_eq!(gw.stats().frames_dropped, 0);
+    eprintln!(
+        "publisher: {allocations} allocations for {MESSAGES} messages to {CLIENTS} clients \
+         ({:.1} per message)",
+        allocations as f64 / MESSAGES as f64
+    );
+    assert!(
+        allocations < MESSAGES as usize * PER_PUBLISHED,
+        "{allocations} allocations for {MESSAGES} published messages to {CLIENTS} clients"
+    );
+}
 
 #[test]
 fn fan_out_allocates_per_message_not_per_client() {
+    let _turn = alone();
     let origin = TestOrigin::start();
     let mut config = test_config(&origin.url());
     // The raw clients never answer pings.
@@ -35,11 +120,7 @@ fn fan_out_allocates_per_message_not_per_client() {
     for c in &clients {
         c.set_nonblocking(true).unwrap();
     }
-    let mut drain = |clients: &[std::net::TcpStream]| {
-        for mut c in clients {
-            while c.read(&mut buf).is_ok_and(|n| n > 0) {}
-        }
-    };
+    let mut drain = |clients: &[TcpStream]| drain(clients, &mut buf);
 
     // Warm up: every buffer and queue reaches its working size.
     let mut sent = 0;

@@ -17,6 +17,11 @@ use wsgate::{Config, Gateway, GatewayHandle};
 mod origin;
 #[allow(unused_imports)]
 pub use origin::*;
+#[cfg(feature = "redis")]
+mod redis_server;
+#[cfg(feature = "redis")]
+#[allow(unused_imports)]
+pub use redis_server::*;
 
 /// The generous deadline every wait in the tests uses: the machine is small and noisy.
 pub const DEADLINE: Duration = Duration::from_secs(20);
@@ -57,6 +62,21 @@ pub fn ws_client(addr: SocketAddr) -> Client {
         .set_read_timeout(Some(DEADLINE))
         .expect("read timeout");
     let (ws, _) = tungstenite::client(format!("ws://{addr}/"), stream).expect("upgrade");
+    ws
+}
+
+/// A WebSocket client at `target` (path and query), offering `protocols`.
+pub fn client_at(addr: SocketAddr, target: &str, protocols: &[&str]) -> Client {
+    let stream = TcpStream::connect(addr).expect("connect to gateway");
+    stream
+        .set_read_timeout(Some(DEADLINE))
+        .expect("read timeout");
+    let uri: tungstenite::http::Uri = format!("ws://{addr}{target}").parse().expect("a URI");
+    let mut request = tungstenite::ClientRequestBuilder::new(uri);
+    for p in protocols {
+        request = request.with_sub_protocol(*p);
+    }
+    let (ws, _) = tungstenite::client(request, stream).expect("upgrade");
     ws
 }
 

@@ -1,5 +1,5 @@
-//! One lobby's origin connection: connect, secure, upgrade, read, stay alive,
-//! reconnect.
+//! The WebSocket source: one lobby's origin connection: connect, secure,
+//! upgrade, read, stay alive, reconnect.
 //!
 //! [`OriginLink`] is a non-blocking state machine the lobby thread drives from
 //! its poll loop. TCP connect, the TLS handshake (`wss://`) and the WebSocket
@@ -10,8 +10,10 @@
 //! [`Backoff`]. A host name is resolved on a short-lived thread of its own
 //! (the system resolver blocks), whose answer wakes the lobby; the lobby
 //! waits for it no longer than the connect timeout and never joins a lookup
-//! it gave up on, so a slow resolver delays neither its inbox nor shutdown. This file knows nothing of clients: the lobby (`lobby.rs`)
-//! decides when a link is needed and what to do with each message.
+//! it gave up on, so a slow resolver delays neither its inbox nor shutdown.
+//! This file knows nothing of clients: the lobby (`lobby.rs`) decides when a
+//! link is needed and what to do with each message, through the
+//! [`Source`] interface (`source.rs`).
 
 use std::{
     collections::VecDeque,
@@ -39,9 +41,10 @@ use tungstenite::{
 use crate::{
     backoff::Backoff,
     config::Config,
-    error::Result,
+    error::{Error, Result},
     frame::MessageKind,
     id::LobbyId,
+    source::{self, Drive, Source, publish_state},
     stats::{OriginState, Stats, bump, drop_one},
 };
 
@@ -87,11 +90,30 @@ pub(crate) struct OriginTarget {
     tls: Option<Arc<rustls::ClientConfig>>,
 }
 
+/// An origin URL, parsed and checked: `ws://` (or `wss://` in a build with
+/// TLS), with a host.
+pub(crate) fn parse_url(url: &str) -> Result<Uri> {
+    let bad = |why: &str| Err(Error::Config(format!("origin: {url:?} {why}")));
+    let Ok(uri) = url.parse::<Uri>() else {
+        return bad("is not a valid URL");
+    };
+    match uri.scheme_str().map(str::to_ascii_lowercase).as_deref() {
+        Some("ws") => {}
+        Some("wss") if cfg!(feature = "tls") => {}
+        Some("wss") => return bad("uses wss://, but this build has no TLS (feature `tls`)"),
+        _ => return bad("must start with ws:// or wss://"),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return bad("has no host");
+    }
+    Ok(uri)
+}
+
 impl OriginTarget {
-    /// Builds the target from a validated configuration (loading the TLS
-    /// roots for a `wss://` origin).
-    pub(crate) fn from_config(config: &Config) -> Result<OriginTarget> {
-        let uri = config.origin_uri()?;
+    /// Builds the target for the origin at `uri` (from [`parse_url`]) with
+    /// the configuration's origin settings, loading the TLS roots for a
+    /// `wss://` origin.
+    pub(crate) fn new(uri: Uri, config: &Config) -> Result<OriginTarget> {
         let is_tls = uri.scheme_str() == Some("wss");
         let host = uri.host().unwrap_or_default();
         let host = host
@@ -312,15 +334,6 @@ enum Failure {
     Oversized,
 }
 
-/// What [`OriginLink::drive`] left behind.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Drive {
-    /// Nothing more to do until the socket is ready or the deadline passes.
-    Idle,
-    /// More input may be waiting: drive again soon.
-    More,
-}
-
 /// A lobby's connection to the origin.
 #[derive(Debug)]
 pub(crate) struct OriginLink {
@@ -481,13 +494,13 @@ impl OriginLink {
 
     /// Advances the link: finishes connecting, reads messages into `on_message`,
     /// keeps the connection alive, notices failures and schedules reconnects.
-    pub(crate) fn drive(&mut self, on_message: &mut impl FnMut(MessageKind, &[u8])) -> Drive {
+    pub(crate) fn drive(&mut self, on_message: &mut dyn FnMut(source::Message<'_>)) -> Drive {
         let drive = self.step(on_message);
         self.publish();
         drive
     }
 
-    fn step(&mut self, on_message: &mut impl FnMut(MessageKind, &[u8])) -> Drive {
+    fn step(&mut self, on_message: &mut dyn FnMut(source::Message<'_>)) -> Drive {
         let now = Instant::now();
         match std::mem::replace(&mut self.state, State::Idle) {
             State::Idle => Drive::Idle,
@@ -760,7 +773,7 @@ impl OriginLink {
         &mut self,
         mut live: Box<Live>,
         now: Instant,
-        on_message: &mut impl FnMut(MessageKind, &[u8]),
+        on_message: &mut dyn FnMut(source::Message<'_>),
     ) -> Drive {
         for _ in 0..READS_PER_DRIVE {
             let (cause, why) = match live.ws.read() {
@@ -769,11 +782,14 @@ impl OriginLink {
                     match message {
                         Message::Text(text) => {
                             live.got_message = true;
-                            on_message(MessageKind::Text, text.as_bytes());
+                            on_message(source::Message::payload(
+                                MessageKind::Text,
+                                text.as_bytes(),
+                            ));
                         }
                         Message::Binary(bytes) => {
                             live.got_message = true;
-                            on_message(MessageKind::Binary, &bytes);
+                            on_message(source::Message::payload(MessageKind::Binary, &bytes));
                         }
                         Message::Close(frame) => {
                             let why = match frame {
@@ -899,16 +915,38 @@ impl OriginLink {
     /// Publishes the state for the lobby listing, and keeps the per-state
     /// gauges (connecting, backing off) in step.
     fn publish(&self) {
-        let new = self.state.public();
-        let old = OriginState::from_u8(self.published.swap(new as u8, Relaxed));
-        if old != new {
-            if let Some(gauge) = self.stats.origin_state_gauge(old) {
-                drop_one(gauge);
-            }
-            if let Some(gauge) = self.stats.origin_state_gauge(new) {
-                bump(gauge);
-            }
-        }
+        publish_state(&self.published, &self.stats, self.state.public());
+    }
+}
+
+impl Source for OriginLink {
+    fn start(&mut self) {
+        OriginLink::start(self);
+    }
+
+    fn stop(&mut self, why: &str) {
+        OriginLink::stop(self, why);
+    }
+
+    /// Never blocks: the lobby waits for the socket in its poll.
+    fn drive(&mut self, _budget: Duration, deliver: &mut dyn FnMut(source::Message<'_>)) -> Drive {
+        OriginLink::drive(self, deliver)
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        OriginLink::deadline(self)
+    }
+
+    fn is_closing(&self) -> bool {
+        OriginLink::is_closing(self)
+    }
+
+    fn take_failure(&mut self) -> bool {
+        OriginLink::take_failure(self)
+    }
+
+    fn send(&mut self, kind: MessageKind, payload: Vec<u8>) -> bool {
+        OriginLink::send(self, kind, payload)
     }
 }
 

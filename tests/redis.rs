@@ -1,0 +1,501 @@
+//! Redis sources against a real `redis-server` (one per test, on a free
+//! loopback port): pub/sub fan-out and order, reconnects after the server
+//! restarts or kills the gateway's connections, streams that lose nothing
+//! across reconnects (and count what was trimmed), credentials and
+//! databases, and two gateway processes on one channel.
+
+mod support;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use support::*;
+use wsgate::{Config, GatewayHandle};
+
+fn redis_config(url: &str) -> Config {
+    let mut config = test_config(url);
+    config.origin_backoff_min = Duration::from_millis(50);
+    config.origin_backoff_max = Duration::from_millis(300);
+    config
+}
+
+/// Runs `publish` until one message reached `clients` members: every
+/// client is then at the live edge of its lobby.
+fn warm_up(gw: &GatewayHandle, clients: u64, mut publish: impl FnMut()) {
+    let pushed = || -> (u64, u64) {
+        let lobbies = gw.lobbies(DEADLINE);
+        (
+            lobbies.iter().map(|l| l.messages_in).sum(),
+            lobbies.iter().map(|l| l.frames_out).sum(),
+        )
+    };
+    let lobbies = gw.lobbies(DEADLINE).len() as u64;
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let (messages, frames) = pushed();
+        publish();
+        let took = Instant::now() + Duration::from_secs(2);
+        while pushed().0 < messages + lobbies && Instant::now() < took {
+            thread::sleep(Duration::from_millis(5));
+        }
+        let (now_messages, now_frames) = pushed();
+        if now_messages == messages + lobbies && now_frames - frames == clients {
+            // Wait for the writers too, so counts start from rest.
+            wait_until("the warm-up delivered", || {
+                gw.stats().frames_delivered == pushed().1
+            });
+            return;
+        }
+        assert!(Instant::now() < end, "clients never all joined");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reads a client's text messages, skipping the warm-up ones.
+fn numbers(got: Vec<String>) -> Vec<String> {
+    got.into_iter().skip_while(|m| m == "warm").collect()
+}
+
+#[test]
+fn five_hundred_clients_over_three_lobbies_get_every_message_in_order() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    const CLIENTS: usize = 500;
+    const N: u64 = 100;
+    let mut config = redis_config(&redis.channel_url("prices"));
+    config.lobby_capacity = 170;
+    let gw = start_gateway(config);
+    let mut clients = connect_clients(&gw, CLIENTS);
+    wait_until("three subscriptions", || gw.stats().origin_connections == 3);
+    let mut con = redis.connect().expect("connect");
+    warm_up(&gw, CLIENTS as u64, || {
+        redis.publish(&mut con, "prices", "warm");
+    });
+    let delivered = gw.stats().frames_delivered;
+
+    for n in 1..=N {
+        assert_eq!(redis.publish(&mut con, "prices", &n.to_string()), 3);
+        if n % 10 == 0 {
+            wait_until("the burst delivered", || {
+                gw.stats().frames_delivered == delivered + CLIENTS as u64 * n
+            });
+        }
+    }
+    for (i, client) in clients.iter_mut().enumerate() {
+        let mut got = recv_text(client);
+        while got == "warm" {
+            got = recv_text(client);
+        }
+        for n in 1..=N {
+            assert_eq!(got, n.to_string(), "client {i}");
+            if n < N {
+                got = recv_text(client);
+            }
+        }
+    }
+    let stats = gw.stats();
+    assert_eq!(stats.frames_dropped, 0);
+    assert_eq!(stats.origin_failures(), 0);
+    assert_eq!(gw.lobbies(DEADLINE).len(), 3);
+}
+
+#[test]
+fn lobbies_reconnect_when_redis_restarts_and_clients_stay() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let gw = start_gateway(redis_config(&redis.channel_url("feed")));
+    let mut clients = connect_clients(&gw, 5);
+    wait_until("subscribed", || gw.stats().origin_connections == 1);
+    let mut con = redis.connect().expect("connect");
+    warm_up(&gw, 5, || {
+        redis.publish(&mut con, "feed", "warm");
+    });
+
+    let port = redis.kill();
+    wait_until("the lobby to notice", || gw.stats().origin_connections == 0);
+    thread::sleep(Duration::from_millis(300));
+    let redis = RedisServer::start_on(port, &[]).expect("restart on the same port");
+    wait_until("the lobby to resubscribe", || {
+        gw.stats().origin_connections == 1
+    });
+    assert_eq!(gw.stats().clients, 5, "clients stayed connected");
+    let mut con = redis.connect().expect("connect");
+    wait_until("the subscription in place", || {
+        redis.publish(&mut con, "feed", "warm") == 1
+    });
+    redis.publish(&mut con, "feed", "after");
+    for c in &mut clients {
+        let mut got = recv_text(c);
+        while got == "warm" {
+            got = recv_text(c);
+        }
+        assert_eq!(got, "after");
+    }
+    let stats = gw.stats();
+    assert!(stats.origin_lost >= 1, "{stats:?}");
+    assert!(stats.origin_connected >= 2, "{stats:?}");
+}
+
+#[test]
+fn killed_subscriptions_are_replaced_with_backoff() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let mut config = redis_config(&redis.channel_url("feed"));
+    config.lobby_capacity = 2;
+    let gw = start_gateway(config);
+    let mut clients = connect_clients(&gw, 4);
+    wait_until("two subscriptions", || gw.stats().origin_connections == 2);
+    let mut con = redis.connect().expect("connect");
+    for round in 1..=3 {
+        let killed: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query(&mut con)
+            .expect("CLIENT KILL");
+        assert_eq!(killed, 2, "round {round}");
+        wait_until("both lobbies to resubscribe", || {
+            redis.publish(&mut con, "feed", "warm") == 2
+        });
+    }
+    redis.publish(&mut con, "feed", "after");
+    for c in &mut clients {
+        let mut got = recv_text(c);
+        while got == "warm" {
+            got = recv_text(c);
+        }
+        assert_eq!(got, "after");
+    }
+    let stats = gw.stats();
+    assert_eq!(stats.origin_lost, 6, "{stats:?}");
+    assert_eq!(stats.clients, 4);
+}
+
+/// Adds `"1"`, `"2"`, … to a stream every `every` until stopped.
+struct StreamFeed {
+    stop: Arc<AtomicBool>,
+    thread: thread::JoinHandle<u64>,
+}
+
+impl StreamFeed {
+    fn start(redis: &RedisServer, key: &'static str, every: Duration) -> StreamFeed {
+        let mut con = redis.connect().expect("connect");
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::spawn(move || {
+            let mut n = 0;
+            while !flag.load(Ordering::SeqCst) {
+                n += 1;
+                redis::cmd("XADD")
+                    .arg(key)
+                    .arg("*")
+                    .arg("data")
+                    .arg(n.to_string())
+                    .exec(&mut con)
+                    .expect("XADD");
+                thread::sleep(every);
+            }
+            n
+        });
+        StreamFeed { stop, thread }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().expect("feed")
+    }
+}
+
+#[test]
+fn a_stream_loses_nothing_when_the_gateways_connections_are_killed() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let mut config = redis_config(&redis.stream_url("events"));
+    config.lobby_capacity = 10;
+    // A reconnecting lobby reads the backlog (up to 150 entries here) as
+    // fast as Redis sends it: client queues must hold it, or a client
+    // that is not written to in time loses the oldest (the slow-client
+    // policy, not the source). Deep queues keep this test about the source.
+    config.queue_depth = 256;
+    let gw = start_gateway(config);
+    let clients = connect_clients(&gw, 20);
+    wait_until("two stream readers", || gw.stats().origin_connections == 2);
+    let mut con = redis.connect().expect("connect");
+    warm_up(&gw, 20, || {
+        redis::cmd("XADD")
+            .arg("events")
+            .arg("*")
+            .arg("data")
+            .arg("warm")
+            .exec(&mut con)
+            .expect("XADD");
+    });
+    let readers: Vec<Reader> = clients.into_iter().map(Reader::spawn).collect();
+
+    let feed = StreamFeed::start(&redis, "events", Duration::from_millis(2));
+    for round in 1..=3 {
+        thread::sleep(Duration::from_millis(300));
+        let ids = redis.gateway_clients();
+        assert_eq!(ids.len(), 2, "round {round}: {ids:?}");
+        for id in ids {
+            redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("ID")
+                .arg(id)
+                .exec(&mut con)
+                .expect("CLIENT KILL");
+        }
+        // The feed goes on while the lobbies back off and reconnect.
+        wait_until("both lobbies to reconnect", || {
+            gw.stats().origin_connected == 2 + 2 * round
+        });
+    }
+    thread::sleep(Duration::from_millis(300));
+    let last = feed.stop();
+    // Both lobbies read to the end, and the writers wrote it all.
+    thread::sleep(Duration::from_millis(300));
+    wait_until("every frame delivered or dropped", || {
+        let pushed: u64 = gw.lobbies(DEADLINE).iter().map(|l| l.frames_out).sum();
+        let stats = gw.stats();
+        stats.frames_delivered + stats.frames_dropped == pushed
+    });
+    assert_eq!(gw.stats().frames_dropped, 0);
+    for reader in readers {
+        let got = numbers(reader.finish());
+        let numbers = assert_continuous(&got, |_| 0);
+        assert_eq!(numbers.first(), Some(&1));
+        assert_eq!(numbers.last(), Some(&last), "the stream reached its end");
+    }
+    let stats = gw.stats();
+    assert_eq!(stats.origin_lost, 6, "{stats:?}");
+    assert_eq!(stats.origin_gaps, 0);
+    assert_eq!(stats.frames_dropped, 0);
+}
+
+#[test]
+fn a_stream_trimmed_past_a_lobbys_position_is_a_counted_gap() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let mut config = redis_config(&redis.stream_url("events"));
+    // Long enough to trim the stream before the lobby is back.
+    config.origin_backoff_min = Duration::from_millis(500);
+    config.origin_backoff_max = Duration::from_millis(500);
+    let gw = start_gateway(config);
+    let mut client = connect_clients(&gw, 1).remove(0);
+    wait_until("the stream reader", || gw.stats().origin_connections == 1);
+    let mut con = redis.connect().expect("connect");
+    let xadd = |con: &mut redis::Connection, data: &str| {
+        redis::cmd("XADD")
+            .arg("events")
+            .arg("MAXLEN")
+            .arg(5)
+            .arg("*")
+            .arg("data")
+            .arg(data)
+            .exec(con)
+            .expect("XADD");
+    };
+    warm_up(&gw, 1, || xadd(&mut con, "warm"));
+
+    for id in redis.gateway_clients() {
+        redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("ID")
+            .arg(id)
+            .exec(&mut con)
+            .expect("CLIENT KILL");
+    }
+    // Twenty entries while the lobby is away; the stream keeps five.
+    for n in 1..=20 {
+        xadd(&mut con, &n.to_string());
+    }
+    // Entries 1..=15 were trimmed before it read them.
+    wait_until("the gap counted", || gw.stats().origin_gaps == 15);
+    wait_until("the lobby back", || gw.stats().origin_connections == 1);
+    // It resumed with what the stream still held.
+    let mut got = recv_text(&mut client);
+    while got == "warm" {
+        got = recv_text(&mut client);
+    }
+    for n in 16..=20 {
+        assert_eq!(got, n.to_string());
+        if n < 20 {
+            got = recv_text(&mut client);
+        }
+    }
+    assert_eq!(gw.stats().origin_lost, 1);
+}
+
+#[test]
+fn credentials_and_database_come_from_the_url() {
+    let Some(redis) = RedisServer::start_with(&["--requirepass", "s3cret"]) else {
+        return;
+    };
+    let port = redis.port();
+    let gw = start_gateway(redis_config(&format!(
+        "redis+stream://:s3cret@127.0.0.1:{port}/3/events?field=body"
+    )));
+    let mut client = connect_clients(&gw, 1).remove(0);
+    wait_until("connected", || gw.stats().origin_connections == 1);
+    let mut con = redis.connect().expect("connect");
+    redis::cmd("SELECT").arg(3).exec(&mut con).expect("SELECT");
+    warm_up(&gw, 1, || {
+        redis::cmd("XADD")
+            .arg("events")
+            .arg("*")
+            .arg("body")
+            .arg("warm")
+            .exec(&mut con)
+            .expect("XADD");
+    });
+    redis::cmd("XADD")
+        .arg("events")
+        .arg("*")
+        .arg("data")
+        .arg("not this field")
+        .arg("body")
+        .arg("hello")
+        .exec(&mut con)
+        .expect("XADD");
+    let mut got = recv_text(&mut client);
+    while got == "warm" {
+        got = recv_text(&mut client);
+    }
+    assert_eq!(got, "hello");
+
+    // A wrong password is a refusal, counted and retried.
+    let bad = start_gateway(redis_config(&format!(
+        "redis://:wrong@127.0.0.1:{port}/feed"
+    )));
+    let _client = connect_clients(&bad, 1);
+    wait_until("the refusal counted", || {
+        bad.stats().origin_failed_upgrade >= 2
+    });
+    assert_eq!(bad.stats().origin_connections, 0);
+}
+
+#[cfg(feature = "cli")]
+#[test]
+fn two_gateway_processes_on_one_channel_each_give_every_client_every_message() {
+    use std::{
+        io::{BufRead, BufReader},
+        net::SocketAddr,
+        process::{Child, Command, Stdio},
+    };
+
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    struct Process(Child);
+    impl Drop for Process {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let spawn = || -> (Process, SocketAddr) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+            .args(["--listen", "127.0.0.1:0", "--log-level", "warn"])
+            .args(["--origin", &redis.channel_url("ticks")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start wsgate");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("wsgate prints its address");
+        let addr = line
+            .split_whitespace()
+            .last()
+            .and_then(|u| {
+                u.trim_start_matches("ws://")
+                    .trim_end_matches('/')
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        (Process(child), addr)
+    };
+    let (_a, addr_a) = spawn();
+    let (_b, addr_b) = spawn();
+    let mut clients: Vec<Client> = (0..20)
+        .map(|i| ws_client(if i % 2 == 0 { addr_a } else { addr_b }))
+        .collect();
+
+    // Warm up from another thread until every client has had a message.
+    let mut con = redis.connect().expect("connect");
+    let warming = Arc::new(AtomicBool::new(true));
+    let flag = warming.clone();
+    let port = redis.port();
+    let warmer = thread::spawn(move || {
+        let mut con = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+            .and_then(|c| c.get_connection())
+            .expect("connect");
+        while flag.load(Ordering::SeqCst) {
+            let _: i64 = redis::cmd("PUBLISH")
+                .arg("ticks")
+                .arg("warm")
+                .query(&mut con)
+                .expect("PUBLISH");
+            thread::sleep(Duration::from_millis(20));
+        }
+    });
+    for c in &mut clients {
+        assert_eq!(recv_text(c), "warm");
+    }
+    warming.store(false, Ordering::SeqCst);
+    warmer.join().expect("warmer");
+
+    // At a pace the clients' queues take (a burst larger than a queue
+    // would lose its oldest frames, as it should).
+    const N: u64 = 200;
+    for n in 1..=N {
+        assert_eq!(redis.publish(&mut con, "ticks", &n.to_string()), 2);
+        thread::sleep(Duration::from_millis(2));
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        let mut got = recv_text(c);
+        while got == "warm" {
+            got = recv_text(c);
+        }
+        for n in 1..=N {
+            assert_eq!(got, n.to_string(), "client {i}");
+            if n < N {
+                got = recv_text(c);
+            }
+        }
+    }
+}
+
+#[test]
+fn shutdown_ends_within_the_drain_timeout_and_a_second() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let mut config = redis_config(&redis.channel_url("feed"));
+    config.lobby_capacity = 5;
+    config.drain_timeout = Duration::from_secs(1);
+    let gw = start_gateway(config);
+    // Clients that never read: the drain waits its whole timeout for them.
+    let _clients = connect_clients(&gw, 10);
+    wait_until("two subscriptions", || gw.stats().origin_connections == 2);
+    let started = Instant::now();
+    gw.shutdown();
+    let last = gw.join();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "shutdown took {took:?}");
+    assert_eq!(last.origin_connections, 0);
+    assert_eq!(last.lobbies, 0);
+}
