@@ -442,6 +442,7 @@ mod tests {
 
     /// Every setting: its config file key, the flags that set it, and the
     /// same value in the file's form.
+    #[cfg(feature = "config-file")]
     const SETTINGS: &[(&str, &[&str], &str)] = &[
         (
             "listen",
@@ -649,6 +650,7 @@ mod tests {
         ("max_keys", &["--max-keys", "7"], "max_keys = 7"),
     ];
 
+    #[cfg(feature = "config-file")]
     #[test]
     fn every_setting_has_a_flag_and_a_file_key_that_agree() {
         for (key, args, text) in SETTINGS {
@@ -672,6 +674,7 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "config-file")]
     #[test]
     fn flags_override_the_file_and_keep_what_they_do_not_say() {
         let file = Config::from_toml("lobby_capacity = 64\nqueue_depth = 4\n").unwrap();

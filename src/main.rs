@@ -14,6 +14,7 @@ mod cli;
 
 use std::{
     io::{IsTerminal, Write},
+    path::Path,
     process::ExitCode,
     time::Duration,
 };
@@ -81,7 +82,7 @@ fn parse_args() -> Result<Cli, ExitCode> {
 fn run(cli: &Cli) -> Result<bool, Box<dyn std::error::Error>> {
     let config = load(cli)?;
     if cli.print_config {
-        print!("{}", config.to_toml());
+        print_config(&config)?;
         return Ok(true);
     }
     init_logging(cli.log_level.unwrap_or(LevelFilter::Info));
@@ -178,22 +179,48 @@ fn say(line: &str) {
 /// yet validated. A file error names the file, its line and the key.
 fn load(cli: &Cli) -> Result<Config, Error> {
     let file = match &cli.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
-            Config::from_toml(&text).map_err(|e| {
-                let msg = message(&e);
-                // "line N: key: why" reads "FILE:N: key: why".
-                let located = msg
-                    .strip_prefix("line ")
-                    .and_then(|m| m.split_once(": "))
-                    .map(|(line, rest)| format!("{}:{line}: {rest}", path.display()));
-                Error::Config(located.unwrap_or_else(|| format!("{}: {msg}", path.display())))
-            })?
-        }
+        Some(path) => read_config_file(path)?,
         None => Config::default(),
     };
     cli.apply(file)
+}
+
+/// A config file's settings.
+#[cfg(feature = "config-file")]
+fn read_config_file(path: &Path) -> Result<Config, Error> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+    Config::from_toml(&text).map_err(|e| {
+        let msg = message(&e);
+        // "line N: key: why" reads "FILE:N: key: why".
+        let located = msg
+            .strip_prefix("line ")
+            .and_then(|m| m.split_once(": "))
+            .map(|(line, rest)| format!("{}:{line}: {rest}", path.display()));
+        Error::Config(located.unwrap_or_else(|| format!("{}: {msg}", path.display())))
+    })
+}
+
+#[cfg(not(feature = "config-file"))]
+fn read_config_file(path: &Path) -> Result<Config, Error> {
+    Err(Error::Config(format!(
+        "{}: this build reads no config files (feature `config-file`); use flags",
+        path.display()
+    )))
+}
+
+/// Prints the settings as a config file.
+#[cfg(feature = "config-file")]
+fn print_config(config: &Config) -> Result<(), Error> {
+    print!("{}", config.to_toml());
+    Ok(())
+}
+
+#[cfg(not(feature = "config-file"))]
+fn print_config(_: &Config) -> Result<(), Error> {
+    Err(Error::Config(
+        "--print-config needs a build with config files (feature `config-file`)".into(),
+    ))
 }
 
 /// An error's message without its kind's prefix.

@@ -48,6 +48,22 @@ fn bad_flags_exit_2_with_one_clear_line() {
 }
 
 #[test]
+#[cfg(not(feature = "config-file"))]
+fn a_build_without_config_files_refuses_them_with_one_line() {
+    for args in [
+        &["--config", "/nonexistent.toml"][..],
+        &["--origin", "ws://h/", "--print-config"],
+    ] {
+        let out = wsgate(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains("config-file"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+#[cfg(feature = "config-file")]
 fn config_file_errors_name_the_file_line_and_key_and_exit_2() {
     let dir = std::env::temp_dir().join(format!("wsgate-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -105,6 +121,7 @@ fn config_file_errors_name_the_file_line_and_key_and_exit_2() {
 }
 
 #[test]
+#[cfg(feature = "config-file")]
 fn print_config_shows_every_setting_in_the_file_form() {
     let out = wsgate(&[
         "--origin",

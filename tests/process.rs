@@ -343,6 +343,7 @@ fn a_second_sigterm_exits_at_once() {
 }
 
 #[test]
+#[cfg(feature = "config-file")]
 fn sighup_reloads_the_config_file_and_a_broken_one_changes_nothing() {
     // /a stays as it is, /h gets a new origin header (its lobbies reconnect
     // and its clients move), /b is removed, /c is added.
