@@ -509,7 +509,7 @@ impl Fanout {
 
     /// Queues history frames for catching-up clients while their queues have
     /// room (never dropping what they have not seen); those that reach the
-    /// live edge become members.
+    /// live edge with room to spare become members.
     fn catch_up(&mut self) {
         if self.catching_up.is_empty() {
             return;
@@ -539,7 +539,11 @@ impl Fanout {
                 c.next += 1;
                 self.touched[c.member.writer] = true;
             }
-            if c.next == self.history.head() {
+            // At the live edge with room for the next frame: live from now
+            // on. With a full queue it waits here (as the history moves on,
+            // the frames are queued from there), so a live frame never
+            // pushes out a frame of the catch-up.
+            if c.next == self.history.head() && c.member.queue.len() < c.member.queue.depth() {
                 let done = self.catching_up.swap_remove(i);
                 self.members.push(done.member);
             } else {
@@ -652,5 +656,49 @@ mod tests {
             1,
             "one gap, not one per frame"
         );
+    }
+
+    #[test]
+    fn a_caught_up_client_goes_live_only_when_its_queue_has_room() {
+        let poll = Poll::new().unwrap();
+        let stats = Arc::new(Stats::default());
+        let mut fanout = Fanout {
+            lobby: LobbyId(0),
+            members: Vec::new(),
+            catching_up: Vec::new(),
+            adopting: Vec::new(),
+            history: History::new(64, 4),
+            replay: 4,
+            writers: Arc::from([WriterWake::for_tests(&poll)]),
+            touched: vec![false],
+            counters: Arc::new(LobbyCounters::starting(&stats.epoch)),
+            stats: Arc::clone(&stats),
+        };
+        fanout.members.push(Member {
+            id: ClientId(0),
+            queue: ClientQueue::new(1000, false),
+            writer: 0,
+        });
+        for n in 0..4u8 {
+            fanout.broadcast(Message::payload(MessageKind::Text, &[n]));
+        }
+        // A newcomer replayed four frames, its queue of four full: the next
+        // live frame must not push one of them out before it is written.
+        let queue = ClientQueue::new(4, true);
+        fanout.join_new(Member {
+            id: ClientId(1),
+            queue: queue.clone(),
+            writer: 0,
+        });
+        assert_eq!(queue.len(), 4);
+        fanout.broadcast(Message::payload(MessageKind::Text, &[4]));
+        fanout.broadcast(Message::payload(MessageKind::Text, &[5]));
+        let mut got: Vec<u8> = std::iter::from_fn(|| queue.pop()).map(|f| f[2]).collect();
+        fanout.catch_up();
+        fanout.broadcast(Message::payload(MessageKind::Text, &[6]));
+        got.extend(std::iter::from_fn(|| queue.pop()).map(|f| f[2]));
+        assert_eq!(got, [0, 1, 2, 3, 4, 5, 6], "every frame, once, in order");
+        assert_eq!(queue.drops(), 0);
+        assert_eq!(fanout.members.len(), 2, "live once it had room");
     }
 }
