@@ -376,6 +376,7 @@ fn behind_haproxy_two_instances_serve_every_client_and_a_rolling_restart_loses_n
     assert_eq!(stayed.len() + moved, CLIENTS);
     let mut last_reconnect = term;
     let mut last_close = term;
+    let mut longest = Duration::ZERO;
     let consecutive = |c: &[u64]| c.windows(2).all(|w| w[1] == w[0] + 1);
     let mut unordered = Vec::new();
     let mut seams = Vec::new();
@@ -395,11 +396,14 @@ fn behind_haproxy_two_instances_serve_every_client_and_a_rolling_restart_loses_n
         assert_eq!(after.last(), Some(&sent));
         last_reconnect = last_reconnect.max(record.reconnected.expect("reconnected"));
         last_close = last_close.max(record.closed.expect("closed"));
+        longest =
+            longest.max(record.reconnected.expect("reconnected") - record.closed.expect("closed"));
     }
     let took = last_reconnect - term;
     eprintln!(
         "{moved} clients moved; the last closed {:?} and the last reconnected {took:?} \
-         after the SIGTERM, {} connection attempts failed; {} stayed, {sent} messages",
+         after the SIGTERM (the longest reconnect {longest:?}), {} connection attempts \
+         failed; {} stayed, {sent} messages",
         last_close - term,
         reconnected.iter().map(|r| r.failed).sum::<usize>(),
         stayed.len()
