@@ -50,18 +50,22 @@ impl GatewayProcess {
             })
         };
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut line = String::new();
-        stdout
-            .read_line(&mut line)
-            .expect("wsgate prints its address");
-        let addr = address_in(&line, "ws://").unwrap_or_else(|| panic!("no address in {line:?}"));
-        let admin = args.contains(&"--admin").then(|| {
+        let mut next_line = || {
             let mut line = String::new();
-            stdout
-                .read_line(&mut line)
-                .expect("wsgate prints its admin address");
-            address_in(&line, "http://").unwrap_or_else(|| panic!("no admin address in {line:?}"))
-        });
+            let _ = stdout.read_line(&mut line);
+            line
+        };
+        let line = next_line();
+        let addr = address_in(&line, "ws://");
+        let admin = args.contains(&"--admin").then(next_line);
+        let admin_addr = admin.as_deref().map(|line| address_in(line, "http://"));
+        let (Some(addr), None | Some(Some(_))) = (addr, admin_addr) else {
+            // Not started as expected: stop it before failing the test.
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("wsgate printed no address: {line:?} {admin:?}");
+        };
+        let admin = admin_addr.flatten();
         GatewayProcess {
             child,
             addr,
