@@ -38,6 +38,11 @@ pub struct Cli {
     #[argh(option)]
     pub listen: Option<SocketAddr>,
 
+    /// set SO_REUSEPORT on the listener: several wsgate processes share
+    /// --listen and the kernel spreads clients over them
+    #[argh(switch)]
+    pub reuse_port: bool,
+
     /// upstream of the route at --path (the short form of --route PATH=URL):
     /// ws:// or wss:// (WebSocket), redis:// or rediss:// (pub/sub channel),
     /// redis+stream:// (stream)
@@ -340,6 +345,7 @@ impl Cli {
                 })
                 .collect::<Result<_, _>>()?;
         }
+        config.reuse_port |= self.reuse_port;
         config.allow_any_origin |= self.allow_any_origin;
         config.require_subprotocol |= self.require_subprotocol;
         config.pass_query |= self.pass_query;
@@ -449,6 +455,7 @@ mod tests {
             &["--listen", "127.0.0.2:9"],
             r#"listen = "127.0.0.2:9""#,
         ),
+        ("reuse_port", &["--reuse-port"], "reuse_port = true"),
         (
             "origin",
             &["--origin", "ws://h/x"],

@@ -30,6 +30,13 @@ pub struct Config {
     /// Address the client listener binds. Port 0 picks a free port.
     /// Defaults to `127.0.0.1:8080`.
     pub listen: SocketAddr,
+    /// Set `SO_REUSEPORT` on the client listener, so several gateway
+    /// processes can bind [`Config::listen`] together and the kernel spreads
+    /// new connections over them (Linux hashes each connection to one of
+    /// the listening sockets). One process per core is how this
+    /// thread-per-lobby design uses a bigger machine. Every process sharing
+    /// the address must set it. Needs a Unix system. Defaults to false.
+    pub reuse_port: bool,
     /// Upstream URL of the route served at [`Config::path`] (the short
     /// form of one [`RouteConfig`]); its scheme picks the source: a
     /// WebSocket origin (`ws://host[:port]/path`, `wss://` with the `tls`
@@ -363,6 +370,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            reuse_port: false,
             origin: String::new(),
             path: "/".to_owned(),
             max_clients: 0,
@@ -730,6 +738,9 @@ impl Config {
             .is_some_and(|a| a == self.listen && a.port() != 0)
         {
             return bad("admin must differ from the client listen address");
+        }
+        if self.reuse_port && !cfg!(unix) {
+            return bad("reuse_port: SO_REUSEPORT needs a Unix system");
         }
         if self.admin.is_some() && !cfg!(feature = "admin") {
             return bad(

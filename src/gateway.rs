@@ -121,7 +121,7 @@ impl Builder {
             .iter()
             .map(|(id, route)| RouteEnv::new(*id, route.clone(), fed.as_ref()))
             .collect::<Result<Vec<_>>>()?;
-        let listener = bind(config.listen).map_err(|source| Error::Bind {
+        let listener = bind(config.listen, config.reuse_port).map_err(|source| Error::Bind {
             addr: config.listen,
             source,
         })?;
@@ -255,14 +255,30 @@ impl Drop for OnStop {
 /// `net.core.somaxconn`). Bursts of thousands of clients overflow the usual 128.
 const LISTEN_BACKLOG: i32 = 4096;
 
-/// Binds the client listener with a backlog sized for connection bursts.
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// Binds the client listener with a backlog sized for connection bursts;
+/// with `reuse_port`, other processes that set it too may bind the same
+/// address (`SO_REUSEPORT`).
+fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        set_reuse_port(&socket)?;
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
     Ok(TcpListener::from_std(socket.into()))
+}
+
+#[cfg(unix)]
+fn set_reuse_port(socket: &Socket) -> std::io::Result<()> {
+    socket.set_reuse_port(true)
+}
+
+/// `Config::validate` refuses `reuse_port` here; this is its last word.
+#[cfg(not(unix))]
+fn set_reuse_port(_: &Socket) -> std::io::Result<()> {
+    Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
 }
 
 fn stop_writers(writers: Vec<WriterHandle>) {
@@ -453,6 +469,7 @@ type SameSetting = fn(&Config, &Config) -> bool;
 /// they shape are made at start): each as its name and how to compare it.
 const NEEDS_RESTART: &[(&str, SameSetting)] = &[
     ("listen", |a, b| a.listen == b.listen),
+    ("reuse_port", |a, b| a.reuse_port == b.reuse_port),
     ("admin", |a, b| a.admin == b.admin),
     ("writers", |a, b| a.writers == b.writers),
     ("write_batch", |a, b| a.write_batch == b.write_batch),

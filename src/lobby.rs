@@ -509,7 +509,7 @@ impl Fanout {
 
     /// Queues history frames for catching-up clients while their queues have
     /// room (never dropping what they have not seen); those that reach the
-    /// live edge become members.
+    /// live edge with an empty queue become members.
     fn catch_up(&mut self) {
         if self.catching_up.is_empty() {
             return;
@@ -539,7 +539,12 @@ impl Fanout {
                 c.next += 1;
                 self.touched[c.member.writer] = true;
             }
-            if c.next == self.history.head() {
+            // At the live edge, and its writer has taken what the catch-up
+            // queued: live from now on, with a whole queue of slack like
+            // any member. Until then it waits here (the history keeps what
+            // arrives meanwhile), so a live frame never pushes out a frame
+            // of the catch-up when its writer is briefly late.
+            if c.next == self.history.head() && c.member.queue.is_empty() {
                 let done = self.catching_up.swap_remove(i);
                 self.members.push(done.member);
             } else {
@@ -652,5 +657,63 @@ mod tests {
             1,
             "one gap, not one per frame"
         );
+    }
+
+    #[test]
+    fn a_caught_up_client_goes_live_only_once_its_writer_took_the_catch_up() {
+        let poll = Poll::new().unwrap();
+        let stats = Arc::new(Stats::default());
+        let mut fanout = Fanout {
+            lobby: LobbyId(0),
+            members: Vec::new(),
+            catching_up: Vec::new(),
+            adopting: Vec::new(),
+            history: History::new(64, 4),
+            replay: 4,
+            writers: Arc::from([WriterWake::for_tests(&poll)]),
+            touched: vec![false],
+            counters: Arc::new(LobbyCounters::starting(&stats.epoch)),
+            stats: Arc::clone(&stats),
+        };
+        fanout.members.push(Member {
+            id: ClientId(0),
+            queue: ClientQueue::new(1000, false),
+            writer: 0,
+        });
+        let send = |fanout: &mut Fanout, n: u8| {
+            fanout.broadcast(Message::payload(MessageKind::Text, &[n]));
+        };
+        for n in 0..4 {
+            send(&mut fanout, n);
+        }
+        // A newcomer replayed four frames, its queue of four full: live
+        // frames must not push them out before its writer takes them.
+        let queue = ClientQueue::new(4, true);
+        fanout.join_new(Member {
+            id: ClientId(1),
+            queue: queue.clone(),
+            writer: 0,
+        });
+        assert_eq!(queue.len(), 4);
+        send(&mut fanout, 4);
+        send(&mut fanout, 5);
+        let take = |queue: &ClientQueue| -> Vec<u8> {
+            std::iter::from_fn(|| queue.pop()).map(|f| f[2]).collect()
+        };
+        let mut got = take(&queue);
+        fanout.catch_up();
+        send(&mut fanout, 6);
+        assert_eq!(
+            fanout.members.len(),
+            1,
+            "its queue still holds the catch-up"
+        );
+        got.extend(take(&queue));
+        fanout.catch_up();
+        assert_eq!(fanout.members.len(), 2, "live once its writer took it all");
+        send(&mut fanout, 7);
+        got.extend(take(&queue));
+        assert_eq!(got, [0, 1, 2, 3, 4, 5, 6, 7], "every frame, once, in order");
+        assert_eq!(queue.drops(), 0);
     }
 }

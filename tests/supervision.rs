@@ -41,6 +41,9 @@ fn a_writer_that_panics_closes_its_clients_with_1011_and_carries_on() {
     let stats = gw.stats();
     assert_eq!(stats.disconnected(Disconnect::InternalError), 3);
     assert_eq!((stats.thread_panics, stats.fatal_errors), (1, 0));
+    // The emptied lobby lets its upstream go; a client arriving before it
+    // has taken the leaves would keep that one instead of opening another.
+    wait_until("the upstream let go", || origin.open() == 0);
     // The writer serves new clients.
     let mut late = connect_clients(&gw, 1).remove(0);
     wait_until("a new origin connection", || {

@@ -17,6 +17,11 @@ use wsgate::{Config, Gateway, GatewayHandle};
 mod origin;
 #[allow(unused_imports)]
 pub use origin::*;
+#[cfg(feature = "cli")]
+mod process;
+#[cfg(feature = "cli")]
+#[allow(unused_imports)]
+pub use process::*;
 #[cfg(feature = "redis")]
 mod redis_server;
 #[cfg(feature = "redis")]

@@ -1,0 +1,429 @@
+//! wsgate behind HAProxy, with `deploy/haproxy.cfg` as users get it (its
+//! addresses from the environment): two `wsgate` processes, 1 000 clients
+//! through HAProxy, a rolling restart of one instance. HAProxy is a child
+//! process (`haproxy` from PATH; where it is missing the test says so in one
+//! line and passes), as are the gateways; every one is killed by its PID
+//! when the test ends, also on panic.
+
+mod support;
+
+use std::{
+    io,
+    net::{SocketAddr, TcpListener, TcpStream},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use support::*;
+use tungstenite::{
+    HandshakeError, Message,
+    handshake::{
+        MidHandshake,
+        client::{ClientHandshake, Response},
+    },
+};
+
+const CLIENTS: usize = 1000;
+/// Client threads; each owns `CLIENTS / THREADS` non-blocking clients.
+const THREADS: usize = 10;
+/// The feed's pace. With `--replay 64` a newcomer gets the last 6.4 s, more
+/// than the 5 s a client has to reconnect.
+const EVERY: Duration = Duration::from_millis(100);
+/// How long every client of the stopped instance has to be reconnected,
+/// counted from the SIGTERM.
+const RECONNECT_BOUND: Duration = Duration::from_secs(5);
+
+/// An `haproxy` child process running `deploy/haproxy.cfg` in the
+/// foreground, killed (and reaped) on drop.
+struct Haproxy {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Haproxy {
+    /// Starts HAProxy in front of `instances` (client address, admin
+    /// address); `None` (having said why) if it is not installed.
+    fn start(instances: [(SocketAddr, SocketAddr); 2]) -> Option<Haproxy> {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let config = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/haproxy.cfg");
+        let mut command = Command::new("haproxy");
+        command
+            .args(["-db", "-f", config])
+            .env("WSGATE_FRONTEND", addr.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        for (n, (client, admin)) in (1..).zip(instances) {
+            command
+                .env(format!("WSGATE_{n}"), client.to_string())
+                .env(format!("WSGATE_{n}_ADMIN_PORT"), admin.port().to_string());
+        }
+        let child = match command.spawn() {
+            Ok(child) => child,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                eprintln!("skipped: haproxy not installed (apt-get install haproxy)");
+                return None;
+            }
+            Err(e) => panic!("cannot start haproxy: {e}"),
+        };
+        let haproxy = Haproxy { child, addr };
+        // Only a TCP connect: a WebSocket client would join a lobby, whose
+        // upstream still connecting fails /readyz and may mark an instance
+        // down for the start of the test.
+        wait_until("HAProxy listening", || {
+            TcpStream::connect(haproxy.addr).is_ok()
+        });
+        Some(haproxy)
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A client's connection, driven without blocking.
+enum Conn {
+    /// Not connected; the next attempt is not before this.
+    Down(Instant),
+    /// Upgrade request sent, waiting for the 101.
+    Upgrading(MidHandshake<ClientHandshake<TcpStream>>),
+    Up(Client),
+}
+
+impl Conn {
+    /// Starts a connection through `addr`.
+    fn start(addr: SocketAddr) -> Result<Conn, String> {
+        let stream = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+        stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+        Conn::upgraded(tungstenite::client(format!("ws://{addr}/"), stream))
+    }
+
+    fn upgraded(
+        r: Result<(Client, Response), HandshakeError<ClientHandshake<TcpStream>>>,
+    ) -> Result<Conn, String> {
+        match r {
+            Ok((ws, _)) => Ok(Conn::Up(ws)),
+            Err(HandshakeError::Interrupted(mid)) => Ok(Conn::Upgrading(mid)),
+            Err(HandshakeError::Failure(e)) => Err(format!("upgrade: {e}")),
+        }
+    }
+}
+
+/// What one client saw.
+#[derive(Default)]
+struct Record {
+    /// The numbers received, per connection.
+    connections: Vec<Vec<u64>>,
+    /// The close codes it received.
+    closes: Vec<u16>,
+    /// When it received its last close.
+    closed: Option<Instant>,
+    /// When its last connection was made (after a close).
+    reconnected: Option<Instant>,
+    /// Connection attempts that failed.
+    failed: usize,
+}
+
+/// Counters the test reads while the clients run.
+#[derive(Default)]
+struct Progress {
+    /// Clients connected now.
+    connected: AtomicUsize,
+    /// Clients that reconnected after a close.
+    reconnected: AtomicUsize,
+    /// Tells the client threads to stop.
+    stop: AtomicBool,
+}
+
+/// `CLIENTS` clients through HAProxy, on `THREADS` threads, each of which
+/// reads its clients without blocking and reconnects a client whose
+/// connection closes.
+struct Swarm {
+    progress: Arc<Progress>,
+    /// Per client, the last number it received.
+    last: Arc<Vec<AtomicU64>>,
+    threads: Vec<JoinHandle<Vec<Record>>>,
+}
+
+impl Swarm {
+    fn start(addr: SocketAddr) -> Swarm {
+        let progress = Arc::new(Progress::default());
+        let last: Arc<Vec<AtomicU64>> = Arc::new((0..CLIENTS).map(|_| AtomicU64::new(0)).collect());
+        let per = CLIENTS / THREADS;
+        let threads = (0..THREADS)
+            .map(|t| {
+                let progress = progress.clone();
+                let last = last.clone();
+                thread::spawn(move || run_clients(addr, t * per..(t + 1) * per, &progress, &last))
+            })
+            .collect();
+        Swarm {
+            progress,
+            last,
+            threads,
+        }
+    }
+
+    fn connected(&self) -> usize {
+        self.progress.connected.load(Ordering::SeqCst)
+    }
+
+    fn reconnected(&self) -> usize {
+        self.progress.reconnected.load(Ordering::SeqCst)
+    }
+
+    /// Whether every client has received `n`.
+    fn all_have(&self, n: u64) -> bool {
+        self.last.iter().all(|l| l.load(Ordering::SeqCst) >= n)
+    }
+
+    /// Stops the clients (closing their sockets); what each saw.
+    fn finish(mut self) -> Vec<Record> {
+        self.progress.stop.store(true, Ordering::SeqCst);
+        std::mem::take(&mut self.threads)
+            .into_iter()
+            .flat_map(|t| t.join().expect("client thread"))
+            .collect()
+    }
+}
+
+impl Drop for Swarm {
+    /// A test that fails midway stops its client threads too, before the
+    /// processes they talk to.
+    fn drop(&mut self) {
+        self.progress.stop.store(true, Ordering::SeqCst);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// One client thread: connects its clients, then reads them all in turn
+/// until told to stop, reconnecting any whose connection closed.
+fn run_clients(
+    addr: SocketAddr,
+    ids: std::ops::Range<usize>,
+    progress: &Progress,
+    last: &[AtomicU64],
+) -> Vec<Record> {
+    let first = ids.start;
+    let mut clients: Vec<(Conn, Record)> = ids
+        .map(|_| (Conn::Down(Instant::now()), Record::default()))
+        .collect();
+    while !progress.stop.load(Ordering::SeqCst) {
+        let mut idle = true;
+        for (i, (conn, record)) in clients.iter_mut().enumerate() {
+            let was_up = matches!(conn, Conn::Up(_));
+            let next = match std::mem::replace(conn, Conn::Down(Instant::now())) {
+                Conn::Down(at) if at > Instant::now() => Ok(Conn::Down(at)),
+                Conn::Down(_) => Conn::start(addr),
+                Conn::Upgrading(mid) => Conn::upgraded(mid.handshake()),
+                up @ Conn::Up(_) => Ok(up),
+            };
+            *conn = next.unwrap_or_else(|e| {
+                if record.failed == 0 {
+                    eprintln!("client {}: {e}; retrying", first + i);
+                }
+                record.failed += 1;
+                Conn::Down(Instant::now() + Duration::from_millis(50))
+            });
+            if !was_up && matches!(conn, Conn::Up(_)) {
+                record.connections.push(Vec::new());
+                progress.connected.fetch_add(1, Ordering::SeqCst);
+                if !record.closes.is_empty() {
+                    record.reconnected = Some(Instant::now());
+                    progress.reconnected.fetch_add(1, Ordering::SeqCst);
+                }
+                idle = false;
+            }
+            let Conn::Up(ws) = conn else {
+                continue;
+            };
+            loop {
+                match ws.read() {
+                    Ok(Message::Text(text)) => {
+                        let n: u64 = text.as_str().parse().expect("a number");
+                        if let Some(c) = record.connections.last_mut() {
+                            c.push(n);
+                        }
+                        last[first + i].store(n, Ordering::SeqCst);
+                        idle = false;
+                    }
+                    Ok(Message::Close(frame)) => {
+                        record.closes.push(frame.map_or(0, |f| u16::from(f.code)));
+                        record.closed = Some(Instant::now());
+                        let _ = ws.flush();
+                        *conn = Conn::Down(Instant::now());
+                        progress.connected.fetch_sub(1, Ordering::SeqCst);
+                        idle = false;
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                        break;
+                    }
+                    Err(e) => panic!("client {}: {e}", first + i),
+                }
+            }
+        }
+        if idle {
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+    clients.into_iter().map(|(_, record)| record).collect()
+}
+
+#[test]
+fn behind_haproxy_two_instances_serve_every_client_and_a_rolling_restart_loses_nothing() {
+    let origin = Arc::new(TestOrigin::start());
+    let url = origin.url();
+    let spawn = || {
+        GatewayProcess::spawn(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--origin",
+            &url,
+            // One lobby holds every client, so a reconnected client joins
+            // a lobby that has the recent past to replay.
+            "--lobby-capacity",
+            "1000",
+            "--replay",
+            "64",
+            "--drain-timeout",
+            "2s",
+            "--log-level",
+            "warn",
+        ])
+    };
+    let instances = [spawn(), spawn()];
+    let admin = |g: &GatewayProcess| g.admin.expect("an admin address");
+    let Some(haproxy) = Haproxy::start([
+        (instances[0].addr, admin(&instances[0])),
+        (instances[1].addr, admin(&instances[1])),
+    ]) else {
+        return;
+    };
+    let [stopped, kept] = instances;
+    let instances = [&stopped, &kept];
+    let swarm = Swarm::start(haproxy.addr);
+    let placed = |g: &GatewayProcess| g.lobby_clients().iter().sum::<u64>();
+    wait_until(
+        "every client connected and placed, each lobby's origin up",
+        || {
+            let lobbies: usize = instances.iter().map(|g| g.lobby_clients().len()).sum();
+            swarm.connected() == CLIENTS
+                && instances.into_iter().map(placed).sum::<u64>() == CLIENTS as u64
+                && origin.open() == lobbies
+        },
+    );
+    let counts: Vec<u64> = instances.into_iter().map(placed).collect();
+    eprintln!("clients per instance: {counts:?}");
+    assert!(
+        counts.iter().all(|&n| n > 0),
+        "both instances serve clients: {counts:?}"
+    );
+
+    let feed = Feed::start(origin.clone(), EVERY);
+    wait_until("every client receiving", || swarm.all_have(5));
+
+    // Rolling restart: SIGTERM the first instance, by its PID.
+    let term = Instant::now();
+    stopped.signal("TERM");
+    let moved = counts[0] as usize;
+    wait_until("the stopped instance's clients reconnected", || {
+        swarm.reconnected() >= moved && swarm.connected() == CLIENTS
+    });
+    let (code, log) = stopped.wait();
+    assert_eq!(code, Some(0), "{log}");
+    wait_until("every client on the remaining instance", || {
+        placed(&kept) == CLIENTS as u64
+    });
+    thread::sleep(EVERY * 5);
+    let sent = feed.stop();
+    wait_until("every client has the last message", || swarm.all_have(sent));
+    let dropped = kept.metric("wsgate_frames_dropped_total{reason=\"queue_full\"}");
+    let records = swarm.finish();
+
+    // The remaining instance's clients: every message, once, in order.
+    let stayed: Vec<&Record> = records.iter().filter(|r| r.closes.is_empty()).collect();
+    let want: Vec<u64> = (1..=sent).collect();
+    for record in &stayed {
+        assert_eq!(record.connections.len(), 1);
+        assert_eq!(record.connections[0], want, "a client that stayed");
+    }
+    // The stopped instance's clients: closed with 1001, reconnected
+    // through HAProxy within the bound, and with the replay nothing is
+    // missing where the two connections meet.
+    let reconnected: Vec<&Record> = records.iter().filter(|r| !r.closes.is_empty()).collect();
+    assert_eq!(
+        reconnected.len(),
+        moved,
+        "one close per client of the stopped instance"
+    );
+    assert_eq!(stayed.len() + moved, CLIENTS);
+    let mut last_reconnect = term;
+    let mut last_close = term;
+    let mut longest = Duration::ZERO;
+    let consecutive = |c: &[u64]| c.windows(2).all(|w| w[1] == w[0] + 1);
+    let mut unordered = Vec::new();
+    let mut seams = Vec::new();
+    for record in &reconnected {
+        assert_eq!(record.closes, [1001], "going away");
+        assert_eq!(record.connections.len(), 2, "one reconnection");
+        let (before, after) = (&record.connections[0], &record.connections[1]);
+        if !consecutive(before) || !consecutive(after) {
+            unordered.push((before, after));
+        }
+        assert_eq!(before.first(), Some(&1));
+        let seen = before.last().copied().unwrap_or(0);
+        let resumed = after.first().copied().unwrap_or(u64::MAX);
+        if resumed > seen + 1 {
+            seams.push((seen, resumed));
+        }
+        assert_eq!(after.last(), Some(&sent));
+        last_reconnect = last_reconnect.max(record.reconnected.expect("reconnected"));
+        last_close = last_close.max(record.closed.expect("closed"));
+        longest =
+            longest.max(record.reconnected.expect("reconnected") - record.closed.expect("closed"));
+    }
+    let took = last_reconnect - term;
+    eprintln!(
+        "{moved} clients moved; the last closed {:?} and the last reconnected {took:?} \
+         after the SIGTERM (the longest reconnect {longest:?}), {} connection attempts \
+         failed; {} stayed, {sent} messages",
+        last_close - term,
+        reconnected.iter().map(|r| r.failed).sum::<usize>(),
+        stayed.len()
+    );
+    assert!(unordered.is_empty(), "gaps or duplicates: {unordered:?}");
+    assert_eq!(dropped, Some(0.0), "the remaining instance dropped nothing");
+    assert!(
+        seams.is_empty(),
+        "replay did not cover the reconnect: {seams:?}"
+    );
+    assert!(
+        took < RECONNECT_BOUND,
+        "reconnected {took:?} after the SIGTERM"
+    );
+    assert_eq!(
+        origin.accepted(),
+        2,
+        "the origin saw one connection per instance's lobby"
+    );
+    kept.signal("TERM");
+    let (code, log) = kept.wait();
+    assert_eq!(code, Some(0), "{log}");
+}
