@@ -105,6 +105,7 @@ mod admin;
 mod backoff;
 mod config;
 mod conn;
+mod deflate;
 pub mod demo;
 mod error;
 #[cfg(feature = "fault-injection")]

@@ -186,6 +186,29 @@ pub fn masked_frame(first: u8, payload: &[u8]) -> Vec<u8> {
 
 /// Reads one unmasked server frame: (opcode, payload).
 pub fn read_server_frame(stream: &mut TcpStream) -> io::Result<(u8, Vec<u8>)> {
+    read_server_frame_whole(stream).map(|(first, payload)| (first & 0x0F, payload))
+}
+
+/// A raw client upgraded by hand, offering `extensions` in
+/// `Sec-WebSocket-Extensions`; with the gateway's 101 response.
+pub fn raw_client_offering(addr: SocketAddr, extensions: &str) -> (TcpStream, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(DEADLINE))
+        .expect("read timeout");
+    let request = UPGRADE_REQUEST.replace(
+        "\r\n\r\n",
+        &format!("\r\nSec-WebSocket-Extensions: {extensions}\r\n\r\n"),
+    );
+    stream.write_all(request.as_bytes()).expect("send request");
+    let response = read_http_head(&mut stream);
+    assert!(response.starts_with("HTTP/1.1 101"), "{response}");
+    (stream, response)
+}
+
+/// Reads one unmasked server frame: (its first byte: FIN, RSV bits and
+/// opcode; its payload).
+pub fn read_server_frame_whole(stream: &mut TcpStream) -> io::Result<(u8, Vec<u8>)> {
     let mut head = [0u8; 2];
     stream.read_exact(&mut head)?;
     let len = match head[1] & 0x7F {
@@ -203,7 +226,7 @@ pub fn read_server_frame(stream: &mut TcpStream) -> io::Result<(u8, Vec<u8>)> {
     };
     let mut payload = vec![0u8; len as usize];
     stream.read_exact(&mut payload)?;
-    Ok((head[0] & 0x0F, payload))
+    Ok((head[0], payload))
 }
 
 /// Reads server frames until a close frame; returns its code.
