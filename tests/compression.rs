@@ -7,6 +7,8 @@
 //! each client negotiated; compressed client messages are inflated and
 //! forwarded; a decompression bomb is closed with 1009 without the gateway
 //! inflating it; RSV1 without the negotiation is still a protocol error.
+//! And a real browser: headless Chromium (skipped where it is not
+//! installed) negotiates the extension and decodes what it receives.
 
 mod support;
 
@@ -274,4 +276,141 @@ fn rsv1_without_the_negotiation_is_a_protocol_error() {
     assert_eq!(read_close_code(&mut client), Some(1002));
     std::thread::sleep(Duration::from_millis(10));
     gw.shutdown();
+}
+
+#[test]
+fn chromium_negotiates_and_decodes_the_compressed_messages() {
+    let Some(chromium) = find_on_path("chromium") else {
+        println!("skipped: chromium not found (apt-get install chromium)");
+        return;
+    };
+    let origin = Arc::new(TestOrigin::start());
+    let mut config = test_config(&origin.url());
+    // The page reports back through the gateway, to the origin.
+    config.client_messages = ClientMessages::Forward;
+    config.allow_any_origin = true;
+    let gw = start_gateway(config);
+    const N: u64 = 20;
+    let expected: Vec<String> = (1..=N).map(tick).collect();
+    // The page checks, itself, the extension negotiated and that each
+    // message is the JSON sent (parsed, and byte for byte), then sends its
+    // verdict.
+    let page = format!(
+        r#"<!doctype html><title>wsgate compression</title><script>
+const expected = {expected};
+const ws = new WebSocket("ws://{addr}/");
+let got = 0, same = 0, parsed = 0;
+ws.onmessage = (e) => {{
+  const i = got++;
+  if (e.data === expected[i]) same++;
+  try {{ if (JSON.parse(e.data).seq === JSON.parse(expected[i]).seq) parsed++; }} catch (_) {{}}
+  if (got === expected.length) {{
+    ws.send(JSON.stringify({{verdict: 1, extensions: ws.extensions, got, same, parsed}}));
+  }}
+}};
+</script>"#,
+        expected = serde_json_array(&expected),
+        addr = gw.local_addr(),
+    );
+    // Served from loopback, as the gateway is: Chromium refuses a page
+    // from elsewhere (a data: URL) access to a loopback address.
+    let server = PageServer::start(page);
+    let _browser = Browser::open(&chromium, &server.url());
+    wait_placed(&gw, 1);
+    wait_until("origin connection", || origin.open() == 1);
+    for tick in &expected {
+        origin.send(Message::text(tick.clone()));
+    }
+    let mut verdict = None;
+    wait_until("the page's verdict at the origin", || {
+        verdict = origin.events().into_iter().find_map(|e| match e {
+            OriginEvent::Received { text, .. } if text.contains("\"verdict\"") => Some(text),
+            _ => None,
+        });
+        verdict.is_some()
+    });
+    let verdict = verdict.unwrap_or_default();
+    assert_eq!(
+        verdict,
+        format!(
+            "{{\"verdict\":1,\"extensions\":\"permessage-deflate; server_no_context_takeover; \
+             client_no_context_takeover\",\"got\":{N},\"same\":{N},\"parsed\":{N}}}"
+        )
+    );
+    // What the page decoded went out compressed.
+    let s = gw.stats();
+    assert_eq!(s.frames_delivered_compressed, N, "{s:?}");
+    assert_eq!(s.messages_compressed, N);
+    gw.shutdown();
+}
+
+/// A one-page HTTP server on loopback, in a thread, until dropped.
+struct PageServer {
+    addr: std::net::SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PageServer {
+    /// Serves `page` (HTML) for every request on a free loopback port.
+    fn start(page: String) -> PageServer {
+        use std::io::Read;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("address");
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::SeqCst) {
+                let Ok((mut stream, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut request = Vec::new();
+                let mut byte = [0u8];
+                while !request.ends_with(b"\r\n\r\n")
+                    && stream.read(&mut byte).is_ok_and(|n| n == 1)
+                {
+                    request.push(byte[0]);
+                }
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{page}",
+                    page.len()
+                );
+                let _ = stream.write_all(response.as_bytes());
+            }
+        });
+        PageServer {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/", self.addr)
+    }
+}
+
+impl Drop for PageServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// `items` as a JSON array of strings (they hold no quote or backslash
+/// that needs more than escaping `"`).
+fn serde_json_array(items: &[String]) -> String {
+    let quoted: Vec<String> = items
+        .iter()
+        .map(|s| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"")))
+        .collect();
+    format!("[{}]", quoted.join(","))
 }
