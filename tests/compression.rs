@@ -414,3 +414,56 @@ fn serde_json_array(items: &[String]) -> String {
         .collect();
     format!("[{}]", quoted.join(","))
 }
+
+#[test]
+fn a_client_moved_by_compaction_keeps_its_compression() {
+    let origin = Arc::new(TestOrigin::start());
+    let mut config = test_config(&origin.url());
+    config.lobby_capacity = 3;
+    config.compact_interval = Duration::from_millis(300);
+    let gw = start_gateway(config);
+    let lobby_sizes = || -> Vec<usize> {
+        let mut sizes: Vec<usize> = gw.lobbies(DEADLINE).iter().map(|l| l.clients).collect();
+        sizes.sort_unstable();
+        sizes
+    };
+    // Lobby one: a compressing client and two plain ones; lobby two: a
+    // compressing client. The plain ones leave, and the two that are left
+    // fit one lobby: one of them moves.
+    let (mut first, _) = raw_client_offering(gw.local_addr(), OFFER);
+    let plain: Vec<TcpStream> = (0..2).map(|_| raw_client(gw.local_addr())).collect();
+    wait_placed(&gw, 3);
+    let (mut second, _) = raw_client_offering(gw.local_addr(), OFFER);
+    wait_until("two lobbies, 3 and 1", || lobby_sizes() == [1, 3]);
+    drop(plain);
+    wait_until("one lobby of two", || lobby_sizes() == [2]);
+    assert_eq!(gw.stats().migrations, 1);
+    wait_until("one origin connection", || origin.open() == 1);
+    for n in 1..=5 {
+        origin.send(Message::text(tick(n)));
+    }
+    for client in [&mut first, &mut second] {
+        for (n, (first_byte, payload)) in (1..=5).zip(read_frames(client, 5)) {
+            assert_ne!(first_byte & RSV1, 0, "tick {n} compressed");
+            assert_eq!(inflate(&payload), tick(n).as_bytes());
+        }
+    }
+    gw.shutdown();
+}
+
+#[test]
+fn a_lobby_without_compressing_clients_compresses_nothing() {
+    let origin = Arc::new(TestOrigin::start());
+    let gw = start_gateway(test_config(&origin.url()));
+    let mut plain = raw_client(gw.local_addr());
+    wait_placed(&gw, 1);
+    wait_until("origin connection", || origin.open() == 1);
+    for n in 1..=5 {
+        origin.send(Message::text(tick(n)));
+    }
+    for (first_byte, _) in read_frames(&mut plain, 5) {
+        assert_eq!(first_byte & RSV1, 0);
+    }
+    assert_eq!(gw.stats().messages_compressed, 0);
+    gw.shutdown();
+}
