@@ -118,7 +118,10 @@ fn read_frames(stream: &mut TcpStream, n: usize) -> Vec<(u8, Vec<u8>)> {
 #[test]
 fn compressed_and_plain_clients_share_a_lobby_and_get_every_message_in_order() {
     let origin = Arc::new(TestOrigin::start());
-    let gw = start_gateway(test_config(&origin.url()));
+    let mut config = test_config(&origin.url());
+    // The burst is read after it is sent: queues deep enough to drop none.
+    config.queue_depth = 256;
+    let gw = start_gateway(config);
     let (mut deflating, response) = raw_client_offering(gw.local_addr(), OFFER);
     assert!(response.contains(ANSWER), "{response}");
     let mut plain = raw_client(gw.local_addr());
