@@ -41,7 +41,7 @@ def main():
     report = load_report(report_path)
     if "--update" in sys.argv[3:]:
         with open(baseline_path, "w") as out:
-            out.write("# Autobahn|Testsuite server cases 1-7, 9, 10 via kosoku 0.1.0: case behavior behaviorClose\n")
+            out.write("# Autobahn|Testsuite server cases 1-7, 9, 10, 12, 13 via kosoku 0.1.0: case behavior behaviorClose\n")
             for case in sorted(report, key=case_key):
                 out.write("%s %s %s\n" % (case, *report[case]))
         print("baseline updated: %d cases" % len(report))

@@ -163,6 +163,7 @@ fn endpoint(id: RouteId, route: &Config) -> Endpoint {
         subprotocols: route.subprotocols.clone(),
         require_subprotocol: route.require_subprotocol,
         query_params: route.pass_query.then(|| route.query_params.clone()),
+        compression: route.compression,
     }
 }
 
@@ -172,8 +173,9 @@ struct Reply {
     bytes: Vec<u8>,
     written: usize,
     /// For an upgrade: where the WebSocket bytes start in the request
-    /// buffer, and the lobbies the client may join.
-    upgrade: Option<(usize, Group)>,
+    /// buffer, the lobbies the client may join, and whether it negotiated
+    /// permessage-deflate.
+    upgrade: Option<(usize, Group, bool)>,
 }
 
 /// A connection in its upgrade.
@@ -192,7 +194,7 @@ struct Conn {
 /// What to do with a connection after it made progress.
 enum Step {
     Wait,
-    Admit(usize, Group),
+    Admit(usize, Group, bool),
     Close(&'static str),
 }
 
@@ -407,7 +409,7 @@ impl Acceptor {
                     let _ = conn.stream.shutdown(std::net::Shutdown::Write);
                 }
             }
-            Step::Admit(at, group) => {
+            Step::Admit(at, group, deflate) => {
                 let Some(mut conn) = self.take(index) else {
                     return;
                 };
@@ -418,6 +420,7 @@ impl Acceptor {
                     leftover,
                     seat: conn.seat,
                     group,
+                    deflate,
                 };
                 let sent = self
                     .manager
@@ -460,6 +463,7 @@ impl Acceptor {
                     consumed,
                     route,
                     key,
+                    deflate,
                 } => {
                     let group = Group { route, key };
                     match self.seats.claim_client(&mut conn.seat, &group) {
@@ -468,6 +472,7 @@ impl Acceptor {
                             consumed,
                             route: group.route,
                             key: group.key,
+                            deflate,
                         },
                         Err(rejection) => Parsed::Reject(rejection),
                     }
@@ -485,10 +490,11 @@ impl Acceptor {
                     consumed,
                     route,
                     key,
+                    deflate,
                 } => Reply {
                     bytes: response,
                     written: 0,
-                    upgrade: Some((consumed, Group { route, key })),
+                    upgrade: Some((consumed, Group { route, key }, deflate)),
                 },
                 Parsed::Reject(rejection) => {
                     bump(&self.stats.handshakes_rejected);
@@ -568,7 +574,7 @@ fn write_reply(conn: &mut Conn) -> Step {
         }
     }
     match reply.upgrade.take() {
-        Some((at, group)) => Step::Admit(at, group),
+        Some((at, group, deflate)) => Step::Admit(at, group, deflate),
         None => Step::Close("refused"),
     }
 }

@@ -228,6 +228,14 @@ pub struct Cli {
     #[argh(option)]
     pub max_keys: Option<usize>,
 
+    /// negotiate permessage-deflate with clients that offer it: on or off
+    #[argh(option)]
+    pub compression: Option<OnOff>,
+
+    /// smallest message in bytes sent compressed; smaller go out as they are
+    #[argh(option)]
+    pub compress_min: Option<usize>,
+
     /// admin HTTP server address: /metrics, /livez, /readyz, /lobbies, dashboard
     #[argh(option)]
     pub admin: Option<SocketAddr>,
@@ -302,6 +310,8 @@ impl Cli {
             on_origin_loss,
             max_origin_message,
             max_keys,
+            compression,
+            compress_min,
         );
         if let Some(path) = &self.origin_ca {
             config.origin_ca = Some(path.clone());
@@ -375,6 +385,28 @@ impl FromStr for Span {
 impl From<Span> for Duration {
     fn from(span: Span) -> Duration {
         span.0
+    }
+}
+
+/// An on/off flag's value: `on` or `off`.
+#[derive(Debug, Clone, Copy)]
+pub struct OnOff(pub bool);
+
+impl FromStr for OnOff {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<OnOff, String> {
+        match s {
+            "on" => Ok(OnOff(true)),
+            "off" => Ok(OnOff(false)),
+            _ => Err(format!("expected on or off, not {s:?}")),
+        }
+    }
+}
+
+impl From<OnOff> for bool {
+    fn from(value: OnOff) -> bool {
+        value.0
     }
 }
 
@@ -655,6 +687,12 @@ mod tests {
             r#"query_params = ["symbol"]"#,
         ),
         ("max_keys", &["--max-keys", "7"], "max_keys = 7"),
+        (
+            "compression",
+            &["--compression", "off"],
+            "compression = false",
+        ),
+        ("compress_min", &["--compress-min", "7"], "compress_min = 7"),
     ];
 
     #[cfg(feature = "config-file")]

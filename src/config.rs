@@ -221,6 +221,17 @@ pub struct Config {
     /// With [`Config::pass_query`], most distinct keys at once; clients with
     /// a new key beyond it get 503. 0 means no limit. Per route. Defaults to 0.
     pub max_keys: usize,
+    /// Negotiate `permessage-deflate` (RFC 7692) with clients that offer it
+    /// (every browser does): each message at least [`Config::compress_min`]
+    /// bytes is compressed once per lobby and shared by its compressing
+    /// clients, and their compressed messages are inflated within
+    /// [`Config::max_client_message`]. Needs the `compression` feature (a
+    /// build without it never negotiates). Per route. Defaults to true.
+    pub compression: bool,
+    /// Smallest message, in bytes, that is sent compressed; smaller ones (and
+    /// any that deflate does not make smaller) go out uncompressed to every
+    /// client. Per route. Defaults to 256.
+    pub compress_min: usize,
 }
 
 /// One route of a [`Config`]: the path clients connect to, its upstream, and
@@ -319,6 +330,18 @@ pub struct RouteConfig {
         serde(default, skip_serializing_if = "Option::is_none")
     )]
     pub max_keys: Option<usize>,
+    /// Overrides [`Config::compression`].
+    #[cfg_attr(
+        feature = "config-file",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub compression: Option<bool>,
+    /// Overrides [`Config::compress_min`].
+    #[cfg_attr(
+        feature = "config-file",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub compress_min: Option<usize>,
 }
 
 impl RouteConfig {
@@ -360,7 +383,9 @@ impl RouteConfig {
             require_subprotocol,
             pass_query,
             query_params,
-            max_keys
+            max_keys,
+            compression,
+            compress_min
         );
         c
     }
@@ -417,6 +442,8 @@ impl Default for Config {
             pass_query: false,
             query_params: Vec::new(),
             max_keys: 0,
+            compression: true,
+            compress_min: 256,
         }
     }
 }

@@ -27,6 +27,7 @@ use mio::net::TcpStream;
 
 use crate::{
     config::{ClientMessages, Config, SlowClient},
+    deflate::Inflater,
     frame::{self, Decoder, Event, Frame, Violation, close_code},
     id::ClientId,
     lobby::Forwarded,
@@ -86,6 +87,8 @@ pub(crate) struct IoCtx {
     pub batch: Vec<Frame>,
     /// Frames fully written since the counts were last published.
     pub delivered: u64,
+    /// Of those, the compressed ones (permessage-deflate).
+    pub delivered_deflated: u64,
     /// Frames dropped here since the counts were last published.
     pub dropped: u64,
     /// Bytes written since the counts were last published.
@@ -100,6 +103,8 @@ pub(crate) struct IoCtx {
     pub forwards: Sender<ClientMessage>,
     /// The zero of the writer's millisecond clock (see [`Millis`]).
     pub epoch: Instant,
+    /// Inflates its clients' compressed messages, one at a time.
+    pub inflater: Inflater,
 }
 
 /// A point in time as milliseconds since the writer's epoch, wrapping every
@@ -238,12 +243,13 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    /// A connection for a client just attached to the writer.
+    /// A connection for a client just attached to the writer; `deflate`
+    /// if it negotiated permessage-deflate.
     pub(crate) fn new(
         id: ClientId,
         stream: TcpStream,
-        queue: ClientQueue,
-        seat: Seat,
+        (queue, seat): (ClientQueue, Seat),
+        deflate: bool,
         io: &IoCtx,
     ) -> Conn {
         let now = io.now();
@@ -255,7 +261,7 @@ impl Conn {
             _seat: seat,
             pending: VecDeque::new(),
             offset: 0,
-            decoder: Decoder::new(io.policy.max_message),
+            decoder: Decoder::new(io.policy.max_message).with_deflate(deflate),
             closing: Closing::Open,
             close_deadline: None,
             closing_for: None,
@@ -392,10 +398,11 @@ impl Conn {
             policy,
             forwards,
             stats,
+            inflater,
             ..
         } = io;
         let (id, rate, inbound) = (self.id, &mut self.rate, &mut self.inbound);
-        let result = self.decoder.decode(bytes, &mut |event| {
+        let result = self.decoder.decode(bytes, inflater, &mut |event| {
             match event {
                 Event::FrameStart if !rate.take(policy.max_rate, now) => return Err(RATE_EXCEEDED),
                 Event::FrameStart | Event::Pong => {}
@@ -673,6 +680,7 @@ impl Conn {
             n -= frame.len();
             if is_data(frame) {
                 io.delivered += 1;
+                io.delivered_deflated += u64::from(frame::is_deflated(frame));
                 io.latency.delivered(frame.stamp(), &io.stats.epoch);
             }
             done += 1;
@@ -719,6 +727,7 @@ impl Conn {
             self.offset = 0;
             if is_data(head) {
                 io.delivered += 1;
+                io.delivered_deflated += u64::from(frame::is_deflated(head));
                 io.latency.delivered(head.stamp(), &io.stats.epoch);
             }
             self.pending.pop_front();
@@ -803,6 +812,7 @@ mod tests {
             scratch: vec![0; 1024].into_boxed_slice(),
             batch: Vec::new(),
             delivered: 0,
+            delivered_deflated: 0,
             dropped: 0,
             bytes: 0,
             latency: LatencySampler::default(),
@@ -811,10 +821,15 @@ mod tests {
             manager: crossbeam_channel::unbounded().0,
             forwards: crossbeam_channel::bounded(1).0,
             epoch: Instant::now(),
+            inflater: Inflater::default(),
         };
         let queue = ClientQueue::new(config.queue_depth, false);
         let stream = TcpStream::from_std(server);
-        (Conn::new(ClientId(1), stream, queue, seat, &io), io, peer)
+        (
+            Conn::new(ClientId(1), stream, (queue, seat), false, &io),
+            io,
+            peer,
+        )
     }
 
     #[test]

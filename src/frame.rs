@@ -7,10 +7,17 @@
 //! [`Decoder`] is a streaming parser of masked client frames: it unmasks in
 //! place, validates RFC 6455 rules as bytes arrive, and keeps no more per
 //! client than a frame header, a partial UTF-8 sequence and, once the client
-//! has sent a control frame, that frame's payload (125 bytes at most). It
-//! never panics on any input. Sockets live elsewhere (`conn.rs`).
+//! has sent a control frame, that frame's payload (125 bytes at most). For
+//! a client that negotiated permessage-deflate it also takes compressed
+//! messages (RSV1): their payload is held until the message is complete
+//! (at most the size limit), then inflated through its writer's
+//! [`Inflater`] (`deflate.rs`), the output counted against the size limit
+//! and validated as it comes out. It never panics on any input. Sockets
+//! live elsewhere (`conn.rs`).
 
 use std::{ops::Deref, sync::Arc};
+
+use crate::deflate::{self, Inflater};
 
 /// An encoded server frame: header and payload (what it derefs to), shared
 /// by every client queue, behind the microsecond its lobby encoded it (see
@@ -43,6 +50,42 @@ impl Deref for Frame {
     /// The bytes that go on the wire.
     fn deref(&self) -> &[u8] {
         &self.0[STAMP..]
+    }
+}
+
+/// One message's frames as a lobby shares them: `plain` for every client,
+/// and `deflated` (RSV1, compressed) for the clients that negotiated
+/// permessage-deflate, when a member wanted it and it paid.
+#[derive(Debug, Clone)]
+pub(crate) struct Forms {
+    /// The uncompressed frame, which any client can take.
+    pub plain: Frame,
+    /// The compressed frame, if there is one.
+    pub deflated: Option<Frame>,
+}
+
+impl Forms {
+    /// A message with only its uncompressed frame.
+    #[cfg(test)]
+    pub(crate) fn plain(plain: Frame) -> Forms {
+        Forms {
+            plain,
+            deflated: None,
+        }
+    }
+
+    /// The frame a client gets: compressed if it negotiated that (`deflate`)
+    /// and there is a compressed form, else uncompressed.
+    pub(crate) fn for_client(&self, deflate: bool) -> &Frame {
+        match &self.deflated {
+            Some(deflated) if deflate => deflated,
+            _ => &self.plain,
+        }
+    }
+
+    /// Bytes of both frames.
+    pub(crate) fn len(&self) -> usize {
+        self.plain.len() + self.deflated.as_ref().map_or(0, |d| d.len())
     }
 }
 
@@ -83,8 +126,38 @@ pub(crate) fn encode(opcode: u8, payload: &[u8]) -> Frame {
 /// Encodes one unmasked, final server frame, stamped with the microsecond
 /// `stamp` (see [`Frame::stamp`]).
 pub(crate) fn encode_stamped(opcode: u8, payload: &[u8], stamp: u32) -> Frame {
+    encode_first_byte(0x80 | opcode, payload, stamp)
+}
+
+/// Encodes one final server frame carrying a permessage-deflate compressed
+/// payload (RSV1 set), stamped like [`encode_stamped`].
+pub(crate) fn encode_deflated(opcode: u8, compressed: &[u8], stamp: u32) -> Frame {
+    encode_first_byte(0x80 | RSV1 | opcode, compressed, stamp)
+}
+
+/// The RSV1 bit: set on the first frame of a compressed message (RFC 7692 §6).
+pub(crate) const RSV1: u8 = 0x40;
+
+/// Whether a server frame carries a compressed message.
+pub(crate) fn is_deflated(frame: &Frame) -> bool {
+    frame.first().is_some_and(|b| b & RSV1 != 0)
+}
+
+/// A server frame's opcode and payload.
+pub(crate) fn opcode_and_payload(frame: &Frame) -> (u8, &[u8]) {
+    let bytes: &[u8] = frame;
+    let opcode = bytes.first().map_or(0, |b| b & 0x0F);
+    let start = match bytes.get(1).map(|b| b & 0x7F) {
+        Some(127) => 10,
+        Some(126) => 4,
+        _ => 2,
+    };
+    (opcode, bytes.get(start..).unwrap_or_default())
+}
+
+fn encode_first_byte(first: u8, payload: &[u8], stamp: u32) -> Frame {
     let mut header = [0u8; 10];
-    header[0] = 0x80 | opcode;
+    header[0] = first;
     let len = payload.len();
     let header_len = if len < 126 {
         header[1] = len as u8;
@@ -206,6 +279,13 @@ pub(crate) struct Decoder {
     /// control frame only, so an idle client costs no buffer.
     control: Vec<u8>,
     closed: bool,
+    /// The client negotiated permessage-deflate: RSV1 marks a compressed message.
+    deflate: bool,
+    /// The message being received is compressed.
+    compressed: bool,
+    /// The compressed message's payload so far (at most the size limit),
+    /// released once it is inflated.
+    deflated: Vec<u8>,
 }
 
 impl Decoder {
@@ -221,16 +301,28 @@ impl Decoder {
             utf8: Utf8Validator::default(),
             control: Vec::new(),
             closed: false,
+            deflate: false,
+            compressed: false,
+            deflated: Vec::new(),
         }
     }
 
-    /// Decodes `input` (unmasking it in place), calling `on` for each event.
+    /// The same decoder, taking compressed messages if the client
+    /// negotiated permessage-deflate (`deflate`).
+    pub(crate) fn with_deflate(mut self, deflate: bool) -> Decoder {
+        self.deflate = deflate;
+        self
+    }
+
+    /// Decodes `input` (unmasking it in place), calling `on` for each event;
+    /// a complete compressed message is inflated through `inflater`.
     ///
     /// Stops at the first violation, its own or one `on` returns (a limit the
     /// caller enforces); the caller closes the client with it.
     pub(crate) fn decode(
         &mut self,
         mut input: &mut [u8],
+        inflater: &mut Inflater,
         on: &mut impl FnMut(Event<'_>) -> Result<(), Violation>,
     ) -> Result<(), Violation> {
         while !input.is_empty() && !self.closed {
@@ -241,7 +333,7 @@ impl Decoder {
                     on(Event::FrameStart)?;
                 }
                 if self.frame.is_some_and(|f| f.remaining == 0) {
-                    self.finish_frame(on)?;
+                    self.finish_frame(inflater, on)?;
                 }
                 continue;
             };
@@ -256,6 +348,9 @@ impl Decoder {
             let frame = *frame;
             if frame.opcode & 0x8 != 0 {
                 self.control.extend_from_slice(chunk);
+            } else if self.compressed {
+                // Inflated once whole (`finish_frame`).
+                self.deflated.extend_from_slice(chunk);
             } else {
                 let kind = self.message.unwrap_or(MessageKind::Binary);
                 if kind == MessageKind::Text {
@@ -274,7 +369,7 @@ impl Decoder {
                 }
             }
             if frame.remaining == 0 {
-                self.finish_frame(on)?;
+                self.finish_frame(inflater, on)?;
             }
         }
         Ok(())
@@ -305,7 +400,11 @@ impl Decoder {
         let h = &self.header;
         let fin = h[0] & 0x80 != 0;
         let opcode = h[0] & 0x0F;
-        if h[0] & 0x70 != 0 {
+        // RSV1 starts a compressed message, if the client negotiated them;
+        // it is never set on a continuation or a control frame (RFC 7692 §6).
+        let is_compressed = h[0] & RSV1 != 0;
+        let rsv1_allowed = self.deflate && matches!(opcode, OP_TEXT | OP_BINARY);
+        if h[0] & 0x30 != 0 || (is_compressed && !rsv1_allowed) {
             return Err(protocol("reserved bits set"));
         }
         if h[1] & 0x80 == 0 {
@@ -350,6 +449,7 @@ impl Decoder {
                     MessageKind::Binary
                 });
                 self.message_len = 0;
+                self.compressed = is_compressed;
             }
             _ => return Err(protocol("unknown opcode")),
         }
@@ -376,6 +476,7 @@ impl Decoder {
     /// Completes the current frame once its whole payload has been read.
     fn finish_frame(
         &mut self,
+        inflater: &mut Inflater,
         on: &mut impl FnMut(Event<'_>) -> Result<(), Violation>,
     ) -> Result<(), Violation> {
         let Some(frame) = self.frame.take() else {
@@ -393,7 +494,9 @@ impl Decoder {
             _ => {
                 if frame.fin {
                     let kind = self.message.take().unwrap_or(MessageKind::Binary);
-                    if frame.is_empty {
+                    if std::mem::take(&mut self.compressed) {
+                        self.inflate(kind, inflater, on)?;
+                    } else if frame.is_empty {
                         self.utf8.finish()?;
                         on(Event::Data {
                             kind,
@@ -406,6 +509,31 @@ impl Decoder {
             }
         }
         Ok(())
+    }
+}
+
+impl Decoder {
+    /// Inflates the compressed message just received, handing its output
+    /// on as data events; the output counts against the size limit as it
+    /// is produced, and text is validated as it comes out.
+    fn inflate(
+        &mut self,
+        kind: MessageKind,
+        inflater: &mut Inflater,
+        on: &mut impl FnMut(Event<'_>) -> Result<(), Violation>,
+    ) -> Result<(), Violation> {
+        let mut input = std::mem::take(&mut self.deflated);
+        deflate::restore_tail(&mut input);
+        let utf8 = &mut self.utf8;
+        inflater.inflate(&input, self.max_message, &mut |payload, fin| {
+            if kind == MessageKind::Text {
+                utf8.feed(payload)?;
+                if fin {
+                    utf8.finish()?;
+                }
+            }
+            on(Event::Data { kind, payload, fin })
+        })
     }
 }
 
@@ -512,7 +640,7 @@ mod tests {
         let mut seen = Vec::new();
         let mut buf = bytes.to_vec();
         for piece in buf.chunks_mut(step) {
-            let r = dec.decode(piece, &mut |e| {
+            let r = dec.decode(piece, &mut Inflater::default(), &mut |e| {
                 if e != Event::FrameStart {
                     seen.push(format!("{e:?}"));
                 }
@@ -602,6 +730,110 @@ mod tests {
         assert_eq!(decode_all(&bytes, 1).1, Ok(()));
         let cut = client_frame(0x81, &euro[..2]);
         assert_eq!(decode_all(&cut, 1).1.map_err(|v| v.code), Err(1007));
+    }
+
+    /// A whole message as a test collects it.
+    #[cfg(feature = "compression")]
+    type Whole = (MessageKind, Vec<u8>);
+
+    /// Decodes `bytes` for a client that negotiated permessage-deflate, in
+    /// pieces of `step`; the messages and the result.
+    #[cfg(feature = "compression")]
+    fn decode_deflate(
+        bytes: &[u8],
+        step: usize,
+        max: usize,
+    ) -> (Vec<Whole>, Result<(), Violation>) {
+        let mut dec = Decoder::new(max).with_deflate(true);
+        let mut inflater = Inflater::default();
+        let mut messages = Vec::new();
+        let mut current = Vec::new();
+        let mut buf = bytes.to_vec();
+        for piece in buf.chunks_mut(step) {
+            let r = dec.decode(piece, &mut inflater, &mut |e| {
+                if let Event::Data { kind, payload, fin } = e {
+                    current.extend_from_slice(payload);
+                    if fin {
+                        messages.push((kind, std::mem::take(&mut current)));
+                    }
+                }
+                Ok(())
+            });
+            if r.is_err() {
+                return (messages, r);
+            }
+        }
+        (messages, Ok(()))
+    }
+
+    /// `payload` deflated as a permessage-deflate message.
+    #[cfg(feature = "compression")]
+    fn deflated(payload: &[u8]) -> Vec<u8> {
+        let mut deflater = crate::deflate::Deflater::new();
+        deflater.compress(payload).expect("compressible").to_vec()
+    }
+
+    #[cfg(feature = "compression")]
+    #[test]
+    fn compressed_messages_are_inflated_whole_or_fragmented() {
+        let text = "{\"bid\":1.5,\"ask\":1.6}".repeat(40);
+        let packed = deflated(text.as_bytes());
+        let mut bytes = client_frame(0xC1, &packed); // FIN, RSV1, text
+        let (head, tail) = packed.split_at(packed.len() / 2);
+        bytes.extend(client_frame(0x41, head)); // RSV1 on the first frame only
+        bytes.extend(client_frame(0x89, b"p"));
+        bytes.extend(client_frame(0x80, tail));
+        bytes.extend(client_frame(0x82, b"plain")); // uncompressed still fine
+        for step in [1, 7, bytes.len()] {
+            let (messages, r) = decode_deflate(&bytes, step, 4096);
+            assert_eq!(r, Ok(()), "step {step}");
+            let text = (MessageKind::Text, text.as_bytes().to_vec());
+            let plain = (MessageKind::Binary, b"plain".to_vec());
+            assert_eq!(messages, [text.clone(), text, plain], "step {step}");
+        }
+    }
+
+    #[cfg(feature = "compression")]
+    #[test]
+    fn compressed_messages_break_rules_as_plain_ones_do() {
+        let packed = deflated(&[b'a'; 600]);
+        let mut continuation = client_frame(0x41, &packed[..3]);
+        continuation.extend(client_frame(0xC0, &packed[3..]));
+        let cases: &[(Vec<u8>, u16)] = &[
+            (continuation, 1002),                                // RSV1 on a continuation
+            (client_frame(0xC9, b""), 1002),                     // RSV1 on a ping
+            (client_frame(0xA1, b"x"), 1002),                    // RSV2
+            (client_frame(0xC1, &deflated(&[0xff; 300])), 1007), // not UTF-8 once inflated
+            (client_frame(0xC2, &[0xff; 8]), 1007),              // not DEFLATE
+            (client_frame(0xC2, &packed), 1009),                 // inflates past the limit
+        ];
+        for (bytes, code) in cases {
+            let (_, r) = decode_deflate(bytes, 5, 512);
+            assert_eq!(r.map_err(|v| v.code), Err(*code), "{bytes:x?}");
+        }
+        // Without the negotiation RSV1 is a protocol error, as before.
+        let (_, r) = decode_all(&client_frame(0xC1, &packed), 1);
+        assert_eq!(r.map_err(|v| v.code), Err(1002));
+    }
+
+    #[cfg(feature = "compression")]
+    #[test]
+    fn a_bomb_stops_at_the_limit_not_at_its_end() {
+        // 64 MiB of zeros in about 64 KiB: refused once 1 MiB has come out.
+        let packed = deflated(&vec![0; 64 << 20]);
+        assert!(packed.len() < 100 << 10, "{}", packed.len());
+        let mut dec = Decoder::new(1 << 20).with_deflate(true);
+        let mut inflater = Inflater::default();
+        let mut out = 0;
+        let mut bytes = client_frame(0xC2, &packed);
+        let r = dec.decode(&mut bytes, &mut inflater, &mut |e| {
+            if let Event::Data { payload, .. } = e {
+                out += payload.len();
+            }
+            Ok(())
+        });
+        assert_eq!(r.map_err(|v| v.code), Err(1009));
+        assert!(out <= 1 << 20, "{out} bytes handed on");
     }
 
     #[test]

@@ -330,6 +330,7 @@ pub(crate) fn decode(
 ) -> Transcript {
     let mut bytes = stream.to_vec();
     let mut decoder = Decoder::new(max_message);
+    let mut inflater = crate::deflate::Inflater::default();
     let mut checker = Checker {
         max_message,
         message: None,
@@ -344,7 +345,7 @@ pub(crate) fn decode(
         let n = next_len().min(rest.len());
         let (chunk, tail) = rest.split_at_mut(n);
         rest = tail;
-        let result = decoder.decode(chunk, &mut |event| checker.see(event));
+        let result = decoder.decode(chunk, &mut inflater, &mut |event| checker.see(event));
         if let Err(violation) = result {
             assert!(
                 matches!(violation.code, 1002 | 1007 | 1009),

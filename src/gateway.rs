@@ -183,6 +183,7 @@ impl Builder {
             history: config.history_len(),
             history_keep: config.queue_depth.max(config.replay),
             replay: config.replay,
+            compress_min: config.compress_min,
         };
         let inboxes = Inboxes {
             inbox: manager_rx,

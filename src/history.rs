@@ -12,11 +12,15 @@
 //! frames. Bounded twice: the fingerprints of the last `capacity` frames,
 //! and the frames themselves (shared with queues through `Arc`) only as far
 //! as [`FRAME_BUDGET`] bytes allow beyond the newest `keep`: large messages
-//! must not make every lobby hold `capacity` of them.
+//! must not make every lobby hold `capacity` of them. A message is held in
+//! the forms its lobby built ([`Forms`]: uncompressed, and compressed while a
+//! member wanted that), so a client replayed or caught up from the history
+//! gets the form it negotiated where there is one; fingerprints are of the
+//! uncompressed frame, so they match across lobbies whatever their members.
 
 use std::collections::VecDeque;
 
-use crate::frame::Frame;
+use crate::frame::Forms;
 
 /// Bytes of frames a history holds beyond its newest `keep` frames, per
 /// lobby. 128-byte messages never reach it; 64 KiB messages are held only
@@ -35,7 +39,7 @@ pub(crate) type Resume = Vec<u64>;
 /// Only the newest `held` entries still have their frame.
 #[derive(Debug)]
 pub(crate) struct History {
-    entries: VecDeque<(u64, Option<Frame>)>,
+    entries: VecDeque<(u64, Option<Forms>)>,
     /// The number of `entries[0]`.
     first: u64,
     capacity: usize,
@@ -64,7 +68,7 @@ impl History {
     /// Appends a frame, fingerprinted by its `position` in the source's
     /// stream if it has one and by its bytes if not, forgetting the oldest
     /// beyond capacity and releasing the oldest frames beyond the byte budget.
-    pub(crate) fn push(&mut self, frame: Frame, position: Option<u64>) {
+    pub(crate) fn push(&mut self, frame: Forms, position: Option<u64>) {
         if self.entries.len() == self.capacity {
             if let Some((_, Some(gone))) = self.entries.pop_front() {
                 self.held -= 1;
@@ -74,7 +78,7 @@ impl History {
         }
         self.held += 1;
         self.bytes += frame.len();
-        let fp = position.unwrap_or_else(|| fingerprint(&frame));
+        let fp = position.unwrap_or_else(|| fingerprint(&frame.plain));
         self.entries.push_back((fp, Some(frame)));
         while self.held > self.keep && self.bytes > FRAME_BUDGET {
             let oldest = self.entries.len() - self.held;
@@ -96,7 +100,7 @@ impl History {
     }
 
     /// Frame number `at`, if still held.
-    pub(crate) fn get(&self, at: u64) -> Option<&Frame> {
+    pub(crate) fn get(&self, at: u64) -> Option<&Forms> {
         let index = usize::try_from(at.checked_sub(self.first)?).ok()?;
         self.entries.get(index)?.1.as_ref()
     }
@@ -170,8 +174,8 @@ mod tests {
     use super::*;
     use crate::frame::{OP_TEXT, encode};
 
-    fn frame(text: &str) -> Frame {
-        encode(OP_TEXT, text.as_bytes())
+    fn frame(text: &str) -> Forms {
+        Forms::plain(encode(OP_TEXT, text.as_bytes()))
     }
 
     fn history(texts: &[&str]) -> History {
@@ -189,7 +193,7 @@ mod tests {
     /// The texts from number `from` to the head.
     fn from(h: &History, from: u64) -> Vec<String> {
         (from..h.head())
-            .map(|at| String::from_utf8_lossy(&h.get(at).unwrap()[2..]).into_owned())
+            .map(|at| String::from_utf8_lossy(&h.get(at).unwrap().plain[2..]).into_owned())
             .collect()
     }
 
@@ -285,7 +289,7 @@ mod tests {
 
     #[test]
     fn large_frames_are_held_only_within_the_budget() {
-        let big = |n: u8| encode(OP_TEXT, &vec![b'0' + n; FRAME_BUDGET / 4]);
+        let big = |n: u8| Forms::plain(encode(OP_TEXT, &vec![b'0' + n; FRAME_BUDGET / 4]));
         let mut h = History::new(64, 2);
         for n in 0..8 {
             h.push(big(n), None);
@@ -293,7 +297,7 @@ mod tests {
         // Four quarter-budget frames (plus headers) exceed it: three are held.
         assert_eq!((h.oldest(), h.head()), (5, 8));
         assert!(h.get(4).is_none());
-        assert_eq!(h.get(5).map(|f| f[10]), Some(b'5'));
+        assert_eq!(h.get(5).map(|f| f.plain[10]), Some(b'5'));
         // Positions are still known: a run ending at an evicted frame is found.
         let mut source = History::new(64, 64);
         for n in 0..5 {
@@ -303,7 +307,7 @@ mod tests {
         // Never fewer than `keep`, whatever their size.
         let mut tight = History::new(64, 2);
         for n in 0..4 {
-            tight.push(encode(OP_TEXT, &vec![n; FRAME_BUDGET]), None);
+            tight.push(Forms::plain(encode(OP_TEXT, &vec![n; FRAME_BUDGET])), None);
         }
         assert_eq!(tight.head() - tight.oldest(), 2);
     }

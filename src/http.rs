@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use tungstenite::handshake::derive_accept_key;
 
-use crate::{config::is_query_name, id::RouteId};
+use crate::{config::is_query_name, deflate, id::RouteId};
 
 /// Most request headers accepted; more gets 431.
 const MAX_HEADERS: usize = 64;
@@ -32,6 +32,8 @@ pub(crate) enum Parsed {
         consumed: usize,
         route: RouteId,
         key: Option<Arc<str>>,
+        /// The client negotiated permessage-deflate.
+        deflate: bool,
     },
     /// Refuse the request with this status.
     Reject(Rejection),
@@ -125,6 +127,8 @@ pub(crate) struct Endpoint {
     pub require_subprotocol: bool,
     /// For lobbies keyed by query: the parameters that make the key.
     pub query_params: Option<Vec<String>>,
+    /// Negotiate permessage-deflate with clients that offer it.
+    pub compression: bool,
 }
 
 impl Endpoint {
@@ -136,6 +140,7 @@ impl Endpoint {
             subprotocols: Vec::new(),
             require_subprotocol: false,
             query_params: None,
+            compression: false,
         }
     }
 }
@@ -186,8 +191,12 @@ pub(crate) fn parse_route(buf: &[u8], route: &Route<'_>) -> Parsed {
                 .protocol
                 .map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n"))
                 .unwrap_or_default();
+            let extensions = accepted
+                .deflate
+                .map(|answer| format!("Sec-WebSocket-Extensions: {answer}\r\n"))
+                .unwrap_or_default();
             let response = format!(
-                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{protocol}\r\n",
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{protocol}{extensions}\r\n",
                 derive_accept_key(accepted.key.as_bytes())
             );
             Parsed::Upgrade {
@@ -195,6 +204,7 @@ pub(crate) fn parse_route(buf: &[u8], route: &Route<'_>) -> Parsed {
                 consumed,
                 route: accepted.endpoint.route,
                 key: accepted.lobby_key,
+                deflate: accepted.deflate.is_some(),
             }
         }
         Err(rejection) => Parsed::Reject(rejection),
@@ -250,6 +260,8 @@ struct Accepted<'b, 'r> {
     protocol: Option<&'r str>,
     /// Its normalised query, for a route keyed by query.
     lobby_key: Option<Arc<str>>,
+    /// The `Sec-WebSocket-Extensions` answer, if permessage-deflate was agreed.
+    deflate: Option<&'static str>,
 }
 
 /// Checks a complete request against the endpoints.
@@ -318,11 +330,16 @@ fn check<'b, 'r>(
         ),
         None => None,
     };
+    let deflate = endpoint
+        .compression
+        .then(|| deflate::negotiate(header("Sec-WebSocket-Extensions")))
+        .flatten();
     Ok(Accepted {
         endpoint,
         key,
         protocol,
         lobby_key,
+        deflate,
     })
 }
 
@@ -431,6 +448,40 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn permessage_deflate_is_answered_where_the_route_compresses() {
+        let offer = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n";
+        let bytes = request("GET / HTTP/1.1", offer);
+        let answer = |compression| {
+            let endpoints = [Endpoint {
+                compression,
+                ..Endpoint::plain(RouteId(0), "/")
+            }];
+            let route = Route {
+                endpoints: &endpoints,
+                allowed_origins: &[],
+                max_bytes: 8192,
+            };
+            match parse_route(bytes.as_bytes(), &route) {
+                Parsed::Upgrade {
+                    response, deflate, ..
+                } => (String::from_utf8(response).unwrap(), deflate),
+                other => panic!("{other:?}"),
+            }
+        };
+        let (text, deflate) = answer(true);
+        assert_eq!(deflate, cfg!(feature = "compression"));
+        assert_eq!(
+            text.contains(
+                "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover\r\n"
+            ),
+            cfg!(feature = "compression"),
+            "{text}"
+        );
+        let (text, deflate) = answer(false);
+        assert!(!deflate && !text.contains("Extensions"), "{text}");
     }
 
     #[test]

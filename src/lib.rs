@@ -12,6 +12,10 @@
 //! Everything is synchronous: a handful of threads talking over crossbeam
 //! channels, no async runtime.
 //!
+//! Clients that offer `permessage-deflate` (with the default `compression`
+//! feature) get each message compressed once per lobby and shared, like the
+//! uncompressed frame the others get ([`Config::compression`]).
+//!
 //! ```text
 //! clients ─▶ acceptor (mio: accept, HTTP upgrade) ─Admit─▶ manager (placement, lifecycle)
 //!                                                             │ Join / Leave
@@ -105,6 +109,7 @@ mod admin;
 mod backoff;
 mod config;
 mod conn;
+mod deflate;
 pub mod demo;
 mod error;
 #[cfg(feature = "fault-injection")]

@@ -17,6 +17,13 @@
 //! behind (held at most [`ADOPT_WAIT`]), or at the live edge, counted as a
 //! gap, if the two streams never meet. Connection mechanics live in the
 //! sources (`source/*.rs`).
+//!
+//! Clients that negotiated permessage-deflate get a compressed frame,
+//! built once per message by the lobby (`deflate.rs`) and shared by all of
+//! them like the uncompressed one, which the others get; the lobby builds it
+//! only while such a member is here, and only for messages of at least
+//! `compress_min` bytes that deflate makes smaller (the others go out
+//! uncompressed to everyone).
 
 use std::{
     sync::{
@@ -33,8 +40,9 @@ use mio::{Events, Poll, Token, Waker};
 
 use crate::{
     config::OriginLoss,
+    deflate::Deflater,
     error::{Error, Result},
-    frame::{self, MessageKind, close_code},
+    frame::{self, Forms, Frame, MessageKind, close_code},
     history::{History, Resume},
     id::{ClientId, LobbyId},
     manager::ManagerMsg,
@@ -76,12 +84,15 @@ pub(crate) enum LobbyMsg {
     Shutdown,
 }
 
-/// A client as its lobby sees it: where to push frames and which writer to wake.
+/// A client as its lobby sees it: where to push frames, which writer to
+/// wake, and which form of each message it takes.
 #[derive(Debug)]
 pub(crate) struct Member {
     pub id: ClientId,
     pub queue: ClientQueue,
     pub writer: usize,
+    /// It negotiated permessage-deflate: it gets compressed frames.
+    pub deflate: bool,
 }
 
 /// A client's message for the origin, on its way through its lobby.
@@ -162,6 +173,8 @@ pub(crate) struct LobbyEnv {
     pub history_keep: usize,
     /// Frames a new client is sent from the history.
     pub replay: usize,
+    /// Smallest message sent compressed to members that negotiated it.
+    pub compress_min: usize,
 }
 
 /// Starts a lobby thread.
@@ -198,6 +211,9 @@ pub(crate) fn spawn(id: LobbyId, env: &LobbyEnv) -> Result<LobbyHandle> {
             adopting: Vec::new(),
             history: History::new(env.history, env.history_keep),
             replay: env.replay,
+            deflating: 0,
+            deflater: None,
+            compress_min: env.compress_min,
             writers: Arc::clone(&env.writers),
             touched: vec![false; env.writers.len()],
             stats: Arc::clone(&env.stats),
@@ -325,6 +341,7 @@ impl Lobby {
         );
         let close = frame::encode_close(close_code::SERVICE_RESTART, reason);
         let fanout = &mut self.fanout;
+        fanout.deflating = 0;
         let adopting = fanout.adopting.drain(..).map(|a| a.member);
         let catching_up = fanout.catching_up.drain(..).map(|c| c.member);
         for member in fanout.members.drain(..).chain(catching_up).chain(adopting) {
@@ -413,6 +430,12 @@ struct Fanout {
     adopting: Vec<Adopting>,
     history: History,
     replay: usize,
+    /// Clients here (at the live edge, catching up or moving in) that take
+    /// compressed frames: while there are none, none are built.
+    deflating: usize,
+    /// Made when the first message is compressed.
+    deflater: Option<Deflater>,
+    compress_min: usize,
     writers: Arc<[Arc<WriterWake>]>,
     /// Per writer: owns a member that got frames since the last wake.
     touched: Vec<bool>,
@@ -435,15 +458,22 @@ impl Fanout {
             self.counters.message(&self.stats.epoch, 0, 0);
             return;
         }
-        let frame = match message.body {
+        let plain = match message.body {
             Body::Payload(kind, payload) => {
                 frame::encode_stamped(kind.opcode(), payload, self.stats.epoch.micros())
             }
             Body::Frame(frame) => frame.clone(),
         };
+        let deflated = if self.deflating > 0 {
+            self.deflate(&plain)
+        } else {
+            None
+        };
+        let forms = Forms { plain, deflated };
         let mut dropped = 0;
         for member in &self.members {
-            if member.queue.push(frame.clone()) == Pushed::DroppedOldest {
+            let frame = forms.for_client(member.deflate).clone();
+            if member.queue.push(frame) == Pushed::DroppedOldest {
                 dropped += 1;
             }
             self.touched[member.writer] = true;
@@ -453,7 +483,7 @@ impl Fanout {
         }
         let pushed = self.members.len() as u64;
         self.counters.message(&self.stats.epoch, pushed, dropped);
-        self.history.push(frame, message.position);
+        self.history.push(forms, message.position);
         if !self.adopting.is_empty() {
             // Those whose last frame was this one join at the live edge.
             let history = &self.history;
@@ -470,8 +500,31 @@ impl Fanout {
         self.wake_writers();
     }
 
+    /// The compressed frame of `plain`, if it is large enough and deflate
+    /// makes it smaller; counted.
+    fn deflate(&mut self, plain: &Frame) -> Option<Frame> {
+        let (opcode, payload) = frame::opcode_and_payload(plain);
+        if payload.len() < self.compress_min {
+            return None;
+        }
+        let compressed = self
+            .deflater
+            .get_or_insert_with(Deflater::new)
+            .compress(payload)?;
+        bump(&self.stats.messages_deflated);
+        let stats = &self.stats;
+        stats
+            .deflate_bytes_in
+            .fetch_add(payload.len() as u64, Relaxed);
+        stats
+            .deflate_bytes_out
+            .fetch_add(compressed.len() as u64, Relaxed);
+        Some(frame::encode_deflated(opcode, compressed, plain.stamp()))
+    }
+
     /// A new client: the last `replay` frames, then the live stream.
     fn join_new(&mut self, member: Member) {
+        self.deflating += usize::from(member.deflate);
         let from = self
             .history
             .head()
@@ -482,6 +535,7 @@ impl Fanout {
 
     /// A client from another lobby: continue right after `resume`.
     fn adopt(&mut self, member: Member, resume: Resume) {
+        self.deflating += usize::from(member.deflate);
         if resume.is_empty() {
             // It had received nothing yet: the live edge is where it starts.
             return self.enlist(member, self.history.head());
@@ -533,8 +587,10 @@ impl Fanout {
                 c.next = self.history.oldest();
             }
             while c.next < self.history.head() && c.member.queue.len() < c.member.queue.depth() {
-                if let Some(frame) = self.history.get(c.next) {
-                    c.member.queue.push(frame.clone());
+                if let Some(forms) = self.history.get(c.next) {
+                    c.member
+                        .queue
+                        .push(forms.for_client(c.member.deflate).clone());
                 }
                 c.next += 1;
                 self.touched[c.member.writer] = true;
@@ -584,17 +640,25 @@ impl Fanout {
 
     /// Removes a client; returns its position in the stream if it was here.
     fn remove(&mut self, id: ClientId) -> Option<Resume> {
+        let (resume, member) = self.take(id)?;
+        self.deflating -= usize::from(member.deflate);
+        Some(resume)
+    }
+
+    /// Takes a client out of whichever set holds it, with its position.
+    fn take(&mut self, id: ClientId) -> Option<(Resume, Member)> {
         if let Some(at) = self.members.iter().position(|m| m.id == id) {
-            self.members.swap_remove(at);
+            let member = self.members.swap_remove(at);
             trace!("{}: {id} left", self.lobby);
-            return Some(self.history.resume_before(self.history.head()));
+            return Some((self.history.resume_before(self.history.head()), member));
         }
         if let Some(at) = self.catching_up.iter().position(|c| c.member.id == id) {
             let c = self.catching_up.swap_remove(at);
-            return Some(self.history.resume_before(c.next));
+            return Some((self.history.resume_before(c.next), c.member));
         }
         let at = self.adopting.iter().position(|a| a.member.id == id)?;
-        Some(self.adopting.swap_remove(at).resume)
+        let adopting = self.adopting.swap_remove(at);
+        Some((adopting.resume, adopting.member))
     }
 
     fn wake_writers(&mut self) {
@@ -621,6 +685,9 @@ mod tests {
             adopting: Vec::new(),
             history: History::new(64, 4),
             replay: 0,
+            deflating: 0,
+            deflater: None,
+            compress_min: 256,
             writers: Arc::from([WriterWake::for_tests(&poll)]),
             touched: vec![false],
             counters: Arc::new(LobbyCounters::starting(&stats.epoch)),
@@ -631,6 +698,7 @@ mod tests {
             id: ClientId(0),
             queue: ClientQueue::new(1000, false),
             writer: 0,
+            deflate: false,
         });
         for n in 0..20u8 {
             fanout.broadcast(Message::payload(MessageKind::Text, &[n]));
@@ -641,6 +709,7 @@ mod tests {
             id: ClientId(1),
             queue: queue.clone(),
             writer: 0,
+            deflate: false,
         };
         fanout.enlist(member, fanout.history.head() - 20);
         for n in 0..200u8 {
@@ -670,6 +739,9 @@ mod tests {
             adopting: Vec::new(),
             history: History::new(64, 4),
             replay: 4,
+            deflating: 0,
+            deflater: None,
+            compress_min: 0,
             writers: Arc::from([WriterWake::for_tests(&poll)]),
             touched: vec![false],
             counters: Arc::new(LobbyCounters::starting(&stats.epoch)),
@@ -679,6 +751,7 @@ mod tests {
             id: ClientId(0),
             queue: ClientQueue::new(1000, false),
             writer: 0,
+            deflate: false,
         });
         let send = |fanout: &mut Fanout, n: u8| {
             fanout.broadcast(Message::payload(MessageKind::Text, &[n]));
@@ -693,6 +766,7 @@ mod tests {
             id: ClientId(1),
             queue: queue.clone(),
             writer: 0,
+            deflate: false,
         });
         assert_eq!(queue.len(), 4);
         send(&mut fanout, 4);

@@ -91,6 +91,8 @@ pub(crate) struct Admission {
     pub seat: Seat,
     /// The lobbies it may join: its route's, and its query key's.
     pub group: Group,
+    /// It negotiated permessage-deflate.
+    pub deflate: bool,
 }
 
 /// A client's message for the origin, from its writer (over a bounded
@@ -242,6 +244,9 @@ struct ClientEntry {
     queue: ClientQueue,
     writer: usize,
     group: Group,
+    /// It negotiated permessage-deflate: every lobby it joins sends it the
+    /// compressed form.
+    deflate: bool,
 }
 
 #[derive(Debug)]
@@ -353,6 +358,7 @@ impl Manager {
             leftover,
             seat,
             group,
+            deflate,
         } = admission;
         let id = ClientId(self.next_client);
         self.next_client += 1;
@@ -371,6 +377,7 @@ impl Manager {
                 queue: queue.clone(),
                 writer,
                 group,
+                deflate,
             },
         );
         let Some(lobby) = self.place(id) else {
@@ -389,6 +396,7 @@ impl Manager {
             queue,
             leftover,
             seat,
+            deflate,
         };
         self.writer_load[writer] += 1;
         bump(&self.stats.clients_accepted);
@@ -405,12 +413,14 @@ impl Manager {
     fn place(&mut self, id: ClientId) -> Option<LobbyId> {
         let client = self.clients.get(&id)?;
         let (group, queue, writer) = (client.group.clone(), client.queue.clone(), client.writer);
+        let deflate = client.deflate;
         loop {
             let lobby = self.find_lobby(&group)?;
             let member = Member {
                 id,
                 queue: queue.clone(),
                 writer,
+                deflate,
             };
             if self
                 .lobbies
@@ -549,6 +559,7 @@ impl Manager {
             id,
             queue: client.queue.clone(),
             writer: client.writer,
+            deflate: client.deflate,
         };
         let adopted = self
             .lobbies
@@ -586,6 +597,7 @@ impl Manager {
             history: c.history_len(),
             history_keep: c.queue_depth.max(c.replay),
             replay: c.replay,
+            compress_min: c.compress_min,
             ..self.env.clone()
         })
     }

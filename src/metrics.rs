@@ -141,6 +141,19 @@ const MIGRATIONS: &[Split] = &[
 ];
 
 /// Client messages for the origin (with `--client-messages forward`), by outcome.
+const FORMS: &[Split] = &[
+    ("compressed", |s| s.frames_delivered_compressed),
+    ("uncompressed", |s| {
+        s.frames_delivered
+            .saturating_sub(s.frames_delivered_compressed)
+    }),
+];
+
+const COMPRESSION: &[Split] = &[
+    ("before", |s| s.compress_bytes_in),
+    ("after", |s| s.compress_bytes_out),
+];
+
 const FORWARDS: &[Split] = &[
     ("sent", |s| s.forwarded),
     ("dropped", |s| s.forward_dropped),
@@ -223,6 +236,23 @@ impl Collector for GatewayCollector {
             "frames_delivered",
             "Data frames completely written to clients",
             s.frames_delivered,
+        )?;
+        out.counters_by(
+            "frames_delivered_by_form",
+            "Data frames completely written to clients, permessage-deflate compressed or not",
+            "form",
+            FORMS,
+        )?;
+        out.counter(
+            "messages_compressed",
+            "Messages compressed by lobbies (once per lobby per message, shared by its clients)",
+            s.messages_compressed,
+        )?;
+        out.counters_by(
+            "compression_payload_bytes",
+            "Payload bytes of the messages lobbies compressed, before and after compression",
+            "stage",
+            COMPRESSION,
         )?;
         out.counters_by(
             "frames_dropped",

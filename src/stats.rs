@@ -54,6 +54,14 @@ pub(crate) struct Stats {
     pub faults: crate::fault::Faults,
     /// Bytes written to client sockets (frames, control frames included).
     pub bytes_sent: AtomicU64,
+    /// Of `frames_delivered`, the compressed ones (permessage-deflate).
+    pub frames_delivered_deflated: AtomicU64,
+    /// Messages lobbies compressed (once per lobby, whatever its clients).
+    pub messages_deflated: AtomicU64,
+    /// Payload bytes of those messages before compression.
+    pub deflate_bytes_in: AtomicU64,
+    /// Payload bytes of those messages after compression.
+    pub deflate_bytes_out: AtomicU64,
     /// Set first thing when shutdown begins: readiness turns false.
     pub draining: AtomicBool,
     /// When the gateway started: the zero of per-lobby timestamps.
@@ -295,6 +303,16 @@ pub struct StatsSnapshot {
     pub fatal_errors: u64,
     /// Bytes written to client sockets, control frames included.
     pub bytes_sent: u64,
+    /// Of [`StatsSnapshot::frames_delivered`], those sent compressed
+    /// (permessage-deflate); the rest went out uncompressed.
+    pub frames_delivered_compressed: u64,
+    /// Messages lobbies compressed: once per lobby per message that at
+    /// least one member takes compressed and that deflate made smaller.
+    pub messages_compressed: u64,
+    /// Payload bytes of [`StatsSnapshot::messages_compressed`] before compression.
+    pub compress_bytes_in: u64,
+    /// Payload bytes of [`StatsSnapshot::messages_compressed`] after compression.
+    pub compress_bytes_out: u64,
     /// Configurations applied by a reload (SIGHUP, `GatewayHandle::reload`).
     pub reloads: u64,
     /// Reloads refused: a file that did not parse, or settings that did not
@@ -455,6 +473,10 @@ impl Stats {
             thread_panics: self.thread_panics.load(Relaxed),
             fatal_errors: self.fatal_errors.load(Relaxed),
             bytes_sent: self.bytes_sent.load(Relaxed),
+            frames_delivered_compressed: self.frames_delivered_deflated.load(Relaxed),
+            messages_compressed: self.messages_deflated.load(Relaxed),
+            compress_bytes_in: self.deflate_bytes_in.load(Relaxed),
+            compress_bytes_out: self.deflate_bytes_out.load(Relaxed),
             reloads: self.reloads.load(Relaxed),
             reload_failures: self.reload_failures.load(Relaxed),
             draining: self.draining.load(Relaxed),

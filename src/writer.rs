@@ -34,6 +34,7 @@ use mio::{Events, Interest, Poll, Token, Waker, net::TcpStream};
 use crate::{
     config::Config,
     conn::{Conn, IoCtx, Policy, Turn, is_data},
+    deflate::Inflater,
     error::{Error, Result},
     frame::close_code,
     id::ClientId,
@@ -70,6 +71,8 @@ pub(crate) struct Attach {
     pub leftover: Vec<u8>,
     /// Its place in the client counts; it drops with the connection.
     pub seat: Seat,
+    /// It negotiated permessage-deflate: its compressed messages are inflated.
+    pub deflate: bool,
 }
 
 /// How a lobby tells a writer its clients have frames: at most one wake per
@@ -177,6 +180,7 @@ pub(crate) fn spawn(
             scratch: vec![0; SCRATCH_BYTES].into_boxed_slice(),
             batch: Vec::with_capacity(64),
             delivered: 0,
+            delivered_deflated: 0,
             dropped: 0,
             bytes: 0,
             latency: LatencySampler::default(),
@@ -185,6 +189,7 @@ pub(crate) fn spawn(
             manager: manager.clone(),
             forwards,
             epoch: Instant::now(),
+            inflater: Inflater::default(),
         },
     };
     let guard = EndGuard::writer(index, manager, Arc::clone(&writer.io.stats));
@@ -350,6 +355,7 @@ impl Writer {
             queue,
             leftover,
             seat,
+            deflate,
         } = attach;
         let token = self.free.pop().unwrap_or(self.conns.len());
         let interest = Interest::READABLE | Interest::WRITABLE;
@@ -364,7 +370,7 @@ impl Writer {
             self.depart(id);
             return;
         }
-        let mut conn = Conn::new(id, stream, queue, seat, &self.io);
+        let mut conn = Conn::new(id, stream, (queue, seat), deflate, &self.io);
         if let Some(deadline) = self.drain_deadline {
             conn.begin_drain(self.io.at(deadline));
         }
@@ -497,6 +503,13 @@ impl Writer {
                 .frames_delivered
                 .fetch_add(self.io.delivered, Relaxed);
             self.io.delivered = 0;
+        }
+        if self.io.delivered_deflated > 0 {
+            self.io
+                .stats
+                .frames_delivered_deflated
+                .fetch_add(self.io.delivered_deflated, Relaxed);
+            self.io.delivered_deflated = 0;
         }
         if self.io.bytes > 0 {
             self.io.stats.bytes_sent.fetch_add(self.io.bytes, Relaxed);

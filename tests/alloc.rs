@@ -1,7 +1,8 @@
 //! The hot path allocates nothing per client per message: a counting global
 //! allocator watches the whole process (origin or publisher, gateway,
 //! clients) while 300 messages go to 200 clients, and the count must not
-//! grow with the clients. Alone in its test binary, since the allocator is
+//! grow with the clients; with half of them taking permessage-deflate too
+//! (the compressed frame is built once per lobby). Alone in its test binary, since the allocator is
 //! process-wide; its tests take turns.
 
 mod support;
@@ -156,5 +157,86 @@ fn fan_out_allocates_per_message_not_per_client() {
     eprintln!(
         "{allocations} allocations for {MESSAGES} messages to {CLIENTS} clients ({:.1} per message)",
         allocations as f64 / MESSAGES as f64
+    );
+}
+
+#[cfg(feature = "compression")]
+#[test]
+fn compressed_fan_out_allocates_per_message_not_per_client() {
+    let _turn = alone();
+    let origin = TestOrigin::start();
+    let mut config = test_config(&origin.url());
+    config.client_ping = Duration::from_secs(3600);
+    let gw = start_gateway(config);
+    // Half the clients negotiate permessage-deflate, half do not: one
+    // lobby builds both forms of every message.
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            if i % 2 == 0 {
+                raw_client_offering(gw.local_addr(), "permessage-deflate").0
+            } else {
+                raw_client(gw.local_addr())
+            }
+        })
+        .collect();
+    wait_placed(&gw, CLIENTS);
+    wait_until("origin connection", || origin.open() == 1);
+    let mut buf = vec![0u8; 64 * 1024];
+    for c in &clients {
+        c.set_nonblocking(true).unwrap();
+    }
+    // 1 KiB messages that compress well, made before counting.
+    let messages: Vec<tungstenite::Message> = (0..MESSAGES + 100)
+        .map(|n| {
+            let mut text = format!(
+                "{{\"seq\":{n},\"price\":{}.25,\"qty\":{}}}",
+                64_000 + n,
+                n % 97
+            );
+            while text.len() < 1024 {
+                text.push_str(",\"pad\":0");
+            }
+            tungstenite::Message::text(text)
+        })
+        .collect();
+    let mut next = messages.into_iter();
+    let mut sent = 0u64;
+    let mut send_burst = |sent: &mut u64| {
+        for message in next.by_ref().take(10) {
+            *sent += 1;
+            origin.send(message);
+        }
+        let want = *sent * CLIENTS as u64;
+        wait_until("the burst delivered", || {
+            gw.stats().frames_delivered >= want
+        });
+    };
+    for _ in 0..10 {
+        send_burst(&mut sent);
+        drain(&clients, &mut buf);
+    }
+
+    let region = Region::new(GLOBAL);
+    let start = sent;
+    while sent < start + MESSAGES {
+        send_burst(&mut sent);
+        drain(&clients, &mut buf);
+    }
+    let allocations = region.change().allocations;
+    let stats = gw.stats();
+    assert_eq!(stats.frames_dropped, 0);
+    assert_eq!(
+        stats.frames_delivered_compressed,
+        sent * CLIENTS as u64 / 2,
+        "half the deliveries compressed"
+    );
+    eprintln!(
+        "compressed: {allocations} allocations for {MESSAGES} messages to {CLIENTS} clients \
+         ({:.1} per message)",
+        allocations as f64 / MESSAGES as f64
+    );
+    assert!(
+        allocations < MESSAGES as usize * PER_MESSAGE,
+        "{allocations} allocations for {MESSAGES} messages to {CLIENTS} clients"
     );
 }

@@ -22,7 +22,10 @@
 //! saturation), `slow` (steady, with 100 clients that never read: with
 //! wsgate's unsent bound their queues overflow within seconds), `large`
 //! (200 × 50 msg/s × 64 KiB), `idle` (10 000 idle clients; relay RSS per
-//! client).
+//! client), `json` (1000 × 200 msg/s × a 1 KiB JSON price tick) and
+//! `compressed` (the same, the clients offering permessage-deflate; after
+//! both, wsgate's bytes on the wire and CPU per delivery in the two are
+//! compared).
 //!
 //! Per run: deliveries/s (messages received by clients in the window /
 //! window), relay CPU per delivery (relay utime + stime over the window /
@@ -156,6 +159,15 @@ fn bench(scenarios: &[Scenario], settings: &Settings) -> bool {
                 println!("{}", table::ratio(scenario, b, w));
             }
         }
+    }
+    let wsgate_in = |name: &str| {
+        rows.iter()
+            .find(|r| r.scenario.name == name && r.kind == Kind::Wsgate)
+            .and_then(|r| r.result.as_ref().ok())
+    };
+    if let (Some(plain), Some(compressed)) = (wsgate_in("json"), wsgate_in("compressed")) {
+        println!();
+        println!("{}", table::compression(plain, compressed));
     }
     println!();
     print!("{}", table::table(&rows));

@@ -38,10 +38,15 @@ pub struct Scenario {
     pub slow: usize,
     /// Flags added to wsgate's command line (the baseline has no knobs).
     pub wsgate_args: &'static [&'static str],
+    /// The origin's messages carry a JSON price tick after seq and
+    /// timestamp (else zeros).
+    pub ticks: bool,
+    /// The clients offer permessage-deflate (the baseline declines it).
+    pub deflate: bool,
 }
 
 /// Every scenario, in the order they run.
-pub const ALL: [Scenario; 7] = [
+pub const ALL: [Scenario; 9] = [
     // 10 000 msg/s to 1000 clients offers 10M deliveries/s, several times what
     // this machine kind can write: the relay is saturated, while a relay that
     // keeps up with its origin link can still keep latency low.
@@ -52,6 +57,8 @@ pub const ALL: [Scenario; 7] = [
         size: 128,
         slow: 0,
         wsgate_args: &[],
+        ticks: false,
+        deflate: false,
     },
     Scenario {
         name: "steady",
@@ -60,6 +67,8 @@ pub const ALL: [Scenario; 7] = [
         size: 128,
         slow: 0,
         wsgate_args: &[],
+        ticks: false,
+        deflate: false,
     },
     // The same with a 10 ms write-batching window: fewer, larger writes.
     Scenario {
@@ -69,6 +78,8 @@ pub const ALL: [Scenario; 7] = [
         size: 128,
         slow: 0,
         wsgate_args: &["--write-batch-ms", "10"],
+        ticks: false,
+        deflate: false,
     },
     // Well below saturation: latency is the measure.
     Scenario {
@@ -78,6 +89,8 @@ pub const ALL: [Scenario; 7] = [
         size: 128,
         slow: 0,
         wsgate_args: &[],
+        ticks: false,
+        deflate: false,
     },
     // 100 of the 1000 clients never read: the others must lose nothing.
     // wsgate's default unsent bound (16 KiB) keeps the kernel from absorbing
@@ -90,6 +103,8 @@ pub const ALL: [Scenario; 7] = [
         size: 128,
         slow: 100,
         wsgate_args: &[],
+        ticks: false,
+        deflate: false,
     },
     Scenario {
         name: "large",
@@ -98,6 +113,8 @@ pub const ALL: [Scenario; 7] = [
         size: 64 * 1024,
         slow: 0,
         wsgate_args: &[],
+        ticks: false,
+        deflate: false,
     },
     Scenario {
         name: "idle",
@@ -106,6 +123,32 @@ pub const ALL: [Scenario; 7] = [
         size: 128,
         slow: 0,
         wsgate_args: &[],
+        ticks: false,
+        deflate: false,
+    },
+    // A 1 KiB JSON price tick at steady load, to clients that do not offer
+    // permessage-deflate; then the same to clients that do: wsgate
+    // compresses each message once per lobby. Compared in one run: bytes
+    // on the wire and relay CPU per delivery.
+    Scenario {
+        name: "json",
+        clients: 1000,
+        rate: Rate::PerSecond(200),
+        size: 1024,
+        slow: 0,
+        wsgate_args: &[],
+        ticks: true,
+        deflate: false,
+    },
+    Scenario {
+        name: "compressed",
+        clients: 1000,
+        rate: Rate::PerSecond(200),
+        size: 1024,
+        slow: 0,
+        wsgate_args: &[],
+        ticks: true,
+        deflate: true,
     },
 ];
 
@@ -151,6 +194,8 @@ pub struct Measurement {
     pub window: Duration,
     /// Messages received by all clients inside the window.
     pub delivered: u64,
+    /// Bytes all clients read inside the window (frames as sent).
+    pub wire_bytes: u64,
     /// Messages the origin generated inside the window.
     pub published: u64,
     /// Origin connections open at the window end.
@@ -183,6 +228,11 @@ impl Measurement {
     /// Deliveries per second of window.
     pub fn deliveries_per_sec(&self) -> f64 {
         self.delivered as f64 / self.window.as_secs_f64().max(1e-9)
+    }
+
+    /// Bytes on the wire per delivery (none without deliveries).
+    pub fn bytes_per_delivery(&self) -> Option<f64> {
+        (self.delivered > 0).then(|| self.wire_bytes as f64 / self.delivered as f64)
     }
 
     /// Relay CPU time per delivery, µs (none without deliveries).
@@ -233,7 +283,12 @@ impl Measurement {
 /// Runs `scenario` against the relay `kind`. Progress goes to stderr.
 pub fn run(scenario: &Scenario, kind: Kind, settings: &Settings) -> Result<Measurement, String> {
     let name = kind.name();
-    let origin = Origin::start_with(
+    let start = if scenario.ticks {
+        Origin::start_ticks
+    } else {
+        Origin::start_with
+    };
+    let origin = start(
         SocketAddr::from(([127, 0, 0, 1], 0)),
         scenario.rate,
         scenario.size,
@@ -249,6 +304,7 @@ pub fn run(scenario: &Scenario, kind: Kind, settings: &Settings) -> Result<Measu
 
     let mut config = client::Config::new(relay.url(), scenario.clients);
     config.slow = scenario.slow;
+    config.deflate = scenario.deflate;
     let connect_deadline = Instant::now() + config.connect_timeout;
     let started = Instant::now();
     let mut clients = Clients::start(config).map_err(|e| format!("cannot start clients: {e}"))?;
@@ -333,6 +389,7 @@ pub fn run(scenario: &Scenario, kind: Kind, settings: &Settings) -> Result<Measu
         connected: report.connected,
         window: report.window,
         delivered: report.delivered,
+        wire_bytes: report.wire_bytes,
         published,
         upstreams,
         cpu_us: observer.cpu_us(&before, &after),

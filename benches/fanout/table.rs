@@ -25,12 +25,13 @@ pub fn detail(kind: Kind, m: &Measurement) -> String {
         m.published as f64 / m.window.as_secs_f64().max(1e-9),
     );
     s.push_str(&format!(
-        "\n            delivered {} ({:.0}/s{}), relay cpu {:.0}% ({} per delivery), load generator cpu {:.0}%",
+        "\n            delivered {} ({:.0}/s{}), {} B on the wire per delivery, relay cpu {:.0}% ({} per delivery), load generator cpu {:.0}%",
         m.delivered,
         m.deliveries_per_sec(),
         m.delivered_share()
             .map(|share| format!(", {:.1}% of published x clients", share * 100.0))
             .unwrap_or_default(),
+        opt(m.bytes_per_delivery().map(|b| format!("{b:.0}"))),
         m.cpu_percent(),
         opt(m.cpu_per_delivery_us().map(micros)),
         m.load_cpu_percent(),
@@ -70,6 +71,20 @@ pub fn detail(kind: Kind, m: &Measurement) -> String {
         s.push_str(&format!("\n            PROBLEM: {problem}"));
     }
     s
+}
+
+/// wsgate with compressing clients against wsgate with plain ones, the same
+/// messages in the same run: bytes on the wire and relay CPU per delivery.
+pub fn compression(plain: &Measurement, compressed: &Measurement) -> String {
+    format!(
+        "  compression (wsgate, compressed/json): bytes on the wire per delivery {}, cpu/delivery {}",
+        opt(both(compressed.bytes_per_delivery(), plain.bytes_per_delivery()).map(times)),
+        opt(both(
+            compressed.cpu_per_delivery_us(),
+            plain.cpu_per_delivery_us()
+        )
+        .map(times)),
+    )
 }
 
 /// wsgate / baseline for one scenario, if both ran.

@@ -88,6 +88,12 @@ struct Args {
     /// clients only connect and hold; the origin publishes nothing
     #[argh(switch)]
     idle: bool,
+    /// the origin's messages carry a JSON price tick (else zeros)
+    #[argh(switch)]
+    ticks: bool,
+    /// the clients offer permessage-deflate
+    #[argh(switch)]
+    deflate: bool,
     /// gateway process to observe (CPU and RSS over the window)
     #[argh(option)]
     gateway_pid: Option<u32>,
@@ -212,10 +218,15 @@ fn run(args: &Args) -> Result<String, String> {
                     "--origin-listen must be a loopback address (got {addr})"
                 ));
             }
-            let started = if args.idle {
-                origin::Origin::start_with(addr, origin::Rate::Paused, args.size)
+            let rate = match args.rate {
+                _ if args.idle => origin::Rate::Paused,
+                0 => origin::Rate::Saturated,
+                rate => origin::Rate::PerSecond(rate),
+            };
+            let started = if args.ticks {
+                origin::Origin::start_ticks(addr, rate, args.size)
             } else {
-                origin::Origin::start(addr, args.rate, args.size)
+                origin::Origin::start_with(addr, rate, args.size)
             };
             let o = started.map_err(|e| format!("cannot bind origin on {addr}: {e}"))?;
             eprintln!(
@@ -238,6 +249,7 @@ fn run(args: &Args) -> Result<String, String> {
             config.threads = args.threads;
             config.source_ips = args.source_ips;
             config.slow = args.slow;
+            config.deflate = args.deflate;
             config.slow_ping = args.slow_ping;
             config.connect_timeout = Duration::from_secs(args.connect_timeout);
             config.max_in_flight = args.in_flight;

@@ -28,7 +28,7 @@
 //! every upstream (waiting at most 1 s to flush) before the thread exits.
 //!
 //! Public API (self-contained: depends only on external crates and `wire.rs`):
-//! [`Origin::start`] / [`Origin::start_with`], [`Origin::local_addr`],
+//! [`Origin::start_with`] / [`Origin::start_ticks`], [`Origin::local_addr`],
 //! [`Origin::published`], [`Origin::connections`], [`Origin::stop`]
 //! (dropping an `Origin` stops it too).
 
@@ -92,19 +92,21 @@ pub struct Origin {
 }
 
 impl Origin {
-    /// Binds `addr` and starts publishing `rate` messages per second
-    /// (0 = saturated) of `size` bytes (raised to at least 16).
-    pub fn start(addr: SocketAddr, rate: u64, size: usize) -> io::Result<Origin> {
-        let rate = if rate == 0 {
-            Rate::Saturated
-        } else {
-            Rate::PerSecond(rate)
-        };
-        Origin::start_with(addr, rate, size)
+    /// Binds `addr` and starts publishing messages of `size` bytes (raised
+    /// to at least 16) at `rate`.
+    pub fn start_with(addr: SocketAddr, rate: Rate, size: usize) -> io::Result<Origin> {
+        Origin::start_inner(addr, rate, size, false)
     }
 
-    /// Like [`Origin::start`] with an explicit [`Rate`].
-    pub fn start_with(addr: SocketAddr, rate: Rate, size: usize) -> io::Result<Origin> {
+    /// Like [`Origin::start_with`], each message's bytes after seq and
+    /// timestamp a JSON price tick (repeated keys, numbers that change with
+    /// every message), padded with spaces to `size`: what compresses like
+    /// a real feed.
+    pub fn start_ticks(addr: SocketAddr, rate: Rate, size: usize) -> io::Result<Origin> {
+        Origin::start_inner(addr, rate, size, true)
+    }
+
+    fn start_inner(addr: SocketAddr, rate: Rate, size: usize, ticks: bool) -> io::Result<Origin> {
         let mut listener = listen(addr)?;
         let local_addr = listener.local_addr()?;
         let poll = Poll::new()?;
@@ -135,6 +137,7 @@ impl Origin {
             frame,
             prefix_at: h,
             seq: 0,
+            ticks,
             scratch: vec![0u8; 64 * 1024],
         };
         let thread = std::thread::Builder::new()
@@ -257,6 +260,8 @@ struct Server {
     frame: Vec<u8>,
     prefix_at: usize,
     seq: u64,
+    /// The body after seq and timestamp is a JSON tick, not zeros.
+    ticks: bool,
     scratch: Vec<u8>,
 }
 
@@ -329,6 +334,13 @@ impl Server {
         let at = self.prefix_at;
         self.frame[at..at + 8].copy_from_slice(&self.seq.to_le_bytes());
         self.frame[at + 8..at + 16].copy_from_slice(&ts.to_le_bytes());
+        if self.ticks {
+            let body = &mut self.frame[at + 16..];
+            body.fill(b' ');
+            let tick = tick_json(self.seq, ts);
+            let n = tick.len().min(body.len());
+            body[..n].copy_from_slice(&tick.as_bytes()[..n]);
+        }
         let mut max_pending = 0;
         for conn in self.conns.iter_mut().flatten() {
             if let State::Open = conn.state {
@@ -592,4 +604,23 @@ fn accept_key(head: &[u8]) -> Result<String, String> {
     }
     let key = header("sec-websocket-key").ok_or_else(|| "missing Sec-WebSocket-Key".to_string())?;
     Ok(tungstenite::handshake::derive_accept_key(key.as_bytes()))
+}
+/// A price tick for message `seq`: a symbol, a timestamp and twelve book
+/// levels, each number moving with `seq`.
+fn tick_json(seq: u64, ts: u64) -> String {
+    let levels: Vec<String> = (0..12u64)
+        .map(|i| {
+            let price = 64_000.0 + (seq * 7 + i * 13) as f64 * 0.25;
+            let qty = ((seq * 31 + i * 17) % 997) as f64 / 100.0;
+            format!(
+                "{{\"price\":{price:.2},\"qty\":{qty:.2},\"orders\":{}}}",
+                (seq + i) % 9
+            )
+        })
+        .collect();
+    format!(
+        "{{\"seq\":{seq},\"symbol\":\"BTC-USD\",\"ts\":{},\"levels\":[{}]}}",
+        ts / 1_000_000,
+        levels.join(",")
+    )
 }

@@ -117,8 +117,11 @@ pub enum Frame<'a> {
         binary: bool,
         /// Total payload length of the message.
         len: u64,
-        /// The first `min(len, PREFIX_LEN)` payload bytes.
+        /// The first `min(len, PREFIX_LEN)` payload bytes (empty if compressed).
         prefix: &'a [u8],
+        /// The compressed payload of a permessage-deflate message (RSV1),
+        /// up to [`MAX_DEFLATED`] bytes; empty if not compressed.
+        deflated: &'a [u8],
     },
     /// A Ping with its payload.
     Ping(&'a [u8]),
@@ -182,7 +185,17 @@ pub struct Parser {
     frame_pos: u64,
     msg_len: u64,
     ctrl: [u8; MAX_CONTROL_PAYLOAD],
+    /// permessage-deflate was negotiated: RSV1 marks a compressed message.
+    deflate: bool,
+    /// The message in progress is compressed.
+    compressed: bool,
+    /// Its compressed payload (allocated on the first compressed message).
+    deflated: Vec<u8>,
 }
+
+/// Most compressed payload bytes kept of a message (enough for the
+/// bench's messages; a longer one is reported cut short).
+pub const MAX_DEFLATED: usize = 16 * 1024;
 
 impl Parser {
     /// A parser for frames sent by a server (`expect_masked = false`, used by
@@ -206,7 +219,16 @@ impl Parser {
             frame_pos: 0,
             msg_len: 0,
             ctrl: [0; MAX_CONTROL_PAYLOAD],
+            deflate: false,
+            compressed: false,
+            deflated: Vec::new(),
         }
+    }
+
+    /// The same parser for a connection that negotiated permessage-deflate.
+    pub fn with_deflate(mut self, deflate: bool) -> Parser {
+        self.deflate = deflate;
+        self
     }
 
     /// Parses `buf`, calling `on_frame` for every complete message and
@@ -256,7 +278,8 @@ impl Parser {
     fn check_first_two(&mut self) -> Result<u8, ProtocolError> {
         let b0 = self.hdr[0];
         let b1 = self.hdr[1];
-        if b0 & 0x70 != 0 {
+        let rsv1_ok = self.deflate && matches!(b0 & 0x0F, OP_TEXT | OP_BINARY);
+        if b0 & 0x30 != 0 || (b0 & 0x40 != 0 && !rsv1_ok) {
             return Err(ProtocolError::ReservedBits);
         }
         let masked = b1 & 0x80 != 0;
@@ -320,6 +343,8 @@ impl Parser {
             self.msg_opcode = self.opcode;
             self.msg_len = 0;
             self.prefix_len = 0;
+            self.compressed = b0 & 0x40 != 0;
+            self.deflated.clear();
         }
         self.ctrl_len = 0;
         self.frame_len = len;
@@ -330,6 +355,15 @@ impl Parser {
 
     /// Keeps the payload bytes we care about (control payloads, data prefix).
     fn keep(&mut self, chunk: &[u8]) {
+        if self.compressed && self.opcode < OP_CLOSE {
+            let n = (MAX_DEFLATED - self.deflated.len()).min(chunk.len());
+            let at = self.deflated.len();
+            self.deflated.extend_from_slice(&chunk[..n]);
+            if self.masked {
+                apply_mask(&mut self.deflated[at..], self.mask, self.frame_pos);
+            }
+            return;
+        }
         let (dst, dst_len, cap): (&mut [u8], &mut u8, usize) = if self.opcode >= OP_CLOSE {
             (&mut self.ctrl[..], &mut self.ctrl_len, MAX_CONTROL_PAYLOAD)
         } else {
@@ -366,6 +400,7 @@ impl Parser {
                         binary,
                         len: self.msg_len,
                         prefix: &self.prefix[..usize::from(self.prefix_len)],
+                        deflated: if self.compressed { &self.deflated } else { &[] },
                     });
                 }
             }

@@ -191,6 +191,29 @@ pub fn masked_frame(first: u8, payload: &[u8]) -> Vec<u8> {
 
 /// Reads one unmasked server frame: (opcode, payload).
 pub fn read_server_frame(stream: &mut TcpStream) -> io::Result<(u8, Vec<u8>)> {
+    read_server_frame_whole(stream).map(|(first, payload)| (first & 0x0F, payload))
+}
+
+/// A raw client upgraded by hand, offering `extensions` in
+/// `Sec-WebSocket-Extensions`; with the gateway's 101 response.
+pub fn raw_client_offering(addr: SocketAddr, extensions: &str) -> (TcpStream, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(DEADLINE))
+        .expect("read timeout");
+    let request = UPGRADE_REQUEST.replace(
+        "\r\n\r\n",
+        &format!("\r\nSec-WebSocket-Extensions: {extensions}\r\n\r\n"),
+    );
+    stream.write_all(request.as_bytes()).expect("send request");
+    let response = read_http_head(&mut stream);
+    assert!(response.starts_with("HTTP/1.1 101"), "{response}");
+    (stream, response)
+}
+
+/// Reads one unmasked server frame: (its first byte: FIN, RSV bits and
+/// opcode; its payload).
+pub fn read_server_frame_whole(stream: &mut TcpStream) -> io::Result<(u8, Vec<u8>)> {
     let mut head = [0u8; 2];
     stream.read_exact(&mut head)?;
     let len = match head[1] & 0x7F {
@@ -208,7 +231,7 @@ pub fn read_server_frame(stream: &mut TcpStream) -> io::Result<(u8, Vec<u8>)> {
     };
     let mut payload = vec![0u8; len as usize];
     stream.read_exact(&mut payload)?;
-    Ok((head[0] & 0x0F, payload))
+    Ok((head[0], payload))
 }
 
 /// Reads server frames until a close frame; returns its code.
@@ -425,4 +448,67 @@ pub fn socket_queues(local: SocketAddr, remote: SocketAddr) -> Option<(u64, u64)
             u64::from_str_radix(rx, 16).ok()?,
         ))
     })
+}
+
+/// The file `name` in a directory on `PATH`, if there is one.
+pub fn find_on_path(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| std::path::Path::new(dir).join(name))
+        .find(|path| path.is_file())
+}
+
+/// Headless Chromium showing one page, in a fresh profile, until dropped:
+/// then it is killed with every helper process it started (its process
+/// group, named by its positive id).
+pub struct Browser {
+    child: std::process::Child,
+    profile: std::path::PathBuf,
+}
+
+impl Browser {
+    /// Opens `url` in headless `chromium`.
+    pub fn open(chromium: &std::path::Path, url: &str) -> Browser {
+        use std::os::unix::process::CommandExt;
+        static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let profile = std::env::temp_dir().join(format!(
+            "wsgate-browser-{}-{}",
+            std::process::id(),
+            RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let child = std::process::Command::new(chromium)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-extensions",
+                "--disable-dev-shm-usage",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg(url)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("start chromium");
+        Browser { child, profile }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // Never `kill -SIG -PGID`: procps-ng was seen to signal every process.
+        let _ = std::process::Command::new("pkill")
+            .args(["-KILL", "-g", &self.child.id().to_string()])
+            .stderr(std::process::Stdio::null())
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
 }
