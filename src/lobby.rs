@@ -674,9 +674,10 @@ impl Fanout {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_client_stuck_catching_up_counts_what_it_loses_as_drops_and_one_gap() {
-        let poll = Poll::new().unwrap();
+    /// A lobby's fan-out with one writer (woken through `poll`), replaying
+    /// `replay` frames to newcomers, and one member that keeps up, so it
+    /// broadcasts.
+    fn fanout_with_a_reader(poll: &Poll, replay: usize) -> (Fanout, Arc<Stats>) {
         let stats = Arc::new(Stats::default());
         let mut fanout = Fanout {
             lobby: LobbyId(0),
@@ -684,22 +685,28 @@ mod tests {
             catching_up: Vec::new(),
             adopting: Vec::new(),
             history: History::new(64, 4),
-            replay: 0,
+            replay,
             deflating: 0,
             deflater: None,
             compress_min: 256,
-            writers: Arc::from([WriterWake::for_tests(&poll)]),
+            writers: Arc::from([WriterWake::for_tests(poll)]),
             touched: vec![false],
             counters: Arc::new(LobbyCounters::starting(&stats.epoch)),
             stats: Arc::clone(&stats),
         };
-        // A member that keeps up, so the lobby broadcasts.
         fanout.members.push(Member {
             id: ClientId(0),
             queue: ClientQueue::new(1000, false),
             writer: 0,
             deflate: false,
         });
+        (fanout, stats)
+    }
+
+    #[test]
+    fn a_client_stuck_catching_up_counts_what_it_loses_as_drops_and_one_gap() {
+        let poll = Poll::new().unwrap();
+        let (mut fanout, stats) = fanout_with_a_reader(&poll, 0);
         for n in 0..20u8 {
             fanout.broadcast(Message::payload(MessageKind::Text, &[n]));
         }
@@ -731,28 +738,7 @@ mod tests {
     #[test]
     fn a_caught_up_client_goes_live_only_once_its_writer_took_the_catch_up() {
         let poll = Poll::new().unwrap();
-        let stats = Arc::new(Stats::default());
-        let mut fanout = Fanout {
-            lobby: LobbyId(0),
-            members: Vec::new(),
-            catching_up: Vec::new(),
-            adopting: Vec::new(),
-            history: History::new(64, 4),
-            replay: 4,
-            deflating: 0,
-            deflater: None,
-            compress_min: 0,
-            writers: Arc::from([WriterWake::for_tests(&poll)]),
-            touched: vec![false],
-            counters: Arc::new(LobbyCounters::starting(&stats.epoch)),
-            stats: Arc::clone(&stats),
-        };
-        fanout.members.push(Member {
-            id: ClientId(0),
-            queue: ClientQueue::new(1000, false),
-            writer: 0,
-            deflate: false,
-        });
+        let (mut fanout, _) = fanout_with_a_reader(&poll, 4);
         let send = |fanout: &mut Fanout, n: u8| {
             fanout.broadcast(Message::payload(MessageKind::Text, &[n]));
         };
