@@ -261,7 +261,9 @@ impl Conn {
             _seat: seat,
             pending: VecDeque::new(),
             offset: 0,
-            decoder: Decoder::new(io.policy.max_message).with_deflate(deflate),
+            decoder: Decoder::new(io.policy.max_message)
+                .with_deflate(deflate)
+                .skimming(!io.policy.forward),
             closing: Closing::Open,
             close_deadline: None,
             closing_for: None,

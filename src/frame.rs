@@ -10,7 +10,8 @@
 //! has sent a control frame, that frame's payload (125 bytes at most). For
 //! a client that negotiated permessage-deflate it also takes compressed
 //! messages (RSV1): their payload is held until the message is complete
-//! (at most the size limit), then inflated through its writer's
+//! (at most the size limit, or [`SKIM_LIMIT`] for a client whose messages
+//! are dropped: a longer one is skipped unread), then inflated through its writer's
 //! [`Inflater`] (`deflate.rs`), the output counted against the size limit
 //! and validated as it comes out. It never panics on any input. Sockets
 //! live elsewhere (`conn.rs`).
@@ -283,10 +284,22 @@ pub(crate) struct Decoder {
     deflate: bool,
     /// The message being received is compressed.
     compressed: bool,
-    /// The compressed message's payload so far (at most the size limit),
-    /// released once it is inflated.
+    /// The compressed message's payload so far (at most the size limit,
+    /// or [`SKIM_LIMIT`] when skimming), released once it is inflated.
     deflated: Vec<u8>,
+    /// Data messages are dropped unread (nothing forwards them), so a
+    /// compressed one longer than [`SKIM_LIMIT`] is skipped, not buffered.
+    skim: bool,
+    /// The compressed message being received is being skipped.
+    skipping: bool,
 }
+
+/// The most compressed bytes a skimming decoder keeps to inflate and
+/// validate a message it will drop: a browser's small messages fit; past it
+/// the message is skipped unread, so a client stalling halfway through a
+/// large compressed message holds under two pages (the buffer's capacity),
+/// not the size limit.
+pub(crate) const SKIM_LIMIT: usize = 4096;
 
 impl Decoder {
     /// A decoder that refuses messages above `max_message` bytes with 1009.
@@ -304,6 +317,8 @@ impl Decoder {
             deflate: false,
             compressed: false,
             deflated: Vec::new(),
+            skim: false,
+            skipping: false,
         }
     }
 
@@ -311,6 +326,14 @@ impl Decoder {
     /// negotiated permessage-deflate (`deflate`).
     pub(crate) fn with_deflate(mut self, deflate: bool) -> Decoder {
         self.deflate = deflate;
+        self
+    }
+
+    /// The same decoder for a client whose data messages are dropped
+    /// (`skim`): compressed messages longer than [`SKIM_LIMIT`] are skipped
+    /// unread instead of buffered to be inflated and validated.
+    pub(crate) fn skimming(mut self, skim: bool) -> Decoder {
+        self.skim = skim;
         self
     }
 
@@ -349,8 +372,14 @@ impl Decoder {
             if frame.opcode & 0x8 != 0 {
                 self.control.extend_from_slice(chunk);
             } else if self.compressed {
-                // Inflated once whole (`finish_frame`).
-                self.deflated.extend_from_slice(chunk);
+                if self.skim && self.deflated.len() + chunk.len() > SKIM_LIMIT {
+                    self.deflated = Vec::new();
+                    self.skipping = true;
+                }
+                if !self.skipping {
+                    // Inflated once whole (`finish_frame`).
+                    self.deflated.extend_from_slice(chunk);
+                }
             } else {
                 let kind = self.message.unwrap_or(MessageKind::Binary);
                 if kind == MessageKind::Text {
@@ -494,7 +523,9 @@ impl Decoder {
             _ => {
                 if frame.fin {
                     let kind = self.message.take().unwrap_or(MessageKind::Binary);
-                    if std::mem::take(&mut self.compressed) {
+                    if std::mem::take(&mut self.skipping) {
+                        self.compressed = false;
+                    } else if std::mem::take(&mut self.compressed) {
                         self.inflate(kind, inflater, on)?;
                     } else if frame.is_empty {
                         self.utf8.finish()?;
@@ -834,6 +865,41 @@ mod tests {
         });
         assert_eq!(r.map_err(|v| v.code), Err(1009));
         assert!(out <= 1 << 20, "{out} bytes handed on");
+    }
+
+    #[cfg(feature = "compression")]
+    #[test]
+    fn a_skimming_decoder_skips_long_compressed_messages_and_checks_short_ones() {
+        // Hex digits of a multiplicative hash: about half of it survives deflate.
+        let noise: String = (0u32..3000)
+            .map(|i| format!("{:08x}", i.wrapping_mul(2_654_435_761)))
+            .collect();
+        let long = deflated(noise.as_bytes());
+        assert!(long.len() > 2 * SKIM_LIMIT, "{}", long.len());
+        let short = "{\"bid\":1.5}".repeat(30);
+        let mut bytes = client_frame(0xC1, &long);
+        bytes.extend(client_frame(0xC1, &deflated(short.as_bytes())));
+        bytes.extend(client_frame(0xC1, &deflated(&[0xff; 300])));
+        let mut dec = Decoder::new(64 << 10).with_deflate(true).skimming(true);
+        let mut inflater = Inflater::default();
+        let mut texts = Vec::new();
+        let mut result = Ok(());
+        for piece in bytes.chunks_mut(100) {
+            result = dec.decode(piece, &mut inflater, &mut |e| {
+                if let Event::Data { payload, .. } = e {
+                    texts.push(payload.to_vec());
+                }
+                Ok(())
+            });
+            assert!(dec.deflated.capacity() < 2 * SKIM_LIMIT);
+            if result.is_err() {
+                break;
+            }
+        }
+        // The long message is skipped unread, the short one inflated, and
+        // the one that is not UTF-8 once inflated still closes with 1007.
+        assert_eq!(texts, [short.into_bytes()]);
+        assert_eq!(result.map_err(|v| v.code), Err(1007));
     }
 
     #[test]
