@@ -29,7 +29,7 @@ use std::{
     fmt,
     sync::{
         Arc,
-        atomic::{AtomicU8, Ordering::Relaxed},
+        atomic::{AtomicU8, AtomicU64, Ordering::Relaxed},
     },
     time::{Duration, Instant},
 };
@@ -267,6 +267,44 @@ pub(crate) fn position(a: u64, b: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// Why a source's connection attempt or connection failed (a WebSocket
+/// origin's or Redis's); each cause has its counter.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Failure {
+    /// Name resolution or TCP connect.
+    Connect,
+    /// Connect, TLS and upgrade did not finish within the connect timeout.
+    Timeout,
+    /// TLS handshake (certificate, host name, protocol).
+    #[cfg(feature = "tls")]
+    Tls,
+    /// The peer refused the session: a WebSocket origin refused or botched
+    /// the upgrade, or Redis refused AUTH, SELECT or SUBSCRIBE.
+    Upgrade,
+    /// An established connection was closed or broke.
+    Lost,
+    /// An established connection stayed silent past the liveness timeout.
+    Silent,
+    /// A WebSocket origin sent a message above the size limit.
+    Oversized,
+}
+
+impl Failure {
+    /// The counter of this cause in `stats`.
+    pub(crate) fn counter(self, stats: &Stats) -> &AtomicU64 {
+        match self {
+            Failure::Connect => &stats.origin_failed_connect,
+            Failure::Timeout => &stats.origin_failed_timeout,
+            #[cfg(feature = "tls")]
+            Failure::Tls => &stats.origin_failed_tls,
+            Failure::Upgrade => &stats.origin_failed_upgrade,
+            Failure::Lost => &stats.origin_lost,
+            Failure::Silent => &stats.origin_silent,
+            Failure::Oversized => &stats.origin_oversized,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -46,10 +46,7 @@
 use std::{
     fmt,
     mem::ManuallyDrop,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering::Relaxed},
-    },
+    sync::{Arc, atomic::Ordering::Relaxed},
     thread::{self, JoinHandle},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -67,7 +64,7 @@ use crate::{
     error::{Error, Result},
     frame::MessageKind,
     id::LobbyId,
-    source::{Drive, LobbyContext, Message, Source, position, publish_state},
+    source::{Drive, Failure, LobbyContext, Message, Source, position, publish_state},
     stats::{OriginState, bump, drop_one},
 };
 
@@ -558,19 +555,6 @@ fn is_bulk(value: &Value, want: &[u8]) -> bool {
     }
 }
 
-/// Why an attempt or a connection failed; each has a counter.
-#[derive(Debug, Clone, Copy)]
-enum Failure {
-    Connect,
-    Timeout,
-    #[cfg(feature = "tls")]
-    Tls,
-    /// Redis refused the session: AUTH, SELECT or SUBSCRIBE failed.
-    Upgrade,
-    Lost,
-    Silent,
-}
-
 /// A connection that is ready to read.
 struct Ready {
     con: Connection,
@@ -987,17 +971,7 @@ impl RedisLink {
 
     /// Counts a failure by cause and waits out the backoff before trying again.
     fn fail(&mut self, cause: Failure, why: &str) {
-        let stats = &self.lobby.stats;
-        let counter: &AtomicU64 = match cause {
-            Failure::Connect => &stats.origin_failed_connect,
-            Failure::Timeout => &stats.origin_failed_timeout,
-            #[cfg(feature = "tls")]
-            Failure::Tls => &stats.origin_failed_tls,
-            Failure::Upgrade => &stats.origin_failed_upgrade,
-            Failure::Lost => &stats.origin_lost,
-            Failure::Silent => &stats.origin_silent,
-        };
-        bump(counter);
+        bump(cause.counter(&self.lobby.stats));
         self.has_failed = true;
         let delay = self.backoff.next_delay();
         warn!(

@@ -21,7 +21,7 @@ use std::{
     net::{IpAddr, SocketAddr, ToSocketAddrs},
     sync::{
         Arc,
-        atomic::{AtomicU8, AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicU8, Ordering::Relaxed},
     },
     thread::{self, JoinHandle},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -44,7 +44,7 @@ use crate::{
     error::{Error, Result},
     frame::MessageKind,
     id::LobbyId,
-    source::{self, Drive, Source, publish_state},
+    source::{self, Drive, Failure, Source, publish_state},
     stats::{OriginState, Stats, bump, drop_one},
 };
 
@@ -312,26 +312,6 @@ impl State {
             State::Closing(..) => OriginState::Closing,
         }
     }
-}
-
-/// Why an origin connection attempt or connection failed; each has a counter.
-#[derive(Debug, Clone, Copy)]
-enum Failure {
-    /// Name resolution or TCP connect.
-    Connect,
-    /// Connect, TLS and upgrade did not finish within the connect timeout.
-    Timeout,
-    /// TLS handshake (certificate, host name, protocol).
-    #[cfg(feature = "tls")]
-    Tls,
-    /// The origin refused or botched the WebSocket upgrade.
-    Upgrade,
-    /// An established connection was closed or broke.
-    Lost,
-    /// An established connection stayed silent past the liveness timeout.
-    Silent,
-    /// The origin sent a message above the size limit.
-    Oversized,
 }
 
 /// A lobby's connection to the origin.
@@ -885,17 +865,7 @@ impl OriginLink {
 
     /// Counts a failure by cause and waits out the backoff before trying again.
     fn fail(&mut self, cause: Failure, why: &str) {
-        let counter: &AtomicU64 = match cause {
-            Failure::Connect => &self.stats.origin_failed_connect,
-            Failure::Timeout => &self.stats.origin_failed_timeout,
-            #[cfg(feature = "tls")]
-            Failure::Tls => &self.stats.origin_failed_tls,
-            Failure::Upgrade => &self.stats.origin_failed_upgrade,
-            Failure::Lost => &self.stats.origin_lost,
-            Failure::Silent => &self.stats.origin_silent,
-            Failure::Oversized => &self.stats.origin_oversized,
-        };
-        bump(counter);
+        bump(cause.counter(&self.stats));
         self.has_failed = true;
         let delay = self.backoff.next_delay();
         warn!(
