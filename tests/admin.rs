@@ -8,7 +8,6 @@ mod support;
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
-    process::{Child, Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -672,74 +671,6 @@ fn value_of<'a>(html: &'a str, id: &str) -> &'a str {
     let tag_end = html[at..].find('>').map_or(html.len(), |e| at + e);
     let tag_start = html[..at].rfind('<').unwrap_or(0);
     attr(&html[tag_start..tag_end], "data-value")
-}
-
-fn find_on_path(name: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|dir| std::path::Path::new(dir).join(name))
-        .find(|path| path.is_file())
-}
-
-/// Runs headless Chromium with `args` in a fresh profile; its stdout. Killed
-/// (with everything it started) if it runs past the deadline.
-fn run_chromium(chromium: &std::path::Path, args: &[&str]) -> String {
-    use std::os::unix::process::CommandExt;
-    static RUNS: AtomicU64 = AtomicU64::new(0);
-    let profile = std::env::temp_dir().join(format!(
-        "wsgate-chromium-{}-{}",
-        std::process::id(),
-        RUNS.fetch_add(1, Ordering::Relaxed)
-    ));
-    let mut child: Child = Command::new(chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-extensions",
-            "--disable-dev-shm-usage",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .expect("start chromium");
-    let pid = child.id();
-    let mut stdout = child.stdout.take().expect("chromium stdout");
-    let output = thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stdout.read_to_string(&mut text);
-        text
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Some(status),
-            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(50)),
-            _ => break None,
-        }
-    };
-    // Chromium's own helpers (zygote, renderer) share its process group,
-    // named by its positive id (`kill -KILL -PGID` from procps-ng 4.0.2 was
-    // seen to signal every process, -1, instead).
-    let _ = Command::new("pkill")
-        .args(["-KILL", "-g", &pid.to_string()])
-        .stderr(Stdio::null())
-        .status();
-    let _ = child.kill();
-    let _ = child.wait();
-    let text = output.join().unwrap_or_default();
-    let _ = std::fs::remove_dir_all(&profile);
-    assert!(status.is_some(), "chromium ran past its deadline (killed)");
-    text
 }
 
 /// A client whose socket receive buffer is 16 KiB (no autotuning).

@@ -292,6 +292,10 @@ fn chromium_negotiates_and_decodes_the_compressed_messages() {
     // The page reports back through the gateway, to the origin.
     config.client_messages = ClientMessages::Forward;
     config.allow_any_origin = true;
+    // On a loaded machine the lobby can queue the whole burst before the
+    // writer runs: queues deep enough to drop none of it (with the default
+    // 16, the page once missed the oldest frames and never sent a verdict).
+    config.queue_depth = 64;
     let gw = start_gateway(config);
     const N: u64 = 20;
     let expected: Vec<String> = (1..=N).map(tick).collect();

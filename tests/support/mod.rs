@@ -14,6 +14,9 @@ use std::{
 use tungstenite::{Message, WebSocket, protocol::CloseFrame};
 use wsgate::{Config, Gateway, GatewayHandle};
 
+mod browser;
+#[allow(unused_imports)]
+pub use browser::*;
 mod origin;
 #[allow(unused_imports)]
 pub use origin::*;
@@ -457,58 +460,4 @@ pub fn find_on_path(name: &str) -> Option<std::path::PathBuf> {
         .split(':')
         .map(|dir| std::path::Path::new(dir).join(name))
         .find(|path| path.is_file())
-}
-
-/// Headless Chromium showing one page, in a fresh profile, until dropped:
-/// then it is killed with every helper process it started (its process
-/// group, named by its positive id).
-pub struct Browser {
-    child: std::process::Child,
-    profile: std::path::PathBuf,
-}
-
-impl Browser {
-    /// Opens `url` in headless `chromium`.
-    pub fn open(chromium: &std::path::Path, url: &str) -> Browser {
-        use std::os::unix::process::CommandExt;
-        static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let profile = std::env::temp_dir().join(format!(
-            "wsgate-browser-{}-{}",
-            std::process::id(),
-            RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        let child = std::process::Command::new(chromium)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--disable-extensions",
-                "--disable-dev-shm-usage",
-            ])
-            .arg(format!("--user-data-dir={}", profile.display()))
-            .arg(url)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .process_group(0)
-            .spawn()
-            .expect("start chromium");
-        Browser { child, profile }
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        // Never `kill -SIG -PGID`: procps-ng was seen to signal every process.
-        let _ = std::process::Command::new("pkill")
-            .args(["-KILL", "-g", &self.child.id().to_string()])
-            .stderr(std::process::Stdio::null())
-            .status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.profile);
-    }
 }
