@@ -163,17 +163,8 @@ fn a_closed_standard_output_does_not_stop_the_gateway() {
     stdout.read_line(&mut line).unwrap();
     // Whoever read our first line goes away before the rest is printed.
     drop(stdout);
-    let addr: SocketAddr = line
-        .split_whitespace()
-        .last()
-        .and_then(|url| {
-            url.trim_start_matches("ws://")
-                .split('/')
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let addr: SocketAddr =
+        address_in(&line, "ws://").unwrap_or_else(|| panic!("no address in {line:?}"));
     std::thread::sleep(std::time::Duration::from_millis(200));
     let stream = std::net::TcpStream::connect(addr).expect("still listening");
     stream.set_read_timeout(Some(DEADLINE)).unwrap();

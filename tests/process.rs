@@ -40,17 +40,7 @@ impl Gateway {
         stdout
             .read_line(&mut line)
             .expect("wsgate prints its address");
-        let addr = line
-            .split_whitespace()
-            .last()
-            .and_then(|url| {
-                url.trim_start_matches("ws://")
-                    .split('/')
-                    .next()?
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        let addr = address_in(&line, "ws://").unwrap_or_else(|| panic!("no address in {line:?}"));
         Gateway {
             child,
             addr,

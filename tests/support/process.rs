@@ -152,7 +152,7 @@ impl Drop for GatewayProcess {
 }
 
 /// The socket address in the first `scheme…` URL of `line`.
-fn address_in(line: &str, scheme: &str) -> Option<SocketAddr> {
+pub fn address_in(line: &str, scheme: &str) -> Option<SocketAddr> {
     let at = line.find(scheme)? + scheme.len();
     line[at..]
         .split(|c| c == '/' || c == ',' || char::is_whitespace(c))
