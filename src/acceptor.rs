@@ -456,7 +456,7 @@ impl Acceptor {
                 allowed_origins: &self.allowed_origins,
                 max_bytes: self.max_request_bytes,
             };
-            let parsed = match http::parse_route(&conn.buf, &route) {
+            let rejection = match http::parse_route(&conn.buf, &route) {
                 Parsed::Incomplete => continue,
                 Parsed::Upgrade {
                     response,
@@ -467,49 +467,34 @@ impl Acceptor {
                 } => {
                     let group = Group { route, key };
                     match self.seats.claim_client(&mut conn.seat, &group) {
-                        Ok(()) => Parsed::Upgrade {
-                            response,
-                            consumed,
-                            route: group.route,
-                            key: group.key,
-                            deflate,
-                        },
-                        Err(rejection) => Parsed::Reject(rejection),
+                        Ok(()) => {
+                            conn.reply = Some(Reply {
+                                bytes: response,
+                                written: 0,
+                                upgrade: Some((consumed, group, deflate)),
+                            });
+                            return write_reply(conn);
+                        }
+                        Err(rejection) => rejection,
                     }
                 }
-                Parsed::Reject(r) if r.status == 403 => {
-                    bump(&self.stats.refused_origin);
-                    Parsed::Reject(r)
-                }
-                parsed => parsed,
-            };
-            let reply = match parsed {
-                Parsed::Incomplete => continue,
-                Parsed::Upgrade {
-                    response,
-                    consumed,
-                    route,
-                    key,
-                    deflate,
-                } => Reply {
-                    bytes: response,
-                    written: 0,
-                    upgrade: Some((consumed, Group { route, key }, deflate)),
-                },
                 Parsed::Reject(rejection) => {
-                    bump(&self.stats.handshakes_rejected);
-                    debug!(
-                        "{}: refused with {}: {}",
-                        conn.peer, rejection.status, rejection.why
-                    );
-                    Reply {
-                        bytes: rejection.response(),
-                        written: 0,
-                        upgrade: None,
+                    if rejection.status == 403 {
+                        bump(&self.stats.refused_origin);
                     }
+                    rejection
                 }
             };
-            conn.reply = Some(reply);
+            bump(&self.stats.handshakes_rejected);
+            debug!(
+                "{}: refused with {}: {}",
+                conn.peer, rejection.status, rejection.why
+            );
+            conn.reply = Some(Reply {
+                bytes: rejection.response(),
+                written: 0,
+                upgrade: None,
+            });
             return write_reply(conn);
         }
     }
