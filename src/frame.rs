@@ -11,9 +11,9 @@
 //! a client that negotiated permessage-deflate it also takes compressed
 //! messages (RSV1): their payload is held until the message is complete
 //! (at most the size limit, or [`SKIM_LIMIT`] for a client whose messages
-//! are dropped: a longer one is skipped unread), then inflated through its writer's
-//! [`Inflater`] (`deflate.rs`), the output counted against the size limit
-//! and validated as it comes out. It never panics on any input. Sockets
+//! are dropped: a longer one is skipped unread), then inflated through its
+//! writer's [`Inflater`] (`deflate.rs`), the output counted against the size
+//! limit and validated as it comes out. It never panics on any input. Sockets
 //! live elsewhere (`conn.rs`).
 
 use std::{ops::Deref, sync::Arc};
@@ -282,16 +282,25 @@ pub(crate) struct Decoder {
     closed: bool,
     /// The client negotiated permessage-deflate: RSV1 marks a compressed message.
     deflate: bool,
-    /// The message being received is compressed.
-    compressed: bool,
+    /// How the message being received arrives.
+    carried: Carried,
     /// The compressed message's payload so far (at most the size limit,
     /// or [`SKIM_LIMIT`] when skimming), released once it is inflated.
     deflated: Vec<u8>,
     /// Data messages are dropped unread (nothing forwards them), so a
     /// compressed one longer than [`SKIM_LIMIT`] is skipped, not buffered.
     skim: bool,
-    /// The compressed message being received is being skipped.
-    skipping: bool,
+}
+
+/// How a data message arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Carried {
+    /// Uncompressed: validated and handed on as it comes.
+    Plain,
+    /// Compressed: buffered, inflated once whole.
+    Deflated,
+    /// Compressed, and too long to keep for a skimming decoder: skipped.
+    Skipped,
 }
 
 /// The most compressed bytes a skimming decoder keeps to inflate and
@@ -315,10 +324,9 @@ impl Decoder {
             control: Vec::new(),
             closed: false,
             deflate: false,
-            compressed: false,
+            carried: Carried::Plain,
             deflated: Vec::new(),
             skim: false,
-            skipping: false,
         }
     }
 
@@ -371,12 +379,12 @@ impl Decoder {
             let frame = *frame;
             if frame.opcode & 0x8 != 0 {
                 self.control.extend_from_slice(chunk);
-            } else if self.compressed {
+            } else if self.carried != Carried::Plain {
                 if self.skim && self.deflated.len() + chunk.len() > SKIM_LIMIT {
                     self.deflated = Vec::new();
-                    self.skipping = true;
+                    self.carried = Carried::Skipped;
                 }
-                if !self.skipping {
+                if self.carried == Carried::Deflated {
                     // Inflated once whole (`finish_frame`).
                     self.deflated.extend_from_slice(chunk);
                 }
@@ -478,7 +486,11 @@ impl Decoder {
                     MessageKind::Binary
                 });
                 self.message_len = 0;
-                self.compressed = is_compressed;
+                self.carried = if is_compressed {
+                    Carried::Deflated
+                } else {
+                    Carried::Plain
+                };
             }
             _ => return Err(protocol("unknown opcode")),
         }
@@ -523,17 +535,18 @@ impl Decoder {
             _ => {
                 if frame.fin {
                     let kind = self.message.take().unwrap_or(MessageKind::Binary);
-                    if std::mem::take(&mut self.skipping) {
-                        self.compressed = false;
-                    } else if std::mem::take(&mut self.compressed) {
-                        self.inflate(kind, inflater, on)?;
-                    } else if frame.is_empty {
-                        self.utf8.finish()?;
-                        on(Event::Data {
-                            kind,
-                            payload: &[],
-                            fin: true,
-                        })?;
+                    match std::mem::replace(&mut self.carried, Carried::Plain) {
+                        Carried::Skipped => {}
+                        Carried::Deflated => self.inflate(kind, inflater, on)?,
+                        Carried::Plain if frame.is_empty => {
+                            self.utf8.finish()?;
+                            on(Event::Data {
+                                kind,
+                                payload: &[],
+                                fin: true,
+                            })?;
+                        }
+                        Carried::Plain => {}
                     }
                     self.message_len = 0;
                 }
