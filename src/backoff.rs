@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use crate::rng::Rng;
+
 /// Capped exponential backoff with jitter: the n-th delay (from 0) is drawn
 /// uniformly from `[min, min(max, min·2ⁿ⁺¹)]`. Never below `min`, never above
 /// `max`, and lobbies that lost the origin together drift apart, so they do
@@ -14,17 +16,17 @@ pub(crate) struct Backoff {
     min: Duration,
     max: Duration,
     attempt: u32,
-    rng: u64,
+    rng: Rng,
 }
 
 impl Backoff {
-    /// A backoff between `min` and `max`, its jitter seeded by `seed`.
-    pub(crate) fn new(min: Duration, max: Duration, seed: u64) -> Backoff {
+    /// A backoff between `min` and `max`, its jitter drawn from `rng`.
+    pub(crate) fn new(min: Duration, max: Duration, rng: Rng) -> Backoff {
         Backoff {
             min,
             max,
             attempt: 0,
-            rng: splitmix64(seed) | 1,
+            rng,
         }
     }
 
@@ -39,7 +41,7 @@ impl Backoff {
         let jitter = if span == 0 {
             0
         } else {
-            self.random() % span.saturating_add(1)
+            self.rng.below(span.saturating_add(1))
         };
         self.min + Duration::from_nanos(jitter)
     }
@@ -48,22 +50,6 @@ impl Backoff {
     pub(crate) fn reset(&mut self) {
         self.attempt = 0;
     }
-
-    /// xorshift64*: plenty for jitter, no dependency.
-    fn random(&mut self) -> u64 {
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
-
-/// Spreads similar seeds (lobby ids, clock readings) over the whole range.
-fn splitmix64(seed: u64) -> u64 {
-    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 #[cfg(test)]
@@ -76,7 +62,7 @@ mod tests {
     fn delays_stay_within_a_doubling_ceiling_and_the_cap() {
         let max = Duration::from_secs(3);
         for seed in 0..50 {
-            let mut b = Backoff::new(MIN, max, seed);
+            let mut b = Backoff::new(MIN, max, Rng::new(seed));
             let mut ceiling = MIN * 2;
             for _ in 0..12 {
                 let d = b.next_delay();
@@ -89,7 +75,7 @@ mod tests {
     #[test]
     fn the_cap_is_reached_and_held() {
         let max = Duration::from_secs(2);
-        let mut b = Backoff::new(MIN, max, 7);
+        let mut b = Backoff::new(MIN, max, Rng::new(7));
         let late: Vec<Duration> = (0..40).map(|_| b.next_delay()).skip(20).collect();
         assert!(late.iter().all(|d| *d <= max));
         assert!(late.iter().any(|d| *d > max / 2), "{late:?}");
@@ -97,7 +83,7 @@ mod tests {
 
     #[test]
     fn reset_starts_over() {
-        let mut b = Backoff::new(MIN, Duration::from_secs(30), 3);
+        let mut b = Backoff::new(MIN, Duration::from_secs(30), Rng::new(3));
         for _ in 0..10 {
             b.next_delay();
         }
@@ -108,7 +94,7 @@ mod tests {
     #[test]
     fn equal_settings_with_different_seeds_jitter_apart() {
         let delays: Vec<Duration> = (0..8)
-            .map(|seed| Backoff::new(MIN, Duration::from_secs(30), seed).next_delay())
+            .map(|seed| Backoff::new(MIN, Duration::from_secs(30), Rng::new(seed)).next_delay())
             .collect();
         let distinct: std::collections::HashSet<_> = delays.iter().collect();
         assert!(distinct.len() > 4, "{delays:?}");
@@ -116,7 +102,7 @@ mod tests {
 
     #[test]
     fn min_equal_to_max_is_a_fixed_delay() {
-        let mut b = Backoff::new(MIN, MIN, 1);
+        let mut b = Backoff::new(MIN, MIN, Rng::new(1));
         assert!((0..5).all(|_| b.next_delay() == MIN));
     }
 }

@@ -933,7 +933,8 @@ mod props {
     //! and the same transcript however the stream is split into reads.
 
     use super::*;
-    use crate::fuzz::{self, Control, Item, Rng, Transcript};
+    use crate::fuzz::{self, Control, Item, Transcript};
+    use crate::rng::Rng;
     use proptest::collection::vec;
     use proptest::prelude::*;
     use proptest::sample::Index;

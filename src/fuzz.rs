@@ -25,6 +25,7 @@ use crate::frame::{Decoder, Event, MessageKind, OP_CLOSE, OP_PING, OP_PONG, Viol
 use crate::{
     http::{self, Endpoint, Parsed, Route},
     id::RouteId,
+    rng::Rng,
 };
 
 /// Message size limits `client_frames` picks from with its first byte.
@@ -99,7 +100,7 @@ pub fn client_messages(data: &[u8]) {
                 budget -= len;
                 let payload = rng.payload(kind, len);
                 let fragments = usize::from((op >> 1) & 3) + 1;
-                let mut cuts: Vec<usize> = (1..fragments).map(|_| rng.below(len + 1)).collect();
+                let mut cuts: Vec<usize> = (1..fragments).map(|_| rng.index(len + 1)).collect();
                 cuts.sort_unstable();
                 let mut pieces = Vec::with_capacity(fragments);
                 let mut start = 0;
@@ -637,43 +638,25 @@ impl Script<'_> {
     }
 }
 
-/// A small deterministic generator (xorshift64*), so inputs replay exactly.
-#[derive(Debug, Clone)]
-pub(crate) struct Rng(u64);
-
+/// The fuzz inputs: the crate's generator, seeded from the input, so they replay exactly.
 impl Rng {
-    pub(crate) fn new(seed: u64) -> Rng {
-        // splitmix64 of the seed: never zero in practice, and spread out.
-        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        Rng((z ^ (z >> 31)) | 1)
-    }
-
-    pub(crate) fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// A number in `0..n` (`n` > 0).
-    pub(crate) fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
+    /// A number in `0..n` (`n` > 0), as an index.
+    fn index(&mut self, n: usize) -> usize {
+        self.below(n as u64) as usize
     }
 
     /// A read size: log-uniform in 1..=4096, sometimes 0 (an empty read).
     pub(crate) fn chunk_len(&mut self) -> usize {
-        let bits = self.below(13);
+        let bits = self.index(13);
         if bits == 12 {
             return 0;
         }
-        1 + self.below(1 << bits)
+        1 + self.index(1 << bits)
     }
 
     /// A mask, sometimes all zeros.
     pub(crate) fn mask(&mut self) -> [u8; 4] {
-        if self.below(8) == 0 {
+        if self.index(8) == 0 {
             return [0; 4];
         }
         (self.next_u64() as u32).to_be_bytes()
@@ -687,12 +670,12 @@ impl Rng {
     pub(crate) fn text(&mut self, len: usize) -> String {
         let mut s = String::with_capacity(len);
         while s.len() < len {
-            let c = match self.below(6) {
+            let c = match self.index(6) {
                 0 => 'é',
                 1 => '€',
                 2 => '😀',
-                3 => char::from_u32(self.below(0x11_0000) as u32).unwrap_or('\u{FFFD}'),
-                _ => char::from(b' ' + self.below(95) as u8),
+                3 => char::from_u32(self.index(0x11_0000) as u32).unwrap_or('\u{FFFD}'),
+                _ => char::from(b' ' + self.index(95) as u8),
             };
             if s.len() + c.len_utf8() <= len {
                 s.push(c);

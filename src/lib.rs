@@ -129,6 +129,7 @@ mod manager;
 pub mod metrics;
 mod queue;
 mod registry;
+mod rng;
 mod seat;
 mod source;
 mod stats;

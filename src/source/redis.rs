@@ -48,7 +48,7 @@ use std::{
     mem::ManuallyDrop,
     sync::{Arc, atomic::Ordering::Relaxed},
     thread::{self, JoinHandle},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use crossbeam_channel::{Receiver, TryRecvError, bounded};
@@ -64,6 +64,7 @@ use crate::{
     error::{Error, Result},
     frame::MessageKind,
     id::LobbyId,
+    rng::Rng,
     source::{Drive, Failure, LobbyContext, Message, Source, position, publish_state},
     stats::{OriginState, bump, drop_one},
 };
@@ -620,11 +621,8 @@ impl fmt::Debug for RedisLink {
 impl RedisLink {
     /// The link for one lobby; it connects on [`Source::start`].
     pub(crate) fn new(target: Arc<RedisTarget>, lobby: LobbyContext) -> RedisLink {
-        let seed = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64)
-            ^ u64::from(lobby.lobby.0).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let backoff = Backoff::new(target.backoff_min, target.backoff_max, seed);
+        let rng = Rng::from_clock(u64::from(lobby.lobby.0));
+        let backoff = Backoff::new(target.backoff_min, target.backoff_max, rng);
         RedisLink {
             target,
             lobby,

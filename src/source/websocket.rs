@@ -24,7 +24,7 @@ use std::{
         atomic::{AtomicU8, Ordering::Relaxed},
     },
     thread::{self, JoinHandle},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use crossbeam_channel::{Receiver, TryRecvError, bounded};
@@ -44,6 +44,7 @@ use crate::{
     error::{Error, Result},
     frame::MessageKind,
     id::LobbyId,
+    rng::Rng,
     source::{self, Drive, Failure, Source, publish_state},
     stats::{OriginState, Stats, bump, drop_one},
 };
@@ -346,11 +347,8 @@ impl OriginLink {
         published: Arc<AtomicU8>,
         stats: Arc<Stats>,
     ) -> OriginLink {
-        let seed = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64)
-            ^ u64::from(lobby.0).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let backoff = Backoff::new(target.backoff_min, target.backoff_max, seed);
+        let rng = Rng::from_clock(u64::from(lobby.0));
+        let backoff = Backoff::new(target.backoff_min, target.backoff_max, rng);
         let outbox = Outbox::new(target.outbox_bytes);
         OriginLink {
             lobby,
