@@ -14,9 +14,11 @@ use std::{collections::HashSet, net::SocketAddr, path::PathBuf, time::Duration};
 
 #[cfg(feature = "config-file")]
 use serde::{Deserialize, Serialize};
-use tungstenite::http::{HeaderName, HeaderValue, Uri};
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    source::websocket::{is_authority, is_header_name, is_header_value},
+};
 
 /// Gateway configuration. Start from [`Config::default`] and change what you need.
 ///
@@ -180,8 +182,10 @@ pub struct Config {
     /// Per route. Defaults to [`OriginLoss::Keep`].
     pub on_origin_loss: OriginLoss,
     /// Extra headers sent on every origin handshake (credentials, say);
-    /// clients never see them. In a config file, `"Name: value"` strings.
-    /// Per route. Defaults to none.
+    /// clients never see them. `Host` replaces the URL's host (a virtual
+    /// host behind an IP address); the headers the upgrade sets itself
+    /// (`Connection`, `Upgrade`, `Sec-WebSocket-*`) are refused. In a config
+    /// file, `"Name: value"` strings. Per route. Defaults to none.
     #[cfg_attr(feature = "config-file", serde(with = "headers"))]
     pub origin_headers: Vec<(String, String)>,
     /// Text messages sent, in order, right after every origin (re)connect and
@@ -739,10 +743,7 @@ impl Config {
             return bad("client_ping must be above zero");
         }
         for origin in &self.allowed_origins {
-            if origin
-                .parse::<Uri>()
-                .map_or(true, |u| u.scheme().is_none() || u.host().is_none())
-            {
+            if !is_web_origin(origin) {
                 return Err(Error::Config(format!(
                     "allowed_origins: {origin:?} is not a scheme://host[:port] origin"
                 )));
@@ -752,11 +753,9 @@ impl Config {
             return bad("origin_timeout must be above origin_ping, which must be above zero");
         }
         for (name, value) in &self.origin_headers {
-            if HeaderName::try_from(name.as_str()).is_err()
-                || HeaderValue::try_from(value.as_str()).is_err()
-            {
+            if !is_header_name(name) || !is_header_value(value) {
                 return Err(Error::Config(format!(
-                    "origin_headers: {name:?} is not a valid header"
+                    "origin_headers: {name:?} is not a valid header, or one the upgrade sets itself"
                 )));
             }
         }
@@ -930,6 +929,18 @@ pub fn parse_header(header: &str) -> std::result::Result<(String, String), Strin
     }
 }
 
+/// Whether `origin` is a browser origin, `scheme://host[:port]`; a
+/// trailing slash is allowed, as origins are compared without it.
+fn is_web_origin(origin: &str) -> bool {
+    let Some((scheme, rest)) = origin.trim().split_once("://") else {
+        return false;
+    };
+    let scheme_byte = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.');
+    scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme.bytes().all(scheme_byte)
+        && is_authority(rest.strip_suffix('/').unwrap_or(rest))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -956,6 +967,31 @@ mod tests {
     }
 
     #[test]
+    fn allowed_origins_are_scheme_host_and_port() {
+        for good in [
+            "https://app.example",
+            "http://localhost:3000/",
+            "https://[::1]:8443",
+        ] {
+            let mut c = with_origin("ws://h/");
+            c.allowed_origins = vec![good.into()];
+            assert!(c.validate().is_ok(), "{good}");
+        }
+        for bad in [
+            "app.example",
+            "null",
+            "https://app.example/page",
+            "https://",
+            "1x://a",
+        ] {
+            let mut c = with_origin("ws://h/");
+            c.allowed_origins = vec![bad.into()];
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("allowed_origins"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn wss_needs_the_tls_feature() {
         assert_eq!(
             with_origin("wss://h/").validate().is_ok(),
@@ -971,6 +1007,13 @@ mod tests {
         let mut c = with_origin("ws://h/");
         c.origin_headers = vec![("Authorization".into(), "Bearer x\n".into())];
         assert!(c.validate().is_err());
+        let mut c = with_origin("ws://h/");
+        c.origin_headers = vec![("Sec-WebSocket-Key".into(), "x".into())];
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("one the upgrade sets itself"), "{err}");
+        let mut c = with_origin("ws://h/");
+        c.origin_headers = vec![("Host".into(), "feed.example".into())];
+        assert!(c.validate().is_ok());
         let mut c = with_origin("ws://h/");
         c.origin_timeout = c.origin_ping;
         assert!(c.validate().is_err());

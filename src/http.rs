@@ -5,14 +5,15 @@
 //! anything. Every refusal maps to a precise status. Sockets and deadlines
 //! live in `acceptor.rs`.
 //!
-//! The request is parsed with `httparse` (tungstenite's own parser) and the
-//! accept key derived by tungstenite; tungstenite's server handshake itself is
-//! not used because it answers malformed requests with no status at all, and
-//! allocates per-connection buffers this gateway does not want.
+//! The request is parsed with `httparse` (tungstenite's own parser);
+//! tungstenite's server handshake is not used because it answers malformed
+//! requests with no status at all, and allocates per-connection buffers this
+//! gateway does not want. The accept key ([`accept_key`]) serves both sides:
+//! the origin's upgrade (`source/handshake.rs`) checks it too.
 
 use std::sync::Arc;
 
-use tungstenite::handshake::derive_accept_key;
+use sha1::{Digest, Sha1};
 
 use crate::{config::is_query_name, deflate, id::RouteId};
 
@@ -100,6 +101,40 @@ impl Rejection {
         )
         .into_bytes()
     }
+}
+
+/// The `Sec-WebSocket-Accept` value that answers the request key `key`
+/// (RFC 6455, section 4.2.2): base64 of the SHA-1 of the key and the
+/// protocol's GUID.
+pub(crate) fn accept_key(key: &[u8]) -> String {
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    let mut sha1 = Sha1::new();
+    sha1.update(key);
+    sha1.update(GUID);
+    base64(&sha1.finalize())
+}
+
+/// Standard base64 with padding (RFC 4648, section 4): the accept key and
+/// the origin upgrade's nonce, each a few bytes, so no table crate.
+pub(crate) fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 fn reason_phrase(status: u16) -> &'static str {
@@ -197,7 +232,7 @@ pub(crate) fn parse_route(buf: &[u8], route: &Route<'_>) -> Parsed {
                 .unwrap_or_default();
             let response = format!(
                 "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{protocol}{extensions}\r\n",
-                derive_accept_key(accepted.key.as_bytes())
+                accept_key(accepted.key.as_bytes())
             );
             Parsed::Upgrade {
                 response: response.into_bytes(),

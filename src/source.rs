@@ -14,7 +14,7 @@
 //! per lobby. The sources, one file each:
 //!
 //! - `source/websocket.rs`: a WebSocket origin (`ws://`, `wss://`), one
-//!   connection per lobby;
+//!   connection per lobby (its upgrade in `source/websocket/handshake.rs`);
 //! - `source/redis.rs`: a Redis pub/sub channel or stream (`redis://`,
 //!   `redis+stream://`, with the `redis` feature), one connection per lobby;
 //! - `source/publisher.rs`: the embedding program's own messages, through

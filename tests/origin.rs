@@ -4,7 +4,9 @@
 mod support;
 
 use std::{
-    net::TcpListener,
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    thread,
     time::{Duration, Instant},
 };
 
@@ -87,6 +89,72 @@ fn a_refused_upgrade_is_retried_until_it_succeeds() {
     });
     origin.send_seq(7);
     assert_eq!(recv_text(&mut client), "7");
+}
+
+/// The upgrade request read off `stream`, up to its blank line.
+fn read_request(stream: &mut TcpStream) -> String {
+    let mut request = Vec::new();
+    let mut byte = [0];
+    while !request.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            stream.read(&mut byte).expect("the request"),
+            1,
+            "{request:?}"
+        );
+        request.push(byte[0]);
+    }
+    String::from_utf8(request).expect("an ASCII request")
+}
+
+/// A hand-written origin: the first upgrade is answered with a wrong
+/// accept key, the second correctly but a byte at a time, with a first
+/// message in the same bytes as the response's end.
+#[test]
+fn a_lying_origin_is_refused_and_a_halting_one_understood() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let origin = thread::spawn(move || {
+        let (mut liar, _) = listener.accept().unwrap();
+        let request = read_request(&mut liar);
+        assert!(
+            request.starts_with("GET /feed?x=1 HTTP/1.1\r\n"),
+            "{request}"
+        );
+        assert!(request.contains(&format!("Host: {addr}\r\n")), "{request}");
+        let wrong = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                     Connection: Upgrade\r\nSec-WebSocket-Accept: bm9wZQ==\r\n\r\n";
+        liar.write_all(wrong.as_bytes()).unwrap();
+        let (mut slow, _) = listener.accept().unwrap();
+        let request = read_request(&mut slow);
+        let key = request
+            .lines()
+            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+            .expect("a key");
+        let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let mut answer = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        )
+        .into_bytes();
+        answer.extend_from_slice(&[0x81, 5]);
+        answer.extend_from_slice(b"early");
+        let (head, last) = answer.split_at(answer.len() - 9);
+        for byte in head {
+            slow.write_all(&[*byte]).unwrap();
+            thread::sleep(Duration::from_millis(2));
+        }
+        slow.write_all(last).unwrap();
+        // Held open until the gateway goes.
+        let _ = slow.read(&mut [0; 64]);
+    });
+    let gw = start_gateway(test_config(&format!("ws://{addr}/feed?x=1")));
+    let mut client = connect_clients(&gw, 1).remove(0);
+    assert_eq!(recv_text(&mut client), "early");
+    let stats = gw.stats();
+    assert_eq!(stats.origin_failed_upgrade, 1, "{stats:?}");
+    assert_eq!(stats.origin_connections, 1, "{stats:?}");
+    drop(gw);
+    origin.join().expect("the origin's checks");
 }
 
 #[test]

@@ -11,6 +11,8 @@
 //! (the system resolver blocks), whose answer wakes the lobby; the lobby
 //! waits for it no longer than the connect timeout and never joins a lookup
 //! it gave up on, so a slow resolver delays neither its inbox nor shutdown.
+//! The upgrade's bytes (the URL, the request, the check of the response) are
+//! built and checked in `websocket/handshake.rs`; this file moves them.
 //! This file knows nothing of clients: the lobby (`lobby.rs`) decides when a
 //! link is needed and what to do with each message, through the
 //! [`Source`] interface (`source.rs`).
@@ -31,11 +33,8 @@ use crossbeam_channel::{Receiver, TryRecvError, bounded};
 use log::{debug, info, warn};
 use mio::{Interest, Registry, Token, Waker, net::TcpStream};
 use tungstenite::{
-    ClientRequestBuilder, Message, WebSocket,
-    client::client_with_config,
-    handshake::{HandshakeError, MidHandshake, client::ClientHandshake},
-    http::Uri,
-    protocol::{CloseFrame, WebSocketConfig, frame::coding::CloseCode},
+    Message, WebSocket,
+    protocol::{CloseFrame, Role, WebSocketConfig, frame::coding::CloseCode},
 };
 
 use crate::{
@@ -68,16 +67,21 @@ const WRITE_BUFFER: usize = 128 * 1024;
 /// How long a closing connection waits for the origin's close reply.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
+mod handshake;
+
+pub(crate) use handshake::{OriginUrl, is_authority, is_header_name, is_header_value};
+
 /// Where the origin is and how to talk to it: built once from the
 /// configuration, shared by every lobby.
 #[derive(Debug)]
 pub(crate) struct OriginTarget {
-    uri: Uri,
-    host: String,
-    port: u16,
+    url: OriginUrl,
     /// The address, when the host is an IP address (nothing to resolve).
     literal: Option<SocketAddr>,
-    request: ClientRequestBuilder,
+    /// Extra upgrade request headers.
+    headers: Vec<(String, String)>,
+    /// Subprotocols offered in the upgrade.
+    protocols: Vec<String>,
     init: Vec<String>,
     ws_config: WebSocketConfig,
     connect_timeout: Duration,
@@ -93,42 +97,22 @@ pub(crate) struct OriginTarget {
 
 /// An origin URL, parsed and checked: `ws://` (or `wss://` in a build with
 /// TLS), with a host.
-pub(crate) fn parse_url(url: &str) -> Result<Uri> {
-    let bad = |why: &str| Err(Error::Config(format!("origin: {url:?} {why}")));
-    let Ok(uri) = url.parse::<Uri>() else {
-        return bad("is not a valid URL");
-    };
-    match uri.scheme_str().map(str::to_ascii_lowercase).as_deref() {
-        Some("ws") => {}
-        Some("wss") if cfg!(feature = "tls") => {}
-        Some("wss") => return bad("uses wss://, but this build has no TLS (feature `tls`)"),
-        _ => return bad("must start with ws:// or wss://"),
+pub(crate) fn parse_url(url: &str) -> Result<OriginUrl> {
+    let bad = |why: &str| Error::Config(format!("origin: {url:?} {why}"));
+    let parsed = OriginUrl::parse(url).map_err(bad)?;
+    if parsed.secure && !cfg!(feature = "tls") {
+        return Err(bad(
+            "uses wss://, but this build has no TLS (feature `tls`)",
+        ));
     }
-    if uri.host().is_none_or(str::is_empty) {
-        return bad("has no host");
-    }
-    Ok(uri)
+    Ok(parsed)
 }
 
 impl OriginTarget {
-    /// Builds the target for the origin at `uri` (from [`parse_url`]) with
+    /// Builds the target for the origin at `url` (from [`parse_url`]) with
     /// the configuration's origin settings, loading the TLS roots for a
     /// `wss://` origin.
-    pub(crate) fn new(uri: Uri, config: &Config) -> Result<OriginTarget> {
-        let is_tls = uri.scheme_str() == Some("wss");
-        let host = uri.host().unwrap_or_default();
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let port = uri.port_u16().unwrap_or(if is_tls { 443 } else { 80 });
-        let mut request = ClientRequestBuilder::new(uri.clone());
-        for (name, value) in &config.origin_headers {
-            request = request.with_header(name.as_str(), value.as_str());
-        }
-        for protocol in &config.origin_subprotocols {
-            request = request.with_sub_protocol(protocol.as_str());
-        }
+    pub(crate) fn new(url: OriginUrl, config: &Config) -> Result<OriginTarget> {
         // Forwarded client messages queue in the write buffer while the origin
         // is slow; bound it.
         let ws_config = WebSocketConfig::default()
@@ -137,20 +121,20 @@ impl OriginTarget {
             .max_frame_size(Some(config.max_origin_message))
             .max_write_buffer_size(WRITE_BUFFER + 2 * config.max_client_message);
         #[cfg(feature = "tls")]
-        let tls = if is_tls {
+        let tls = if url.secure {
             Some(crate::tls::client_config(config.origin_ca.as_deref())?)
         } else {
             None
         };
         Ok(OriginTarget {
-            uri,
-            literal: host
+            literal: url
+                .host
                 .parse::<IpAddr>()
                 .ok()
-                .map(|ip| SocketAddr::new(ip, port)),
-            host,
-            port,
-            request,
+                .map(|ip| SocketAddr::new(ip, url.port)),
+            url,
+            headers: config.origin_headers.clone(),
+            protocols: config.origin_subprotocols.clone(),
             init: config.origin_init.clone(),
             ws_config,
             connect_timeout: config.origin_connect_timeout,
@@ -260,8 +244,20 @@ impl Outbox {
     }
 }
 
-type Upgrade = MidHandshake<ClientHandshake<OriginStream>>;
 type Ws = WebSocket<OriginStream>;
+
+/// An upgrade under way: the request going out, then the response coming in.
+#[derive(Debug)]
+struct Upgrade {
+    stream: OriginStream,
+    /// The nonce sent, which the response's accept key must answer.
+    key: String,
+    request: Vec<u8>,
+    /// Bytes of `request` written so far.
+    sent: usize,
+    /// The response so far (at most [`handshake::MAX_RESPONSE`] bytes).
+    response: Vec<u8>,
+}
 
 /// A connection that is up.
 #[derive(Debug)]
@@ -324,6 +320,8 @@ pub(crate) struct OriginLink {
     token: Token,
     state: State,
     backoff: Backoff,
+    /// Draws the upgrade's nonces.
+    rng: Rng,
     /// Connect attempts made, to rotate over the origin's addresses.
     attempts: usize,
     /// Wakes the lobby (a host name lookup answered).
@@ -347,8 +345,9 @@ impl OriginLink {
         published: Arc<AtomicU8>,
         stats: Arc<Stats>,
     ) -> OriginLink {
-        let rng = Rng::from_clock(u64::from(lobby.0));
-        let backoff = Backoff::new(target.backoff_min, target.backoff_max, rng);
+        let mut rng = Rng::from_clock(u64::from(lobby.0));
+        let jitter = Rng::new(rng.next_u64());
+        let backoff = Backoff::new(target.backoff_min, target.backoff_max, jitter);
         let outbox = Outbox::new(target.outbox_bytes);
         OriginLink {
             lobby,
@@ -357,6 +356,7 @@ impl OriginLink {
             token,
             state: State::Idle,
             backoff,
+            rng,
             attempts: 0,
             waker,
             has_failed: false,
@@ -445,7 +445,7 @@ impl OriginLink {
             State::Connecting(mut tcp, _) => self.deregister(&mut tcp),
             #[cfg(feature = "tls")]
             State::Securing(mut tls, _) => self.deregister(&mut tls.sock),
-            State::Upgrading(mut mid, _) => self.deregister(mid.get_mut().get_mut().tcp()),
+            State::Upgrading(mut upgrade, _) => self.deregister(upgrade.stream.tcp()),
             State::Closing(ws, at) => self.state = State::Closing(ws, at),
             // The lookup finishes alone; nobody reads its answer.
             State::Idle | State::Waiting(_) | State::Resolving(..) => {}
@@ -497,13 +497,13 @@ impl OriginLink {
             State::Connecting(tcp, deadline) => self.finish_connect(tcp, deadline, now),
             #[cfg(feature = "tls")]
             State::Securing(tls, deadline) => self.secure(tls, deadline, now),
-            State::Upgrading(mut mid, deadline) => {
+            State::Upgrading(mut upgrade, deadline) => {
                 if now >= deadline {
-                    self.deregister(mid.get_mut().get_mut().tcp());
+                    self.deregister(upgrade.stream.tcp());
                     self.fail(Failure::Timeout, "origin upgrade timed out");
                     return Drive::Idle;
                 }
-                self.upgraded(mid.handshake(), deadline)
+                self.upgrade(upgrade, deadline)
             }
             State::Up(live) => self.read(live, now, on_message),
             State::Closing(ws, at) => {
@@ -533,7 +533,7 @@ impl OriginLink {
                 if slow {
                     thread::sleep(Duration::from_secs(30));
                 }
-                let addrs = (target.host.as_str(), target.port)
+                let addrs = (target.url.host.as_str(), target.url.port)
                     .to_socket_addrs()
                     .map(Iterator::collect);
                 let _ = tx.send(addrs);
@@ -541,7 +541,7 @@ impl OriginLink {
             });
         match spawned {
             Ok(thread) => {
-                debug!("{}: resolving {}", self.lobby, self.target.host);
+                debug!("{}: resolving {}", self.lobby, self.target.url.host);
                 self.state = State::Resolving(Box::new(Lookup { answer, thread }), deadline);
             }
             Err(e) => self.fail(
@@ -630,7 +630,7 @@ impl OriginLink {
         }
         #[cfg(feature = "tls")]
         if let Some(config) = &self.target.tls {
-            let name = match rustls::pki_types::ServerName::try_from(self.target.host.clone()) {
+            let name = match rustls::pki_types::ServerName::try_from(self.target.url.host.clone()) {
                 Ok(name) => name,
                 Err(e) => {
                     self.deregister(&mut tcp);
@@ -650,7 +650,7 @@ impl OriginLink {
                 }
             };
         }
-        self.upgrade(OriginStream::Plain(tcp), deadline)
+        self.upgrade_on(OriginStream::Plain(tcp), deadline)
     }
 
     /// Advances the TLS handshake, then starts the upgrade.
@@ -682,69 +682,119 @@ impl OriginLink {
             self.state = State::Securing(tls, deadline);
             return Drive::Idle;
         }
-        self.upgrade(OriginStream::Tls(tls), deadline)
+        self.upgrade_on(OriginStream::Tls(tls), deadline)
     }
 
-    fn upgrade(&mut self, stream: OriginStream, deadline: Instant) -> Drive {
-        let request = self.target.request.clone();
-        let result = client_with_config(request, stream, Some(self.target.ws_config));
-        self.upgraded(result, deadline)
+    /// Starts the upgrade on a connected (and secured) stream.
+    fn upgrade_on(&mut self, stream: OriginStream, deadline: Instant) -> Drive {
+        let key = handshake::nonce([self.rng.next_u64(), self.rng.next_u64()]);
+        let target = &self.target;
+        let request = handshake::request(&target.url, &key, &target.headers, &target.protocols);
+        let upgrade = Upgrade {
+            stream,
+            key,
+            request,
+            sent: 0,
+            response: Vec::new(),
+        };
+        self.upgrade(Box::new(upgrade), deadline)
     }
 
-    fn upgraded(
-        &mut self,
-        result: std::result::Result<
-            (Ws, tungstenite::handshake::client::Response),
-            HandshakeError<ClientHandshake<OriginStream>>,
-        >,
-        deadline: Instant,
-    ) -> Drive {
-        match result {
-            Ok((mut ws, _response)) => {
-                info!("{}: origin connected ({})", self.lobby, self.target.uri);
-                bump(&self.stats.origin_connected);
-                self.stats.origin_connections.fetch_add(1, Relaxed);
-                // Init messages go out first, in order, then what clients sent meanwhile.
-                let init = self.target.init.iter().map(|t| Message::text(t.as_str()));
-                for message in init.chain(self.outbox.drain()) {
-                    if let Err(e) = ws.write(message) {
-                        if !is_would_block(&e) {
-                            warn!("{}: cannot queue a message for the origin: {e}", self.lobby);
-                        }
-                    }
-                }
-                if let Err(e) = ws.flush() {
-                    if !is_would_block(&e) {
-                        debug!("{}: flushing init messages: {e}", self.lobby);
-                    }
-                }
-                let now = Instant::now();
-                self.state = State::Up(Box::new(Live {
-                    ws,
-                    since: now,
-                    got_message: false,
-                    last_rx: now,
-                    next_ping: now + self.target.ping,
-                }));
-                // Data may have arrived with the upgrade response.
-                Drive::More
-            }
-            Err(HandshakeError::Interrupted(mid)) => {
-                self.state = State::Upgrading(Box::new(mid), deadline);
+    /// Advances the upgrade: sends the request, reads the response, and
+    /// once the origin accepted, goes up with what followed the response.
+    fn upgrade(&mut self, mut upgrade: Box<Upgrade>, deadline: Instant) -> Drive {
+        match self.exchange(&mut upgrade) {
+            Ok(None) => {
+                self.state = State::Upgrading(upgrade, deadline);
                 Drive::Idle
             }
-            Err(HandshakeError::Failure(e)) => {
-                // The socket went down with the failed handshake; closing it deregisters it.
-                let why = match e {
-                    tungstenite::Error::Http(response) => {
-                        format!("origin refused the upgrade with HTTP {}", response.status())
-                    }
-                    e => format!("origin upgrade failed: {e}"),
-                };
+            Ok(Some(consumed)) => {
+                let Upgrade {
+                    stream, response, ..
+                } = *upgrade;
+                let data = response[consumed..].to_vec();
+                let config = Some(self.target.ws_config);
+                self.up(WebSocket::from_partially_read(
+                    stream,
+                    data,
+                    Role::Client,
+                    config,
+                ))
+            }
+            Err(why) => {
+                self.deregister(upgrade.stream.tcp());
                 self.fail(Failure::Upgrade, &why);
                 Drive::Idle
             }
         }
+    }
+
+    /// The upgrade's I/O, as far as the socket allows: `Ok(None)` to wait
+    /// for readiness, `Ok(Some(n))` once the origin accepted in the first
+    /// `n` bytes of its response.
+    fn exchange(&self, upgrade: &mut Upgrade) -> std::result::Result<Option<usize>, String> {
+        let would_block = |e: &io::Error| e.kind() == io::ErrorKind::WouldBlock;
+        while upgrade.sent < upgrade.request.len() {
+            match upgrade.stream.write(&upgrade.request[upgrade.sent..]) {
+                Ok(0) => return Err("origin closed the connection during the upgrade".to_owned()),
+                Ok(n) => upgrade.sent += n,
+                Err(e) if would_block(&e) => return Ok(None),
+                Err(e) => return Err(format!("sending the upgrade request failed: {e}")),
+            }
+        }
+        match upgrade.stream.flush() {
+            Err(e) if would_block(&e) => return Ok(None),
+            Err(e) => return Err(format!("sending the upgrade request failed: {e}")),
+            Ok(()) => {}
+        }
+        let mut chunk = [0; 4096];
+        loop {
+            let room = handshake::MAX_RESPONSE - upgrade.response.len();
+            let n = match upgrade.stream.read(&mut chunk[..room.min(4096)]) {
+                Ok(0) => return Err("origin closed the connection during the upgrade".to_owned()),
+                Ok(n) => n,
+                Err(e) if would_block(&e) => return Ok(None),
+                Err(e) => return Err(format!("reading the upgrade response failed: {e}")),
+            };
+            upgrade.response.extend_from_slice(&chunk[..n]);
+            let answer =
+                handshake::check_response(&upgrade.response, &upgrade.key, &self.target.protocols)?;
+            if answer.is_some() {
+                return Ok(answer);
+            }
+        }
+    }
+
+    /// The upgrade succeeded: sends the init messages and what clients sent
+    /// meanwhile, and goes up.
+    fn up(&mut self, mut ws: Ws) -> Drive {
+        info!("{}: origin connected ({})", self.lobby, self.target.url);
+        bump(&self.stats.origin_connected);
+        self.stats.origin_connections.fetch_add(1, Relaxed);
+        // Init messages go out first, in order, then what clients sent meanwhile.
+        let init = self.target.init.iter().map(|t| Message::text(t.as_str()));
+        for message in init.chain(self.outbox.drain()) {
+            if let Err(e) = ws.write(message) {
+                if !is_would_block(&e) {
+                    warn!("{}: cannot queue a message for the origin: {e}", self.lobby);
+                }
+            }
+        }
+        if let Err(e) = ws.flush() {
+            if !is_would_block(&e) {
+                debug!("{}: flushing init messages: {e}", self.lobby);
+            }
+        }
+        let now = Instant::now();
+        self.state = State::Up(Box::new(Live {
+            ws,
+            since: now,
+            got_message: false,
+            last_rx: now,
+            next_ping: now + self.target.ping,
+        }));
+        // Data may have arrived with the upgrade response.
+        Drive::More
     }
 
     fn read(
