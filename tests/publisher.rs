@@ -87,18 +87,7 @@ fn a_thousand_clients_get_every_message_once_and_in_order() {
             }
         });
     });
-    for (i, client) in clients.iter_mut().enumerate() {
-        let mut got = recv_text(client);
-        while got == "warm" {
-            got = recv_text(client);
-        }
-        for n in 1..=N {
-            assert_eq!(got, n.to_string(), "client {i}");
-            if n < N {
-                got = recv_text(client);
-            }
-        }
-    }
+    expect_numbered(&mut clients, N);
     let stats = gw.stats();
     assert_eq!(stats.frames_dropped, 0);
     assert_eq!(stats.origin_gaps, 0);
@@ -178,11 +167,7 @@ fn messages_published_before_start_or_after_stop_reach_nobody() {
     });
     warm_up(&gw, &publisher, 1);
     publisher.publish_text("on time");
-    let mut got = recv_text(&mut client);
-    while got == "warm" {
-        got = recv_text(&mut client);
-    }
-    assert_eq!(got, "on time");
+    assert_eq!(recv_past_warm(&mut client), "on time");
     gw.shutdown();
     let last = gw.join();
     publisher.publish_text("too late");
@@ -286,11 +271,7 @@ fn the_publishers_route_serves_beside_routes_and_outlives_a_reload() {
     wait_until("the origin of /b connected", || b.open() == 1);
     publisher.publish_text("published");
     b.send(tungstenite::Message::text("from b"));
-    let mut got = recv_text(&mut at_root);
-    while got == "warm" {
-        got = recv_text(&mut at_root);
-    }
-    assert_eq!(got, "published");
+    assert_eq!(recv_past_warm(&mut at_root), "published");
     assert_eq!(recv_text(&mut at_b), "from b");
 
     // A reload (which removes /b) keeps the publisher's route and its client.

@@ -88,18 +88,7 @@ fn five_hundred_clients_over_three_lobbies_get_every_message_in_order() {
             });
         }
     }
-    for (i, client) in clients.iter_mut().enumerate() {
-        let mut got = recv_text(client);
-        while got == "warm" {
-            got = recv_text(client);
-        }
-        for n in 1..=N {
-            assert_eq!(got, n.to_string(), "client {i}");
-            if n < N {
-                got = recv_text(client);
-            }
-        }
-    }
+    expect_numbered(&mut clients, N);
     let stats = gw.stats();
     assert_eq!(stats.frames_dropped, 0);
     assert_eq!(stats.origin_failures(), 0);
@@ -133,11 +122,7 @@ fn lobbies_reconnect_when_redis_restarts_and_clients_stay() {
     });
     redis.publish(&mut con, "feed", "after");
     for c in &mut clients {
-        let mut got = recv_text(c);
-        while got == "warm" {
-            got = recv_text(c);
-        }
-        assert_eq!(got, "after");
+        assert_eq!(recv_past_warm(c), "after");
     }
     let stats = gw.stats();
     assert!(stats.origin_lost >= 1, "{stats:?}");
@@ -169,11 +154,7 @@ fn killed_subscriptions_are_replaced_with_backoff() {
     }
     redis.publish(&mut con, "feed", "after");
     for c in &mut clients {
-        let mut got = recv_text(c);
-        while got == "warm" {
-            got = recv_text(c);
-        }
-        assert_eq!(got, "after");
+        assert_eq!(recv_past_warm(c), "after");
     }
     let stats = gw.stats();
     assert_eq!(stats.origin_lost, 6, "{stats:?}");
@@ -324,15 +305,9 @@ fn a_stream_trimmed_past_a_lobbys_position_is_a_counted_gap() {
     wait_until("the gap counted", || gw.stats().origin_gaps == 15);
     wait_until("the lobby back", || gw.stats().origin_connections == 1);
     // It resumed with what the stream still held.
-    let mut got = recv_text(&mut client);
-    while got == "warm" {
-        got = recv_text(&mut client);
-    }
-    for n in 16..=20 {
-        assert_eq!(got, n.to_string());
-        if n < 20 {
-            got = recv_text(&mut client);
-        }
+    assert_eq!(recv_past_warm(&mut client), "16");
+    for n in 17..=20 {
+        assert_eq!(recv_text(&mut client), n.to_string());
     }
     assert_eq!(gw.stats().origin_lost, 1);
 }
@@ -368,11 +343,7 @@ fn credentials_and_database_come_from_the_url() {
         .arg("hello")
         .exec(&mut con)
         .expect("XADD");
-    let mut got = recv_text(&mut client);
-    while got == "warm" {
-        got = recv_text(&mut client);
-    }
-    assert_eq!(got, "hello");
+    assert_eq!(recv_past_warm(&mut client), "hello");
 
     // A wrong password is a refusal, counted and retried.
     let bad = start_gateway(redis_config(&format!(
@@ -465,18 +436,7 @@ fn two_gateway_processes_on_one_channel_each_give_every_client_every_message() {
         assert_eq!(redis.publish(&mut con, "ticks", &n.to_string()), 2);
         thread::sleep(Duration::from_millis(2));
     }
-    for (i, c) in clients.iter_mut().enumerate() {
-        let mut got = recv_text(c);
-        while got == "warm" {
-            got = recv_text(c);
-        }
-        for n in 1..=N {
-            assert_eq!(got, n.to_string(), "client {i}");
-            if n < N {
-                got = recv_text(c);
-            }
-        }
-    }
+    expect_numbered(&mut clients, N);
 }
 
 #[test]

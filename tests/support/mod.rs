@@ -101,6 +101,28 @@ pub fn recv_text(ws: &mut Client) -> String {
     }
 }
 
+/// The next message that is not a `"warm"` one (what tests publish until
+/// their lobbies are up).
+#[track_caller]
+pub fn recv_past_warm(ws: &mut Client) -> String {
+    let mut got = recv_text(ws);
+    while got == "warm" {
+        got = recv_text(ws);
+    }
+    got
+}
+
+/// Each client, past its warm-up messages, receives `"1"` to `"n"` in order.
+#[track_caller]
+pub fn expect_numbered(clients: &mut [Client], n: u64) {
+    for (i, client) in clients.iter_mut().enumerate() {
+        assert_eq!(recv_past_warm(client), "1", "client {i}");
+        for k in 2..=n {
+            assert_eq!(recv_text(client), k.to_string(), "client {i}");
+        }
+    }
+}
+
 /// Reads until the gateway closes the connection; returns its close frame.
 #[track_caller]
 pub fn recv_close(ws: &mut Client) -> Option<CloseFrame> {
