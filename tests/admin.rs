@@ -672,38 +672,3 @@ fn value_of<'a>(html: &'a str, id: &str) -> &'a str {
     let tag_start = html[..at].rfind('<').unwrap_or(0);
     attr(&html[tag_start..tag_end], "data-value")
 }
-
-/// A client whose socket receive buffer is 16 KiB (no autotuning).
-fn small_buffer_client(addr: SocketAddr) -> Client {
-    let socket =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    socket.set_recv_buffer_size(16 * 1024).expect("SO_RCVBUF");
-    socket.connect(&addr.into()).expect("connect");
-    let stream: TcpStream = socket.into();
-    stream
-        .set_read_timeout(Some(DEADLINE))
-        .expect("read timeout");
-    let (ws, _) = tungstenite::client(format!("ws://{addr}/"), stream).expect("upgrade");
-    ws
-}
-
-/// A binary message of `size` bytes that starts with `n` in 8 digits.
-fn numbered(n: u64, size: usize) -> Message {
-    let mut payload = format!("{n:08}").into_bytes();
-    payload.resize(size, b'.');
-    Message::binary(payload)
-}
-
-/// Reads `client` until message `last`; the numbers received, in order.
-fn read_until(mut client: Client, last: u64) -> Vec<u64> {
-    let mut got = Vec::new();
-    while got.last() != Some(&last) {
-        let data = client.read().expect("read").into_data();
-        let n = std::str::from_utf8(&data[..8])
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .expect("a numbered message");
-        got.push(n);
-    }
-    got
-}

@@ -263,39 +263,3 @@ fn clients_survive_an_origin_restart() {
     }
     assert!(gw.stats().origin_lost >= 1);
 }
-
-/// A client whose socket receive buffer is 16 KiB (no autotuning).
-fn small_buffer_client(addr: std::net::SocketAddr) -> Client {
-    let socket =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    socket.set_recv_buffer_size(16 * 1024).expect("SO_RCVBUF");
-    socket.connect(&addr.into()).expect("connect");
-    let stream: std::net::TcpStream = socket.into();
-    stream
-        .set_read_timeout(Some(DEADLINE))
-        .expect("read timeout");
-    let (ws, _) = tungstenite::client(format!("ws://{addr}/"), stream).expect("upgrade");
-    ws
-}
-
-/// A binary message of `size` bytes that starts with `n` in 8 digits.
-fn numbered(n: u64, size: usize) -> Message {
-    let mut payload = format!("{n:08}").into_bytes();
-    payload.resize(size, b'.');
-    Message::binary(payload)
-}
-
-/// The number a [`numbered`] message carries.
-fn number(message: Message) -> u64 {
-    let data = message.into_data();
-    std::str::from_utf8(&data[..8]).unwrap().parse().unwrap()
-}
-
-/// Reads `client` until message `last`; the numbers received, in order.
-fn read_until(mut client: Client, last: u64) -> Vec<u64> {
-    let mut got = Vec::new();
-    while got.last() != Some(&last) {
-        got.push(number(client.read().expect("read")));
-    }
-    got
-}
