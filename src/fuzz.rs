@@ -1,6 +1,7 @@
 //! Fuzzing entry points. **Not API**: this module exists only for the fuzz
-//! targets in `fuzz/` and the seed replay in `tests/fuzz_corpus.rs`; it is
-//! hidden from the docs, exempt from semver, and may change at any time.
+//! targets in `fuzz/` and the seed replay in `tests/fuzz_corpus.rs`, and is
+//! built only with the `fuzzing` feature (and for the crate's own tests); it
+//! is hidden from the docs, exempt from semver, and may change at any time.
 //!
 //! Each function runs a crate-private parser over arbitrary bytes and panics
 //! when one of the parser's invariants breaks, which a fuzzer reports as a

@@ -167,7 +167,9 @@ pub(crate) struct Endpoint {
 }
 
 impl Endpoint {
-    /// An endpoint at `path` with no subprotocols and no query key.
+    /// An endpoint at `path` with no subprotocols and no query key (the
+    /// fuzz harness's and the tests').
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn plain(route: RouteId, path: &str) -> Endpoint {
         Endpoint {
             route,

@@ -116,6 +116,7 @@ mod error;
 #[doc(hidden)]
 pub mod fault;
 mod frame;
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzz;
 mod gateway;
