@@ -18,8 +18,12 @@
 //! - [`upgrade_request`]: the HTTP upgrade parser. It must not panic; its
 //!   answers must be well-formed HTTP responses; and once a prefix of the
 //!   request gets a verdict, every longer prefix gets the same one.
+//! - [`origin_response`]: the check of an origin's answer to the gateway's
+//!   own upgrade request. It must not panic; once a prefix of the response
+//!   gets a verdict, every longer prefix gets the same one; an acceptance
+//!   ends where the response head ends.
 //!
-//! The property tests in `frame.rs` and `http.rs` drive the same checks from
+//! The property tests in `frame.rs`, `http.rs` and `source/websocket/handshake.rs` drive the same checks from
 //! generated inputs.
 
 use crate::frame::{Decoder, Event, MessageKind, OP_CLOSE, OP_PING, OP_PONG, Violation};
@@ -27,6 +31,7 @@ use crate::{
     http::{self, Endpoint, Parsed, Route},
     id::RouteId,
     rng::Rng,
+    source::websocket::check_response,
 };
 
 /// Message size limits `client_frames` picks from with its first byte.
@@ -194,6 +199,49 @@ pub fn upgrade_request(data: &[u8]) {
         max_bytes: MAX_REQUEST[usize::from(knobs & 7)],
     };
     check_upgrade(request, &route);
+}
+
+/// The nonce the [`origin_response`] seeds answer (RFC 6455's example; its
+/// accept key is `s3pPLMBiTxaQ9kYGzzhZRbK+xOo=`).
+const ORIGIN_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+/// Checks `data[1..]` as an origin's answer to an upgrade request with
+/// [`ORIGIN_KEY`], checking the check's invariants.
+///
+/// `data[0]` picks the subprotocols offered (low 2 bits: none, `v1`, or
+/// `v1` and `v2`). Prefixes are checked at up to 64 cuts and at every byte
+/// of the last 8: a prefix's verdict, once it has one, is the whole
+/// response's.
+pub fn origin_response(data: &[u8]) {
+    let Some((&knobs, response)) = data.split_first() else {
+        return;
+    };
+    let offered: &[String] = &[String::from("v1"), String::from("v2")];
+    let offered = &offered[..usize::from(knobs & 3).min(2)];
+    let whole = check_response(response, ORIGIN_KEY, offered);
+    if let Ok(Some(consumed)) = whole {
+        assert!(
+            consumed <= response.len(),
+            "{consumed} > {}",
+            response.len()
+        );
+        assert!(
+            response[..consumed].ends_with(b"\n"),
+            "accepted at {consumed} of {} bytes",
+            response.len()
+        );
+    }
+    let step = (response.len() / 64).max(1);
+    let tail = response.len().saturating_sub(8);
+    let cuts = (0..response.len())
+        .step_by(step)
+        .chain(tail..response.len());
+    for cut in cuts {
+        let part = check_response(&response[..cut], ORIGIN_KEY, offered);
+        if part != Ok(None) {
+            assert_eq!(part, whole, "a prefix of {cut} of {} bytes", response.len());
+        }
+    }
 }
 
 /// One decoder event, owned.

@@ -55,3 +55,8 @@ fn client_messages_seeds() {
 fn upgrade_request_seeds() {
     replay("upgrade_request", wsgate::fuzz::upgrade_request);
 }
+
+#[test]
+fn origin_response_seeds() {
+    replay("origin_response", wsgate::fuzz::origin_response);
+}

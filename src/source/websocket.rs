@@ -69,6 +69,8 @@ const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 mod handshake;
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) use handshake::check_response;
 pub(crate) use handshake::{OriginUrl, is_authority, is_header_name, is_header_value};
 
 /// Where the origin is and how to talk to it: built once from the
