@@ -73,13 +73,7 @@ impl OriginUrl {
         }
         let (host, port) = split_host_port(authority)?;
         let default_port = if secure { 443 } else { 80 };
-        let port = match port {
-            None => default_port,
-            Some(p) => match p.parse::<u16>() {
-                Ok(p) if p > 0 => p,
-                _ => return Err("has an invalid port"),
-            },
-        };
+        let port = port.unwrap_or(default_port);
         let bracketed = if host.contains(':') {
             format!("[{host}]")
         } else {
@@ -115,12 +109,12 @@ impl fmt::Display for OriginUrl {
 /// Whether `authority` is `host[:port]` (an IPv6 address in brackets), as
 /// in a URL or a browser origin.
 pub(crate) fn is_authority(authority: &str) -> bool {
-    split_host_port(authority).is_ok_and(|(_, port)| port.is_none_or(|p| p.parse::<u16>().is_ok()))
+    split_host_port(authority).is_ok()
 }
 
-/// The host and the port as written (`None` when absent) of an authority
-/// without credentials.
-fn split_host_port(authority: &str) -> Result<(&str, Option<&str>), &'static str> {
+/// The host and the port (`None` when absent) of an authority without
+/// credentials.
+fn split_host_port(authority: &str) -> Result<(&str, Option<u16>), &'static str> {
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
         let Some((host, after)) = v6.split_once(']') else {
             return Err("has an unclosed IPv6 address");
@@ -148,9 +142,15 @@ fn split_host_port(authority: &str) -> Result<(&str, Option<&str>), &'static str
     if !authority.starts_with('[') && !host.bytes().all(name_byte) {
         return Err("has an invalid host");
     }
-    if port.is_some_and(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit())) {
-        return Err("has an invalid port");
-    }
+    let port = match port {
+        None => None,
+        // Digits only: u16's parser would take a sign.
+        Some(p) if p.bytes().all(|b| b.is_ascii_digit()) => match p.parse::<u16>() {
+            Ok(n) if n > 0 => Some(n),
+            _ => return Err("has an invalid port"),
+        },
+        Some(_) => return Err("has an invalid port"),
+    };
     Ok((host, port))
 }
 
