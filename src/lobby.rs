@@ -330,8 +330,7 @@ impl Lobby {
     /// reconnects, perhaps to another gateway. The close frame goes through
     /// each member's queue, after what it already holds.
     fn close_members(&mut self, reason: &str) {
-        let count =
-            self.fanout.members.len() + self.fanout.catching_up.len() + self.fanout.adopting.len();
+        let count = self.fanout.len();
         if count == 0 {
             return;
         }
@@ -349,6 +348,7 @@ impl Lobby {
             fanout.touched[member.writer] = true;
         }
         fanout.wake_writers();
+        fanout.publish_len();
         self.origin.stop("no clients");
     }
 
@@ -383,6 +383,7 @@ impl Lobby {
                 Err(TryRecvError::Empty) => break,
             }
         }
+        self.fanout.publish_len();
         // What is queued now, no more: the inbox gets its turn again first.
         for _ in 0..self.forwards.len() {
             let Ok(Forwarded { kind, payload }) = self.forwards.try_recv() else {
@@ -446,7 +447,17 @@ struct Fanout {
 
 impl Fanout {
     fn is_empty(&self) -> bool {
-        self.members.is_empty() && self.catching_up.is_empty() && self.adopting.is_empty()
+        self.len() == 0
+    }
+
+    /// The clients this lobby holds: live, catching up, or moving in.
+    fn len(&self) -> usize {
+        self.members.len() + self.catching_up.len() + self.adopting.len()
+    }
+
+    /// Publishes [`Fanout::len`] for the lobby listing.
+    fn publish_len(&self) {
+        self.counters.attached.store(self.len() as u64, Relaxed);
     }
 
     /// Encodes one message once (unless its source did), queues it for

@@ -620,6 +620,7 @@ impl Manager {
                         .map_or_else(String::new, |r| r.config.path.clone()),
                     key: o.group.key.as_deref().map(str::to_owned),
                     clients: o.members,
+                    attached: counters.attached.load(Relaxed) as usize,
                     origin: handle.origin_state(),
                     origin_since: Duration::from_millis(now.saturating_sub(since)),
                     messages_in: counters.messages_in.load(Relaxed),

@@ -184,6 +184,8 @@ pub(crate) struct LobbyCounters {
     pub origin_seen: AtomicU8,
     /// Since when the origin has been in that state, in epoch millis.
     pub origin_since: AtomicU64,
+    /// Clients the lobby thread holds, as it last counted after its inbox.
+    pub attached: AtomicU64,
 }
 
 impl LobbyCounters {
@@ -368,6 +370,9 @@ pub struct LobbyInfo {
     pub key: Option<String>,
     /// Clients placed in the lobby.
     pub clients: usize,
+    /// Clients the lobby itself holds; trails [`LobbyInfo::clients`] for
+    /// the moment a placed client is on its way in (or a leaving one out).
+    pub attached: usize,
     /// Where the lobby's origin connection stands.
     pub origin: OriginState,
     /// How long the origin connection has been in that state.

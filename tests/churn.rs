@@ -67,6 +67,8 @@ fn after_churn_lobbies_settle_dense_and_threads_match() {
         placed == n
             && (fewest..=most).contains(&lobbies.len())
             && lobbies.iter().all(|l| l.clients > 0)
+            // Each lobby thread holds exactly the clients the manager placed in it.
+            && lobbies.iter().all(|l| l.attached == l.clients)
             && lobby_threads() == lobbies.len()
             && origin.open() == lobbies.len()
     });

@@ -141,15 +141,16 @@ pub fn wait_clients(gw: &GatewayHandle, n: u64) {
     wait_until(&format!("{n} clients"), || gw.stats().clients == n);
 }
 
-/// Waits until the manager has placed at least `n` clients in lobbies (an
-/// upgrade completes just before its client is placed). Once placed, a client
-/// gets every message the origin sends afterwards.
+/// Waits until at least `n` clients are placed in lobbies and held by them:
+/// an upgrade completes just before the manager places its client, and the
+/// lobby takes it in a moment later. Once held, a client gets every message
+/// the origin sends afterwards.
 #[track_caller]
 pub fn wait_placed(gw: &GatewayHandle, n: usize) {
     wait_until(&format!("{n} clients placed"), || {
         gw.lobbies(DEADLINE)
             .iter()
-            .map(|l| l.clients)
+            .map(|l| l.clients.min(l.attached))
             .sum::<usize>()
             >= n
     });
