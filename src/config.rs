@@ -17,7 +17,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     error::{Error, Result},
-    source::websocket::{is_authority, is_header_name, is_header_value},
+    source::{
+        is_authority,
+        websocket::{is_header_name, is_header_value},
+    },
 };
 
 /// Gateway configuration. Start from [`Config::default`] and change what you need.

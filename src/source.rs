@@ -21,7 +21,11 @@
 //!   [`Publisher`].
 //!
 //! A source runs on its lobby's thread and owns its connection; it never
-//! touches a client, a queue or the history. What it hands over is a
+//! touches a client, a queue or the history.
+//!
+//! The source URLs share one authority grammar, `host[:port]`
+//! ([`split_host_port`]), which config validation uses for browser origins
+//! too. What it hands over is a
 //! [`Message`]; the lobby encodes it once (unless the source already did)
 //! and fans it out.
 
@@ -244,6 +248,55 @@ pub(crate) fn check_url(url: &str) -> Result<()> {
         #[cfg(feature = "redis")]
         Scheme::Redis => redis::RedisUrl::parse(url).map(drop),
     }
+}
+
+/// Whether `authority` is `host[:port]` (an IPv6 address in brackets), as
+/// in a URL or a browser origin.
+pub(crate) fn is_authority(authority: &str) -> bool {
+    split_host_port(authority).is_ok()
+}
+
+/// The host and the port (`None` when absent) of a source URL's authority
+/// without credentials (`ws://`, `redis://`, and browser origins too); the
+/// error says what is wrong, to follow the URL in a message.
+pub(crate) fn split_host_port(authority: &str) -> Result<(&str, Option<u16>), &'static str> {
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let Some((host, after)) = v6.split_once(']') else {
+            return Err("has an unclosed IPv6 address");
+        };
+        if host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err("has an invalid IPv6 address");
+        }
+        match after {
+            "" => (host, None),
+            _ => match after.strip_prefix(':') {
+                Some(port) => (host, Some(port)),
+                None => return Err("has an invalid port"),
+            },
+        }
+    } else {
+        match authority.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() {
+        return Err("has no host");
+    }
+    let name_byte = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_');
+    if !authority.starts_with('[') && !host.bytes().all(name_byte) {
+        return Err("has an invalid host");
+    }
+    let port = match port {
+        None => None,
+        // Digits only: u16's parser would take a sign.
+        Some(p) if p.bytes().all(|b| b.is_ascii_digit()) => match p.parse::<u16>() {
+            Ok(n) if n > 0 => Some(n),
+            _ => return Err("has an invalid port"),
+        },
+        Some(_) => return Err("has an invalid port"),
+    };
+    Ok((host, port))
 }
 
 /// Publishes a source's state for the lobby listing, keeping the

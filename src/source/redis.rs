@@ -65,7 +65,9 @@ use crate::{
     frame::MessageKind,
     id::LobbyId,
     rng::Rng,
-    source::{Drive, Failure, LobbyContext, Message, Source, position, publish_state},
+    source::{
+        Drive, Failure, LobbyContext, Message, Source, position, publish_state, split_host_port,
+    },
     stats::{OriginState, bump, drop_one},
 };
 
@@ -153,26 +155,9 @@ impl RedisUrl {
                 }
             }
         };
-        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-            let Some((host, after)) = v6.split_once(']') else {
-                return bad("has a malformed IPv6 address");
-            };
-            (host, after.strip_prefix(':'))
-        } else {
-            match hostport.rsplit_once(':') {
-                Some((host, port)) => (host, Some(port)),
-                None => (hostport, None),
-            }
-        };
-        if host.is_empty() || host.contains(char::is_whitespace) {
-            return bad("has no host");
-        }
-        let port = match port {
-            None => 6379,
-            Some(port) => match port.parse::<u16>() {
-                Ok(port) if port > 0 => port,
-                _ => return bad("has a bad port"),
-            },
+        let (host, port) = match split_host_port(hostport) {
+            Ok((host, port)) => (host, port.unwrap_or(6379)),
+            Err(why) => return bad(why),
         };
         let (db, name) = match path.split_once('/') {
             Some((db, name)) if !db.is_empty() && db.bytes().all(|b| b.is_ascii_digit()) => {

@@ -71,7 +71,7 @@ mod handshake;
 
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) use handshake::check_response;
-pub(crate) use handshake::{OriginUrl, is_authority, is_header_name, is_header_value};
+pub(crate) use handshake::{OriginUrl, is_header_name, is_header_value};
 
 /// Where the origin is and how to talk to it: built once from the
 /// configuration, shared by every lobby.

@@ -10,9 +10,12 @@
 //! tungstenite's client handshake keeps the `http` crate (its types and
 //! header tables) out of the binary, and every refusal gets its own reason.
 
-use std::{fmt, net::Ipv6Addr};
+use std::fmt;
 
-use crate::http::{accept_key, base64};
+use crate::{
+    http::{accept_key, base64},
+    source::split_host_port,
+};
 
 /// Most response headers read; an origin that sends more is refused.
 const MAX_HEADERS: usize = 64;
@@ -104,54 +107,6 @@ impl fmt::Display for OriginUrl {
         let scheme = if self.secure { "wss" } else { "ws" };
         write!(f, "{scheme}://{}{}", self.authority, self.target)
     }
-}
-
-/// Whether `authority` is `host[:port]` (an IPv6 address in brackets), as
-/// in a URL or a browser origin.
-pub(crate) fn is_authority(authority: &str) -> bool {
-    split_host_port(authority).is_ok()
-}
-
-/// The host and the port (`None` when absent) of an authority without
-/// credentials.
-fn split_host_port(authority: &str) -> Result<(&str, Option<u16>), &'static str> {
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let Some((host, after)) = v6.split_once(']') else {
-            return Err("has an unclosed IPv6 address");
-        };
-        if host.parse::<Ipv6Addr>().is_err() {
-            return Err("has an invalid IPv6 address");
-        }
-        match after {
-            "" => (host, None),
-            _ => match after.strip_prefix(':') {
-                Some(port) => (host, Some(port)),
-                None => return Err("has an invalid port"),
-            },
-        }
-    } else {
-        match authority.split_once(':') {
-            Some((host, port)) => (host, Some(port)),
-            None => (authority, None),
-        }
-    };
-    if host.is_empty() {
-        return Err("has no host");
-    }
-    let name_byte = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_');
-    if !authority.starts_with('[') && !host.bytes().all(name_byte) {
-        return Err("has an invalid host");
-    }
-    let port = match port {
-        None => None,
-        // Digits only: u16's parser would take a sign.
-        Some(p) if p.bytes().all(|b| b.is_ascii_digit()) => match p.parse::<u16>() {
-            Ok(n) if n > 0 => Some(n),
-            _ => return Err("has an invalid port"),
-        },
-        Some(_) => return Err("has an invalid port"),
-    };
-    Ok((host, port))
 }
 
 /// Whether `name` may be configured as an origin request header: an HTTP
