@@ -93,6 +93,8 @@ pub(crate) struct IoCtx {
     pub dropped: u64,
     /// Bytes written since the counts were last published.
     pub bytes: u64,
+    /// Writes that wrote something since the counts were last published.
+    pub writes: u64,
     /// Delivery latency samples since the counts were last published.
     pub latency: LatencySampler,
     pub stats: Arc<Stats>,
@@ -665,6 +667,7 @@ impl Conn {
             }
             Ok(n) => {
                 io.bytes += n as u64;
+                io.writes += 1;
                 (n, Progress::Partial)
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => (0, Progress::Blocked),
@@ -710,6 +713,7 @@ impl Conn {
             }
             Ok(n) => {
                 io.bytes += n as u64;
+                io.writes += 1;
                 n
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Progress::Blocked),
@@ -817,6 +821,7 @@ mod tests {
             delivered_deflated: 0,
             dropped: 0,
             bytes: 0,
+            writes: 0,
             latency: LatencySampler::default(),
             stats,
             policy: Policy::new(&config),

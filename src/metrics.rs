@@ -266,6 +266,12 @@ impl Collector for GatewayCollector {
             &Unit::Bytes,
             s.bytes_sent,
         )?;
+        out.counter(
+            "client_writes",
+            "Writes to client sockets that wrote something, control frames included; \
+             frames_delivered over this is how many frames a write carried",
+            s.client_writes,
+        )?;
         out.latency()?;
         out.counters_by(
             "migrations",
@@ -458,6 +464,9 @@ mod tests {
         stats
             .origin_gaps
             .store(3, std::sync::atomic::Ordering::Relaxed);
+        stats
+            .client_writes
+            .store(5, std::sync::atomic::Ordering::Relaxed);
         let text = exposition(&GatewayCollector::new(stats, None)).unwrap();
         for line in [
             "# TYPE wsgate_frames_dropped_total counter",
@@ -466,6 +475,7 @@ mod tests {
             "wsgate_origin_failures_total{cause=\"tls\"} 0",
             "wsgate_client_sent_bytes_total 1234",
             "wsgate_origin_gaps_total 3",
+            "wsgate_client_writes_total 5",
             "wsgate_origin_connections{state=\"backing_off\"} 0",
             "wsgate_clients 0",
             "wsgate_client_disconnects_total{reason=\"rate_limited\",code=\"1008\"} 0",

@@ -54,6 +54,8 @@ pub(crate) struct Stats {
     pub faults: crate::fault::Faults,
     /// Bytes written to client sockets (frames, control frames included).
     pub bytes_sent: AtomicU64,
+    /// Writes to client sockets that wrote something.
+    pub client_writes: AtomicU64,
     /// Of `frames_delivered`, the compressed ones (permessage-deflate).
     pub frames_delivered_deflated: AtomicU64,
     /// Messages lobbies compressed (once per lobby, whatever its clients).
@@ -305,6 +307,11 @@ pub struct StatsSnapshot {
     pub fatal_errors: u64,
     /// Bytes written to client sockets, control frames included.
     pub bytes_sent: u64,
+    /// Write calls to client sockets that wrote something, control frames
+    /// included. [`StatsSnapshot::frames_delivered`] over this is how many
+    /// frames a write carried: about one while writers keep up, up to the
+    /// queue depth when they are behind (see `writer.rs`).
+    pub client_writes: u64,
     /// Of [`StatsSnapshot::frames_delivered`], those sent compressed
     /// (permessage-deflate); the rest went out uncompressed.
     pub frames_delivered_compressed: u64,
@@ -478,6 +485,7 @@ impl Stats {
             thread_panics: self.thread_panics.load(Relaxed),
             fatal_errors: self.fatal_errors.load(Relaxed),
             bytes_sent: self.bytes_sent.load(Relaxed),
+            client_writes: self.client_writes.load(Relaxed),
             frames_delivered_compressed: self.frames_delivered_deflated.load(Relaxed),
             messages_compressed: self.messages_deflated.load(Relaxed),
             compress_bytes_in: self.deflate_bytes_in.load(Relaxed),

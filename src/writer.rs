@@ -11,6 +11,17 @@
 //! connections and the timers. It does not decide which lobby a client
 //! belongs to (`manager.rs`) nor encode broadcast frames (`lobby.rs`).
 //!
+//! Writes coalesce by themselves, with no timer: a client's queued frames
+//! all go out in one vectored write, so a writer that keeps up writes each
+//! frame alone the moment its wake arrives, and one that falls behind (a
+//! burst, a saturated feed) finds the frames that arrived meanwhile queued
+//! and writes them together. The batch is as large as the writer is late,
+//! up to the queue depth: with 1000 clients, 1.0 frames per write at 50
+//! messages a second, 1.6 at 200, 9.8 at 1000 and 14.5 of 16 at 2000
+//! (`wsgate_client_writes_total`; README, Performance). A window
+//! (`--write-batch`) only adds waiting on top, for operators who prefer
+//! fewer, larger writes below saturation to the lowest latency.
+//!
 //! A panic in the loop is caught: the writer's clients are closed with 1011
 //! and reported gone (their seats released, their frames counted as
 //! dropped), and the writer carries on, empty, taking new clients. Only an
@@ -183,6 +194,7 @@ pub(crate) fn spawn(
             delivered_deflated: 0,
             dropped: 0,
             bytes: 0,
+            writes: 0,
             latency: LatencySampler::default(),
             stats,
             policy: Policy::new(config),
@@ -514,6 +526,13 @@ impl Writer {
         if self.io.bytes > 0 {
             self.io.stats.bytes_sent.fetch_add(self.io.bytes, Relaxed);
             self.io.bytes = 0;
+        }
+        if self.io.writes > 0 {
+            self.io
+                .stats
+                .client_writes
+                .fetch_add(self.io.writes, Relaxed);
+            self.io.writes = 0;
         }
         if self.io.dropped > 0 {
             self.io

@@ -1,4 +1,4 @@
-//! End-to-end fan-out: order, placement, slow-client isolation, origin restarts.
+//! End-to-end fan-out: order, placement, slow-client isolation, write coalescing, origin restarts.
 
 mod support;
 
@@ -236,6 +236,62 @@ fn a_small_send_buffer_keeps_what_a_stalled_client_reads_fresh() {
     wait_until("the rest counted as dropped", || {
         gw.stats().frames_dropped == N - got.len() as u64
     });
+}
+
+#[test]
+fn a_writer_that_keeps_up_writes_each_frame_alone_and_one_behind_writes_its_backlog_together() {
+    let origin = TestOrigin::start();
+    let gw = start_gateway(test_config(&origin.url()));
+    let mut client = small_buffer_client(gw.local_addr());
+    wait_placed(&gw, 1);
+    wait_until("origin connection", || origin.open() == 1);
+
+    // Keeping up: each message is read before the next is sent, so each
+    // frame goes out whole in a write of its own, without waiting for more.
+    let calm = gw.stats();
+    for n in 1..=20 {
+        origin.send(numbered(n, 128));
+        assert_eq!(number(client.read().expect("read")), n);
+    }
+    wait_until("the calm frames counted", || {
+        gw.stats().frames_delivered == calm.frames_delivered + 20
+    });
+    assert_eq!(gw.stats().client_writes - calm.client_writes, 20);
+
+    // Behind: the client stops reading. The origin goes on until the
+    // client's socket is full and a queue's worth of frames waits for it
+    // (the queue overflowing meanwhile, drop-oldest).
+    let mut sent = 20;
+    let behind = loop {
+        assert!(sent < 20_000, "the client's socket never filled");
+        for n in sent + 1..=sent + 200 {
+            origin.send(numbered(n, 128));
+        }
+        sent += 200;
+        wait_until("the gateway to read every message", || {
+            gw.stats().messages_in == sent
+        });
+        let s = gw.stats();
+        if s.frames_delivered + s.frames_dropped + 16 <= sent {
+            break s;
+        }
+    };
+    let got = read_until(client, sent);
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "out of order: {got:?}");
+    wait_until("every frame delivered or dropped", || {
+        let s = gw.stats();
+        s.frames_delivered + s.frames_dropped == sent
+    });
+    let after = gw.stats();
+    let frames = after.frames_delivered - behind.frames_delivered;
+    let writes = after.client_writes - behind.client_writes;
+    // The backlog (a full queue, 16 frames) goes out in a few vectored
+    // writes once the socket has room, not in one write each.
+    assert!(frames >= 16, "{frames} frames were queued");
+    assert!(
+        writes * 4 <= frames,
+        "{frames} queued frames took {writes} writes"
+    );
 }
 
 #[test]
