@@ -46,7 +46,7 @@ pub struct Scenario {
 }
 
 /// Every scenario, in the order they run.
-pub const ALL: [Scenario; 9] = [
+pub const ALL: [Scenario; 10] = [
     // 10 000 msg/s to 1000 clients offers 10M deliveries/s, several times what
     // this machine kind can write: the relay is saturated, while a relay that
     // keeps up with its origin link can still keep latency low.
@@ -78,6 +78,21 @@ pub const ALL: [Scenario; 9] = [
         size: 128,
         slow: 0,
         wsgate_args: &["--write-batch-ms", "10"],
+        ticks: false,
+        deflate: false,
+    },
+    // The steady feed's rate in bursts of 16 back to back (12.5 a second):
+    // wsgate's writes coalesce by themselves while it is behind.
+    Scenario {
+        name: "burst",
+        clients: 1000,
+        rate: Rate::Bursts {
+            per_second: 200,
+            burst: 16,
+        },
+        size: 128,
+        slow: 0,
+        wsgate_args: &[],
         ticks: false,
         deflate: false,
     },
@@ -168,6 +183,10 @@ impl Scenario {
         match self.rate {
             Rate::Paused => format!("{} idle clients, origin paused", self.clients),
             Rate::PerSecond(r) => format!("{} clients x {r} msg/s x {size}", self.clients),
+            Rate::Bursts { per_second, burst } => format!(
+                "{} clients x {per_second} msg/s in bursts of {burst} x {size}",
+                self.clients
+            ),
             Rate::Saturated => format!(
                 "{} clients, {size} messages, origin as fast as the relay reads",
                 self.clients

@@ -3,8 +3,8 @@
 //!
 //! One process, threads and mio only, playing up to three roles at once:
 //! - origin (`--origin-listen`): a WebSocket server the gateway's lobbies
-//!   connect to, broadcasting `--rate` msgs/s of `--size` bytes carrying
-//!   `seq` and `sent_unix_ns` (see `origin.rs`);
+//!   connect to, broadcasting `--rate` msgs/s (`--burst` at a time) of
+//!   `--size` bytes carrying `seq` and `sent_unix_ns` (see `origin.rs`);
 //! - clients (`--url`, `--clients`): WebSocket clients over `--threads` mio
 //!   threads measuring deliveries, gaps, duplicates and latency (see
 //!   `client.rs`);
@@ -76,6 +76,10 @@ struct Args {
     /// origin messages per second, 0 = as fast as upstreams accept (default 200)
     #[argh(option, default = "200")]
     rate: u64,
+    /// the origin releases its rate this many messages at a time, back to
+    /// back, every burst/rate seconds (default 1: smooth)
+    #[argh(option, default = "1")]
+    burst: u64,
     /// origin message size in bytes, at least 16 (default 128)
     #[argh(option, default = "128")]
     size: usize,
@@ -221,6 +225,10 @@ fn run(args: &Args) -> Result<String, String> {
             let rate = match args.rate {
                 _ if args.idle => origin::Rate::Paused,
                 0 => origin::Rate::Saturated,
+                rate if args.burst > 1 => origin::Rate::Bursts {
+                    per_second: rate,
+                    burst: args.burst,
+                },
                 rate => origin::Rate::PerSecond(rate),
             };
             let started = if args.ticks {
@@ -337,6 +345,8 @@ fn describe_rate(args: &Args) -> String {
         "paused (--idle)".to_string()
     } else if args.rate == 0 {
         "saturated".to_string()
+    } else if args.burst > 1 {
+        format!("{}/s in bursts of {}", args.rate, args.burst)
     } else {
         format!("{}/s", args.rate)
     }
@@ -375,6 +385,9 @@ fn summary(
             let _ = write!(s, " rate=max({:.0}/s)", published as f64 / secs);
         } else {
             let _ = write!(s, " rate={}/s", args.rate);
+            if args.burst > 1 {
+                let _ = write!(s, " burst={}", args.burst);
+            }
         }
         let _ = write!(s, " size={}B", args.size);
     }

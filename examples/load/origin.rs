@@ -9,7 +9,8 @@
 //!
 //! Pacing: with [`Rate::PerSecond`] a 1 ms ticker generates the messages due
 //! so far, so 200 msg/s is smooth rather than bursts of 200; messages are
-//! generated even while no upstream is connected (a live feed). With
+//! generated even while no upstream is connected (a live feed).
+//! [`Rate::Bursts`] releases what is due a whole burst at a time. With
 //! [`Rate::Saturated`] messages are generated whenever every upstream link
 //! has drained below a low watermark, i.e. as fast as the links accept them
 //! (only while at least one upstream is connected). [`Rate::Paused`] only
@@ -73,6 +74,9 @@ pub enum Rate {
     Paused,
     /// Publish this many messages per second, paced by a 1 ms ticker.
     PerSecond(u64),
+    /// Publish `per_second` on average, `burst` messages back to back every
+    /// `burst / per_second` seconds: a feed that spikes.
+    Bursts { per_second: u64, burst: u64 },
     /// Publish as fast as the upstream links accept.
     Saturated,
 }
@@ -274,7 +278,7 @@ impl Server {
         while !self.shared.stop.load(Ordering::Acquire) {
             let timeout = match self.rate {
                 Rate::Paused => Duration::from_millis(100),
-                Rate::PerSecond(_) => Duration::from_millis(1),
+                Rate::PerSecond(_) | Rate::Bursts { .. } => Duration::from_millis(1),
                 Rate::Saturated if self.open > 0 && max_pending < self.low_water => Duration::ZERO,
                 Rate::Saturated => Duration::from_millis(100),
             };
@@ -298,8 +302,13 @@ impl Server {
             }
             match self.rate {
                 Rate::Paused => {}
-                Rate::PerSecond(r) => {
+                Rate::PerSecond(r) | Rate::Bursts { per_second: r, .. } => {
                     let due = (start.elapsed().as_nanos() * u128::from(r) / 1_000_000_000) as u64;
+                    // Bursts: what is due is released a whole burst at a time.
+                    let due = match self.rate {
+                        Rate::Bursts { burst, .. } => due - due % burst.max(1),
+                        _ => due,
+                    };
                     if due > slots + r {
                         slots = due - r;
                     }
