@@ -644,6 +644,8 @@ fn the_dashboard_shows_the_lobbies_and_live_rates_in_chromium() {
     assert!(rate > 0.0, "messages in/s {rate} in\n{dom}");
     let frames: f64 = value_of(&dom, "rate-frames-out").parse().unwrap_or(0.0);
     assert!(frames > 0.0, "frames out/s {frames} in\n{dom}");
+    let per_write: f64 = value_of(&dom, "frames-per-write").parse().unwrap_or(0.0);
+    assert!(per_write > 0.0, "frames per write {per_write} in\n{dom}");
     assert!(dom.contains("<canvas"), "uPlot drew no chart:\n{dom}");
     let png = std::fs::metadata(&screenshot).map(|m| m.len()).unwrap_or(0);
     assert!(
