@@ -32,7 +32,7 @@ use std::{
     panic::{self, AssertUnwindSafe},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering, fence},
+        atomic::{AtomicBool, AtomicU64, Ordering, fence},
     },
     thread::{self, JoinHandle},
     time::{Duration, Instant},
@@ -508,40 +508,23 @@ impl Writer {
     }
 
     fn publish_counts(&mut self) {
-        use std::sync::atomic::Ordering::Relaxed;
-        if self.io.delivered > 0 {
-            self.io
-                .stats
-                .frames_delivered
-                .fetch_add(self.io.delivered, Relaxed);
-            self.io.delivered = 0;
-        }
-        if self.io.delivered_deflated > 0 {
-            self.io
-                .stats
-                .frames_delivered_deflated
-                .fetch_add(self.io.delivered_deflated, Relaxed);
-            self.io.delivered_deflated = 0;
-        }
-        if self.io.bytes > 0 {
-            self.io.stats.bytes_sent.fetch_add(self.io.bytes, Relaxed);
-            self.io.bytes = 0;
-        }
-        if self.io.writes > 0 {
-            self.io
-                .stats
-                .client_writes
-                .fetch_add(self.io.writes, Relaxed);
-            self.io.writes = 0;
-        }
-        if self.io.dropped > 0 {
-            self.io
-                .stats
-                .frames_dropped
-                .fetch_add(self.io.dropped, Relaxed);
-            self.io.dropped = 0;
-        }
-        self.io.stats.latency.absorb(&mut self.io.latency);
+        let io = &mut self.io;
+        publish(&mut io.delivered, &io.stats.frames_delivered);
+        publish(
+            &mut io.delivered_deflated,
+            &io.stats.frames_delivered_deflated,
+        );
+        publish(&mut io.bytes, &io.stats.bytes_sent);
+        publish(&mut io.writes, &io.stats.client_writes);
+        publish(&mut io.dropped, &io.stats.frames_dropped);
+        io.stats.latency.absorb(&mut io.latency);
+    }
+}
+
+/// Adds a writer's local `count` to the shared `total` and restarts it.
+fn publish(count: &mut u64, total: &AtomicU64) {
+    if *count > 0 {
+        total.fetch_add(std::mem::take(count), Ordering::Relaxed);
     }
 }
 
