@@ -59,6 +59,9 @@ rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 metric() { # admin port, metric name with labels: the sample's value
     curl -s "http://127.0.0.1:$1/metrics" | awk -v m="$2" '$1 == m { print $2 }'
 }
+metric_all() { # admin port, metric name: its samples summed over every label set
+    curl -s "http://127.0.0.1:$1/metrics" | awk -v m="$2{" 'index($1, m) == 1 { s += $2 } END { printf "%.0f\n", s }'
+}
 sum() { awk '{ s += $1 } END { printf "%.0f\n", s }'; }
 
 echo "scale-run: $CLIENTS clients, $GATEWAYS gateways on 127.0.0.1:$PORT, $LOADS load processes, $RATE msg/s x $SIZE B; logs in $LOGS"
@@ -111,7 +114,7 @@ t0=$(date +%s.%N)
 cpu0=0
 for pid in "${gateway_pids[@]}"; do cpu0=$((cpu0 + $(cpu_ticks "$pid"))); done
 delivered0=$(for n in $(seq 1 "$GATEWAYS"); do metric $((ADMIN_BASE + n)) wsgate_frames_delivered_total; done | sum)
-dropped0=$(for n in $(seq 1 "$GATEWAYS"); do metric $((ADMIN_BASE + n)) 'wsgate_frames_dropped_total{reason="queue_full"}'; done | sum)
+dropped0=$(for n in $(seq 1 "$GATEWAYS"); do metric_all $((ADMIN_BASE + n)) wsgate_frames_dropped_total; done | sum)
 held=$(for n in $(seq 1 "$GATEWAYS"); do metric $((ADMIN_BASE + n)) wsgate_clients; done | sum)
 spread=$(for n in $(seq 1 "$GATEWAYS"); do metric $((ADMIN_BASE + n)) wsgate_clients; done | paste -sd/)
 upstreams=$(for n in $(seq 1 "$GATEWAYS"); do metric $((ADMIN_BASE + n)) 'wsgate_origin_connections{state="up"}'; done | sum)
@@ -127,7 +130,7 @@ for pid in "${gateway_pids[@]}"; do
     rss=$((rss + $(rss_kib "$pid")))
 done
 delivered1=$(for n in $(seq 1 "$GATEWAYS"); do metric $((ADMIN_BASE + n)) wsgate_frames_delivered_total; done | sum)
-dropped1=$(for n in $(seq 1 "$GATEWAYS"); do metric $((ADMIN_BASE + n)) 'wsgate_frames_dropped_total{reason="queue_full"}'; done | sum)
+dropped1=$(for n in $(seq 1 "$GATEWAYS"); do metric_all $((ADMIN_BASE + n)) wsgate_frames_dropped_total; done | sum)
 
 for pid in "${load_pids[@]}"; do wait "$pid" || true; done
 cat "$LOGS"/load-*.out

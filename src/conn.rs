@@ -34,7 +34,7 @@ use crate::{
     manager::{ClientMessage, ManagerMsg},
     queue::ClientQueue,
     seat::Seat,
-    stats::{Disconnect, LatencySampler, Stats, bump},
+    stats::{Disconnect, DropReason, LatencySampler, Stats, bump},
 };
 
 /// Most frames gathered into one vectored write.
@@ -89,8 +89,8 @@ pub(crate) struct IoCtx {
     pub delivered: u64,
     /// Of those, the compressed ones (permessage-deflate).
     pub delivered_deflated: u64,
-    /// Frames dropped here since the counts were last published.
-    pub dropped: u64,
+    /// Data frames lost here since the counts were last published, by reason.
+    pub dropped: [u64; DropReason::COUNT],
     /// Bytes written since the counts were last published.
     pub bytes: u64,
     /// Writes that wrote something since the counts were last published.
@@ -142,6 +142,11 @@ impl IoCtx {
     /// `instant` on the writer's clock.
     pub(crate) fn at(&self, instant: Instant) -> Millis {
         Millis(instant.saturating_duration_since(self.epoch).as_millis() as u32)
+    }
+
+    /// Counts `n` data frames lost for `reason`.
+    pub(crate) fn lost(&mut self, reason: DropReason, n: u64) {
+        self.dropped[reason as usize] += n;
     }
 }
 
@@ -227,8 +232,9 @@ pub(crate) struct Conn {
     closing_for: Option<Disconnect>,
     /// The socket may have unread input.
     pub readable: bool,
-    /// The socket may accept writes (false after `WouldBlock`).
-    pub writable: bool,
+    /// The socket may accept writes (false after `WouldBlock`; see
+    /// [`Conn::set_writable`]).
+    writable: bool,
     /// The client is on the writer's ready list.
     pub is_ready: bool,
     /// The client sent a close frame, or broke the rules: ignore its input.
@@ -258,7 +264,7 @@ impl Conn {
         Conn {
             id,
             stream,
-            drops_at_window: queue.drops(),
+            drops_at_window: queue.slow_drops(),
             queue,
             _seat: seat,
             pending: VecDeque::new(),
@@ -308,6 +314,16 @@ impl Conn {
     /// failed and the connection is about to be dropped).
     pub(crate) fn abort(&mut self, code: u16, why: &str) {
         let _ = self.stream.write(&frame::encode_close(code, why));
+    }
+
+    /// Notes whether the socket accepts writes. The queue carries it to the
+    /// lobby, which counts a frame it drops while the socket is full as the
+    /// client's loss, not the writer's.
+    pub(crate) fn set_writable(&mut self, writable: bool) {
+        if self.writable != writable {
+            self.writable = writable;
+            self.queue.set_stalled(!writable);
+        }
     }
 
     /// Whether the lobby's frames for this client should be written now.
@@ -361,7 +377,7 @@ impl Conn {
             return Ok(true);
         }
         if let Some(max) = io.policy.max_drops {
-            let drops = self.queue.drops() - self.drops_at_window;
+            let drops = self.queue.slow_drops() - self.drops_at_window;
             if drops > max {
                 debug!("{}: lost {drops} frames within a minute; closing", self.id);
                 self.close_now(Disconnect::TooSlow, "too slow to keep up", io);
@@ -369,7 +385,7 @@ impl Conn {
             }
             if now.since(self.drop_window) >= DROP_WINDOW {
                 self.drop_window = now;
-                self.drops_at_window = self.queue.drops();
+                self.drops_at_window = self.queue.slow_drops();
             }
         }
         Ok(false)
@@ -561,7 +577,7 @@ impl Conn {
             match written {
                 Ok(Progress::Flushed | Progress::Partial) => {}
                 Ok(Progress::Blocked) => {
-                    self.writable = false;
+                    self.set_writable(false);
                     return Turn::Idle;
                 }
                 Err(reason) => return self.ended(reason),
@@ -639,8 +655,8 @@ impl Conn {
                 }
             }
         }
-        io.dropped += dropped;
-        self.queue.count_drops(dropped);
+        io.lost(DropReason::SlowClient, dropped);
+        self.queue.count_lost(DropReason::SlowClient, dropped);
     }
 
     /// Accounts a write from the writer's batch: unwritten frames move to
@@ -653,7 +669,8 @@ impl Conn {
     ) -> Result<Progress, Disconnect> {
         let progress = self.take_batch(r, io);
         if !io.batch.is_empty() {
-            io.dropped += io.batch.iter().filter(|f| is_data(f)).count() as u64;
+            let lost = io.batch.iter().filter(|f| is_data(f)).count() as u64;
+            io.lost(DropReason::Departed, lost);
             io.batch.clear();
         }
         progress
@@ -819,7 +836,7 @@ mod tests {
             batch: Vec::new(),
             delivered: 0,
             delivered_deflated: 0,
-            dropped: 0,
+            dropped: [0; DropReason::COUNT],
             bytes: 0,
             writes: 0,
             latency: LatencySampler::default(),
@@ -856,7 +873,7 @@ mod tests {
                 "case {i}: nothing left for the next client"
             );
             assert_eq!(
-                io.dropped,
+                io.dropped[DropReason::Departed as usize],
                 3 * (i as u64 + 1),
                 "case {i}: counted as dropped"
             );

@@ -147,4 +147,4 @@ pub use error::{Error, Result};
 pub use gateway::{Builder, Gateway, GatewayHandle, ReloadHandle, ShutdownHandle};
 pub use health::Health;
 pub use source::Publisher;
-pub use stats::{Disconnect, LobbyInfo, OriginState, StatsSnapshot};
+pub use stats::{Disconnect, DropReason, LobbyInfo, OriginState, StatsSnapshot};

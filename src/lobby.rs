@@ -48,7 +48,7 @@ use crate::{
     manager::ManagerMsg,
     queue::{ClientQueue, Pushed},
     source::{Body, Drive, LobbyContext, Message, Source, Upstream},
-    stats::{LobbyCounters, OriginState, Stats, bump},
+    stats::{DropReason, LobbyCounters, OriginState, Stats, bump},
     supervise::EndGuard,
     writer::WriterWake,
 };
@@ -481,18 +481,19 @@ impl Fanout {
             None
         };
         let forms = Forms { plain, deflated };
-        let mut dropped = 0;
+        let mut dropped = [0; DropReason::COUNT];
         for member in &self.members {
             let frame = forms.for_client(member.deflate).clone();
-            if member.queue.push(frame) == Pushed::DroppedOldest {
-                dropped += 1;
+            if let Pushed::Dropped(reason) = member.queue.push(frame) {
+                dropped[reason as usize] += 1;
             }
             self.touched[member.writer] = true;
         }
-        if dropped > 0 {
-            self.stats.frames_dropped.fetch_add(dropped, Relaxed);
+        for reason in DropReason::ALL {
+            self.stats.dropped(reason, dropped[reason as usize]);
         }
         let pushed = self.members.len() as u64;
+        let dropped = dropped.iter().sum();
         self.counters.message(&self.stats.epoch, pushed, dropped);
         self.history.push(forms, message.position);
         if !self.adopting.is_empty() {
@@ -584,7 +585,7 @@ impl Fanout {
             let c = &mut self.catching_up[i];
             if c.next < self.history.oldest() {
                 // Its queue stayed full while the history moved on: the
-                // frames it skips are lost to it, counted as a slow client's.
+                // frames it skips are lost to it.
                 let lost = self.history.oldest() - c.next;
                 debug!(
                     "{}: {} missed {lost} frames catching up",
@@ -593,8 +594,9 @@ impl Fanout {
                 if !std::mem::replace(&mut c.is_gapped, true) {
                     bump(&self.stats.migration_gaps);
                 }
-                self.stats.frames_dropped.fetch_add(lost, Relaxed);
-                c.member.queue.count_drops(lost);
+                let reason = c.member.queue.why_lost();
+                self.stats.dropped(reason, lost);
+                c.member.queue.count_lost(reason, lost);
                 c.next = self.history.oldest();
             }
             while c.next < self.history.head() && c.member.queue.len() < c.member.queue.depth() {
@@ -721,8 +723,10 @@ mod tests {
         for n in 0..20u8 {
             fanout.broadcast(Message::payload(MessageKind::Text, &[n]));
         }
-        // Twenty frames behind, with a queue of four that is never read.
+        // Twenty frames behind, with a queue of four that is never read (its
+        // writer found its socket full).
         let queue = ClientQueue::new(4, true);
+        queue.set_stalled(true);
         let member = Member {
             id: ClientId(1),
             queue: queue.clone(),
@@ -737,8 +741,15 @@ mod tests {
         assert_eq!(queue.len(), 4);
         let head = fanout.history.head();
         let owed = head - (head - 200 - 20);
-        assert_eq!(queue.drops(), owed - 4 - (head - fanout.history.oldest()));
-        assert_eq!(stats.frames_dropped.load(Relaxed), queue.drops());
+        assert_eq!(
+            queue.slow_drops(),
+            owed - 4 - (head - fanout.history.oldest())
+        );
+        assert_eq!(stats.snapshot().frames_dropped, queue.slow_drops());
+        assert_eq!(
+            stats.snapshot().dropped(DropReason::SlowClient),
+            queue.slow_drops()
+        );
         assert_eq!(
             stats.migration_gaps.load(Relaxed),
             1,
@@ -749,7 +760,7 @@ mod tests {
     #[test]
     fn a_caught_up_client_goes_live_only_once_its_writer_took_the_catch_up() {
         let poll = Poll::new().unwrap();
-        let (mut fanout, _) = fanout_with_a_reader(&poll, 4);
+        let (mut fanout, stats) = fanout_with_a_reader(&poll, 4);
         let send = |fanout: &mut Fanout, n: u8| {
             fanout.broadcast(Message::payload(MessageKind::Text, &[n]));
         };
@@ -785,6 +796,6 @@ mod tests {
         send(&mut fanout, 7);
         got.extend(take(&queue));
         assert_eq!(got, [0, 1, 2, 3, 4, 5, 6, 7], "every frame, once, in order");
-        assert_eq!(queue.drops(), 0);
+        assert_eq!(stats.snapshot().frames_dropped, 0);
     }
 }

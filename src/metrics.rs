@@ -30,7 +30,7 @@ use prometheus_client::{
 use crate::{
     gateway::ask_lobbies,
     manager::ManagerMsg,
-    stats::{Disconnect, Stats, StatsSnapshot},
+    stats::{Disconnect, DropReason, Stats, StatsSnapshot},
 };
 
 /// The prefix every wsgate metric name carries.
@@ -116,9 +116,12 @@ const ORIGIN_FAILURES: &[Split] = &[
     ("oversized", |s| s.origin_oversized),
 ];
 
-/// Frames dropped, by reason. The stats count one kind today: frames a full
-/// queue (or a stalled client's backlog) lost, oldest first.
-const DROP_REASONS: &[Split] = &[("queue_full", |s| s.frames_dropped)];
+/// Frames dropped, by reason (see [`DropReason`]).
+const DROP_REASONS: &[Split] = &[
+    ("slow_client", |s| s.dropped(DropReason::SlowClient)),
+    ("writer_behind", |s| s.dropped(DropReason::WriterBehind)),
+    ("departed", |s| s.dropped(DropReason::Departed)),
+];
 
 /// Upgrade requests answered with an HTTP error, by status. `other` is every
 /// other refusal (400, 404, 405, 426, 431).
@@ -256,7 +259,10 @@ impl Collector for GatewayCollector {
         )?;
         out.counters_by(
             "frames_dropped",
-            "Data frames dropped before reaching a client, by reason",
+            "Data frames dropped before reaching a client, by reason: slow_client (its \
+             socket was full), writer_behind (its queue overflowed before its writer \
+             reached it: a burst longer than the queue, or every core busy), departed \
+             (queued for a client that left)",
             "reason",
             DROP_REASONS,
         )?;
@@ -452,9 +458,8 @@ mod tests {
     #[test]
     fn counters_come_from_the_stats_with_their_labels() {
         let stats = Arc::new(Stats::default());
-        stats
-            .frames_dropped
-            .store(7, std::sync::atomic::Ordering::Relaxed);
+        stats.dropped(DropReason::WriterBehind, 7);
+        stats.dropped(DropReason::Departed, 1);
         stats
             .origin_lost
             .store(2, std::sync::atomic::Ordering::Relaxed);
@@ -470,7 +475,9 @@ mod tests {
         let text = exposition(&GatewayCollector::new(stats, None)).unwrap();
         for line in [
             "# TYPE wsgate_frames_dropped_total counter",
-            "wsgate_frames_dropped_total{reason=\"queue_full\"} 7",
+            "wsgate_frames_dropped_total{reason=\"slow_client\"} 0",
+            "wsgate_frames_dropped_total{reason=\"writer_behind\"} 7",
+            "wsgate_frames_dropped_total{reason=\"departed\"} 1",
             "wsgate_origin_failures_total{cause=\"lost\"} 2",
             "wsgate_origin_failures_total{cause=\"tls\"} 0",
             "wsgate_client_sent_bytes_total 1234",

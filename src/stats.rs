@@ -27,7 +27,8 @@ pub(crate) struct Stats {
     pub forward_dropped: AtomicU64,
     pub messages_in: AtomicU64,
     pub frames_delivered: AtomicU64,
-    pub frames_dropped: AtomicU64,
+    /// Data frames that never reached a client, by [`DropReason`].
+    pub frames_dropped: [AtomicU64; DropReason::COUNT],
     pub lobbies_started: AtomicU64,
     pub lobbies_ended: AtomicU64,
     pub migrations: AtomicU64,
@@ -245,6 +246,7 @@ pub struct StatsSnapshot {
     pub handshakes_shed: u64,
     /// Clients gone, by why: see [`StatsSnapshot::disconnected`].
     pub(crate) disconnects: [u64; Disconnect::COUNT],
+    pub(crate) drops: [u64; DropReason::COUNT],
     /// Connections refused with 429: as many from their address as allowed.
     pub refused_per_ip: u64,
     /// Upgrade requests refused with 403: a browser origin not allowed.
@@ -257,7 +259,8 @@ pub struct StatsSnapshot {
     pub messages_in: u64,
     /// Frames completely written to clients.
     pub frames_delivered: u64,
-    /// Frames dropped from full client queues (the oldest goes first).
+    /// Data frames that never reached a client, for every reason
+    /// ([`StatsSnapshot::dropped`] has them by reason).
     pub frames_dropped: u64,
     /// Lobby threads started since start.
     pub lobbies_started: u64,
@@ -351,6 +354,11 @@ impl StatsSnapshot {
     /// Clients whose connection ended for `reason`.
     pub fn disconnected(&self, reason: Disconnect) -> u64 {
         self.disconnects[reason as usize]
+    }
+
+    /// Data frames that never reached a client, for `reason`.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.drops[reason as usize]
     }
 
     /// Every origin failure, whatever its cause.
@@ -448,6 +456,7 @@ impl Stats {
     }
 
     pub(crate) fn snapshot(&self) -> StatsSnapshot {
+        let drops = std::array::from_fn(|i| self.frames_dropped[i].load(Relaxed));
         StatsSnapshot {
             clients: self.clients.load(Relaxed),
             lobbies: self.lobbies.load(Relaxed),
@@ -464,7 +473,8 @@ impl Stats {
             forward_dropped: self.forward_dropped.load(Relaxed),
             messages_in: self.messages_in.load(Relaxed),
             frames_delivered: self.frames_delivered.load(Relaxed),
-            frames_dropped: self.frames_dropped.load(Relaxed),
+            frames_dropped: drops.iter().sum(),
+            drops,
             lobbies_started: self.lobbies_started.load(Relaxed),
             lobbies_ended: self.lobbies_ended.load(Relaxed),
             migrations: self.migrations.load(Relaxed),
@@ -501,6 +511,53 @@ impl Stats {
     /// Counts a client gone for `reason`.
     pub(crate) fn disconnected(&self, reason: Disconnect) {
         bump(&self.disconnects[reason as usize]);
+    }
+
+    /// Counts `n` data frames lost for `reason`.
+    pub(crate) fn dropped(&self, reason: DropReason, n: u64) {
+        if n > 0 {
+            self.frames_dropped[reason as usize].fetch_add(n, Relaxed);
+        }
+    }
+}
+
+/// Why a data frame never reached its client. Each reason has a counter
+/// ([`StatsSnapshot::dropped`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DropReason {
+    /// The client's socket was full (it reads slower than the feed): the
+    /// oldest frame of its full queue, or of what was kept for it while it
+    /// stalled. The client's own doing; the slow-client policy counts these.
+    SlowClient,
+    /// Its queue overflowed while its socket had room: the writers had not
+    /// reached it in time, in a burst longer than the queue or with every
+    /// core busy. The gateway's doing: a deeper `--queue-depth`, or more
+    /// cores or processes, keeps these.
+    WriterBehind,
+    /// Queued or being written for a client that left (or whose writer
+    /// failed) before it was written.
+    Departed,
+}
+
+impl DropReason {
+    /// How many reasons there are.
+    pub const COUNT: usize = 3;
+
+    /// Every reason, in declaration order.
+    pub const ALL: [DropReason; DropReason::COUNT] = [
+        DropReason::SlowClient,
+        DropReason::WriterBehind,
+        DropReason::Departed,
+    ];
+
+    /// A short snake_case name, for logs and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::SlowClient => "slow_client",
+            DropReason::WriterBehind => "writer_behind",
+            DropReason::Departed => "departed",
+        }
     }
 }
 

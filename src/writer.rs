@@ -52,7 +52,7 @@ use crate::{
     manager::{ClientMessage, ManagerMsg},
     queue::ClientQueue,
     seat::Seat,
-    stats::{Disconnect, LatencySampler, Stats, bump},
+    stats::{Disconnect, DropReason, LatencySampler, Stats, bump},
     supervise::EndGuard,
 };
 
@@ -192,7 +192,7 @@ pub(crate) fn spawn(
             batch: Vec::with_capacity(64),
             delivered: 0,
             delivered_deflated: 0,
-            dropped: 0,
+            dropped: [0; DropReason::COUNT],
             bytes: 0,
             writes: 0,
             latency: LatencySampler::default(),
@@ -274,7 +274,8 @@ impl Writer {
             self.index,
             open.len()
         );
-        self.io.dropped += self.io.batch.drain(..).filter(is_data).count() as u64;
+        let lost = self.io.batch.drain(..).filter(is_data).count() as u64;
+        self.io.lost(DropReason::Departed, lost);
         self.ready.clear();
         self.spare.clear();
         for token in open {
@@ -309,7 +310,7 @@ impl Writer {
                     conn.readable = true;
                 }
                 if event.is_writable() || event.is_write_closed() {
-                    conn.writable = true;
+                    conn.set_writable(true);
                 }
                 mark_ready(&mut self.ready, conn, token);
             }
@@ -496,7 +497,8 @@ impl Writer {
             debug!("{}: deregister failed: {e}", conn.id);
         }
         self.free.push(token);
-        self.io.dropped += conn.discard();
+        let lost = conn.discard();
+        self.io.lost(DropReason::Departed, lost);
         self.io.stats.disconnected(reason);
         debug!("{} left: {reason}", conn.id);
         self.depart(conn.id);
@@ -516,7 +518,9 @@ impl Writer {
         );
         publish(&mut io.bytes, &io.stats.bytes_sent);
         publish(&mut io.writes, &io.stats.client_writes);
-        publish(&mut io.dropped, &io.stats.frames_dropped);
+        for (count, total) in io.dropped.iter_mut().zip(&io.stats.frames_dropped) {
+            publish(count, total);
+        }
         io.stats.latency.absorb(&mut io.latency);
     }
 }

@@ -12,7 +12,7 @@ use std::{
 
 use support::*;
 use tungstenite::Message;
-use wsgate::{ClientMessages, Disconnect, SlowClient};
+use wsgate::{ClientMessages, Disconnect, DropReason, SlowClient};
 
 const UPGRADE: &str = "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
                        Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
@@ -197,6 +197,9 @@ fn the_disconnect_policy_closes_a_stalled_client_with_1013() {
     config.queue_depth = 4;
     config.slow_client = SlowClient::Disconnect;
     config.slow_client_drops = 10;
+    // Its 1013 waits behind what its socket holds until it reads, after the
+    // sending below, however long a loaded machine takes for that.
+    config.drain_timeout = Duration::from_secs(60);
     let gw = start_gateway(config);
     let mut stalled = ws_client(gw.local_addr());
     wait_placed(&gw, 1);
@@ -227,6 +230,60 @@ fn the_disconnect_policy_closes_a_stalled_client_with_1013() {
 }
 
 #[test]
+fn a_burst_longer_than_the_queue_is_the_gateways_loss_not_the_reading_clients() {
+    const BURSTS: u64 = 40;
+    const BURST: u64 = 50;
+    let origin = TestOrigin::start();
+    let mut config = test_config(&origin.url());
+    config.queue_depth = 2;
+    config.slow_client = SlowClient::Disconnect;
+    config.slow_client_drops = 10;
+    // The stalled client's 1013 waits until it reads, after the bursts.
+    config.drain_timeout = Duration::from_secs(60);
+    let gw = start_gateway(config);
+    let reader = ws_client(gw.local_addr());
+    let mut stalled = stalled_client(gw.local_addr());
+    wait_placed(&gw, 2);
+    wait_until("origin connection", || origin.open() == 1);
+
+    let last = BURSTS * BURST;
+    let reading = std::thread::spawn(move || {
+        let mut reader = reader;
+        let mut got = Vec::new();
+        while got.last() != Some(&last) {
+            got.push(number(reader.read().expect("read")));
+        }
+        (reader, got)
+    });
+    for burst in 0..BURSTS {
+        for n in 1..=BURST {
+            origin.send(numbered(burst * BURST + n, 1024));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The reader gets the newest of every burst, in order, and stays.
+    let (_reader, got) = reading.join().expect("reader");
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "out of order: {got:?}");
+    // The never-reading client's losses are its own once its socket is full.
+    assert_eq!(read_close_code(&mut stalled), Some(1013));
+    drop(stalled);
+    wait_clients(&gw, 1);
+    let stats = gw.stats();
+    assert_eq!(
+        stats.disconnected(Disconnect::TooSlow),
+        1,
+        "only the stalled one"
+    );
+    assert!(stats.dropped(DropReason::SlowClient) > 10, "{stats:?}");
+    // The reader's were the writer's: bursts of 50 into a queue of 2.
+    assert!(
+        stats.dropped(DropReason::WriterBehind) > 0,
+        "{} of {last} reached the reader and nothing was the writer's loss",
+        got.len()
+    );
+}
+
+#[test]
 fn forwarded_client_messages_reach_the_origin() {
     let origin = TestOrigin::start();
     let mut config = test_config(&origin.url());
@@ -234,7 +291,9 @@ fn forwarded_client_messages_reach_the_origin() {
     config.allow_any_origin = true;
     let gw = start_gateway(config);
     let mut client = connect_clients(&gw, 1).remove(0);
-    wait_until("origin connection", || origin.open() == 1);
+    // Up on the gateway's side too: a message for an origin still being
+    // connected is dropped, not held.
+    wait_until("origin connection", || gw.stats().origin_connections == 1);
     client.send(Message::text("subscribe ETH")).unwrap();
     client.send(Message::text("x".repeat(70_000))).unwrap();
     wait_until("the message upstream", || {

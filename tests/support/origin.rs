@@ -327,7 +327,9 @@ fn serve<S: Read + Write>(
     rx: &Receiver<Message>,
     shared: &Shared,
 ) {
-    let send = |ws: &mut WebSocket<S>, msg| match ws.send(msg) {
+    // Queued, not flushed: what was sent together goes out together (the
+    // flush below), as a busy origin's burst does.
+    let send = |ws: &mut WebSocket<S>, msg| match ws.write(msg) {
         Ok(()) => true,
         Err(e) => is_would_block(&e),
     };

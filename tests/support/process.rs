@@ -90,18 +90,25 @@ impl GatewayProcess {
         assert!(ok, "kill -{name} {}", self.pid());
     }
 
-    /// The value of an unlabelled sample in the admin server's `/metrics`
-    /// (`None` if the server does not answer or has no such sample).
+    /// The value of a sample in the admin server's `/metrics`: `name` with
+    /// its labels, or a bare name for the sum over every label set (`None`
+    /// if the server does not answer or has no such sample).
     pub fn metric(&self, name: &str) -> Option<f64> {
         let admin = self.admin.expect("started with --admin");
         let response = super::http_exchange(
             admin,
             "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
         );
-        response.lines().find_map(|line| {
-            let (key, value) = line.split_once(' ')?;
-            (key == name).then(|| value.trim().parse().ok())?
-        })
+        let values: Vec<f64> = response
+            .lines()
+            .filter_map(|line| {
+                let (key, value) = line.split_once(' ')?;
+                let labels = key.strip_prefix(name)?;
+                let whole = labels.is_empty() || (!name.contains('{') && labels.starts_with('{'));
+                whole.then(|| value.trim().parse().ok())?
+            })
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum())
     }
 
     /// What it has logged so far.
