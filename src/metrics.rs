@@ -116,13 +116,6 @@ const ORIGIN_FAILURES: &[Split] = &[
     ("oversized", |s| s.origin_oversized),
 ];
 
-/// Frames dropped, by reason (see [`DropReason`]).
-const DROP_REASONS: &[Split] = &[
-    ("slow_client", |s| s.dropped(DropReason::SlowClient)),
-    ("writer_behind", |s| s.dropped(DropReason::WriterBehind)),
-    ("departed", |s| s.dropped(DropReason::Departed)),
-];
-
 /// Upgrade requests answered with an HTTP error, by status. `other` is every
 /// other refusal (400, 404, 405, 426, 431).
 const REFUSALS: &[Split] = &[
@@ -257,14 +250,13 @@ impl Collector for GatewayCollector {
             "stage",
             COMPRESSION,
         )?;
-        out.counters_by(
+        out.drops(
             "frames_dropped",
             "Data frames dropped before reaching a client, by reason: slow_client (its \
              socket was full), writer_behind (its queue overflowed before its writer \
              reached it: a burst longer than the queue, or every core busy), departed \
              (queued for a client that left)",
             "reason",
-            DROP_REASONS,
         )?;
         out.counter_in(
             "client_sent",
@@ -439,13 +431,32 @@ impl Out<'_, '_> {
     }
 
     fn counters_by(&mut self, name: &str, help: &str, label: &str, rows: &[Split]) -> fmt::Result {
+        let s = self.s;
+        let rows = rows.iter().map(|(value, read)| (*value, read(s)));
+        self.counters_of(name, help, label, rows)
+    }
+
+    /// Frames dropped, labelled with each [`DropReason`]'s name.
+    fn drops(&mut self, name: &str, help: &str, label: &str) -> fmt::Result {
+        let s = self.s;
+        let rows = DropReason::ALL.map(|reason| (reason.name(), s.dropped(reason)));
+        self.counters_of(name, help, label, rows)
+    }
+
+    fn counters_of(
+        &mut self,
+        name: &str,
+        help: &str,
+        label: &str,
+        rows: impl IntoIterator<Item = (&'static str, u64)>,
+    ) -> fmt::Result {
         let mut metric = self
             .encoder
             .encode_descriptor(name, help, None, MetricType::Counter)?;
-        for (value, read) in rows {
+        for (value, count) in rows {
             metric
-                .encode_family(&[(label, *value)])?
-                .encode_counter::<NoLabelSet, _, u64>(&read(self.s), None)?;
+                .encode_family(&[(label, value)])?
+                .encode_counter::<NoLabelSet, _, u64>(&count, None)?;
         }
         Ok(())
     }
