@@ -203,6 +203,16 @@ pub struct Cli {
     #[argh(option)]
     pub origin_ca: Option<PathBuf>,
 
+    /// PEM certificate chain clients are served wss:// with (with --tls-key)
+    #[cfg(feature = "tls")]
+    #[argh(option)]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert
+    #[cfg(feature = "tls")]
+    #[argh(option)]
+    pub tls_key: Option<PathBuf>,
+
     /// largest origin message in bytes; larger drops the connection
     #[argh(option)]
     pub max_origin_message: Option<usize>,
@@ -239,6 +249,104 @@ pub struct Cli {
     /// admin HTTP server address: /metrics, /livez, /readyz, /lobbies, dashboard
     #[argh(option)]
     pub admin: Option<SocketAddr>,
+
+    /// file holding the bearer token /metrics and /lobbies require
+    #[cfg(feature = "admin")]
+    #[argh(option)]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// file holding the HMAC secret clients' JWTs are signed with (HS256
+    /// unless --jwt-algorithm says HS384 or HS512); never the secret itself
+    #[cfg(feature = "auth")]
+    #[argh(option)]
+    pub jwt_secret_file: Option<PathBuf>,
+
+    /// environment variable holding the HMAC secret, instead of a file
+    #[cfg(feature = "auth")]
+    #[argh(option)]
+    pub jwt_secret_env: Option<String>,
+
+    /// PEM public key that verifies clients' JWTs: RSA (RS256), EC P-256
+    /// (ES256), EC P-384 (ES384) or Ed25519 (EdDSA)
+    #[cfg(feature = "auth")]
+    #[argh(option)]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// JWKS file of the keys that verify clients' JWTs, chosen by kid
+    #[cfg(feature = "auth")]
+    #[argh(option)]
+    pub jwks_file: Option<PathBuf>,
+
+    /// the algorithm a secret or RSA key is pinned to (HS256, RS384, PS256...)
+    #[cfg(feature = "auth")]
+    #[argh(option)]
+    pub jwt_algorithm: Option<String>,
+
+    /// the iss a client's JWT must carry
+    #[cfg(feature = "auth")]
+    #[argh(option)]
+    pub jwt_issuer: Option<String>,
+
+    /// the aud a client's JWT must carry
+    #[cfg(feature = "auth")]
+    #[argh(option)]
+    pub jwt_audience: Option<String>,
+
+    /// clock skew allowed on exp and nbf; a connection ends at exp plus this
+    #[cfg(feature = "auth")]
+    #[argh(option)]
+    pub jwt_leeway: Option<Span>,
+
+    /// the JWT claim listing the routes (and query keys) a token may open
+    #[cfg(feature = "auth")]
+    #[argh(option)]
+    pub jwt_claim: Option<String>,
+
+    /// query parameter a client's token may come in
+    #[cfg(feature = "auth")]
+    #[argh(option)]
+    pub token_param: Option<String>,
+
+    /// cookie a client's token may come in
+    #[cfg(feature = "auth")]
+    #[argh(option)]
+    pub token_cookie: Option<String>,
+
+    /// auth service asked about each upgrade (http:// or https://): 2xx
+    /// admits, 401/403 are passed on, anything else is 503
+    #[cfg(feature = "auth")]
+    #[argh(option)]
+    pub auth_url: Option<String>,
+
+    /// longest wait for the auth service
+    #[cfg(feature = "auth")]
+    #[argh(option)]
+    pub auth_timeout: Option<Span>,
+
+    /// header carrying the client's address to the auth service
+    #[cfg(feature = "auth")]
+    #[argh(option)]
+    pub auth_client_header: Option<String>,
+
+    /// how long the auth service's yes is remembered for the same credentials
+    #[cfg(feature = "auth")]
+    #[argh(option)]
+    pub auth_cache_ttl: Option<Span>,
+
+    /// most auth service answers remembered
+    #[cfg(feature = "auth")]
+    #[argh(option)]
+    pub auth_cache_size: Option<usize>,
+
+    /// threads asking auth services
+    #[cfg(feature = "auth")]
+    #[argh(option)]
+    pub auth_threads: Option<usize>,
+
+    /// upgrades waiting for an auth thread at most; beyond, 503
+    #[cfg(feature = "auth")]
+    #[argh(option)]
+    pub auth_queue: Option<usize>,
 
     /// old spelling of --queue-depth
     #[argh(option, hidden_help)]
@@ -313,8 +421,24 @@ impl Cli {
             compression,
             compress_min,
         );
+        #[cfg(feature = "admin")]
+        if let Some(path) = &self.admin_token_file {
+            config.admin_token_file = Some(path.clone());
+        }
+        #[cfg(feature = "auth")]
+        self.apply_auth(&mut config);
+
         if let Some(path) = &self.origin_ca {
             config.origin_ca = Some(path.clone());
+        }
+        #[cfg(feature = "tls")]
+        {
+            if let Some(path) = &self.tls_cert {
+                config.tls_cert = Some(path.clone());
+            }
+            if let Some(path) = &self.tls_key {
+                config.tls_key = Some(path.clone());
+            }
         }
         if let Some(admin) = self.admin {
             config.admin = Some(admin);
@@ -367,6 +491,44 @@ impl Cli {
             config.routes.clear();
         }
         Ok(config)
+    }
+
+    /// The auth flags onto `config`: the `[auth]` table's settings (the
+    /// route defaults), each flag named after its key, and the pool's.
+    #[cfg(feature = "auth")]
+    fn apply_auth(&self, config: &mut Config) {
+        if let Some(threads) = self.auth_threads {
+            config.auth_threads = threads;
+        }
+        if let Some(queue) = self.auth_queue {
+            config.auth_queue = queue;
+        }
+        let auth = &mut config.auth;
+        macro_rules! set_auth {
+            ($($flag:ident => $field:ident),* $(,)?) => {
+                $(if let Some(value) = &self.$flag {
+                    auth.$field = value.clone().into();
+                })*
+            };
+        }
+        set_auth!(
+            jwt_secret_file => jwt_secret_file,
+            jwt_secret_env => jwt_secret_env,
+            jwt_public_key => jwt_public_key,
+            jwks_file => jwks_file,
+            jwt_algorithm => jwt_algorithm,
+            jwt_issuer => jwt_issuer,
+            jwt_audience => jwt_audience,
+            jwt_leeway => jwt_leeway,
+            jwt_claim => jwt_claim,
+            token_param => token_param,
+            token_cookie => token_cookie,
+            auth_url => url,
+            auth_timeout => timeout,
+            auth_client_header => client_header,
+            auth_cache_ttl => cache_ttl,
+            auth_cache_size => cache_size,
+        );
     }
 }
 
@@ -695,10 +857,109 @@ mod tests {
         ("compress_min", &["--compress-min", "7"], "compress_min = 7"),
     ];
 
+    /// The settings of the auth and admin features: rows as [`SETTINGS`]'s.
+    #[cfg(all(feature = "config-file", feature = "auth", feature = "admin"))]
+    const FEATURE_SETTINGS: &[(&str, &[&str], &str)] = &[
+        (
+            "admin_token_file",
+            &["--admin-token-file", "/t"],
+            "admin_token_file = \"/t\"",
+        ),
+        ("auth_threads", &["--auth-threads", "7"], "auth_threads = 7"),
+        ("auth_queue", &["--auth-queue", "7"], "auth_queue = 7"),
+        (
+            "auth",
+            &["--jwt-secret-file", "/s"],
+            "[auth]\njwt_secret_file = \"/s\"",
+        ),
+        (
+            "auth",
+            &["--jwt-secret-env", "S"],
+            "[auth]\njwt_secret_env = \"S\"",
+        ),
+        (
+            "auth",
+            &["--jwt-public-key", "/k.pem"],
+            "[auth]\njwt_public_key = \"/k.pem\"",
+        ),
+        (
+            "auth",
+            &["--jwks-file", "/k.json"],
+            "[auth]\njwks_file = \"/k.json\"",
+        ),
+        (
+            "auth",
+            &["--jwt-algorithm", "HS512"],
+            "[auth]\njwt_algorithm = \"HS512\"",
+        ),
+        ("auth", &["--jwt-issuer", "i"], "[auth]\njwt_issuer = \"i\""),
+        (
+            "auth",
+            &["--jwt-audience", "a"],
+            "[auth]\njwt_audience = \"a\"",
+        ),
+        (
+            "auth",
+            &["--jwt-leeway", "7s"],
+            "[auth]\njwt_leeway = \"7s\"",
+        ),
+        ("auth", &["--jwt-claim", "c"], "[auth]\njwt_claim = \"c\""),
+        (
+            "auth",
+            &["--token-param", "t"],
+            "[auth]\ntoken_param = \"t\"",
+        ),
+        (
+            "auth",
+            &["--token-cookie", "c"],
+            "[auth]\ntoken_cookie = \"c\"",
+        ),
+        (
+            "auth",
+            &["--auth-url", "http://a/"],
+            "[auth]\nurl = \"http://a/\"",
+        ),
+        (
+            "auth",
+            &["--auth-timeout", "7s"],
+            "[auth]\ntimeout = \"7s\"",
+        ),
+        (
+            "auth",
+            &["--auth-client-header", "X-Real-IP"],
+            "[auth]\nclient_header = \"X-Real-IP\"",
+        ),
+        (
+            "auth",
+            &["--auth-cache-ttl", "7s"],
+            "[auth]\ncache_ttl = \"7s\"",
+        ),
+        (
+            "auth",
+            &["--auth-cache-size", "7"],
+            "[auth]\ncache_size = 7",
+        ),
+    ];
+    #[cfg(all(feature = "config-file", not(all(feature = "auth", feature = "admin"))))]
+    const FEATURE_SETTINGS: &[(&str, &[&str], &str)] = &[];
+
+    /// The settings of the tls feature: rows as [`SETTINGS`]'s.
+    #[cfg(all(feature = "config-file", feature = "tls"))]
+    const TLS_SETTINGS: &[(&str, &[&str], &str)] = &[
+        (
+            "tls_cert",
+            &["--tls-cert", "/c.pem"],
+            "tls_cert = \"/c.pem\"",
+        ),
+        ("tls_key", &["--tls-key", "/k.pem"], "tls_key = \"/k.pem\""),
+    ];
+    #[cfg(all(feature = "config-file", not(feature = "tls")))]
+    const TLS_SETTINGS: &[(&str, &[&str], &str)] = &[];
+
     #[cfg(feature = "config-file")]
     #[test]
     fn every_setting_has_a_flag_and_a_file_key_that_agree() {
-        for (key, args, text) in SETTINGS {
+        for (key, args, text) in SETTINGS.iter().chain(FEATURE_SETTINGS).chain(TLS_SETTINGS) {
             let from_flags = cli(args).unwrap().apply(Config::default()).unwrap();
             let from_file = Config::from_toml(text).unwrap();
             assert_eq!(from_flags, from_file, "{key}");
@@ -708,10 +969,25 @@ mod tests {
         // key the file form has, Option ones included once set.
         let mut full = Config::from_toml(r#"admin = "127.0.0.1:1""#).unwrap();
         full.origin_ca = Some("/x".into());
+        full.tls_cert = Some("/c".into());
+        full.tls_key = Some("/k".into());
         full.routes.push(RouteConfig::new("/", "ws://h/"));
         let table: toml::Table = toml::from_str(&full.to_toml()).unwrap();
-        let listed: Vec<&str> = SETTINGS.iter().map(|(key, ..)| *key).collect();
+        let listed: Vec<&str> = SETTINGS
+            .iter()
+            .chain(FEATURE_SETTINGS)
+            .chain(TLS_SETTINGS)
+            .map(|(key, ..)| *key)
+            .collect();
+        // The flags of a feature this build leaves out do not exist.
+        let unbuilt = !cfg!(all(feature = "auth", feature = "admin"));
         for key in table.keys() {
+            if unbuilt && (key.starts_with("auth") || key == "admin_token_file") {
+                continue;
+            }
+            if !cfg!(feature = "tls") && key.starts_with("tls_") {
+                continue;
+            }
             assert!(
                 listed.contains(&key.as_str()),
                 "{key} has no row (and maybe no flag)"

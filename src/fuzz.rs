@@ -22,17 +22,33 @@
 //!   own upgrade request. It must not panic; once a prefix of the response
 //!   gets a verdict, every longer prefix gets the same one; an acceptance
 //!   ends where the response head ends.
+//! - [`token`] (feature `auth`): a client token found in a request and
+//!   checked: splitting, base64url decoding, JSON and the signature. It must
+//!   not panic; a token found is part of what was presented; the verdict is
+//!   the same every time; only a token with the pinned algorithm and an
+//!   unexpired `exp` is accepted.
 //!
-//! The property tests in `frame.rs`, `http.rs` and `source/websocket/handshake.rs` drive the same checks from
-//! generated inputs.
+//! The property tests in `wire/frame.rs`, `edge/upgrade.rs` and
+//! `source/websocket/handshake.rs` drive the same checks from generated
+//! inputs.
 
-use crate::frame::{Decoder, Event, MessageKind, OP_CLOSE, OP_PING, OP_PONG, Violation};
 use crate::{
-    http::{self, Endpoint, Parsed, Route},
+    edge::upgrade::{self, Endpoint, Parsed, Route},
     id::RouteId,
-    rng::Rng,
-    source::websocket::check_response,
+    source::{rng::Rng, websocket::check_response},
+    wire::{
+        close::Violation,
+        frame::{Decoder, Event, MessageKind, OP_CLOSE, OP_PING, OP_PONG},
+    },
 };
+
+/// The HMAC secret of the [`token`] harness's key.
+#[cfg(feature = "auth")]
+pub const TOKEN_SECRET: &[u8] = b"the-fuzz-harness-hmac-secret-0123456789";
+
+/// The time [`token`] checks tokens at, in seconds since the Unix epoch.
+#[cfg(feature = "auth")]
+pub const TOKEN_NOW: u64 = 1_800_000_000;
 
 /// Message size limits `client_frames` picks from with its first byte.
 const MAX_MESSAGE: [usize; 8] = [0, 1, 125, 126, 1024, 65_535, 65_536, usize::MAX];
@@ -197,6 +213,8 @@ pub fn upgrade_request(data: &[u8]) {
         endpoints: &endpoints,
         allowed_origins: &allowed_origins,
         max_bytes: MAX_REQUEST[usize::from(knobs & 7)],
+        #[cfg(feature = "auth")]
+        now: 0,
     };
     check_upgrade(request, &route);
 }
@@ -206,7 +224,7 @@ pub fn upgrade_request(data: &[u8]) {
 const ORIGIN_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
 /// Checks `data[1..]` as an origin's answer to an upgrade request with
-/// [`ORIGIN_KEY`], checking the check's invariants.
+/// `ORIGIN_KEY`, checking the check's invariants.
 ///
 /// `data[0]` picks the subprotocols offered (low 2 bits: none, `v1`, or
 /// `v1` and `v2`). Prefixes are checked at up to 64 cuts and at every byte
@@ -380,7 +398,7 @@ pub(crate) fn decode(
 ) -> Transcript {
     let mut bytes = stream.to_vec();
     let mut decoder = Decoder::new(max_message);
-    let mut inflater = crate::deflate::Inflater::default();
+    let mut inflater = crate::wire::deflate::Inflater::default();
     let mut checker = Checker {
         max_message,
         message: None,
@@ -627,7 +645,7 @@ fn assert_final(earlier: &Parsed, at: usize, later: &Parsed) {
 /// Parses one buffer and checks the answer on its own.
 fn parse_checked(buf: &[u8], route: &Route<'_>) -> Parsed {
     let max_bytes = route.max_bytes;
-    let parsed = http::parse_route(buf, route);
+    let parsed = upgrade::parse_route(buf, route);
     match &parsed {
         Parsed::Incomplete => assert!(
             buf.len() < max_bytes,
@@ -741,6 +759,63 @@ impl Rng {
             MessageKind::Text => self.text(len).into_bytes(),
             MessageKind::Binary => self.bytes(len),
         }
+    }
+}
+
+/// Finds a token in `data[1..]` presented the way `data[0]` picks (an
+/// `Authorization` header, a query, a cookie, a subprotocol list), and
+/// checks it against an HS256 key for [`TOKEN_SECRET`] at [`TOKEN_NOW`],
+/// checking the invariants above.
+#[cfg(feature = "auth")]
+pub fn token(data: &[u8]) {
+    use crate::{
+        config::AuthConfig,
+        edge::auth::{Presented, RouteAuth, jwt::Keys},
+    };
+    let Some((&knob, rest)) = data.split_first() else {
+        return;
+    };
+    let text = String::from_utf8_lossy(rest);
+    let protocols = [text.as_ref()];
+    let mut presented = Presented::default();
+    match knob & 3 {
+        0 => presented.authorization = Some(&text),
+        1 => presented.query = &text,
+        2 => presented.cookie = Some(&text),
+        _ => presented.protocols = &protocols,
+    }
+    let settings = AuthConfig {
+        jwt_leeway: std::time::Duration::from_secs(u64::from(knob >> 2)),
+        ..AuthConfig::default()
+    };
+    let Ok(keys) = Keys::hmac(TOKEN_SECRET, &settings) else {
+        panic!("the harness's key is usable");
+    };
+    let auth = RouteAuth::with_keys(keys, "t");
+    let Some(found) = auth.token(&presented) else {
+        return;
+    };
+    assert!(text.contains(found), "{found:?} is not part of {text:?}");
+    let Some(keys) = &auth.jwt else {
+        return;
+    };
+    let verdict = keys.verify(found, TOKEN_NOW);
+    assert_eq!(
+        verdict,
+        keys.verify(found, TOKEN_NOW),
+        "the same token, another verdict"
+    );
+    if let Ok(claims) = verdict {
+        let alg = jsonwebtoken::decode_header(found).map(|h| h.alg);
+        assert_eq!(
+            alg.ok(),
+            Some(jsonwebtoken::Algorithm::HS256),
+            "accepted {found:?}"
+        );
+        assert!(
+            claims.exp + keys.leeway() >= TOKEN_NOW,
+            "accepted an expired token: {found:?}"
+        );
     }
 }
 

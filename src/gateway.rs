@@ -13,35 +13,45 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex},
     thread::JoinHandle,
     time::Duration,
 };
 
+#[cfg(feature = "tls")]
+use std::sync::atomic::Ordering;
+
 use crossbeam_channel::{Sender, bounded, unbounded};
 use log::{error, info, warn};
-use mio::{Waker, net::TcpListener};
+use mio::net::TcpListener;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::{
-    acceptor::{self, AcceptorHandle, AcceptorMsg},
-    config::Config,
-    error::{Error, Result},
-    health::{Health, Probes},
-    id::RouteId,
-    lobby::LobbyEnv,
-    manager::{self, FORWARD_QUEUE, Inboxes, ManagerMsg, RouteEnv},
-    source::{Publisher, Upstream},
-    stats::{LobbyInfo, Stats, StatsSnapshot, bump},
-    writer::{self, WriterHandle, WriterMsg},
-};
+#[cfg(feature = "auth")]
+use crate::edge::auth::RouteAuth;
+#[cfg(feature = "tls")]
+use crate::edge::tls::ServerTls;
 #[cfg(feature = "admin")]
-use crate::{
-    admin::{self, AdminHandle},
+use crate::ops::{
+    admin::{self, AdminHandle, AdminToken},
     metrics::GatewayCollector,
+};
+use crate::{
+    config::Config,
+    control::{
+        inbox::{self, ManagerMsg},
+        shutdown::{OnStop, ShutdownHandle},
+    },
+    delivery::writer::{self, WriterHandle, WriterMsg},
+    edge::acceptor::{self, AcceptorHandle, AcceptorMsg, Served},
+    error::{Error, Result},
+    fanout::{
+        lobby::LobbyEnv,
+        manager::{self, FORWARD_QUEUE, Inboxes},
+    },
+    id::RouteId,
+    ops::health::{Health, Probes},
+    source::{Publisher, Upstream, route::RouteEnv},
+    stats::{LobbyInfo, Stats, StatsSnapshot, bump},
 };
 
 /// Entry point for running a gateway in this process.
@@ -121,6 +131,15 @@ impl Builder {
             .iter()
             .map(|(id, route)| RouteEnv::new(*id, route.clone(), fed.as_ref()))
             .collect::<Result<Vec<_>>>()?;
+        let stats = Arc::new(Stats::default());
+        let served = served(&routes, None, &stats)?;
+        #[cfg(feature = "admin")]
+        let admin_token = {
+            let token = Arc::new(AdminToken::default());
+            token.set(AdminToken::read(config.admin_token_file.as_deref())?);
+            token
+        };
+        warn_unguarded(&routes);
         let listener = bind(config.listen, config.reuse_port).map_err(|source| Error::Bind {
             addr: config.listen,
             source,
@@ -139,12 +158,16 @@ impl Builder {
             }
             None => None,
         };
-        let stats = Arc::new(Stats::default());
         if let Some(publisher) = &publisher {
             publisher.hub().attach(&stats);
         }
-        let (prepared, shutdown) =
-            acceptor::prepare(listener, &config, &routes, Arc::clone(&stats))?;
+        #[cfg(feature = "tls")]
+        let tls = load_tls(&config, None, &stats)?;
+        #[cfg_attr(not(feature = "tls"), allow(unused_mut))]
+        let (mut prepared, shutdown) =
+            acceptor::prepare(listener, &config, &served, Arc::clone(&stats))?;
+        #[cfg(feature = "tls")]
+        prepared.serve_tls(tls.clone());
         let (manager_tx, manager_rx) = unbounded();
         let reload = ReloadHandle {
             inner: Arc::new(Reloader {
@@ -152,9 +175,14 @@ impl Builder {
                     ids: routes.iter().map(|(id, r)| (r.path.clone(), *id)).collect(),
                     next: u32::try_from(routes.len()).unwrap_or(u32::MAX),
                     config: config.clone(),
+                    served,
+                    #[cfg(feature = "tls")]
+                    tls,
                 }),
                 acceptor: prepared.commands.clone(),
                 wake: shutdown.clone(),
+                #[cfg(feature = "admin")]
+                admin_token: Arc::clone(&admin_token),
                 manager: manager_tx.clone(),
                 stats: Arc::clone(&stats),
                 publisher: fed,
@@ -222,33 +250,12 @@ impl Builder {
                 collector: handle.metrics_collector(),
                 manager: handle.manager_tx.clone(),
                 lobby_capacity: config.lobby_capacity,
+                token: Arc::clone(&admin_token),
             };
             // On failure the handle's drop stops what started.
             handle.admin = Some(admin::spawn(listener, sources)?);
         }
         Ok(handle)
-    }
-}
-
-/// What to run once the gateway has stopped ([`Builder::on_stop`]): run
-/// when dropped, which the manager does last.
-pub(crate) struct OnStop(Option<Box<dyn FnOnce() + Send>>);
-
-impl std::fmt::Debug for OnStop {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() {
-            "OnStop(set)"
-        } else {
-            "OnStop(none)"
-        })
-    }
-}
-
-impl Drop for OnStop {
-    fn drop(&mut self) {
-        if let Some(f) = self.0.take() {
-            f();
-        }
     }
 }
 
@@ -350,7 +357,7 @@ impl GatewayHandle {
     /// The current lobbies and their client counts, ordered by id. Empty if
     /// the gateway has stopped or its manager does not answer within `timeout`.
     pub fn lobbies(&self, timeout: Duration) -> Vec<LobbyInfo> {
-        ask_lobbies(&self.manager_tx, timeout).unwrap_or_default()
+        inbox::ask_lobbies(&self.manager_tx, timeout).unwrap_or_default()
     }
 
     /// The address of the admin HTTP server, if [`Config::admin`] asked for one.
@@ -448,6 +455,9 @@ struct Reloader {
     acceptor: Sender<AcceptorMsg>,
     /// Wakes the acceptor to read its inbox.
     wake: ShutdownHandle,
+    /// The admin server's token, re-read from its file at each reload.
+    #[cfg(feature = "admin")]
+    admin_token: Arc<AdminToken>,
     manager: Sender<ManagerMsg>,
     stats: Arc<Stats>,
     /// The in-process publisher's upstream, if it feeds the route at
@@ -458,38 +468,54 @@ struct Reloader {
 #[derive(Debug)]
 struct RouteBook {
     config: Config,
+    /// The routes as the acceptor serves them (their authentication, whose
+    /// keys a reload that cannot read new ones keeps).
+    served: Vec<Served>,
     /// A route keeps its id while its path is served.
     ids: HashMap<String, RouteId>,
     next: u32,
+    /// The client listener's TLS, as the acceptor serves it.
+    #[cfg(feature = "tls")]
+    tls: Option<ServerTls>,
 }
 
-/// Whether two configurations agree on one setting.
-type SameSetting = fn(&Config, &Config) -> bool;
-
 /// Gateway-wide settings a reload cannot change (the threads and sockets
-/// they shape are made at start): each as its name and how to compare it.
-const NEEDS_RESTART: &[(&str, SameSetting)] = &[
-    ("listen", |a, b| a.listen == b.listen),
-    ("reuse_port", |a, b| a.reuse_port == b.reuse_port),
-    ("admin", |a, b| a.admin == b.admin),
-    ("writers", |a, b| a.writers == b.writers),
-    ("write_batch", |a, b| a.write_batch == b.write_batch),
-    ("client_ping", |a, b| a.client_ping == b.client_ping),
-    ("max_client_rate", |a, b| {
-        a.max_client_rate == b.max_client_rate
-    }),
-    ("max_client_message", |a, b| {
-        a.max_client_message == b.max_client_message
-    }),
-    ("slow_client", |a, b| a.slow_client == b.slow_client),
-    ("slow_client_drops", |a, b| {
-        a.slow_client_drops == b.slow_client_drops
-    }),
-    ("client_messages", |a, b| {
-        a.client_messages == b.client_messages
-    }),
-    ("drain_timeout", |a, b| a.drain_timeout == b.drain_timeout),
-];
+/// they shape are made at start): each as its name, how to compare it, and
+/// how to keep its running value in a new configuration.
+macro_rules! needs_restart {
+    ($($field:ident),* $(,)?) => {
+        &[$((
+            stringify!($field),
+            |a: &Config, b: &Config| a.$field == b.$field,
+            |new: &mut Config, running: &Config| new.$field.clone_from(&running.$field),
+        )),*]
+    };
+}
+
+/// A setting that needs a restart: its name, whether two configurations
+/// agree on it, and how to keep the running one's value.
+type RestartSetting = (
+    &'static str,
+    fn(&Config, &Config) -> bool,
+    fn(&mut Config, &Config),
+);
+
+const NEEDS_RESTART: &[RestartSetting] = needs_restart!(
+    listen,
+    reuse_port,
+    admin,
+    writers,
+    write_batch,
+    client_ping,
+    max_client_rate,
+    max_client_message,
+    slow_client,
+    slow_client_drops,
+    client_messages,
+    drain_timeout,
+    auth_threads,
+    auth_queue,
+);
 
 impl ReloadHandle {
     /// Applies `config` to the running gateway without dropping clients:
@@ -521,12 +547,19 @@ impl ReloadHandle {
         error!("reload failed, keeping the running configuration: {why}");
     }
 
-    fn apply(&self, config: Config) -> Result<()> {
+    fn apply(&self, mut config: Config) -> Result<()> {
         let inner = &self.inner;
         let mut book = inner
             .book
             .lock()
             .map_err(|_| Error::Config("a reload panicked; reload again".into()))?;
+        // What runs keeps its value, so the next reload compares with it.
+        for (name, same, keep) in NEEDS_RESTART {
+            if !same(&book.config, &config) {
+                warn!("reload: {name} changes only with a restart; keeping the running value");
+                keep(&mut config, &book.config);
+            }
+        }
         let mut envs = Vec::new();
         let mut routes = Vec::new();
         for route in config.serving(inner.publisher.is_some()) {
@@ -541,14 +574,32 @@ impl ReloadHandle {
             envs.push(RouteEnv::new(id, route.clone(), inner.publisher.as_ref())?);
             routes.push((id, route));
         }
-        for (name, same) in NEEDS_RESTART {
-            if !same(&book.config, &config) {
-                warn!("reload: {name} changes only with a restart; keeping the running value");
+        let served = served(&routes, Some(&book.served), &inner.stats)?;
+        warn_unguarded(&routes);
+        #[cfg(feature = "admin")]
+        match AdminToken::read(config.admin_token_file.as_deref()) {
+            Ok(token) => inner.admin_token.set(token),
+            Err(e) => {
+                bump(&inner.stats.auth_key_failures);
+                warn!("reload: {e}; keeping the running admin token");
             }
         }
+        #[cfg(feature = "tls")]
+        let tls = match load_tls(&config, book.tls.as_ref(), &inner.stats) {
+            Ok(tls) => tls,
+            Err(e) => {
+                bump(&inner.stats.tls_reload_failures);
+                warn!("reload: {e}; keeping the running certificate");
+                config.tls_cert.clone_from(&book.config.tls_cert);
+                config.tls_key.clone_from(&book.config.tls_key);
+                book.tls.clone()
+            }
+        };
         let _ = inner.acceptor.send(AcceptorMsg::Reload {
             config: Box::new(config.clone()),
-            routes: routes.clone(),
+            routes: served.clone(),
+            #[cfg(feature = "tls")]
+            tls: tls.clone(),
         });
         inner.wake.wake();
         let sent = inner.manager.send(ManagerMsg::Reload {
@@ -561,51 +612,101 @@ impl ReloadHandle {
         info!("configuration reloaded: {} routes", routes.len());
         book.ids = routes.iter().map(|(id, r)| (r.path.clone(), *id)).collect();
         book.config = config;
+        book.served = served;
+        #[cfg(feature = "tls")]
+        {
+            book.tls = tls;
+        }
         Ok(())
     }
 }
 
-/// Begins a gateway's graceful shutdown from any thread. Cheap to clone.
-#[derive(Debug, Clone)]
-pub struct ShutdownHandle {
-    stop: Arc<AtomicBool>,
-    waker: Arc<Waker>,
-    /// Where `draining` is raised, before anything else happens.
-    stats: Arc<Stats>,
+/// The routes as the acceptor serves them, each with its authentication
+/// loaded (its key files read). At a reload, `running` are the routes
+/// served until now: a route whose keys cannot be read keeps its running
+/// authentication, with a warning, counted in `auth_key_failures`; a new
+/// route whose keys cannot be read fails the reload.
+fn served(
+    routes: &[(RouteId, Config)],
+    running: Option<&[Served]>,
+    stats: &Stats,
+) -> Result<Vec<Served>> {
+    routes
+        .iter()
+        .map(|(id, route)| {
+            #[cfg(feature = "auth")]
+            let auth = match RouteAuth::load(&route.auth) {
+                Ok(auth) => auth.map(Arc::new),
+                Err(e) => {
+                    let kept = running.and_then(|r| r.iter().find(|s| s.id == *id));
+                    let Some(kept) = kept else {
+                        return Err(e);
+                    };
+                    bump(&stats.auth_key_failures);
+                    warn!(
+                        "reload: route {}: {e}; keeping its running keys",
+                        route.path
+                    );
+                    kept.auth.clone()
+                }
+            };
+            #[cfg(not(feature = "auth"))]
+            let _ = (running, stats);
+            Ok(Served {
+                id: *id,
+                config: route.clone(),
+                #[cfg(feature = "auth")]
+                auth,
+            })
+        })
+        .collect()
 }
 
-impl ShutdownHandle {
-    pub(crate) fn new(stop: Arc<AtomicBool>, waker: Waker, stats: Arc<Stats>) -> ShutdownHandle {
-        ShutdownHandle {
-            stop,
-            waker: Arc::new(waker),
-            stats,
-        }
+/// The client listener's TLS from `config`'s certificate and key (`None`
+/// if it has none); `running` lends its session ticket keys and cache. The
+/// certificate's expiry goes to `stats`.
+#[cfg(feature = "tls")]
+fn load_tls(
+    config: &Config,
+    running: Option<&ServerTls>,
+    stats: &Stats,
+) -> Result<Option<ServerTls>> {
+    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+        stats.tls_certificate_expiry.store(0, Ordering::Relaxed);
+        return Ok(None);
+    };
+    let tls = ServerTls::load(cert, key, running)?;
+    match tls.not_after {
+        Some(at) => info!(
+            "serving wss:// with {} (expires at {at}, Unix time)",
+            cert.display()
+        ),
+        None => warn!(
+            "serving wss:// with {}, whose expiry could not be read",
+            cert.display()
+        ),
     }
-
-    /// Begins the shutdown (see [`GatewayHandle::shutdown`]); returns at once.
-    pub fn shutdown(&self) {
-        // Readiness fails before the first client hears of the drain.
-        self.stats.draining.store(true, Ordering::SeqCst);
-        self.stop.store(true, Ordering::SeqCst);
-        self.wake();
-    }
-
-    /// Wakes the acceptor to look at its flags.
-    pub(crate) fn wake(&self) {
-        if let Err(e) = self.waker.wake() {
-            error!("cannot wake the acceptor: {e}");
-        }
-    }
+    stats
+        .tls_certificate_expiry
+        .store(tls.not_after.unwrap_or(0), Ordering::Relaxed);
+    Ok(Some(tls))
 }
 
-/// Asks the manager for its lobby list; `None` if it has stopped or does not
-/// answer within `timeout`.
-pub(crate) fn ask_lobbies(
-    manager: &Sender<ManagerMsg>,
-    timeout: Duration,
-) -> Option<Vec<LobbyInfo>> {
-    let (tx, rx) = bounded(1);
-    manager.send(ManagerMsg::Inspect(tx)).ok()?;
-    rx.recv_timeout(timeout).ok()
+/// Warns about each route that sends its upstream credentials (an origin
+/// header, a password in its URL) and admits anyone who reaches it.
+fn warn_unguarded(routes: &[(RouteId, Config)]) {
+    for (_, route) in routes {
+        let credentials = !route.origin_headers.is_empty()
+            || route
+                .origin
+                .split_once("://")
+                .is_some_and(|(_, rest)| rest.split('/').next().is_some_and(|a| a.contains('@')));
+        if credentials && !route.auth.is_enabled() {
+            warn!(
+                "route {}: sends credentials upstream and admits anyone who reaches the listener; \
+                 set [auth] (a JWT key or an auth service) or keep the listener private",
+                route.path
+            );
+        }
+    }
 }

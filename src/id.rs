@@ -1,6 +1,7 @@
-//! Identifiers threads use to name clients and lobbies in their messages.
+//! Identifiers threads use to name clients, lobbies, routes and groups of
+//! lobbies in their messages.
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 /// A client, unique for the gateway's lifetime. Assigned by the manager.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -14,6 +15,15 @@ pub struct LobbyId(pub u32);
 /// gateway's lifetime: a route changed by a reload keeps its id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RouteId(pub u32);
+
+/// The lobbies a client may share: those of its route and query key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct Group {
+    pub route: RouteId,
+    /// The normalised query string, for a route whose lobbies are keyed by
+    /// it; `None` otherwise.
+    pub key: Option<Arc<str>>,
+}
 
 impl fmt::Display for ClientId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

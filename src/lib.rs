@@ -65,7 +65,8 @@
 //!
 //! # Cargo features
 //!
-//! - `tls` (default): `wss://` origins and `rediss://` through rustls.
+//! - `tls` (default): `wss://` for clients ([`Config::tls_cert`]), `wss://`
+//!   origins and `rediss://`, through rustls.
 //! - `redis` (default): Redis pub/sub and stream sources (the `redis`
 //!   crate's blocking connection; no async runtime).
 //! - `admin` (default): the admin HTTP server, Prometheus metrics and probes.
@@ -100,51 +101,38 @@
 //! over [`Gateway`]; see the README for flags, logging and guarantees.
 
 #![deny(missing_docs, missing_debug_implementations)]
-// One audited exception, with its measured reason: `sys.rs`.
+// One audited exception, with its measured reason: `edge/sys.rs`.
 #![deny(unsafe_code)]
 
-mod acceptor;
-#[cfg(feature = "admin")]
-mod admin;
-mod backoff;
 mod config;
-mod conn;
-mod deflate;
+mod control;
+mod delivery;
 pub mod demo;
+mod edge;
 mod error;
+mod fanout;
 #[cfg(feature = "fault-injection")]
 #[doc(hidden)]
 pub mod fault;
-mod frame;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzz;
 mod gateway;
-mod health;
-mod history;
-mod http;
 mod id;
-mod lobby;
-mod manager;
-#[cfg(feature = "admin")]
-pub mod metrics;
-mod queue;
-mod registry;
-mod rng;
-mod seat;
+mod ops;
 mod source;
 mod stats;
-mod supervise;
-mod sys;
-#[cfg(feature = "tls")]
-mod tls;
-mod writer;
+mod wire;
 
 pub use config::{
-    ClientMessages, Config, OriginLoss, RouteConfig, SlowClient, parse_duration, parse_header,
+    AuthConfig, ClientMessages, Config, OriginLoss, RouteConfig, SlowClient, parse_duration,
+    parse_header,
 };
+pub use control::shutdown::ShutdownHandle;
 pub use error::{Error, Result};
-pub use gateway::{Builder, Gateway, GatewayHandle, ReloadHandle, ShutdownHandle};
-pub use health::Health;
+pub use gateway::{Builder, Gateway, GatewayHandle, ReloadHandle};
+pub use ops::health::Health;
+#[cfg(feature = "admin")]
+pub use ops::metrics;
 pub use source::Publisher;
-pub use stats::{Disconnect, DropReason, LobbyInfo, OriginState, StatsSnapshot};
+pub use stats::{AuthResult, Disconnect, DropReason, LobbyInfo, OriginState, StatsSnapshot};

@@ -102,7 +102,12 @@ fn run(cli: &Cli) -> Result<bool, Box<dyn std::error::Error>> {
         ),
         None => None,
     };
-    let url = |path: &str| format!("ws://{}{path}", gateway.local_addr());
+    let scheme = if config.tls_cert.is_some() {
+        "wss"
+    } else {
+        "ws"
+    };
+    let url = |path: &str| format!("{scheme}://{}{path}", gateway.local_addr());
     if demo.is_some() {
         let url = url(&config.path);
         say(&format!("wsgate demo: connect WebSocket clients to {url}"));
@@ -120,7 +125,7 @@ fn run(cli: &Cli) -> Result<bool, Box<dyn std::error::Error>> {
             say(&format!(
                 "  and to {} (from {})",
                 url(&route.path),
-                route.origin
+                shown_url(&route.origin)
             ));
         }
     }
@@ -175,6 +180,26 @@ fn say(line: &str) {
     let _ = writeln!(out, "{line}").and_then(|()| out.flush());
 }
 
+/// What stands for a credential in what the binary prints.
+const REDACTED: &str = "REDACTED";
+
+/// An origin URL as the binary prints it: the password in its user
+/// information (`redis://user:PASSWORD@host/channel`) replaced by
+/// [`REDACTED`]; the rest as it is.
+fn shown_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            format!("{scheme}://{user}:{REDACTED}@{host}{tail}")
+        }
+        _ => url.to_owned(),
+    }
+}
+
 /// The settings: the defaults, then the config file, then the flags; not
 /// yet validated. A file error names the file, its line and the key.
 fn load(cli: &Cli) -> Result<Config, Error> {
@@ -209,10 +234,31 @@ fn read_config_file(path: &Path) -> Result<Config, Error> {
     )))
 }
 
-/// Prints the settings as a config file.
+/// Prints the settings as a config file, without their credentials:
+/// origin header values and the passwords in origin URLs are printed as
+/// [`REDACTED`] (a header's name stays, so the reader sees it is set).
 #[cfg(feature = "config-file")]
 fn print_config(config: &Config) -> Result<(), Error> {
-    print!("{}", config.to_toml());
+    let mut shown = config.clone();
+    let hide = |headers: &mut Vec<(String, String)>| {
+        for (_, value) in headers {
+            *value = REDACTED.to_owned();
+        }
+    };
+    shown.origin = shown_url(&shown.origin);
+    hide(&mut shown.origin_headers);
+    for route in &mut shown.routes {
+        route.origin = shown_url(&route.origin);
+        if let Some(headers) = &mut route.origin_headers {
+            hide(headers);
+        }
+    }
+    if shown != *config {
+        println!(
+            "# Credentials are printed as {REDACTED}: origin header values, passwords in origin URLs."
+        );
+    }
+    print!("{}", shown.to_toml());
     Ok(())
 }
 
@@ -282,4 +328,29 @@ fn init_logging(level: LevelFilter) {
     };
     // Fails only if a logger is already set, which cannot happen here.
     let _ = TermLogger::init(level, config, TerminalMode::Stderr, color);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shown_url;
+
+    #[test]
+    fn a_printed_url_hides_its_password_only() {
+        for (url, shown) in [
+            (
+                "redis://:pw@127.0.0.1:6379/ch",
+                "redis://:REDACTED@127.0.0.1:6379/ch",
+            ),
+            (
+                "rediss+stream://user:p%40ss@h/2/key?field=d",
+                "rediss+stream://user:REDACTED@h/2/key?field=d",
+            ),
+            ("redis://a:b@c@h/ch", "redis://a:REDACTED@h/ch"),
+            ("redis://user@h/ch", "redis://user@h/ch"),
+            ("ws://h:9000/feed?x=a@b", "ws://h:9000/feed?x=a@b"),
+            ("", ""),
+        ] {
+            assert_eq!(shown_url(url), shown, "{url}");
+        }
+    }
 }

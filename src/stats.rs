@@ -4,6 +4,8 @@
 //! paths add in batches (a writer adds a whole vectored write's frames at once),
 //! so these cache lines are not touched once per delivery.
 
+#[cfg(any(feature = "auth", feature = "admin"))]
+use std::sync::{Arc, Mutex};
 use std::{
     sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed},
     time::{Duration, Instant},
@@ -70,6 +72,84 @@ pub(crate) struct Stats {
     /// When the gateway started: the zero of per-lobby timestamps.
     pub epoch: Epoch,
     pub latency: Latency,
+    /// Authentications by result, summed over routes.
+    pub auth: [AtomicU64; AuthResult::COUNT],
+    /// Each route's authentications by result (the metric's route label).
+    #[cfg(any(feature = "auth", feature = "admin"))]
+    pub auth_routes: AuthRoutes,
+    /// Key files a reload could not read (the route kept its old keys).
+    pub auth_key_failures: AtomicU64,
+    /// Auth requests' round trips to the auth service.
+    pub auth_latency: Latency,
+    /// Client TLS handshakes that completed.
+    pub tls_handshakes_ok: AtomicU64,
+    /// Of those, the ones that negotiated TLS 1.3.
+    pub tls_handshakes_tls13: AtomicU64,
+    /// Of those, the ones that negotiated TLS 1.2.
+    pub tls_handshakes_tls12: AtomicU64,
+    /// Client TLS handshakes refused (garbage, no shared version or cipher
+    /// suite, an alert from the client) or abandoned by the client.
+    pub tls_handshakes_failed: AtomicU64,
+    /// Client TLS handshakes still under way at the handshake timeout.
+    pub tls_handshakes_timed_out: AtomicU64,
+    /// Certificate and key pairs a reload could not use (the running pair stayed).
+    pub tls_reload_failures: AtomicU64,
+    /// When the client listener's certificate expires, in seconds since the
+    /// Unix epoch; 0 without TLS or when it could not be read.
+    pub tls_certificate_expiry: AtomicU64,
+}
+
+/// Authentications of one route, by [`AuthResult`].
+#[cfg(any(feature = "auth", feature = "admin"))]
+pub(crate) type AuthCounts = [AtomicU64; AuthResult::COUNT];
+
+/// Every route's authentication counts, by path. The acceptor takes a
+/// route's counts when it starts serving the route (a lock held for a
+/// lookup), then bumps them without one; a scrape copies them.
+#[cfg(any(feature = "auth", feature = "admin"))]
+#[derive(Debug, Default)]
+pub(crate) struct AuthRoutes(Mutex<Vec<(String, Arc<AuthCounts>)>>);
+
+#[cfg(any(feature = "auth", feature = "admin"))]
+impl AuthRoutes {
+    /// The counts of the route at `path`, made on first use; a route that
+    /// comes back after a reload keeps its counts.
+    #[cfg(feature = "auth")]
+    pub(crate) fn of(&self, path: &str) -> Arc<AuthCounts> {
+        let mut routes = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, counts)) = routes.iter().find(|(p, _)| p == path) {
+            return Arc::clone(counts);
+        }
+        let counts: Arc<AuthCounts> = Arc::new(Default::default());
+        routes.push((path.to_owned(), Arc::clone(&counts)));
+        counts
+    }
+
+    /// Each route's path and counts so far (routes that counted nothing
+    /// left out).
+    #[cfg(feature = "admin")]
+    pub(crate) fn read(&self) -> Vec<(String, [u64; AuthResult::COUNT])> {
+        let routes = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        routes
+            .iter()
+            .map(|(path, counts)| {
+                (
+                    path.clone(),
+                    std::array::from_fn(|i| counts[i].load(Relaxed)),
+                )
+            })
+            .filter(|(_, counts)| counts.iter().any(|n| *n > 0))
+            .collect()
+    }
+}
+
+#[cfg(feature = "auth")]
+impl Stats {
+    /// Counts one authentication of a route.
+    pub(crate) fn count_auth(&self, route: &AuthCounts, result: AuthResult) {
+        bump(&route[result as usize]);
+        bump(&self.auth[result as usize]);
+    }
 }
 
 /// The instant a gateway's stats were created, the zero of the millisecond
@@ -113,6 +193,27 @@ pub(crate) struct Latency {
 }
 
 impl Latency {
+    /// Adds one sample.
+    #[cfg(feature = "auth")]
+    pub(crate) fn record(&self, took: Duration) {
+        let seconds = took.as_secs_f64();
+        let bucket = LATENCY_BOUNDS
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .unwrap_or(LATENCY_BOUNDS.len());
+        bump(&self.buckets[bucket]);
+        self.sum_micros
+            .fetch_add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    /// The buckets (not cumulative) and the sum in microseconds.
+    fn read(&self) -> ([u64; LATENCY_BOUNDS.len() + 1], u64) {
+        (
+            std::array::from_fn(|i| self.buckets[i].load(Relaxed)),
+            self.sum_micros.load(Relaxed),
+        )
+    }
+
     /// Adds a writer's samples (and empties them).
     pub(crate) fn absorb(&self, sampler: &mut LatencySampler) {
         if sampler.count == 0 {
@@ -313,7 +414,7 @@ pub struct StatsSnapshot {
     /// Write calls to client sockets that wrote something, control frames
     /// included. [`StatsSnapshot::frames_delivered`] over this is how many
     /// frames a write carried: about one while writers keep up, up to the
-    /// queue depth when they are behind (see `writer.rs`).
+    /// queue depth when they are behind (see `delivery/writer.rs`).
     pub client_writes: u64,
     /// Of [`StatsSnapshot::frames_delivered`], those sent compressed
     /// (permessage-deflate); the rest went out uncompressed.
@@ -337,6 +438,30 @@ pub struct StatsSnapshot {
     pub(crate) latency_buckets: [u64; LATENCY_BOUNDS.len() + 1],
     /// The sum of the sampled latencies, in microseconds.
     pub(crate) latency_sum_micros: u64,
+    /// Authentications by result: see [`StatsSnapshot::auth`].
+    pub(crate) auth: [u64; AuthResult::COUNT],
+    /// Key files a reload could not read; the routes kept their old keys.
+    pub auth_key_failures: u64,
+    pub(crate) auth_latency_buckets: [u64; LATENCY_BOUNDS.len() + 1],
+    pub(crate) auth_latency_sum_micros: u64,
+    /// Client TLS handshakes that completed (`wss://` clients, `tls_cert`).
+    pub tls_handshakes_ok: u64,
+    /// Of [`StatsSnapshot::tls_handshakes_ok`], those that negotiated TLS 1.3.
+    pub tls_handshakes_tls13: u64,
+    /// Of [`StatsSnapshot::tls_handshakes_ok`], those that negotiated TLS 1.2.
+    pub tls_handshakes_tls12: u64,
+    /// Client TLS handshakes that failed: garbage instead of a ClientHello,
+    /// nothing in common with the client, an alert, or the client gone.
+    pub tls_handshakes_failed: u64,
+    /// Client TLS handshakes still under way at the handshake timeout
+    /// (counted in [`StatsSnapshot::handshakes_timed_out`] too).
+    pub tls_handshakes_timed_out: u64,
+    /// Reloads whose certificate and key could not be used; the running
+    /// pair stayed.
+    pub tls_reload_failures: u64,
+    /// When the client listener's certificate expires, in seconds since the
+    /// Unix epoch; 0 without TLS.
+    pub tls_certificate_expiry: u64,
 }
 
 impl StatsSnapshot {
@@ -349,6 +474,20 @@ impl StatsSnapshot {
         let bounds = LATENCY_BOUNDS.iter().copied().chain([f64::INFINITY]);
         let buckets = bounds.zip(self.latency_buckets).collect();
         (buckets, self.latency_sum_micros as f64 / 1e6)
+    }
+
+    /// Auth requests' round trips to auth services, as
+    /// [`StatsSnapshot::delivery_latency`] gives its histogram (every
+    /// request is timed).
+    pub fn auth_latency(&self) -> (Vec<(f64, u64)>, f64) {
+        let bounds = LATENCY_BOUNDS.iter().copied().chain([f64::INFINITY]);
+        let buckets = bounds.zip(self.auth_latency_buckets).collect();
+        (buckets, self.auth_latency_sum_micros as f64 / 1e6)
+    }
+
+    /// Client authentications that ended with `result`, over every route.
+    pub fn auth(&self, result: AuthResult) -> u64 {
+        self.auth[result as usize]
     }
 
     /// Clients whose connection ended for `reason`.
@@ -505,6 +644,17 @@ impl Stats {
             draining: self.draining.load(Relaxed),
             latency_buckets: std::array::from_fn(|i| self.latency.buckets[i].load(Relaxed)),
             latency_sum_micros: self.latency.sum_micros.load(Relaxed),
+            auth: std::array::from_fn(|i| self.auth[i].load(Relaxed)),
+            auth_key_failures: self.auth_key_failures.load(Relaxed),
+            auth_latency_buckets: self.auth_latency.read().0,
+            auth_latency_sum_micros: self.auth_latency.read().1,
+            tls_handshakes_ok: self.tls_handshakes_ok.load(Relaxed),
+            tls_handshakes_tls13: self.tls_handshakes_tls13.load(Relaxed),
+            tls_handshakes_tls12: self.tls_handshakes_tls12.load(Relaxed),
+            tls_handshakes_failed: self.tls_handshakes_failed.load(Relaxed),
+            tls_handshakes_timed_out: self.tls_handshakes_timed_out.load(Relaxed),
+            tls_reload_failures: self.tls_reload_failures.load(Relaxed),
+            tls_certificate_expiry: self.tls_certificate_expiry.load(Relaxed),
         }
     }
 
@@ -596,11 +746,14 @@ pub enum Disconnect {
     Shutdown,
     /// The writer thread serving it failed: closed with 1011.
     InternalError,
+    /// Its token expired (its `exp` plus the leeway passed): closed with
+    /// 4401 after its queued frames.
+    TokenExpired,
 }
 
 impl Disconnect {
     /// How many reasons there are.
-    pub const COUNT: usize = 14;
+    pub const COUNT: usize = 15;
 
     /// Every reason, in declaration order.
     pub const ALL: [Disconnect; Disconnect::COUNT] = [
@@ -618,6 +771,7 @@ impl Disconnect {
         Disconnect::RouteRemoved,
         Disconnect::Shutdown,
         Disconnect::InternalError,
+        Disconnect::TokenExpired,
     ];
 
     /// A short snake_case name, for logs and metric labels.
@@ -637,12 +791,13 @@ impl Disconnect {
             Disconnect::RouteRemoved => "route_removed",
             Disconnect::Shutdown => "shutdown",
             Disconnect::InternalError => "internal_error",
+            Disconnect::TokenExpired => "token_expired",
         }
     }
 
     /// The close code the gateway sends for this reason, if it closes.
     pub fn close_code(self) -> Option<u16> {
-        use crate::frame::close_code as code;
+        use crate::wire::close as code;
         match self {
             Disconnect::ClientClosed | Disconnect::ConnectionLost | Disconnect::SocketError => None,
             Disconnect::ProtocolError => Some(code::PROTOCOL_ERROR),
@@ -653,13 +808,14 @@ impl Disconnect {
             Disconnect::TooSlow | Disconnect::NoRoom => Some(code::TRY_AGAIN_LATER),
             Disconnect::OriginLost | Disconnect::RouteRemoved => Some(code::SERVICE_RESTART),
             Disconnect::InternalError => Some(code::INTERNAL_ERROR),
+            Disconnect::TokenExpired => Some(code::TOKEN_EXPIRED),
         }
     }
 
     /// The reason a close with `code` was sent for, given the violation or
     /// rule behind it.
     pub(crate) fn for_close_code(code: u16) -> Disconnect {
-        use crate::frame::close_code as c;
+        use crate::wire::close as c;
         match code {
             c::INVALID_PAYLOAD => Disconnect::InvalidUtf8,
             c::TOO_BIG => Disconnect::TooBig,
@@ -672,6 +828,66 @@ impl Disconnect {
 impl std::fmt::Display for Disconnect {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// How an authentication of a client ended. Each result has a counter
+/// ([`StatsSnapshot::auth`]), and per route a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum AuthResult {
+    /// Admitted: its token or the auth service said yes.
+    Ok,
+    /// It brought no token where the route needs one: 401.
+    Missing,
+    /// Its token did not verify (signature, algorithm, key, issuer,
+    /// audience, form): 401.
+    Invalid,
+    /// Its token expired, or is not valid yet: 401.
+    Expired,
+    /// Its token does not allow this route or query key: 403.
+    Forbidden,
+    /// The auth service said no (401 or 403, passed on).
+    Denied,
+    /// The auth service answered something else, or could not be reached:
+    /// 503, failing closed.
+    Error,
+    /// The auth service did not answer in time: 503.
+    Timeout,
+    /// Too many upgrades were waiting for the auth service: 503 at once.
+    Overloaded,
+}
+
+impl AuthResult {
+    /// How many results there are.
+    pub const COUNT: usize = 9;
+
+    /// Every result, in declaration order.
+    pub const ALL: [AuthResult; AuthResult::COUNT] = [
+        AuthResult::Ok,
+        AuthResult::Missing,
+        AuthResult::Invalid,
+        AuthResult::Expired,
+        AuthResult::Forbidden,
+        AuthResult::Denied,
+        AuthResult::Error,
+        AuthResult::Timeout,
+        AuthResult::Overloaded,
+    ];
+
+    /// A short snake_case name, for logs and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            AuthResult::Ok => "ok",
+            AuthResult::Missing => "missing",
+            AuthResult::Invalid => "invalid",
+            AuthResult::Expired => "expired",
+            AuthResult::Forbidden => "forbidden",
+            AuthResult::Denied => "denied",
+            AuthResult::Error => "error",
+            AuthResult::Timeout => "timeout",
+            AuthResult::Overloaded => "overloaded",
+        }
     }
 }
 

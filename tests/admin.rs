@@ -1,7 +1,7 @@
 //! End-to-end tests of the admin server (`--admin`): real gateways on port
 //! 0, a real origin, real WebSocket clients, HTTP over real sockets, the
 //! metrics read with a Prometheus text parser, and the dashboard rendered by
-//! headless Chromium when it is installed.
+//! headless Chromium when it is installed (always on CI).
 
 mod support;
 
@@ -336,6 +336,7 @@ fn readyz_fails_as_shutdown_begins_and_the_admin_answers_through_the_drain() {
     let mut config = admin_config(&origin.url());
     config.client_send_buffer = 8 * 1024;
     config.drain_timeout = Duration::from_secs(4);
+    let drain = config.drain_timeout;
     let gw = start_gateway(config);
     let addr = admin(&gw);
     let livez = get(addr, "/livez");
@@ -362,6 +363,7 @@ fn readyz_fails_as_shutdown_begins_and_the_admin_answers_through_the_drain() {
             .expect("a numbered message");
     }
 
+    let shutdown = Instant::now();
     gw.shutdown();
     // Readiness fails at once, before the reading client has seen its close
     // (it is read only afterwards) ...
@@ -378,10 +380,16 @@ fn readyz_fails_as_shutdown_begins_and_the_admin_answers_through_the_drain() {
     assert_eq!(sample(&scrape(addr), "wsgate_draining", &[]), 1.0);
     assert!(!gw.readiness().ok);
 
-    let started = Instant::now();
     let last = gw.join();
     assert!(last.draining);
-    assert!(started.elapsed() < DEADLINE);
+    // The promise: the drain timeout and a second, from shutdown(); with
+    // 2 s for this noisy machine.
+    let took = shutdown.elapsed();
+    let bound = drain + Duration::from_secs(1) + Duration::from_secs(2);
+    assert!(
+        took < bound,
+        "shutdown took {took:?}, promised under {bound:?}"
+    );
     drop(stalled);
     // The admin server stopped last, with the gateway.
     assert!(
@@ -603,8 +611,7 @@ fn an_embedder_adds_the_metrics_to_its_own_registry() {
 
 #[test]
 fn the_dashboard_shows_the_lobbies_and_live_rates_in_chromium() {
-    let Some(chromium) = find_on_path("chromium") else {
-        println!("skipped: chromium not found (apt-get install chromium)");
+    let Some(chromium) = chromium() else {
         return;
     };
     let origin = Arc::new(TestOrigin::start());

@@ -11,7 +11,7 @@ use std::{
     io::Read,
     net::TcpStream,
     sync::{Mutex, MutexGuard},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
@@ -58,6 +58,7 @@ fn published_messages_allocate_per_message_not_per_client() {
         gw.stats().origin_connections == 1
     });
     // Every client at the live edge: a message reaches all of them.
+    let end = Instant::now() + DEADLINE;
     loop {
         let before = gw.stats().frames_delivered;
         publisher.publish_text("warm");
@@ -65,6 +66,10 @@ fn published_messages_allocate_per_message_not_per_client() {
         if gw.stats().frames_delivered - before == CLIENTS as u64 {
             break;
         }
+        assert!(
+            Instant::now() < end,
+            "no warm-up message reached all {CLIENTS} clients within {DEADLINE:?}"
+        );
     }
     let mut buf = vec![0u8; 64 * 1024];
     for c in &clients {

@@ -140,42 +140,79 @@ fn print_config_shows_every_setting_in_the_file_form() {
 
 #[test]
 fn a_closed_standard_output_does_not_stop_the_gateway() {
+    // The start-up banner names every route, one line each with its path
+    // and upstream: this many outgrow a pipe's buffer (64 KiB on Linux)
+    // three times over, so the gateway is still printing when its reader
+    // goes away, and the rest of its writes to standard output fail (EPIPE).
+    const ROUTES: usize = 512;
+    const PIPE_BUFFER: usize = 64 * 1024;
     let origin = TestOrigin::start();
-    let routes = [
-        format!("/a={}", origin.url()),
-        format!("/b={}", origin.url()),
-    ];
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--route",
-            &routes[0],
-            "--route",
-            &routes[1],
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start wsgate");
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let routes: Vec<String> = (0..ROUTES)
+        .map(|i| format!("/{i:0>400}={}", origin.url()))
+        .collect();
+    let banner: usize = routes.iter().map(String::len).sum();
+    assert!(banner > 3 * PIPE_BUFFER, "a banner of {banner} bytes");
+    let last = routes[ROUTES - 1].split_once('=').expect("PATH=URL").0;
+    let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("closed-stdout-{}.log", std::process::id()));
+    let mut child = Reaper(
+        Command::new(env!("CARGO_BIN_EXE_wsgate"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(routes.iter().flat_map(|r| ["--route", r.as_str()]))
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start wsgate"),
+        log.clone(),
+    );
+    let mut stdout = BufReader::new(child.0.stdout.take().unwrap());
     let mut line = String::new();
     stdout.read_line(&mut line).unwrap();
     // Whoever read our first line goes away before the rest is printed.
     drop(stdout);
     let addr: SocketAddr =
         address_in(&line, "ws://").unwrap_or_else(|| panic!("no address in {line:?}"));
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    let logged = |what: &str| {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(what)
+    };
+
+    // The last route's line went to the closed pipe; the route serves.
     let stream = std::net::TcpStream::connect(addr).expect("still listening");
     stream.set_read_timeout(Some(DEADLINE)).unwrap();
     let (mut client, _) =
-        tungstenite::client(format!("ws://{addr}/b"), stream).expect("still serving");
+        tungstenite::client(format!("ws://{addr}{last}"), stream).expect("still serving");
     wait_until("its upstream", || origin.open() == 1);
     origin.send_seq(1);
     assert_eq!(recv_text(&mut client), "1");
-    assert!(child.try_wait().unwrap().is_none(), "still running");
-    let _ = child.kill();
-    let _ = child.wait();
+    assert!(child.0.try_wait().unwrap().is_none(), "still running");
+
+    // Later output (a reload, its log lines) does not stop it either.
+    let signal = |name: &str| {
+        let sent = Command::new("kill")
+            .args([&format!("-{name}"), &child.0.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(sent, "kill -{name}");
+    };
+    signal("HUP");
+    wait_until("the reload", || {
+        logged(&format!("configuration reloaded: {ROUTES} routes"))
+    });
+    origin.send_seq(2);
+    assert_eq!(recv_text(&mut client), "2");
+
+    // And it stops cleanly: 1001 to its client, the final counters, exit 0.
+    signal("TERM");
+    let close = recv_close(&mut client);
+    assert_eq!(close.map(|f| u16::from(f.code)), Some(1001));
+    drop(client);
+    let status = child.0.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(status.code(), Some(0), "{text}");
+    assert!(text.contains("stopped: clients served 1,"), "{text}");
+    assert!(!text.contains("panicked"), "{text}");
 }
 
 #[test]

@@ -9,7 +9,7 @@ use tungstenite::{
     Message,
     protocol::{CloseFrame, frame::coding::CloseCode},
 };
-use wsgate::Disconnect;
+use wsgate::{ClientMessages, Disconnect};
 
 fn gateway() -> (TestOrigin, wsgate::GatewayHandle) {
     let origin = TestOrigin::start();
@@ -56,6 +56,68 @@ fn data_messages_are_read_and_discarded() {
     origin.send_seq(1);
     assert_eq!(recv_text(&mut client), "1");
     assert_eq!(gw.stats().clients, 1, "still connected");
+}
+
+#[test]
+fn client_messages_beyond_the_forward_queue_are_dropped_and_counted() {
+    /// Client messages the manager's queue holds (`FORWARD_QUEUE`,
+    /// src/fanout/manager.rs).
+    const FORWARD_QUEUE: u64 = 256;
+    const N: u64 = 1000;
+    let origin = TestOrigin::start();
+    let mut config = test_config(&origin.url());
+    config.client_messages = ClientMessages::Forward;
+    config.allow_any_origin = true;
+    config.max_client_rate = 0;
+    let gw = start_gateway(config);
+    let mut sender = connect_clients(&gw, 1).remove(0);
+    wait_until("origin connection", || origin.open() == 1);
+    // The manager stops while it places a second client, as a thread
+    // writing to a blocked log pipe would: it takes no client message
+    // meanwhile.
+    let stream = std::net::TcpStream::connect(gw.local_addr()).unwrap();
+    let hold = hold_log_line(&format!(
+        " from {} placed in ",
+        stream.local_addr().unwrap()
+    ));
+    let _second =
+        tungstenite::client(format!("ws://{}/", gw.local_addr()), stream).expect("upgrade");
+    hold.wait_held();
+    for n in 1..=N {
+        sender.write(Message::text(n.to_string())).unwrap();
+    }
+    sender.flush().unwrap();
+    wait_until("the messages beyond the manager's queue dropped", || {
+        gw.stats().forward_dropped == N - FORWARD_QUEUE
+    });
+    hold.release();
+    wait_until("every message sent or dropped", || {
+        let stats = gw.stats();
+        stats.forwarded + stats.forward_dropped == N
+    });
+    // What went upstream went in order, from the first the queue kept.
+    let stats = gw.stats();
+    wait_until("the origin to receive what was sent", || {
+        received(&origin).len() as u64 == stats.forwarded
+    });
+    let got = received(&origin);
+    assert!(
+        got.windows(2).all(|w| w[0] < w[1]) && got.iter().all(|&n| n <= FORWARD_QUEUE),
+        "{got:?}"
+    );
+    assert_eq!(gw.stats().clients, 2, "no client closed");
+}
+
+/// The numbers of the text messages the origin received, in order.
+fn received(origin: &TestOrigin) -> Vec<u64> {
+    origin
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            OriginEvent::Received { text, .. } => text.parse().ok(),
+            _ => None,
+        })
+        .collect()
 }
 
 #[test]

@@ -60,3 +60,9 @@ fn upgrade_request_seeds() {
 fn origin_response_seeds() {
     replay("origin_response", wsgate::fuzz::origin_response);
 }
+
+#[cfg(feature = "auth")]
+#[test]
+fn token_seeds() {
+    replay("token", wsgate::fuzz::token);
+}

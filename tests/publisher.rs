@@ -12,9 +12,10 @@ use std::{
 use support::*;
 use wsgate::{Gateway, GatewayHandle, Publisher};
 
-/// The heavy tests (a thousand clients, twenty thousand publishes as fast
-/// as they go, migrations on a timer) take turns: on two cores, one of them
-/// can starve another's lobbies past its deadlines.
+/// The tests that start lobbies take turns. The heavy ones (a thousand
+/// clients, twenty thousand publishes as fast as they go, migrations on a
+/// timer) can starve another's lobbies past its deadlines on two cores; and
+/// the test that holds a lobby at its subscription must hold its own.
 fn alone() -> std::sync::MutexGuard<'static, ()> {
     static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
     TURN.lock()
@@ -123,8 +124,13 @@ fn publishing_never_waits_for_slow_clients() {
     }
     let took = started.elapsed();
     eprintln!("{N} publishes in {took:?}, the slowest {slowest:?}");
+    // The promise (README, "In-process"): a publish never waits, so it
+    // costs its own work, microseconds. What it may take beyond that is
+    // this busy 2-core box descheduling the thread: the margins are 1 s for
+    // one publish and 10 s for all of them (the README's run: the slowest
+    // 12 ms, 0.74 s in all).
     assert!(
-        slowest < Duration::from_millis(100),
+        slowest < Duration::from_secs(1),
         "a publish waited {slowest:?}"
     );
     assert!(
@@ -146,6 +152,36 @@ fn publishing_never_waits_for_slow_clients() {
 }
 
 #[test]
+fn a_lobby_that_falls_256_messages_behind_loses_its_oldest_and_counts_them() {
+    let _turn = alone();
+    /// The frames a lobby's queue holds (`LOBBY_QUEUE`, src/source/publisher.rs).
+    const LOBBY_QUEUE: u64 = 256;
+    const N: u64 = 1000;
+    let mut config = test_config("");
+    // Once it goes on, the lobby hands its whole queue on at once.
+    config.queue_depth = 2 * LOBBY_QUEUE as usize;
+    let (gw, publisher) = publishing(config);
+    // The lobby's thread stops just after it subscribed, as one writing to
+    // a blocked log pipe would: it takes nothing from its queue meanwhile.
+    let hold = hold_log_line("subscribed to the publisher");
+    let mut client = ws_client(gw.local_addr());
+    hold.wait_held();
+    for n in 1..=N {
+        publisher.publish_text(n.to_string());
+    }
+    hold.release();
+    // The client gets the newest, in order, from the first the queue kept.
+    for n in N - LOBBY_QUEUE + 1..=N {
+        assert_eq!(recv_text(&mut client), n.to_string());
+    }
+    wait_until("the lost messages counted", || {
+        gw.stats().origin_gaps == N - LOBBY_QUEUE
+    });
+    let stats = gw.stats();
+    assert_eq!(stats.frames_dropped, 0, "{stats:?}");
+}
+
+#[test]
 fn a_publisher_needs_no_origin_and_takes_none() {
     let mut builder = Gateway::builder(test_config("ws://127.0.0.1:9/feed"));
     let _publisher = builder.publisher();
@@ -157,8 +193,13 @@ fn a_publisher_needs_no_origin_and_takes_none() {
 
 #[test]
 fn messages_published_before_start_or_after_stop_reach_nobody() {
+    let _turn = alone();
     let mut builder = Gateway::builder(test_config(""));
     let publisher = builder.publisher();
+    let (stopped_tx, stopped) = std::sync::mpsc::channel();
+    builder.on_stop(move || {
+        let _ = stopped_tx.send(());
+    });
     publisher.publish_text("too early");
     let gw = builder.start().expect("gateway starts");
     let mut client = connect_clients(&gw, 1).remove(0);
@@ -169,9 +210,17 @@ fn messages_published_before_start_or_after_stop_reach_nobody() {
     publisher.publish_text("on time");
     assert_eq!(recv_past_warm(&mut client), "on time");
     gw.shutdown();
-    let last = gw.join();
+    stopped.recv_timeout(DEADLINE).expect("the gateway stopped");
+    // Every gateway thread has ended: a message published now is counted
+    // nowhere and queued for no lobby.
+    let at_stop = gw.stats();
     publisher.publish_text("too late");
-    assert_eq!(last.frames_dropped, 0);
+    let last = gw.join();
+    assert_eq!(last, at_stop, "a message published after the stop counted");
+    assert!(
+        format!("{publisher:?}").contains("lobbies: 0"),
+        "a stopped gateway's lobby still takes messages: {publisher:?}"
+    );
 }
 
 /// Sends `"1"`, `"2"`, … through the publisher, each followed by
@@ -215,6 +264,10 @@ fn compaction_moves_clients_on_sequence_numbers_without_gaps() {
     let mut config = test_config("");
     config.lobby_capacity = 10;
     config.compact_interval = Duration::from_millis(500);
+    // The feed's peak is 5 frames every 5 ms: 1024 frames are a second of
+    // it (the default 16, 16 ms), so only a writer stalled that long on
+    // this busy box drops a frame, and the drop counters then say so.
+    config.queue_depth = 1024;
     let (gw, publisher) = publishing(config);
     let mut clients = Vec::new();
     for _ in 0..30 {
@@ -230,35 +283,41 @@ fn compaction_moves_clients_on_sequence_numbers_without_gaps() {
 
     let feed = PublisherFeed::start(publisher.clone(), Duration::from_millis(5), heartbeats);
     let keep = [0, 1, 10, 11, 12, 20, 21, 22, 23];
-    let mut readers = Vec::new();
+    let mut followers = Vec::new();
     for (i, mut client) in clients.into_iter().enumerate() {
         if keep.contains(&i) {
-            readers.push(Reader::spawn(client));
+            followers.push(Follower::spawn(client));
         } else {
             client.close(None).unwrap();
         }
     }
     wait_until("one lobby of 9", || members(&gw) == [9]);
     wait_until("one subscription", || gw.stats().origin_connections == 1);
-    std::thread::sleep(Duration::from_millis(300));
+    let received = |gw: &GatewayHandle| gw.lobbies(DEADLINE).first().map_or(0, |l| l.messages_in);
+    let moved_at = received(&gw);
+    wait_until(
+        "the stream going on through the lobby they moved into",
+        || received(&gw) >= moved_at + 20,
+    );
     let last = feed.stop();
-    std::thread::sleep(Duration::from_millis(300));
-    for reader in readers {
-        let got: Vec<String> = reader
-            .finish()
-            .into_iter()
-            .skip_while(|m| m == "warm")
-            .collect();
+    let streams: Vec<Vec<String>> = followers
+        .into_iter()
+        .map(|f| f.finish_at(&last.to_string()))
+        .collect();
+    let stats = gw.stats();
+    assert_no_queue_drops(&stats);
+    assert_eq!(stats.migration_gaps, 0, "{stats:?}");
+    for got in streams {
+        let got: Vec<String> = got.into_iter().skip_while(|m| m == "warm").collect();
         let numbers = assert_continuous(&got, heartbeats);
         assert_eq!(numbers.last(), Some(&last), "the stream reached its end");
     }
-    let stats = gw.stats();
     assert!(stats.migrations >= 5, "{stats:?}");
-    assert_eq!(stats.migration_gaps, 0);
 }
 
 #[test]
 fn the_publishers_route_serves_beside_routes_and_outlives_a_reload() {
+    let _turn = alone();
     let b = TestOrigin::start();
     let mut config = test_config("");
     config.routes = vec![wsgate::RouteConfig::new("/b", &b.url())];

@@ -12,9 +12,17 @@ use std::{
 
 use support::*;
 use tungstenite::Message;
-use wsgate::{Disconnect, GatewayHandle, fault::Fault};
+use wsgate::{Disconnect, DropReason, GatewayHandle, OriginState, fault::Fault};
 
-/// Slack for this noisy machine on top of the documented shutdown bound.
+/// The promise (README, "Limits and guarantees"): `join()`, dropping the
+/// handle and SIGTERM end within the drain timeout and a second.
+fn shutdown_bound(drain: Duration) -> Duration {
+    drain + Duration::from_secs(1)
+}
+
+/// The margin on top of [`shutdown_bound`] for this busy 2-core box: the
+/// threads that end (acceptor, manager, lobbies, writers) and the test's
+/// own each may wait their turn for a core.
 const SLACK: Duration = Duration::from_secs(2);
 
 /// Joins `gw`; how long that took, and its final counters.
@@ -71,10 +79,12 @@ fn a_lobby_that_panics_has_its_clients_placed_again_exactly_once() {
     let origin = Arc::new(TestOrigin::start());
     let mut config = test_config(&origin.url());
     config.lobby_capacity = 2;
+    // The numbered messages go out in one burst: queues deep enough for it.
+    config.queue_depth = 64;
     let gw = start_gateway(config);
     let clients = connect_clients(&gw, 4);
     wait_until("two origin connections", || origin.open() == 2);
-    let readers: Vec<Reader> = clients.into_iter().map(Reader::spawn).collect();
+    let followers: Vec<Follower> = clients.into_iter().map(Follower::spawn).collect();
     gw.inject_fault(Fault::Lobby);
     origin.send_seq(1);
     wait_until("the lobby replaced", || {
@@ -90,19 +100,28 @@ fn a_lobby_that_panics_has_its_clients_placed_again_exactly_once() {
             .sum::<usize>()
             == 4
     });
+    // Each is held by its lobby, and the replacement's upstream connection
+    // is in the origin's broadcast list: each gets what is sent next.
+    wait_placed(&gw, 4);
+    wait_until("the replacement's upstream registered", || {
+        origin
+            .events()
+            .iter()
+            .filter(|e| matches!(e, OriginEvent::Connected { .. }))
+            .count()
+            == 3
+    });
     for n in 2..=20 {
         origin.send_seq(n);
-        std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(gw.stats().clients, 4);
-    for reader in readers {
-        let got = reader.finish();
+    for follower in followers {
+        let got = follower.finish_at("20");
         let numbers: Vec<u64> = got.iter().map(|t| t.parse().unwrap()).collect();
         assert!(
             numbers.windows(2).all(|w| w[0] < w[1]),
             "in order, no duplicate: {numbers:?}"
         );
-        assert_eq!(numbers.last(), Some(&20), "{numbers:?}");
     }
     assert_eq!(gw.stats().fatal_errors, 0);
 }
@@ -124,9 +143,10 @@ fn fatal(fault: Fault) {
     }
     let (_, last) = timed_join(gw);
     assert!(
-        start.elapsed() < drain + Duration::from_secs(1) + SLACK,
-        "{fault:?}: took {:?}",
-        start.elapsed()
+        start.elapsed() < shutdown_bound(drain) + SLACK,
+        "{fault:?}: took {:?} (promised {:?}, {SLACK:?} margin)",
+        start.elapsed(),
+        shutdown_bound(drain)
     );
     assert_eq!(last.fatal_errors, 1, "{fault:?}");
     assert_eq!(last.thread_panics, 1, "{fault:?}");
@@ -158,20 +178,32 @@ fn shutdown_ends_within_the_drain_timeout_and_a_second_whatever_is_stuck() {
     let _stalled = stalled_client(gw.local_addr());
     wait_until("its lobby connected", || origin.open() == 1);
     let feed = Feed::start(origin.clone(), Duration::from_millis(1));
-    std::thread::sleep(Duration::from_millis(300));
+    // 2 MiB more than its 4 KiB receive buffer and 16 KiB unsent hold: the
+    // client is stalled once it loses frames for a full socket.
+    for n in 1..=32 {
+        origin.send(numbered(n, 64 * 1024));
+    }
+    wait_until("the client stalled", || {
+        gw.stats().dropped(DropReason::SlowClient) > 0
+    });
     gw.inject_fault(Fault::SlowResolve);
     let _waiting = raw_client(gw.local_addr());
     wait_until("a second lobby", || gw.stats().lobbies == 2);
-    std::thread::sleep(Duration::from_millis(300));
+    // Its inbox is served meanwhile: it holds its client while it resolves.
+    wait_placed(&gw, 2);
+    wait_until("the second lobby resolving", || {
+        gw.lobbies(DEADLINE)
+            .iter()
+            .any(|l| l.origin == OriginState::Connecting)
+    });
     assert_eq!(origin.open(), 1, "the second lobby is still resolving");
-    // Its inbox is served meanwhile.
-    assert_eq!(gw.lobbies(DEADLINE).len(), 2);
     gw.shutdown();
     let (took, last) = timed_join(gw);
     feed.stop();
     assert!(
-        took < drain + Duration::from_secs(1) + SLACK,
-        "took {took:?}"
+        took < shutdown_bound(drain) + SLACK,
+        "took {took:?} (promised {:?}, {SLACK:?} margin)",
+        shutdown_bound(drain)
     );
     assert_eq!(last.clients, 0);
     assert_eq!(last.fatal_errors, 0);

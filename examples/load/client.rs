@@ -96,6 +96,8 @@ pub struct Config {
     /// Offer permessage-deflate; compressed messages are inflated as far
     /// as their seq and timestamp.
     pub deflate: bool,
+    /// Extra request header lines (`Name: value`), e.g. a bearer token.
+    pub headers: Vec<String>,
 }
 
 impl Config {
@@ -112,6 +114,7 @@ impl Config {
             connect_timeout: Duration::from_secs(30),
             max_in_flight: 64,
             deflate: false,
+            headers: Vec::new(),
         }
     }
 }
@@ -304,7 +307,7 @@ impl Clients {
         if config.clients == 0 {
             return Err("need at least one client".to_string());
         }
-        let target = Target::parse(&config.url)?;
+        let target = Target::parse(&config.url, &config.headers)?;
         let threads = config.threads.clamp(1, config.clients);
         let shared = Arc::new(Shared {
             phase: AtomicU8::new(PHASE_WARMUP),
@@ -439,7 +442,7 @@ struct Target {
 }
 
 impl Target {
-    fn parse(url: &str) -> Result<Target, String> {
+    fn parse(url: &str, headers: &[String]) -> Result<Target, String> {
         let rest = url
             .strip_prefix("ws://")
             .ok_or_else(|| format!("url must start with ws:// (got {url})"))?;
@@ -470,9 +473,10 @@ impl Target {
                 "refusing non-loopback target {addr}: this tool only targets loopback"
             ));
         }
+        let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
         let request_head = format!(
             "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: "
+             {extra}Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: "
         );
         Ok(Target { addr, request_head })
     }
@@ -1190,17 +1194,20 @@ mod tests {
 
     #[test]
     fn parses_urls() {
-        let t = Target::parse("ws://127.0.0.1:9001/lobby/a").unwrap();
+        let t = Target::parse("ws://127.0.0.1:9001/lobby/a", &[]).unwrap();
         assert_eq!(t.addr, "127.0.0.1:9001".parse().unwrap());
         assert!(
             t.request_head
                 .starts_with("GET /lobby/a HTTP/1.1\r\nHost: 127.0.0.1:9001\r\n")
         );
-        let t = Target::parse("ws://127.0.0.1:9001").unwrap();
+        let t = Target::parse("ws://127.0.0.1:9001", &[]).unwrap();
         assert!(t.request_head.starts_with("GET / HTTP/1.1\r\n"));
-        assert_eq!(Target::parse("ws://[::1]:80/").unwrap().addr.port(), 80);
-        assert!(Target::parse("http://127.0.0.1/").is_err());
-        assert!(Target::parse("ws://192.0.2.1:80/").is_err());
+        assert_eq!(
+            Target::parse("ws://[::1]:80/", &[]).unwrap().addr.port(),
+            80
+        );
+        assert!(Target::parse("http://127.0.0.1/", &[]).is_err());
+        assert!(Target::parse("ws://192.0.2.1:80/", &[]).is_err());
     }
 
     #[test]

@@ -111,6 +111,10 @@ struct Args {
     /// gateway's listen backlog (default 64)
     #[argh(option, default = "64")]
     in_flight: usize,
+    /// a request header line every client sends, 'Name: value', e.g.
+    /// 'Authorization: Bearer TOKEN' (repeatable)
+    #[argh(option)]
+    header: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -261,6 +265,7 @@ fn run(args: &Args) -> Result<String, String> {
             config.slow_ping = args.slow_ping;
             config.connect_timeout = Duration::from_secs(args.connect_timeout);
             config.max_in_flight = args.in_flight;
+            config.headers.clone_from(&args.header);
             let t0 = Instant::now();
             let mut hook = |phase: client::Phase| match phase {
                 client::Phase::Connected(p) => {

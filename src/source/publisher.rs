@@ -32,10 +32,10 @@ use log::{error, info, warn};
 use mio::Waker;
 
 use crate::{
-    frame::{self, Frame, OP_BINARY, OP_TEXT},
     id::LobbyId,
-    source::{Body, Drive, LobbyContext, Message, Source, position, publish_state},
+    source::contract::{Body, Drive, LobbyContext, Message, Source, position, publish_state},
     stats::{OriginState, Stats, bump, drop_one},
+    wire::frame::{self, Frame, OP_BINARY, OP_TEXT},
 };
 
 /// Messages a lobby may fall behind its publisher before it loses the

@@ -59,16 +59,19 @@ use redis::{
 };
 
 use crate::{
-    backoff::Backoff,
-    config::Config,
+    config::{
+        Config,
+        url::{Mode, RedisUrl},
+    },
     error::{Error, Result},
-    frame::MessageKind,
     id::LobbyId,
-    rng::Rng,
     source::{
-        Drive, Failure, LobbyContext, Message, Source, position, publish_state, split_host_port,
+        backoff::Backoff,
+        contract::{Drive, Failure, LobbyContext, Message, Source, position, publish_state},
+        rng::Rng,
     },
     stats::{OriginState, bump, drop_one},
+    wire::frame::MessageKind,
 };
 
 /// Longest a lobby on a Redis source goes without serving its inbox while
@@ -84,147 +87,8 @@ pub(crate) const PONG_WAIT: Duration = Duration::from_secs(1);
 pub(crate) const XREAD_COUNT: usize = 256;
 /// Pub/sub messages read per drive, so the inbox is served between bursts.
 const READS_PER_DRIVE: usize = 256;
-/// A connection that lived this long earns a fresh backoff when it fails.
-const STABLE_AFTER: Duration = Duration::from_secs(30);
-/// A connection that delivered messages earns a fresh backoff only if it
-/// also lived this long.
-const HEALTHY_AFTER: Duration = Duration::from_secs(5);
 /// The shortest read timeout the socket takes (zero means none at all).
 const MIN_WAIT: Duration = Duration::from_millis(1);
-
-/// What a Redis origin URL says.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct RedisUrl {
-    is_tls: bool,
-    host: String,
-    port: u16,
-    username: Option<String>,
-    password: Option<String>,
-    db: i64,
-    mode: Mode,
-}
-
-/// What a lobby reads.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Mode {
-    /// Messages published on a channel.
-    PubSub { channel: String },
-    /// Entries of a stream: the value of one field of each.
-    Stream { key: String, field: String },
-}
-
-impl RedisUrl {
-    /// Parses `redis://[[user]:password@]host[:port][/db]/channel` (or
-    /// `rediss://` for TLS), and `redis+stream://…/key[?field=NAME]`
-    /// (`rediss+stream://` for TLS). The path's first segment is the
-    /// database when it is all digits and more follows; user, password,
-    /// channel and key are percent-decoded.
-    pub(crate) fn parse(url: &str) -> Result<RedisUrl> {
-        let bad = |why: &str| Err(Error::Config(format!("origin: {url:?} {why}")));
-        let Some((scheme, rest)) = url.split_once("://") else {
-            return bad("is not a valid URL");
-        };
-        let (is_tls, is_stream) = match scheme.to_ascii_lowercase().as_str() {
-            "redis" => (false, false),
-            "rediss" => (true, false),
-            "redis+stream" => (false, true),
-            "rediss+stream" => (true, true),
-            _ => return bad("is not a Redis URL"),
-        };
-        if is_tls && !cfg!(feature = "tls") {
-            return bad("uses TLS, but this build has no TLS (feature `tls`)");
-        }
-        let (rest, query) = match rest.split_once('?') {
-            Some((rest, query)) => (rest, Some(query)),
-            None => (rest, None),
-        };
-        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-        let (userinfo, hostport) = match authority.rsplit_once('@') {
-            Some((userinfo, hostport)) => (Some(userinfo), hostport),
-            None => (None, authority),
-        };
-        let (username, password) = match userinfo {
-            None => (None, None),
-            Some(info) => {
-                let (user, pass) = info.split_once(':').unwrap_or((info, ""));
-                let user = (!user.is_empty()).then(|| decode(user)).transpose();
-                let pass = (!pass.is_empty()).then(|| decode(pass)).transpose();
-                match (user, pass) {
-                    (Ok(user), Ok(pass)) => (user, pass),
-                    _ => return bad("has a malformed user or password"),
-                }
-            }
-        };
-        let (host, port) = match split_host_port(hostport) {
-            Ok((host, port)) => (host, port.unwrap_or(6379)),
-            Err(why) => return bad(why),
-        };
-        let (db, name) = match path.split_once('/') {
-            Some((db, name)) if !db.is_empty() && db.bytes().all(|b| b.is_ascii_digit()) => {
-                match db.parse::<i64>() {
-                    Ok(db) => (db, name),
-                    Err(_) => return bad("has a bad database number"),
-                }
-            }
-            _ => (0, path),
-        };
-        let Ok(name) = decode(name) else {
-            return bad("has a malformed channel or key");
-        };
-        if name.is_empty() {
-            return bad(if is_stream {
-                "names no stream key (…/KEY)"
-            } else {
-                "names no channel (…/CHANNEL)"
-            });
-        }
-        let mut field = "data".to_owned();
-        for pair in query.into_iter().flat_map(|q| q.split('&')) {
-            match pair.split_once('=') {
-                Some(("field", value)) if is_stream && !value.is_empty() => match decode(value) {
-                    Ok(value) => field = value,
-                    Err(_) => return bad("has a malformed field name"),
-                },
-                _ => {
-                    return bad("takes no query but ?field=NAME (on a redis+stream:// URL)");
-                }
-            }
-        }
-        let mode = if is_stream {
-            Mode::Stream { key: name, field }
-        } else {
-            Mode::PubSub { channel: name }
-        };
-        Ok(RedisUrl {
-            is_tls,
-            host: host.to_owned(),
-            port,
-            username,
-            password,
-            db,
-            mode,
-        })
-    }
-}
-
-/// Percent-decodes a URL component (as UTF-8).
-fn decode(text: &str) -> std::result::Result<String, ()> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3).ok_or(())?;
-            let hex = std::str::from_utf8(hex).map_err(drop)?;
-            out.push(u8::from_str_radix(hex, 16).map_err(drop)?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(drop)
-}
 
 /// Where the Redis source is and how to talk to it: built once from the
 /// URL and the configuration, shared by every lobby.
@@ -905,7 +769,7 @@ impl RedisLink {
                 continue;
             }
             deliver(Message {
-                body: crate::source::Body::Payload(kind_of(payload), payload),
+                body: crate::source::contract::Body::Payload(kind_of(payload), payload),
                 position: Some(position(id.0, id.1)),
             });
         }
@@ -944,10 +808,8 @@ impl RedisLink {
     /// An established connection is gone: count it and reconnect after a backoff.
     fn lose(&mut self, live: Box<Live>, cause: Failure, why: &str) {
         drop_one(&self.lobby.stats.origin_connections);
-        let lived = live.since.elapsed();
-        if lived >= STABLE_AFTER || (live.got_message && lived >= HEALTHY_AFTER) {
-            self.backoff.reset();
-        }
+        self.backoff
+            .connection_ended(live.since.elapsed(), live.got_message);
         drop(live);
         self.fail(cause, why);
     }
@@ -1082,94 +944,6 @@ impl Drop for RedisLink {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn parse(url: &str) -> RedisUrl {
-        RedisUrl::parse(url).unwrap_or_else(|e| panic!("{url}: {e}"))
-    }
-
-    #[test]
-    fn urls_name_server_credentials_database_and_channel() {
-        let url = parse("redis://127.0.0.1:6380/prices");
-        assert_eq!(
-            (url.host.as_str(), url.port, url.db),
-            ("127.0.0.1", 6380, 0)
-        );
-        assert_eq!(
-            url.mode,
-            Mode::PubSub {
-                channel: "prices".into()
-            }
-        );
-        assert_eq!((url.username, url.password), (None, None));
-
-        let url = parse("redis://:s%40cret@cache.internal/2/prices/eu");
-        assert_eq!(
-            (url.host.as_str(), url.port, url.db),
-            ("cache.internal", 6379, 2)
-        );
-        assert_eq!(url.password.as_deref(), Some("s@cret"));
-        assert_eq!(
-            url.mode,
-            Mode::PubSub {
-                channel: "prices/eu".into()
-            }
-        );
-
-        let url = parse("redis://feeder:pw@[::1]:7000/7");
-        assert_eq!((url.host.as_str(), url.port), ("::1", 7000));
-        assert_eq!(url.username.as_deref(), Some("feeder"));
-        // A lone segment is the channel, digits or not.
-        assert_eq!(
-            (url.db, url.mode),
-            (
-                0,
-                Mode::PubSub {
-                    channel: "7".into()
-                }
-            )
-        );
-
-        let url = parse("redis+stream://h/3/events?field=payload");
-        assert_eq!(url.db, 3);
-        assert_eq!(
-            url.mode,
-            Mode::Stream {
-                key: "events".into(),
-                field: "payload".into()
-            }
-        );
-        let url = parse("redis+stream://h/events");
-        assert_eq!(
-            url.mode,
-            Mode::Stream {
-                key: "events".into(),
-                field: "data".into()
-            }
-        );
-        assert_eq!(
-            RedisUrl::parse("rediss://h/c").is_ok(),
-            cfg!(feature = "tls")
-        );
-    }
-
-    #[test]
-    fn bad_urls_say_what_is_wrong() {
-        for (url, why) in [
-            ("redis://h", "no channel"),
-            ("redis://h/", "no channel"),
-            ("redis+stream://h/", "no stream key"),
-            ("redis://h:0/c", "port"),
-            ("redis://h:x/c", "port"),
-            ("redis:///c", "no host"),
-            ("redis://h/c?field=x", "query"),
-            ("redis+stream://h/k?count=3", "query"),
-            ("redis://h/%zz", "malformed"),
-            ("redis://[::1/c", "IPv6"),
-        ] {
-            let err = RedisUrl::parse(url).unwrap_err().to_string();
-            assert!(err.contains(why), "{url}: {err}");
-        }
-    }
 
     #[test]
     fn trimmed_entries_are_counted_from_the_entries_ever_added() {

@@ -1,8 +1,8 @@
-//! Headless Chromium for the tests that need a real browser: a page held
+//! Headless Chromium for the tests that need a real browser: the program
+//! ([`chromium`]: a test without it is skipped, or fails on CI), a page held
 //! open ([`Browser`]) or a run to completion with its output
 //! ([`run_chromium`]). Each run gets a fresh profile and is killed with
-//! every helper process it started. Finding the program and skipping
-//! without it is the caller's (`find_on_path`).
+//! every helper process it started.
 
 use std::{
     io::Read,
@@ -13,6 +13,13 @@ use std::{
     thread,
     time::{Duration, Instant},
 };
+
+/// The `chromium` program; `None` (the skip said) where it is not
+/// installed, for the test to return (see [`require_program`]).
+#[track_caller]
+pub fn chromium() -> Option<PathBuf> {
+    super::require_program("chromium", "apt-get install chromium")
+}
 
 /// Headless Chromium showing one page, in a fresh profile, until dropped:
 /// then it is killed with every helper process it started (its process

@@ -25,11 +25,19 @@ mod process;
 #[cfg(feature = "cli")]
 #[allow(unused_imports)]
 pub use process::*;
+#[cfg(feature = "auth")]
+mod tokens;
+#[cfg(feature = "auth")]
+#[allow(unused_imports)]
+pub use tokens::*;
 #[cfg(feature = "redis")]
 mod redis_server;
 #[cfg(feature = "redis")]
 #[allow(unused_imports)]
 pub use redis_server::*;
+mod require;
+#[allow(unused_imports)]
+pub use require::*;
 
 /// The generous deadline every wait in the tests uses: the machine is small and noisy.
 pub const DEADLINE: Duration = Duration::from_secs(20);
@@ -525,4 +533,207 @@ pub fn read_until(mut client: Client, last: u64) -> Vec<u64> {
         got.push(number(client.read().expect("read")));
     }
     got
+}
+
+// Helpers for tests that must fail only for their own reason (issue 28):
+// a reader that ends at a message rather than a moment, the drop check that
+// comes before a continuity check, and a log sink that holds a gateway
+// thread at a known point.
+
+/// A [`Reader`] that ends at a message, not a moment: it reads a client's
+/// text messages in its own thread, noting when each arrived; the test can
+/// wait on how many came, and stop it once a given message is in.
+pub struct Follower {
+    got: std::sync::Arc<std::sync::Mutex<Vec<(Instant, String)>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Follower {
+    /// Starts reading `client` in its own thread.
+    pub fn spawn(mut client: Client) -> Follower {
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (sink, flag) = (got.clone(), stop.clone());
+        client
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("read timeout");
+        let thread = thread::spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                match client.read() {
+                    Ok(Message::Text(t)) => sink
+                        .lock()
+                        .expect("follower lock")
+                        .push((Instant::now(), t.as_str().to_owned())),
+                    Ok(_) => {}
+                    Err(tungstenite::Error::Io(e))
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(e) => panic!("follower failed: {e}"),
+                }
+            }
+        });
+        Follower {
+            got,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Text messages received so far.
+    pub fn count(&self) -> usize {
+        self.got.lock().expect("follower lock").len()
+    }
+
+    /// Waits until `last` has arrived, then stops reading; every text
+    /// message received, in order.
+    #[track_caller]
+    pub fn finish_at(self, last: &str) -> Vec<String> {
+        wait_until(&format!("message {last:?} to arrive"), || {
+            let got = self.got.lock().expect("follower lock");
+            got.iter().rev().any(|(_, text)| text == last)
+        });
+        self.finish_timed()
+            .into_iter()
+            .map(|(_, text)| text)
+            .collect()
+    }
+
+    /// Stops reading now; every text message received, in order, with when
+    /// it arrived.
+    pub fn finish_timed(mut self) -> Vec<(Instant, String)> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("follower thread");
+        }
+        std::mem::take(&mut *self.got.lock().expect("follower lock"))
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Asserts that no client lost a frame to a full queue (`slow_client`,
+/// `writer_behind`). A test checks this before a stream's continuity, so
+/// an overloaded box fails as an overload, not as a gap. Frames queued for
+/// clients that left (`departed`) are not a loss to anyone reading.
+#[track_caller]
+pub fn assert_no_queue_drops(stats: &wsgate::StatsSnapshot) {
+    use wsgate::DropReason::{SlowClient, WriterBehind};
+    assert_eq!(
+        (stats.dropped(SlowClient), stats.dropped(WriterBehind)),
+        (0, 0),
+        "frames dropped from full queues (slow_client, writer_behind): the \
+         queue is too shallow for the feed on this box, or a writer stalled: {stats:?}"
+    );
+}
+
+/// Holds the gateway thread that logs a line containing a given text, until
+/// released: a thread stalled at a known point, as one writing to a
+/// blocked log pipe is. Only one hold is armed at a time in a process; the
+/// first use installs the process's logger, at debug level.
+pub struct LogHold(());
+
+struct HoldState {
+    needle: Option<String>,
+    /// Counts the holds armed: a thread held by one waits only for that one.
+    generation: u64,
+    held: bool,
+    released: bool,
+}
+
+static HOLD: std::sync::Mutex<HoldState> = std::sync::Mutex::new(HoldState {
+    needle: None,
+    generation: 0,
+    held: false,
+    released: false,
+});
+static HOLD_CHANGED: std::sync::Condvar = std::sync::Condvar::new();
+static HOLD_ARMED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn hold_state() -> std::sync::MutexGuard<'static, HoldState> {
+    HOLD.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+struct HoldingLogger;
+
+impl log::Log for HoldingLogger {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !HOLD_ARMED.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let line = record.args().to_string();
+        let mut state = hold_state();
+        let is_it = state.needle.as_deref().is_some_and(|n| line.contains(n));
+        if !is_it || state.held {
+            return;
+        }
+        state.held = true;
+        let generation = state.generation;
+        HOLD_CHANGED.notify_all();
+        // Never past the deadline, even if the test forgot to release it.
+        let end = Instant::now() + DEADLINE;
+        while state.generation == generation && !state.released && Instant::now() < end {
+            state = HOLD_CHANGED
+                .wait_timeout(state, Duration::from_millis(50))
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+static HOLDING_LOGGER: HoldingLogger = HoldingLogger;
+
+/// Arms a hold: the next gateway thread to log a line containing `needle`
+/// stops there until [`LogHold::release`] (or the hold is dropped).
+pub fn hold_log_line(needle: &str) -> LogHold {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        log::set_logger(&HOLDING_LOGGER).expect("no other logger in the tests");
+        log::set_max_level(log::LevelFilter::Debug);
+    });
+    let mut state = hold_state();
+    assert!(state.needle.is_none(), "one log hold at a time");
+    state.needle = Some(needle.to_owned());
+    state.generation += 1;
+    state.held = false;
+    state.released = false;
+    HOLD_ARMED.store(true, std::sync::atomic::Ordering::SeqCst);
+    LogHold(())
+}
+
+impl LogHold {
+    /// Waits until a thread is held.
+    #[track_caller]
+    pub fn wait_held(&self) {
+        wait_until("a thread held at its log line", || hold_state().held);
+    }
+
+    /// Lets the held thread (if any) go on; the hold is disarmed.
+    pub fn release(self) {
+        drop(self);
+    }
+}
+
+impl Drop for LogHold {
+    fn drop(&mut self) {
+        HOLD_ARMED.store(false, std::sync::atomic::Ordering::SeqCst);
+        let mut state = hold_state();
+        state.needle = None;
+        state.released = true;
+        HOLD_CHANGED.notify_all();
+    }
 }

@@ -1,7 +1,7 @@
 //! A real `redis-server` per test: started as a child process on a free
 //! loopback port (no persistence), killed by its PID. Never the system's
-//! service. Where the program is missing, the test says so in one line and
-//! returns.
+//! service. Where the program is missing, the test is skipped (on CI: fails;
+//! see [`require_program`]).
 
 use std::{
     net::{SocketAddr, TcpListener, TcpStream},
@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::DEADLINE;
+use super::{DEADLINE, require_program};
 
 /// A `redis-server` child process, killed (and reaped) on drop.
 pub struct RedisServer {
@@ -20,8 +20,8 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
-    /// Starts one on a free port; `None` (having printed why) if the
-    /// program is not installed.
+    /// Starts one on a free port; `None` (the skip said) if the program is
+    /// not installed.
     pub fn start() -> Option<RedisServer> {
         RedisServer::start_with(&[])
     }
@@ -37,22 +37,16 @@ impl RedisServer {
 
     /// Starts one on `port` (to restart a killed one where it was).
     pub fn start_on(port: u16, args: &[&str]) -> Option<RedisServer> {
-        let spawned = Command::new("redis-server")
+        let program = require_program("redis-server", "apt-get install redis-server")?;
+        let child = Command::new(program)
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .args(["--loglevel", "warning"])
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .spawn();
-        let child = match spawned {
-            Ok(child) => child,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                eprintln!("skipped: redis-server not found (apt-get install redis-server)");
-                return None;
-            }
-            Err(e) => panic!("cannot start redis-server: {e}"),
-        };
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start redis-server: {e}"));
         let password = args
             .windows(2)
             .find(|w| w[0] == "--requirepass")
@@ -123,6 +117,25 @@ impl RedisServer {
             .filter(|l| l.contains(" name=wsgate-lobby-"))
             .filter_map(|l| l.strip_prefix("id=")?.split(' ').next()?.parse().ok())
             .collect()
+    }
+
+    /// Stops the server (SIGSTOP, by its PID): it holds its connections
+    /// and answers nothing until [`RedisServer::resume`].
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, name: &str) {
+        let sent = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(sent, "kill -{name} {}", self.child.id());
     }
 
     /// Kills the server (SIGKILL) and waits for it: its port is free again.

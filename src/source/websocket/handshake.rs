@@ -2,19 +2,17 @@
 //! origin URL, the request the gateway sends, and the check of the origin's
 //! answer.
 //!
-//! Pure functions over bytes, like the server side in `http.rs`, so the
-//! origin link (`source/websocket.rs`) feeds them whatever its non-blocking
+//! Pure functions over bytes, like the server side in `edge/upgrade.rs`, so the
+//! origin link (`mod.rs`) feeds them whatever its non-blocking
 //! socket delivered so far, and tests feed them any split of a response.
 //! Sockets, deadlines and retries live in the link; the accept key is
-//! derived in `http.rs` for both sides. Doing this here rather than through
+//! derived in `wire/handshake.rs` for both sides. Doing this here rather than through
 //! tungstenite's client handshake keeps the `http` crate (its types and
 //! header tables) out of the binary, and every refusal gets its own reason.
 
-use std::fmt;
-
 use crate::{
-    http::{accept_key, base64},
-    source::split_host_port,
+    config::url::OriginUrl,
+    wire::handshake::{accept_key, base64},
 };
 
 /// Most response headers read; an origin that sends more is refused.
@@ -23,109 +21,6 @@ const MAX_HEADERS: usize = 64;
 /// Most bytes of an upgrade response read before its end; an origin that
 /// sends more is refused.
 pub(crate) const MAX_RESPONSE: usize = 16 * 1024;
-
-/// Request headers the upgrade itself sets; configured headers may not.
-const RESERVED: [&str; 6] = [
-    "connection",
-    "upgrade",
-    "sec-websocket-key",
-    "sec-websocket-version",
-    "sec-websocket-extensions",
-    "sec-websocket-protocol",
-];
-
-/// An origin URL, parsed and checked: `ws://` or `wss://`, a host, maybe a
-/// port, maybe a path and query.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct OriginUrl {
-    /// `wss://`: TLS to the origin.
-    pub(crate) secure: bool,
-    /// The host name or IP address, without an IPv6 address's brackets.
-    pub(crate) host: String,
-    /// The port, explicit or the scheme's default.
-    pub(crate) port: u16,
-    /// The `Host` header: the host as written, and the port unless it is
-    /// the scheme's default.
-    authority: String,
-    /// The request target: the path (`/` at least) and the query.
-    target: String,
-}
-
-impl OriginUrl {
-    /// Parses `url`; the error says what is wrong with it, to follow the URL
-    /// in a message.
-    pub(crate) fn parse(url: &str) -> Result<OriginUrl, &'static str> {
-        let Some((scheme, rest)) = url.split_once("://") else {
-            return Err("is not a valid URL");
-        };
-        let secure = match scheme.to_ascii_lowercase().as_str() {
-            "ws" => false,
-            "wss" => true,
-            _ => return Err("must start with ws:// or wss://"),
-        };
-        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        let (authority, target) = rest.split_at(end);
-        if target.contains('#') {
-            return Err("has a fragment, which a WebSocket URL cannot have");
-        }
-        if !target.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err("has characters in its path that must be percent-encoded");
-        }
-        if authority.contains('@') {
-            return Err("has credentials in it; send them with origin_headers instead");
-        }
-        let (host, port) = split_host_port(authority)?;
-        let default_port = if secure { 443 } else { 80 };
-        let port = port.unwrap_or(default_port);
-        let bracketed = if host.contains(':') {
-            format!("[{host}]")
-        } else {
-            host.to_owned()
-        };
-        let authority = if port == default_port {
-            bracketed
-        } else {
-            format!("{bracketed}:{port}")
-        };
-        let target = match target.strip_prefix('?') {
-            Some(_) => format!("/{target}"),
-            None if target.is_empty() => "/".to_owned(),
-            None => target.to_owned(),
-        };
-        Ok(OriginUrl {
-            secure,
-            host: host.to_owned(),
-            port,
-            authority,
-            target,
-        })
-    }
-}
-
-impl fmt::Display for OriginUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let scheme = if self.secure { "wss" } else { "ws" };
-        write!(f, "{scheme}://{}{}", self.authority, self.target)
-    }
-}
-
-/// Whether `name` may be configured as an origin request header: an HTTP
-/// token (RFC 9110, section 5.6.2) the upgrade does not set itself. `Host`
-/// may be set: it replaces the URL's.
-pub(crate) fn is_header_name(name: &str) -> bool {
-    let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
-    !name.is_empty()
-        && name.bytes().all(tchar)
-        && !RESERVED.iter().any(|r| r.eq_ignore_ascii_case(name))
-}
-
-/// Whether `value` may be sent as a header value: visible ASCII, spaces
-/// and tabs, nothing that could end the line.
-pub(crate) fn is_header_value(value: &str) -> bool {
-    value
-        .bytes()
-        .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
-}
 
 /// A fresh `Sec-WebSocket-Key`: 16 random bytes in base64.
 pub(crate) fn nonce(random: [u64; 2]) -> String {
@@ -136,7 +31,9 @@ pub(crate) fn nonce(random: [u64; 2]) -> String {
 }
 
 /// The upgrade request for `url` with the nonce `key`, the configured
-/// `headers` (checked by [`is_header_name`] and [`is_header_value`]) and the
+/// `headers` (checked by
+/// [`is_header_name`](crate::config::syntax::is_header_name) and
+/// [`is_header_value`](crate::config::syntax::is_header_value)) and the
 /// subprotocols offered.
 pub(crate) fn request(
     url: &OriginUrl,
@@ -243,59 +140,6 @@ mod tests {
     }
 
     #[test]
-    fn urls_parse_into_host_port_and_target() {
-        let u = url("ws://feed.example:9000/prices?pair=btc");
-        assert_eq!(
-            (u.secure, u.host.as_str(), u.port),
-            (false, "feed.example", 9000)
-        );
-        assert_eq!(u.to_string(), "ws://feed.example:9000/prices?pair=btc");
-        let u = url("WSS://Feed.example");
-        assert_eq!((u.secure, u.port, u.target.as_str()), (true, 443, "/"));
-        assert_eq!(u.authority, "Feed.example");
-        let u = url("ws://[::1]:8080?x=1");
-        assert_eq!((u.host.as_str(), u.port), ("::1", 8080));
-        assert_eq!(u.to_string(), "ws://[::1]:8080/?x=1");
-        assert_eq!(url("ws://10.0.0.5:80/").authority, "10.0.0.5");
-    }
-
-    #[test]
-    fn bad_urls_say_what_is_wrong() {
-        for (bad, why) in [
-            ("feed.example", "is not a valid URL"),
-            ("http://feed.example/", "must start with ws:// or wss://"),
-            ("ws:///path", "has no host"),
-            ("ws://:9000/", "has no host"),
-            ("ws://feed.example:0/", "has an invalid port"),
-            ("ws://feed.example:70000/", "has an invalid port"),
-            ("ws://feed.example:/", "has an invalid port"),
-            ("ws://feed.example:+80/", "has an invalid port"),
-            ("ws://[::1]x/", "has an invalid port"),
-            ("ws://[::1/", "has an unclosed IPv6 address"),
-            ("ws://[nope]/", "has an invalid IPv6 address"),
-            (
-                "ws://user:pw@feed.example/",
-                "has credentials in it; send them with origin_headers instead",
-            ),
-            ("ws://feed example/", "has an invalid host"),
-            (
-                "ws://feed.example/a b",
-                "has characters in its path that must be percent-encoded",
-            ),
-            (
-                "ws://feed.example/a\r\nX: y",
-                "has characters in its path that must be percent-encoded",
-            ),
-            (
-                "ws://feed.example/#top",
-                "has a fragment, which a WebSocket URL cannot have",
-            ),
-        ] {
-            assert_eq!(OriginUrl::parse(bad), Err(why), "{bad}");
-        }
-    }
-
-    #[test]
     fn the_request_carries_the_handshake_headers_and_the_configured_ones() {
         let headers = vec![("Authorization".to_owned(), "Bearer t".to_owned())];
         let protocols = vec!["v2.feed".to_owned(), "v1.feed".to_owned()];
@@ -324,27 +168,6 @@ mod tests {
             String::from_utf8(super::request(&url("ws://10.0.0.5/"), "k", &host, &[])).unwrap();
         assert_eq!(text.matches("ost: ").count(), 1, "{text}");
         assert!(text.contains("host: virtual.example\r\n") && !text.contains("Protocol"));
-    }
-
-    #[test]
-    fn header_names_and_values_are_checked() {
-        assert!(
-            is_header_name("Authorization")
-                && is_header_name("X-Feed_Key")
-                && is_header_name("Host")
-        );
-        for bad in [
-            "",
-            "Bad Name",
-            "X:y",
-            "Sec-WebSocket-Key",
-            "connection",
-            "UPGRADE",
-        ] {
-            assert!(!is_header_name(bad), "{bad:?}");
-        }
-        assert!(is_header_value("Bearer abc\t=") && is_header_value(""));
-        assert!(!is_header_value("a\r\nX-Injected: 1") && !is_header_value("caf\u{e9}"));
     }
 
     #[test]

@@ -1,0 +1,169 @@
+//! The per-client drop-oldest queue over a crossbeam bounded channel.
+//!
+//! A lobby pushes shared frames; when the queue is full it pops the oldest
+//! frame itself (it holds a receiver clone for that) and counts a drop, so it
+//! never waits on a slow client. The writer that owns the client's socket
+//! drains the other end, and marks the queue stalled while that socket is
+//! full, so a drop says whose it was: the client's (its socket was full) or
+//! the gateway's (its writer had not reached it yet). The queue belongs to
+//! the client, not the lobby: the manager keeps a handle so it outlives a
+//! move between lobbies.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
+
+use crate::{stats::DropReason, wire::frame::Frame};
+
+/// Both ends of one client's queue. Cloning shares the same queue.
+#[derive(Debug, Clone)]
+pub(crate) struct ClientQueue {
+    tx: Sender<Frame>,
+    rx: Receiver<Frame>,
+    /// Shared with the writer. Behind a pointer, not inline, so a lobby's
+    /// member stays one cache line (it walks them all for every message).
+    state: Arc<State>,
+}
+
+/// What the lobby and the writer share about a client besides its frames.
+#[derive(Debug, Default)]
+struct State {
+    /// Its socket is full: the writer waits for the client to read.
+    stalled: AtomicBool,
+    /// Frames it lost while its socket was full, if counted.
+    slow_drops: AtomicU64,
+    /// Whether `slow_drops` is kept (the slow-client policy needs it).
+    count_drops: bool,
+}
+
+/// What a push did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pushed {
+    /// The frame was queued and nothing was lost.
+    Queued,
+    /// The queue was full: its oldest frame was dropped to make room, for
+    /// this reason ([`DropReason::SlowClient`] or [`DropReason::WriterBehind`]).
+    Dropped(DropReason),
+}
+
+impl ClientQueue {
+    /// A queue holding at most `depth` frames, counting the frames its
+    /// client loses while stalled if `count_drops`.
+    pub(crate) fn new(depth: usize, count_drops: bool) -> ClientQueue {
+        let (tx, rx) = bounded(depth);
+        let state = Arc::new(State {
+            count_drops,
+            ..State::default()
+        });
+        ClientQueue { tx, rx, state }
+    }
+
+    /// Queues `frame`, dropping the oldest queued frame if the queue is full.
+    /// Never blocks.
+    pub(crate) fn push(&self, mut frame: Frame) -> Pushed {
+        let mut dropped = false;
+        loop {
+            match self.tx.try_send(frame) {
+                Ok(()) => break,
+                Err(TrySendError::Full(back)) => {
+                    frame = back;
+                    // The writer may have drained it meanwhile; then just retry.
+                    dropped |= self.rx.try_recv().is_ok();
+                }
+                // Unreachable while we hold `rx`, but nothing to deliver to either way.
+                Err(TrySendError::Disconnected(_)) => break,
+            }
+        }
+        if !dropped {
+            return Pushed::Queued;
+        }
+        let reason = self.why_lost();
+        self.count_lost(reason, 1);
+        Pushed::Dropped(reason)
+    }
+
+    /// Why a frame this client loses now is lost: its socket is full, or
+    /// its writer has not reached it.
+    pub(crate) fn why_lost(&self) -> DropReason {
+        if self.state.stalled.load(Relaxed) {
+            DropReason::SlowClient
+        } else {
+            DropReason::WriterBehind
+        }
+    }
+
+    /// Records `n` frames this client lost for `reason` outside a push (the
+    /// writer's trim, a catch-up that fell behind the history).
+    pub(crate) fn count_lost(&self, reason: DropReason, n: u64) {
+        if reason == DropReason::SlowClient && n > 0 && self.state.count_drops {
+            self.state.slow_drops.fetch_add(n, Relaxed);
+        }
+    }
+
+    /// Frames this client lost while its socket was full (0 when not counted).
+    pub(crate) fn slow_drops(&self) -> u64 {
+        self.state.slow_drops.load(Relaxed)
+    }
+
+    /// The writer says whether the client's socket is full.
+    pub(crate) fn set_stalled(&self, stalled: bool) {
+        self.state.stalled.store(stalled, Relaxed);
+    }
+
+    /// Takes the oldest queued frame, if any.
+    pub(crate) fn pop(&self) -> Option<Frame> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Frames currently queued.
+    pub(crate) fn len(&self) -> usize {
+        self.rx.len()
+    }
+
+    /// Whether nothing is queued.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+
+    /// The most frames the queue holds.
+    pub(crate) fn depth(&self) -> usize {
+        self.rx.capacity().unwrap_or(usize::MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::frame::{OP_TEXT, encode};
+
+    #[test]
+    fn full_queue_drops_the_oldest() {
+        let q = ClientQueue::new(3, true);
+        let frames: Vec<Frame> = (0..6).map(|i| encode(OP_TEXT, &[b'0' + i])).collect();
+        let results: Vec<Pushed> = frames[..5].iter().map(|f| q.push(f.clone())).collect();
+        assert_eq!(results[..3], [Pushed::Queued; 3]);
+        // Its socket had room: the writer was behind, not the client.
+        assert_eq!(results[3..], [Pushed::Dropped(DropReason::WriterBehind); 2]);
+        assert_eq!(q.slow_drops(), 0);
+        q.set_stalled(true);
+        assert_eq!(
+            q.push(frames[5].clone()),
+            Pushed::Dropped(DropReason::SlowClient)
+        );
+        assert_eq!(q.slow_drops(), 1);
+        let left: Vec<u8> = std::iter::from_fn(|| q.pop()).map(|f| f[2]).collect();
+        assert_eq!(left, b"345");
+    }
+
+    #[test]
+    fn frames_are_shared_not_copied() {
+        let q = ClientQueue::new(2, false);
+        let frame = encode(OP_TEXT, b"x");
+        q.push(frame.clone());
+        let out = q.pop().unwrap();
+        assert!(Frame::ptr_eq(&frame, &out));
+    }
+}

@@ -1,0 +1,218 @@
+//! `wss://` for clients: the client listener's rustls server configuration.
+//!
+//! Built from [`Config::tls_cert`](crate::Config::tls_cert) and
+//! [`Config::tls_key`](crate::Config::tls_key) when the gateway starts and
+//! again at each reload (on the reloading thread, never the acceptor's), and
+//! handed to the acceptor, which starts every new connection's session from
+//! the newest one: clients already connected keep their sessions, so a
+//! rotation drops nobody. A reload keeps the ticket keys and the session
+//! cache, so clients resume across a rotation. TLS 1.3 and 1.2 through ring
+//! (the provider `wss://` origins use), ALPN `http/1.1`, stateless session
+//! tickets (TLS 1.3 and 1.2) and a session-id cache (TLS 1.2).
+//!
+//! The handshake itself runs on the acceptor (`acceptor.rs`), the records
+//! after it on the client's writer, both through `wire/tls.rs`. Compiled only
+//! with the `tls` feature.
+
+use std::{path::Path, sync::Arc};
+
+use rustls::{
+    ServerConfig, ServerConnection,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    server::{ProducesTickets, ServerSessionMemoryCache, StoresServerSessions},
+};
+
+use crate::error::{Error, Result};
+
+/// TLS 1.2 sessions remembered for resumption by session id (TLS 1.3 and
+/// most TLS 1.2 clients use tickets, which cost no memory here).
+const SESSION_CACHE: usize = 4096;
+
+/// The client listener's TLS: the configuration new sessions start from.
+#[derive(Debug, Clone)]
+pub(crate) struct ServerTls {
+    /// What new sessions start from.
+    pub config: Arc<ServerConfig>,
+    /// When the leaf certificate expires, in seconds since the Unix epoch
+    /// (`None` if its DER could not be read for it).
+    pub not_after: Option<u64>,
+}
+
+impl ServerTls {
+    /// Reads the chain at `cert` and the key at `key`; `running`, at a
+    /// reload, lends its ticket keys and session cache so that sessions
+    /// resume across the rotation. Any problem is an [`Error::Config`]
+    /// naming the file.
+    pub(crate) fn load(cert: &Path, key: &Path, running: Option<&ServerTls>) -> Result<ServerTls> {
+        let chain = CertificateDer::pem_file_iter(cert)
+            .and_then(|certs| certs.collect::<std::result::Result<Vec<_>, _>>())
+            .map_err(|e| Error::Config(format!("tls_cert: cannot read {}: {e}", cert.display())))?;
+        let Some(leaf) = chain.first() else {
+            return Err(Error::Config(format!(
+                "tls_cert: {} holds no certificate",
+                cert.display()
+            )));
+        };
+        let not_after = not_after(leaf);
+        let private = PrivateKeyDer::from_pem_file(key)
+            .map_err(|e| Error::Config(format!("tls_key: cannot read {}: {e}", key.display())))?;
+        let (ticketer, sessions) = match running {
+            Some(running) => (
+                Arc::clone(&running.config.ticketer),
+                Arc::clone(&running.config.session_storage),
+            ),
+            None => (new_ticketer()?, new_session_cache()),
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| Error::Config(format!("tls: setup failed: {e}")))?
+            .with_no_client_auth()
+            .with_single_cert(chain, private)
+            .map_err(|e| {
+                Error::Config(format!(
+                    "tls_cert, tls_key: {} and {} are not a usable pair: {e}",
+                    cert.display(),
+                    key.display()
+                ))
+            })?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.ticketer = ticketer;
+        config.session_storage = sessions;
+        Ok(ServerTls {
+            config: Arc::new(config),
+            not_after,
+        })
+    }
+
+    /// A session for a connection just accepted.
+    pub(crate) fn session(&self) -> std::result::Result<Box<ServerConnection>, rustls::Error> {
+        ServerConnection::new(Arc::clone(&self.config)).map(Box::new)
+    }
+}
+
+fn new_ticketer() -> Result<Arc<dyn ProducesTickets>> {
+    rustls::crypto::ring::Ticketer::new()
+        .map_err(|e| Error::Config(format!("tls: cannot make session ticket keys: {e}")))
+}
+
+fn new_session_cache() -> Arc<dyn StoresServerSessions> {
+    ServerSessionMemoryCache::new(SESSION_CACHE)
+}
+
+/// The `notAfter` of a DER certificate, in seconds since the Unix epoch:
+/// Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version
+/// OPTIONAL, serialNumber, signature, issuer, validity SEQUENCE {
+/// notBefore, notAfter }, .. }, .. } (RFC 5280 §4.1).
+fn not_after(der: &[u8]) -> Option<u64> {
+    let (cert, _) = element(der, 0x30)?;
+    let (mut tbs, _) = element(cert, 0x30)?;
+    if tbs.first() == Some(&0xa0) {
+        tbs = element(tbs, 0xa0)?.1;
+    }
+    for _ in 0..3 {
+        // serialNumber, signature, issuer
+        let tag = *tbs.first()?;
+        tbs = element(tbs, tag)?.1;
+    }
+    let (validity, _) = element(tbs, 0x30)?;
+    let tag = *validity.first()?;
+    let (_, rest) = element(validity, tag)?;
+    let tag = *rest.first()?;
+    let (time, _) = element(rest, tag)?;
+    match tag {
+        0x17 => der_time(time, 2),
+        0x18 => der_time(time, 4),
+        _ => None,
+    }
+}
+
+/// The contents of the DER element at the start of `input`, if its tag is
+/// `tag`, and what follows it.
+fn element(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+    let (&first, rest) = input.split_first()?;
+    if first != tag {
+        return None;
+    }
+    let (&len, mut rest) = rest.split_first()?;
+    let len = if len < 0x80 {
+        usize::from(len)
+    } else {
+        let count = usize::from(len & 0x7f);
+        if count == 0 || count > 4 {
+            return None;
+        }
+        let (bytes, after) = rest.split_at_checked(count)?;
+        rest = after;
+        bytes.iter().fold(0usize, |n, &b| (n << 8) | usize::from(b))
+    };
+    rest.split_at_checked(len)
+}
+
+/// A UTCTime (`year_digits` 2: YYMMDDHHMMSSZ, years 1950 to 2049) or
+/// GeneralizedTime (4: YYYYMMDDHHMMSSZ) as seconds since the Unix epoch.
+fn der_time(text: &[u8], year_digits: usize) -> Option<u64> {
+    if text.len() != year_digits + 11 || text.last() != Some(&b'Z') {
+        return None;
+    }
+    let number = |at: usize, len: usize| -> Option<u64> {
+        text.get(at..at + len)?.iter().try_fold(0u64, |n, &d| {
+            d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0'))
+        })
+    };
+    let mut year = number(0, year_digits)?;
+    if year_digits == 2 {
+        year += if year < 50 { 2000 } else { 1900 };
+    }
+    let at = year_digits;
+    let (month, day) = (number(at, 2)?, number(at + 2, 2)?);
+    let (hour, minute, second) = (number(at + 4, 2)?, number(at + 6, 2)?, number(at + 8, 2)?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || year < 1970 {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm), March-based years.
+    let (y, m) = if month <= 2 {
+        (year - 1, month + 9)
+    } else {
+        (year, month - 3)
+    };
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = (era * 146_097 + doe).checked_sub(719_468)?;
+    Some(days * 86_400 + hour * 3600 + minute * 60 + second)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, KeyPair, date_time_ymd};
+
+    #[test]
+    fn the_expiry_is_read_from_the_leaf() {
+        for (year, month, day, unix) in [
+            (2030, 1, 2, 1_893_542_400),
+            (2049, 12, 31, 2_524_521_600),
+            (2051, 3, 1, 2_561_241_600),
+            (1999, 7, 4, 931_046_400),
+        ] {
+            let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+            params.not_after = date_time_ymd(year, month, day);
+            let key = KeyPair::generate().unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            assert_eq!(not_after(cert.der()), Some(unix), "{year}-{month}-{day}");
+        }
+        assert_eq!(not_after(b"\x30\x03\x02\x01\x01"), None);
+        assert_eq!(not_after(b""), None);
+    }
+
+    #[test]
+    fn dates_count_from_the_epoch() {
+        assert_eq!(der_time(b"700101000000Z", 2), Some(0));
+        assert_eq!(der_time(b"19700102000001Z", 4), Some(86_401));
+        assert_eq!(der_time(b"000229120000Z", 2), Some(951_825_600));
+        assert_eq!(der_time(b"0002291200Z", 2), None);
+        assert_eq!(der_time(b"001329120000Z", 2), None);
+    }
+}

@@ -1,0 +1,345 @@
+//! A lobby's memory of its latest frames, for migrations and late joiners.
+//!
+//! The lobby thread appends every frame it broadcasts, with a fingerprint of
+//! its bytes. A client moving between lobbies carries the fingerprints of the
+//! last frames its old lobby queued for it; the new lobby finds that run in
+//! its own history and continues right after it, so the client sees one
+//! continuous stream even when the two origin connections are a few messages
+//! apart. Matching a run of fingerprints, not one, keeps repeated payloads
+//! (heartbeats) from misaligning it. A source with exact positions (a Redis
+//! stream ID, a publisher's sequence number) supplies each frame's
+//! fingerprint itself, so the match is exact whatever the payloads. A late joiner can be given the last few
+//! frames. Bounded twice: the fingerprints of the last `capacity` frames,
+//! and the frames themselves (shared with queues through `Arc`) only as far
+//! as [`FRAME_BUDGET`] bytes allow beyond the newest `keep`: large messages
+//! must not make every lobby hold `capacity` of them. A message is held in
+//! the forms its lobby built ([`Forms`]: uncompressed, and compressed while a
+//! member wanted that), so a client replayed or caught up from the history
+//! gets the form it negotiated where there is one; fingerprints are of the
+//! uncompressed frame, so they match across lobbies whatever their members.
+
+use std::collections::VecDeque;
+
+use crate::{control::inbox::Resume, wire::frame::Forms};
+
+/// Bytes of frames a history holds beyond its newest `keep` frames, per
+/// lobby. 128-byte messages never reach it; 64 KiB messages are held only
+/// as deep as a client queue.
+pub(crate) const FRAME_BUDGET: usize = 1 << 20;
+
+/// How many trailing fingerprints identify a position in the stream.
+pub(crate) const RESUME_RUN: usize = 8;
+
+/// The last frames of a lobby's stream. Frames are numbered from 0 in the
+/// order the lobby broadcast them; a number is a position in the stream.
+/// Only the newest `held` entries still have their frame.
+#[derive(Debug)]
+pub(crate) struct History {
+    entries: VecDeque<(u64, Option<Forms>)>,
+    /// The number of `entries[0]`.
+    first: u64,
+    capacity: usize,
+    /// Frames held whatever their size.
+    keep: usize,
+    /// Entries holding their frame: the newest ones.
+    held: usize,
+    /// Bytes of the frames held.
+    bytes: usize,
+}
+
+impl History {
+    /// Remembers the fingerprints of up to `capacity` frames, and the frames
+    /// themselves: at least the newest `keep`, more within [`FRAME_BUDGET`].
+    pub(crate) fn new(capacity: usize, keep: usize) -> History {
+        History {
+            entries: VecDeque::with_capacity(capacity),
+            first: 0,
+            capacity,
+            keep,
+            held: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Appends a frame, fingerprinted by its `position` in the source's
+    /// stream if it has one and by its bytes if not, forgetting the oldest
+    /// beyond capacity and releasing the oldest frames beyond the byte budget.
+    pub(crate) fn push(&mut self, frame: Forms, position: Option<u64>) {
+        if self.entries.len() == self.capacity {
+            if let Some((_, Some(gone))) = self.entries.pop_front() {
+                self.held -= 1;
+                self.bytes -= gone.len();
+            }
+            self.first += 1;
+        }
+        self.held += 1;
+        self.bytes += frame.len();
+        let fp = position.unwrap_or_else(|| fingerprint(&frame.plain));
+        self.entries.push_back((fp, Some(frame)));
+        while self.held > self.keep && self.bytes > FRAME_BUDGET {
+            let oldest = self.entries.len() - self.held;
+            if let Some(gone) = self.entries[oldest].1.take() {
+                self.bytes -= gone.len();
+            }
+            self.held -= 1;
+        }
+    }
+
+    /// The number the next frame will get: the live edge.
+    pub(crate) fn head(&self) -> u64 {
+        self.first + self.entries.len() as u64
+    }
+
+    /// The number of the oldest frame still held.
+    pub(crate) fn oldest(&self) -> u64 {
+        self.head() - self.held as u64
+    }
+
+    /// Frame number `at`, if still held.
+    pub(crate) fn get(&self, at: u64) -> Option<&Forms> {
+        let index = usize::try_from(at.checked_sub(self.first)?).ok()?;
+        self.entries.get(index)?.1.as_ref()
+    }
+
+    /// The position just before frame `at` (a client that has had every
+    /// frame before `at`), as fingerprints to find it in another lobby.
+    pub(crate) fn resume_before(&self, at: u64) -> Resume {
+        let end = usize::try_from(at.saturating_sub(self.first))
+            .map_or(self.entries.len(), |e| e.min(self.entries.len()));
+        let start = end.saturating_sub(RESUME_RUN);
+        self.entries.range(start..end).map(|(fp, _)| *fp).collect()
+    }
+
+    /// Whether the newest frames are exactly the run `resume` ends with (the
+    /// lobby has just reached the point a migrating client is at).
+    pub(crate) fn ends_with(&self, resume: &[u64]) -> bool {
+        let n = resume.len().min(self.entries.len());
+        n > 0
+            && self
+                .entries
+                .iter()
+                .rev()
+                .zip(resume.iter().rev())
+                .take(n)
+                .all(|((fp, _), want)| fp == want)
+    }
+
+    /// The number of the frame after the newest occurrence of the run
+    /// `resume`; `None` if the run is not in the history. Only a history
+    /// younger than the run (it has seen fewer frames than the run holds)
+    /// may match it partly: its whole stream then ends the run. Anything
+    /// else needs the whole run, so a frame that recurs (a heartbeat) at the
+    /// start of a history cannot pass for the run.
+    pub(crate) fn find_after(&self, resume: &[u64]) -> Option<u64> {
+        let len = self.entries.len();
+        if resume.is_empty() || len == 0 {
+            return None;
+        }
+        // The run would end at entries[end - 1].
+        (1..=len).rev().find_map(|end| {
+            let n = resume.len().min(end);
+            let is_younger = self.first == 0 && len < resume.len();
+            let is_whole_run = n == resume.len() || end == n && is_younger;
+            let matches =
+                (0..n).all(|i| self.entries[end - 1 - i].0 == resume[resume.len() - 1 - i]);
+            (is_whole_run && matches).then_some(self.first + end as u64)
+        })
+    }
+}
+
+/// A 64-bit fingerprint of a frame's bytes (header included, so opcodes differ).
+/// Word-at-a-time multiply-rotate: fast on large frames, collisions are
+/// negligible once a run of them must match.
+fn fingerprint(bytes: &[u8]) -> u64 {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut h = bytes.len() as u64;
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        h = (h.rotate_left(5) ^ u64::from_le_bytes(word)).wrapping_mul(K);
+    }
+    let mut last = [0u8; 8];
+    last[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+    h = (h.rotate_left(5) ^ u64::from_le_bytes(last)).wrapping_mul(K);
+    h ^ (h >> 29)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::frame::{OP_TEXT, encode};
+
+    fn frame(text: &str) -> Forms {
+        Forms::plain(encode(OP_TEXT, text.as_bytes()))
+    }
+
+    fn history(texts: &[&str]) -> History {
+        let mut h = History::new(32, 32);
+        for t in texts {
+            h.push(frame(t), None);
+        }
+        h
+    }
+
+    fn resume(h: &History) -> Resume {
+        h.resume_before(h.head())
+    }
+
+    /// The texts from number `from` to the head.
+    fn from(h: &History, from: u64) -> Vec<String> {
+        (from..h.head())
+            .map(|at| String::from_utf8_lossy(&h.get(at).unwrap().plain[2..]).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_lobby_ahead_resumes_right_after_the_run() {
+        let behind = history(&["1", "2", "3"]);
+        let ahead = history(&["1", "2", "3", "4", "5"]);
+        let at = ahead.find_after(&resume(&behind)).expect("found");
+        assert_eq!(from(&ahead, at), ["4", "5"]);
+    }
+
+    #[test]
+    fn a_lobby_behind_has_not_reached_the_run_yet() {
+        let ahead = history(&["1", "2", "3", "4"]);
+        let mut behind = history(&["1", "2"]);
+        let run = resume(&ahead);
+        assert!(behind.find_after(&run).is_none());
+        behind.push(frame("3"), None);
+        assert!(!behind.ends_with(&run));
+        behind.push(frame("4"), None);
+        assert!(behind.ends_with(&run));
+    }
+
+    #[test]
+    fn repeated_heartbeats_do_not_misalign() {
+        let hb = "{\"hb\":1}";
+        let source = history(&["1", hb, hb, "2", hb, "3", hb, hb]);
+        let target = history(&["1", hb, hb, "2", hb, "3", hb, hb, "4", hb, hb]);
+        let at = target.find_after(&resume(&source)).expect("found");
+        assert_eq!(from(&target, at), ["4", hb, hb]);
+        // One heartbeat alone would have matched the last one.
+        let one = vec![*resume(&source).last().unwrap()];
+        assert_eq!(target.find_after(&one), Some(target.head()));
+    }
+
+    #[test]
+    fn unknown_streams_do_not_match() {
+        let a = history(&["a", "b", "c"]);
+        let b = history(&["x", "y", "z"]);
+        assert!(b.find_after(&resume(&a)).is_none());
+        assert!(b.find_after(&[]).is_none());
+    }
+
+    #[test]
+    fn a_young_source_resumes_on_all_it_saw() {
+        let source = history(&["5", "6"]);
+        let target = history(&["1", "2", "3", "4", "5", "6", "7"]);
+        let at = target.find_after(&resume(&source)).unwrap();
+        assert_eq!(from(&target, at), ["7"]);
+    }
+
+    #[test]
+    fn a_young_target_matches_the_part_of_the_run_it_saw() {
+        let source = history(&["1", "2", "3", "4", "5", "6", "7", "8"]);
+        let target = history(&["6", "7", "8", "9"]);
+        let at = target.find_after(&resume(&source)).unwrap();
+        assert_eq!(from(&target, at), ["9"]);
+        // One that forgot its start is not young, whatever it holds now.
+        let mut old = History::new(4, 4);
+        for t in ["5", "6", "7", "8", "9"] {
+            old.push(frame(t), None);
+        }
+        assert!(old.find_after(&resume(&source)).is_none());
+    }
+
+    #[test]
+    fn a_run_needs_matching_whole_unless_the_target_is_younger_than_it() {
+        let hb = "{\"hb\":1}";
+        let source = history(&["1", "2", "3", "4", "5", "6", "7", hb]);
+        // A target whose stream starts with the run's last frame, but which
+        // is older than the run and never saw the rest of it.
+        let target = history(&[hb, "x", "y", "z", "w", "v", "u", "t", "s", "r"]);
+        assert!(target.find_after(&resume(&source)).is_none());
+        // Younger than the run, the same start is where the run ends.
+        let young = history(&[hb, "8"]);
+        assert_eq!(young.find_after(&resume(&source)), Some(1));
+    }
+
+    #[test]
+    fn positions_survive_eviction_and_resume_before_any_point() {
+        let mut h = History::new(3, 3);
+        for t in ["1", "2", "3", "4", "5"] {
+            h.push(frame(t), None);
+        }
+        assert_eq!((h.oldest(), h.head()), (2, 5));
+        assert!(h.get(1).is_none());
+        assert_eq!(from(&h, 2), ["3", "4", "5"]);
+        // A client that has had frames up to "4" resumes after "4" elsewhere.
+        let other = history(&["3", "4", "5", "6"]);
+        let at = other.find_after(&h.resume_before(4)).unwrap();
+        assert_eq!(from(&other, at), ["5", "6"]);
+    }
+
+    #[test]
+    fn large_frames_are_held_only_within_the_budget() {
+        let big = |n: u8| Forms::plain(encode(OP_TEXT, &vec![b'0' + n; FRAME_BUDGET / 4]));
+        let mut h = History::new(64, 2);
+        for n in 0..8 {
+            h.push(big(n), None);
+        }
+        // Four quarter-budget frames (plus headers) exceed it: three are held.
+        assert_eq!((h.oldest(), h.head()), (5, 8));
+        assert!(h.get(4).is_none());
+        assert_eq!(h.get(5).map(|f| f.plain[10]), Some(b'5'));
+        // Positions are still known: a run ending at an evicted frame is found.
+        let mut source = History::new(64, 64);
+        for n in 0..5 {
+            source.push(big(n), None);
+        }
+        assert_eq!(h.find_after(&resume(&source)), Some(5));
+        // Never fewer than `keep`, whatever their size.
+        let mut tight = History::new(64, 2);
+        for n in 0..4 {
+            tight.push(Forms::plain(encode(OP_TEXT, &vec![n; FRAME_BUDGET])), None);
+        }
+        assert_eq!(tight.head() - tight.oldest(), 2);
+    }
+
+    #[test]
+    fn exact_positions_align_whatever_the_payloads() {
+        let hb = frame("{\"hb\":1}");
+        let mut a = History::new(32, 32);
+        let mut b = History::new(32, 32);
+        // Identical payloads everywhere: only the positions tell them apart.
+        for at in 0..10 {
+            a.push(hb.clone(), Some(at));
+        }
+        for at in 1..14 {
+            b.push(hb.clone(), Some(at));
+        }
+        let at = b.find_after(&resume(&a)).expect("found");
+        // b starts at position 1: its frame number 9 is position 10.
+        assert_eq!(at, 9, "right after position 9");
+        // Another stream's positions never match.
+        let mut c = History::new(32, 32);
+        for at in 100..120 {
+            c.push(hb.clone(), Some(at));
+        }
+        assert!(c.find_after(&resume(&a)).is_none());
+    }
+
+    #[test]
+    fn fingerprints_depend_on_every_byte() {
+        let base = vec![7u8; 100];
+        let fp = fingerprint(&base);
+        for i in [0, 7, 8, 63, 99] {
+            let mut changed = base.clone();
+            changed[i] ^= 1;
+            assert_ne!(fingerprint(&changed), fp, "byte {i}");
+        }
+        assert_ne!(fingerprint(&base[..99]), fp);
+    }
+}
