@@ -127,6 +127,16 @@ pub struct Cli {
     #[argh(option)]
     pub client_ping: Option<Span>,
 
+    /// heartbeat comment on an idle SSE stream this often
+    #[cfg(feature = "sse")]
+    #[argh(option)]
+    pub sse_heartbeat: Option<Span>,
+
+    /// reconnection delay SSE clients are told (retry:)
+    #[cfg(feature = "sse")]
+    #[argh(option)]
+    pub sse_retry: Option<Span>,
+
     /// slow clients: drop their oldest frames, or disconnect them with 1013
     #[argh(option)]
     pub slow_client: Option<SlowClient>,
@@ -427,6 +437,15 @@ impl Cli {
         }
         #[cfg(feature = "auth")]
         self.apply_auth(&mut config);
+        #[cfg(feature = "sse")]
+        {
+            if let Some(every) = &self.sse_heartbeat {
+                config.sse_heartbeat = every.0;
+            }
+            if let Some(retry) = &self.sse_retry {
+                config.sse_retry = retry.0;
+            }
+        }
 
         if let Some(path) = &self.origin_ca {
             config.origin_ca = Some(path.clone());

@@ -653,7 +653,10 @@ fn parse_checked(buf: &[u8], route: &Route<'_>) -> Parsed {
             buf.len()
         ),
         Parsed::Upgrade {
-            response, consumed, ..
+            response,
+            consumed,
+            sse,
+            ..
         } => {
             assert!(
                 *consumed > 0 && *consumed <= buf.len(),
@@ -662,6 +665,12 @@ fn parse_checked(buf: &[u8], route: &Route<'_>) -> Parsed {
             assert!(*consumed <= max_bytes, "consumed {consumed} > {max_bytes}");
             assert!(buf[..*consumed].ends_with(b"\n"), "head ends mid-line");
             let text = std::str::from_utf8(response).expect("ASCII response");
+            if *sse {
+                assert!(text.starts_with("HTTP/1.1 200 "), "{text:?}");
+                assert!(text.contains("\r\nContent-Type: text/event-stream\r\n"), "{text:?}");
+                assert!(text.ends_with("\n\n"), "{text:?}");
+                return parsed;
+            }
             assert!(text.starts_with("HTTP/1.1 101 "), "{text:?}");
             assert!(text.ends_with("\r\n\r\n"), "{text:?}");
             let (_, accept) = text

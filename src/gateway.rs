@@ -507,6 +507,7 @@ const NEEDS_RESTART: &[RestartSetting] = needs_restart!(
     writers,
     write_batch,
     client_ping,
+    sse_heartbeat,
     max_client_rate,
     max_client_message,
     slow_client,

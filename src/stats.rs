@@ -35,6 +35,8 @@ pub(crate) struct Stats {
     pub lobbies_ended: AtomicU64,
     pub migrations: AtomicU64,
     pub migration_gaps: AtomicU64,
+    pub resumes: AtomicU64,
+    pub resume_resets: AtomicU64,
     pub refused_full: AtomicU64,
     pub origins_connecting: AtomicU64,
     pub origins_backing_off: AtomicU64,
@@ -372,6 +374,13 @@ pub struct StatsSnapshot {
     /// Migrations where the two lobbies' streams never met, so the client
     /// joined its new lobby at the live edge and may have missed messages.
     pub migration_gaps: u64,
+    /// Clients that resumed after a message ID their lobby's history held
+    /// (SSE `Last-Event-ID`): they got exactly what followed it.
+    pub resumes: u64,
+    /// Clients that asked to resume after a message ID their lobby's
+    /// history did not hold (too old, or unknown): they got the reset
+    /// event, then the live stream.
+    pub resume_resets: u64,
     /// Upgrade requests refused with 503: the client limit reached, or every
     /// lobby full and no more origin connections allowed.
     pub refused_full: u64,
@@ -618,6 +627,8 @@ impl Stats {
             lobbies_ended: self.lobbies_ended.load(Relaxed),
             migrations: self.migrations.load(Relaxed),
             migration_gaps: self.migration_gaps.load(Relaxed),
+            resumes: self.resumes.load(Relaxed),
+            resume_resets: self.resume_resets.load(Relaxed),
             refused_full: self.refused_full.load(Relaxed),
             origins_connecting: self.origins_connecting.load(Relaxed),
             origins_backing_off: self.origins_backing_off.load(Relaxed),

@@ -104,6 +104,15 @@ pub struct Config {
     /// again is closed. Defaults to 30 s.
     #[cfg_attr(feature = "config-file", serde(with = "syntax::duration"))]
     pub client_ping: Duration,
+    /// How often an idle Server-Sent Events stream (feature `sse`) gets a
+    /// heartbeat comment, so proxies keep it open and a vanished client is
+    /// noticed. Defaults to 15 s.
+    #[cfg_attr(feature = "config-file", serde(with = "syntax::duration"))]
+    pub sse_heartbeat: Duration,
+    /// The reconnection delay SSE clients are told (`retry:`), after which
+    /// a browser's EventSource reconnects and resumes. Defaults to 1 s.
+    #[cfg_attr(feature = "config-file", serde(with = "syntax::duration"))]
+    pub sse_retry: Duration,
     /// What happens to a client that cannot keep up. Defaults to
     /// [`SlowClient::Drop`].
     pub slow_client: SlowClient,
@@ -454,6 +463,8 @@ impl Default for Config {
             allow_any_origin: false,
             max_client_rate: 100,
             client_ping: Duration::from_secs(30),
+            sse_heartbeat: Duration::from_secs(15),
+            sse_retry: Duration::from_secs(1),
             slow_client: SlowClient::Drop,
             slow_client_drops: 256,
             client_messages: ClientMessages::Drop,

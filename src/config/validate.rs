@@ -196,6 +196,9 @@ impl Config {
         if self.client_ping.is_zero() {
             return bad("client_ping must be above zero");
         }
+        if self.sse_heartbeat.is_zero() {
+            return bad("sse_heartbeat must be above zero");
+        }
         for origin in &self.allowed_origins {
             if !is_web_origin(origin) {
                 return Err(Error::Config(format!(

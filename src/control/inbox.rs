@@ -65,6 +65,11 @@ pub(crate) struct Admission {
     pub group: Group,
     /// It negotiated permessage-deflate.
     pub deflate: bool,
+    /// It asked for Server-Sent Events (feature `sse`), not a WebSocket.
+    pub sse: bool,
+    /// The message ID it saw last (its `Last-Event-ID`): its lobby sends
+    /// it what followed, from its history.
+    pub after: Option<u64>,
     /// When its access ends (its token's expiry), in seconds since the Unix
     /// epoch; its writer closes it then.
     pub expires: Option<u64>,

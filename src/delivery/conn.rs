@@ -34,6 +34,8 @@ use crossbeam_channel::{Sender, TrySendError};
 use log::debug;
 use mio::net::TcpStream;
 
+#[cfg(feature = "sse")]
+use crate::wire::sse;
 #[cfg(feature = "tls")]
 use crate::wire::tls::{self, Session};
 use crate::{
@@ -78,6 +80,9 @@ pub(crate) struct Policy {
     /// How long a client gets to receive its close frame (and answer it).
     close_wait: Duration,
     forward: bool,
+    /// How often an idle SSE stream gets a heartbeat comment.
+    #[cfg(feature = "sse")]
+    sse_heartbeat: Duration,
 }
 
 impl Policy {
@@ -91,6 +96,8 @@ impl Policy {
                 .then_some(config.slow_client_drops),
             close_wait: config.drain_timeout,
             forward: config.client_messages == ClientMessages::Forward,
+            #[cfg(feature = "sse")]
+            sse_heartbeat: config.sse_heartbeat,
         }
     }
 }
@@ -254,8 +261,13 @@ pub(crate) struct Conn {
     pub is_ready: bool,
     /// The client sent a close frame, or broke the rules: ignore its input.
     is_peer_done: bool,
-    /// When the client last sent anything.
+    /// When the client last sent anything; for an SSE client, which sends
+    /// nothing, when its stream last had a heartbeat.
     last_heard: Millis,
+    /// A Server-Sent Events stream (feature `sse`), not a WebSocket: its
+    /// queue holds events, its input is ignored, it gets heartbeat comments
+    /// instead of pings, and its "close" is the end of the stream.
+    sse: bool,
     is_pinged: bool,
     rate: RateLimit,
     /// Queue drops seen at the start of the current drop window.
@@ -333,12 +345,12 @@ impl Link {
 
 impl Conn {
     /// A connection for a client just attached to the writer; `deflate`
-    /// if it negotiated permessage-deflate.
+    /// if it negotiated permessage-deflate, `sse` for an event stream.
     pub(crate) fn new(
         id: ClientId,
         stream: TcpStream,
         (queue, seat): (ClientQueue, Seat),
-        deflate: bool,
+        (deflate, sse): (bool, bool),
         io: &IoCtx,
     ) -> Conn {
         let now = io.now();
@@ -365,6 +377,7 @@ impl Conn {
             is_ready: false,
             is_peer_done: false,
             last_heard: now,
+            sse,
             is_pinged: false,
             rate: RateLimit::full(io.policy.max_rate, now),
             drop_window: now,
@@ -397,10 +410,15 @@ impl Conn {
     /// taken from the queue but unwritten, and those still queued. Returns
     /// how many (they are lost as the connection goes).
     pub(crate) fn discard(&mut self) -> u64 {
-        let unwritten = self.pending.drain(..).filter(is_data).count() as u64;
+        let sse = self.sse;
+        let unwritten = self
+            .pending
+            .drain(..)
+            .filter(|f| is_message(f, sse))
+            .count() as u64;
         let queued = std::iter::from_fn(|| self.queue.pop())
             .take(self.queue.depth())
-            .filter(is_data)
+            .filter(|f| is_message(f, sse))
             .count() as u64;
         unwritten + queued
     }
@@ -414,7 +432,9 @@ impl Conn {
     /// One best-effort close frame with `code`, written at once (its writer
     /// failed and the connection is about to be dropped).
     pub(crate) fn abort(&mut self, code: u16, why: &str) {
-        self.link.write_now(&frame::encode_close(code, why));
+        if !self.sse {
+            self.link.write_now(&frame::encode_close(code, why));
+        }
     }
 
     /// Notes whether the socket accepts writes. The queue carries it to the
@@ -466,6 +486,10 @@ impl Conn {
         if !matches!(self.closing, Closing::Open) {
             return Ok(false);
         }
+        #[cfg(feature = "sse")]
+        if self.sse {
+            return self.tick_stream(now, io);
+        }
         let silent = now.since(self.last_heard);
         if silent >= io.policy.ping_after * 2 {
             debug!("{}: silent for {silent:?}; closing", self.id);
@@ -488,6 +512,26 @@ impl Conn {
                 self.drop_window = now;
                 self.drops_at_window = self.queue.slow_drops();
             }
+        }
+        Ok(false)
+    }
+
+    /// An SSE client's time-driven rules: a stream whose queue overflowed
+    /// is closed (its client reconnects and resumes from the history, having
+    /// lost nothing); an idle one gets a heartbeat comment.
+    #[cfg(feature = "sse")]
+    fn tick_stream(&mut self, now: Millis, io: &IoCtx) -> Result<bool, Disconnect> {
+        if self.queue.is_overflowed() {
+            debug!("{}: event stream cannot keep up; closed to resume", self.id);
+            return Err(Disconnect::TooSlow);
+        }
+        if now.since(self.last_heard) < io.policy.sse_heartbeat {
+            return Ok(false);
+        }
+        self.last_heard = now;
+        if self.pending.is_empty() && self.queue.is_empty() {
+            self.pending.push_back(sse::heartbeat());
+            return Ok(true);
         }
         Ok(false)
     }
@@ -603,7 +647,8 @@ impl Conn {
             let turn = match read {
                 Ok(0) => Some(self.ended(Disconnect::ConnectionLost)),
                 Ok(n) => {
-                    if !self.is_peer_done {
+                    // An SSE client has nothing to say: its bytes are ignored.
+                    if !self.is_peer_done && !self.sse {
                         self.decode(&mut scratch[..n], io);
                     }
                     None
@@ -665,7 +710,10 @@ impl Conn {
             Closing::Open | Closing::Draining(_) => {
                 let keep = usize::from(self.offset > 0).min(self.pending.len());
                 self.pending.truncate(keep);
-                self.pending.push_back(close);
+                // An event stream just ends.
+                if !self.sse {
+                    self.pending.push_back(close);
+                }
                 self.closing = Closing::Sending;
                 self.close_deadline = Some(deadline);
                 true
@@ -730,16 +778,17 @@ impl Conn {
                 break;
             };
             let is_close = opcode(&frame) == frame::OP_CLOSE;
-            io.batch.push(frame);
+            let route_removed =
+                is_close && frame.get(4..) == Some(close::ROUTE_REMOVED.as_bytes());
+            // An event stream ends where a WebSocket gets its close frame.
+            if !(is_close && self.sse) {
+                io.batch.push(frame);
+            }
             if is_close {
                 // A lobby queues a close frame when it lost its origin (with
                 // `--on-origin-loss close`) or its route was removed.
                 self.closing = Closing::Sending;
                 self.close_deadline = Some(io.now().after(io.policy.close_wait));
-                let route_removed = io
-                    .batch
-                    .last()
-                    .is_some_and(|close| close.get(4..) == Some(close::ROUTE_REMOVED.as_bytes()));
                 self.closing_for = Some(if route_removed {
                     Disconnect::RouteRemoved
                 } else {
@@ -753,6 +802,7 @@ impl Conn {
     /// Everything owed is written: move the close handshake along.
     fn after_flush(&mut self) -> Turn {
         match std::mem::replace(&mut self.closing, Closing::Open) {
+            Closing::Draining(_) if self.sse => self.ended(Disconnect::Shutdown),
             Closing::Draining(close) => {
                 self.pending.push_back(close);
                 self.closing = Closing::Sending;
@@ -760,7 +810,7 @@ impl Conn {
             }
             Closing::Sending => {
                 self.closing = Closing::Sent;
-                if self.is_peer_done {
+                if self.is_peer_done || self.sse {
                     return self.ended(Disconnect::ClientClosed);
                 }
                 Turn::Idle
@@ -781,10 +831,18 @@ impl Conn {
         let started = usize::from(self.offset > 0);
         let unstarted = self.pending.len().saturating_sub(started);
         let excess = (unstarted + self.queue.len()).saturating_sub(self.queue.depth());
+        #[cfg(feature = "sse")]
+        if self.sse {
+            // An event stream is closed rather than lose a frame.
+            if excess > 0 {
+                self.queue.overflow();
+            }
+            return;
+        }
         let mut dropped = 0;
         for _ in 0..excess.min(unstarted) {
             if let Some(frame) = self.pending.remove(started) {
-                if is_data(&frame) {
+                if is_message(&frame, self.sse) {
                     dropped += 1;
                 }
             }
@@ -803,7 +861,8 @@ impl Conn {
     ) -> Result<Progress, Disconnect> {
         let progress = self.take_batch(r, io);
         if !io.batch.is_empty() {
-            let lost = io.batch.iter().filter(|f| is_data(f)).count() as u64;
+            let sse = self.sse;
+            let lost = io.batch.iter().filter(|f| is_message(f, sse)).count() as u64;
             io.lost(DropReason::Departed, lost);
             io.batch.clear();
         }
@@ -834,9 +893,9 @@ impl Conn {
                 break;
             }
             n -= frame.len();
-            if is_data(frame) {
+            if is_message(frame, self.sse) {
                 io.delivered += 1;
-                io.delivered_deflated += u64::from(frame::is_deflated(frame));
+                io.delivered_deflated += u64::from(!self.sse && frame::is_deflated(frame));
                 io.latency.delivered(frame.stamp(), &io.stats.epoch);
             }
             done += 1;
@@ -882,9 +941,9 @@ impl Conn {
             }
             n -= left;
             self.offset = 0;
-            if is_data(head) {
+            if is_message(head, self.sse) {
                 io.delivered += 1;
-                io.delivered_deflated += u64::from(frame::is_deflated(head));
+                io.delivered_deflated += u64::from(!self.sse && frame::is_deflated(head));
                 io.latency.delivered(head.stamp(), &io.stats.epoch);
             }
             self.pending.pop_front();
@@ -910,6 +969,19 @@ enum Progress {
 /// Data frames count as deliveries; control frames (ping, pong, close) do not.
 pub(crate) fn is_data(frame: &Frame) -> bool {
     frame.first().is_some_and(|b| b & 0x08 == 0)
+}
+
+/// Whether a frame a client is sent counts as a message delivered: a data
+/// frame for a WebSocket, an event (not a comment) for an SSE stream.
+#[inline]
+fn is_message(frame: &Frame, sse: bool) -> bool {
+    #[cfg(feature = "sse")]
+    if sse {
+        return sse::is_event(frame);
+    }
+    #[cfg(not(feature = "sse"))]
+    let _ = sse;
+    is_data(frame)
 }
 
 /// A server frame's opcode.
@@ -984,7 +1056,7 @@ mod tests {
         let queue = ClientQueue::new(config.queue_depth, false);
         let stream = TcpStream::from_std(server);
         (
-            Conn::new(ClientId(1), stream, (queue, seat), false, &io),
+            Conn::new(ClientId(1), stream, (queue, seat), (false, false), &io),
             io,
             peer,
         )

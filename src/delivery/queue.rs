@@ -37,6 +37,14 @@ struct State {
     slow_drops: AtomicU64,
     /// Whether `slow_drops` is kept (the slow-client policy needs it).
     count_drops: bool,
+    /// A full queue refuses the new frame and marks itself overflowed
+    /// instead of dropping its oldest (an SSE client, whose stream is
+    /// closed rather than missing a message: it resumes from history).
+    #[cfg(feature = "sse")]
+    close_when_full: bool,
+    /// A frame was refused: the client's writer closes its stream.
+    #[cfg(feature = "sse")]
+    overflowed: AtomicBool,
 }
 
 /// What a push did.
@@ -47,6 +55,10 @@ pub(crate) enum Pushed {
     /// The queue was full: its oldest frame was dropped to make room, for
     /// this reason ([`DropReason::SlowClient`] or [`DropReason::WriterBehind`]).
     Dropped(DropReason),
+    /// The queue was full and closes its client's stream rather than drop
+    /// a frame: this one was not queued, nothing was dropped.
+    #[cfg(feature = "sse")]
+    Overflowed,
 }
 
 impl ClientQueue {
@@ -61,6 +73,34 @@ impl ClientQueue {
         ClientQueue { tx, rx, state }
     }
 
+    /// A queue of `depth` frames for an SSE client: when full it refuses a
+    /// frame and is marked overflowed ([`ClientQueue::is_overflowed`]), so
+    /// the client's stream is closed and the client resumes from history.
+    #[cfg(feature = "sse")]
+    pub(crate) fn closing_when_full(depth: usize, count_drops: bool) -> ClientQueue {
+        let (tx, rx) = bounded(depth);
+        let state = Arc::new(State {
+            count_drops,
+            close_when_full: true,
+            ..State::default()
+        });
+        ClientQueue { tx, rx, state }
+    }
+
+    /// Whether the queue refused a frame (see [`ClientQueue::closing_when_full`]).
+    #[cfg(feature = "sse")]
+    pub(crate) fn is_overflowed(&self) -> bool {
+        self.state.overflowed.load(Relaxed)
+    }
+
+    /// Marks the queue overflowed: its client's stream is to be closed
+    /// rather than miss a frame (a catch-up the history outran, a writer
+    /// that cannot keep what it holds).
+    #[cfg(feature = "sse")]
+    pub(crate) fn overflow(&self) {
+        self.state.overflowed.store(true, Relaxed);
+    }
+
     /// Queues `frame`, dropping the oldest queued frame if the queue is full.
     /// Never blocks.
     pub(crate) fn push(&self, mut frame: Frame) -> Pushed {
@@ -68,6 +108,11 @@ impl ClientQueue {
         loop {
             match self.tx.try_send(frame) {
                 Ok(()) => break,
+                #[cfg(feature = "sse")]
+                Err(TrySendError::Full(_)) if self.state.close_when_full => {
+                    self.overflow();
+                    return Pushed::Overflowed;
+                }
                 Err(TrySendError::Full(back)) => {
                     frame = back;
                     // The writer may have drained it meanwhile; then just retry.
@@ -156,6 +201,20 @@ mod tests {
         assert_eq!(q.slow_drops(), 1);
         let left: Vec<u8> = std::iter::from_fn(|| q.pop()).map(|f| f[2]).collect();
         assert_eq!(left, b"345");
+    }
+
+    #[cfg(feature = "sse")]
+    #[test]
+    fn a_queue_closing_when_full_refuses_rather_than_drops() {
+        let q = ClientQueue::closing_when_full(2, true);
+        let frames: Vec<Frame> = (0..3).map(|i| encode(OP_TEXT, &[b'0' + i])).collect();
+        assert_eq!(q.push(frames[0].clone()), Pushed::Queued);
+        assert_eq!(q.push(frames[1].clone()), Pushed::Queued);
+        assert!(!q.is_overflowed());
+        assert_eq!(q.push(frames[2].clone()), Pushed::Overflowed);
+        assert!(q.is_overflowed());
+        let left: Vec<u8> = std::iter::from_fn(|| q.pop()).map(|f| f[2]).collect();
+        assert_eq!(left, b"01", "nothing it held was dropped");
     }
 
     #[test]

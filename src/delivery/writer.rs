@@ -93,6 +93,8 @@ pub(crate) struct Attach {
     pub seat: Seat,
     /// It negotiated permessage-deflate: its compressed messages are inflated.
     pub deflate: bool,
+    /// A Server-Sent Events stream, not a WebSocket.
+    pub sse: bool,
     /// When its access ends, in seconds since the Unix epoch: it is closed
     /// with 4401 then, after what is queued.
     pub expires: Option<u64>,
@@ -391,6 +393,7 @@ impl Writer {
             leftover,
             seat,
             deflate,
+            sse,
             expires,
             #[cfg(feature = "tls")]
             tls,
@@ -408,13 +411,13 @@ impl Writer {
             self.depart(id);
             return;
         }
-        let mut conn = Conn::new(id, stream, (queue, seat), deflate, &self.io);
+        let mut conn = Conn::new(id, stream, (queue, seat), (deflate, sse), &self.io);
         #[cfg(feature = "tls")]
         conn.set_tls(tls);
         if let Some(deadline) = self.drain_deadline {
             conn.begin_drain(self.io.at(deadline));
         }
-        if !leftover.is_empty() {
+        if !leftover.is_empty() && !sse {
             let mut leftover = leftover;
             conn.decode(&mut leftover, &mut self.io);
         }

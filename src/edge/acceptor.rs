@@ -221,6 +221,8 @@ fn endpoint(served: &Served) -> Endpoint {
         require_subprotocol: route.require_subprotocol,
         query_params: route.pass_query.then(|| route.query_params.clone()),
         compression: route.compression,
+        #[cfg(feature = "sse")]
+        sse_retry: route.sse_retry,
         #[cfg(feature = "auth")]
         auth: served.auth.clone(),
     }
@@ -255,6 +257,10 @@ struct Upgrade {
     group: Group,
     /// It negotiated permessage-deflate.
     deflate: bool,
+    /// A Server-Sent Events stream (answered 200), not a WebSocket.
+    sse: bool,
+    /// The message ID an SSE client resumes after.
+    after: Option<u64>,
     /// When its access ends, in seconds since the Unix epoch, if it does.
     expires: Option<u64>,
 }
@@ -657,6 +663,8 @@ impl Acceptor {
                     seat: conn.seat,
                     group: upgrade.group,
                     deflate: upgrade.deflate,
+                    sse: upgrade.sse,
+                    after: upgrade.after,
                     expires: upgrade.expires,
                     #[cfg(feature = "tls")]
                     tls: conn.tls,
@@ -712,14 +720,25 @@ impl Acceptor {
                     route,
                     key,
                     deflate,
+                    sse,
+                    after,
                     #[cfg(feature = "auth")]
                     grant,
                 } => {
+                    if sse {
+                        debug!(
+                            "{}: event stream{}",
+                            conn.peer,
+                            if after.is_some() { ", resuming" } else { "" }
+                        );
+                    }
                     let upgrade = Upgrade {
                         response,
                         consumed,
                         group: Group { route, key },
                         deflate,
+                        sse,
+                        after,
                         #[cfg(feature = "auth")]
                         expires: grant.expires,
                         #[cfg(not(feature = "auth"))]

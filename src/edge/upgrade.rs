@@ -10,6 +10,14 @@
 //! requests with no status at all, and allocates per-connection buffers this
 //! gateway does not want. The accept key ([`accept_key`]) serves both sides:
 //! the origin's upgrade (`source/websocket/handshake.rs`) checks it too.
+//!
+//! With feature `sse`, a GET that asks for `text/event-stream` (in its
+//! `Accept`) and no upgrade is a Server-Sent Events request: it passes the
+//! same path, Origin, query-key and authentication checks, and is answered
+//! `200 text/event-stream` with a `retry:` hint and, for a browser, a CORS
+//! header. Its `Last-Event-ID` header, or else its `last_event_id` query
+//! parameter (which never reaches a lobby key or the origin), must be a
+//! message ID (16 hex digits, `wire/sse.rs`): anything else gets 400.
 
 use std::sync::Arc;
 
@@ -41,6 +49,10 @@ pub(crate) enum Parsed {
         key: Option<Arc<str>>,
         /// The client negotiated permessage-deflate.
         deflate: bool,
+        /// A Server-Sent Events request (answered 200), not an upgrade.
+        sse: bool,
+        /// The message ID an SSE client saw last: it resumes after it.
+        after: Option<u64>,
         /// What its authentication granted (or must still ask).
         #[cfg(feature = "auth")]
         grant: Grant,
@@ -159,6 +171,7 @@ fn reason_phrase(status: u16) -> &'static str {
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        406 => "Not Acceptable",
         426 => "Upgrade Required",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
@@ -180,6 +193,9 @@ pub(crate) struct Endpoint {
     pub query_params: Option<Vec<String>>,
     /// Negotiate permessage-deflate with clients that offer it.
     pub compression: bool,
+    /// The reconnection delay told to SSE clients (`retry:`).
+    #[cfg(feature = "sse")]
+    pub sse_retry: std::time::Duration,
     /// Who may connect, if not anyone.
     #[cfg(feature = "auth")]
     pub auth: Option<Arc<RouteAuth>>,
@@ -197,6 +213,8 @@ impl Endpoint {
             require_subprotocol: false,
             query_params: None,
             compression: false,
+            #[cfg(feature = "sse")]
+            sse_retry: std::time::Duration::from_secs(1),
             #[cfg(feature = "auth")]
             auth: None,
         }
@@ -250,6 +268,18 @@ pub(crate) fn parse_route(buf: &[u8], route: &Route<'_>) -> Parsed {
         Err(_) => return reject(400, "malformed HTTP request"),
     };
     match check(&req, route) {
+        #[cfg(feature = "sse")]
+        Ok(accepted) if accepted.sse => Parsed::Upgrade {
+            response: sse_response(&accepted, route.allowed_origins),
+            consumed,
+            route: accepted.endpoint.route,
+            key: accepted.lobby_key,
+            deflate: false,
+            sse: true,
+            after: accepted.after,
+            #[cfg(feature = "auth")]
+            grant: accepted.grant,
+        },
         Ok(accepted) => {
             let protocol = accepted
                 .protocol
@@ -269,12 +299,78 @@ pub(crate) fn parse_route(buf: &[u8], route: &Route<'_>) -> Parsed {
                 route: accepted.endpoint.route,
                 key: accepted.lobby_key,
                 deflate: accepted.deflate.is_some(),
+                sse: false,
+                after: None,
                 #[cfg(feature = "auth")]
                 grant: accepted.grant,
             }
         }
         Err(rejection) => Parsed::Reject(rejection),
     }
+}
+
+/// The answer to an SSE request: 200, the event-stream headers, a CORS
+/// header for a browser whose Origin is allowed (`*` where every origin
+/// is), and the body's first bytes: the `retry:` hint.
+#[cfg(feature = "sse")]
+fn sse_response(accepted: &Accepted<'_, '_>, allowed_origins: &[String]) -> Vec<u8> {
+    let cors = match accepted.origin {
+        Some(_) if allowed_origins.is_empty() => "Access-Control-Allow-Origin: *\r\n".to_owned(),
+        Some(origin) => format!("Access-Control-Allow-Origin: {origin}\r\nVary: Origin\r\n"),
+        None => String::new(),
+    };
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nX-Accel-Buffering: no\r\n{cors}\r\nretry: {}\n\n",
+        accepted.endpoint.sse_retry.as_millis()
+    )
+    .into_bytes()
+}
+
+/// Whether an `Accept` header lists `text/event-stream` (parameters and
+/// case aside; `*/*` does not count: that client did not ask for a stream).
+#[cfg(feature = "sse")]
+fn accepts_event_stream<'a>(mut accept: impl Iterator<Item = &'a str>) -> bool {
+    accept.any(|value| {
+        value.split(',').any(|range| {
+            let media = range.split(';').next().unwrap_or_default();
+            media.trim().eq_ignore_ascii_case("text/event-stream")
+        })
+    })
+}
+
+/// The message ID an SSE client resumes after: its `Last-Event-ID` header,
+/// or its `last_event_id` query parameter; `Err` if it is not an ID.
+#[cfg(feature = "sse")]
+fn last_event_id(header: Option<&str>, query: &str) -> Result<Option<u64>, Rejection> {
+    let from_query = || {
+        query
+            .split('&')
+            .filter_map(|pair| pair.split_once('='))
+            .find(|(name, _)| *name == LAST_EVENT_ID_PARAM)
+            .map(|(_, value)| value)
+    };
+    match header.map(str::trim).or_else(from_query) {
+        None | Some("") => Ok(None),
+        Some(text) => crate::wire::sse::parse_id(text).map(Some).ok_or(Rejection::new(
+            400,
+            "malformed Last-Event-ID: a message ID is 16 hex digits",
+        )),
+    }
+}
+
+/// The query parameter a first SSE connection resumes with.
+#[cfg(feature = "sse")]
+const LAST_EVENT_ID_PARAM: &str = "last_event_id";
+
+/// `query` without its `last_event_id` parameters: a resume position is
+/// not part of a lobby key.
+#[cfg(feature = "sse")]
+fn without_last_event_id(query: &str) -> String {
+    query
+        .split('&')
+        .filter(|pair| pair.split('=').next() != Some(LAST_EVENT_ID_PARAM))
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// Decides when a request buffer that grows read by read is worth parsing:
@@ -328,6 +424,15 @@ struct Accepted<'b, 'r> {
     lobby_key: Option<Arc<str>>,
     /// The `Sec-WebSocket-Extensions` answer, if permessage-deflate was agreed.
     deflate: Option<&'static str>,
+    /// A Server-Sent Events request.
+    #[cfg(feature = "sse")]
+    sse: bool,
+    /// For SSE: the message ID it resumes after.
+    #[cfg(feature = "sse")]
+    after: Option<u64>,
+    /// For SSE: its `Origin`, if a browser sent one (and it is allowed).
+    #[cfg(feature = "sse")]
+    origin: Option<&'b str>,
     /// What its authentication granted.
     #[cfg(feature = "auth")]
     grant: Grant,
@@ -341,7 +446,7 @@ fn check<'b, 'r>(
     if req.method != Some("GET") {
         return Err(Rejection {
             headers: "Allow: GET\r\n",
-            ..Rejection::new(405, "only GET can upgrade to a WebSocket")
+            ..Rejection::new(405, NOT_GET)
         });
     }
     if req.version != Some(1) {
@@ -356,13 +461,17 @@ fn check<'b, 'r>(
     let has_token = |name, token: &str| {
         header(name).any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
     };
-    if !has_token("Upgrade", "websocket") || !has_token("Connection", "upgrade") {
+    #[cfg(feature = "sse")]
+    let sse = !has_token("Upgrade", "websocket") && accepts_event_stream(header("Accept"));
+    #[cfg(not(feature = "sse"))]
+    let sse = false;
+    if !sse && (!has_token("Upgrade", "websocket") || !has_token("Connection", "upgrade")) {
         return Err(Rejection {
             headers: "Upgrade: websocket\r\nConnection: Upgrade\r\n",
-            ..Rejection::new(426, "this endpoint only speaks WebSocket")
+            ..Rejection::new(426, NEITHER)
         });
     }
-    if !header("Sec-WebSocket-Version").any(|v| v.trim() == "13") {
+    if !sse && !header("Sec-WebSocket-Version").any(|v| v.trim() == "13") {
         return Err(Rejection {
             headers: "Sec-WebSocket-Version: 13\r\n",
             ..Rejection::new(426, "unsupported WebSocket version")
@@ -375,6 +484,7 @@ fn check<'b, 'r>(
         }
     }
     let key = match header("Sec-WebSocket-Key").next().map(str::trim) {
+        _ if sse => "",
         Some(key) if is_valid_key(key) => key,
         _ => {
             return Err(Rejection::new(
@@ -388,26 +498,45 @@ fn check<'b, 'r>(
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .find_map(|offered| endpoint.subprotocols.iter().find(|p| p.as_str() == offered))
-        .map(String::as_str);
-    if protocol.is_none() && endpoint.require_subprotocol {
+        .map(String::as_str)
+        .filter(|_| !sse);
+    // An event stream has no subprotocol to offer.
+    if protocol.is_none() && endpoint.require_subprotocol && !sse {
         return Err(Rejection::new(400, "no subprotocol this endpoint speaks"));
     }
+    #[cfg(feature = "sse")]
+    let keyed = if sse {
+        std::borrow::Cow::Owned(without_last_event_id(query))
+    } else {
+        std::borrow::Cow::Borrowed(query)
+    };
+    #[cfg(not(feature = "sse"))]
+    let keyed = query;
     let lobby_key = match &endpoint.query_params {
         Some(params) => Some(
-            lobby_key(query, params)
+            lobby_key(&keyed, params)
                 .ok_or_else(|| Rejection::new(400, "malformed query string"))?,
         ),
         None => None,
     };
+    #[cfg(feature = "sse")]
+    let after = if sse {
+        last_event_id(header("Last-Event-ID").next(), query)?
+    } else {
+        None
+    };
     let deflate = endpoint
         .compression
         .then(|| deflate::negotiate(header("Sec-WebSocket-Extensions")))
-        .flatten();
+        .flatten()
+        .filter(|_| !sse);
     #[cfg(feature = "auth")]
     let grant = match &endpoint.auth {
         None => Grant::default(),
         Some(auth) => {
-            let protocols: Vec<&str> = header("Sec-WebSocket-Protocol").collect();
+            let protocols: Vec<&str> = header("Sec-WebSocket-Protocol")
+                .filter(|_| !sse)
+                .collect();
             let presented = Presented {
                 target,
                 query,
@@ -429,10 +558,29 @@ fn check<'b, 'r>(
         protocol,
         lobby_key,
         deflate,
+        #[cfg(feature = "sse")]
+        sse,
+        #[cfg(feature = "sse")]
+        after,
+        #[cfg(feature = "sse")]
+        origin: header("Origin").next(),
         #[cfg(feature = "auth")]
         grant,
     })
 }
+
+/// Why a request that is not a GET is refused.
+#[cfg(feature = "sse")]
+const NOT_GET: &str = "only GET is served: a WebSocket upgrade or an event stream";
+#[cfg(not(feature = "sse"))]
+const NOT_GET: &str = "only GET can upgrade to a WebSocket";
+
+/// Why a GET that asks for neither a WebSocket nor an event stream is refused.
+#[cfg(feature = "sse")]
+const NEITHER: &str =
+    "ask for a WebSocket upgrade, or for Server-Sent Events with Accept: text/event-stream";
+#[cfg(not(feature = "sse"))]
+const NEITHER: &str = "this endpoint only speaks WebSocket";
 
 /// A query string's lobby key: the parameters named in `params`, sorted
 /// (by name, then value), joined with `&`; `None` if a parameter is not

@@ -17,10 +17,23 @@
 //! member wanted that), so a client replayed or caught up from the history
 //! gets the form it negotiated where there is one; fingerprints are of the
 //! uncompressed frame, so they match across lobbies whatever their members.
+//!
+//! With feature `sse`, every entry also has its message ID, the position a
+//! client sees and hands back to resume (`Last-Event-ID`): a source's exact
+//! position where it has one (a Redis stream ID, a publisher's sequence
+//! number, each as the 64 bits migration aligns on), and otherwise a hash of
+//! the fingerprints of the message and the [`RESUME_RUN`]` - 1` before it.
+//! Every lobby fed the same stream derives the same ID for a message once it
+//! has seen the run before it (a lobby's first few messages hash the
+//! shorter run it saw), and repeated payloads get different IDs wherever
+//! what precedes them differs: the same strength as a migration's match.
 
 use std::collections::VecDeque;
 
-use crate::{control::inbox::Resume, wire::frame::Forms};
+use crate::{
+    control::inbox::Resume,
+    wire::frame::{Forms, Frame},
+};
 
 /// Bytes of frames a history holds beyond its newest `keep` frames, per
 /// lobby. 128-byte messages never reach it; 64 KiB messages are held only
@@ -30,12 +43,22 @@ pub(crate) const FRAME_BUDGET: usize = 1 << 20;
 /// How many trailing fingerprints identify a position in the stream.
 pub(crate) const RESUME_RUN: usize = 8;
 
+/// One frame of the history: its fingerprint, its message ID, and the
+/// frame while it is held.
+#[derive(Debug)]
+struct Entry {
+    fp: u64,
+    #[cfg(feature = "sse")]
+    id: u64,
+    forms: Option<Forms>,
+}
+
 /// The last frames of a lobby's stream. Frames are numbered from 0 in the
 /// order the lobby broadcast them; a number is a position in the stream.
 /// Only the newest `held` entries still have their frame.
 #[derive(Debug)]
 pub(crate) struct History {
-    entries: VecDeque<(u64, Option<Forms>)>,
+    entries: VecDeque<Entry>,
     /// The number of `entries[0]`.
     first: u64,
     capacity: usize,
@@ -64,9 +87,31 @@ impl History {
     /// Appends a frame, fingerprinted by its `position` in the source's
     /// stream if it has one and by its bytes if not, forgetting the oldest
     /// beyond capacity and releasing the oldest frames beyond the byte budget.
+    #[cfg(test)]
     pub(crate) fn push(&mut self, frame: Forms, position: Option<u64>) {
+        let mark = self.mark(&frame.plain, position);
+        self.push_marked(frame, mark);
+    }
+
+    /// The fingerprint and message ID the next frame, `plain` at `position`
+    /// (see [`History::push`]), will have: what [`History::push_marked`] takes.
+    pub(crate) fn mark(&self, plain: &Frame, position: Option<u64>) -> Mark {
+        let fp = position.unwrap_or_else(|| fingerprint(plain));
+        Mark {
+            fp,
+            #[cfg(feature = "sse")]
+            id: position.unwrap_or_else(|| self.run_id(fp)),
+        }
+    }
+
+    /// Appends a frame marked by [`History::mark`], forgetting the oldest
+    /// beyond capacity and releasing the oldest frames beyond the byte budget.
+    pub(crate) fn push_marked(&mut self, frame: Forms, mark: Mark) {
         if self.entries.len() == self.capacity {
-            if let Some((_, Some(gone))) = self.entries.pop_front() {
+            if let Some(Entry {
+                forms: Some(gone), ..
+            }) = self.entries.pop_front()
+            {
                 self.held -= 1;
                 self.bytes -= gone.len();
             }
@@ -74,15 +119,47 @@ impl History {
         }
         self.held += 1;
         self.bytes += frame.len();
-        let fp = position.unwrap_or_else(|| fingerprint(&frame.plain));
-        self.entries.push_back((fp, Some(frame)));
+        self.entries.push_back(Entry {
+            fp: mark.fp,
+            #[cfg(feature = "sse")]
+            id: mark.id,
+            forms: Some(frame),
+        });
         while self.held > self.keep && self.bytes > FRAME_BUDGET {
             let oldest = self.entries.len() - self.held;
-            if let Some(gone) = self.entries[oldest].1.take() {
+            if let Some(gone) = self.entries[oldest].forms.take() {
                 self.bytes -= gone.len();
             }
             self.held -= 1;
         }
+    }
+
+    /// The ID of a frame fingerprinted `fp` coming next: a hash of the
+    /// fingerprints of the last [`RESUME_RUN`]` - 1` frames and `fp`.
+    #[cfg(feature = "sse")]
+    fn run_id(&self, fp: u64) -> u64 {
+        let start = self.entries.len().saturating_sub(RESUME_RUN - 1);
+        self.entries
+            .range(start..)
+            .map(|e| e.fp)
+            .chain([fp])
+            .fold(0x243F_6A88_85A3_08D3, |h, fp| mix(h ^ fp))
+    }
+
+    /// The number of the frame whose message ID is `id`, the newest if
+    /// several are; `None` if no frame remembered has it.
+    #[cfg(feature = "sse")]
+    pub(crate) fn find_id(&self, id: u64) -> Option<u64> {
+        let index = self.entries.iter().rposition(|e| e.id == id)?;
+        Some(self.first + index as u64)
+    }
+
+    /// Frame number `at` with its message ID, if the frame is still held.
+    #[cfg(feature = "sse")]
+    pub(crate) fn get_with_id(&self, at: u64) -> Option<(&Forms, u64)> {
+        let index = usize::try_from(at.checked_sub(self.first)?).ok()?;
+        let entry = self.entries.get(index)?;
+        Some((entry.forms.as_ref()?, entry.id))
     }
 
     /// The number the next frame will get: the live edge.
@@ -98,7 +175,7 @@ impl History {
     /// Frame number `at`, if still held.
     pub(crate) fn get(&self, at: u64) -> Option<&Forms> {
         let index = usize::try_from(at.checked_sub(self.first)?).ok()?;
-        self.entries.get(index)?.1.as_ref()
+        self.entries.get(index)?.forms.as_ref()
     }
 
     /// The position just before frame `at` (a client that has had every
@@ -107,7 +184,7 @@ impl History {
         let end = usize::try_from(at.saturating_sub(self.first))
             .map_or(self.entries.len(), |e| e.min(self.entries.len()));
         let start = end.saturating_sub(RESUME_RUN);
-        self.entries.range(start..end).map(|(fp, _)| *fp).collect()
+        self.entries.range(start..end).map(|e| e.fp).collect()
     }
 
     /// Whether the newest frames are exactly the run `resume` ends with (the
@@ -121,7 +198,7 @@ impl History {
                 .rev()
                 .zip(resume.iter().rev())
                 .take(n)
-                .all(|((fp, _), want)| fp == want)
+                .all(|(e, want)| e.fp == *want)
     }
 
     /// The number of the frame after the newest occurrence of the run
@@ -141,10 +218,27 @@ impl History {
             let is_younger = self.first == 0 && len < resume.len();
             let is_whole_run = n == resume.len() || end == n && is_younger;
             let matches =
-                (0..n).all(|i| self.entries[end - 1 - i].0 == resume[resume.len() - 1 - i]);
+                (0..n).all(|i| self.entries[end - 1 - i].fp == resume[resume.len() - 1 - i]);
             (is_whole_run && matches).then_some(self.first + end as u64)
         })
     }
+}
+
+/// The fingerprint and message ID of a frame about to join a history.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Mark {
+    fp: u64,
+    /// Its message ID (see the module docs).
+    #[cfg(feature = "sse")]
+    pub id: u64,
+}
+
+/// Mixes 64 bits (splitmix64's finaliser).
+#[cfg(feature = "sse")]
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// A 64-bit fingerprint of a frame's bytes (header included, so opcodes differ).
@@ -329,6 +423,32 @@ mod tests {
             c.push(hb.clone(), Some(at));
         }
         assert!(c.find_after(&resume(&a)).is_none());
+    }
+
+    #[cfg(feature = "sse")]
+    #[test]
+    fn ids_agree_across_lobbies_once_they_saw_the_run_and_tell_repeats_apart() {
+        let hb = "{\"hb\":1}";
+        let stream: Vec<String> = (0..30)
+            .map(|n| if n % 3 == 0 { n.to_string() } else { hb.to_owned() })
+            .collect();
+        let texts: Vec<&str> = stream.iter().map(String::as_str).collect();
+        let old = history(&texts);
+        let young = history(&texts[10..]);
+        let id = |h: &History, at: u64| h.get_with_id(at).unwrap().1;
+        // From its RESUME_RUN-th frame on, the young lobby's IDs are the old one's.
+        for at in (10 + RESUME_RUN as u64 - 1)..30 {
+            assert_eq!(id(&old, at), id(&young, at - 10), "frame {at}");
+        }
+        assert_eq!(old.find_id(id(&old, 25)), Some(25));
+        assert_eq!(young.find_id(id(&old, 25)), Some(15));
+        // Heartbeats in a row still have IDs of their own.
+        assert_ne!(id(&old, 25), id(&old, 26));
+        assert_eq!(old.find_id(0x1234), None);
+        // Exact positions are the IDs.
+        let mut exact = History::new(8, 8);
+        exact.push(frame(hb), Some(42));
+        assert_eq!(exact.find_id(42), Some(0));
     }
 
     #[test]

@@ -62,6 +62,8 @@ use crate::{
         frame::{self, Forms, Frame},
     },
 };
+#[cfg(feature = "sse")]
+use crate::wire::sse;
 
 const WAKER: Token = Token(0);
 const ORIGIN: Token = Token(1);
@@ -81,8 +83,11 @@ const FORWARD_QUEUE: usize = 64;
 /// A lobby's inbox.
 #[derive(Debug)]
 pub(crate) enum LobbyMsg {
-    /// Start delivering to this new client (after the configured replay).
-    Join(Member),
+    /// Start delivering to this new client: after the configured replay,
+    /// or, for a client resuming (`after`, a message ID it saw), right
+    /// after that message if the history holds it (an SSE reset event and
+    /// the live edge if not).
+    Join { member: Member, after: Option<u64> },
     /// Stop delivering to this client.
     Leave(ClientId),
     /// Stop delivering to this client, which moves to another lobby; answer
@@ -112,6 +117,10 @@ pub(crate) struct Member {
     pub writer: usize,
     /// It negotiated permessage-deflate: it gets compressed frames.
     pub deflate: bool,
+    /// An SSE client: it gets the event-stream form (feature `sse`; always
+    /// false without it).
+    #[cfg_attr(not(feature = "sse"), allow(dead_code))]
+    pub sse: bool,
 }
 
 /// The manager's handle on a lobby thread.
@@ -225,6 +234,10 @@ pub(crate) fn spawn(id: LobbyId, env: &LobbyEnv) -> Result<LobbyHandle> {
             replay: env.replay,
             deflating: 0,
             deflater: None,
+            #[cfg(feature = "sse")]
+            streams: Vec::new(),
+            #[cfg(feature = "sse")]
+            streaming: 0,
             compress_min: env.compress_min,
             writers: Arc::clone(&env.writers),
             touched: vec![false; env.writers.len()],
@@ -367,6 +380,12 @@ impl Lobby {
         fanout.deflating = 0;
         let adopting = fanout.adopting.drain(..).map(|a| a.member);
         let catching_up = fanout.catching_up.drain(..).map(|c| c.member);
+        #[cfg(feature = "sse")]
+        let adopting = adopting.chain(fanout.streams.drain(..));
+        #[cfg(feature = "sse")]
+        {
+            fanout.streaming = 0;
+        }
         for member in fanout.members.drain(..).chain(catching_up).chain(adopting) {
             member.queue.push(close.clone());
             fanout.touched[member.writer] = true;
@@ -383,9 +402,9 @@ impl Lobby {
         let mut left = false;
         loop {
             match self.inbox.try_recv() {
-                Ok(LobbyMsg::Join(member)) => {
+                Ok(LobbyMsg::Join { member, after }) => {
                     trace!("{}: {} joined", self.id, member.id);
-                    self.fanout.join_new(member);
+                    self.fanout.join_new(member, after);
                     self.origin.start();
                 }
                 Ok(LobbyMsg::Adopt { member, resume }) => {
@@ -465,6 +484,14 @@ struct Fanout {
     deflating: usize,
     /// Made when the first message is compressed.
     deflater: Option<Deflater>,
+    /// SSE clients at the live edge: each broadcast's event-stream form
+    /// goes to them (apart from `members`, so WebSocket members cost nothing more).
+    #[cfg(feature = "sse")]
+    streams: Vec<Member>,
+    /// Clients here (at the live edge, catching up or moving in) that take
+    /// the event-stream form: while there are none, none is built.
+    #[cfg(feature = "sse")]
+    streaming: usize,
     compress_min: usize,
     writers: Arc<[Arc<WriterWake>]>,
     /// Per writer: owns a member that got frames since the last wake.
@@ -484,7 +511,10 @@ impl Fanout {
 
     /// The clients this lobby holds: live, catching up, or moving in.
     fn len(&self) -> usize {
-        self.members.len() + self.catching_up.len() + self.adopting.len()
+        let len = self.members.len() + self.catching_up.len() + self.adopting.len();
+        #[cfg(feature = "sse")]
+        let len = len + self.streams.len();
+        len
     }
 
     /// Publishes [`Fanout::len`] for the lobby listing.
@@ -512,7 +542,15 @@ impl Fanout {
         } else {
             None
         };
-        let forms = Forms { plain, deflated };
+        let mark = self.history.mark(&plain, message.position);
+        #[cfg(feature = "sse")]
+        let sse = (self.streaming > 0).then(|| sse::event(mark.id, &plain));
+        let forms = Forms {
+            plain,
+            deflated,
+            #[cfg(feature = "sse")]
+            sse,
+        };
         let mut dropped = [0; DropReason::COUNT];
         for member in &self.members {
             let frame = forms.for_client(member.deflate).clone();
@@ -525,9 +563,11 @@ impl Fanout {
             self.stats.dropped(reason, dropped[reason as usize]);
         }
         let pushed = self.members.len() as u64;
+        #[cfg(feature = "sse")]
+        let pushed = pushed + self.stream(&forms);
         let dropped = dropped.iter().sum();
         self.counters.message(&self.stats.epoch, pushed, dropped);
-        self.history.push(forms, message.position);
+        self.history.push_marked(forms, mark);
         if !self.adopting.is_empty() {
             // Those whose last frame was this one join at the live edge.
             let history = &self.history;
@@ -537,11 +577,38 @@ impl Fanout {
             self.adopting = waiting;
             for adopted in ready {
                 trace!("{}: {} caught up with", self.lobby, adopted.member.id);
-                self.members.push(adopted.member);
+                self.go_live(adopted.member);
             }
         }
         self.catch_up();
         self.wake_writers();
+    }
+
+    /// Queues a message's event-stream form for the SSE members; how many
+    /// took it. A member whose queue is full has its stream closed by its
+    /// writer (it resumes from the history), so none of them loses a frame.
+    #[cfg(feature = "sse")]
+    fn stream(&mut self, forms: &Forms) -> u64 {
+        let Some(event) = &forms.sse else {
+            return 0;
+        };
+        let mut pushed = 0;
+        for member in &self.streams {
+            if member.queue.push(event.clone()) == Pushed::Queued {
+                pushed += 1;
+            }
+            self.touched[member.writer] = true;
+        }
+        pushed
+    }
+
+    /// A client reaches the live edge: the broadcast goes to it from now on.
+    fn go_live(&mut self, member: Member) {
+        #[cfg(feature = "sse")]
+        if member.sse {
+            return self.streams.push(member);
+        }
+        self.members.push(member);
     }
 
     /// The compressed frame of `plain`, if it is large enough and deflate
@@ -566,10 +633,20 @@ impl Fanout {
         Some(frame::encode_deflated(opcode, compressed, plain.stamp()))
     }
 
-    /// A new client: the last `replay` frames, then the live stream.
-    fn join_new(&mut self, member: Member) {
+    /// A new client: the last `replay` frames, then the live stream; a
+    /// resuming one (`after`), what followed that message.
+    fn join_new(&mut self, member: Member, after: Option<u64>) {
         self.warming = false;
         self.deflating += usize::from(member.deflate);
+        #[cfg(feature = "sse")]
+        {
+            self.streaming += usize::from(member.sse);
+            if let Some(after) = after {
+                return self.resume(member, after);
+            }
+        }
+        #[cfg(not(feature = "sse"))]
+        let _ = after;
         let from = self
             .history
             .head()
@@ -578,10 +655,46 @@ impl Fanout {
         self.enlist(member, from);
     }
 
+    /// A client that saw message `after` last: the frames after it from the
+    /// history, then the live stream; if the history does not hold them (an
+    /// ID older than it, or one it never had), the reset event, counted,
+    /// then the live stream.
+    #[cfg(feature = "sse")]
+    fn resume(&mut self, member: Member, after: u64) {
+        match self.history.find_id(after) {
+            Some(at) if at + 1 >= self.history.oldest() => {
+                bump(&self.stats.resumes);
+                debug!(
+                    "{}: {} resumes {} frames back",
+                    self.lobby,
+                    member.id,
+                    self.history.head() - at - 1
+                );
+                self.enlist(member, at + 1);
+            }
+            _ => {
+                bump(&self.stats.resume_resets);
+                debug!(
+                    "{}: {} resumes after {}, not in the history: reset",
+                    self.lobby,
+                    member.id,
+                    sse::format_id(after)
+                );
+                member.queue.push(sse::reset());
+                self.touched[member.writer] = true;
+                self.enlist(member, self.history.head());
+            }
+        }
+    }
+
     /// A client from another lobby: continue right after `resume`.
     fn adopt(&mut self, member: Member, resume: Resume) {
         self.warming = false;
         self.deflating += usize::from(member.deflate);
+        #[cfg(feature = "sse")]
+        {
+            self.streaming += usize::from(member.sse);
+        }
         if resume.is_empty() {
             // It had received nothing yet: the live edge is where it starts.
             return self.enlist(member, self.history.head());
@@ -617,6 +730,13 @@ impl Fanout {
         let mut i = 0;
         while i < self.catching_up.len() {
             let c = &mut self.catching_up[i];
+            #[cfg(feature = "sse")]
+            if c.next < self.history.oldest() && c.member.sse {
+                // An SSE client loses nothing: its stream is closed, and it
+                // resumes from the history it still finds.
+                c.member.queue.overflow();
+                c.next = self.history.oldest();
+            }
             if c.next < self.history.oldest() {
                 // Its queue stayed full while the history moved on: the
                 // frames it skips are lost to it.
@@ -634,10 +754,8 @@ impl Fanout {
                 c.next = self.history.oldest();
             }
             while c.next < self.history.head() && c.member.queue.len() < c.member.queue.depth() {
-                if let Some(forms) = self.history.get(c.next) {
-                    c.member
-                        .queue
-                        .push(forms.for_client(c.member.deflate).clone());
+                if let Some(frame) = form_at(&self.history, c.next, &c.member) {
+                    c.member.queue.push(frame);
                 }
                 c.next += 1;
                 self.touched[c.member.writer] = true;
@@ -649,7 +767,7 @@ impl Fanout {
             // of the catch-up when its writer is briefly late.
             if c.next == self.history.head() && c.member.queue.is_empty() {
                 let done = self.catching_up.swap_remove(i);
-                self.members.push(done.member);
+                self.go_live(done.member);
             } else {
                 i += 1;
             }
@@ -677,7 +795,7 @@ impl Fanout {
                 self.lobby, adopted.member.id
             );
             bump(&self.stats.migration_gaps);
-            self.members.push(adopted.member);
+            self.go_live(adopted.member);
         }
     }
 
@@ -689,6 +807,10 @@ impl Fanout {
     fn remove(&mut self, id: ClientId) -> Option<Resume> {
         let (resume, member) = self.take(id)?;
         self.deflating -= usize::from(member.deflate);
+        #[cfg(feature = "sse")]
+        {
+            self.streaming -= usize::from(member.sse);
+        }
         Some(resume)
     }
 
@@ -696,6 +818,12 @@ impl Fanout {
     fn take(&mut self, id: ClientId) -> Option<(Resume, Member)> {
         if let Some(at) = self.members.iter().position(|m| m.id == id) {
             let member = self.members.swap_remove(at);
+            trace!("{}: {id} left", self.lobby);
+            return Some((self.history.resume_before(self.history.head()), member));
+        }
+        #[cfg(feature = "sse")]
+        if let Some(at) = self.streams.iter().position(|m| m.id == id) {
+            let member = self.streams.swap_remove(at);
             trace!("{}: {id} left", self.lobby);
             return Some((self.history.resume_before(self.history.head()), member));
         }
@@ -717,6 +845,22 @@ impl Fanout {
     }
 }
 
+/// The form of frame number `at` of `history` that `member` takes, if
+/// still held: compressed, plain, or the event-stream form (built now if
+/// the lobby had no SSE member when the message came).
+fn form_at(history: &History, at: u64, member: &Member) -> Option<Frame> {
+    #[cfg(feature = "sse")]
+    if member.sse {
+        let (forms, id) = history.get_with_id(at)?;
+        return Some(match &forms.sse {
+            Some(event) => event.clone(),
+            None => sse::event(id, &forms.plain),
+        });
+    }
+    let forms = history.get(at)?;
+    Some(forms.for_client(member.deflate).clone())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -736,6 +880,10 @@ mod tests {
             replay,
             deflating: 0,
             deflater: None,
+            #[cfg(feature = "sse")]
+            streams: Vec::new(),
+            #[cfg(feature = "sse")]
+            streaming: 0,
             compress_min: 256,
             writers: Arc::from([WriterWake::for_tests(poll)]),
             touched: vec![false],
@@ -748,6 +896,7 @@ mod tests {
             queue: ClientQueue::new(1000, false),
             writer: 0,
             deflate: false,
+            sse: false,
         });
         (fanout, stats)
     }
@@ -776,6 +925,7 @@ mod tests {
             queue: queue.clone(),
             writer: 0,
             deflate: false,
+            sse: false,
         };
         fanout.enlist(member, fanout.history.head() - 20);
         for n in 0..200u8 {
@@ -814,12 +964,16 @@ mod tests {
         // A newcomer replayed four frames, its queue of four full: live
         // frames must not push them out before its writer takes them.
         let queue = ClientQueue::new(4, true);
-        fanout.join_new(Member {
-            id: ClientId(1),
-            queue: queue.clone(),
-            writer: 0,
-            deflate: false,
-        });
+        fanout.join_new(
+            Member {
+                id: ClientId(1),
+                queue: queue.clone(),
+                writer: 0,
+                deflate: false,
+                sse: false,
+            },
+            None,
+        );
         assert_eq!(queue.len(), 4);
         send(&mut fanout, 4);
         send(&mut fanout, 5);

@@ -146,6 +146,10 @@ struct ClientEntry {
     /// It negotiated permessage-deflate: every lobby it joins sends it the
     /// compressed form.
     deflate: bool,
+    /// An SSE client: every lobby it joins sends it the event-stream form.
+    sse: bool,
+    /// Until it is first placed: the message ID it resumes after.
+    after: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -275,6 +279,8 @@ impl Manager {
             seat,
             group,
             deflate,
+            sse,
+            after,
             expires,
             #[cfg(feature = "tls")]
             mut tls,
@@ -299,7 +305,15 @@ impl Manager {
             refuse(&mut stream, &close);
             return;
         };
-        let queue = ClientQueue::new(route.config.queue_depth, self.count_drops);
+        let depth = route.config.queue_depth;
+        #[cfg(feature = "sse")]
+        let queue = if sse {
+            ClientQueue::closing_when_full(depth, self.count_drops)
+        } else {
+            ClientQueue::new(depth, self.count_drops)
+        };
+        #[cfg(not(feature = "sse"))]
+        let queue = ClientQueue::new(depth, self.count_drops);
         let writer = self.least_loaded_writer();
         self.clients.insert(
             id,
@@ -308,6 +322,8 @@ impl Manager {
                 writer,
                 group,
                 deflate,
+                sse,
+                after,
             },
         );
         let Some(lobby) = self.place(id) else {
@@ -327,6 +343,7 @@ impl Manager {
             leftover,
             seat,
             deflate,
+            sse,
             expires,
             #[cfg(feature = "tls")]
             tls,
@@ -344,9 +361,11 @@ impl Manager {
     /// Puts a known client in the fullest lobby of its group with room,
     /// starting one if needed and allowed; the lobby it joined.
     fn place(&mut self, id: ClientId) -> Option<LobbyId> {
-        let client = self.clients.get(&id)?;
+        let client = self.clients.get_mut(&id)?;
+        // Only its first lobby resumes it; a re-placed client starts afresh.
+        let after = client.after.take();
         let (group, queue, writer) = (client.group.clone(), client.queue.clone(), client.writer);
-        let deflate = client.deflate;
+        let (deflate, sse) = (client.deflate, client.sse);
         loop {
             let lobby = self.find_lobby(&group)?;
             let member = Member {
@@ -354,11 +373,12 @@ impl Manager {
                 queue: queue.clone(),
                 writer,
                 deflate,
+                sse,
             };
             if self
                 .lobbies
                 .get(&lobby)
-                .is_some_and(|l| l.send(LobbyMsg::Join(member)))
+                .is_some_and(|l| l.send(LobbyMsg::Join { member, after }))
             {
                 self.registry.join(id, lobby);
                 return Some(lobby);
@@ -540,6 +560,7 @@ impl Manager {
             queue: client.queue.clone(),
             writer: client.writer,
             deflate: client.deflate,
+            sse: client.sse,
         };
         let adopted = self
             .lobbies

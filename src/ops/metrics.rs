@@ -135,6 +135,12 @@ const MIGRATIONS: &[Split] = &[
     ("gap", |s| s.migration_gaps),
 ];
 
+/// Clients resuming after a message ID (SSE `Last-Event-ID`), by outcome.
+const RESUMES: &[Split] = &[
+    ("from_history", |s| s.resumes),
+    ("reset", |s| s.resume_resets),
+];
+
 /// Client messages for the origin (with `--client-messages forward`), by outcome.
 const FORMS: &[Split] = &[
     ("compressed", |s| s.frames_delivered_compressed),
@@ -311,6 +317,14 @@ impl Collector for GatewayCollector {
             "Clients moved between lobbies by compaction, by outcome",
             "outcome",
             MIGRATIONS,
+        )?;
+        out.counters_by(
+            "resumes",
+            "Clients resuming after a message ID (SSE Last-Event-ID), by outcome: \
+             from_history (they got exactly what followed it), reset (the ID was not \
+             in the lobby's history: the reset event, then the live stream)",
+            "outcome",
+            RESUMES,
         )?;
         out.counters_by(
             "forwarded_messages",

@@ -66,6 +66,10 @@ pub(crate) struct Forms {
     pub plain: Frame,
     /// The compressed frame, if there is one.
     pub deflated: Option<Frame>,
+    /// The Server-Sent Events form (`sse.rs`), built while the lobby has an
+    /// SSE member.
+    #[cfg(feature = "sse")]
+    pub sse: Option<Frame>,
 }
 
 impl Forms {
@@ -75,6 +79,8 @@ impl Forms {
         Forms {
             plain,
             deflated: None,
+            #[cfg(feature = "sse")]
+            sse: None,
         }
     }
 
@@ -87,9 +93,12 @@ impl Forms {
         }
     }
 
-    /// Bytes of both frames.
+    /// Bytes of every form held.
     pub(crate) fn len(&self) -> usize {
-        self.plain.len() + self.deflated.as_ref().map_or(0, |d| d.len())
+        let len = self.plain.len() + self.deflated.as_ref().map_or(0, |d| d.len());
+        #[cfg(feature = "sse")]
+        let len = len + self.sse.as_ref().map_or(0, |s| s.len());
+        len
     }
 }
 
@@ -166,6 +175,13 @@ fn encode_first_byte(first: u8, payload: &[u8], stamp: u32) -> Frame {
             .copied()
             .collect(),
     )
+}
+
+/// Bytes that are not a WebSocket frame (an SSE event, `sse.rs`) as a
+/// [`Frame`], stamped like [`encode_stamped`].
+#[cfg(feature = "sse")]
+pub(crate) fn raw(stamp: u32, bytes: &[u8]) -> Frame {
+    Frame(stamp.to_le_bytes().iter().chain(bytes).copied().collect())
 }
 
 /// Encodes a server close frame with `code` and a reason (cut to fit 123 bytes).

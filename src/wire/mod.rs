@@ -4,7 +4,8 @@
 //! member's queue) and decodes client frames; `deflate.rs` compresses and
 //! inflates permessage-deflate messages and negotiates the extension;
 //! `close.rs` holds the close codes and the violations both report;
-//! `handshake.rs` computes the upgrades' accept key; `tls.rs` (feature
+//! `handshake.rs` computes the upgrades' accept key; `sse.rs` (feature
+//! `sse`) encodes a message as a Server-Sent Event; `tls.rs` (feature
 //! `tls`) moves a `wss://` client's bytes through its rustls session, the
 //! one place here that reads and writes a socket (any `Read + Write`). Sources encode with it,
 //! lobbies and their history share its frames, writers decode with it, and
@@ -16,5 +17,7 @@ pub(crate) mod close;
 pub(crate) mod deflate;
 pub(crate) mod frame;
 pub(crate) mod handshake;
+#[cfg(feature = "sse")]
+pub(crate) mod sse;
 #[cfg(feature = "tls")]
 pub(crate) mod tls;

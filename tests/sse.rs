@@ -1,0 +1,2 @@
+//! Server-Sent Events end to end (feature `sse`).
+#![cfg(feature = "sse")]
