@@ -1,2 +1,281 @@
-//! Server-Sent Events end to end (feature `sse`).
+//! Server-Sent Events end to end (feature `sse`): event streams from the
+//! same lobbies as WebSocket clients, message IDs, resume from a lobby's
+//! history with Last-Event-ID, the reset event, slow streams closed rather
+//! than thinned, and the answers to bad requests. Real sockets, the real
+//! test origin; counts and order, never speed.
 #![cfg(feature = "sse")]
+
+mod support;
+
+use std::io::Read;
+
+use support::*;
+use tungstenite::Message;
+use wsgate::Disconnect;
+
+/// The status of an HTTP response.
+fn status(response: &str) -> u16 {
+    response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {response:?}"))
+}
+
+/// Whether `id` is a message ID as documented: 16 lowercase hex digits.
+fn is_message_id(id: &str) -> bool {
+    id.len() == 16 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+#[test]
+fn an_event_stream_gets_every_message_in_order_with_ids() {
+    let origin = TestOrigin::start();
+    let mut config = test_config(&origin.url());
+    // The burst below is longer than the default queue: a stream whose
+    // queue would overflow is closed, by design.
+    config.queue_depth = 64;
+    let gw = start_gateway(config);
+    let mut client = sse_client(gw.local_addr(), "/", &["Origin: https://app.example"]);
+    assert!(
+        client.head.contains("Access-Control-Allow-Origin: *\r\n"),
+        "{}",
+        client.head
+    );
+    wait_placed(&gw, 1);
+    wait_until("one origin connection", || origin.open() == 1);
+    for n in 1..=20 {
+        origin.send_seq(n);
+    }
+    origin.send(Message::text("first line\nsecond\r\nthird"));
+    origin.send(Message::binary(vec![0u8, 1, 2, 0xff]));
+    let mut ids = Vec::new();
+    for n in 1..=20 {
+        let (data, id) = client.message();
+        assert_eq!(data, n.to_string());
+        assert!(is_message_id(&id), "{id:?}");
+        ids.push(id);
+    }
+    assert_eq!(client.retry, Some(1000), "the retry hint");
+    let (data, _) = client.message();
+    assert_eq!(data, "first line\nsecond\nthird", "one data: line each");
+    let binary = client.event();
+    assert_eq!(binary.event.as_deref(), Some("binary"));
+    assert_eq!(binary.data, "AAEC/w==");
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 20, "an ID of its own for each message");
+}
+
+#[test]
+fn websocket_and_sse_clients_share_one_lobby_and_one_upstream() {
+    let origin = TestOrigin::start();
+    let gw = start_gateway(test_config(&origin.url()));
+    let ws = connect_clients(&gw, 1).remove(0);
+    let stream = sse_client(gw.local_addr(), "/", &[]);
+    wait_placed(&gw, 2);
+    wait_until("one origin connection", || origin.open() == 1);
+    assert_eq!(gw.lobbies(DEADLINE).len(), 1);
+    let ws = Follower::spawn(ws);
+    let sse = SseFollower::spawn(stream);
+    const N: u64 = 200;
+    for n in 1..=N {
+        origin.send_seq(n);
+        if n % 10 == 0 {
+            wait_until("the burst delivered", || {
+                ws.count() as u64 >= n && sse.count() as u64 >= n
+            });
+        }
+    }
+    let want: Vec<String> = (1..=N).map(|n| n.to_string()).collect();
+    let got: Vec<String> = sse.events().into_iter().map(|e| e.data).collect();
+    assert_eq!(got, want, "the event stream");
+    assert_eq!(ws.finish_at(&N.to_string()), want, "the WebSocket");
+    assert_eq!(origin.accepted(), 1, "one upstream connection for both");
+    assert_eq!(gw.stats().frames_dropped, 0);
+}
+
+/// A gateway with a WebSocket client holding its one lobby open, so the
+/// lobby and its history outlive the event streams that come and go.
+fn gateway_with_a_lobby(
+    config: impl FnOnce(&mut wsgate::Config),
+) -> (TestOrigin, wsgate::GatewayHandle, Follower) {
+    let origin = TestOrigin::start();
+    let mut c = test_config(&origin.url());
+    config(&mut c);
+    let gw = start_gateway(c);
+    let ws = Follower::spawn(connect_clients(&gw, 1).remove(0));
+    wait_until("one origin connection", || origin.open() == 1);
+    (origin, gw, ws)
+}
+
+#[test]
+fn a_stream_resumes_after_its_last_event_id_with_no_gap_and_no_duplicate() {
+    let (origin, gw, _ws) = gateway_with_a_lobby(|_| {});
+    let mut first = sse_client(gw.local_addr(), "/", &[]);
+    wait_placed(&gw, 2);
+    for n in 1..=10 {
+        origin.send_seq(n);
+    }
+    // It reads five of them, then goes.
+    let mut last = String::new();
+    for n in 1..=5 {
+        let (data, id) = first.message();
+        assert_eq!(data, n.to_string());
+        last = id;
+    }
+    drop(first);
+    wait_clients(&gw, 1);
+    for n in 11..=15 {
+        origin.send_seq(n);
+    }
+    // Back with its Last-Event-ID header: 6 to 15 from the history, then live.
+    let mut back = sse_client(gw.local_addr(), "/", &[&format!("Last-Event-ID: {last}")]);
+    for n in 6..=15 {
+        let (data, id) = back.message();
+        assert_eq!(data, n.to_string(), "from the history");
+        last = id;
+    }
+    origin.send_seq(16);
+    let (data, _) = back.message();
+    assert_eq!(data, "16", "then live");
+    assert_eq!(gw.stats().resumes, 1);
+    drop(back);
+    wait_clients(&gw, 1);
+    // The query form, as a first connection that resumes: after 15.
+    origin.send_seq(17);
+    let mut query = sse_client(gw.local_addr(), &format!("/?last_event_id={last}"), &[]);
+    assert_eq!(query.message().0, "16");
+    assert_eq!(query.message().0, "17");
+    origin.send_seq(18);
+    assert_eq!(query.message().0, "18");
+    let stats = gw.stats();
+    assert_eq!((stats.resumes, stats.resume_resets), (2, 0));
+}
+
+#[test]
+fn an_unknown_or_too_old_id_gets_the_reset_event_then_live_messages() {
+    let (origin, gw, ws) = gateway_with_a_lobby(|_| {});
+    origin.send_seq(1);
+    wait_until("the lobby to have a message", || ws.count() == 1);
+    // An ID the lobby never had.
+    let mut unknown = sse_client(gw.local_addr(), "/", &["Last-Event-ID: 00000000deadbeef"]);
+    let reset = unknown.event();
+    assert_eq!(reset.event.as_deref(), Some("reset"), "{reset:?}");
+    wait_placed(&gw, 2);
+    origin.send_seq(2);
+    assert_eq!(unknown.message().0, "2", "live after the reset");
+    assert_eq!(gw.stats().resume_resets, 1);
+    // An ID the lobby had, and forgot: its history holds 64 messages.
+    origin.send_seq(3);
+    let (_, old) = unknown.message();
+    drop(unknown);
+    for n in 4..=200 {
+        origin.send_seq(n);
+        wait_until("the WebSocket client to keep up", || ws.count() as u64 >= n);
+    }
+    let mut late = sse_client(gw.local_addr(), "/", &[&format!("Last-Event-ID: {old}")]);
+    assert_eq!(late.event().event.as_deref(), Some("reset"));
+    wait_placed(&gw, 2);
+    origin.send_seq(201);
+    assert_eq!(late.message().0, "201");
+    let stats = gw.stats();
+    assert_eq!((stats.resume_resets, stats.resumes), (2, 0));
+}
+
+#[test]
+fn a_slow_stream_is_closed_rather_than_thinned_and_fast_clients_lose_nothing() {
+    let (origin, gw, ws) = gateway_with_a_lobby(|c| c.queue_depth = 4);
+    let fast = SseFollower::spawn(sse_client(gw.local_addr(), "/", &[]));
+    // A stream that never reads, into a small receive buffer.
+    let mut slow = connect_from(gw.local_addr(), [127, 0, 0, 1], 4096);
+    std::io::Write::write_all(&mut slow, sse_request("/", &[]).as_bytes()).expect("request");
+    wait_placed(&gw, 3);
+    const N: u64 = 100;
+    let pad = "x".repeat(8000);
+    for n in 1..=N {
+        origin.send(Message::text(format!("{n} {pad}")));
+        wait_until("the fast clients to keep up", || {
+            ws.count() as u64 >= n && fast.count() as u64 >= n
+        });
+    }
+    wait_until("the slow stream closed", || {
+        gw.stats().disconnected(Disconnect::TooSlow) == 1
+    });
+    // Its socket ends once what it was sent is read.
+    slow.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let mut sink = Vec::new();
+    let _ = slow.read_to_end(&mut sink);
+    let got: Vec<String> = fast
+        .events()
+        .into_iter()
+        .map(|e| e.data.split(' ').next().unwrap_or_default().to_owned())
+        .collect();
+    let want: Vec<String> = (1..=N).map(|n| n.to_string()).collect();
+    assert_eq!(got, want, "the fast stream lost nothing");
+    assert_eq!(ws.count() as u64, N, "the WebSocket client lost nothing");
+    assert!(!fast.has_ended());
+    assert_eq!(gw.stats().disconnected(Disconnect::TooSlow), 1);
+}
+
+#[test]
+fn bad_requests_get_their_statuses() {
+    let origin = TestOrigin::start();
+    let gw = start_gateway(test_config(&origin.url()));
+    let addr = gw.local_addr();
+    let huge = format!("Last-Event-ID: {}", "a".repeat(100_000));
+    assert_eq!(status(&http_exchange(addr, &sse_request("/", &[&huge]))), 431);
+    for bad in ["Last-Event-ID: 12", "Last-Event-ID: 0123456789abcdeg"] {
+        let response = http_exchange(addr, &sse_request("/", &[bad]));
+        assert_eq!(status(&response), 400, "{bad}: {response}");
+        assert!(response.contains("malformed Last-Event-ID"), "{response}");
+    }
+    let query = http_exchange(addr, &sse_request("/?last_event_id=zz", &[]));
+    assert_eq!(status(&query), 400, "{query}");
+    let post = "POST / HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\nContent-Length: 0\r\n\r\n";
+    let response = http_exchange(addr, post);
+    assert_eq!(status(&response), 405, "{response}");
+    assert!(response.contains("Allow: GET\r\n"), "{response}");
+    let html = "GET / HTTP/1.1\r\nHost: x\r\nAccept: text/html, */*\r\n\r\n";
+    let response = http_exchange(addr, html);
+    assert_eq!(status(&response), 426, "{response}");
+    assert!(response.contains("text/event-stream"), "{response}");
+    assert_eq!(status(&http_exchange(addr, &sse_request("/elsewhere", &[]))), 404);
+    // None of them reached a lobby.
+    assert_eq!(gw.stats().clients_accepted, 0);
+}
+
+#[test]
+fn an_allowed_origin_gets_its_cors_header_and_another_gets_403() {
+    let origin = TestOrigin::start();
+    let mut config = test_config(&origin.url());
+    config.allowed_origins = vec!["https://app.example".to_owned()];
+    let gw = start_gateway(config);
+    let client = sse_client(gw.local_addr(), "/", &["Origin: https://app.example"]);
+    assert!(
+        client
+            .head
+            .contains("Access-Control-Allow-Origin: https://app.example\r\nVary: Origin\r\n"),
+        "{}",
+        client.head
+    );
+    let evil = sse_request("/", &["Origin: https://evil.example"]);
+    assert_eq!(status(&http_exchange(gw.local_addr(), &evil)), 403);
+}
+
+#[test]
+fn an_idle_stream_gets_heartbeat_comments_that_are_not_events() {
+    let origin = TestOrigin::start();
+    let mut config = test_config(&origin.url());
+    config.sse_heartbeat = std::time::Duration::from_millis(200);
+    let gw = start_gateway(config);
+    let mut client = sse_client(gw.local_addr(), "/", &[]);
+    wait_placed(&gw, 1);
+    wait_until("one origin connection", || origin.open() == 1);
+    // Two heartbeats' time, then a message: the comments came first and
+    // were not dispatched as events.
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    origin.send_seq(1);
+    assert_eq!(client.message().0, "1");
+    assert!(client.comments >= 2, "{} heartbeats", client.comments);
+    assert_eq!(gw.stats().frames_delivered, 1, "heartbeats are not deliveries");
+}

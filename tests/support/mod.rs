@@ -38,6 +38,11 @@ pub use redis_server::*;
 mod require;
 #[allow(unused_imports)]
 pub use require::*;
+#[cfg(feature = "sse")]
+mod sse;
+#[cfg(feature = "sse")]
+#[allow(unused_imports)]
+pub use sse::*;
 
 /// The generous deadline every wait in the tests uses: the machine is small and noisy.
 pub const DEADLINE: Duration = Duration::from_secs(20);
