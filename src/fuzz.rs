@@ -667,7 +667,10 @@ fn parse_checked(buf: &[u8], route: &Route<'_>) -> Parsed {
             let text = std::str::from_utf8(response).expect("ASCII response");
             if *sse {
                 assert!(text.starts_with("HTTP/1.1 200 "), "{text:?}");
-                assert!(text.contains("\r\nContent-Type: text/event-stream\r\n"), "{text:?}");
+                assert!(
+                    text.contains("\r\nContent-Type: text/event-stream\r\n"),
+                    "{text:?}"
+                );
                 assert!(text.ends_with("\n\n"), "{text:?}");
                 return parsed;
             }

@@ -223,7 +223,10 @@ fn bad_requests_get_their_statuses() {
     let gw = start_gateway(test_config(&origin.url()));
     let addr = gw.local_addr();
     let huge = format!("Last-Event-ID: {}", "a".repeat(100_000));
-    assert_eq!(status(&http_exchange(addr, &sse_request("/", &[&huge]))), 431);
+    assert_eq!(
+        status(&http_exchange(addr, &sse_request("/", &[&huge]))),
+        431
+    );
     for bad in ["Last-Event-ID: 12", "Last-Event-ID: 0123456789abcdeg"] {
         let response = http_exchange(addr, &sse_request("/", &[bad]));
         assert_eq!(status(&response), 400, "{bad}: {response}");
@@ -231,7 +234,8 @@ fn bad_requests_get_their_statuses() {
     }
     let query = http_exchange(addr, &sse_request("/?last_event_id=zz", &[]));
     assert_eq!(status(&query), 400, "{query}");
-    let post = "POST / HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\nContent-Length: 0\r\n\r\n";
+    let post =
+        "POST / HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\nContent-Length: 0\r\n\r\n";
     let response = http_exchange(addr, post);
     assert_eq!(status(&response), 405, "{response}");
     assert!(response.contains("Allow: GET\r\n"), "{response}");
@@ -239,7 +243,10 @@ fn bad_requests_get_their_statuses() {
     let response = http_exchange(addr, html);
     assert_eq!(status(&response), 426, "{response}");
     assert!(response.contains("text/event-stream"), "{response}");
-    assert_eq!(status(&http_exchange(addr, &sse_request("/elsewhere", &[]))), 404);
+    assert_eq!(
+        status(&http_exchange(addr, &sse_request("/elsewhere", &[]))),
+        404
+    );
     // None of them reached a lobby.
     assert_eq!(gw.stats().clients_accepted, 0);
 }
@@ -277,5 +284,9 @@ fn an_idle_stream_gets_heartbeat_comments_that_are_not_events() {
     origin.send_seq(1);
     assert_eq!(client.message().0, "1");
     assert!(client.comments >= 2, "{} heartbeats", client.comments);
-    assert_eq!(gw.stats().frames_delivered, 1, "heartbeats are not deliveries");
+    assert_eq!(
+        gw.stats().frames_delivered,
+        1,
+        "heartbeats are not deliveries"
+    );
 }

@@ -778,8 +778,7 @@ impl Conn {
                 break;
             };
             let is_close = opcode(&frame) == frame::OP_CLOSE;
-            let route_removed =
-                is_close && frame.get(4..) == Some(close::ROUTE_REMOVED.as_bytes());
+            let route_removed = is_close && frame.get(4..) == Some(close::ROUTE_REMOVED.as_bytes());
             // An event stream ends where a WebSocket gets its close frame.
             if !(is_close && self.sse) {
                 io.batch.push(frame);

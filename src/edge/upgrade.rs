@@ -351,10 +351,12 @@ fn last_event_id(header: Option<&str>, query: &str) -> Result<Option<u64>, Rejec
     };
     match header.map(str::trim).or_else(from_query) {
         None | Some("") => Ok(None),
-        Some(text) => crate::wire::sse::parse_id(text).map(Some).ok_or(Rejection::new(
-            400,
-            "malformed Last-Event-ID: a message ID is 16 hex digits",
-        )),
+        Some(text) => crate::wire::sse::parse_id(text)
+            .map(Some)
+            .ok_or(Rejection::new(
+                400,
+                "malformed Last-Event-ID: a message ID is 16 hex digits",
+            )),
     }
 }
 
@@ -511,7 +513,7 @@ fn check<'b, 'r>(
         std::borrow::Cow::Borrowed(query)
     };
     #[cfg(not(feature = "sse"))]
-    let keyed = query;
+    let keyed = std::borrow::Cow::Borrowed(query);
     let lobby_key = match &endpoint.query_params {
         Some(params) => Some(
             lobby_key(&keyed, params)
@@ -534,9 +536,7 @@ fn check<'b, 'r>(
     let grant = match &endpoint.auth {
         None => Grant::default(),
         Some(auth) => {
-            let protocols: Vec<&str> = header("Sec-WebSocket-Protocol")
-                .filter(|_| !sse)
-                .collect();
+            let protocols: Vec<&str> = header("Sec-WebSocket-Protocol").filter(|_| !sse).collect();
             let presented = Presented {
                 target,
                 query,

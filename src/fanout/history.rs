@@ -430,7 +430,13 @@ mod tests {
     fn ids_agree_across_lobbies_once_they_saw_the_run_and_tell_repeats_apart() {
         let hb = "{\"hb\":1}";
         let stream: Vec<String> = (0..30)
-            .map(|n| if n % 3 == 0 { n.to_string() } else { hb.to_owned() })
+            .map(|n| {
+                if n % 3 == 0 {
+                    n.to_string()
+                } else {
+                    hb.to_owned()
+                }
+            })
             .collect();
         let texts: Vec<&str> = stream.iter().map(String::as_str).collect();
         let old = history(&texts);

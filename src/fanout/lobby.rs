@@ -38,6 +38,8 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError, bounded, u
 use log::{debug, error, info, trace, warn};
 use mio::{Events, Poll, Token, Waker};
 
+#[cfg(feature = "sse")]
+use crate::wire::sse;
 use crate::{
     config::OriginLoss,
     control::{
@@ -62,8 +64,6 @@ use crate::{
         frame::{self, Forms, Frame},
     },
 };
-#[cfg(feature = "sse")]
-use crate::wire::sse;
 
 const WAKER: Token = Token(0);
 const ORIGIN: Token = Token(1);

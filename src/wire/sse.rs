@@ -86,7 +86,11 @@ fn lines(payload: &[u8]) -> impl Iterator<Item = &[u8]> {
         let text = rest?;
         match text.iter().position(|&b| b == b'\n' || b == b'\r') {
             Some(at) => {
-                let skip = if text[at..].starts_with(b"\r\n") { 2 } else { 1 };
+                let skip = if text[at..].starts_with(b"\r\n") {
+                    2
+                } else {
+                    1
+                };
                 rest = Some(&text[at + skip..]);
                 Some(&text[..at])
             }
@@ -100,8 +104,7 @@ fn lines(payload: &[u8]) -> impl Iterator<Item = &[u8]> {
 
 /// Appends `bytes` in standard, padded base64.
 fn base64(bytes: &[u8], out: &mut Vec<u8>) {
-    const ALPHABET: &[u8; 64] =
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     for chunk in bytes.chunks(3) {
         let b = [
             chunk[0],
@@ -151,7 +154,12 @@ mod tests {
             "id: 0000000000000002\nevent: binary\ndata: AAEC//4=\n\n"
         );
         let mut out = Vec::new();
-        for (input, want) in [(&b""[..], ""), (b"f", "Zg=="), (b"fo", "Zm8="), (b"foo", "Zm9v")] {
+        for (input, want) in [
+            (&b""[..], ""),
+            (b"f", "Zg=="),
+            (b"fo", "Zm8="),
+            (b"foo", "Zm9v"),
+        ] {
             out.clear();
             base64(input, &mut out);
             assert_eq!(out, want.as_bytes());
@@ -164,7 +172,13 @@ mod tests {
             assert_eq!(parse_id(&format_id(id)), Some(id));
         }
         assert_eq!(parse_id("0123456789ABCDEF"), Some(0x0123_4567_89ab_cdef));
-        for bad in ["", "12", "0123456789abcdeg", "0123456789abcdef0", "+123456789abcdef"] {
+        for bad in [
+            "",
+            "12",
+            "0123456789abcdeg",
+            "0123456789abcdef0",
+            "+123456789abcdef",
+        ] {
             assert_eq!(parse_id(bad), None, "{bad:?}");
         }
     }

@@ -37,8 +37,7 @@ pub struct SseClient {
 /// The GET request for an event stream at `target` with `headers` (each
 /// `Name: value`).
 pub fn sse_request(target: &str, headers: &[&str]) -> String {
-    let mut request =
-        format!("GET {target} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n");
+    let mut request = format!("GET {target} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n");
     for h in headers {
         request.push_str(h);
         request.push_str("\r\n");
