@@ -290,3 +290,34 @@ fn an_idle_stream_gets_heartbeat_comments_that_are_not_events() {
         "heartbeats are not deliveries"
     );
 }
+
+#[cfg(feature = "auth")]
+#[test]
+fn an_event_stream_passes_the_same_authentication_as_an_upgrade() {
+    use jsonwebtoken::Algorithm;
+    let origin = TestOrigin::start();
+    let mut config = test_config(&origin.url());
+    config.auth.jwt_secret_file = Some(secret_file("sse"));
+    let gw = start_gateway(config);
+    let addr = gw.local_addr();
+    let token = mint(
+        Algorithm::HS256,
+        &serde_json::json!({ "sub": "u", "exp": now() + 600 }),
+        None,
+    );
+    let expired = mint(
+        Algorithm::HS256,
+        &serde_json::json!({ "sub": "u", "exp": now() - 600 }),
+        None,
+    );
+    assert_eq!(status(&http_exchange(addr, &sse_request("/", &[]))), 401);
+    let bad = format!("/?access_token={expired}");
+    assert_eq!(status(&http_exchange(addr, &sse_request(&bad, &[]))), 401);
+    let mut by_query = sse_client(addr, &format!("/?access_token={token}"), &[]);
+    let mut by_header = sse_client(addr, "/", &[&format!("Authorization: Bearer {token}")]);
+    wait_placed(&gw, 2);
+    wait_until("one origin connection", || origin.open() == 1);
+    origin.send_seq(1);
+    assert_eq!(by_query.message().0, "1");
+    assert_eq!(by_header.message().0, "1");
+}

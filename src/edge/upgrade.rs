@@ -675,6 +675,7 @@ mod tests {
 
     fn status(parsed: Parsed) -> u16 {
         match parsed {
+            Parsed::Upgrade { sse: true, .. } => 200,
             Parsed::Upgrade { .. } => 101,
             Parsed::Reject(r) => r.status,
             Parsed::Incomplete => 0,
@@ -893,6 +894,97 @@ mod tests {
         for (req, want) in cases {
             assert_eq!(status(parse(req.as_bytes(), "/", 8192)), want, "{req:?}");
         }
+    }
+
+    #[cfg(feature = "sse")]
+    fn stream(target: &str, extra: &str) -> Parsed {
+        let endpoints = endpoints();
+        let bytes =
+            format!("GET {target} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n{extra}\r\n");
+        let route = Route {
+            endpoints: &endpoints,
+            allowed_origins: &[],
+            max_bytes: 8192,
+            #[cfg(feature = "auth")]
+            now: 0,
+        };
+        parse_route(bytes.as_bytes(), &route)
+    }
+
+    #[cfg(feature = "sse")]
+    #[test]
+    fn an_event_stream_request_is_answered_200_with_its_resume_point() {
+        match stream("/prices", "Last-Event-ID: 00000000000000ff\r\n") {
+            Parsed::Upgrade {
+                response,
+                sse: true,
+                after: Some(0xff),
+                deflate: false,
+                ..
+            } => {
+                let text = String::from_utf8(response).unwrap();
+                assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+                assert!(text.contains("Content-Type: text/event-stream\r\n"));
+                assert!(text.ends_with("\r\n\r\nretry: 1000\n\n"), "{text}");
+                assert!(!text.contains("Access-Control"), "no Origin, no CORS");
+            }
+            other => panic!("{other:?}"),
+        }
+        // The query form; the header wins over it; neither is part of the key.
+        for (target, extra, want) in [
+            (
+                "/book?symbol=btc&last_event_id=0000000000000001",
+                "",
+                Some(1),
+            ),
+            (
+                "/book?last_event_id=0000000000000001&symbol=btc",
+                "Last-Event-ID: 0000000000000002\r\n",
+                Some(2),
+            ),
+            ("/book?symbol=btc", "", None),
+        ] {
+            match stream(target, extra) {
+                Parsed::Upgrade { key, after, .. } => {
+                    assert_eq!(key.as_deref(), Some("symbol=btc"), "{target}");
+                    assert_eq!(after, want, "{target}");
+                }
+                other => panic!("{target}: {other:?}"),
+            }
+        }
+        // A route requiring a subprotocol has none to require of a stream.
+        assert!(matches!(
+            stream("/book?symbol=btc", ""),
+            Parsed::Upgrade { sse: true, .. }
+        ));
+    }
+
+    #[cfg(feature = "sse")]
+    #[test]
+    fn an_event_stream_request_that_is_not_one_gets_its_status() {
+        for bad in [
+            "Last-Event-ID: 1\r\n",
+            "Last-Event-ID: 00000000000000fg\r\n",
+        ] {
+            assert_eq!(status(stream("/prices", bad)), 400, "{bad}");
+        }
+        assert_eq!(status(stream("/prices?last_event_id=x", "")), 400);
+        assert_eq!(status(stream("/nowhere", "")), 404);
+        let accept = |value: &str| {
+            let endpoints = [Endpoint::plain(RouteId(0), "/")];
+            let route = Route {
+                endpoints: &endpoints,
+                allowed_origins: &[],
+                max_bytes: 8192,
+                #[cfg(feature = "auth")]
+                now: 0,
+            };
+            let bytes = format!("GET / HTTP/1.1\r\nHost: x\r\nAccept: {value}\r\n\r\n");
+            status(parse_route(bytes.as_bytes(), &route))
+        };
+        assert_eq!(accept("*/*"), 426, "not asked for a stream");
+        assert_eq!(accept("text/html"), 426);
+        assert_eq!(accept("text/html, Text/Event-Stream;q=0.9"), 200);
     }
 
     #[test]
