@@ -996,4 +996,59 @@ mod tests {
         assert_eq!(got, [0, 1, 2, 3, 4, 5, 6, 7], "every frame, once, in order");
         assert_eq!(stats.snapshot().frames_dropped, 0);
     }
+
+    #[cfg(feature = "sse")]
+    #[test]
+    fn a_stream_resumes_from_the_history_built_before_it_came_or_is_reset() {
+        let poll = Poll::new().unwrap();
+        let (mut fanout, stats) = fanout_with_a_reader(&poll, 0);
+        for n in 0..5u8 {
+            fanout.broadcast(Message::payload(MessageKind::Text, &[b'a' + n]));
+        }
+        let id_of = |fanout: &Fanout, at: u64| fanout.history.get_with_id(at).unwrap().1;
+        let stream = |queue: &ClientQueue| Member {
+            id: ClientId(1),
+            queue: queue.clone(),
+            writer: 0,
+            deflate: false,
+            sse: true,
+        };
+        let texts = |queue: &ClientQueue| -> Vec<String> {
+            std::iter::from_fn(|| queue.pop())
+                .map(|f| String::from_utf8(f.to_vec()).unwrap())
+                .collect()
+        };
+        // After the second message: the third to the fifth, as events
+        // (the lobby had no stream when they came: built now).
+        let queue = ClientQueue::closing_when_full(16, false);
+        fanout.join_new(stream(&queue), Some(id_of(&fanout, 1)));
+        let want: Vec<String> = (2..5)
+            .map(|at| {
+                let id = sse::format_id(id_of(&fanout, at));
+                format!("id: {id}\ndata: {}\n\n", char::from(b'a' + at as u8))
+            })
+            .collect();
+        assert_eq!(texts(&queue), want);
+        fanout.catch_up();
+        fanout.broadcast(Message::payload(MessageKind::Text, b"f"));
+        let id = sse::format_id(id_of(&fanout, 5));
+        assert_eq!(texts(&queue), [format!("id: {id}\ndata: f\n\n")], "live");
+        assert_eq!(stats.resumes.load(Relaxed), 1);
+        // An ID it never had: the reset event, then live.
+        let other = ClientQueue::closing_when_full(16, false);
+        fanout.join_new(
+            Member {
+                id: ClientId(2),
+                ..stream(&other)
+            },
+            Some(0xdead),
+        );
+        fanout.catch_up();
+        fanout.broadcast(Message::payload(MessageKind::Text, b"g"));
+        let got = texts(&other);
+        assert!(got[0].starts_with("event: reset\n"), "{got:?}");
+        assert!(got[1].ends_with("data: g\n\n"), "{got:?}");
+        assert_eq!(got.len(), 2);
+        assert_eq!(stats.resume_resets.load(Relaxed), 1);
+    }
 }
