@@ -71,6 +71,9 @@
 //!   crate's blocking connection; no async runtime).
 //! - `admin` (default): the admin HTTP server, Prometheus metrics and probes.
 //! - `cli` (default): the `wsgate` binary (argh, simplelog, signal-hook).
+//! - `sse` (default): Server-Sent Events on every route from the same
+//!   lobbies, message IDs, and resume after a `Last-Event-ID` from a
+//!   lobby's history ([`Config::sse_heartbeat`], [`Config::sse_retry`]).
 //!
 //! With `default-features = false` the crate is the embeddable core: the
 //! gateway, the WebSocket origin and the [`Publisher`].
