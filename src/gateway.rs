@@ -212,6 +212,8 @@ impl Builder {
             history_keep: config.queue_depth.max(config.replay),
             replay: config.replay,
             compress_min: config.compress_min,
+            #[cfg(feature = "sse")]
+            id_salt: 0,
         };
         let inboxes = Inboxes {
             inbox: manager_rx,

@@ -284,6 +284,7 @@ fn an_idle_stream_gets_heartbeat_comments_that_are_not_events() {
     origin.send_seq(1);
     assert_eq!(client.message().0, "1");
     assert!(client.comments >= 2, "{} heartbeats", client.comments);
+    wait_until("the delivery counted", || gw.stats().frames_delivered >= 1);
     assert_eq!(
         gw.stats().frames_delivered,
         1,
@@ -320,4 +321,38 @@ fn an_event_stream_passes_the_same_authentication_as_an_upgrade() {
     origin.send_seq(1);
     assert_eq!(by_query.message().0, "1");
     assert_eq!(by_header.message().0, "1");
+}
+
+#[test]
+fn an_id_from_another_route_gets_the_reset_event() {
+    let a = TestOrigin::start();
+    let b = TestOrigin::start();
+    let mut config = test_config("");
+    config.origin = String::new();
+    config.routes = vec![
+        wsgate::RouteConfig::new("/a", &a.url()),
+        wsgate::RouteConfig::new("/b", &b.url()),
+    ];
+    let gw = start_gateway(config);
+    let mut at_a = sse_client(gw.local_addr(), "/a", &[]);
+    let at_b = SseFollower::spawn(sse_client(gw.local_addr(), "/b", &[]));
+    wait_placed(&gw, 2);
+    wait_until("one connection to each origin", || {
+        a.open() == 1 && b.open() == 1
+    });
+    a.send_seq(1);
+    b.send_seq(1);
+    let (_, id_at_a) = at_a.message();
+    wait_until("/b's message", || at_b.count() == 1);
+    // /b's lobby never had /a's message, whatever their payloads.
+    let mut wrong = sse_client(
+        gw.local_addr(),
+        "/b",
+        &[&format!("Last-Event-ID: {id_at_a}")],
+    );
+    assert_eq!(wrong.event().event.as_deref(), Some("reset"));
+    wait_placed(&gw, 3);
+    b.send_seq(2);
+    assert_eq!(wrong.message().0, "2");
+    assert_eq!(gw.stats().resume_resets, 1);
 }

@@ -27,6 +27,8 @@
 //! has seen the run before it (a lobby's first few messages hash the
 //! shorter run it saw), and repeated payloads get different IDs wherever
 //! what precedes them differs: the same strength as a migration's match.
+//! Both kinds are salted with the route's path and query key
+//! ([`id_salt`]), so one route's IDs are never found in another's history.
 
 use std::collections::VecDeque;
 
@@ -68,6 +70,9 @@ pub(crate) struct History {
     held: usize,
     /// Bytes of the frames held.
     bytes: usize,
+    /// Mixed into every message ID: the route's path and query key.
+    #[cfg(feature = "sse")]
+    salt: u64,
 }
 
 impl History {
@@ -81,7 +86,16 @@ impl History {
             keep,
             held: 0,
             bytes: 0,
+            #[cfg(feature = "sse")]
+            salt: 0,
         }
+    }
+
+    /// The same history, its message IDs salted with `salt` ([`id_salt`]).
+    #[cfg(feature = "sse")]
+    pub(crate) fn salted(mut self, salt: u64) -> History {
+        self.salt = salt;
+        self
     }
 
     /// Appends a frame, fingerprinted by its `position` in the source's
@@ -100,7 +114,7 @@ impl History {
         Mark {
             fp,
             #[cfg(feature = "sse")]
-            id: position.unwrap_or_else(|| self.run_id(fp)),
+            id: position.map_or_else(|| self.run_id(fp), |p| mix(p ^ self.salt)),
         }
     }
 
@@ -143,7 +157,7 @@ impl History {
             .range(start..)
             .map(|e| e.fp)
             .chain([fp])
-            .fold(0x243F_6A88_85A3_08D3, |h, fp| mix(h ^ fp))
+            .fold(self.salt ^ 0x243F_6A88_85A3_08D3, |h, fp| mix(h ^ fp))
     }
 
     /// The number of the frame whose message ID is `id`, the newest if
@@ -231,6 +245,16 @@ pub(crate) struct Mark {
     /// Its message ID (see the module docs).
     #[cfg(feature = "sse")]
     pub id: u64,
+}
+
+/// The salt of message IDs on the route at `path`, for the lobbies of
+/// query key `key`: the same on every instance serving that route, and
+/// different between routes and keys, so an ID from another route's
+/// stream is never taken for one of this route's, whatever the payloads.
+#[cfg(feature = "sse")]
+pub(crate) fn id_salt(path: &str, key: Option<&str>) -> u64 {
+    let text = format!("{path}?{}", key.unwrap_or_default());
+    fingerprint(text.as_bytes())
 }
 
 /// Mixes 64 bits (splitmix64's finaliser).
@@ -451,10 +475,20 @@ mod tests {
         // Heartbeats in a row still have IDs of their own.
         assert_ne!(id(&old, 25), id(&old, 26));
         assert_eq!(old.find_id(0x1234), None);
-        // Exact positions are the IDs.
+        // Exact positions make the IDs.
         let mut exact = History::new(8, 8);
         exact.push(frame(hb), Some(42));
-        assert_eq!(exact.find_id(42), Some(0));
+        let id = exact.get_with_id(0).unwrap().1;
+        assert_eq!(exact.find_id(id), Some(0));
+        // Another route's (or key's) lobby gives the same stream other IDs.
+        let salted = |path, key| {
+            let mut h = History::new(8, 8).salted(id_salt(path, key));
+            h.push(frame(hb), Some(42));
+            h.get_with_id(0).unwrap().1
+        };
+        assert_eq!(salted("/a", None), salted("/a", None));
+        assert_ne!(salted("/a", None), salted("/b", None));
+        assert_ne!(salted("/a", Some("s=1")), salted("/a", Some("s=2")));
     }
 
     #[test]

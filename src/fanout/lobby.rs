@@ -196,6 +196,10 @@ pub(crate) struct LobbyEnv {
     pub replay: usize,
     /// Smallest message sent compressed to members that negotiated it.
     pub compress_min: usize,
+    /// What the lobby's message IDs are salted with: its route's path and
+    /// query key (`history::id_salt`).
+    #[cfg(feature = "sse")]
+    pub id_salt: u64,
 }
 
 /// Starts a lobby thread.
@@ -230,6 +234,9 @@ pub(crate) fn spawn(id: LobbyId, env: &LobbyEnv) -> Result<LobbyHandle> {
             members: Vec::new(),
             catching_up: Vec::new(),
             adopting: Vec::new(),
+            #[cfg(feature = "sse")]
+            history: History::new(env.history, env.history_keep).salted(env.id_salt),
+            #[cfg(not(feature = "sse"))]
             history: History::new(env.history, env.history_keep),
             replay: env.replay,
             deflating: 0,

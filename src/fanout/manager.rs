@@ -32,6 +32,8 @@ use std::{
 use crossbeam_channel::{Receiver, Sender, select};
 use log::{debug, error, info, warn};
 
+#[cfg(feature = "sse")]
+use crate::fanout::history;
 use crate::{
     config::{Config, SlowClient},
     control::{
@@ -599,6 +601,8 @@ impl Manager {
             history_keep: c.queue_depth.max(c.replay),
             replay: c.replay,
             compress_min: c.compress_min,
+            #[cfg(feature = "sse")]
+            id_salt: history::id_salt(&c.path, group.key.as_deref()),
             ..self.env.clone()
         })
     }
