@@ -975,10 +975,32 @@ mod tests {
     #[cfg(all(feature = "config-file", not(feature = "tls")))]
     const TLS_SETTINGS: &[(&str, &[&str], &str)] = &[];
 
+    /// The settings of the sse feature: rows as [`SETTINGS`]'s.
+    #[cfg(all(feature = "config-file", feature = "sse"))]
+    const SSE_SETTINGS: &[(&str, &[&str], &str)] = &[
+        (
+            "sse_heartbeat",
+            &["--sse-heartbeat", "7s"],
+            r#"sse_heartbeat = "7s""#,
+        ),
+        (
+            "sse_retry",
+            &["--sse-retry", "250ms"],
+            r#"sse_retry = "250ms""#,
+        ),
+    ];
+    #[cfg(all(feature = "config-file", not(feature = "sse")))]
+    const SSE_SETTINGS: &[(&str, &[&str], &str)] = &[];
+
     #[cfg(feature = "config-file")]
     #[test]
     fn every_setting_has_a_flag_and_a_file_key_that_agree() {
-        for (key, args, text) in SETTINGS.iter().chain(FEATURE_SETTINGS).chain(TLS_SETTINGS) {
+        for (key, args, text) in SETTINGS
+            .iter()
+            .chain(FEATURE_SETTINGS)
+            .chain(TLS_SETTINGS)
+            .chain(SSE_SETTINGS)
+        {
             let from_flags = cli(args).unwrap().apply(Config::default()).unwrap();
             let from_file = Config::from_toml(text).unwrap();
             assert_eq!(from_flags, from_file, "{key}");
@@ -996,6 +1018,7 @@ mod tests {
             .iter()
             .chain(FEATURE_SETTINGS)
             .chain(TLS_SETTINGS)
+            .chain(SSE_SETTINGS)
             .map(|(key, ..)| *key)
             .collect();
         // The flags of a feature this build leaves out do not exist.
@@ -1005,6 +1028,9 @@ mod tests {
                 continue;
             }
             if !cfg!(feature = "tls") && key.starts_with("tls_") {
+                continue;
+            }
+            if !cfg!(feature = "sse") && key.starts_with("sse_") {
                 continue;
             }
             assert!(
