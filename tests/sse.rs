@@ -7,7 +7,7 @@
 
 mod support;
 
-use std::io::Read;
+use std::{io::Read, time::Duration};
 
 use support::*;
 use tungstenite::Message;
@@ -273,14 +273,14 @@ fn an_allowed_origin_gets_its_cors_header_and_another_gets_403() {
 fn an_idle_stream_gets_heartbeat_comments_that_are_not_events() {
     let origin = TestOrigin::start();
     let mut config = test_config(&origin.url());
-    config.sse_heartbeat = std::time::Duration::from_millis(200);
+    config.sse_heartbeat = Duration::from_millis(200);
     let gw = start_gateway(config);
     let mut client = sse_client(gw.local_addr(), "/", &[]);
     wait_placed(&gw, 1);
     wait_until("one origin connection", || origin.open() == 1);
     // Two heartbeats' time, then a message: the comments came first and
     // were not dispatched as events.
-    std::thread::sleep(std::time::Duration::from_millis(700));
+    std::thread::sleep(Duration::from_millis(700));
     origin.send_seq(1);
     assert_eq!(client.message().0, "1");
     assert!(client.comments >= 2, "{} heartbeats", client.comments);
@@ -355,4 +355,46 @@ fn an_id_from_another_route_gets_the_reset_event() {
     b.send_seq(2);
     assert_eq!(wrong.message().0, "2");
     assert_eq!(gw.stats().resume_resets, 1);
+}
+
+#[test]
+fn event_streams_move_between_lobbies_with_compaction_and_lose_nothing() {
+    let origin = std::sync::Arc::new(TestOrigin::start());
+    let mut config = test_config(&origin.url());
+    config.lobby_capacity = 2;
+    config.compact_interval = Duration::from_millis(300);
+    config.compact_fill = 1.0;
+    // A busy box's writer may fall behind for a while: not what this tests.
+    config.queue_depth = 512;
+    let gw = start_gateway(config);
+    let lobbies = |gw: &wsgate::GatewayHandle| -> Vec<usize> {
+        gw.lobbies(DEADLINE).iter().map(|l| l.clients).collect()
+    };
+    // Lobby 0: a stream and a WebSocket client; lobby 1: a stream.
+    let first = SseFollower::spawn(sse_client(gw.local_addr(), "/", &[]));
+    wait_placed(&gw, 1);
+    let ws = connect_clients(&gw, 1).remove(0);
+    let second = SseFollower::spawn(sse_client(gw.local_addr(), "/", &[]));
+    wait_until("two lobbies", || lobbies(&gw) == [2, 1]);
+    wait_until("two upstreams", || origin.open() == 2);
+    let feed = Feed::start(origin.clone(), Duration::from_millis(10));
+    wait_until("both streams fed", || {
+        first.count() > 5 && second.count() > 5
+    });
+    // The WebSocket client goes: the two streams fit one lobby.
+    drop(ws);
+    wait_until("one lobby", || lobbies(&gw) == [2]);
+    wait_until("one upstream", || origin.open() == 1);
+    let before = (first.count(), second.count());
+    wait_until("both streams fed after the move", || {
+        first.count() > before.0 + 20 && second.count() > before.1 + 20
+    });
+    feed.stop();
+    for (name, stream) in [("first", &first), ("second", &second)] {
+        let got: Vec<String> = stream.events().into_iter().map(|e| e.data).collect();
+        let numbers = assert_continuous(&got, |_| 0);
+        assert!(numbers.len() > 30, "{name}: {numbers:?}");
+    }
+    assert!(gw.stats().migrations >= 1);
+    assert_eq!(gw.stats().migration_gaps, 0);
 }
