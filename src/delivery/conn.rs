@@ -42,7 +42,7 @@ use crate::{
         inbox::{ClientMessage, Forwarded, ManagerMsg},
         seat::Seat,
     },
-    delivery::queue::ClientQueue,
+    delivery::queue::Outlet,
     id::ClientId,
     stats::{Disconnect, DropReason, LatencySampler, Stats, bump},
     wire::{
@@ -231,7 +231,7 @@ pub(crate) enum Turn {
 pub(crate) struct Conn {
     pub id: ClientId,
     link: Link,
-    queue: ClientQueue,
+    queue: Outlet,
     /// Its place in the client counts, given back when the connection drops.
     _seat: Seat,
     /// Frames taken from the queue (or control frames) not yet fully written.
@@ -258,9 +258,11 @@ pub(crate) struct Conn {
     last_heard: Millis,
     is_pinged: bool,
     rate: RateLimit,
-    /// Queue drops seen at the start of the current drop window.
+    /// When the current drop window started.
     drop_window: Millis,
-    drops_at_window: u64,
+    /// Queue drops seen at its start: the count's low 32 bits, which a
+    /// minute's drops never wrap.
+    drops_at_window: u32,
     /// A message being received for forwarding.
     inbound: Option<Box<Forwarded>>,
 }
@@ -337,7 +339,7 @@ impl Conn {
     pub(crate) fn new(
         id: ClientId,
         stream: TcpStream,
-        (queue, seat): (ClientQueue, Seat),
+        (queue, seat): (Outlet, Seat),
         deflate: bool,
         io: &IoCtx,
     ) -> Conn {
@@ -349,7 +351,7 @@ impl Conn {
                 #[cfg(feature = "tls")]
                 tls: None,
             },
-            drops_at_window: queue.slow_drops(),
+            drops_at_window: queue.slow_drops() as u32,
             queue,
             _seat: seat,
             pending: VecDeque::new(),
@@ -478,7 +480,8 @@ impl Conn {
             return Ok(true);
         }
         if let Some(max) = io.policy.max_drops {
-            let drops = self.queue.slow_drops() - self.drops_at_window;
+            let drops =
+                u64::from((self.queue.slow_drops() as u32).wrapping_sub(self.drops_at_window));
             if drops > max {
                 debug!("{}: lost {drops} frames within a minute; closing", self.id);
                 self.close_now(Disconnect::TooSlow, "too slow to keep up", io);
@@ -486,7 +489,7 @@ impl Conn {
             }
             if now.since(self.drop_window) >= DROP_WINDOW {
                 self.drop_window = now;
-                self.drops_at_window = self.queue.slow_drops();
+                self.drops_at_window = self.queue.slow_drops() as u32;
             }
         }
         Ok(false)
@@ -981,7 +984,7 @@ mod tests {
             epoch: Instant::now(),
             inflater: Inflater::default(),
         };
-        let queue = ClientQueue::new(config.queue_depth, false);
+        let queue = crate::delivery::queue::ClientQueue::new(config.queue_depth, false).outlet();
         let stream = TcpStream::from_std(server);
         (
             Conn::new(ClientId(1), stream, (queue, seat), false, &io),

@@ -141,7 +141,9 @@ fn rules(route: &Config) -> Rules {
 #[derive(Debug)]
 struct ClientEntry {
     queue: ClientQueue,
-    writer: usize,
+    /// Its writer's index (fewer than `MAX_WRITERS`): 32 bits, so that with
+    /// `deflate` the entry packs into 72 bytes, not 80.
+    writer: u32,
     group: Group,
     /// It negotiated permessage-deflate: every lobby it joins sends it the
     /// compressed form.
@@ -305,7 +307,7 @@ impl Manager {
             id,
             ClientEntry {
                 queue: queue.clone(),
-                writer,
+                writer: writer as u32,
                 group,
                 deflate,
             },
@@ -323,7 +325,7 @@ impl Manager {
         let attach = Attach {
             id,
             stream,
-            queue,
+            queue: queue.outlet(),
             leftover,
             seat,
             deflate,
@@ -345,7 +347,11 @@ impl Manager {
     /// starting one if needed and allowed; the lobby it joined.
     fn place(&mut self, id: ClientId) -> Option<LobbyId> {
         let client = self.clients.get(&id)?;
-        let (group, queue, writer) = (client.group.clone(), client.queue.clone(), client.writer);
+        let (group, queue, writer) = (
+            client.group.clone(),
+            client.queue.clone(),
+            client.writer as usize,
+        );
         let deflate = client.deflate;
         loop {
             let lobby = self.find_lobby(&group)?;
@@ -538,7 +544,7 @@ impl Manager {
         let member = Member {
             id,
             queue: client.queue.clone(),
-            writer: client.writer,
+            writer: client.writer as usize,
             deflate: client.deflate,
         };
         let adopted = self
@@ -636,7 +642,7 @@ impl Manager {
         let Some(client) = self.clients.remove(&id) else {
             return;
         };
-        self.writer_load[client.writer] -= 1;
+        self.writer_load[client.writer as usize] -= 1;
         if let Some((from, _)) = self.held.remove(&id) {
             // Held for a move: still its old lobby's member.
             self.registry.let_go(from, Instant::now());
