@@ -2,8 +2,9 @@
 //! allocator watches the whole process (origin or publisher, gateway,
 //! clients) while 300 messages go to 200 clients, and the count must not
 //! grow with the clients; with half of them taking permessage-deflate too
-//! (the compressed frame is built once per lobby). Alone in its test binary, since the allocator is
-//! process-wide; its tests take turns.
+//! (the compressed frame is built once per lobby). And an idle client holds
+//! no more heap than the README's memory budget. Alone in its test binary,
+//! since the allocator is process-wide; its tests take turns.
 
 mod support;
 
@@ -243,5 +244,39 @@ fn compressed_fan_out_allocates_per_message_not_per_client() {
     assert!(
         allocations < MESSAGES as usize * PER_MESSAGE,
         "{allocations} allocations for {MESSAGES} messages to {CLIENTS} clients"
+    );
+}
+
+/// Idle clients this test connects: six lobbies of the default 512, not a
+/// power of two, so the tables' growth shows as it would at any count.
+const IDLE_CLIENTS: usize = 3000;
+/// Heap bytes the gateway may hold per idle client (README, Memory): its
+/// queue, its connection, and its entries in the manager, registry and
+/// lobby, with the tables' slack.
+const IDLE_BUDGET: usize = 1536;
+
+#[test]
+fn an_idle_client_holds_at_most_its_budget_of_heap() {
+    let _turn = alone();
+    let mut config = test_config("");
+    config.client_ping = Duration::from_secs(3600);
+    let mut builder = wsgate::Gateway::builder(config);
+    let _publisher = builder.publisher();
+    let gw = builder.start().expect("gateway starts");
+    let mut clients = Vec::with_capacity(IDLE_CLIENTS);
+    let region = Region::new(GLOBAL);
+    for _ in 0..IDLE_CLIENTS {
+        clients.push(raw_client(gw.local_addr()));
+    }
+    wait_placed(&gw, IDLE_CLIENTS);
+    let change = region.change();
+    // A growing reallocation counts its growth as allocated, a shrinking
+    // one its shrink as deallocated (stats_alloc).
+    let held = change.bytes_allocated as isize - change.bytes_deallocated as isize;
+    let per_client = held / IDLE_CLIENTS as isize;
+    eprintln!("idle: {held} heap bytes held for {IDLE_CLIENTS} clients ({per_client} per client)");
+    assert!(
+        per_client <= IDLE_BUDGET as isize,
+        "{per_client} heap bytes per idle client, over the budget of {IDLE_BUDGET}"
     );
 }

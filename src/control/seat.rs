@@ -76,22 +76,23 @@ struct Released {
 #[derive(Debug)]
 pub(crate) struct Seat {
     book: Arc<Book>,
-    /// The address group it is counted against, when addresses are limited.
-    addr: Option<AddrKey>,
-    /// The route (and key) it is counted in, once it is a client's.
+    /// The address group it is counted against, when addresses are limited;
+    /// boxed, so that without per-address limits a seat carries a null
+    /// pointer, not the 32 bytes (and 16-byte alignment) of an IPv6 prefix.
+    addr: Option<Box<AddrKey>>,
+    /// The route (and key) it is counted in, once it is a client's: then
+    /// it also holds a place in the `clients` gauge (the upgrade completed).
     group: Option<Group>,
-    /// It holds a place in the `clients` gauge (the upgrade completed).
-    is_client: bool,
 }
 
 impl Drop for Seat {
     fn drop(&mut self) {
-        if self.is_client {
+        if self.group.is_some() {
             drop_one(&self.book.stats.clients);
         }
         if self.addr.is_some() || self.group.is_some() {
             let released = Released {
-                addr: self.addr,
+                addr: self.addr.as_deref().copied(),
                 group: self.group.take(),
             };
             // A closed channel means the acceptor has ended: nothing to count.
@@ -219,7 +220,6 @@ impl Seats {
             book: Arc::clone(&self.book),
             addr: None,
             group: None,
-            is_client: false,
         };
         let Some(max) = self.max_per_addr else {
             return Ok(seat);
@@ -232,14 +232,14 @@ impl Seats {
             return Err(Refusal::FromAddress);
         }
         *count += 1;
-        seat.addr = Some(addr);
+        seat.addr = Some(Box::new(addr));
         Ok(seat)
     }
 
     /// Makes `seat` a client of `group` at its upgrade (counted in
     /// `clients` and in its route), or says which limit refuses it.
     pub(crate) fn claim_client(&mut self, seat: &mut Seat, group: &Group) -> Result<(), Refusal> {
-        if seat.is_client {
+        if seat.group.is_some() {
             return Ok(());
         }
         self.absorb_releases();
@@ -269,7 +269,6 @@ impl Seats {
             *route.keys.entry(Arc::clone(key)).or_default() += 1;
         }
         seat.group = Some(group.clone());
-        seat.is_client = true;
         Ok(())
     }
 

@@ -44,7 +44,7 @@ use crate::{
         inbox::{ClientMessage, Forwarded, ManagerMsg},
         seat::Seat,
     },
-    delivery::queue::ClientQueue,
+    delivery::queue::Outlet,
     id::ClientId,
     stats::{Disconnect, DropReason, LatencySampler, Stats, bump},
     wire::{
@@ -238,7 +238,7 @@ pub(crate) enum Turn {
 pub(crate) struct Conn {
     pub id: ClientId,
     link: Link,
-    queue: ClientQueue,
+    queue: Outlet,
     /// Its place in the client counts, given back when the connection drops.
     _seat: Seat,
     /// Frames taken from the queue (or control frames) not yet fully written.
@@ -270,9 +270,11 @@ pub(crate) struct Conn {
     sse: bool,
     is_pinged: bool,
     rate: RateLimit,
-    /// Queue drops seen at the start of the current drop window.
+    /// When the current drop window started.
     drop_window: Millis,
-    drops_at_window: u64,
+    /// Queue drops seen at its start: the count's low 32 bits, which a
+    /// minute's drops never wrap.
+    drops_at_window: u32,
     /// A message being received for forwarding.
     inbound: Option<Box<Forwarded>>,
 }
@@ -349,7 +351,7 @@ impl Conn {
     pub(crate) fn new(
         id: ClientId,
         stream: TcpStream,
-        (queue, seat): (ClientQueue, Seat),
+        (queue, seat): (Outlet, Seat),
         (deflate, sse): (bool, bool),
         io: &IoCtx,
     ) -> Conn {
@@ -361,7 +363,7 @@ impl Conn {
                 #[cfg(feature = "tls")]
                 tls: None,
             },
-            drops_at_window: queue.slow_drops(),
+            drops_at_window: queue.slow_drops() as u32,
             queue,
             _seat: seat,
             pending: VecDeque::new(),
@@ -502,7 +504,8 @@ impl Conn {
             return Ok(true);
         }
         if let Some(max) = io.policy.max_drops {
-            let drops = self.queue.slow_drops() - self.drops_at_window;
+            let drops =
+                u64::from((self.queue.slow_drops() as u32).wrapping_sub(self.drops_at_window));
             if drops > max {
                 debug!("{}: lost {drops} frames within a minute; closing", self.id);
                 self.close_now(Disconnect::TooSlow, "too slow to keep up", io);
@@ -510,7 +513,7 @@ impl Conn {
             }
             if now.since(self.drop_window) >= DROP_WINDOW {
                 self.drop_window = now;
-                self.drops_at_window = self.queue.slow_drops();
+                self.drops_at_window = self.queue.slow_drops() as u32;
             }
         }
         Ok(false)
@@ -1052,7 +1055,7 @@ mod tests {
             epoch: Instant::now(),
             inflater: Inflater::default(),
         };
-        let queue = ClientQueue::new(config.queue_depth, false);
+        let queue = crate::delivery::queue::ClientQueue::new(config.queue_depth, false).outlet();
         let stream = TcpStream::from_std(server);
         (
             Conn::new(ClientId(1), stream, (queue, seat), (false, false), &io),

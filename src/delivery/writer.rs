@@ -56,7 +56,7 @@ use crate::{
     },
     delivery::{
         conn::{Conn, IoCtx, Policy, Turn, is_data},
-        queue::ClientQueue,
+        queue::Outlet,
     },
     error::{Error, Result},
     id::ClientId,
@@ -70,6 +70,8 @@ const WAKER: Token = Token(usize::MAX);
 const SCRATCH_BYTES: usize = 64 * 1024;
 /// How often the time-driven rules (keepalive, close deadlines, slow clients) run.
 const TICK: Duration = Duration::from_millis(250);
+/// Fewest connection slots the writer's table grows by at a time.
+const TABLE_STEP: usize = 64;
 
 /// A writer's inbox.
 #[derive(Debug)]
@@ -86,7 +88,7 @@ pub(crate) enum WriterMsg {
 pub(crate) struct Attach {
     pub id: ClientId,
     pub stream: TcpStream,
-    pub queue: ClientQueue,
+    pub queue: Outlet,
     /// Bytes the client sent after its upgrade request.
     pub leftover: Vec<u8>,
     /// Its place in the client counts; it drops with the connection.
@@ -422,6 +424,14 @@ impl Writer {
             conn.decode(&mut leftover, &mut self.io);
         }
         if token == self.conns.len() {
+            if self.conns.len() == self.conns.capacity() {
+                // Grow by an eighth, not double: a connection is hundreds
+                // of bytes, and a doubled table would hold up to as many
+                // empty slots as clients. Still amortized: each slot is
+                // moved about eight times over the table's growth.
+                self.conns
+                    .reserve_exact((self.conns.len() / 8).max(TABLE_STEP));
+            }
             self.conns.push(None);
         }
         mark_ready(&mut self.ready, &mut conn, token);

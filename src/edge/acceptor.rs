@@ -954,6 +954,16 @@ impl Acceptor {
         self.free.push(index);
         self.pending -= 1;
         drop_one(&self.stats.handshakes_pending);
+        // Handshakes mostly end in the order they began: drop the deadlines
+        // of the connections already gone from the front, so the queue
+        // holds about the pending handshakes, not every connection of the
+        // last timeout's span (a reconnect storm's worth, kept as capacity).
+        while let Some(&(_, i, serial)) = self.deadlines.front() {
+            if matches!(self.conns.get(i), Some(Some(c)) if c.serial == serial) {
+                break;
+            }
+            self.deadlines.pop_front();
+        }
         Some(conn)
     }
 
