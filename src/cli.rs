@@ -169,6 +169,15 @@ pub struct Cli {
     #[argh(option)]
     pub replay: Option<usize>,
 
+    /// messages each lobby remembers for resume, migration and replay
+    /// (at least 4 x the queue depth)
+    #[argh(option)]
+    pub history: Option<usize>,
+
+    /// bytes of messages each lobby keeps beyond its newest queue's worth
+    #[argh(option)]
+    pub history_bytes: Option<usize>,
+
     /// how long an empty lobby lingers before its thread ends
     #[argh(option)]
     pub lobby_linger: Option<Span>,
@@ -419,6 +428,8 @@ impl Cli {
             compact_interval,
             compact_fill,
             replay,
+            history,
+            history_bytes,
             lobby_linger,
             origin_backoff_min,
             origin_backoff_max,
@@ -786,6 +797,12 @@ mod tests {
             "compact_fill = 0.5",
         ),
         ("replay", &["--replay", "7"], "replay = 7"),
+        ("history", &["--history", "700"], "history = 700"),
+        (
+            "history_bytes",
+            &["--history-bytes", "7000"],
+            "history_bytes = 7000",
+        ),
         (
             "lobby_linger",
             &["--lobby-linger", "7s"],

@@ -210,6 +210,7 @@ impl Builder {
             on_origin_loss: config.on_origin_loss,
             history: config.history_len(),
             history_keep: config.queue_depth.max(config.replay),
+            history_bytes: config.history_bytes,
             replay: config.replay,
             compress_min: config.compress_min,
             #[cfg(feature = "sse")]

@@ -292,6 +292,10 @@ pub(crate) struct LobbyCounters {
     pub origin_since: AtomicU64,
     /// Clients the lobby thread holds, as it last counted after its inbox.
     pub attached: AtomicU64,
+    /// Messages its history holds, as of its last broadcast.
+    pub history_messages: AtomicU64,
+    /// Their bytes.
+    pub history_bytes: AtomicU64,
 }
 
 impl LobbyCounters {
@@ -313,6 +317,12 @@ impl LobbyCounters {
         if dropped > 0 {
             self.frames_dropped.fetch_add(dropped, Relaxed);
         }
+    }
+
+    /// Notes what the history holds after a broadcast: `messages`, `bytes`.
+    pub(crate) fn history(&self, (messages, bytes): (usize, usize)) {
+        self.history_messages.store(messages as u64, Relaxed);
+        self.history_bytes.store(bytes as u64, Relaxed);
     }
 
     /// Notes the origin link's current state, timing it from when it changed.
@@ -548,6 +558,13 @@ pub struct LobbyInfo {
     pub frames_dropped: u64,
     /// Time since the last origin message; `None` if none came yet.
     pub last_message_age: Option<Duration>,
+    /// Messages its history holds: how far back a client can resume, be
+    /// replayed or caught up (at most [`Config::history_len`](crate::Config::history_len)).
+    pub history_messages: usize,
+    /// Bytes of the frames its history holds: those beyond the newest
+    /// `max(queue_depth, replay)` only within
+    /// [`Config::history_bytes`](crate::Config::history_bytes).
+    pub history_bytes: usize,
 }
 
 /// Where a lobby's origin connection stands.

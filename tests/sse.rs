@@ -7,7 +7,7 @@
 
 mod support;
 
-use std::{io::Read, time::Duration};
+use std::{io::Read, thread, time::Duration};
 
 use support::*;
 use tungstenite::Message;
@@ -152,9 +152,41 @@ fn a_stream_resumes_after_its_last_event_id_with_no_gap_and_no_duplicate() {
     assert_eq!((stats.resumes, stats.resume_resets), (2, 0));
 }
 
+/// With no setting changed, a stream away for 2 s from a 50 msg/s feed of
+/// small messages resumes with nothing lost, and the lobby listing shows
+/// what its history holds.
+#[test]
+fn by_default_a_stream_away_two_seconds_from_50_messages_a_second_loses_nothing() {
+    let (origin, gw, ws) = gateway_with_a_lobby(|_| {});
+    let mut first = sse_client(gw.local_addr(), "/", &[]);
+    wait_placed(&gw, 2);
+    origin.send_seq(1);
+    let (data, last) = first.message();
+    assert_eq!(data, "1");
+    drop(first);
+    wait_clients(&gw, 1);
+    for n in 2..=101 {
+        origin.send_seq(n);
+        thread::sleep(Duration::from_millis(20));
+    }
+    wait_until("the WebSocket client to have them all", || {
+        ws.count() >= 101
+    });
+    let lobbies = gw.lobbies(DEADLINE);
+    assert_eq!(lobbies.len(), 1, "{lobbies:?}");
+    assert_eq!(lobbies[0].history_messages, 101, "{lobbies:?}");
+    assert!(lobbies[0].history_bytes >= 101 * 3, "{lobbies:?}");
+    let mut back = sse_client(gw.local_addr(), "/", &[&format!("Last-Event-ID: {last}")]);
+    for n in 2..=101 {
+        assert_eq!(back.message().0, n.to_string(), "from the history");
+    }
+    let stats = gw.stats();
+    assert_eq!((stats.resumes, stats.resume_resets), (1, 0));
+}
+
 #[test]
 fn an_unknown_or_too_old_id_gets_the_reset_event_then_live_messages() {
-    let (origin, gw, ws) = gateway_with_a_lobby(|_| {});
+    let (origin, gw, ws) = gateway_with_a_lobby(|c| c.history = 64);
     origin.send_seq(1);
     wait_until("the lobby to have a message", || ws.count() == 1);
     // An ID the lobby never had.
@@ -165,7 +197,7 @@ fn an_unknown_or_too_old_id_gets_the_reset_event_then_live_messages() {
     origin.send_seq(2);
     assert_eq!(unknown.message().0, "2", "live after the reset");
     assert_eq!(gw.stats().resume_resets, 1);
-    // An ID the lobby had, and forgot: its history holds 64 messages.
+    // An ID the lobby had, and forgot: its history holds 64 messages here.
     origin.send_seq(3);
     let (_, old) = unknown.message();
     drop(unknown);

@@ -148,6 +148,17 @@ pub struct Config {
     /// Frames a new client is sent from its lobby's recent history before the
     /// live stream (at most [`Config::history_len`]). Per route. Defaults to 0.
     pub replay: usize,
+    /// Messages each lobby remembers, for resume, gap-free migrations and
+    /// replay; at least 4 × [`Config::queue_depth`] whatever is set here
+    /// (see [`Config::history_len`]). Per route; a reload applies it to
+    /// lobbies started after it. Defaults to 256: 5 s of a 50 msg/s feed.
+    pub history: usize,
+    /// Bytes of messages each lobby keeps beyond its newest
+    /// `max(queue_depth, replay)` (which it keeps whatever their size):
+    /// older ones are forgotten first, so large messages do not make every
+    /// lobby hold [`Config::history`] of them. Per route; a reload applies
+    /// it to lobbies started after it. Defaults to 1 MiB.
+    pub history_bytes: usize,
     /// How long an empty lobby keeps its thread before it ends. Defaults to 5 s.
     #[cfg_attr(feature = "config-file", serde(with = "syntax::duration"))]
     pub lobby_linger: Duration,
@@ -310,6 +321,18 @@ pub struct RouteConfig {
         serde(default, skip_serializing_if = "Option::is_none")
     )]
     pub replay: Option<usize>,
+    /// Overrides [`Config::history`].
+    #[cfg_attr(
+        feature = "config-file",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub history: Option<usize>,
+    /// Overrides [`Config::history_bytes`].
+    #[cfg_attr(
+        feature = "config-file",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub history_bytes: Option<usize>,
     /// Overrides [`Config::max_origin_connections`].
     #[cfg_attr(
         feature = "config-file",
@@ -429,6 +452,8 @@ impl RouteConfig {
             lobby_capacity,
             queue_depth,
             replay,
+            history,
+            history_bytes,
             max_origin_connections,
             max_origin_message,
             on_origin_loss,
@@ -476,6 +501,8 @@ impl Default for Config {
             compact_interval: Duration::from_secs(10),
             compact_fill: 0.9,
             replay: 0,
+            history: 256,
+            history_bytes: 1 << 20,
             lobby_linger: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
             max_request_bytes: 8 * 1024,
@@ -608,11 +635,13 @@ impl Config {
             .collect()
     }
 
-    /// Frames each lobby remembers, for gap-free migrations and replay:
-    /// well above the queue depth (4×), and at least 64. Of large frames it
-    /// holds fewer: beyond the newest `max(queue_depth, replay)`, only 1 MiB.
+    /// Messages each lobby remembers, for resume, gap-free migrations and
+    /// replay: [`Config::history`], and at least 4 × the queue depth (a
+    /// migration matches positions within it). Of large messages it holds
+    /// fewer: beyond the newest `max(queue_depth, replay)`, only
+    /// [`Config::history_bytes`].
     pub fn history_len(&self) -> usize {
-        self.queue_depth.saturating_mul(4).max(64)
+        self.history.max(self.queue_depth.saturating_mul(4))
     }
 
     /// Most clients the lobbies can hold given the origin connection limit, if any.

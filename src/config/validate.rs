@@ -20,6 +20,10 @@ use crate::{
 /// Most writer threads a gateway may run; more would only add hand-offs.
 const MAX_WRITERS: usize = 256;
 
+/// Most messages a lobby's history may remember: its entries are allocated
+/// when the lobby starts (40 bytes each, 40 MB at this bound).
+const MAX_HISTORY: usize = 1_000_000;
+
 /// Most auth threads a gateway may run.
 const MAX_AUTH_THREADS: usize = 64;
 /// Highest client frame rate limit accepted (the limiter counts in
@@ -136,6 +140,11 @@ impl Config {
         }
         if !(self.compact_fill > 0.0 && self.compact_fill <= 1.0) {
             return bad("compact_fill must be above 0 and at most 1");
+        }
+        if self.history_len() > MAX_HISTORY {
+            return Err(Error::Config(format!(
+                "history (and 4 x queue_depth) must be at most {MAX_HISTORY} messages"
+            )));
         }
         if self.replay > self.history_len() {
             return Err(Error::Config(format!(

@@ -11,8 +11,8 @@
 //! fingerprint itself, so the match is exact whatever the payloads. A late joiner can be given the last few
 //! frames. Bounded twice: the fingerprints of the last `capacity` frames,
 //! and the frames themselves (shared with queues through `Arc`) only as far
-//! as [`FRAME_BUDGET`] bytes allow beyond the newest `keep`: large messages
-//! must not make every lobby hold `capacity` of them. A message is held in
+//! as its byte budget (`history_bytes`) allows beyond the newest `keep`:
+//! large messages must not make every lobby hold `capacity` of them. A message is held in
 //! the forms its lobby built ([`Forms`]: uncompressed, and compressed while a
 //! member wanted that), so a client replayed or caught up from the history
 //! gets the form it negotiated where there is one; fingerprints are of the
@@ -36,11 +36,6 @@ use crate::{
     control::inbox::Resume,
     wire::frame::{Forms, Frame},
 };
-
-/// Bytes of frames a history holds beyond its newest `keep` frames, per
-/// lobby. 128-byte messages never reach it; 64 KiB messages are held only
-/// as deep as a client queue.
-pub(crate) const FRAME_BUDGET: usize = 1 << 20;
 
 /// How many trailing fingerprints identify a position in the stream.
 pub(crate) const RESUME_RUN: usize = 8;
@@ -70,6 +65,8 @@ pub(crate) struct History {
     held: usize,
     /// Bytes of the frames held.
     bytes: usize,
+    /// Bytes of frames held beyond the newest `keep`.
+    budget: usize,
     /// Mixed into every message ID: the route's path and query key.
     #[cfg(feature = "sse")]
     salt: u64,
@@ -77,8 +74,8 @@ pub(crate) struct History {
 
 impl History {
     /// Remembers the fingerprints of up to `capacity` frames, and the frames
-    /// themselves: at least the newest `keep`, more within [`FRAME_BUDGET`].
-    pub(crate) fn new(capacity: usize, keep: usize) -> History {
+    /// themselves: at least the newest `keep`, more within `budget` bytes.
+    pub(crate) fn new(capacity: usize, keep: usize, budget: usize) -> History {
         History {
             entries: VecDeque::with_capacity(capacity),
             first: 0,
@@ -86,6 +83,7 @@ impl History {
             keep,
             held: 0,
             bytes: 0,
+            budget,
             #[cfg(feature = "sse")]
             salt: 0,
         }
@@ -139,7 +137,7 @@ impl History {
             id: mark.id,
             forms: Some(frame),
         });
-        while self.held > self.keep && self.bytes > FRAME_BUDGET {
+        while self.held > self.keep && self.bytes > self.budget {
             let oldest = self.entries.len() - self.held;
             if let Some(gone) = self.entries[oldest].forms.take() {
                 self.bytes -= gone.len();
@@ -184,6 +182,11 @@ impl History {
     /// The number of the oldest frame still held.
     pub(crate) fn oldest(&self) -> u64 {
         self.head() - self.held as u64
+    }
+
+    /// Frames held, and their bytes: how far back a client can be served.
+    pub(crate) fn held(&self) -> (usize, usize) {
+        (self.held, self.bytes)
     }
 
     /// Frame number `at`, if still held.
@@ -286,6 +289,9 @@ fn fingerprint(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The default byte budget (`Config::history_bytes`).
+    const BUDGET: usize = 1 << 20;
     use crate::wire::frame::{OP_TEXT, encode};
 
     fn frame(text: &str) -> Forms {
@@ -293,7 +299,7 @@ mod tests {
     }
 
     fn history(texts: &[&str]) -> History {
-        let mut h = History::new(32, 32);
+        let mut h = History::new(32, 32, BUDGET);
         for t in texts {
             h.push(frame(t), None);
         }
@@ -366,7 +372,7 @@ mod tests {
         let at = target.find_after(&resume(&source)).unwrap();
         assert_eq!(from(&target, at), ["9"]);
         // One that forgot its start is not young, whatever it holds now.
-        let mut old = History::new(4, 4);
+        let mut old = History::new(4, 4, BUDGET);
         for t in ["5", "6", "7", "8", "9"] {
             old.push(frame(t), None);
         }
@@ -388,7 +394,7 @@ mod tests {
 
     #[test]
     fn positions_survive_eviction_and_resume_before_any_point() {
-        let mut h = History::new(3, 3);
+        let mut h = History::new(3, 3, BUDGET);
         for t in ["1", "2", "3", "4", "5"] {
             h.push(frame(t), None);
         }
@@ -403,8 +409,8 @@ mod tests {
 
     #[test]
     fn large_frames_are_held_only_within_the_budget() {
-        let big = |n: u8| Forms::plain(encode(OP_TEXT, &vec![b'0' + n; FRAME_BUDGET / 4]));
-        let mut h = History::new(64, 2);
+        let big = |n: u8| Forms::plain(encode(OP_TEXT, &vec![b'0' + n; BUDGET / 4]));
+        let mut h = History::new(64, 2, BUDGET);
         for n in 0..8 {
             h.push(big(n), None);
         }
@@ -413,15 +419,15 @@ mod tests {
         assert!(h.get(4).is_none());
         assert_eq!(h.get(5).map(|f| f.plain[10]), Some(b'5'));
         // Positions are still known: a run ending at an evicted frame is found.
-        let mut source = History::new(64, 64);
+        let mut source = History::new(64, 64, BUDGET);
         for n in 0..5 {
             source.push(big(n), None);
         }
         assert_eq!(h.find_after(&resume(&source)), Some(5));
         // Never fewer than `keep`, whatever their size.
-        let mut tight = History::new(64, 2);
+        let mut tight = History::new(64, 2, BUDGET);
         for n in 0..4 {
-            tight.push(Forms::plain(encode(OP_TEXT, &vec![n; FRAME_BUDGET])), None);
+            tight.push(Forms::plain(encode(OP_TEXT, &vec![n; BUDGET])), None);
         }
         assert_eq!(tight.head() - tight.oldest(), 2);
     }
@@ -429,8 +435,8 @@ mod tests {
     #[test]
     fn exact_positions_align_whatever_the_payloads() {
         let hb = frame("{\"hb\":1}");
-        let mut a = History::new(32, 32);
-        let mut b = History::new(32, 32);
+        let mut a = History::new(32, 32, BUDGET);
+        let mut b = History::new(32, 32, BUDGET);
         // Identical payloads everywhere: only the positions tell them apart.
         for at in 0..10 {
             a.push(hb.clone(), Some(at));
@@ -442,7 +448,7 @@ mod tests {
         // b starts at position 1: its frame number 9 is position 10.
         assert_eq!(at, 9, "right after position 9");
         // Another stream's positions never match.
-        let mut c = History::new(32, 32);
+        let mut c = History::new(32, 32, BUDGET);
         for at in 100..120 {
             c.push(hb.clone(), Some(at));
         }
@@ -476,13 +482,13 @@ mod tests {
         assert_ne!(id(&old, 25), id(&old, 26));
         assert_eq!(old.find_id(0x1234), None);
         // Exact positions make the IDs.
-        let mut exact = History::new(8, 8);
+        let mut exact = History::new(8, 8, BUDGET);
         exact.push(frame(hb), Some(42));
         let id = exact.get_with_id(0).unwrap().1;
         assert_eq!(exact.find_id(id), Some(0));
         // Another route's (or key's) lobby gives the same stream other IDs.
         let salted = |path, key| {
-            let mut h = History::new(8, 8).salted(id_salt(path, key));
+            let mut h = History::new(8, 8, BUDGET).salted(id_salt(path, key));
             h.push(frame(hb), Some(42));
             h.get_with_id(0).unwrap().1
         };

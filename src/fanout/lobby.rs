@@ -192,6 +192,8 @@ pub(crate) struct LobbyEnv {
     pub history: usize,
     /// Frames each lobby holds whatever their size (see `history.rs`).
     pub history_keep: usize,
+    /// Bytes of frames each lobby holds beyond those.
+    pub history_bytes: usize,
     /// Frames a new client is sent from the history.
     pub replay: usize,
     /// Smallest message sent compressed to members that negotiated it.
@@ -235,9 +237,10 @@ pub(crate) fn spawn(id: LobbyId, env: &LobbyEnv) -> Result<LobbyHandle> {
             catching_up: Vec::new(),
             adopting: Vec::new(),
             #[cfg(feature = "sse")]
-            history: History::new(env.history, env.history_keep).salted(env.id_salt),
+            history: History::new(env.history, env.history_keep, env.history_bytes)
+                .salted(env.id_salt),
             #[cfg(not(feature = "sse"))]
-            history: History::new(env.history, env.history_keep),
+            history: History::new(env.history, env.history_keep, env.history_bytes),
             replay: env.replay,
             deflating: 0,
             deflater: None,
@@ -575,6 +578,7 @@ impl Fanout {
         let dropped = dropped.iter().sum();
         self.counters.message(&self.stats.epoch, pushed, dropped);
         self.history.push_marked(forms, mark);
+        self.counters.history(self.history.held());
         if !self.adopting.is_empty() {
             // Those whose last frame was this one join at the live edge.
             let history = &self.history;
@@ -883,7 +887,7 @@ mod tests {
             members: Vec::new(),
             catching_up: Vec::new(),
             adopting: Vec::new(),
-            history: History::new(64, 4),
+            history: History::new(64, 4, 1 << 20),
             replay,
             deflating: 0,
             deflater: None,

@@ -602,6 +602,7 @@ impl Manager {
             on_origin_loss: c.on_origin_loss,
             history: c.history_len(),
             history_keep: c.queue_depth.max(c.replay),
+            history_bytes: c.history_bytes,
             replay: c.replay,
             compress_min: c.compress_min,
             #[cfg(feature = "sse")]
@@ -636,6 +637,8 @@ impl Manager {
                     frames_dropped: counters.frames_dropped.load(Relaxed),
                     last_message_age: (last > 0)
                         .then(|| Duration::from_millis(now.saturating_sub(last - 1))),
+                    history_messages: counters.history_messages.load(Relaxed) as usize,
+                    history_bytes: counters.history_bytes.load(Relaxed) as usize,
                 })
             })
             .collect()

@@ -254,6 +254,10 @@ struct LobbyJson {
     frames_dropped: u64,
     /// Seconds since the last origin message; null if none came yet.
     last_message_age_seconds: Option<f64>,
+    /// Messages its history holds (resume, replay and migration reach).
+    history_messages: usize,
+    /// Their bytes.
+    history_bytes: usize,
 }
 
 impl From<LobbyInfo> for LobbyJson {
@@ -269,6 +273,8 @@ impl From<LobbyInfo> for LobbyJson {
             frames_out: l.frames_out,
             frames_dropped: l.frames_dropped,
             last_message_age_seconds: l.last_message_age.map(|age| age.as_secs_f64()),
+            history_messages: l.history_messages,
+            history_bytes: l.history_bytes,
         }
     }
 }
