@@ -21,7 +21,9 @@
 //! `--write-batch-ms 10`), `light` (1000 × 50 msg/s: latency below
 //! saturation), `slow` (steady, with 100 clients that never read: with
 //! wsgate's unsent bound their queues overflow within seconds), `large`
-//! (200 × 50 msg/s × 64 KiB), `idle` (10 000 idle clients; relay RSS per
+//! (200 × 50 msg/s × 64 KiB), `wide` (16 000 × 5 msg/s × 128 B: the cost
+//! of width, what grows with sockets rather than messages), `idle` (10 000
+//! idle clients; relay RSS per
 //! client), `json` (1000 × 200 msg/s × a 1 KiB JSON price tick) and
 //! `compressed` (the same, the clients offering permessage-deflate; after
 //! both, wsgate's bytes on the wire and CPU per delivery in the two are

@@ -46,7 +46,7 @@ pub struct Scenario {
 }
 
 /// Every scenario, in the order they run.
-pub const ALL: [Scenario; 10] = [
+pub const ALL: [Scenario; 11] = [
     // 10 000 msg/s to 1000 clients offers 10M deliveries/s, several times what
     // this machine kind can write: the relay is saturated, while a relay that
     // keeps up with its origin link can still keep latency low.
@@ -126,6 +126,16 @@ pub const ALL: [Scenario; 10] = [
         clients: 200,
         rate: Rate::PerSecond(50),
         size: 64 * 1024,
+        slow: 0,
+        wsgate_args: &[],
+        ticks: false,
+        deflate: false,
+    },
+    Scenario {
+        name: "wide",
+        clients: 16_000,
+        rate: Rate::PerSecond(5),
+        size: 128,
         slow: 0,
         wsgate_args: &[],
         ticks: false,
