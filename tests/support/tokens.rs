@@ -195,7 +195,7 @@ impl Default for AuthBehaviour {
 pub struct AuthService {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
-    /// Requests answered.
+    /// Requests received, each counted before it is answered.
     pub requests: Arc<AtomicUsize>,
     /// Connections accepted (fewer than requests: kept alive).
     pub connections: Arc<AtomicUsize>,
@@ -312,6 +312,9 @@ fn serve(
             }
         }
         heads.lock().expect("heads").push(head);
+        // Counted as asked before the answer goes, so a test that has its
+        // client's answer sees the question counted.
+        requests.fetch_add(1, Ordering::SeqCst);
         thread::sleep(behaviour.delay);
         let body = "ok\n";
         let response = format!(
@@ -323,7 +326,6 @@ fn serve(
         if writer.write_all(response.as_bytes()).is_err() {
             return;
         }
-        requests.fetch_add(1, Ordering::SeqCst);
         answered
             .lock()
             .expect("answered")
