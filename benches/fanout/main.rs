@@ -48,7 +48,9 @@
 //! - `WSGATE_BENCH_WSGATE=/path/to/wsgate` benches that binary (e.g. an older
 //!   build) instead of the one cargo just built.
 //!
-//! Results go to stdout (a detail block per run, the table at the end);
+//! Results go to stdout (a detail block per run, the table at the end, then
+//! each scenario's figure beside the README's committed one, a change over
+//! 10% flagged: `committed.rs`);
 //! progress and the relays' own output go to stderr. A run that fails, or
 //! that has a problem (clients that did not connect, client errors, an
 //! unclean relay exit), is reported and the bench continues; the exit code
@@ -69,6 +71,7 @@ mod gwstat;
 mod origin;
 
 mod baseline;
+mod committed;
 mod relay;
 mod scenario;
 mod table;
@@ -173,6 +176,7 @@ fn bench(scenarios: &[Scenario], settings: &Settings) -> bool {
     }
     println!();
     print!("{}", table::table(&rows));
+    print!("{}", committed::against_readme(&rows));
     println!("notes: figures are relative (origin, clients and relay share the machine);");
     println!("  `!` = see PROBLEM above; rss/client is the relay's VmRSS growth per client,");
     println!("  without kernel socket memory: a relay keeping only a socket per client shows ~0.");
