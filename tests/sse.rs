@@ -30,11 +30,10 @@ fn is_message_id(id: &str) -> bool {
 #[test]
 fn an_event_stream_gets_every_message_in_order_with_ids() {
     let origin = TestOrigin::start();
-    let mut config = test_config(&origin.url());
-    // The burst below is longer than the default queue: a stream whose
-    // queue would overflow is closed, by design.
-    config.queue_depth = 64;
-    let gw = start_gateway(config);
+    // The burst below (22 messages) is longer than the default queue (16),
+    // which would close a stream that overflowed it, and fits the twice as
+    // deep queue an event stream gets.
+    let gw = start_gateway(test_config(&origin.url()));
     let mut client = sse_client(gw.local_addr(), "/", &["Origin: https://app.example"]);
     assert!(
         client.head.contains("Access-Control-Allow-Origin: *\r\n"),

@@ -124,8 +124,9 @@ pub struct Config {
     pub client_messages: ClientMessages,
     /// Clients per lobby, hence per origin connection. Per route. Defaults to 512.
     pub lobby_capacity: usize,
-    /// Frames queued per client before the oldest is dropped. Per route.
-    /// Defaults to 16.
+    /// Frames queued per client before the oldest is dropped (an event
+    /// stream's queue is twice as deep, and closes its stream when full).
+    /// Per route. Defaults to 16.
     pub queue_depth: usize,
     /// Writer threads serving client sockets. Defaults to 2.
     pub writers: usize,
