@@ -689,6 +689,13 @@ fn parse_checked(buf: &[u8], route: &Route<'_>) -> Parsed {
                 "accept key {accept:?}"
             );
         }
+        #[cfg(feature = "sse")]
+        Parsed::Answer(answer) => {
+            let text = std::str::from_utf8(answer).expect("ASCII answer");
+            assert!(text.starts_with("HTTP/1.1 204 "), "{text:?}");
+            assert!(text.ends_with("\r\n\r\n"), "{text:?}");
+            assert_eq!(text.matches("\r\n\r\n").count(), 1, "one head: {text:?}");
+        }
         Parsed::Reject(rejection) => {
             let status = rejection.status;
             assert!((400..=599).contains(&status), "status {status}");

@@ -290,14 +290,33 @@ fn an_allowed_origin_gets_its_cors_header_and_another_gets_403() {
     let gw = start_gateway(config);
     let client = sse_client(gw.local_addr(), "/", &["Origin: https://app.example"]);
     assert!(
-        client
-            .head
-            .contains("Access-Control-Allow-Origin: https://app.example\r\nVary: Origin\r\n"),
+        client.head.contains(
+            "Access-Control-Allow-Origin: https://app.example\r\n\
+             Access-Control-Allow-Credentials: true\r\nVary: Origin\r\n"
+        ),
         "{}",
         client.head
     );
     let evil = sse_request("/", &["Origin: https://evil.example"]);
     assert_eq!(status(&http_exchange(gw.local_addr(), &evil)), 403);
+    // A preflight (a cross-origin stream with an Authorization header, say)
+    // is answered and the connection closed; from elsewhere, 403.
+    let preflight = |from: &str| {
+        format!(
+            "OPTIONS /?symbol=btc HTTP/1.1\r\nHost: x\r\nOrigin: {from}\r\n\
+             Access-Control-Request-Method: GET\r\n\
+             Access-Control-Request-Headers: authorization\r\n\r\n"
+        )
+    };
+    let answer = http_exchange(gw.local_addr(), &preflight("https://app.example"));
+    assert_eq!(status(&answer), 204, "{answer}");
+    assert!(
+        answer.contains("Access-Control-Allow-Headers: Authorization, "),
+        "{answer}"
+    );
+    let refused = http_exchange(gw.local_addr(), &preflight("https://evil.example"));
+    assert_eq!(status(&refused), 403, "{refused}");
+    assert_eq!(gw.stats().clients, 1, "the stream alone: a preflight is no client");
 }
 
 #[test]

@@ -714,6 +714,8 @@ impl Acceptor {
                     }
                     return self.refuse(index, rejection);
                 }
+                #[cfg(feature = "sse")]
+                Parsed::Answer(answer) => return self.answer(index, answer),
                 Parsed::Upgrade {
                     response,
                     consumed,
@@ -797,6 +799,22 @@ impl Acceptor {
         );
         conn.reply = Some(Reply {
             bytes: rejection.response(),
+            written: 0,
+            upgrade: None,
+        });
+        write_reply(conn)
+    }
+
+    /// Answers a request that is not an upgrade (a CORS preflight) and
+    /// closes the connection once the answer is out.
+    #[cfg(feature = "sse")]
+    fn answer(&mut self, index: usize, answer: Vec<u8>) -> Step {
+        let Some(Some(conn)) = self.conns.get_mut(index) else {
+            return Step::Wait;
+        };
+        debug!("{}: answered a CORS preflight", conn.peer);
+        conn.reply = Some(Reply {
+            bytes: answer,
             written: 0,
             upgrade: None,
         });

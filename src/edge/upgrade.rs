@@ -59,6 +59,11 @@ pub(crate) enum Parsed {
     },
     /// Refuse the request with this status.
     Reject(Rejection),
+    /// Answer with these bytes and close: a CORS preflight (an `OPTIONS`
+    /// a browser sends before a cross-origin event stream with its own
+    /// headers, `Authorization` say).
+    #[cfg(feature = "sse")]
+    Answer(Vec<u8>),
 }
 
 /// An HTTP error answer to an upgrade request.
@@ -266,6 +271,13 @@ pub(crate) fn parse_route(buf: &[u8], route: &Route<'_>) -> Parsed {
         Err(httparse::Error::TooManyHeaders) => return reject(431, "too many request headers"),
         Err(_) => return reject(400, "malformed HTTP request"),
     };
+    #[cfg(feature = "sse")]
+    if req.method == Some("OPTIONS") {
+        return match preflight(&req, route) {
+            Ok(answer) => Parsed::Answer(answer),
+            Err(rejection) => Parsed::Reject(rejection),
+        };
+    }
     match check(&req, route) {
         #[cfg(feature = "sse")]
         Ok(accepted) if accepted.sse => Parsed::Upgrade {
@@ -313,16 +325,67 @@ pub(crate) fn parse_route(buf: &[u8], route: &Route<'_>) -> Parsed {
 /// is), and the body's first bytes: the `retry:` hint.
 #[cfg(feature = "sse")]
 fn sse_response(accepted: &Accepted<'_, '_>, allowed_origins: &[String]) -> Vec<u8> {
-    let cors = match accepted.origin {
-        Some(_) if allowed_origins.is_empty() => "Access-Control-Allow-Origin: *\r\n".to_owned(),
-        Some(origin) => format!("Access-Control-Allow-Origin: {origin}\r\nVary: Origin\r\n"),
-        None => String::new(),
-    };
+    let cors = accepted
+        .origin
+        .map(|origin| cors_headers(origin, allowed_origins))
+        .unwrap_or_default();
     format!(
         "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nX-Accel-Buffering: no\r\n{cors}\r\nretry: {}\n\n",
         accepted.endpoint.sse_retry.as_millis()
     )
     .into_bytes()
+}
+
+/// Request headers a cross-origin event stream may carry, as a preflight
+/// answers them.
+#[cfg(feature = "sse")]
+const PREFLIGHT_HEADERS: &str = "Authorization, Last-Event-ID, Cache-Control, Accept";
+
+/// The CORS headers for an allowed browser `origin`: `*` where every origin
+/// is allowed; otherwise the origin itself, with credentials (a cookie or
+/// an `Authorization` header may carry its token).
+#[cfg(feature = "sse")]
+fn cors_headers(origin: &str, allowed_origins: &[String]) -> String {
+    if allowed_origins.is_empty() {
+        "Access-Control-Allow-Origin: *\r\n".to_owned()
+    } else {
+        format!(
+            "Access-Control-Allow-Origin: {origin}\r\nAccess-Control-Allow-Credentials: true\r\nVary: Origin\r\n"
+        )
+    }
+}
+
+/// The answer to a CORS preflight (`OPTIONS` with `Access-Control-Request-
+/// Method: GET`) for a served path, from an allowed origin: 204 with what a
+/// cross-origin event stream may send. Any other `OPTIONS` gets 405, an
+/// unknown path 404, an origin off the list 403.
+#[cfg(feature = "sse")]
+fn preflight(req: &httparse::Request<'_, '_>, route: &Route<'_>) -> Result<Vec<u8>, Rejection> {
+    let target = req.path.unwrap_or("");
+    let path = target.split_once('?').map_or(target, |(path, _)| path);
+    if !route.endpoints.iter().any(|e| e.path == path) {
+        return Err(Rejection::new(404, "no WebSocket endpoint at this path"));
+    }
+    let header = |name| header_values(req.headers, name);
+    let not_get = Rejection {
+        headers: "Allow: GET\r\n",
+        ..Rejection::new(405, NOT_GET)
+    };
+    let Some(origin) = header("Origin").next() else {
+        return Err(not_get);
+    };
+    let allowed = route.allowed_origins;
+    if !allowed.is_empty() && !allowed.iter().any(|a| same_origin(a, origin)) {
+        return Err(Rejection::new(403, "origin not allowed"));
+    }
+    if !header("Access-Control-Request-Method").any(|m| m.trim() == "GET") {
+        return Err(not_get);
+    }
+    Ok(format!(
+        "HTTP/1.1 204 No Content\r\n{}Access-Control-Allow-Methods: GET\r\nAccess-Control-Allow-Headers: {PREFLIGHT_HEADERS}\r\nAccess-Control-Max-Age: 600\r\nConnection: close\r\n\r\n",
+        cors_headers(origin, allowed)
+    )
+    .into_bytes())
 }
 
 /// Whether an `Accept` header lists `text/event-stream` (parameters and
@@ -677,6 +740,8 @@ mod tests {
             Parsed::Upgrade { sse: true, .. } => 200,
             Parsed::Upgrade { .. } => 101,
             Parsed::Reject(r) => r.status,
+            #[cfg(feature = "sse")]
+            Parsed::Answer(_) => 204,
             Parsed::Incomplete => 0,
         }
     }
@@ -986,6 +1051,63 @@ mod tests {
         assert_eq!(accept("text/html, Text/Event-Stream;q=0.9"), 200);
     }
 
+    #[cfg(feature = "sse")]
+    #[test]
+    fn a_cors_preflight_from_an_allowed_origin_gets_204_with_what_a_stream_may_send() {
+        let endpoints = [Endpoint::plain(RouteId(0), "/feed")];
+        let listed = vec!["https://app.example".to_owned()];
+        let preflight = |allowed: &[String], target: &str, extra: &str| {
+            let route = Route {
+                endpoints: &endpoints,
+                allowed_origins: allowed,
+                max_bytes: 8192,
+                #[cfg(feature = "auth")]
+                now: 0,
+            };
+            let bytes = format!("OPTIONS {target} HTTP/1.1\r\nHost: x\r\n{extra}\r\n");
+            parse_route(bytes.as_bytes(), &route)
+        };
+        let asks = "Origin: https://app.example\r\nAccess-Control-Request-Method: GET\r\n\
+                    Access-Control-Request-Headers: authorization, last-event-id\r\n";
+        match preflight(&listed, "/feed?symbol=btc", asks) {
+            Parsed::Answer(answer) => {
+                let text = String::from_utf8(answer).unwrap();
+                assert!(text.starts_with("HTTP/1.1 204 No Content\r\n"), "{text}");
+                for line in [
+                    "Access-Control-Allow-Origin: https://app.example\r\n",
+                    "Access-Control-Allow-Credentials: true\r\n",
+                    "Vary: Origin\r\n",
+                    "Access-Control-Allow-Methods: GET\r\n",
+                    "Access-Control-Allow-Headers: Authorization, Last-Event-ID, Cache-Control, Accept\r\n",
+                ] {
+                    assert!(text.contains(line), "{line:?} in {text}");
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+        match preflight(&[], "/feed", asks) {
+            Parsed::Answer(answer) => {
+                let text = String::from_utf8(answer).unwrap();
+                assert!(
+                    text.contains("Access-Control-Allow-Origin: *\r\n"),
+                    "{text}"
+                );
+                assert!(!text.contains("Credentials"), "not with *: {text}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let elsewhere = "Origin: https://evil.example\r\nAccess-Control-Request-Method: GET\r\n";
+        assert_eq!(status(preflight(&listed, "/feed", elsewhere)), 403);
+        assert_eq!(status(preflight(&listed, "/nowhere", asks)), 404);
+        let post = "Origin: https://app.example\r\nAccess-Control-Request-Method: POST\r\n";
+        assert_eq!(status(preflight(&listed, "/feed", post)), 405);
+        assert_eq!(
+            status(preflight(&listed, "/feed", "")),
+            405,
+            "not a preflight"
+        );
+    }
+
     #[test]
     fn origins_off_the_list_get_403() {
         let allowed = vec!["https://app.example".to_owned()];
@@ -1163,6 +1285,8 @@ mod props {
             Parsed::Incomplete => 0,
             Parsed::Upgrade { .. } => 101,
             Parsed::Reject(r) => r.status,
+            #[cfg(feature = "sse")]
+            Parsed::Answer(_) => 204,
         }
     }
 
