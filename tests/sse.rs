@@ -316,7 +316,11 @@ fn an_allowed_origin_gets_its_cors_header_and_another_gets_403() {
     );
     let refused = http_exchange(gw.local_addr(), &preflight("https://evil.example"));
     assert_eq!(status(&refused), 403, "{refused}");
-    assert_eq!(gw.stats().clients, 1, "the stream alone: a preflight is no client");
+    assert_eq!(
+        gw.stats().clients,
+        1,
+        "the stream alone: a preflight is no client"
+    );
 }
 
 #[test]

@@ -716,6 +716,17 @@ fn is_valid_key(key: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// A route over `endpoints` allowing `allowed` origins, 8 KiB requests.
+    fn route_over<'a>(endpoints: &'a [Endpoint], allowed: &'a [String]) -> Route<'a> {
+        Route {
+            endpoints,
+            allowed_origins: allowed,
+            max_bytes: 8192,
+            #[cfg(feature = "auth")]
+            now: 0,
+        }
+    }
+
     #[test]
     fn a_refused_seat_is_answered_429_from_one_address_and_503_when_full() {
         let status = |r| Rejection::from(r).status;
@@ -773,13 +784,7 @@ mod tests {
                 compression,
                 ..Endpoint::plain(RouteId(0), "/")
             }];
-            let route = Route {
-                endpoints: &endpoints,
-                allowed_origins: &[],
-                max_bytes: 8192,
-                #[cfg(feature = "auth")]
-                now: 0,
-            };
+            let route = route_over(&endpoints, &[]);
             match parse_route(bytes.as_bytes(), &route) {
                 Parsed::Upgrade {
                     response, deflate, ..
@@ -862,13 +867,7 @@ mod tests {
     fn upgrade(target: &str, extra: &str) -> Parsed {
         let endpoints = endpoints();
         let bytes = request(&format!("GET {target} HTTP/1.1"), extra);
-        let route = Route {
-            endpoints: &endpoints,
-            allowed_origins: &[],
-            max_bytes: 8192,
-            #[cfg(feature = "auth")]
-            now: 0,
-        };
+        let route = route_over(&endpoints, &[]);
         parse_route(bytes.as_bytes(), &route)
     }
 
@@ -965,13 +964,7 @@ mod tests {
         let endpoints = endpoints();
         let bytes =
             format!("GET {target} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n{extra}\r\n");
-        let route = Route {
-            endpoints: &endpoints,
-            allowed_origins: &[],
-            max_bytes: 8192,
-            #[cfg(feature = "auth")]
-            now: 0,
-        };
+        let route = route_over(&endpoints, &[]);
         parse_route(bytes.as_bytes(), &route)
     }
 
@@ -1036,13 +1029,7 @@ mod tests {
         assert_eq!(status(stream("/nowhere", "")), 404);
         let accept = |value: &str| {
             let endpoints = [Endpoint::plain(RouteId(0), "/")];
-            let route = Route {
-                endpoints: &endpoints,
-                allowed_origins: &[],
-                max_bytes: 8192,
-                #[cfg(feature = "auth")]
-                now: 0,
-            };
+            let route = route_over(&endpoints, &[]);
             let bytes = format!("GET / HTTP/1.1\r\nHost: x\r\nAccept: {value}\r\n\r\n");
             status(parse_route(bytes.as_bytes(), &route))
         };
@@ -1057,13 +1044,7 @@ mod tests {
         let endpoints = [Endpoint::plain(RouteId(0), "/feed")];
         let listed = vec!["https://app.example".to_owned()];
         let preflight = |allowed: &[String], target: &str, extra: &str| {
-            let route = Route {
-                endpoints: &endpoints,
-                allowed_origins: allowed,
-                max_bytes: 8192,
-                #[cfg(feature = "auth")]
-                now: 0,
-            };
+            let route = route_over(&endpoints, allowed);
             let bytes = format!("OPTIONS {target} HTTP/1.1\r\nHost: x\r\n{extra}\r\n");
             parse_route(bytes.as_bytes(), &route)
         };
@@ -1112,13 +1093,7 @@ mod tests {
     fn origins_off_the_list_get_403() {
         let allowed = vec!["https://app.example".to_owned()];
         let endpoints = [Endpoint::plain(RouteId(0), "/")];
-        let route = Route {
-            endpoints: &endpoints,
-            allowed_origins: &allowed,
-            max_bytes: 8192,
-            #[cfg(feature = "auth")]
-            now: 0,
-        };
+        let route = route_over(&endpoints, &allowed);
         let with_origin =
             |origin: &str| request("GET / HTTP/1.1", &format!("Origin: {origin}\r\n"));
         assert_eq!(
