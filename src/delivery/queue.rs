@@ -111,6 +111,18 @@ impl ClientQueue {
         }
     }
 
+    /// Queues an event for a queue closing when full: refused, like the one
+    /// that overflowed it, once it has overflowed, so nothing after a refused
+    /// event reaches the stream (a later one would put the client's
+    /// `Last-Event-ID` past the gap, and resuming could not fill it).
+    #[cfg(feature = "sse")]
+    pub(crate) fn push_event(&self, frame: Frame) -> Pushed {
+        if self.is_overflowed() {
+            return Pushed::Overflowed;
+        }
+        self.push(frame)
+    }
+
     /// Queues `frame`, dropping the oldest queued frame if the queue is full.
     /// Never blocks.
     pub(crate) fn push(&self, mut frame: Frame) -> Pushed {
@@ -249,6 +261,9 @@ mod tests {
         assert!(q.is_overflowed());
         let left: Vec<u8> = std::iter::from_fn(|| q.pop()).map(|f| f[2]).collect();
         assert_eq!(left, b"01", "nothing it held was dropped");
+        // Drained, it still takes no event: the stream ends after "1".
+        assert_eq!(q.push_event(frames[2].clone()), Pushed::Overflowed);
+        assert!(q.pop().is_none(), "nothing past the gap");
     }
 
     #[test]

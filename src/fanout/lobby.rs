@@ -605,7 +605,7 @@ impl Fanout {
         };
         let mut pushed = 0;
         for member in &self.streams {
-            if member.queue.push(event.clone()) == Pushed::Queued {
+            if member.queue.push_event(event.clone()) == Pushed::Queued {
                 pushed += 1;
             }
             self.touched[member.writer] = true;
@@ -691,7 +691,7 @@ impl Fanout {
                     member.id,
                     sse::format_id(after)
                 );
-                member.queue.push(sse::reset());
+                member.queue.push_event(sse::reset());
                 self.touched[member.writer] = true;
                 self.enlist(member, self.history.head());
             }
@@ -766,7 +766,7 @@ impl Fanout {
             }
             while c.next < self.history.head() && c.member.queue.len() < c.member.queue.depth() {
                 if let Some(frame) = form_at(&self.history, c.next, &c.member) {
-                    c.member.queue.push(frame);
+                    push_to(&c.member, frame);
                 }
                 c.next += 1;
                 self.touched[c.member.writer] = true;
@@ -854,6 +854,17 @@ impl Fanout {
             }
         }
     }
+}
+
+/// Queues `frame` for `member`. An event stream's queue takes nothing once
+/// it has overflowed: its client resumes from the last event it got, so a
+/// catch-up that the history outran must not go on past the gap.
+fn push_to(member: &Member, frame: Frame) -> Pushed {
+    #[cfg(feature = "sse")]
+    if member.sse {
+        return member.queue.push_event(frame);
+    }
+    member.queue.push(frame)
 }
 
 /// The form of frame number `at` of `history` that `member` takes, if
