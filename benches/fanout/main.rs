@@ -140,7 +140,7 @@ fn bench(scenarios: &[Scenario], settings: &Settings) -> bool {
     for scenario in scenarios {
         println!();
         println!("== {}: {}", scenario.name, scenario.describe());
-        for kind in Kind::ALL {
+        for kind in scenario.kinds() {
             eprintln!("  {}: starting", kind.name());
             let result = scenario::run(scenario, kind, settings);
             match &result {
