@@ -182,8 +182,13 @@ pub struct Report {
     pub io_errors: u64,
     /// Protocol violations by the server.
     pub protocol_errors: u64,
-    /// Close frames the server sent before we asked to close.
+    /// Close frames the server sent before we asked to close (for an event
+    /// stream: the server ending it).
     pub server_closes: u64,
+    /// Event streams the server ended before the measurement window did
+    /// (wsgate closes a stream that cannot keep up, for its client to
+    /// resume; these clients do not reconnect).
+    pub streams_ended_early: u64,
     /// Clients that completed the closing handshake at the end.
     pub clean_closes: u64,
 }
@@ -221,6 +226,7 @@ impl Report {
             io_errors: 0,
             protocol_errors: 0,
             server_closes: 0,
+            streams_ended_early: 0,
             clean_closes: 0,
         }
     }
@@ -247,6 +253,7 @@ impl Report {
         self.io_errors += t.io_errors;
         self.protocol_errors += t.protocol_errors;
         self.server_closes += t.server_closes;
+        self.streams_ended_early += t.streams_ended_early;
         self.clean_closes += t.clean_closes;
     }
 
@@ -539,8 +546,9 @@ struct Conn {
     /// Control frames that could not be written yet.
     pending: Vec<u8>,
     parser: Parser,
-    /// The event-stream parser (with `sse`; `parser` is then unused).
-    events: EventReader,
+    /// The event-stream parser (with `sse`; `parser` is then unused), boxed
+    /// to keep a WebSocket client small.
+    events: Option<Box<EventReader>>,
 }
 
 /// What frame handling asks the event loop to do.
@@ -576,6 +584,8 @@ struct Worker {
 struct Loop {
     stats: Report,
     measuring: bool,
+    /// The run has not reached the window's end yet.
+    before_window_end: bool,
     rng: u64,
     scratch: Vec<u8>,
     /// Inflates the start of compressed messages (with `deflate`): the
@@ -589,6 +599,7 @@ impl Worker {
         let mut lp = Loop {
             stats: Report::empty(0, Duration::ZERO),
             measuring: false,
+            before_window_end: true,
             rng: seed(),
             scratch: vec![0u8; SCRATCH],
             inflater: Box::default(),
@@ -609,6 +620,7 @@ impl Worker {
         loop {
             let phase = self.shared.phase.load(Ordering::Acquire);
             lp.measuring = phase == PHASE_MEASURE;
+            lp.before_window_end = phase < PHASE_AFTER;
             let now = Instant::now();
 
             if !connecting_done && phase < PHASE_CLOSE {
@@ -848,7 +860,7 @@ impl Worker {
             last_seq: 0,
             pending: Vec::new(),
             parser: Parser::new(false).with_deflate(self.deflate),
-            events: EventReader::new(),
+            events: self.sse.then(Box::default),
         })
     }
 
@@ -973,6 +985,9 @@ impl Worker {
                     } else if self.sse {
                         // An event stream ends when its connection does.
                         lp.stats.server_closes += 1;
+                        if lp.before_window_end {
+                            lp.stats.streams_ended_early += 1;
+                        }
                     } else {
                         lp.error("connection closed by server without Close".to_string());
                     }
@@ -1121,7 +1136,10 @@ impl Worker {
             stats.wire_bytes += n as u64;
         }
         let last_seq = &mut conn.last_seq;
-        conn.events.feed(&lp.scratch[..n], |event| {
+        let Some(events) = conn.events.as_deref_mut() else {
+            return;
+        };
+        events.feed(&lp.scratch[..n], |event| {
             let mut decoded = [0u8; events::DATA_PREFIX / 4 * 3];
             let prefix = event
                 .binary
