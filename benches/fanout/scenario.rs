@@ -443,6 +443,13 @@ pub fn run(scenario: &Scenario, kind: Kind, settings: &Settings) -> Result<Measu
             report.first_error.as_deref().unwrap_or("?")
         ));
     }
+    if report.streams_ended_early > 0 {
+        problems.push(format!(
+            "{name} ended {} event streams before the window's end (streams that \
+             cannot keep up are closed for their clients to resume; these do not)",
+            report.streams_ended_early
+        ));
+    }
     // Clients count what they miss between their first and last message;
     // the relay also counts drops before a client's first frame (its queue
     // overflowing while the writer has not reached it yet), so it may count
