@@ -27,7 +27,14 @@
 //! client), `json` (1000 × 200 msg/s × a 1 KiB JSON price tick) and
 //! `compressed` (the same, the clients offering permessage-deflate; after
 //! both, wsgate's bytes on the wire and CPU per delivery in the two are
-//! compared).
+//! compared). Two scenarios compare wsgate with itself rather than with the
+//! baseline, which cannot serve Server-Sent Events: `sse-steady` (steady's
+//! load) and `sse-saturated` (saturated's) run wsgate once to WebSocket
+//! clients (`wsgate`) and once to event-stream clients (`wsgate-sse`: a
+//! `GET` with `Accept: text/event-stream` on the same route; the origin's
+//! binary messages reach them as `event: binary` in base64, which the
+//! clients decode as far as seq and timestamp), and their ratio line is
+//! wsgate-sse/wsgate.
 //!
 //! Per run: deliveries/s (messages received by clients in the window /
 //! window), relay CPU per delivery (relay utime + stime over the window /
@@ -41,7 +48,8 @@
 //! Running:
 //! - `cargo bench` runs every scenario (about 90 s on 2 cores; `cargo bench
 //!   --bench fanout` skips the empty unit-test harnesses of the other targets);
-//! - `cargo bench -- saturated` (or `-- steady,large`) runs only those;
+//! - `cargo bench -- saturated` (or `-- steady,large`, or
+//!   `-- sse-steady,sse-saturated`) runs only those;
 //! - `WSGATE_BENCH_SECS` (default 8) sets the measurement window and
 //!   `WSGATE_BENCH_WARMUP` (default 2) the warm-up, both in seconds
 //!   (fractions allowed);
@@ -140,7 +148,7 @@ fn bench(scenarios: &[Scenario], settings: &Settings) -> bool {
     for scenario in scenarios {
         println!();
         println!("== {}: {}", scenario.name, scenario.describe());
-        for kind in Kind::ALL {
+        for kind in scenario.kinds() {
             eprintln!("  {}: starting", kind.name());
             let result = scenario::run(scenario, kind, settings);
             match &result {

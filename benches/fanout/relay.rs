@@ -47,18 +47,34 @@ pub enum Kind {
     Baseline,
     /// The real gateway binary with its default settings.
     Wsgate,
+    /// The same binary, its clients reading event streams (Server-Sent
+    /// Events) instead of WebSocket: the second run of an `sse` scenario.
+    WsgateSse,
 }
 
 impl Kind {
     /// Both relays, in the order they run.
     pub const ALL: [Kind; 2] = [Kind::Baseline, Kind::Wsgate];
+    /// wsgate's two client protocols, in the order they run (`sse` scenarios).
+    pub const PROTOCOLS: [Kind; 2] = [Kind::Wsgate, Kind::WsgateSse];
 
     /// Name used in output.
     pub fn name(self) -> &'static str {
         match self {
             Kind::Baseline => "baseline",
             Kind::Wsgate => "wsgate",
+            Kind::WsgateSse => "wsgate-sse",
         }
+    }
+
+    /// The wsgate binary runs (with either client protocol).
+    pub fn is_wsgate(self) -> bool {
+        matches!(self, Kind::Wsgate | Kind::WsgateSse)
+    }
+
+    /// The clients read event streams.
+    pub fn is_sse(self) -> bool {
+        self == Kind::WsgateSse
     }
 
     fn command(self, origin_url: &str) -> Result<Command, String> {
@@ -72,7 +88,7 @@ impl Kind {
                     .args([LISTEN, origin_url]);
                 Ok(cmd)
             }
-            Kind::Wsgate => {
+            Kind::Wsgate | Kind::WsgateSse => {
                 let mut cmd = Command::new(wsgate_path());
                 // The defaults, spelled out so the output says what ran.
                 cmd.args(["--listen", LISTEN, "--origin", origin_url])
@@ -148,7 +164,7 @@ impl Relay {
     pub fn start(kind: Kind, origin_url: &str, wsgate_args: &[&str]) -> Result<Relay, String> {
         let name = kind.name();
         let mut command = kind.command(origin_url)?;
-        if kind == Kind::Wsgate {
+        if kind.is_wsgate() {
             command.args(wsgate_args);
         }
         let child = command

@@ -43,10 +43,14 @@ pub struct Scenario {
     pub ticks: bool,
     /// The clients offer permessage-deflate (the baseline declines it).
     pub deflate: bool,
+    /// Compare wsgate's WebSocket clients with its event-stream (SSE)
+    /// clients, instead of the baseline with wsgate: the runs are
+    /// [`Kind::PROTOCOLS`] rather than [`Kind::ALL`].
+    pub sse: bool,
 }
 
 /// Every scenario, in the order they run.
-pub const ALL: [Scenario; 11] = [
+pub const ALL: [Scenario; 13] = [
     // 10 000 msg/s to 1000 clients offers 10M deliveries/s, several times what
     // this machine kind can write: the relay is saturated, while a relay that
     // keeps up with its origin link can still keep latency low.
@@ -59,6 +63,7 @@ pub const ALL: [Scenario; 11] = [
         wsgate_args: &[],
         ticks: false,
         deflate: false,
+        sse: false,
     },
     Scenario {
         name: "steady",
@@ -69,6 +74,7 @@ pub const ALL: [Scenario; 11] = [
         wsgate_args: &[],
         ticks: false,
         deflate: false,
+        sse: false,
     },
     // The same with a 10 ms write-batching window: fewer, larger writes.
     Scenario {
@@ -80,6 +86,7 @@ pub const ALL: [Scenario; 11] = [
         wsgate_args: &["--write-batch-ms", "10"],
         ticks: false,
         deflate: false,
+        sse: false,
     },
     // The steady feed's rate in bursts of 16 back to back (12.5 a second):
     // wsgate's writes coalesce by themselves while it is behind.
@@ -95,6 +102,7 @@ pub const ALL: [Scenario; 11] = [
         wsgate_args: &[],
         ticks: false,
         deflate: false,
+        sse: false,
     },
     // Well below saturation: latency is the measure.
     Scenario {
@@ -106,6 +114,7 @@ pub const ALL: [Scenario; 11] = [
         wsgate_args: &[],
         ticks: false,
         deflate: false,
+        sse: false,
     },
     // 100 of the 1000 clients never read: the others must lose nothing.
     // wsgate's default unsent bound (16 KiB) keeps the kernel from absorbing
@@ -120,6 +129,7 @@ pub const ALL: [Scenario; 11] = [
         wsgate_args: &[],
         ticks: false,
         deflate: false,
+        sse: false,
     },
     Scenario {
         name: "large",
@@ -130,6 +140,7 @@ pub const ALL: [Scenario; 11] = [
         wsgate_args: &[],
         ticks: false,
         deflate: false,
+        sse: false,
     },
     Scenario {
         name: "wide",
@@ -140,6 +151,7 @@ pub const ALL: [Scenario; 11] = [
         wsgate_args: &[],
         ticks: false,
         deflate: false,
+        sse: false,
     },
     Scenario {
         name: "idle",
@@ -150,6 +162,7 @@ pub const ALL: [Scenario; 11] = [
         wsgate_args: &[],
         ticks: false,
         deflate: false,
+        sse: false,
     },
     // A 1 KiB JSON price tick at steady load, to clients that do not offer
     // permessage-deflate; then the same to clients that do: wsgate
@@ -164,6 +177,7 @@ pub const ALL: [Scenario; 11] = [
         wsgate_args: &[],
         ticks: true,
         deflate: false,
+        sse: false,
     },
     Scenario {
         name: "compressed",
@@ -174,6 +188,32 @@ pub const ALL: [Scenario; 11] = [
         wsgate_args: &[],
         ticks: true,
         deflate: true,
+        sse: false,
+    },
+    // wsgate at steady load and saturated, once to WebSocket clients and
+    // once to event-stream clients, the same origin messages (binary, so
+    // each is an `event: binary` in base64, encoded once per lobby).
+    Scenario {
+        name: "sse-steady",
+        clients: 1000,
+        rate: Rate::PerSecond(200),
+        size: 128,
+        slow: 0,
+        wsgate_args: &[],
+        ticks: false,
+        deflate: false,
+        sse: true,
+    },
+    Scenario {
+        name: "sse-saturated",
+        clients: 1000,
+        rate: Rate::PerSecond(10_000),
+        size: 128,
+        slow: 0,
+        wsgate_args: &[],
+        ticks: false,
+        deflate: false,
+        sse: true,
     },
 ];
 
@@ -181,6 +221,12 @@ impl Scenario {
     /// Idle scenarios measure memory per client rather than throughput.
     pub fn is_idle(&self) -> bool {
         self.rate == Rate::Paused
+    }
+
+    /// The relays (or client protocols) this scenario compares, in the
+    /// order they run; the ratio is the second's over the first's.
+    pub fn kinds(&self) -> [Kind; 2] {
+        if self.sse { Kind::PROTOCOLS } else { Kind::ALL }
     }
 
     /// One line saying what the load is.
@@ -334,6 +380,7 @@ pub fn run(scenario: &Scenario, kind: Kind, settings: &Settings) -> Result<Measu
     let mut config = client::Config::new(relay.url(), scenario.clients);
     config.slow = scenario.slow;
     config.deflate = scenario.deflate;
+    config.sse = kind.is_sse();
     let connect_deadline = Instant::now() + config.connect_timeout;
     let started = Instant::now();
     let mut clients = Clients::start(config).map_err(|e| format!("cannot start clients: {e}"))?;
@@ -394,6 +441,13 @@ pub fn run(scenario: &Scenario, kind: Kind, settings: &Settings) -> Result<Measu
             report.io_errors,
             report.protocol_errors,
             report.first_error.as_deref().unwrap_or("?")
+        ));
+    }
+    if report.streams_ended_early > 0 {
+        problems.push(format!(
+            "{name} ended {} event streams before the window's end (streams that \
+             cannot keep up are closed for their clients to resume; these do not)",
+            report.streams_ended_early
         ));
     }
     // Clients count what they miss between their first and last message;

@@ -87,10 +87,14 @@ pub fn compression(plain: &Measurement, compressed: &Measurement) -> String {
     )
 }
 
-/// wsgate / baseline for one scenario, if both ran.
+/// wsgate / baseline (or, for an `sse` scenario, wsgate-sse / wsgate) for
+/// one scenario, if both ran.
 pub fn ratio(scenario: &Scenario, baseline: &Measurement, wsgate: &Measurement) -> String {
+    let [first, second] = scenario.kinds();
     let mut s = format!(
-        "  ratio     wsgate/baseline: deliveries/s {}, cpu/delivery {}",
+        "  ratio     {}/{}: deliveries/s {}, cpu/delivery {}",
+        second.name(),
+        first.name(),
         deliveries_ratio(baseline, wsgate),
         cpu_ratio(baseline, wsgate),
     );
@@ -137,12 +141,13 @@ pub fn table(rows: &[Row]) -> String {
     let mut lines: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
     for (i, row) in rows.iter().enumerate() {
         lines.push(cells(row));
-        // After a scenario's wsgate row, the ratio to its baseline row.
+        // After a scenario's second row (wsgate, or wsgate-sse), the ratio
+        // to its first (baseline, or wsgate).
         let Some(previous) = i.checked_sub(1).map(|p| &rows[p]) else {
             continue;
         };
         if previous.scenario.name == row.scenario.name
-            && (previous.kind, row.kind) == (Kind::Baseline, Kind::Wsgate)
+            && [previous.kind, row.kind] == row.scenario.kinds()
         {
             if let (Ok(b), Ok(w)) = (&previous.result, &row.result) {
                 lines.push(ratio_cells(&row.scenario, b, w));

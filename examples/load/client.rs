@@ -10,6 +10,14 @@
 //! client state is about 260 bytes. Clients answer Ping with a masked Pong and
 //! Close with a masked Close, and close politely (masked Close 1000) at the end.
 //!
+//! With [`Config::sse`] the clients read an event stream instead: a plain
+//! `GET` with `Accept: text/event-stream`, a `200 text/event-stream` answer,
+//! then events parsed incrementally by `events.rs`'s reader (a binary
+//! message arrives as an `event: binary` whose base64 data is decoded as far
+//! as seq and timestamp). Such a client writes nothing after its request and
+//! ends by closing its socket; the server ending the stream is its normal
+//! end, counted like a server Close.
+//!
 //! Binary messages whose payload starts with `seq: u64 LE, sent_unix_ns: u64 LE`
 //! are checked per client for gaps and duplicates/reorders and their latency
 //! (now - sent_unix_ns, in µs) is recorded into an hdrhistogram; all of this
@@ -27,6 +35,9 @@
 // A private copy of the shared wire code keeps this file self-contained: a
 // bench can include it alone with `#[path = "..."] mod NAME;`.
 #[allow(clippy::duplicate_mod)]
+#[path = "events.rs"]
+mod events;
+#[allow(clippy::duplicate_mod)]
 #[path = "wire.rs"]
 mod wire;
 
@@ -43,6 +54,7 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
+use events::EventReader;
 use wire::{Frame, OP_PING, Parser, SmallFrame};
 
 /// `EINPROGRESS` on Linux: what a non-blocking `connect` returns.
@@ -98,6 +110,10 @@ pub struct Config {
     pub deflate: bool,
     /// Extra request header lines (`Name: value`), e.g. a bearer token.
     pub headers: Vec<String>,
+    /// Read a Server-Sent Events stream (`GET` with `Accept:
+    /// text/event-stream`) instead of upgrading to WebSocket; excludes
+    /// `deflate`, and `slow_ping` sends nothing.
+    pub sse: bool,
 }
 
 impl Config {
@@ -115,6 +131,7 @@ impl Config {
             max_in_flight: 64,
             deflate: false,
             headers: Vec::new(),
+            sse: false,
         }
     }
 }
@@ -165,8 +182,13 @@ pub struct Report {
     pub io_errors: u64,
     /// Protocol violations by the server.
     pub protocol_errors: u64,
-    /// Close frames the server sent before we asked to close.
+    /// Close frames the server sent before we asked to close (for an event
+    /// stream: the server ending it).
     pub server_closes: u64,
+    /// Event streams the server ended before the measurement window did
+    /// (wsgate closes a stream that cannot keep up, for its client to
+    /// resume; these clients do not reconnect).
+    pub streams_ended_early: u64,
     /// Clients that completed the closing handshake at the end.
     pub clean_closes: u64,
 }
@@ -204,6 +226,7 @@ impl Report {
             io_errors: 0,
             protocol_errors: 0,
             server_closes: 0,
+            streams_ended_early: 0,
             clean_closes: 0,
         }
     }
@@ -230,6 +253,7 @@ impl Report {
         self.io_errors += t.io_errors;
         self.protocol_errors += t.protocol_errors;
         self.server_closes += t.server_closes;
+        self.streams_ended_early += t.streams_ended_early;
         self.clean_closes += t.clean_closes;
     }
 
@@ -340,7 +364,8 @@ impl Clients {
                 slow_ping: config.slow_ping,
                 max_in_flight: config.max_in_flight.max(1),
                 connect_deadline,
-                deflate: config.deflate,
+                deflate: config.deflate && !config.sse,
+                sse: config.sse,
             };
             let spawned = std::thread::Builder::new()
                 .name(format!("load-client-{t}"))
@@ -439,6 +464,8 @@ struct Target {
     addr: SocketAddr,
     /// The ready-to-send request up to and including `Sec-WebSocket-Key: `.
     request_head: String,
+    /// The whole event-stream request.
+    event_stream_request: String,
 }
 
 impl Target {
@@ -478,7 +505,14 @@ impl Target {
             "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              {extra}Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: "
         );
-        Ok(Target { addr, request_head })
+        let event_stream_request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {authority}\r\n{extra}Accept: text/event-stream\r\n\r\n"
+        );
+        Ok(Target {
+            addr,
+            request_head,
+            event_stream_request,
+        })
     }
 }
 
@@ -494,7 +528,8 @@ struct Handshake {
 enum State {
     /// TCP connect in progress.
     Connecting(Box<Handshake>),
-    /// Request sent (or being sent), waiting for `101`.
+    /// Request sent (or being sent), waiting for `101` (`200` for an event
+    /// stream).
     Upgrading(Box<Handshake>),
     /// WebSocket open.
     Open,
@@ -511,6 +546,9 @@ struct Conn {
     /// Control frames that could not be written yet.
     pending: Vec<u8>,
     parser: Parser,
+    /// The event-stream parser (with `sse`; `parser` is then unused), boxed
+    /// to keep a WebSocket client small.
+    events: Option<Box<EventReader>>,
 }
 
 /// What frame handling asks the event loop to do.
@@ -539,12 +577,15 @@ struct Worker {
     max_in_flight: usize,
     connect_deadline: Instant,
     deflate: bool,
+    sse: bool,
 }
 
 /// The event loop's mutable state besides the connections.
 struct Loop {
     stats: Report,
     measuring: bool,
+    /// The run has not reached the window's end yet.
+    before_window_end: bool,
     rng: u64,
     scratch: Vec<u8>,
     /// Inflates the start of compressed messages (with `deflate`): the
@@ -558,6 +599,7 @@ impl Worker {
         let mut lp = Loop {
             stats: Report::empty(0, Duration::ZERO),
             measuring: false,
+            before_window_end: true,
             rng: seed(),
             scratch: vec![0u8; SCRATCH],
             inflater: Box::default(),
@@ -578,6 +620,7 @@ impl Worker {
         loop {
             let phase = self.shared.phase.load(Ordering::Acquire);
             lp.measuring = phase == PHASE_MEASURE;
+            lp.before_window_end = phase < PHASE_AFTER;
             let now = Instant::now();
 
             if !connecting_done && phase < PHASE_CLOSE {
@@ -632,6 +675,11 @@ impl Worker {
                 for (slot, c) in conns.iter_mut().enumerate() {
                     let Some(conn) = c else { continue };
                     let keep = match conn.state {
+                        // An event stream has no closing handshake: hang up.
+                        State::Open if self.sse => {
+                            lp.stats.clean_closes += 1;
+                            false
+                        }
                         State::Open if !conn.slow => {
                             conn.state = State::Closing;
                             let frame = SmallFrame::close(1000, Some(lp.mask()));
@@ -675,7 +723,7 @@ impl Worker {
                 next_ping += every;
                 let ping = SmallFrame::new(OP_PING, &[b'p'; 125], Some(lp.mask()));
                 for conn in conns.iter_mut().flatten() {
-                    if conn.slow && matches!(conn.state, State::Open) {
+                    if conn.slow && !self.sse && matches!(conn.state, State::Open) {
                         // A full socket only delays this ping; the count is what matters.
                         let _ = send(conn, ping.as_bytes());
                     }
@@ -785,15 +833,21 @@ impl Worker {
             Token(slot),
             Interest::READABLE | Interest::WRITABLE,
         )?;
-        let key = tungstenite::handshake::client::generate_key();
-        let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
-        let mut request = Vec::with_capacity(self.target.request_head.len() + key.len() + 4);
-        request.extend_from_slice(self.target.request_head.as_bytes());
-        request.extend_from_slice(key.as_bytes());
-        if self.deflate {
-            request.extend_from_slice(b"\r\nSec-WebSocket-Extensions: permessage-deflate");
-        }
-        request.extend_from_slice(b"\r\n\r\n");
+        let (request, accept) = if self.sse {
+            let request = self.target.event_stream_request.as_bytes().to_vec();
+            (request, String::new())
+        } else {
+            let key = tungstenite::handshake::client::generate_key();
+            let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+            let mut request = Vec::with_capacity(self.target.request_head.len() + key.len() + 4);
+            request.extend_from_slice(self.target.request_head.as_bytes());
+            request.extend_from_slice(key.as_bytes());
+            if self.deflate {
+                request.extend_from_slice(b"\r\nSec-WebSocket-Extensions: permessage-deflate");
+            }
+            request.extend_from_slice(b"\r\n\r\n");
+            (request, accept)
+        };
         Ok(Conn {
             stream,
             state: State::Connecting(Box::new(Handshake {
@@ -806,6 +860,7 @@ impl Worker {
             last_seq: 0,
             pending: Vec::new(),
             parser: Parser::new(false).with_deflate(self.deflate),
+            events: self.sse.then(Box::default),
         })
     }
 
@@ -850,7 +905,8 @@ impl Worker {
         self.read_frames(conn, lp)
     }
 
-    /// Writes the upgrade request and reads the `101` response.
+    /// Writes the upgrade request and reads the `101` response (or the
+    /// event-stream request and its `200`).
     fn upgrade(&self, conn: &mut Conn, lp: &mut Loop) -> (Outcome, bool) {
         let State::Upgrading(hs) = &mut conn.state else {
             return (Outcome::Keep, false);
@@ -890,11 +946,16 @@ impl Worker {
                 }
                 continue;
             };
-            if let Err(why) = check_response(&hs.response[..end], &hs.accept) {
+            let checked = if self.sse {
+                check_event_stream_response(&hs.response[..end])
+            } else {
+                check_response(&hs.response[..end], &hs.accept)
+            };
+            if let Err(why) = checked {
                 self.connect_failed(lp, why);
                 return (Outcome::Drop, false);
             }
-            // Bytes after the response head are already WebSocket frames.
+            // Bytes after the response head are already frames (or events).
             let leftover_start = end - before;
             let leftover = n - leftover_start.min(n);
             conn.state = State::Open;
@@ -921,6 +982,12 @@ impl Worker {
                 Ok(0) => {
                     if matches!(conn.state, State::Closing) {
                         lp.stats.clean_closes += 1;
+                    } else if self.sse {
+                        // An event stream ends when its connection does.
+                        lp.stats.server_closes += 1;
+                        if lp.before_window_end {
+                            lp.stats.streams_ended_early += 1;
+                        }
                     } else {
                         lp.error("connection closed by server without Close".to_string());
                     }
@@ -955,6 +1022,10 @@ impl Worker {
 
     /// Parses `lp.scratch[..n]` and acts on the frames.
     fn on_bytes(&self, conn: &mut Conn, lp: &mut Loop, n: usize) -> Outcome {
+        if self.sse {
+            self.on_events(conn, lp, n);
+            return Outcome::Keep;
+        }
         let now_ns = unix_ns();
         let measuring = lp.measuring;
         let closing = matches!(conn.state, State::Closing);
@@ -992,30 +1063,14 @@ impl Worker {
                     let (_, _, out) = decompress(inflater, deflated, &mut inflated, 0, flags);
                     &inflated[..out]
                 };
-                stats.total_messages += 1;
-                if measuring {
-                    stats.delivered += 1;
-                }
-                if !binary || len < wire::PREFIX_LEN as u64 || prefix.len() < wire::PREFIX_LEN {
-                    return;
-                }
-                let seq = u64::from_le_bytes(prefix[0..8].try_into().unwrap_or([0; 8]));
-                let sent = u64::from_le_bytes(prefix[8..16].try_into().unwrap_or([0; 8]));
-                if *last_seq != 0 {
-                    let gap = seq.saturating_sub(*last_seq + 1);
-                    stats.missed += gap;
-                    if measuring {
-                        stats.gaps += gap;
-                        if seq <= *last_seq {
-                            stats.dups += 1;
-                        }
-                    }
-                }
-                *last_seq = (*last_seq).max(seq);
-                if measuring {
-                    let us = now_ns.saturating_sub(sent) / 1_000;
-                    stats.latency.saturating_record(us.max(1));
-                }
+                let sequenced = binary && len >= wire::PREFIX_LEN as u64;
+                count_message(
+                    stats,
+                    last_seq,
+                    measuring,
+                    now_ns,
+                    sequenced.then_some(prefix),
+                );
             }
             Frame::Ping(payload) => {
                 if !closing {
@@ -1066,6 +1121,69 @@ impl Worker {
             return Outcome::Drop;
         }
         Outcome::Keep
+    }
+}
+
+impl Worker {
+    /// Parses `lp.scratch[..n]` as the event stream and counts its events.
+    /// Data lines are not checked against the frame they came from: a
+    /// malformed stream shows as gaps or as events without a seq.
+    fn on_events(&self, conn: &mut Conn, lp: &mut Loop, n: usize) {
+        let now_ns = unix_ns();
+        let measuring = lp.measuring;
+        let stats = &mut lp.stats;
+        if measuring {
+            stats.wire_bytes += n as u64;
+        }
+        let last_seq = &mut conn.last_seq;
+        let Some(events) = conn.events.as_deref_mut() else {
+            return;
+        };
+        events.feed(&lp.scratch[..n], |event| {
+            let mut decoded = [0u8; events::DATA_PREFIX / 4 * 3];
+            let prefix = event
+                .binary
+                .then(|| events::binary_prefix(event.data, &mut decoded))
+                .flatten()
+                .map(|len| &decoded[..len]);
+            count_message(stats, last_seq, measuring, now_ns, prefix);
+        });
+    }
+}
+
+/// Counts one message received at `now_ns`; `prefix` is the start of its
+/// payload when it is binary and long enough to carry `seq` and
+/// `sent_unix_ns`: then gaps, duplicates and latency are checked too.
+fn count_message(
+    stats: &mut Report,
+    last_seq: &mut u64,
+    measuring: bool,
+    now_ns: u64,
+    prefix: Option<&[u8]>,
+) {
+    stats.total_messages += 1;
+    if measuring {
+        stats.delivered += 1;
+    }
+    let Some(prefix) = prefix.filter(|p| p.len() >= wire::PREFIX_LEN) else {
+        return;
+    };
+    let seq = u64::from_le_bytes(prefix[0..8].try_into().unwrap_or([0; 8]));
+    let sent = u64::from_le_bytes(prefix[8..16].try_into().unwrap_or([0; 8]));
+    if *last_seq != 0 {
+        let gap = seq.saturating_sub(*last_seq + 1);
+        stats.missed += gap;
+        if measuring {
+            stats.gaps += gap;
+            if seq <= *last_seq {
+                stats.dups += 1;
+            }
+        }
+    }
+    *last_seq = (*last_seq).max(seq);
+    if measuring {
+        let us = now_ns.saturating_sub(sent) / 1_000;
+        stats.latency.saturating_record(us.max(1));
     }
 }
 
@@ -1182,6 +1300,34 @@ fn check_response(head: &[u8], accept: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a complete event-stream response head: `200`, `text/event-stream`.
+fn check_event_stream_response(head: &[u8]) -> Result<(), String> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err("incomplete event-stream response".to_string()),
+        Err(e) => return Err(format!("bad event-stream response: {e}")),
+    }
+    if resp.code != Some(200) {
+        return Err(format!(
+            "event stream refused: HTTP {}",
+            resp.code.unwrap_or(0)
+        ));
+    }
+    let is_event_stream = resp.headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("content-type")
+            && String::from_utf8_lossy(h.value)
+                .trim()
+                .to_ascii_lowercase()
+                .starts_with("text/event-stream")
+    });
+    if !is_event_stream {
+        return Err("event-stream response without Content-Type: text/event-stream".to_string());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1219,5 +1365,20 @@ mod tests {
         assert!(check_response(ok.as_bytes(), &accept).is_ok());
         assert!(check_response(ok.as_bytes(), "nope").is_err());
         assert!(check_response(b"HTTP/1.1 404 Not Found\r\n\r\n", &accept).is_err());
+    }
+
+    #[test]
+    fn checks_event_stream_response() {
+        let ok = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\n\r\n";
+        assert!(check_event_stream_response(ok).is_ok());
+        let html = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n\r\n";
+        assert!(check_event_stream_response(html).is_err());
+        let refused = b"HTTP/1.1 426 Upgrade Required\r\nContent-Type: text/event-stream\r\n\r\n";
+        assert!(check_event_stream_response(refused).is_err());
+        let t = Target::parse("ws://127.0.0.1:9001/a", &[]).unwrap();
+        assert_eq!(
+            t.event_stream_request,
+            "GET /a HTTP/1.1\r\nHost: 127.0.0.1:9001\r\nAccept: text/event-stream\r\n\r\n"
+        );
     }
 }

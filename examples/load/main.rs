@@ -5,7 +5,8 @@
 //! - origin (`--origin-listen`): a WebSocket server the gateway's lobbies
 //!   connect to, broadcasting `--rate` msgs/s (`--burst` at a time) of
 //!   `--size` bytes carrying `seq` and `sent_unix_ns` (see `origin.rs`);
-//! - clients (`--url`, `--clients`): WebSocket clients over `--threads` mio
+//! - clients (`--url`, `--clients`): WebSocket clients (with `--sse`, event
+//!   stream readers) over `--threads` mio
 //!   threads measuring deliveries, gaps, duplicates and latency (see
 //!   `client.rs`);
 //! - gateway observer (`--gateway-pid`): the gateway's CPU and RSS over the
@@ -98,6 +99,10 @@ struct Args {
     /// the clients offer permessage-deflate
     #[argh(switch)]
     deflate: bool,
+    /// the clients read a Server-Sent Events stream (GET with Accept:
+    /// text/event-stream) instead of upgrading to WebSocket
+    #[argh(switch)]
+    sse: bool,
     /// gateway process to observe (CPU and RSS over the window)
     #[argh(option)]
     gateway_pid: Option<u32>,
@@ -262,6 +267,7 @@ fn run(args: &Args) -> Result<String, String> {
             config.source_ips = args.source_ips;
             config.slow = args.slow;
             config.deflate = args.deflate;
+            config.sse = args.sse;
             config.slow_ping = args.slow_ping;
             config.connect_timeout = Duration::from_secs(args.connect_timeout);
             config.max_in_flight = args.in_flight;
