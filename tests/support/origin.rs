@@ -288,14 +288,16 @@ fn upgraded<S: Read + Write>(stream: S, tcp: &TcpStream, shared: &Shared) {
         return;
     };
     tcp.set_nonblocking(true).expect("nonblocking");
-    let conn = shared.counts.accepted.fetch_add(1, Ordering::SeqCst);
-    shared.counts.open.fetch_add(1, Ordering::SeqCst);
     let (tx, rx) = unbounded();
     let alive = Arc::new(AtomicBool::new(true));
     shared.conns.lock().expect("origin lock").push(Conn {
         tx,
         alive: alive.clone(),
     });
+    // Counted once it takes broadcasts: a test that sees the connection
+    // open and sends at once must reach it.
+    let conn = shared.counts.accepted.fetch_add(1, Ordering::SeqCst);
+    shared.counts.open.fetch_add(1, Ordering::SeqCst);
     shared
         .events
         .lock()
