@@ -12,7 +12,11 @@ fn last_client_leaving_closes_the_origin_and_ends_the_lobby() {
     config.lobby_capacity = 2;
     let gw = start_gateway(config);
     let clients = connect_clients(&gw, 3);
-    wait_until("two origin connections", || origin.open() == 2);
+    // Up on both sides: a lobby still reading the origin's 101 when its
+    // client leaves abandons the upgrade, which the origin sees as a reset.
+    wait_until("two origin connections", || {
+        origin.open() == 2 && gw.stats().origin_connections == 2
+    });
     assert_eq!(lobby_threads(), 2);
     assert_eq!(gw.stats().lobbies, 2);
 
