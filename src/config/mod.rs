@@ -22,11 +22,14 @@ mod auth;
 #[cfg(feature = "config-file")]
 mod file;
 pub(crate) mod syntax;
+mod tls;
 pub(crate) mod url;
 mod validate;
 
 pub use auth::AuthConfig;
 pub use syntax::{parse_duration, parse_header};
+pub(crate) use tls::DEFAULT_NAME as DEFAULT_CERT_NAME;
+pub use tls::{SniCert, TlsConfig};
 
 /// Gateway configuration. Start from [`Config::default`] and change what you need.
 ///
@@ -235,6 +238,14 @@ pub struct Config {
     /// PEM file of the private key of [`Config::tls_cert`] (PKCS#8, PKCS#1
     /// or SEC1). Defaults to none.
     pub tls_key: Option<PathBuf>,
+    /// Certificates served instead of [`Config::tls_cert`] to clients that
+    /// ask for one of their names (SNI); see [`TlsConfig`]. In a config
+    /// file, `[[tls.cert]]` tables. Defaults to none.
+    #[cfg_attr(
+        feature = "config-file",
+        serde(skip_serializing_if = "TlsConfig::is_empty")
+    )]
+    pub tls: TlsConfig,
     /// On shutdown, how long clients get to receive what is queued and the
     /// 1001 close. Defaults to 5 s.
     #[cfg_attr(feature = "config-file", serde(with = "syntax::duration"))]
@@ -523,6 +534,7 @@ impl Default for Config {
             origin_ca: None,
             tls_cert: None,
             tls_key: None,
+            tls: TlsConfig::default(),
             drain_timeout: Duration::from_secs(5),
             admin: None,
             routes: Vec::new(),

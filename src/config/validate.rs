@@ -46,6 +46,7 @@ impl Config {
             ));
         }
         self.validate_tls()?;
+        self.validate_sni()?;
         let routes = self.serving(fed);
         if routes.is_empty() {
             return Err(Error::Config(
