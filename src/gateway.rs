@@ -18,9 +18,6 @@ use std::{
     time::Duration,
 };
 
-#[cfg(feature = "tls")]
-use std::sync::atomic::Ordering;
-
 use crossbeam_channel::{Sender, bounded, unbounded};
 use log::{error, info, warn};
 use mio::net::TcpListener;
@@ -593,9 +590,10 @@ impl ReloadHandle {
             Ok(tls) => tls,
             Err(e) => {
                 bump(&inner.stats.tls_reload_failures);
-                warn!("reload: {e}; keeping the running certificate");
+                warn!("reload: {e}; keeping the running certificates");
                 config.tls_cert.clone_from(&book.config.tls_cert);
                 config.tls_key.clone_from(&book.config.tls_key);
+                config.tls.clone_from(&book.config.tls);
                 book.tls.clone()
             }
         };
@@ -666,34 +664,32 @@ fn served(
         .collect()
 }
 
-/// The client listener's TLS from `config`'s certificate and key (`None`
-/// if it has none); `running` lends its session ticket keys and cache. The
-/// certificate's expiry goes to `stats`.
+/// The client listener's TLS from `config`'s certificates (`None` if it
+/// has no default one); `running` lends its session ticket keys and cache.
+/// Each certificate's expiry goes to `stats`.
 #[cfg(feature = "tls")]
 fn load_tls(
     config: &Config,
     running: Option<&ServerTls>,
     stats: &Stats,
 ) -> Result<Option<ServerTls>> {
-    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
-        stats.tls_certificate_expiry.store(0, Ordering::Relaxed);
-        return Ok(None);
-    };
-    let tls = ServerTls::load(cert, key, running)?;
-    match tls.not_after {
-        Some(at) => info!(
-            "serving wss:// with {} (expires at {at}, Unix time)",
-            cert.display()
-        ),
-        None => warn!(
-            "serving wss:// with {}, whose expiry could not be read",
-            cert.display()
-        ),
+    let tls = ServerTls::load(config, running)?;
+    let expiry = tls.as_ref().map_or(&[][..], |tls| &tls.expiry[..]);
+    for (name, at) in expiry {
+        match at {
+            Some(at) => {
+                info!("serving wss:// with certificate {name} (expires at {at}, Unix time)")
+            }
+            None => warn!("serving wss:// with certificate {name}, whose expiry could not be read"),
+        }
     }
-    stats
-        .tls_certificate_expiry
-        .store(tls.not_after.unwrap_or(0), Ordering::Relaxed);
-    Ok(Some(tls))
+    stats.tls_certificates.set(
+        expiry
+            .iter()
+            .filter_map(|(name, at)| Some((name.clone(), (*at)?)))
+            .collect(),
+    );
+    Ok(tls)
 }
 
 /// Warns about each route that sends its upstream credentials (an origin

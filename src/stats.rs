@@ -5,9 +5,12 @@
 //! so these cache lines are not touched once per delivery.
 
 #[cfg(any(feature = "auth", feature = "admin"))]
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::{
-    sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed},
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed},
+    },
     time::{Duration, Instant},
 };
 
@@ -94,11 +97,35 @@ pub(crate) struct Stats {
     pub tls_handshakes_failed: AtomicU64,
     /// Client TLS handshakes still under way at the handshake timeout.
     pub tls_handshakes_timed_out: AtomicU64,
-    /// Certificate and key pairs a reload could not use (the running pair stayed).
+    /// Reloads whose certificate and key pairs could not all be used (the
+    /// running ones stayed).
     pub tls_reload_failures: AtomicU64,
-    /// When the client listener's certificate expires, in seconds since the
-    /// Unix epoch; 0 without TLS or when it could not be read.
-    pub tls_certificate_expiry: AtomicU64,
+    /// The client listener's certificates and when each expires.
+    pub tls_certificates: TlsCertificates,
+}
+
+/// The client listener's certificates, each as its name in metrics and
+/// when it expires (seconds since the Unix epoch). Set at start and at each
+/// reload, under a lock held for the copy; read by scrapes.
+#[derive(Debug, Default)]
+pub(crate) struct TlsCertificates(Mutex<Vec<(String, u64)>>);
+
+impl TlsCertificates {
+    /// Replaces the list.
+    pub(crate) fn set(&self, certificates: Vec<(String, u64)>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = certificates;
+    }
+
+    /// A copy of the list.
+    pub(crate) fn read(&self) -> Vec<(String, u64)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// When the soonest to expire does; 0 if there are none.
+    fn soonest(&self) -> u64 {
+        let list = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        list.iter().map(|(_, at)| *at).min().unwrap_or(0)
+    }
 }
 
 /// Authentications of one route, by [`AuthResult`].
@@ -475,11 +502,12 @@ pub struct StatsSnapshot {
     /// Client TLS handshakes still under way at the handshake timeout
     /// (counted in [`StatsSnapshot::handshakes_timed_out`] too).
     pub tls_handshakes_timed_out: u64,
-    /// Reloads whose certificate and key could not be used; the running
-    /// pair stayed.
+    /// Reloads whose certificate and key pairs could not all be used; the
+    /// running ones stayed.
     pub tls_reload_failures: u64,
-    /// When the client listener's certificate expires, in seconds since the
-    /// Unix epoch; 0 without TLS.
+    /// When the client listener's certificate that expires soonest does
+    /// (the default one or one served by name), in seconds since the Unix
+    /// epoch; 0 without TLS.
     pub tls_certificate_expiry: u64,
 }
 
@@ -682,7 +710,7 @@ impl Stats {
             tls_handshakes_failed: self.tls_handshakes_failed.load(Relaxed),
             tls_handshakes_timed_out: self.tls_handshakes_timed_out.load(Relaxed),
             tls_reload_failures: self.tls_reload_failures.load(Relaxed),
-            tls_certificate_expiry: self.tls_certificate_expiry.load(Relaxed),
+            tls_certificate_expiry: self.tls_certificates.soonest(),
         }
     }
 

@@ -62,10 +62,17 @@ impl Ca {
     /// A certificate for `localhost` with this `serial`, expiring at the
     /// start of 2040.
     fn leaf(&self, serial: u64) -> Leaf {
+        self.leaf_for(&["localhost"], serial, 2040)
+    }
+
+    /// A certificate for `names` with this `serial`, expiring at the start
+    /// of `year`.
+    fn leaf_for(&self, names: &[&str], serial: u64, year: i32) -> Leaf {
         let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let mut params = CertificateParams::new(names).unwrap();
         params.serial_number = Some(SerialNumber::from(serial));
-        params.not_after = rcgen::date_time_ymd(2040, 1, 1);
+        params.not_after = rcgen::date_time_ymd(year, 1, 1);
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         Leaf {
             chain_pem: format!("{}{}", cert.pem(), self.issuer.pem()),
@@ -151,6 +158,34 @@ fn tls_stream(
     let name = ServerName::try_from("localhost").unwrap();
     let conn = ClientConnection::new(Arc::clone(config), name).unwrap();
     StreamOwned::new(conn, tcp)
+}
+
+/// A `wss://` client of the gateway at `addr` asking for `name` (SNI,
+/// and the name its certificate is checked for).
+fn sni_client(addr: SocketAddr, config: &Arc<ClientConfig>, name: &str) -> TlsClient {
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(DEADLINE)).unwrap();
+    let server_name = ServerName::try_from(name.to_owned()).unwrap();
+    let conn = ClientConnection::new(Arc::clone(config), server_name).unwrap();
+    let url = format!("wss://{name}:{}/", addr.port());
+    tungstenite::client(url, StreamOwned::new(conn, tcp))
+        .unwrap_or_else(|e| panic!("upgrade over TLS as {name}: {e}"))
+        .0
+}
+
+/// The leaf certificate a TLS client was shown.
+fn presented(client: &TlsClient) -> CertificateDer<'static> {
+    client.get_ref().conn.peer_certificates().unwrap()[0].clone()
+}
+
+/// The gateway's metrics, as a scrape shows them.
+#[cfg(feature = "admin")]
+fn metrics_text(gw: &wsgate::GatewayHandle) -> String {
+    let mut registry = prometheus_client::registry::Registry::default();
+    wsgate::metrics::register(&mut registry, gw.metrics_collector());
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    text
 }
 
 /// A `wss://` client of the gateway at `addr`.
@@ -274,7 +309,9 @@ fn wss_clients_receive_every_message_in_order_over_tls_1_3_and_1_2() {
             "wsgate_tls_handshakes_total{result=\"failed\"} 0".to_owned(),
             "wsgate_tls_versions_total{version=\"1.3\"} 2".to_owned(),
             "wsgate_tls_versions_total{version=\"1.2\"} 1".to_owned(),
-            format!("wsgate_tls_certificate_expiry_timestamp_seconds {LEAF_EXPIRY}"),
+            format!(
+                "wsgate_tls_certificate_expiry_timestamp_seconds{{name=\"default\"}} {LEAF_EXPIRY}"
+            ),
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in {text}");
         }
@@ -583,4 +620,164 @@ fn half_finished_handshakes_from_one_address_do_not_lock_out_another() {
     let stats = gw.stats();
     assert_eq!(stats.tls_handshakes_ok, 1);
     assert_eq!(stats.handshakes_pending, 5, "the slow ones still wait");
+}
+
+/// Certificates served by name (`[[tls.cert]]`) beside a default one: the
+/// files of each, removed when dropped.
+struct ByName {
+    default: Files,
+    a: Files,
+    b: Files,
+}
+
+/// A gateway fed by `origin` serving `default` to any other name (and to
+/// clients that send none), `a` to `a.example`, `b` to `*.b.example`.
+fn by_name_gateway(
+    origin: &TestOrigin,
+    [default, a, b]: [&Leaf; 3],
+) -> (wsgate::GatewayHandle, wsgate::Config, ByName) {
+    let (mut config, default_files) = tls_config(origin, default);
+    let (a_files, b_files) = (Files::new(), Files::new());
+    a_files.write(a);
+    b_files.write(b);
+    config.tls.certs = vec![
+        wsgate::SniCert::new(["a.example"], &a_files.cert, &a_files.key),
+        wsgate::SniCert::new(["*.b.example"], &b_files.cert, &b_files.key),
+    ];
+    let gw = start_gateway(config.clone());
+    let files = ByName {
+        default: default_files,
+        a: a_files,
+        b: b_files,
+    };
+    (gw, config, files)
+}
+
+/// Every name the default certificate below is valid for: a client asking
+/// for any of these (or for none) must be shown it.
+const DEFAULT_NAMES: [&str; 4] = ["localhost", "other.example", "b.example", "y.x.b.example"];
+
+#[test]
+fn certificates_are_chosen_by_the_name_a_client_asks_for() {
+    let ca = Ca::new();
+    let default = ca.leaf_for(&DEFAULT_NAMES, 10, 2040);
+    let a = ca.leaf_for(&["a.example"], 11, 2038);
+    let b = ca.leaf_for(&["*.b.example"], 12, 2039);
+    let origin = TestOrigin::start();
+    let (gw, _config, _files) = by_name_gateway(&origin, [&default, &a, &b]);
+    let client_config = ca.client(rustls::ALL_VERSIONS);
+    let addr = gw.local_addr();
+
+    let mut clients = Vec::new();
+    let for_a = sni_client(addr, &client_config, "a.example");
+    assert_eq!(presented(&for_a), a.der, "a.example: its own certificate");
+    clients.push(for_a);
+    let for_b = sni_client(addr, &client_config, "x.b.example");
+    assert_eq!(presented(&for_b), b.der, "x.b.example: the wildcard's");
+    clients.push(for_b);
+    // The wildcard covers one label: not its parent, not two labels; an
+    // unknown name gets the default.
+    for name in ["b.example", "y.x.b.example", "other.example"] {
+        let client = sni_client(addr, &client_config, name);
+        assert_eq!(presented(&client), default.der, "{name}: the default");
+        clients.push(client);
+    }
+    // A client that sends no name at all (an address, an old client).
+    let mut nameless = (*client_config).clone();
+    nameless.enable_sni = false;
+    let client = sni_client(addr, &Arc::new(nameless), "localhost");
+    assert_eq!(presented(&client), default.der, "no SNI: the default");
+    clients.push(client);
+
+    // Clients on every certificate share the lobby's feed.
+    wait_ready(&gw, &origin, 6);
+    origin.send_seq(5);
+    for client in &mut clients {
+        assert_eq!(next_text(client), "5");
+    }
+
+    // Each certificate's expiry by name; the snapshot has the soonest.
+    const A_EXPIRY: u64 = 2_145_916_800; // 2038-01-01
+    const B_EXPIRY: u64 = 2_177_452_800; // 2039-01-01
+    assert_eq!(gw.stats().tls_certificate_expiry, A_EXPIRY);
+    #[cfg(feature = "admin")]
+    {
+        let text = metrics_text(&gw);
+        let expiry = "wsgate_tls_certificate_expiry_timestamp_seconds";
+        for line in [
+            format!("{expiry}{{name=\"default\"}} {LEAF_EXPIRY}"),
+            format!("{expiry}{{name=\"a.example\"}} {A_EXPIRY}"),
+            format!("{expiry}{{name=\"*.b.example\"}} {B_EXPIRY}"),
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in {text}");
+        }
+    }
+    assert_eq!(gw.stats().tls_handshakes_failed, 0);
+}
+
+#[test]
+fn a_reload_rotates_one_names_certificate_and_a_broken_pair_keeps_them_all() {
+    let ca = Ca::new();
+    let default = ca.leaf_for(&DEFAULT_NAMES, 20, 2040);
+    let (a1, a2) = (
+        ca.leaf_for(&["a.example"], 21, 2040),
+        ca.leaf_for(&["a.example"], 22, 2041),
+    );
+    let b = ca.leaf_for(&["*.b.example"], 23, 2040);
+    let origin = Arc::new(TestOrigin::start());
+    let (gw, config, files) = by_name_gateway(&origin, [&default, &a1, &b]);
+    let client_config = ca.client(rustls::ALL_VERSIONS);
+    let addr = gw.local_addr();
+    let old = sni_client(addr, &client_config, "a.example");
+    assert_eq!(presented(&old), a1.der);
+    wait_ready(&gw, &origin, 1);
+    let reader = Numbers::spawn(old);
+    let feed = Feed::start(Arc::clone(&origin), Duration::from_millis(5));
+    wait_until("the old client receives", || reader.count() >= 20);
+
+    // a.example's certificate is renewed: new clients for it see the new
+    // one; the other names keep theirs.
+    files.a.write(&a2);
+    gw.reload(config.clone()).expect("the reload applies");
+    let fresh = ca.client(rustls::ALL_VERSIONS);
+    assert_eq!(presented(&sni_client(addr, &fresh, "a.example")), a2.der);
+    assert_eq!(presented(&sni_client(addr, &fresh, "x.b.example")), b.der);
+    assert_eq!(
+        presented(&sni_client(addr, &fresh, "localhost")),
+        default.der
+    );
+    assert_eq!(gw.stats().tls_reload_failures, 0);
+
+    // A broken pair (*.b.example's certificate with another key) keeps
+    // every running certificate, a.example's too, though its files changed.
+    files.b.write(&Leaf {
+        key_pem: ca.leaf(24).key_pem,
+        ..ca.leaf_for(&["*.b.example"], 25, 2040)
+    });
+    files.a.write(&a1);
+    gw.reload(config).expect("the rest of the reload applies");
+    assert_eq!(gw.stats().tls_reload_failures, 1);
+    let fresh = ca.client(rustls::ALL_VERSIONS);
+    assert_eq!(presented(&sni_client(addr, &fresh, "x.b.example")), b.der);
+    assert_eq!(presented(&sni_client(addr, &fresh, "a.example")), a2.der);
+    #[cfg(feature = "admin")]
+    assert!(
+        metrics_text(&gw).contains("wsgate_tls_reload_failures_total 1"),
+        "the failure in /metrics"
+    );
+
+    let seen = reader.count();
+    wait_until("the old client keeps receiving", || {
+        reader.count() >= seen + 20
+    });
+    let last = feed.stop();
+    wait_until("the old client has the last message", || {
+        reader.count() as u64 >= last
+    });
+    let got = reader.finish();
+    assert_eq!((got.first(), got.last()), (Some(&1), Some(&last)));
+    for pair in got.windows(2) {
+        assert_eq!(pair[1], pair[0] + 1, "a gap or a duplicate");
+    }
+    drop(files.default);
 }

@@ -229,13 +229,7 @@ impl Collector for GatewayCollector {
             "version",
             TLS_VERSIONS,
         )?;
-        if s.tls_certificate_expiry > 0 {
-            out.gauge(
-                "tls_certificate_expiry_timestamp_seconds",
-                "When the client listener's certificate expires, in seconds since the Unix epoch",
-                s.tls_certificate_expiry,
-            )?;
-        }
+        out.certificates(&self.stats.tls_certificates.read())?;
         out.counter(
             "tls_reload_failures",
             "Certificate and key pairs a reload could not use (the running pair stayed)",
@@ -523,6 +517,28 @@ impl Out<'_, '_> {
             metric
                 .encode_family(&[("reason", reason.name()), ("code", code.as_str())])?
                 .encode_counter::<NoLabelSet, _, u64>(&self.s.disconnected(reason), None)?;
+        }
+        Ok(())
+    }
+
+    /// When each of the client listener's certificates expires, by name
+    /// (none without TLS).
+    fn certificates(&mut self, certificates: &[(String, u64)]) -> fmt::Result {
+        if certificates.is_empty() {
+            return Ok(());
+        }
+        let mut metric = self.encoder.encode_descriptor(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When each of the client listener's certificates expires, in seconds since \
+             the Unix epoch, by name: default, or the first server name of a certificate \
+             served by name",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (name, at) in certificates {
+            metric
+                .encode_family(&[("name", name.as_str())])?
+                .encode_gauge(at)?;
         }
         Ok(())
     }
