@@ -138,4 +138,6 @@ pub use ops::health::Health;
 #[cfg(feature = "admin")]
 pub use ops::metrics;
 pub use source::Publisher;
-pub use stats::{AuthResult, Disconnect, DropReason, LobbyInfo, OriginState, StatsSnapshot};
+pub use stats::{
+    AuthResult, Disconnect, DropReason, LobbyInfo, OriginState, StatsSnapshot, TlsFailure,
+};

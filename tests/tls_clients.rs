@@ -781,3 +781,155 @@ fn a_reload_rotates_one_names_certificate_and_a_broken_pair_keeps_them_all() {
     }
     drop(files.default);
 }
+
+/// A TLS 1.0 ClientHello offering one cipher suite
+/// (TLS_RSA_WITH_AES_128_CBC_SHA) and no extensions: an old client.
+const TLS10_CLIENT_HELLO: [u8; 50] = {
+    let mut hello = [0u8; 50];
+    let head = [
+        0x16, 0x03, 0x01, 0x00, 0x2d, 0x01, 0x00, 0x00, 0x29, 0x03, 0x01,
+    ];
+    let mut i = 0;
+    while i < head.len() {
+        hello[i] = head[i];
+        i += 1;
+    }
+    // 32 bytes of random (zeros), then: no session id, one suite, null
+    // compression.
+    let tail = [0x00, 0x00, 0x02, 0x00, 0x2f, 0x01, 0x00];
+    let mut j = 0;
+    while j < tail.len() {
+        hello[43 + j] = tail[j];
+        j += 1;
+    }
+    hello
+};
+
+#[test]
+fn failed_handshakes_are_counted_by_reason() {
+    let ca = Ca::new();
+    let origin = TestOrigin::start();
+    let (gw, _config, _files) = tls_gateway(&origin, &ca.leaf(1));
+    let addr = gw.local_addr();
+    let closed = |bytes: &[u8]| {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        stream.write_all(bytes).unwrap();
+        read_to_end(&mut stream).expect("closed, not reset or left hanging")
+    };
+    // Plain HTTP on the TLS listener: not TLS at all.
+    let answer = closed(UPGRADE_REQUEST.as_bytes());
+    assert!(answer.is_empty() || answer[0] == 0x15, "{answer:?}");
+    // An old client: TLS 1.0 only, answered with a handshake_failure alert
+    // (level 2, description 40).
+    let answer = closed(&TLS10_CLIENT_HELLO);
+    assert_eq!(answer, [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28]);
+    // A client that does not trust the certificate says so with an alert.
+    let stranger = Ca::new().client(rustls::ALL_VERSIONS);
+    let mut distrust = tls_stream(addr, &stranger, 0);
+    let error = distrust.conn.complete_io(&mut distrust.sock).unwrap_err();
+    assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
+    // One that connects and leaves without a word.
+    drop(TcpStream::connect(addr).unwrap());
+
+    wait_until("four failures counted", || {
+        gw.stats().tls_handshakes_failed == 4
+    });
+    let stats = gw.stats();
+    for reason in [
+        wsgate::TlsFailure::BadMessage,
+        wsgate::TlsFailure::Incompatible,
+        wsgate::TlsFailure::PeerAlert,
+        wsgate::TlsFailure::Eof,
+    ] {
+        assert_eq!(stats.tls_handshake_failed(reason), 1, "{}", reason.name());
+    }
+    assert_eq!(stats.tls_handshake_failed(wsgate::TlsFailure::Other), 0);
+    #[cfg(feature = "admin")]
+    {
+        let text = metrics_text(&gw);
+        for (reason, n) in [
+            ("bad_message", 1),
+            ("incompatible", 1),
+            ("peer_alert", 1),
+            ("eof", 1),
+            ("other", 0),
+        ] {
+            let line = format!("wsgate_tls_handshake_failures_total{{reason=\"{reason}\"}} {n}");
+            assert!(text.lines().any(|l| l == line), "{line} in {text}");
+        }
+    }
+}
+
+#[test]
+fn the_negotiated_cipher_suite_is_counted() {
+    let ca = Ca::new();
+    let origin = TestOrigin::start();
+    let (gw, _config, _files) = tls_gateway(&origin, &ca.leaf(1));
+    // A TLS 1.3 client preferring ChaCha20, a TLS 1.2 one AES-256: not
+    // the server's first choices, so the count follows the client.
+    let offering = |version, suite: rustls::SupportedCipherSuite| {
+        let mut provider = rustls::crypto::ring::default_provider();
+        provider.cipher_suites = vec![suite];
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.issuer.der().clone()).unwrap();
+        let mut config = ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(config)
+    };
+    use rustls::crypto::ring::cipher_suite as suites;
+    let tls13 = offering(
+        &rustls::version::TLS13,
+        suites::TLS13_CHACHA20_POLY1305_SHA256,
+    );
+    let tls12 = offering(
+        &rustls::version::TLS12,
+        suites::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+    );
+    let clients = [
+        wss_client(gw.local_addr(), &tls13),
+        wss_client(gw.local_addr(), &tls12),
+        wss_client(gw.local_addr(), &tls12),
+    ];
+    let names: Vec<&str> = clients
+        .iter()
+        .map(|c| {
+            let suite = c.get_ref().conn.negotiated_cipher_suite().unwrap();
+            suite.suite().as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "TLS13_CHACHA20_POLY1305_SHA256",
+            "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+            "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"
+        ]
+    );
+    let stats = gw.stats();
+    let counted: Vec<(&str, u64)> = stats.tls_cipher_suites().filter(|(_, n)| *n > 0).collect();
+    assert_eq!(
+        counted,
+        [
+            ("TLS13_CHACHA20_POLY1305_SHA256", 1),
+            ("TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384", 2)
+        ]
+    );
+    #[cfg(feature = "admin")]
+    {
+        let text = metrics_text(&gw);
+        let line =
+            "wsgate_tls_cipher_suites_total{suite=\"TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384\"} 2";
+        assert!(text.lines().any(|l| l == line), "{line} in {text}");
+        assert!(
+            text.lines().any(
+                |l| l == "wsgate_tls_cipher_suites_total{suite=\"TLS13_AES_128_GCM_SHA256\"} 0"
+            ),
+            "every suite listed: {text}"
+        );
+    }
+}

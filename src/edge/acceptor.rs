@@ -69,7 +69,11 @@ use crate::{
     stats::{AuthCounts, AuthResult},
 };
 #[cfg(feature = "tls")]
-use crate::{edge::tls::ServerTls, wire::tls};
+use crate::{
+    edge::tls::{ServerTls, failure as tls_failure, suite as tls_suite},
+    stats::TlsFailure,
+    wire::tls,
+};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX);
@@ -295,15 +299,25 @@ impl Conn {
             if handshaking {
                 match &read {
                     Err(e) if !is_retry(e) => {
+                        let reason = tls_failure(e);
                         bump(&stats.tls_handshakes_failed);
-                        debug!("{}: TLS handshake failed: {e}", self.peer);
+                        bump(&stats.tls_handshake_failures[reason as usize]);
+                        debug!(
+                            "{}: TLS handshake failed ({}): {e}",
+                            self.peer,
+                            reason.name()
+                        );
                     }
                     Ok(0) => {
                         bump(&stats.tls_handshakes_failed);
+                        bump(&stats.tls_handshake_failures[TlsFailure::Eof as usize]);
                         debug!("{}: TLS handshake abandoned by the client", self.peer);
                     }
                     _ if !session.is_handshaking() => {
                         bump(&stats.tls_handshakes_ok);
+                        if let Some(suite) = tls_suite(session) {
+                            bump(&stats.tls_cipher_suites[suite]);
+                        }
                         match session.protocol_version() {
                             Some(rustls::ProtocolVersion::TLSv1_3) => {
                                 bump(&stats.tls_handshakes_tls13);

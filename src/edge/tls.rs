@@ -16,7 +16,7 @@
 //! after it on the client's writer, both through `wire/tls.rs`. Compiled only
 //! with the `tls` feature.
 
-use std::{collections::HashMap, path::Path, sync::Arc};
+use std::{collections::HashMap, io, path::Path, sync::Arc};
 
 use rustls::{
     ServerConfig, ServerConnection,
@@ -32,6 +32,7 @@ use rustls::{
 use crate::{
     config::{Config, DEFAULT_CERT_NAME},
     error::{Error, Result},
+    stats::{TLS_SUITES, TlsFailure},
 };
 
 /// TLS 1.2 sessions remembered for resumption by session id (TLS 1.3 and
@@ -175,6 +176,31 @@ impl ResolvesServerCert for ByName {
         });
         by_name.or_else(|| self.default.clone())
     }
+}
+
+/// Why a handshake that `read` (`wire/tls.rs`) ended with `error` failed.
+pub(crate) fn failure(error: &io::Error) -> TlsFailure {
+    let Some(error) = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    else {
+        return TlsFailure::Other;
+    };
+    match error {
+        rustls::Error::InvalidMessage(_)
+        | rustls::Error::InappropriateMessage { .. }
+        | rustls::Error::InappropriateHandshakeMessage { .. }
+        | rustls::Error::PeerMisbehaved(_) => TlsFailure::BadMessage,
+        rustls::Error::PeerIncompatible(_) => TlsFailure::Incompatible,
+        rustls::Error::AlertReceived(_) => TlsFailure::PeerAlert,
+        _ => TlsFailure::Other,
+    }
+}
+
+/// The place in [`TLS_SUITES`] of the cipher suite `session` negotiated.
+pub(crate) fn suite(session: &ServerConnection) -> Option<usize> {
+    let name = session.negotiated_cipher_suite()?.suite().as_str()?;
+    TLS_SUITES.iter().position(|s| *s == name)
 }
 
 fn new_ticketer() -> Result<Arc<dyn ProducesTickets>> {

@@ -29,7 +29,7 @@ use prometheus_client::{
 
 use crate::{
     control::inbox::{ManagerMsg, ask_lobbies},
-    stats::{AuthResult, Disconnect, DropReason, Stats, StatsSnapshot},
+    stats::{AuthResult, Disconnect, DropReason, Stats, StatsSnapshot, TlsFailure},
 };
 
 /// The prefix every wsgate metric name carries.
@@ -228,6 +228,21 @@ impl Collector for GatewayCollector {
             "Client TLS handshakes that completed, by the version negotiated",
             "version",
             TLS_VERSIONS,
+        )?;
+        out.counters_of(
+            "tls_handshake_failures",
+            "Client TLS handshakes that failed, by reason: bad_message (not TLS, or a \
+             malformed or misplaced message), incompatible (no shared version, cipher \
+             suite, group or signature scheme), peer_alert (the client ended it with an \
+             alert), eof (the client closed), other",
+            "reason",
+            TlsFailure::ALL.map(|reason| (reason.name(), s.tls_handshake_failed(reason))),
+        )?;
+        out.counters_of(
+            "tls_cipher_suites",
+            "Client TLS handshakes that completed, by the cipher suite negotiated",
+            "suite",
+            s.tls_cipher_suites(),
         )?;
         out.certificates(&self.stats.tls_certificates.read())?;
         out.counter(
