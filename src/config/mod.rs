@@ -230,7 +230,8 @@ pub struct Config {
     /// origins with a private CA; replaces the built-in web roots. Defaults to none.
     pub origin_ca: Option<PathBuf>,
     /// PEM file of the certificate chain (leaf first) the client listener
-    /// presents: with it and [`Config::tls_key`], clients connect with
+    /// presents (the default one, where [`Config::tls`] lists certificates
+    /// by name): with it and [`Config::tls_key`], clients connect with
     /// `wss://` (TLS 1.2 or 1.3, ALPN `http/1.1`) and plain `ws://` is no
     /// longer served. Re-read on reload; a pair that cannot be used then
     /// keeps the running one. Needs the `tls` feature. Defaults to none.
