@@ -634,12 +634,10 @@ struct ByName {
     b: Files,
 }
 
-/// A gateway fed by `origin` serving `default` to any other name (and to
-/// clients that send none), `a` to `a.example`, `b` to `*.b.example`.
-fn by_name_gateway(
-    origin: &TestOrigin,
-    [default, a, b]: [&Leaf; 3],
-) -> (wsgate::GatewayHandle, wsgate::Config, ByName) {
+/// A configuration fed by `origin` serving `default` to any other name
+/// (and to clients that send none), `a` to `a.example`, `b` to
+/// `*.b.example`.
+fn by_name_config(origin: &TestOrigin, [default, a, b]: [&Leaf; 3]) -> (wsgate::Config, ByName) {
     let (mut config, default_files) = tls_config(origin, default);
     let (a_files, b_files) = (Files::new(), Files::new());
     a_files.write(a);
@@ -648,14 +646,26 @@ fn by_name_gateway(
         wsgate::SniCert::new(["a.example"], &a_files.cert, &a_files.key),
         wsgate::SniCert::new(["*.b.example"], &b_files.cert, &b_files.key),
     ];
-    let gw = start_gateway(config.clone());
     let files = ByName {
         default: default_files,
         a: a_files,
         b: b_files,
     };
-    (gw, config, files)
+    (config, files)
 }
+
+/// A gateway as [`by_name_config`] has it.
+fn by_name_gateway(
+    origin: &TestOrigin,
+    leaves: [&Leaf; 3],
+) -> (wsgate::GatewayHandle, wsgate::Config, ByName) {
+    let (config, files) = by_name_config(origin, leaves);
+    (start_gateway(config.clone()), config, files)
+}
+
+/// When the test certificates of 2038 and 2039 expire, in Unix seconds.
+const A_EXPIRY: u64 = 2_145_916_800;
+const B_EXPIRY: u64 = 2_177_452_800;
 
 /// Every name the default certificate below is valid for: a client asking
 /// for any of these (or for none) must be shown it.
@@ -701,8 +711,6 @@ fn certificates_are_chosen_by_the_name_a_client_asks_for() {
     }
 
     // Each certificate's expiry by name; the snapshot has the soonest.
-    const A_EXPIRY: u64 = 2_145_916_800; // 2038-01-01
-    const B_EXPIRY: u64 = 2_177_452_800; // 2039-01-01
     assert_eq!(gw.stats().tls_certificate_expiry, A_EXPIRY);
     #[cfg(feature = "admin")]
     {
@@ -936,4 +944,61 @@ fn the_negotiated_cipher_suite_is_counted() {
             "every suite listed: {text}"
         );
     }
+}
+
+#[cfg(feature = "admin")]
+#[test]
+fn the_dashboard_shows_tls_handshakes_and_the_soonest_expiry_in_chromium() {
+    let Some(chromium) = chromium() else {
+        return;
+    };
+    let ca = Ca::new();
+    let default = ca.leaf_for(&DEFAULT_NAMES, 30, 2040);
+    let a = ca.leaf_for(&["a.example"], 31, 2038);
+    let b = ca.leaf_for(&["*.b.example"], 32, 2039);
+    let origin = TestOrigin::start();
+    let (mut config, _files) = by_name_config(&origin, [&default, &a, &b]);
+    config.admin = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let gw = start_gateway(config);
+    let _client = sni_client(
+        gw.local_addr(),
+        &ca.client(rustls::ALL_VERSIONS),
+        "x.b.example",
+    );
+    let mut garbage = TcpStream::connect(gw.local_addr()).unwrap();
+    garbage.set_read_timeout(Some(DEADLINE)).unwrap();
+    garbage.write_all(UPGRADE_REQUEST.as_bytes()).unwrap();
+    let _ = read_to_end(&mut garbage);
+    wait_until("one failure counted", || {
+        gw.stats().tls_handshakes_failed == 1
+    });
+
+    let url = format!("http://{}/", gw.admin_addr().unwrap());
+    let dom = run_chromium(
+        &chromium,
+        &["--virtual-time-budget=3000", "--dump-dom", &url],
+    );
+    let tag = |id: &str| {
+        let at = dom
+            .find(&format!("id=\"{id}\""))
+            .unwrap_or_else(|| panic!("#{id} in {dom}"));
+        let start = dom[..at].rfind('<').unwrap();
+        let end = at + dom[at..].find('>').unwrap();
+        dom[start..end].to_owned()
+    };
+    for id in ["tls", "tls-expiry"] {
+        assert!(!tag(id).contains(" hidden"), "#{id} shown: {}", tag(id));
+    }
+    let handshakes = tag("tls-handshakes");
+    assert!(
+        handshakes.contains("data-failed=\"1\"") && handshakes.contains("data-ok=\"1\""),
+        "{handshakes}"
+    );
+    assert!(tag("tls").contains("bad_message 1"), "{}", tag("tls"));
+    let expiry = tag("tls-expiry-days");
+    assert!(
+        expiry.contains(&format!("data-seconds=\"{A_EXPIRY}\""))
+            && expiry.contains("data-name=\"a.example\""),
+        "the soonest: {expiry}"
+    );
 }
