@@ -239,6 +239,12 @@ pub struct Cli {
     #[argh(option)]
     pub tls_sni: Vec<SniFlag>,
 
+    /// a second client listener serving wss:// (with --tls-cert) while
+    /// --listen serves plain ws://, into the same lobbies
+    #[cfg(feature = "tls")]
+    #[argh(option)]
+    pub tls_listen: Option<SocketAddr>,
+
     /// largest origin message in bytes; larger drops the connection
     #[argh(option)]
     pub max_origin_message: Option<usize>,
@@ -478,6 +484,9 @@ impl Cli {
             }
             if !self.tls_sni.is_empty() {
                 config.tls.certs = self.tls_sni.iter().map(|f| f.0.clone()).collect();
+            }
+            if let Some(addr) = self.tls_listen {
+                config.tls_listen = Some(addr);
             }
         }
         if let Some(admin) = self.admin {
@@ -1020,6 +1029,11 @@ mod tests {
         ),
         ("tls_key", &["--tls-key", "/k.pem"], "tls_key = \"/k.pem\""),
         (
+            "tls_listen",
+            &["--tls-listen", "127.0.0.1:8443"],
+            "tls_listen = \"127.0.0.1:8443\"",
+        ),
+        (
             "tls",
             &[
                 "--tls-sni",
@@ -1075,6 +1089,7 @@ mod tests {
         full.tls
             .certs
             .push(wsgate::SniCert::new(["a.example"], "/a", "/k"));
+        full.tls_listen = Some("127.0.0.1:8443".parse().unwrap());
         full.routes.push(RouteConfig::new("/", "ws://h/"));
         let table: toml::Table = toml::from_str(&full.to_toml()).unwrap();
         let listed: Vec<&str> = SETTINGS

@@ -164,6 +164,19 @@ impl Builder {
         let (mut prepared, shutdown) =
             acceptor::prepare(listener, &config, &served, Arc::clone(&stats))?;
         #[cfg(feature = "tls")]
+        let tls_addr = match config.tls_listen {
+            Some(addr) => {
+                let listener =
+                    bind(addr, config.reuse_port).map_err(|source| Error::Bind { addr, source })?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(Error::io("read the wss:// listener address"))?;
+                prepared.listen_tls(listener)?;
+                Some(bound)
+            }
+            None => None,
+        };
+        #[cfg(feature = "tls")]
         prepared.serve_tls(tls.clone());
         let (manager_tx, manager_rx) = unbounded();
         let reload = ReloadHandle {
@@ -231,6 +244,8 @@ impl Builder {
         #[cfg_attr(not(feature = "admin"), allow(unused_mut))]
         let mut handle = GatewayHandle {
             local_addr,
+            #[cfg(feature = "tls")]
+            tls_addr,
             #[cfg(feature = "admin")]
             admin_addr: admin_listener.as_ref().map(|(_, addr)| *addr),
             probes: Probes::new(Arc::clone(&stats), &config),
@@ -312,6 +327,8 @@ fn join_manager(manager: JoinHandle<()>, stats: &Stats) {
 #[derive(Debug)]
 pub struct GatewayHandle {
     local_addr: SocketAddr,
+    #[cfg(feature = "tls")]
+    tls_addr: Option<SocketAddr>,
     #[cfg(feature = "admin")]
     admin_addr: Option<SocketAddr>,
     stats: Arc<Stats>,
@@ -347,6 +364,13 @@ impl GatewayHandle {
     /// The address clients connect to (useful when the config said port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address `wss://` clients connect to where a second listener
+    /// serves them ([`Config::tls_listen`]); `None` without one.
+    #[cfg(feature = "tls")]
+    pub fn tls_local_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     /// A snapshot of the gateway's counters.
@@ -502,6 +526,7 @@ type RestartSetting = (
 
 const NEEDS_RESTART: &[RestartSetting] = needs_restart!(
     listen,
+    tls_listen,
     reuse_port,
     admin,
     writers,

@@ -176,11 +176,13 @@ pub(crate) struct TlsCertificates(Mutex<Vec<(String, u64)>>);
 
 impl TlsCertificates {
     /// Replaces the list.
+    #[cfg(feature = "tls")]
     pub(crate) fn set(&self, certificates: Vec<(String, u64)>) {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = certificates;
     }
 
     /// A copy of the list.
+    #[cfg(feature = "admin")]
     pub(crate) fn read(&self) -> Vec<(String, u64)> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }

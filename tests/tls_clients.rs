@@ -1002,3 +1002,49 @@ fn the_dashboard_shows_tls_handshakes_and_the_soonest_expiry_in_chromium() {
         "the soonest: {expiry}"
     );
 }
+
+#[test]
+fn a_second_listener_serves_wss_beside_plain_ws_into_the_same_lobby() {
+    let ca = Ca::new();
+    let origin = TestOrigin::start();
+    let (mut config, _files) = tls_config(&origin, &ca.leaf(1));
+    config.tls_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let gw = start_gateway(config);
+    let secure = gw.tls_local_addr().expect("the wss:// listener's address");
+    assert_ne!(secure, gw.local_addr());
+
+    let mut plain = ws_client(gw.local_addr());
+    let mut tls = wss_client(secure, &ca.client(rustls::ALL_VERSIONS));
+    assert_eq!(tls.get_ref().conn.peer_certificates().unwrap().len(), 2);
+    wait_placed(&gw, 2);
+    wait_until("one origin connection for both", || origin.open() == 1);
+    assert_eq!(
+        gw.lobbies(DEADLINE).len(),
+        1,
+        "one lobby for both listeners"
+    );
+    for n in 1..=5 {
+        origin.send_seq(n);
+    }
+    for n in 1..=5 {
+        assert_eq!(recv_text(&mut plain), n.to_string(), "ws://");
+        assert_eq!(next_text(&mut tls), n.to_string(), "wss://");
+    }
+    // Plain HTTP on the wss:// listener is not TLS there.
+    let mut stray = TcpStream::connect(secure).unwrap();
+    stray.set_read_timeout(Some(DEADLINE)).unwrap();
+    stray.write_all(UPGRADE_REQUEST.as_bytes()).unwrap();
+    let _ = read_to_end(&mut stray);
+    wait_until("the stray counted", || {
+        gw.stats().tls_handshakes_failed == 1
+    });
+    let stats = gw.stats();
+    assert_eq!(
+        stats.tls_handshakes_ok, 1,
+        "only the wss:// client spoke TLS"
+    );
+    assert_eq!(
+        stats.tls_handshake_failed(wsgate::TlsFailure::BadMessage),
+        1
+    );
+}

@@ -28,6 +28,7 @@ mod validate;
 
 pub use auth::AuthConfig;
 pub use syntax::{parse_duration, parse_header};
+#[cfg(feature = "tls")]
 pub(crate) use tls::DEFAULT_NAME as DEFAULT_CERT_NAME;
 pub use tls::{SniCert, TlsConfig};
 
@@ -247,6 +248,12 @@ pub struct Config {
         serde(skip_serializing_if = "TlsConfig::is_empty")
     )]
     pub tls: TlsConfig,
+    /// A second client listener, serving `wss://` with the certificates
+    /// above while [`Config::listen`] serves plain `ws://`, both into the
+    /// same routes and lobbies. Without it, the certificates make
+    /// [`Config::listen`] itself `wss://`. Needs [`Config::tls_cert`].
+    /// Changes only with a restart. Defaults to none.
+    pub tls_listen: Option<SocketAddr>,
     /// On shutdown, how long clients get to receive what is queued and the
     /// 1001 close. Defaults to 5 s.
     #[cfg_attr(feature = "config-file", serde(with = "syntax::duration"))]
@@ -536,6 +543,7 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             tls: TlsConfig::default(),
+            tls_listen: None,
             drain_timeout: Duration::from_secs(5),
             admin: None,
             routes: Vec::new(),

@@ -241,6 +241,20 @@ mod tests {
         assert!(error(&no_default).contains("need a default one too"));
     }
 
+    #[test]
+    fn a_second_listener_needs_a_certificate_and_its_own_address() {
+        let mut c = with(Vec::new());
+        c.listen = "127.0.0.1:8080".parse().unwrap();
+        c.tls_listen = Some("127.0.0.1:8443".parse().unwrap());
+        c.validate().unwrap();
+        c.tls_listen = Some(c.listen);
+        assert!(error(&c).contains("tls_listen: 127.0.0.1:8080 is the plain listener's"));
+        c.tls_listen = Some("127.0.0.1:8443".parse().unwrap());
+        c.tls_cert = None;
+        c.tls_key = None;
+        assert!(error(&c).contains("tls_listen: a wss:// listener needs a certificate"));
+    }
+
     #[cfg(feature = "config-file")]
     #[test]
     fn the_file_form_is_tls_cert_tables() {
