@@ -540,16 +540,16 @@ impl Acceptor {
         Some(next.saturating_duration_since(Instant::now()))
     }
 
-    /// Accepts up to a turn's worth of connections; `accept_more` says
-    /// whether the listener may still hold some.
-    /// Accepts from each listener until it is drained, a turn's worth has
-    /// come, or accepting pauses.
+    /// Accepts up to a turn's worth of connections from each listener, so
+    /// a flood on one does not starve the other; `accept_more` says
+    /// whether a listener may still hold some.
     fn accept_some(&mut self) {
+        #[cfg_attr(not(feature = "tls"), allow(unused_mut))]
+        let mut drained = self.accept_from(false);
         #[cfg(feature = "tls")]
-        let second = self.tls_listener.is_some();
-        #[cfg(not(feature = "tls"))]
-        let second = false;
-        let drained = self.accept_from(false) && (!second || self.accept_from(true));
+        if self.tls_listener.is_some() && self.paused_until.is_none() {
+            drained &= self.accept_from(true);
+        }
         if drained {
             self.accept_more = false;
         }
