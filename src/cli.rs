@@ -232,6 +232,19 @@ pub struct Cli {
     #[argh(option)]
     pub tls_key: Option<PathBuf>,
 
+    /// a certificate served to clients asking for one of NAMES (SNI;
+    /// `*.` wildcards), NAMES=CERT,KEY with comma-separated names
+    /// (repeatable; --tls-cert stays the default)
+    #[cfg(feature = "tls")]
+    #[argh(option)]
+    pub tls_sni: Vec<SniFlag>,
+
+    /// a second client listener serving wss:// (with --tls-cert) while
+    /// --listen serves plain ws://, into the same lobbies
+    #[cfg(feature = "tls")]
+    #[argh(option)]
+    pub tls_listen: Option<SocketAddr>,
+
     /// largest origin message in bytes; larger drops the connection
     #[argh(option)]
     pub max_origin_message: Option<usize>,
@@ -469,6 +482,12 @@ impl Cli {
             if let Some(path) = &self.tls_key {
                 config.tls_key = Some(path.clone());
             }
+            if !self.tls_sni.is_empty() {
+                config.tls.certs = self.tls_sni.iter().map(|f| f.0.clone()).collect();
+            }
+            if let Some(addr) = self.tls_listen {
+                config.tls_listen = Some(addr);
+            }
         }
         if let Some(admin) = self.admin {
             config.admin = Some(admin);
@@ -616,6 +635,27 @@ impl FromStr for RouteFlag {
             }
             _ => Err(format!("{s:?} is not of the form PATH=URL")),
         }
+    }
+}
+
+/// A `--tls-sni NAMES=CERT,KEY` flag.
+#[cfg(feature = "tls")]
+#[derive(Debug, Clone)]
+pub struct SniFlag(wsgate::SniCert);
+
+#[cfg(feature = "tls")]
+impl FromStr for SniFlag {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<SniFlag, String> {
+        let parsed = s.split_once('=').and_then(|(names, files)| {
+            let (cert, key) = files.split_once(',')?;
+            let names = names.split(',').map(str::trim);
+            Some(wsgate::SniCert::new(names, cert.trim(), key.trim()))
+        });
+        parsed
+            .map(SniFlag)
+            .ok_or_else(|| format!("{s:?} is not of the form NAMES=CERT,KEY"))
     }
 }
 
@@ -988,6 +1028,23 @@ mod tests {
             "tls_cert = \"/c.pem\"",
         ),
         ("tls_key", &["--tls-key", "/k.pem"], "tls_key = \"/k.pem\""),
+        (
+            "tls_listen",
+            &["--tls-listen", "127.0.0.1:8443"],
+            "tls_listen = \"127.0.0.1:8443\"",
+        ),
+        (
+            "tls",
+            &[
+                "--tls-sni",
+                "a.example,*.b.example=/a.pem,/a.key",
+                "--tls-sni",
+                "c.example=/c.pem,/c.key",
+            ],
+            "[[tls.cert]]\nserver_names = [\"a.example\", \"*.b.example\"]\n\
+             cert = \"/a.pem\"\nkey = \"/a.key\"\n\
+             [[tls.cert]]\nserver_names = [\"c.example\"]\ncert = \"/c.pem\"\nkey = \"/c.key\"",
+        ),
     ];
     #[cfg(all(feature = "config-file", not(feature = "tls")))]
     const TLS_SETTINGS: &[(&str, &[&str], &str)] = &[];
@@ -1029,6 +1086,10 @@ mod tests {
         full.origin_ca = Some("/x".into());
         full.tls_cert = Some("/c".into());
         full.tls_key = Some("/k".into());
+        full.tls
+            .certs
+            .push(wsgate::SniCert::new(["a.example"], "/a", "/k"));
+        full.tls_listen = Some("127.0.0.1:8443".parse().unwrap());
         full.routes.push(RouteConfig::new("/", "ws://h/"));
         let table: toml::Table = toml::from_str(&full.to_toml()).unwrap();
         let listed: Vec<&str> = SETTINGS
@@ -1044,7 +1105,7 @@ mod tests {
             if unbuilt && (key.starts_with("auth") || key == "admin_token_file") {
                 continue;
             }
-            if !cfg!(feature = "tls") && key.starts_with("tls_") {
+            if !cfg!(feature = "tls") && key.starts_with("tls") {
                 continue;
             }
             if !cfg!(feature = "sse") && key.starts_with("sse_") {

@@ -18,9 +18,6 @@ use std::{
     time::Duration,
 };
 
-#[cfg(feature = "tls")]
-use std::sync::atomic::Ordering;
-
 use crossbeam_channel::{Sender, bounded, unbounded};
 use log::{error, info, warn};
 use mio::net::TcpListener;
@@ -167,6 +164,19 @@ impl Builder {
         let (mut prepared, shutdown) =
             acceptor::prepare(listener, &config, &served, Arc::clone(&stats))?;
         #[cfg(feature = "tls")]
+        let tls_addr = match config.tls_listen {
+            Some(addr) => {
+                let listener =
+                    bind(addr, config.reuse_port).map_err(|source| Error::Bind { addr, source })?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(Error::io("read the wss:// listener address"))?;
+                prepared.listen_tls(listener)?;
+                Some(bound)
+            }
+            None => None,
+        };
+        #[cfg(feature = "tls")]
         prepared.serve_tls(tls.clone());
         let (manager_tx, manager_rx) = unbounded();
         let reload = ReloadHandle {
@@ -234,6 +244,8 @@ impl Builder {
         #[cfg_attr(not(feature = "admin"), allow(unused_mut))]
         let mut handle = GatewayHandle {
             local_addr,
+            #[cfg(feature = "tls")]
+            tls_addr,
             #[cfg(feature = "admin")]
             admin_addr: admin_listener.as_ref().map(|(_, addr)| *addr),
             probes: Probes::new(Arc::clone(&stats), &config),
@@ -315,6 +327,8 @@ fn join_manager(manager: JoinHandle<()>, stats: &Stats) {
 #[derive(Debug)]
 pub struct GatewayHandle {
     local_addr: SocketAddr,
+    #[cfg(feature = "tls")]
+    tls_addr: Option<SocketAddr>,
     #[cfg(feature = "admin")]
     admin_addr: Option<SocketAddr>,
     stats: Arc<Stats>,
@@ -350,6 +364,13 @@ impl GatewayHandle {
     /// The address clients connect to (useful when the config said port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address `wss://` clients connect to where a second listener
+    /// serves them ([`Config::tls_listen`]); `None` without one.
+    #[cfg(feature = "tls")]
+    pub fn tls_local_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     /// A snapshot of the gateway's counters.
@@ -505,6 +526,7 @@ type RestartSetting = (
 
 const NEEDS_RESTART: &[RestartSetting] = needs_restart!(
     listen,
+    tls_listen,
     reuse_port,
     admin,
     writers,
@@ -593,9 +615,10 @@ impl ReloadHandle {
             Ok(tls) => tls,
             Err(e) => {
                 bump(&inner.stats.tls_reload_failures);
-                warn!("reload: {e}; keeping the running certificate");
+                warn!("reload: {e}; keeping the running certificates");
                 config.tls_cert.clone_from(&book.config.tls_cert);
                 config.tls_key.clone_from(&book.config.tls_key);
+                config.tls.clone_from(&book.config.tls);
                 book.tls.clone()
             }
         };
@@ -666,34 +689,32 @@ fn served(
         .collect()
 }
 
-/// The client listener's TLS from `config`'s certificate and key (`None`
-/// if it has none); `running` lends its session ticket keys and cache. The
-/// certificate's expiry goes to `stats`.
+/// The client listener's TLS from `config`'s certificates (`None` if it
+/// has no default one); `running` lends its session ticket keys and cache.
+/// Each certificate's expiry goes to `stats`.
 #[cfg(feature = "tls")]
 fn load_tls(
     config: &Config,
     running: Option<&ServerTls>,
     stats: &Stats,
 ) -> Result<Option<ServerTls>> {
-    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
-        stats.tls_certificate_expiry.store(0, Ordering::Relaxed);
-        return Ok(None);
-    };
-    let tls = ServerTls::load(cert, key, running)?;
-    match tls.not_after {
-        Some(at) => info!(
-            "serving wss:// with {} (expires at {at}, Unix time)",
-            cert.display()
-        ),
-        None => warn!(
-            "serving wss:// with {}, whose expiry could not be read",
-            cert.display()
-        ),
+    let tls = ServerTls::load(config, running)?;
+    let expiry = tls.as_ref().map_or(&[][..], |tls| &tls.expiry[..]);
+    for (name, at) in expiry {
+        match at {
+            Some(at) => {
+                info!("serving wss:// with certificate {name} (expires at {at}, Unix time)")
+            }
+            None => warn!("serving wss:// with certificate {name}, whose expiry could not be read"),
+        }
     }
-    stats
-        .tls_certificate_expiry
-        .store(tls.not_after.unwrap_or(0), Ordering::Relaxed);
-    Ok(Some(tls))
+    stats.tls_certificates.set(
+        expiry
+            .iter()
+            .filter_map(|(name, at)| Some((name.clone(), (*at)?)))
+            .collect(),
+    );
+    Ok(tls)
 }
 
 /// Warns about each route that sends its upstream credentials (an origin

@@ -128,8 +128,8 @@ mod stats;
 mod wire;
 
 pub use config::{
-    AuthConfig, ClientMessages, Config, OriginLoss, RouteConfig, SlowClient, parse_duration,
-    parse_header,
+    AuthConfig, ClientMessages, Config, OriginLoss, RouteConfig, SlowClient, SniCert, TlsConfig,
+    parse_duration, parse_header,
 };
 pub use control::shutdown::ShutdownHandle;
 pub use error::{Error, Result};
@@ -138,4 +138,6 @@ pub use ops::health::Health;
 #[cfg(feature = "admin")]
 pub use ops::metrics;
 pub use source::Publisher;
-pub use stats::{AuthResult, Disconnect, DropReason, LobbyInfo, OriginState, StatsSnapshot};
+pub use stats::{
+    AuthResult, Disconnect, DropReason, LobbyInfo, OriginState, StatsSnapshot, TlsFailure,
+};

@@ -102,7 +102,7 @@ fn run(cli: &Cli) -> Result<bool, Box<dyn std::error::Error>> {
         ),
         None => None,
     };
-    let scheme = if config.tls_cert.is_some() {
+    let scheme = if config.tls_cert.is_some() && config.tls_listen.is_none() {
         "wss"
     } else {
         "ws"

@@ -5,9 +5,12 @@
 //! so these cache lines are not touched once per delivery.
 
 #[cfg(any(feature = "auth", feature = "admin"))]
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::{
-    sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed},
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed},
+    },
     time::{Duration, Instant},
 };
 
@@ -92,13 +95,103 @@ pub(crate) struct Stats {
     /// Client TLS handshakes refused (garbage, no shared version or cipher
     /// suite, an alert from the client) or abandoned by the client.
     pub tls_handshakes_failed: AtomicU64,
+    /// Of those, by [`TlsFailure`].
+    pub tls_handshake_failures: [AtomicU64; TlsFailure::COUNT],
+    /// Client TLS handshakes that completed, by cipher suite (as
+    /// [`TLS_SUITES`] lists them).
+    pub tls_cipher_suites: [AtomicU64; TLS_SUITES.len()],
     /// Client TLS handshakes still under way at the handshake timeout.
     pub tls_handshakes_timed_out: AtomicU64,
-    /// Certificate and key pairs a reload could not use (the running pair stayed).
+    /// Reloads whose certificate and key pairs could not all be used (the
+    /// running ones stayed).
     pub tls_reload_failures: AtomicU64,
-    /// When the client listener's certificate expires, in seconds since the
-    /// Unix epoch; 0 without TLS or when it could not be read.
-    pub tls_certificate_expiry: AtomicU64,
+    /// The client listener's certificates and when each expires.
+    pub tls_certificates: TlsCertificates,
+}
+
+/// The cipher suites a client TLS handshake may negotiate (ring's, which
+/// are all the server offers), by their IANA names as rustls spells them.
+pub(crate) const TLS_SUITES: [&str; 9] = [
+    "TLS13_AES_256_GCM_SHA384",
+    "TLS13_AES_128_GCM_SHA256",
+    "TLS13_CHACHA20_POLY1305_SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+];
+
+/// Why a client TLS handshake failed. Each reason has a counter
+/// ([`StatsSnapshot::tls_handshake_failed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TlsFailure {
+    /// It sent something that is not TLS (garbage, plain HTTP to a TLS
+    /// listener), or a TLS message that is malformed or out of place.
+    BadMessage,
+    /// It has nothing in common with the server: no shared protocol
+    /// version, cipher suite, key exchange group or signature scheme.
+    Incompatible,
+    /// It ended the handshake with an alert (it refused the certificate,
+    /// say).
+    PeerAlert,
+    /// It closed the connection before the handshake completed.
+    Eof,
+    /// Anything else (a read error, a protocol step out of order).
+    Other,
+}
+
+impl TlsFailure {
+    /// How many reasons there are.
+    pub const COUNT: usize = 5;
+
+    /// Every reason, in declaration order.
+    pub const ALL: [TlsFailure; TlsFailure::COUNT] = [
+        TlsFailure::BadMessage,
+        TlsFailure::Incompatible,
+        TlsFailure::PeerAlert,
+        TlsFailure::Eof,
+        TlsFailure::Other,
+    ];
+
+    /// A short snake_case name, for logs and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            TlsFailure::BadMessage => "bad_message",
+            TlsFailure::Incompatible => "incompatible",
+            TlsFailure::PeerAlert => "peer_alert",
+            TlsFailure::Eof => "eof",
+            TlsFailure::Other => "other",
+        }
+    }
+}
+
+/// The client listener's certificates, each as its name in metrics and
+/// when it expires (seconds since the Unix epoch). Set at start and at each
+/// reload, under a lock held for the copy; read by scrapes.
+#[derive(Debug, Default)]
+pub(crate) struct TlsCertificates(Mutex<Vec<(String, u64)>>);
+
+impl TlsCertificates {
+    /// Replaces the list.
+    #[cfg(feature = "tls")]
+    pub(crate) fn set(&self, certificates: Vec<(String, u64)>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = certificates;
+    }
+
+    /// A copy of the list.
+    #[cfg(feature = "admin")]
+    pub(crate) fn read(&self) -> Vec<(String, u64)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// When the soonest to expire does; 0 if there are none.
+    fn soonest(&self) -> u64 {
+        let list = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        list.iter().map(|(_, at)| *at).min().unwrap_or(0)
+    }
 }
 
 /// Authentications of one route, by [`AuthResult`].
@@ -472,18 +565,37 @@ pub struct StatsSnapshot {
     /// Client TLS handshakes that failed: garbage instead of a ClientHello,
     /// nothing in common with the client, an alert, or the client gone.
     pub tls_handshakes_failed: u64,
+    /// Of those, by reason: see [`StatsSnapshot::tls_handshake_failed`].
+    pub(crate) tls_failures: [u64; TlsFailure::COUNT],
+    /// Completed client TLS handshakes by cipher suite: see
+    /// [`StatsSnapshot::tls_cipher_suites`].
+    pub(crate) tls_suites: [u64; TLS_SUITES.len()],
     /// Client TLS handshakes still under way at the handshake timeout
     /// (counted in [`StatsSnapshot::handshakes_timed_out`] too).
     pub tls_handshakes_timed_out: u64,
-    /// Reloads whose certificate and key could not be used; the running
-    /// pair stayed.
+    /// Reloads whose certificate and key pairs could not all be used; the
+    /// running ones stayed.
     pub tls_reload_failures: u64,
-    /// When the client listener's certificate expires, in seconds since the
-    /// Unix epoch; 0 without TLS.
+    /// When the client listener's certificate that expires soonest does
+    /// (the default one or one served by name), in seconds since the Unix
+    /// epoch; 0 without TLS.
     pub tls_certificate_expiry: u64,
 }
 
 impl StatsSnapshot {
+    /// Client TLS handshakes that failed for `reason` (they sum to
+    /// [`StatsSnapshot::tls_handshakes_failed`]).
+    pub fn tls_handshake_failed(&self, reason: TlsFailure) -> u64 {
+        self.tls_failures[reason as usize]
+    }
+
+    /// Completed client TLS handshakes by the cipher suite negotiated, by
+    /// its IANA name (`TLS13_AES_128_GCM_SHA256`), every suite the server
+    /// offers listed.
+    pub fn tls_cipher_suites(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        TLS_SUITES.iter().copied().zip(self.tls_suites)
+    }
+
     /// The sampled delivery latency (time from an origin message's arrival
     /// to the write that completes it to a client; one delivery in 16 is
     /// timed): for each bucket its upper bound in seconds (`INFINITY` for
@@ -680,9 +792,11 @@ impl Stats {
             tls_handshakes_tls13: self.tls_handshakes_tls13.load(Relaxed),
             tls_handshakes_tls12: self.tls_handshakes_tls12.load(Relaxed),
             tls_handshakes_failed: self.tls_handshakes_failed.load(Relaxed),
+            tls_failures: std::array::from_fn(|i| self.tls_handshake_failures[i].load(Relaxed)),
+            tls_suites: std::array::from_fn(|i| self.tls_cipher_suites[i].load(Relaxed)),
             tls_handshakes_timed_out: self.tls_handshakes_timed_out.load(Relaxed),
             tls_reload_failures: self.tls_reload_failures.load(Relaxed),
-            tls_certificate_expiry: self.tls_certificate_expiry.load(Relaxed),
+            tls_certificate_expiry: self.tls_certificates.soonest(),
         }
     }
 

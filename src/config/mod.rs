@@ -22,11 +22,15 @@ mod auth;
 #[cfg(feature = "config-file")]
 mod file;
 pub(crate) mod syntax;
+mod tls;
 pub(crate) mod url;
 mod validate;
 
 pub use auth::AuthConfig;
 pub use syntax::{parse_duration, parse_header};
+#[cfg(feature = "tls")]
+pub(crate) use tls::DEFAULT_NAME as DEFAULT_CERT_NAME;
+pub use tls::{SniCert, TlsConfig};
 
 /// Gateway configuration. Start from [`Config::default`] and change what you need.
 ///
@@ -227,7 +231,8 @@ pub struct Config {
     /// origins with a private CA; replaces the built-in web roots. Defaults to none.
     pub origin_ca: Option<PathBuf>,
     /// PEM file of the certificate chain (leaf first) the client listener
-    /// presents: with it and [`Config::tls_key`], clients connect with
+    /// presents (the default one, where [`Config::tls`] lists certificates
+    /// by name): with it and [`Config::tls_key`], clients connect with
     /// `wss://` (TLS 1.2 or 1.3, ALPN `http/1.1`) and plain `ws://` is no
     /// longer served. Re-read on reload; a pair that cannot be used then
     /// keeps the running one. Needs the `tls` feature. Defaults to none.
@@ -235,6 +240,20 @@ pub struct Config {
     /// PEM file of the private key of [`Config::tls_cert`] (PKCS#8, PKCS#1
     /// or SEC1). Defaults to none.
     pub tls_key: Option<PathBuf>,
+    /// Certificates served instead of [`Config::tls_cert`] to clients that
+    /// ask for one of their names (SNI); see [`TlsConfig`]. In a config
+    /// file, `[[tls.cert]]` tables. Defaults to none.
+    #[cfg_attr(
+        feature = "config-file",
+        serde(skip_serializing_if = "TlsConfig::is_empty")
+    )]
+    pub tls: TlsConfig,
+    /// A second client listener, serving `wss://` with the certificates
+    /// above while [`Config::listen`] serves plain `ws://`, both into the
+    /// same routes and lobbies. Without it, the certificates make
+    /// [`Config::listen`] itself `wss://`. Needs [`Config::tls_cert`].
+    /// Changes only with a restart. Defaults to none.
+    pub tls_listen: Option<SocketAddr>,
     /// On shutdown, how long clients get to receive what is queued and the
     /// 1001 close. Defaults to 5 s.
     #[cfg_attr(feature = "config-file", serde(with = "syntax::duration"))]
@@ -523,6 +542,8 @@ impl Default for Config {
             origin_ca: None,
             tls_cert: None,
             tls_key: None,
+            tls: TlsConfig::default(),
+            tls_listen: None,
             drain_timeout: Duration::from_secs(5),
             admin: None,
             routes: Vec::new(),

@@ -46,6 +46,7 @@ impl Config {
             ));
         }
         self.validate_tls()?;
+        self.validate_sni()?;
         let routes = self.serving(fed);
         if routes.is_empty() {
             return Err(Error::Config(
@@ -75,9 +76,23 @@ impl Config {
     }
 
     /// Checks the client listener's TLS settings: both files or neither,
-    /// in a build that has TLS. (The files are read when the gateway starts
-    /// or reloads: `edge/tls.rs`.)
+    /// in a build that has TLS, and a second listener only with them, on
+    /// another address. (The files are read when the gateway starts or
+    /// reloads: `edge/tls.rs`.)
     fn validate_tls(&self) -> Result<()> {
+        if let Some(addr) = self.tls_listen {
+            if self.tls_cert.is_none() {
+                return Err(Error::Config(
+                    "tls_listen: a wss:// listener needs a certificate (tls_cert and tls_key)"
+                        .into(),
+                ));
+            }
+            if addr == self.listen && addr.port() != 0 {
+                return Err(Error::Config(format!(
+                    "tls_listen: {addr} is the plain listener's address (listen) too"
+                )));
+            }
+        }
         match (&self.tls_cert, &self.tls_key) {
             (None, None) => Ok(()),
             (Some(_), None) => Err(Error::Config(

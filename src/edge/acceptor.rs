@@ -69,9 +69,16 @@ use crate::{
     stats::{AuthCounts, AuthResult},
 };
 #[cfg(feature = "tls")]
-use crate::{edge::tls::ServerTls, wire::tls};
+use crate::{
+    edge::tls::{ServerTls, failure as tls_failure, suite as tls_suite},
+    stats::TlsFailure,
+    wire::tls,
+};
 
 const LISTENER: Token = Token(usize::MAX - 1);
+/// The second listener's, serving `wss://` beside a plain one.
+#[cfg(feature = "tls")]
+const TLS_LISTENER: Token = Token(usize::MAX - 2);
 const WAKER: Token = Token(usize::MAX);
 /// How long accepting pauses when accepting fails for want of resources
 /// (descriptors with no handshake to shed, kernel memory), instead of spinning.
@@ -169,6 +176,8 @@ pub(crate) fn prepare(
         auth_counts: auth_counts(routes, &stats),
         #[cfg(feature = "tls")]
         tls: None,
+        #[cfg(feature = "tls")]
+        tls_listener: None,
         stats,
         endpoints: routes.iter().map(endpoint).collect(),
         allowed_origins: config.allowed_origins.clone(),
@@ -193,6 +202,19 @@ impl Prepared {
     #[cfg(feature = "tls")]
     pub(crate) fn serve_tls(&mut self, tls: Option<ServerTls>) {
         self.acceptor.tls = tls;
+    }
+
+    /// Serves `wss://` on `listener`, an already bound second listener,
+    /// and plain `ws://` on the first.
+    #[cfg(feature = "tls")]
+    pub(crate) fn listen_tls(&mut self, mut listener: TcpListener) -> Result<()> {
+        self.acceptor
+            .poll
+            .registry()
+            .register(&mut listener, TLS_LISTENER, Interest::READABLE)
+            .map_err(Error::io("register the wss:// listener"))?;
+        self.acceptor.tls_listener = Some(listener);
+        Ok(())
     }
 }
 
@@ -295,15 +317,25 @@ impl Conn {
             if handshaking {
                 match &read {
                     Err(e) if !is_retry(e) => {
+                        let reason = tls_failure(e);
                         bump(&stats.tls_handshakes_failed);
-                        debug!("{}: TLS handshake failed: {e}", self.peer);
+                        bump(&stats.tls_handshake_failures[reason as usize]);
+                        debug!(
+                            "{}: TLS handshake failed ({}): {e}",
+                            self.peer,
+                            reason.name()
+                        );
                     }
                     Ok(0) => {
                         bump(&stats.tls_handshakes_failed);
+                        bump(&stats.tls_handshake_failures[TlsFailure::Eof as usize]);
                         debug!("{}: TLS handshake abandoned by the client", self.peer);
                     }
                     _ if !session.is_handshaking() => {
                         bump(&stats.tls_handshakes_ok);
+                        if let Some(suite) = tls_suite(session) {
+                            bump(&stats.tls_cipher_suites[suite]);
+                        }
                         match session.protocol_version() {
                             Some(rustls::ProtocolVersion::TLSv1_3) => {
                                 bump(&stats.tls_handshakes_tls13);
@@ -377,6 +409,10 @@ struct Acceptor {
     /// What new connections' TLS sessions start from, on a TLS listener.
     #[cfg(feature = "tls")]
     tls: Option<ServerTls>,
+    /// A second listener serving `wss://` (`tls_listen`): `listener` is
+    /// then plain.
+    #[cfg(feature = "tls")]
+    tls_listener: Option<TcpListener>,
     stats: Arc<Stats>,
     /// The paths served, with their routes' client-facing rules.
     endpoints: Vec<Endpoint>,
@@ -410,6 +446,10 @@ impl Acceptor {
             Ok(addr) => info!("listening on {addr}"),
             Err(e) => info!("listening (address unknown: {e})"),
         }
+        #[cfg(feature = "tls")]
+        if let Some(Ok(addr)) = self.tls_listener.as_ref().map(TcpListener::local_addr) {
+            info!("listening for wss:// on {addr}");
+        }
         let mut events = Events::with_capacity(256);
         while !self.stop.load(Ordering::SeqCst) {
             let timeout = self.timeout();
@@ -427,6 +467,8 @@ impl Acceptor {
             for event in &events {
                 match event.token() {
                     LISTENER => self.accept_more = true,
+                    #[cfg(feature = "tls")]
+                    TLS_LISTENER => self.accept_more = true,
                     WAKER => {
                         self.take_commands();
                         #[cfg(feature = "auth")]
@@ -498,31 +540,52 @@ impl Acceptor {
         Some(next.saturating_duration_since(Instant::now()))
     }
 
-    /// Accepts up to a turn's worth of connections; `accept_more` says
-    /// whether the listener may still hold some.
+    /// Accepts up to a turn's worth of connections from each listener, so
+    /// a flood on one does not starve the other; `accept_more` says
+    /// whether a listener may still hold some.
     fn accept_some(&mut self) {
+        #[cfg_attr(not(feature = "tls"), allow(unused_mut))]
+        let mut drained = self.accept_from(false);
+        #[cfg(feature = "tls")]
+        if self.tls_listener.is_some() && self.paused_until.is_none() {
+            drained &= self.accept_from(true);
+        }
+        if drained {
+            self.accept_more = false;
+        }
+    }
+
+    /// Accepts from the first listener, or (`second`) the `wss://` one;
+    /// whether it is drained.
+    fn accept_from(&mut self, second: bool) -> bool {
         for _ in 0..ACCEPTS_PER_TURN {
-            match self.listener.accept() {
-                Ok((stream, peer)) => self.add(stream, peer),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.accept_more = false;
-                    return;
-                }
+            #[cfg(feature = "tls")]
+            let (accepted, secure) = match &self.tls_listener {
+                Some(tls) if second => (tls.accept(), true),
+                Some(_) => (self.listener.accept(), false),
+                None => (self.listener.accept(), self.tls.is_some()),
+            };
+            #[cfg(not(feature = "tls"))]
+            let (accepted, secure) = (self.listener.accept(), second);
+            match accepted {
+                Ok((stream, peer)) => self.add(stream, peer, secure),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
                 Err(e) if is_out_of_descriptors(&e) => {
                     // Close the oldest handshake to free a descriptor for
                     // the connection waiting; pause only if there is none.
                     if !self.shed_oldest("out of file descriptors") {
                         self.pause("out of file descriptors, none held by a handshake", &e);
-                        return;
+                        return false;
                     }
                 }
                 Err(e) if is_transient(&e) => debug!("accept failed: {e}"),
                 Err(e) => {
                     self.pause("accept failed", &e);
-                    return;
+                    return false;
                 }
             }
         }
+        false
     }
 
     fn pause(&mut self, why: &str, e: &io::Error) {
@@ -533,7 +596,8 @@ impl Acceptor {
         self.paused_until = Some(Instant::now() + ACCEPT_PAUSE);
     }
 
-    fn add(&mut self, mut stream: TcpStream, peer: SocketAddr) {
+    /// Takes a connection just accepted; `secure`: it speaks TLS first.
+    fn add(&mut self, mut stream: TcpStream, peer: SocketAddr, secure: bool) {
         let seat = match self.seats.take(peer.ip()) {
             Ok(seat) => seat,
             Err(refusal) => {
@@ -547,8 +611,7 @@ impl Acceptor {
                 );
                 // A TLS client cannot read an answer before its handshake:
                 // it is closed without one.
-                #[cfg(feature = "tls")]
-                if self.tls.is_some() {
+                if secure {
                     return;
                 }
                 let _ = stream.write(&rejection.response());
@@ -559,7 +622,7 @@ impl Acceptor {
             self.shed_oldest("too many pending handshakes");
         }
         #[cfg(feature = "tls")]
-        let tls = match self.tls.as_ref().map(ServerTls::session) {
+        let tls = match self.tls.as_ref().filter(|_| secure).map(ServerTls::session) {
             None => None,
             Some(Ok(session)) => Some(session),
             Some(Err(e)) => {

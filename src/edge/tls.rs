@@ -1,7 +1,9 @@
 //! `wss://` for clients: the client listener's rustls server configuration.
 //!
 //! Built from [`Config::tls_cert`](crate::Config::tls_cert) and
-//! [`Config::tls_key`](crate::Config::tls_key) when the gateway starts and
+//! [`Config::tls_key`](crate::Config::tls_key), the default certificate,
+//! and the certificates served by name ([`Config::tls`](crate::Config::tls),
+//! picked by the client's SNI in [`ByName`]) when the gateway starts and
 //! again at each reload (on the reloading thread, never the acceptor's), and
 //! handed to the acceptor, which starts every new connection's session from
 //! the newest one: clients already connected keep their sessions, so a
@@ -14,15 +16,24 @@
 //! after it on the client's writer, both through `wire/tls.rs`. Compiled only
 //! with the `tls` feature.
 
-use std::{path::Path, sync::Arc};
+use std::{collections::HashMap, io, path::Path, sync::Arc};
 
 use rustls::{
     ServerConfig, ServerConnection,
+    crypto::CryptoProvider,
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
-    server::{ProducesTickets, ServerSessionMemoryCache, StoresServerSessions},
+    server::{
+        ClientHello, ProducesTickets, ResolvesServerCert, ServerSessionMemoryCache,
+        StoresServerSessions,
+    },
+    sign::CertifiedKey,
 };
 
-use crate::error::{Error, Result};
+use crate::{
+    config::{Config, DEFAULT_CERT_NAME},
+    error::{Error, Result},
+    stats::{TLS_SUITES, TlsFailure},
+};
 
 /// TLS 1.2 sessions remembered for resumption by session id (TLS 1.3 and
 /// most TLS 1.2 clients use tickets, which cost no memory here).
@@ -33,29 +44,60 @@ const SESSION_CACHE: usize = 4096;
 pub(crate) struct ServerTls {
     /// What new sessions start from.
     pub config: Arc<ServerConfig>,
-    /// When the leaf certificate expires, in seconds since the Unix epoch
-    /// (`None` if its DER could not be read for it).
-    pub not_after: Option<u64>,
+    /// Each certificate's name in metrics (`default`, or the first server
+    /// name of a `[[tls.cert]]`) and when its leaf expires, in seconds
+    /// since the Unix epoch (`None` if its DER could not be read for it);
+    /// the default first.
+    pub expiry: Vec<(String, Option<u64>)>,
 }
 
 impl ServerTls {
-    /// Reads the chain at `cert` and the key at `key`; `running`, at a
-    /// reload, lends its ticket keys and session cache so that sessions
-    /// resume across the rotation. Any problem is an [`Error::Config`]
-    /// naming the file.
-    pub(crate) fn load(cert: &Path, key: &Path, running: Option<&ServerTls>) -> Result<ServerTls> {
-        let chain = CertificateDer::pem_file_iter(cert)
-            .and_then(|certs| certs.collect::<std::result::Result<Vec<_>, _>>())
-            .map_err(|e| Error::Config(format!("tls_cert: cannot read {}: {e}", cert.display())))?;
-        let Some(leaf) = chain.first() else {
-            return Err(Error::Config(format!(
-                "tls_cert: {} holds no certificate",
-                cert.display()
-            )));
+    /// Reads every certificate chain and key of `config`: the default pair
+    /// (`tls_cert`, `tls_key`) and each `[[tls.cert]]`. `None` if it has no
+    /// default pair. `running`, at a reload, lends its ticket keys and
+    /// session cache so that sessions resume across the rotation. If any
+    /// pair cannot be used, nothing is: the [`Error::Config`] names the
+    /// files of every pair that failed.
+    pub(crate) fn load(config: &Config, running: Option<&ServerTls>) -> Result<Option<ServerTls>> {
+        let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+            return Ok(None);
         };
-        let not_after = not_after(leaf);
-        let private = PrivateKeyDer::from_pem_file(key)
-            .map_err(|e| Error::Config(format!("tls_key: cannot read {}: {e}", key.display())))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut failed = Vec::new();
+        let mut expiry = Vec::new();
+        let default = match certified(cert, key, &provider) {
+            Ok((certified, not_after)) => {
+                expiry.push((DEFAULT_CERT_NAME.to_owned(), not_after));
+                Some(certified)
+            }
+            Err(e) => {
+                failed.push(format!("tls_cert, tls_key: {e}"));
+                None
+            }
+        };
+        let mut names = ByName::default();
+        for entry in &config.tls.certs {
+            let first = entry.server_names.first().map_or("", String::as_str);
+            match certified(&entry.cert, &entry.key, &provider) {
+                Ok((certified, not_after)) => {
+                    expiry.push((first.to_ascii_lowercase(), not_after));
+                    for name in &entry.server_names {
+                        let name = name.to_ascii_lowercase();
+                        match name.strip_prefix("*.") {
+                            Some(parent) => names
+                                .wildcard
+                                .insert(parent.to_owned(), Arc::clone(&certified)),
+                            None => names.exact.insert(name, Arc::clone(&certified)),
+                        };
+                    }
+                }
+                Err(e) => failed.push(format!("tls.cert {first}: {e}")),
+            }
+        }
+        let Some(default) = default.filter(|_| failed.is_empty()) else {
+            return Err(Error::Config(failed.join("; ")));
+        };
+        names.default = Some(default);
         let (ticketer, sessions) = match running {
             Some(running) => (
                 Arc::clone(&running.config.ticketer),
@@ -63,32 +105,102 @@ impl ServerTls {
             ),
             None => (new_ticketer()?, new_session_cache()),
         };
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = ServerConfig::builder_with_provider(provider)
+        let mut server = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| Error::Config(format!("tls: setup failed: {e}")))?
             .with_no_client_auth()
-            .with_single_cert(chain, private)
-            .map_err(|e| {
-                Error::Config(format!(
-                    "tls_cert, tls_key: {} and {} are not a usable pair: {e}",
-                    cert.display(),
-                    key.display()
-                ))
-            })?;
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        config.ticketer = ticketer;
-        config.session_storage = sessions;
-        Ok(ServerTls {
-            config: Arc::new(config),
-            not_after,
-        })
+            .with_cert_resolver(Arc::new(names));
+        server.alpn_protocols = vec![b"http/1.1".to_vec()];
+        server.ticketer = ticketer;
+        server.session_storage = sessions;
+        Ok(Some(ServerTls {
+            config: Arc::new(server),
+            expiry,
+        }))
     }
 
     /// A session for a connection just accepted.
     pub(crate) fn session(&self) -> std::result::Result<Box<ServerConnection>, rustls::Error> {
         ServerConnection::new(Arc::clone(&self.config)).map(Box::new)
     }
+}
+
+/// The chain at `cert` with the key at `key`, checked to belong together,
+/// and when its leaf expires; the error names the file at fault.
+fn certified(
+    cert: &Path,
+    key: &Path,
+    provider: &CryptoProvider,
+) -> std::result::Result<(Arc<CertifiedKey>, Option<u64>), String> {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<std::result::Result<Vec<_>, _>>())
+        .map_err(|e| format!("cannot read {}: {e}", cert.display()))?;
+    let Some(leaf) = chain.first() else {
+        return Err(format!("{} holds no certificate", cert.display()));
+    };
+    let not_after = not_after(leaf);
+    let private = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("cannot read {}: {e}", key.display()))?;
+    let certified = CertifiedKey::from_der(chain, private, provider).map_err(|e| {
+        format!(
+            "{} and {} are not a usable pair: {e}",
+            cert.display(),
+            key.display()
+        )
+    })?;
+    Ok((Arc::new(certified), not_after))
+}
+
+/// Picks a connection's certificate by the name its client asks for (SNI):
+/// an exact name first, then a wildcard over the name's parent, then the
+/// default (for any other name, or none).
+#[derive(Debug, Default)]
+struct ByName {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// By the name a `*.` wildcard stands over: `b.example` for `*.b.example`.
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    default: Option<Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for ByName {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let by_name = hello.server_name().and_then(|name| {
+            let name = name.to_ascii_lowercase();
+            self.exact
+                .get(&name)
+                .or_else(|| {
+                    let (_, parent) = name.split_once('.')?;
+                    self.wildcard.get(parent)
+                })
+                .cloned()
+        });
+        by_name.or_else(|| self.default.clone())
+    }
+}
+
+/// Why a handshake that `read` (`wire/tls.rs`) ended with `error` failed.
+pub(crate) fn failure(error: &io::Error) -> TlsFailure {
+    let Some(error) = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    else {
+        return TlsFailure::Other;
+    };
+    match error {
+        rustls::Error::InvalidMessage(_)
+        | rustls::Error::InappropriateMessage { .. }
+        | rustls::Error::InappropriateHandshakeMessage { .. }
+        | rustls::Error::PeerMisbehaved(_) => TlsFailure::BadMessage,
+        rustls::Error::PeerIncompatible(_) => TlsFailure::Incompatible,
+        rustls::Error::AlertReceived(_) => TlsFailure::PeerAlert,
+        _ => TlsFailure::Other,
+    }
+}
+
+/// The place in [`TLS_SUITES`] of the cipher suite `session` negotiated.
+pub(crate) fn suite(session: &ServerConnection) -> Option<usize> {
+    let name = session.negotiated_cipher_suite()?.suite().as_str()?;
+    TLS_SUITES.iter().position(|s| *s == name)
 }
 
 fn new_ticketer() -> Result<Arc<dyn ProducesTickets>> {

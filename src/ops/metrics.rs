@@ -29,7 +29,7 @@ use prometheus_client::{
 
 use crate::{
     control::inbox::{ManagerMsg, ask_lobbies},
-    stats::{AuthResult, Disconnect, DropReason, Stats, StatsSnapshot},
+    stats::{AuthResult, Disconnect, DropReason, Stats, StatsSnapshot, TlsFailure},
 };
 
 /// The prefix every wsgate metric name carries.
@@ -229,13 +229,22 @@ impl Collector for GatewayCollector {
             "version",
             TLS_VERSIONS,
         )?;
-        if s.tls_certificate_expiry > 0 {
-            out.gauge(
-                "tls_certificate_expiry_timestamp_seconds",
-                "When the client listener's certificate expires, in seconds since the Unix epoch",
-                s.tls_certificate_expiry,
-            )?;
-        }
+        out.counters_of(
+            "tls_handshake_failures",
+            "Client TLS handshakes that failed, by reason: bad_message (not TLS, or a \
+             malformed or misplaced message), incompatible (no shared version, cipher \
+             suite, group or signature scheme), peer_alert (the client ended it with an \
+             alert), eof (the client closed), other",
+            "reason",
+            TlsFailure::ALL.map(|reason| (reason.name(), s.tls_handshake_failed(reason))),
+        )?;
+        out.counters_of(
+            "tls_cipher_suites",
+            "Client TLS handshakes that completed, by the cipher suite negotiated",
+            "suite",
+            s.tls_cipher_suites(),
+        )?;
+        out.certificates(&self.stats.tls_certificates.read())?;
         out.counter(
             "tls_reload_failures",
             "Certificate and key pairs a reload could not use (the running pair stayed)",
@@ -523,6 +532,28 @@ impl Out<'_, '_> {
             metric
                 .encode_family(&[("reason", reason.name()), ("code", code.as_str())])?
                 .encode_counter::<NoLabelSet, _, u64>(&self.s.disconnected(reason), None)?;
+        }
+        Ok(())
+    }
+
+    /// When each of the client listener's certificates expires, by name
+    /// (none without TLS).
+    fn certificates(&mut self, certificates: &[(String, u64)]) -> fmt::Result {
+        if certificates.is_empty() {
+            return Ok(());
+        }
+        let mut metric = self.encoder.encode_descriptor(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When each of the client listener's certificates expires, in seconds since \
+             the Unix epoch, by name: default, or the first server name of a certificate \
+             served by name",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (name, at) in certificates {
+            metric
+                .encode_family(&[("name", name.as_str())])?
+                .encode_gauge(at)?;
         }
         Ok(())
     }
