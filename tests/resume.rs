@@ -73,6 +73,10 @@ fn next_sealed(ws: &mut Client) -> (String, String) {
     let Message::Text(text) = next_data(ws) else {
         panic!("a text message expected");
     };
+    assert!(
+        text.len() >= 17 && text.is_char_boundary(16),
+        "not an envelope: {text:?}"
+    );
     let (id, payload) = text.split_at(16);
     assert!(
         id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')),
@@ -202,16 +206,20 @@ fn the_resume_subprotocol_is_answered_and_a_token_beside_it_never_is() {
     config.subprotocols = vec!["feed.v1".into()];
     let gw = start_gateway(config);
     let addr = gw.local_addr();
-    let token = mint(
-        jsonwebtoken::Algorithm::HS256,
-        &claims_for(600),
-        None,
-    );
+    let token = mint(jsonwebtoken::Algorithm::HS256, &claims_for(600), None);
     let bearer = format!("bearer.{token}");
     let (_ws, answered) = offering(addr, "/", &[&bearer, PROTOCOL]);
-    assert_eq!(answered.as_deref(), Some(PROTOCOL), "the token is not answered");
+    assert_eq!(
+        answered.as_deref(),
+        Some(PROTOCOL),
+        "the token is not answered"
+    );
     let (_ws, answered) = offering(addr, "/", &["feed.v1", &bearer, PROTOCOL]);
-    assert_eq!(answered.as_deref(), Some(PROTOCOL), "in place of the route's");
+    assert_eq!(
+        answered.as_deref(),
+        Some(PROTOCOL),
+        "in place of the route's"
+    );
     let (_ws, answered) = offering(addr, "/", &["feed.v1", &bearer]);
     assert_eq!(answered.as_deref(), Some("feed.v1"), "without it, as ever");
     // The raw answer: one subprotocol line, naming it.
