@@ -24,6 +24,14 @@
 //! only while such a member is here, and only for messages of at least
 //! `compress_min` bytes that deflate makes smaller (the others go out
 //! uncompressed to everyone).
+//!
+//! With feature `sse` a lobby also builds, once per message and only while
+//! such a member is here, the event-stream form for SSE clients
+//! (`wire/sse.rs`) and the resume envelope for WebSocket clients that
+//! opted in (`wire/envelope.rs`); each kind of member has a list of its
+//! own, so the loop over plain members is the same whatever else is here.
+//! A client resuming after a message ID is caught up from the history like
+//! a client moving in, or told with a reset that the ID is not held.
 
 use std::{
     sync::{
