@@ -197,6 +197,62 @@ fn an_unknown_or_too_old_id_gets_the_reset_message_then_live_and_is_counted() {
     assert_eq!((stats.resumes, stats.resume_resets), (0, 2));
 }
 
+#[test]
+fn resume_clients_move_between_lobbies_with_compaction_and_keep_their_envelopes() {
+    let origin = Arc::new(TestOrigin::start());
+    let mut config = test_config(&origin.url());
+    config.lobby_capacity = 2;
+    config.compact_interval = Duration::from_millis(300);
+    config.compact_fill = 1.0;
+    // A busy box's writer may fall behind for a while: not what this tests.
+    config.queue_depth = 512;
+    let gw = start_gateway(config);
+    let addr = gw.local_addr();
+    let lobbies = |gw: &wsgate::GatewayHandle| -> Vec<usize> {
+        gw.lobbies(DEADLINE).iter().map(|l| l.clients).collect()
+    };
+    // Lobby 0: a resume client and a plain one; lobby 1: a resume client.
+    let first = Follower::spawn(resume_client(addr, None));
+    wait_placed(&gw, 1);
+    let plain = connect_clients(&gw, 1).remove(0);
+    let second = Follower::spawn(resume_client(addr, None));
+    wait_until("two lobbies", || lobbies(&gw) == [2, 1]);
+    wait_until("two upstreams", || origin.open() == 2);
+    let feed = Feed::start(origin.clone(), Duration::from_millis(10));
+    wait_until("both fed", || first.count() > 5 && second.count() > 5);
+    // The plain client goes: the two resume clients fit one lobby.
+    drop(plain);
+    wait_until("one lobby", || lobbies(&gw) == [2]);
+    wait_until("one upstream", || origin.open() == 1);
+    let before = (first.count(), second.count());
+    wait_until("both fed after the move", || {
+        first.count() > before.0 + 20 && second.count() > before.1 + 20
+    });
+    feed.stop();
+    for (name, client) in [("first", first), ("second", second)] {
+        let mut ids = Vec::new();
+        let payloads: Vec<String> = client
+            .finish_timed()
+            .into_iter()
+            .map(|(_, text)| {
+                let (id, payload) = text
+                    .split_once(' ')
+                    .unwrap_or_else(|| panic!("{name}: not an envelope: {text:?}"));
+                assert_eq!(id.len(), 16, "{name}: {text:?}");
+                ids.push(id.to_owned());
+                payload.to_owned()
+            })
+            .collect();
+        let numbers = assert_continuous(&payloads, |_| 0);
+        assert!(numbers.len() > 30, "{name}: {numbers:?}");
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), payloads.len(), "{name}: an ID each");
+    }
+    assert!(gw.stats().migrations >= 1);
+    assert_eq!(gw.stats().migration_gaps, 0);
+}
+
 #[cfg(feature = "auth")]
 #[test]
 fn the_resume_subprotocol_is_answered_and_a_token_beside_it_never_is() {
