@@ -478,11 +478,12 @@ pub struct StatsSnapshot {
     /// joined its new lobby at the live edge and may have missed messages.
     pub migration_gaps: u64,
     /// Clients that resumed after a message ID their lobby's history held
-    /// (SSE `Last-Event-ID`): they got exactly what followed it.
+    /// (SSE `Last-Event-ID`, a resume client's `last_event_id`): they got
+    /// exactly what followed it.
     pub resumes: u64,
     /// Clients that asked to resume after a message ID their lobby's
     /// history did not hold (too old, or unknown): they got the reset
-    /// event, then the live stream.
+    /// event or message, then the live stream.
     pub resume_resets: u64,
     /// Upgrade requests refused with 503: the client limit reached, or every
     /// lobby full and no more origin connections allowed.

@@ -67,6 +67,8 @@ pub(crate) struct Admission {
     pub deflate: bool,
     /// It asked for Server-Sent Events (feature `sse`), not a WebSocket.
     pub sse: bool,
+    /// A WebSocket client that opted into resume: it takes the envelope form.
+    pub envelope: bool,
     /// The message ID it saw last (its `Last-Event-ID`): its lobby sends
     /// it what followed, from its history.
     pub after: Option<u64>,

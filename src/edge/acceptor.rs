@@ -281,7 +281,9 @@ struct Upgrade {
     deflate: bool,
     /// A Server-Sent Events stream (answered 200), not a WebSocket.
     sse: bool,
-    /// The message ID an SSE client resumes after.
+    /// A WebSocket client that opted into resume envelopes.
+    envelope: bool,
+    /// The message ID an SSE or resume client resumes after.
     after: Option<u64>,
     /// When its access ends, in seconds since the Unix epoch, if it does.
     expires: Option<u64>,
@@ -727,6 +729,7 @@ impl Acceptor {
                     group: upgrade.group,
                     deflate: upgrade.deflate,
                     sse: upgrade.sse,
+                    envelope: upgrade.envelope,
                     after: upgrade.after,
                     expires: upgrade.expires,
                     #[cfg(feature = "tls")]
@@ -786,14 +789,20 @@ impl Acceptor {
                     key,
                     deflate,
                     sse,
+                    envelope,
                     after,
                     #[cfg(feature = "auth")]
                     grant,
                 } => {
-                    if sse {
+                    if sse || envelope {
                         debug!(
-                            "{}: event stream{}",
+                            "{}: {}{}",
                             conn.peer,
+                            if sse {
+                                "event stream"
+                            } else {
+                                "resume envelopes"
+                            },
                             if after.is_some() { ", resuming" } else { "" }
                         );
                     }
@@ -803,6 +812,7 @@ impl Acceptor {
                         group: Group { route, key },
                         deflate,
                         sse,
+                        envelope,
                         after,
                         #[cfg(feature = "auth")]
                         expires: grant.expires,

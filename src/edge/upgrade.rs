@@ -18,6 +18,11 @@
 //! header. Its `Last-Event-ID` header, or else its `last_event_id` query
 //! parameter (which never reaches a lobby key or the origin), must be a
 //! message ID (16 hex digits, `wire/sse.rs`): anything else gets 400.
+//! A WebSocket upgrade that offers the subprotocol `wsgate.resume.v1`
+//! opts into resume (`wire/envelope.rs`): that subprotocol is answered (in
+//! place of the route's own, which a route that requires one still checks
+//! for), permessage-deflate is declined, and its `last_event_id` query
+//! parameter is read and kept out of the lobby key, as for a stream.
 
 use std::sync::Arc;
 
@@ -51,7 +56,12 @@ pub(crate) enum Parsed {
         deflate: bool,
         /// A Server-Sent Events request (answered 200), not an upgrade.
         sse: bool,
-        /// The message ID an SSE client saw last: it resumes after it.
+        /// A WebSocket client that opted into resume (the subprotocol
+        /// `wsgate.resume.v1`, `wire/envelope.rs`): it gets each message
+        /// in its envelope, with its ID.
+        envelope: bool,
+        /// The message ID an SSE or resume client saw last: it resumes
+        /// after it.
         after: Option<u64>,
         /// What its authentication granted (or must still ask).
         #[cfg(feature = "auth")]
@@ -287,6 +297,7 @@ pub(crate) fn parse_route(buf: &[u8], route: &Route<'_>) -> Parsed {
             key: accepted.lobby_key,
             deflate: false,
             sse: true,
+            envelope: false,
             after: accepted.after,
             #[cfg(feature = "auth")]
             grant: accepted.grant,
@@ -311,7 +322,8 @@ pub(crate) fn parse_route(buf: &[u8], route: &Route<'_>) -> Parsed {
                 key: accepted.lobby_key,
                 deflate: accepted.deflate.is_some(),
                 sse: false,
-                after: None,
+                envelope: accepted.envelope,
+                after: accepted.after,
                 #[cfg(feature = "auth")]
                 grant: accepted.grant,
             }
@@ -491,8 +503,9 @@ struct Accepted<'b, 'r> {
     /// A Server-Sent Events request.
     #[cfg(feature = "sse")]
     sse: bool,
-    /// For SSE: the message ID it resumes after.
-    #[cfg(feature = "sse")]
+    /// A WebSocket client that offered the resume subprotocol.
+    envelope: bool,
+    /// For SSE or a resume client: the message ID it resumes after.
     after: Option<u64>,
     /// For SSE: its `Origin`, if a browser sent one (and it is allowed).
     #[cfg(feature = "sse")]
@@ -568,8 +581,23 @@ fn check<'b, 'r>(
     if protocol.is_none() && endpoint.require_subprotocol && !sse {
         return Err(Rejection::new(400, "no subprotocol this endpoint speaks"));
     }
+    // Resume is answered in place of the route's subprotocol: an answer
+    // names one, and this one says how every message is framed.
     #[cfg(feature = "sse")]
-    let keyed = if sse {
+    let envelope = !sse
+        && header("Sec-WebSocket-Protocol")
+            .flat_map(|v| v.split(','))
+            .any(|offered| offered.trim() == crate::wire::envelope::PROTOCOL);
+    #[cfg(not(feature = "sse"))]
+    let envelope = false;
+    #[cfg(feature = "sse")]
+    let protocol = if envelope {
+        Some(crate::wire::envelope::PROTOCOL)
+    } else {
+        protocol
+    };
+    #[cfg(feature = "sse")]
+    let keyed = if sse || envelope {
         std::borrow::Cow::Owned(without_last_event_id(query))
     } else {
         std::borrow::Cow::Borrowed(query)
@@ -583,17 +611,25 @@ fn check<'b, 'r>(
         ),
         None => None,
     };
+    // A browser cannot set a header on a WebSocket: a resume client's
+    // position is in the query only.
     #[cfg(feature = "sse")]
     let after = if sse {
         last_event_id(header("Last-Event-ID").next(), query)?
+    } else if envelope {
+        last_event_id(None, query)?
     } else {
         None
     };
+    #[cfg(not(feature = "sse"))]
+    let after = None;
+    // A resume client is declined permessage-deflate (the envelope is not
+    // compressed); it then speaks uncompressed, as RFC 7692 lets it.
     let deflate = endpoint
         .compression
         .then(|| deflate::negotiate(header("Sec-WebSocket-Extensions")))
         .flatten()
-        .filter(|_| !sse);
+        .filter(|_| !sse && !envelope);
     #[cfg(feature = "auth")]
     let grant = match &endpoint.auth {
         None => Grant::default(),
@@ -622,7 +658,7 @@ fn check<'b, 'r>(
         deflate,
         #[cfg(feature = "sse")]
         sse,
-        #[cfg(feature = "sse")]
+        envelope,
         after,
         #[cfg(feature = "sse")]
         origin: header("Origin").next(),
@@ -913,6 +949,76 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[cfg(feature = "sse")]
+    #[test]
+    fn the_resume_subprotocol_is_answered_alone_and_brings_its_position() {
+        let endpoints = [Endpoint {
+            compression: true,
+            ..Endpoint::plain(RouteId(0), "/prices")
+        }];
+        let offer = "Sec-WebSocket-Protocol: bearer.secret, wsgate.resume.v1\r\n\
+                     Sec-WebSocket-Extensions: permessage-deflate\r\n";
+        let bytes = request("GET /prices?last_event_id=00000000000000ff HTTP/1.1", offer);
+        match parse_route(bytes.as_bytes(), &route_over(&endpoints, &[])) {
+            Parsed::Upgrade {
+                response,
+                envelope: true,
+                deflate: false,
+                after: Some(0xff),
+                ..
+            } => {
+                let text = String::from_utf8(response).unwrap();
+                assert!(
+                    text.contains("Sec-WebSocket-Protocol: wsgate.resume.v1\r\n"),
+                    "{text}"
+                );
+                assert!(
+                    !text.contains("bearer"),
+                    "a token is never answered: {text}"
+                );
+                assert!(!text.contains("Sec-WebSocket-Extensions"), "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Beside the route's own, which a route that requires one checks
+        // for; the position is not part of the key.
+        let book = |target: &str, offer: &str| {
+            upgrade(target, &format!("Sec-WebSocket-Protocol: {offer}\r\n"))
+        };
+        match book(
+            "/book?last_event_id=0000000000000001&symbol=btc",
+            "v1, wsgate.resume.v1",
+        ) {
+            Parsed::Upgrade {
+                response,
+                key,
+                envelope: true,
+                after: Some(1),
+                ..
+            } => {
+                let text = String::from_utf8(response).unwrap();
+                assert!(text.contains("Sec-WebSocket-Protocol: wsgate.resume.v1\r\n"));
+                assert_eq!(key.as_deref(), Some("symbol=btc"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(status(book("/book?symbol=btc", "wsgate.resume.v1")), 400);
+        assert_eq!(
+            status(book("/prices?last_event_id=12", "wsgate.resume.v1")),
+            400,
+            "not a message ID"
+        );
+        // A plain client's query is as ever: no position, no envelope.
+        assert!(matches!(
+            upgrade("/prices?last_event_id=0000000000000001", ""),
+            Parsed::Upgrade {
+                envelope: false,
+                after: None,
+                ..
+            }
+        ));
     }
 
     #[test]

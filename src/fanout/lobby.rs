@@ -24,6 +24,14 @@
 //! only while such a member is here, and only for messages of at least
 //! `compress_min` bytes that deflate makes smaller (the others go out
 //! uncompressed to everyone).
+//!
+//! With feature `sse` a lobby also builds, once per message and only while
+//! such a member is here, the event-stream form for SSE clients
+//! (`wire/sse.rs`) and the resume envelope for WebSocket clients that
+//! opted in (`wire/envelope.rs`); each kind of member has a list of its
+//! own, so the loop over plain members is the same whatever else is here.
+//! A client resuming after a message ID is caught up from the history like
+//! a client moving in, or told with a reset that the ID is not held.
 
 use std::{
     sync::{
@@ -39,7 +47,7 @@ use log::{debug, error, info, trace, warn};
 use mio::{Events, Poll, Token, Waker};
 
 #[cfg(feature = "sse")]
-use crate::wire::sse;
+use crate::wire::{envelope, sse};
 use crate::{
     config::OriginLoss,
     control::{
@@ -85,8 +93,8 @@ const FORWARD_QUEUE: usize = 64;
 pub(crate) enum LobbyMsg {
     /// Start delivering to this new client: after the configured replay,
     /// or, for a client resuming (`after`, a message ID it saw), right
-    /// after that message if the history holds it (an SSE reset event and
-    /// the live edge if not).
+    /// after that message if the history holds it (a reset, an SSE event
+    /// or a WebSocket message, and the live edge if not).
     Join { member: Member, after: Option<u64> },
     /// Stop delivering to this client.
     Leave(ClientId),
@@ -121,6 +129,10 @@ pub(crate) struct Member {
     /// false without it).
     #[cfg_attr(not(feature = "sse"), allow(dead_code))]
     pub sse: bool,
+    /// A WebSocket client that opted into resume: it gets the envelope
+    /// form (feature `sse`; always false without it).
+    #[cfg_attr(not(feature = "sse"), allow(dead_code))]
+    pub envelope: bool,
 }
 
 /// The manager's handle on a lobby thread.
@@ -248,6 +260,10 @@ pub(crate) fn spawn(id: LobbyId, env: &LobbyEnv) -> Result<LobbyHandle> {
             streams: Vec::new(),
             #[cfg(feature = "sse")]
             streaming: 0,
+            #[cfg(feature = "sse")]
+            sealed: Vec::new(),
+            #[cfg(feature = "sse")]
+            sealing: 0,
             compress_min: env.compress_min,
             writers: Arc::clone(&env.writers),
             touched: vec![false; env.writers.len()],
@@ -391,10 +407,13 @@ impl Lobby {
         let adopting = fanout.adopting.drain(..).map(|a| a.member);
         let catching_up = fanout.catching_up.drain(..).map(|c| c.member);
         #[cfg(feature = "sse")]
-        let adopting = adopting.chain(fanout.streams.drain(..));
+        let adopting = adopting
+            .chain(fanout.streams.drain(..))
+            .chain(fanout.sealed.drain(..));
         #[cfg(feature = "sse")]
         {
             fanout.streaming = 0;
+            fanout.sealing = 0;
         }
         for member in fanout.members.drain(..).chain(catching_up).chain(adopting) {
             member.queue.push(close.clone());
@@ -502,6 +521,15 @@ struct Fanout {
     /// the event-stream form: while there are none, none is built.
     #[cfg(feature = "sse")]
     streaming: usize,
+    /// WebSocket clients at the live edge that opted into resume: each
+    /// broadcast's envelope form goes to them (apart from `members`, like
+    /// `streams`).
+    #[cfg(feature = "sse")]
+    sealed: Vec<Member>,
+    /// Clients here (at the live edge, catching up or moving in) that take
+    /// the envelope form: while there are none, none is built.
+    #[cfg(feature = "sse")]
+    sealing: usize,
     compress_min: usize,
     writers: Arc<[Arc<WriterWake>]>,
     /// Per writer: owns a member that got frames since the last wake.
@@ -523,7 +551,7 @@ impl Fanout {
     fn len(&self) -> usize {
         let len = self.members.len() + self.catching_up.len() + self.adopting.len();
         #[cfg(feature = "sse")]
-        let len = len + self.streams.len();
+        let len = len + self.streams.len() + self.sealed.len();
         len
     }
 
@@ -555,11 +583,15 @@ impl Fanout {
         let mark = self.history.mark(&plain, message.position);
         #[cfg(feature = "sse")]
         let sse = (self.streaming > 0).then(|| sse::event(mark.id, &plain));
+        #[cfg(feature = "sse")]
+        let envelope = (self.sealing > 0).then(|| envelope::envelope(mark.id, &plain));
         let forms = Forms {
             plain,
             deflated,
             #[cfg(feature = "sse")]
             sse,
+            #[cfg(feature = "sse")]
+            envelope,
         };
         let mut dropped = [0; DropReason::COUNT];
         for member in &self.members {
@@ -569,12 +601,14 @@ impl Fanout {
             }
             self.touched[member.writer] = true;
         }
+        #[cfg(feature = "sse")]
+        self.seal(&forms, &mut dropped);
         for reason in DropReason::ALL {
             self.stats.dropped(reason, dropped[reason as usize]);
         }
         let pushed = self.members.len() as u64;
         #[cfg(feature = "sse")]
-        let pushed = pushed + self.stream(&forms);
+        let pushed = pushed + self.sealed.len() as u64 + self.stream(&forms);
         let dropped = dropped.iter().sum();
         self.counters.message(&self.stats.epoch, pushed, dropped);
         self.history.push_marked(forms, mark);
@@ -613,11 +647,31 @@ impl Fanout {
         pushed
     }
 
+    /// Queues a message's envelope for the members that opted into
+    /// resume, dropping their oldest like any WebSocket member's, counted
+    /// in `dropped` by reason.
+    #[cfg(feature = "sse")]
+    fn seal(&mut self, forms: &Forms, dropped: &mut [u64; DropReason::COUNT]) {
+        let Some(sealed) = &forms.envelope else {
+            return;
+        };
+        for member in &self.sealed {
+            if let Pushed::Dropped(reason) = member.queue.push(sealed.clone()) {
+                dropped[reason as usize] += 1;
+            }
+            self.touched[member.writer] = true;
+        }
+    }
+
     /// A client reaches the live edge: the broadcast goes to it from now on.
     fn go_live(&mut self, member: Member) {
         #[cfg(feature = "sse")]
         if member.sse {
             return self.streams.push(member);
+        }
+        #[cfg(feature = "sse")]
+        if member.envelope {
+            return self.sealed.push(member);
         }
         self.members.push(member);
     }
@@ -652,6 +706,7 @@ impl Fanout {
         #[cfg(feature = "sse")]
         {
             self.streaming += usize::from(member.sse);
+            self.sealing += usize::from(member.envelope);
             if let Some(after) = after {
                 return self.resume(member, after);
             }
@@ -668,8 +723,8 @@ impl Fanout {
 
     /// A client that saw message `after` last: the frames after it from the
     /// history, then the live stream; if the history does not hold them (an
-    /// ID older than it, or one it never had), the reset event, counted,
-    /// then the live stream.
+    /// ID older than it, or one it never had), the reset (an event for a
+    /// stream, a message for a WebSocket), counted, then the live stream.
     #[cfg(feature = "sse")]
     fn resume(&mut self, member: Member, after: u64) {
         match self.history.find_id(after) {
@@ -691,7 +746,12 @@ impl Fanout {
                     member.id,
                     sse::format_id(after)
                 );
-                member.queue.push_event(sse::reset());
+                let reset = if member.sse {
+                    sse::reset()
+                } else {
+                    envelope::reset()
+                };
+                push_to(&member, reset);
                 self.touched[member.writer] = true;
                 self.enlist(member, self.history.head());
             }
@@ -705,6 +765,7 @@ impl Fanout {
         #[cfg(feature = "sse")]
         {
             self.streaming += usize::from(member.sse);
+            self.sealing += usize::from(member.envelope);
         }
         if resume.is_empty() {
             // It had received nothing yet: the live edge is where it starts.
@@ -821,6 +882,7 @@ impl Fanout {
         #[cfg(feature = "sse")]
         {
             self.streaming -= usize::from(member.sse);
+            self.sealing -= usize::from(member.envelope);
         }
         Some(resume)
     }
@@ -833,10 +895,12 @@ impl Fanout {
             return Some((self.history.resume_before(self.history.head()), member));
         }
         #[cfg(feature = "sse")]
-        if let Some(at) = self.streams.iter().position(|m| m.id == id) {
-            let member = self.streams.swap_remove(at);
-            trace!("{}: {id} left", self.lobby);
-            return Some((self.history.resume_before(self.history.head()), member));
+        for live in [&mut self.streams, &mut self.sealed] {
+            if let Some(at) = live.iter().position(|m| m.id == id) {
+                let member = live.swap_remove(at);
+                trace!("{}: {id} left", self.lobby);
+                return Some((self.history.resume_before(self.history.head()), member));
+            }
         }
         if let Some(at) = self.catching_up.iter().position(|c| c.member.id == id) {
             let c = self.catching_up.swap_remove(at);
@@ -868,8 +932,9 @@ fn push_to(member: &Member, frame: Frame) -> Pushed {
 }
 
 /// The form of frame number `at` of `history` that `member` takes, if
-/// still held: compressed, plain, or the event-stream form (built now if
-/// the lobby had no SSE member when the message came).
+/// still held: compressed, plain, the event-stream form or the envelope
+/// (either built now if the lobby had no member taking it when the
+/// message came).
 fn form_at(history: &History, at: u64, member: &Member) -> Option<Frame> {
     #[cfg(feature = "sse")]
     if member.sse {
@@ -877,6 +942,14 @@ fn form_at(history: &History, at: u64, member: &Member) -> Option<Frame> {
         return Some(match &forms.sse {
             Some(event) => event.clone(),
             None => sse::event(id, &forms.plain),
+        });
+    }
+    #[cfg(feature = "sse")]
+    if member.envelope {
+        let (forms, id) = history.get_with_id(at)?;
+        return Some(match &forms.envelope {
+            Some(sealed) => sealed.clone(),
+            None => envelope::envelope(id, &forms.plain),
         });
     }
     let forms = history.get(at)?;
@@ -906,6 +979,10 @@ mod tests {
             streams: Vec::new(),
             #[cfg(feature = "sse")]
             streaming: 0,
+            #[cfg(feature = "sse")]
+            sealed: Vec::new(),
+            #[cfg(feature = "sse")]
+            sealing: 0,
             compress_min: 256,
             writers: Arc::from([WriterWake::for_tests(poll)]),
             touched: vec![false],
@@ -919,6 +996,7 @@ mod tests {
             writer: 0,
             deflate: false,
             sse: false,
+            envelope: false,
         });
         (fanout, stats)
     }
@@ -948,6 +1026,7 @@ mod tests {
             writer: 0,
             deflate: false,
             sse: false,
+            envelope: false,
         };
         fanout.enlist(member, fanout.history.head() - 20);
         for n in 0..200u8 {
@@ -993,6 +1072,7 @@ mod tests {
                 writer: 0,
                 deflate: false,
                 sse: false,
+                envelope: false,
             },
             None,
         );
@@ -1034,6 +1114,7 @@ mod tests {
             writer: 0,
             deflate: false,
             sse: true,
+            envelope: false,
         };
         let texts = |queue: &ClientQueue| -> Vec<String> {
             std::iter::from_fn(|| queue.pop())
@@ -1072,5 +1153,78 @@ mod tests {
         assert!(got[1].ends_with("data: g\n\n"), "{got:?}");
         assert_eq!(got.len(), 2);
         assert_eq!(stats.resume_resets.load(Relaxed), 1);
+    }
+
+    #[cfg(feature = "sse")]
+    #[test]
+    fn a_resume_member_gets_envelopes_beside_unchanged_plain_frames_or_a_reset() {
+        let poll = Poll::new().unwrap();
+        let (mut fanout, stats) = fanout_with_a_reader(&poll, 0);
+        let plain = fanout.members[0].queue.clone();
+        for n in 0..3u8 {
+            fanout.broadcast(Message::payload(MessageKind::Text, &[b'a' + n]));
+        }
+        assert!(
+            fanout.history.get(0).unwrap().envelope.is_none(),
+            "none built"
+        );
+        let id_of = |fanout: &Fanout, at: u64| fanout.history.get_with_id(at).unwrap().1;
+        let sealed = |queue: &ClientQueue, id| Member {
+            id: ClientId(id),
+            queue: queue.clone(),
+            writer: 0,
+            deflate: false,
+            sse: false,
+            envelope: true,
+        };
+        let payloads = |queue: &ClientQueue| -> Vec<Vec<u8>> {
+            std::iter::from_fn(|| queue.pop())
+                .map(|f| frame::opcode_and_payload(&f).1.to_vec())
+                .collect()
+        };
+        // After the first message: the second and third, sealed now.
+        let queue = ClientQueue::new(16, false);
+        fanout.join_new(sealed(&queue, 1), Some(id_of(&fanout, 0)));
+        fanout.catch_up();
+        fanout.broadcast(Message::payload(MessageKind::Text, b"d"));
+        let want: Vec<Vec<u8>> = (1..4)
+            .map(|at| {
+                format!(
+                    "{:016x} {}",
+                    id_of(&fanout, at),
+                    char::from(b'a' + at as u8)
+                )
+            })
+            .map(String::into_bytes)
+            .collect();
+        assert_eq!(payloads(&queue), want);
+        assert_eq!(
+            payloads(&plain),
+            [b"a", b"b", b"c", b"d"],
+            "the plain member's frames are as ever"
+        );
+        assert_eq!(stats.resumes.load(Relaxed), 1);
+        // An ID it never had: the reset message, then live.
+        let other = ClientQueue::new(16, false);
+        fanout.join_new(sealed(&other, 2), Some(0xdead));
+        fanout.catch_up();
+        fanout.broadcast(Message::payload(MessageKind::Binary, b"e"));
+        let id = id_of(&fanout, 4);
+        let got: Vec<_> = std::iter::from_fn(|| other.pop()).collect();
+        assert_eq!(
+            frame::opcode_and_payload(&got[0]),
+            (frame::OP_TEXT, &b"reset"[..])
+        );
+        assert_eq!(
+            frame::opcode_and_payload(&got[1]),
+            (frame::OP_BINARY, format!("{id:016x} e").as_bytes())
+        );
+        assert_eq!(got.len(), 2);
+        assert_eq!(stats.resume_resets.load(Relaxed), 1);
+        // Both leave: no envelope is built any more.
+        fanout.remove(ClientId(1));
+        fanout.remove(ClientId(2));
+        fanout.broadcast(Message::payload(MessageKind::Text, b"f"));
+        assert!(fanout.history.get(5).unwrap().envelope.is_none());
     }
 }

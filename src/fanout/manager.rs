@@ -159,6 +159,9 @@ struct ClientEntry {
     deflate: bool,
     /// An SSE client: every lobby it joins sends it the event-stream form.
     sse: bool,
+    /// A WebSocket client that opted into resume: every lobby it joins
+    /// sends it the envelope form.
+    envelope: bool,
 }
 
 #[derive(Debug)]
@@ -289,6 +292,7 @@ impl Manager {
             group,
             deflate,
             sse,
+            envelope,
             after,
             expires,
             #[cfg(feature = "tls")]
@@ -332,6 +336,7 @@ impl Manager {
                 group,
                 deflate,
                 sse,
+                envelope,
             },
         );
         let Some(lobby) = self.place(id, after) else {
@@ -377,7 +382,7 @@ impl Manager {
             client.queue.clone(),
             client.writer as usize,
         );
-        let (deflate, sse) = (client.deflate, client.sse);
+        let (deflate, sse, envelope) = (client.deflate, client.sse, client.envelope);
         loop {
             let lobby = self.find_lobby(&group)?;
             let member = Member {
@@ -386,6 +391,7 @@ impl Manager {
                 writer,
                 deflate,
                 sse,
+                envelope,
             };
             if self
                 .lobbies
@@ -573,6 +579,7 @@ impl Manager {
             writer: client.writer as usize,
             deflate: client.deflate,
             sse: client.sse,
+            envelope: client.envelope,
         };
         let adopted = self
             .lobbies

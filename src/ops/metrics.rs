@@ -329,9 +329,10 @@ impl Collector for GatewayCollector {
         )?;
         out.counters_by(
             "resumes",
-            "Clients resuming after a message ID (SSE Last-Event-ID), by outcome: \
-             from_history (they got exactly what followed it), reset (the ID was not \
-             in the lobby's history: the reset event, then the live stream)",
+            "Clients resuming after a message ID (SSE Last-Event-ID, or a wsgate.resume.v1 \
+             client's last_event_id), by outcome: from_history (they got exactly what \
+             followed it), reset (the ID was not in the lobby's history: the reset event \
+             or message, then the live stream)",
             "outcome",
             RESUMES,
         )?;

@@ -76,6 +76,10 @@ pub(crate) struct Forms {
     /// SSE member.
     #[cfg(feature = "sse")]
     pub sse: Option<Frame>,
+    /// The resume envelope (`envelope.rs`), built while the lobby has a
+    /// WebSocket member that opted in.
+    #[cfg(feature = "sse")]
+    pub envelope: Option<Frame>,
 }
 
 impl Forms {
@@ -87,6 +91,8 @@ impl Forms {
             deflated: None,
             #[cfg(feature = "sse")]
             sse: None,
+            #[cfg(feature = "sse")]
+            envelope: None,
         }
     }
 
@@ -103,7 +109,9 @@ impl Forms {
     pub(crate) fn len(&self) -> usize {
         let len = self.plain.len() + self.deflated.as_ref().map_or(0, |d| d.len());
         #[cfg(feature = "sse")]
-        let len = len + self.sse.as_ref().map_or(0, |s| s.len());
+        let len = len
+            + self.sse.as_ref().map_or(0, |s| s.len())
+            + self.envelope.as_ref().map_or(0, |e| e.len());
         len
     }
 }
@@ -156,9 +164,21 @@ pub(crate) fn opcode_and_payload(frame: &Frame) -> (u8, &[u8]) {
 }
 
 fn encode_first_byte(first: u8, payload: &[u8], stamp: u32) -> Frame {
+    encode_parts(first, &[], payload, stamp)
+}
+
+/// Encodes one unmasked, final server frame whose payload is `prefix`
+/// then `payload` (no copy of them joined first), stamped like
+/// [`encode_stamped`].
+#[cfg(feature = "sse")]
+pub(crate) fn encode_prefixed(opcode: u8, prefix: &[u8], payload: &[u8], stamp: u32) -> Frame {
+    encode_parts(0x80 | opcode, prefix, payload, stamp)
+}
+
+fn encode_parts(first: u8, prefix: &[u8], payload: &[u8], stamp: u32) -> Frame {
     let mut header = [0u8; 10];
     header[0] = first;
-    let len = payload.len();
+    let len = prefix.len() + payload.len();
     let header_len = if len < 126 {
         header[1] = len as u8;
         2
@@ -171,11 +191,11 @@ fn encode_first_byte(first: u8, payload: &[u8], stamp: u32) -> Frame {
         header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
         10
     };
-    stamped(stamp, [&header[..header_len], payload])
+    stamped(stamp, [&header[..header_len], prefix, payload])
 }
 
 /// `parts` behind `stamp`, as one frame in an exactly sized buffer.
-fn stamped(stamp: u32, parts: [&[u8]; 2]) -> Frame {
+fn stamped<const N: usize>(stamp: u32, parts: [&[u8]; N]) -> Frame {
     let len: usize = parts.iter().map(|p| p.len()).sum();
     let mut bytes = Vec::with_capacity(STAMP + len);
     bytes.extend_from_slice(&stamp.to_le_bytes());

@@ -5,7 +5,8 @@
 //! inflates permessage-deflate messages and negotiates the extension;
 //! `close.rs` holds the close codes and the violations both report;
 //! `handshake.rs` computes the upgrades' accept key; `sse.rs` (feature
-//! `sse`) encodes a message as a Server-Sent Event; `tls.rs` (feature
+//! `sse`) encodes a message as a Server-Sent Event, and `envelope.rs` as
+//! the resume envelope of a WebSocket client that opted in; `tls.rs` (feature
 //! `tls`) moves a `wss://` client's bytes through its rustls session, the
 //! one place here that reads and writes a socket (any `Read + Write`). Sources encode with it,
 //! lobbies and their history share its frames, writers decode with it, and
@@ -15,6 +16,8 @@
 
 pub(crate) mod close;
 pub(crate) mod deflate;
+#[cfg(feature = "sse")]
+pub(crate) mod envelope;
 pub(crate) mod frame;
 pub(crate) mod handshake;
 #[cfg(feature = "sse")]

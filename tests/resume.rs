@@ -1,0 +1,451 @@
+//! WebSocket resume end to end (feature `sse`, which carries message
+//! IDs): a client that offers the `wsgate.resume.v1` subprotocol gets every
+//! message in its envelope (`<16 hex digits> <payload>`) with the IDs an
+//! event stream on the same lobby sees, resumes after the ID it hands back
+//! in `last_event_id`, or gets the `reset` message then the live stream;
+//! plain clients on the same lobby get their bytes as ever. Then
+//! `examples/resume.js` in headless Chromium across a dropped connection.
+//! Real sockets, the real test origin; counts and order, never speed.
+#![cfg(feature = "sse")]
+
+mod support;
+
+use std::{
+    io,
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::Duration,
+};
+
+use support::*;
+use tungstenite::Message;
+
+/// The subprotocol that opts into resume.
+const PROTOCOL: &str = "wsgate.resume.v1";
+
+/// A WebSocket client at `target` offering `protocols`, and the
+/// subprotocol the gateway answered, if any.
+fn offering(addr: SocketAddr, target: &str, protocols: &[&str]) -> (Client, Option<String>) {
+    let stream = TcpStream::connect(addr).expect("connect to gateway");
+    stream
+        .set_read_timeout(Some(DEADLINE))
+        .expect("read timeout");
+    let uri: tungstenite::http::Uri = format!("ws://{addr}{target}").parse().expect("a URI");
+    let mut request = tungstenite::ClientRequestBuilder::new(uri);
+    for p in protocols {
+        request = request.with_sub_protocol(*p);
+    }
+    let (ws, response) = tungstenite::client(request, stream).expect("upgrade");
+    let answered = response
+        .headers()
+        .get("Sec-WebSocket-Protocol")
+        .map(|v| v.to_str().expect("ASCII").to_owned());
+    (ws, answered)
+}
+
+/// A resume client at `/`, after `after` if given.
+fn resume_client(addr: SocketAddr, after: Option<&str>) -> Client {
+    let target = after.map_or_else(|| "/".to_owned(), |id| format!("/?last_event_id={id}"));
+    let (ws, answered) = offering(addr, &target, &[PROTOCOL]);
+    assert_eq!(answered.as_deref(), Some(PROTOCOL));
+    ws
+}
+
+/// The next data message, as its opcode's kind and payload.
+#[track_caller]
+fn next_data(ws: &mut Client) -> Message {
+    loop {
+        match ws.read().expect("a message before the deadline") {
+            m @ (Message::Text(_) | Message::Binary(_)) => return m,
+            Message::Close(frame) => panic!("closed by the gateway: {frame:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// The next message in its envelope: its ID and its text.
+#[track_caller]
+fn next_sealed(ws: &mut Client) -> (String, String) {
+    let Message::Text(text) = next_data(ws) else {
+        panic!("a text message expected");
+    };
+    assert!(
+        text.len() >= 17 && text.is_char_boundary(16),
+        "not an envelope: {text:?}"
+    );
+    let (id, payload) = text.split_at(16);
+    assert!(
+        id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')),
+        "{text}"
+    );
+    let payload = payload.strip_prefix(' ').expect("a space after the ID");
+    (id.to_owned(), payload.to_owned())
+}
+
+/// A gateway with a plain WebSocket client holding its one lobby open, so
+/// the lobby and its history outlive the resume clients that come and go.
+fn gateway_with_a_lobby(
+    config: impl FnOnce(&mut wsgate::Config),
+) -> (TestOrigin, wsgate::GatewayHandle, Follower) {
+    let origin = TestOrigin::start();
+    let mut c = test_config(&origin.url());
+    config(&mut c);
+    let gw = start_gateway(c);
+    let ws = Follower::spawn(connect_clients(&gw, 1).remove(0));
+    wait_until("one origin connection", || origin.open() == 1);
+    (origin, gw, ws)
+}
+
+#[test]
+fn a_plain_client_keeps_its_bytes_while_a_resume_client_gets_envelopes_with_the_sse_ids() {
+    let origin = TestOrigin::start();
+    let gw = start_gateway(test_config(&origin.url()));
+    let addr = gw.local_addr();
+    let mut plain = ws_client(addr);
+    let mut sealed = resume_client(addr, None);
+    let mut stream = sse_client(addr, "/", &[]);
+    wait_placed(&gw, 3);
+    wait_until("one origin connection", || origin.open() == 1);
+    assert_eq!(gw.lobbies(DEADLINE).len(), 1, "one lobby for all three");
+    for n in 1..=5 {
+        origin.send_seq(n);
+    }
+    origin.send(Message::binary(vec![0u8, 1, 2, 0xff]));
+    for n in 1..=5 {
+        assert_eq!(next_data(&mut plain), Message::text(n.to_string()), "plain");
+        let (id, text) = next_sealed(&mut sealed);
+        assert_eq!(text, n.to_string(), "in its envelope");
+        let (data, sse_id) = stream.message();
+        assert_eq!(data, n.to_string());
+        assert_eq!(id, sse_id, "the ID an event stream sees");
+    }
+    assert_eq!(
+        next_data(&mut plain),
+        Message::binary(vec![0u8, 1, 2, 0xff])
+    );
+    let Message::Binary(bytes) = next_data(&mut sealed) else {
+        panic!("binary stays binary");
+    };
+    let id = stream.event().id.expect("an id");
+    assert_eq!(&bytes[..17], format!("{id} ").as_bytes());
+    assert_eq!(&bytes[17..], &[0u8, 1, 2, 0xff]);
+    assert_eq!(gw.stats().frames_dropped, 0);
+}
+
+#[test]
+fn a_resume_client_back_with_its_last_id_gets_exactly_what_it_missed_then_live() {
+    let (origin, gw, _ws) = gateway_with_a_lobby(|_| {});
+    let addr = gw.local_addr();
+    let mut first = resume_client(addr, None);
+    wait_placed(&gw, 2);
+    for n in 1..=10 {
+        origin.send_seq(n);
+    }
+    // It reads five of them, then its connection drops.
+    let mut last = String::new();
+    for n in 1..=5 {
+        let (id, text) = next_sealed(&mut first);
+        assert_eq!(text, n.to_string());
+        last = id;
+    }
+    drop(first);
+    wait_clients(&gw, 1);
+    for n in 11..=15 {
+        origin.send_seq(n);
+    }
+    let mut back = resume_client(addr, Some(&last));
+    for n in 6..=15 {
+        assert_eq!(next_sealed(&mut back).1, n.to_string(), "from the history");
+    }
+    origin.send_seq(16);
+    assert_eq!(next_sealed(&mut back).1, "16", "then live");
+    let stats = gw.stats();
+    assert_eq!((stats.resumes, stats.resume_resets), (1, 0));
+}
+
+#[test]
+fn an_unknown_or_too_old_id_gets_the_reset_message_then_live_and_is_counted() {
+    let (origin, gw, ws) = gateway_with_a_lobby(|c| c.history = 64);
+    let addr = gw.local_addr();
+    origin.send_seq(1);
+    wait_until("the lobby to have a message", || ws.count() == 1);
+    let mut unknown = resume_client(addr, Some("00000000deadbeef"));
+    assert_eq!(next_data(&mut unknown), Message::text("reset"));
+    wait_placed(&gw, 2);
+    origin.send_seq(2);
+    assert_eq!(next_sealed(&mut unknown).1, "2", "live after the reset");
+    assert_eq!(gw.stats().resume_resets, 1);
+    // An ID the lobby had, and forgot: its history holds 64 messages here.
+    origin.send_seq(3);
+    let (old, text) = next_sealed(&mut unknown);
+    assert_eq!(text, "3");
+    drop(unknown);
+    for n in 4..=100 {
+        origin.send_seq(n);
+        wait_until("the plain client to keep up", || ws.count() as u64 >= n);
+    }
+    let mut too_old = resume_client(addr, Some(&old));
+    assert_eq!(next_data(&mut too_old), Message::text("reset"));
+    wait_placed(&gw, 2);
+    origin.send_seq(101);
+    assert_eq!(next_sealed(&mut too_old).1, "101", "live after the reset");
+    let stats = gw.stats();
+    assert_eq!((stats.resumes, stats.resume_resets), (0, 2));
+}
+
+#[test]
+fn resume_clients_move_between_lobbies_with_compaction_and_keep_their_envelopes() {
+    let origin = Arc::new(TestOrigin::start());
+    let mut config = test_config(&origin.url());
+    config.lobby_capacity = 2;
+    config.compact_interval = Duration::from_millis(300);
+    config.compact_fill = 1.0;
+    // A busy box's writer may fall behind for a while: not what this tests.
+    config.queue_depth = 512;
+    let gw = start_gateway(config);
+    let addr = gw.local_addr();
+    let lobbies = |gw: &wsgate::GatewayHandle| -> Vec<usize> {
+        gw.lobbies(DEADLINE).iter().map(|l| l.clients).collect()
+    };
+    // Lobby 0: a resume client and a plain one; lobby 1: a resume client.
+    let first = Follower::spawn(resume_client(addr, None));
+    wait_placed(&gw, 1);
+    let plain = connect_clients(&gw, 1).remove(0);
+    let second = Follower::spawn(resume_client(addr, None));
+    wait_until("two lobbies", || lobbies(&gw) == [2, 1]);
+    wait_until("two upstreams", || origin.open() == 2);
+    let feed = Feed::start(origin.clone(), Duration::from_millis(10));
+    wait_until("both fed", || first.count() > 5 && second.count() > 5);
+    // The plain client goes: the two resume clients fit one lobby.
+    drop(plain);
+    wait_until("one lobby", || lobbies(&gw) == [2]);
+    wait_until("one upstream", || origin.open() == 1);
+    let before = (first.count(), second.count());
+    wait_until("both fed after the move", || {
+        first.count() > before.0 + 20 && second.count() > before.1 + 20
+    });
+    feed.stop();
+    for (name, client) in [("first", first), ("second", second)] {
+        let mut ids = Vec::new();
+        let payloads: Vec<String> = client
+            .finish_timed()
+            .into_iter()
+            .map(|(_, text)| {
+                let (id, payload) = text
+                    .split_once(' ')
+                    .unwrap_or_else(|| panic!("{name}: not an envelope: {text:?}"));
+                assert_eq!(id.len(), 16, "{name}: {text:?}");
+                ids.push(id.to_owned());
+                payload.to_owned()
+            })
+            .collect();
+        let numbers = assert_continuous(&payloads, |_| 0);
+        assert!(numbers.len() > 30, "{name}: {numbers:?}");
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), payloads.len(), "{name}: an ID each");
+    }
+    assert!(gw.stats().migrations >= 1);
+    assert_eq!(gw.stats().migration_gaps, 0);
+}
+
+#[cfg(feature = "auth")]
+#[test]
+fn the_resume_subprotocol_is_answered_and_a_token_beside_it_never_is() {
+    let origin = TestOrigin::start();
+    let mut config = test_config(&origin.url());
+    config.auth.jwt_secret_file = Some(secret_file("resume"));
+    config.subprotocols = vec!["feed.v1".into()];
+    let gw = start_gateway(config);
+    let addr = gw.local_addr();
+    let token = mint(jsonwebtoken::Algorithm::HS256, &claims_for(600), None);
+    let bearer = format!("bearer.{token}");
+    let (_ws, answered) = offering(addr, "/", &[&bearer, PROTOCOL]);
+    assert_eq!(
+        answered.as_deref(),
+        Some(PROTOCOL),
+        "the token is not answered"
+    );
+    let (_ws, answered) = offering(addr, "/", &["feed.v1", &bearer, PROTOCOL]);
+    assert_eq!(
+        answered.as_deref(),
+        Some(PROTOCOL),
+        "in place of the route's"
+    );
+    let (_ws, answered) = offering(addr, "/", &["feed.v1", &bearer]);
+    assert_eq!(answered.as_deref(), Some("feed.v1"), "without it, as ever");
+    // The raw answer: one subprotocol line, naming it.
+    let (_stream, head) = upgrade_with(
+        addr,
+        "/",
+        &format!("Sec-WebSocket-Protocol: {bearer}, {PROTOCOL}\r\n"),
+    );
+    assert_eq!(status_of(&head), 101, "{head}");
+    let signature = token.rsplit('.').next().expect("a signature");
+    assert!(!head.contains(signature), "{head}");
+    let lines: Vec<&str> = head
+        .lines()
+        .filter(|l| l.to_ascii_lowercase().starts_with("sec-websocket-protocol"))
+        .collect();
+    assert_eq!(lines, [format!("Sec-WebSocket-Protocol: {PROTOCOL}")]);
+}
+
+/// `examples/resume.js`, in a page that reports each message it is handed
+/// (all of them so far, in order), each (re)connection and each reset.
+fn page(ws_url: &str) -> String {
+    format!(
+        r#"<!doctype html><title>wsgate resume</title><script>{}</script><script>
+const got = [];
+let opens = 0;
+function report(event) {{
+  const q = new URLSearchParams({{ way: "resume", event, got: got.join("_") }});
+  fetch("/report?" + q, {{ cache: "no-store" }});
+}}
+wsgateResume("{ws_url}", {{
+  onOpen() {{ opens += 1; report("open-" + opens); }},
+  onReset() {{ report("reset"); }},
+  onMessage(data) {{ got.push(data); report("got-" + got.length); }},
+}});
+</script>"#,
+        include_str!("../examples/resume.js")
+    )
+}
+
+/// A TCP relay on loopback in front of the gateway: what a network between
+/// a browser and the gateway can do to a connection, on demand. It cuts
+/// every connection it carries ([`Relay::cut`]), and then holds new ones
+/// unanswered until let through ([`Relay::let_through`]).
+struct Relay {
+    addr: SocketAddr,
+    held: Arc<AtomicBool>,
+    carried: Arc<Mutex<Vec<TcpStream>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Relay {
+    fn start(to: SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the relay");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("address");
+        let held = Arc::new(AtomicBool::new(false));
+        let carried: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (h, c, s) = (Arc::clone(&held), Arc::clone(&carried), Arc::clone(&stop));
+        let thread = thread::spawn(move || {
+            let mut waiting = Vec::new();
+            while !s.load(Ordering::SeqCst) {
+                if let Ok((client, _)) = listener.accept() {
+                    waiting.push(client);
+                }
+                if !h.load(Ordering::SeqCst) {
+                    for client in waiting.drain(..) {
+                        if let Ok(pair) = Relay::carry(client, to) {
+                            c.lock().expect("relay lock").extend(pair);
+                        }
+                    }
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+        });
+        Relay {
+            addr,
+            held,
+            carried,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Copies both ways between `client` and a new connection to `to`;
+    /// the two sockets, to cut them.
+    fn carry(client: TcpStream, to: SocketAddr) -> io::Result<[TcpStream; 2]> {
+        client.set_nonblocking(false)?;
+        let upstream = TcpStream::connect(to)?;
+        for (mut from, mut into) in [
+            (client.try_clone()?, upstream.try_clone()?),
+            (upstream.try_clone()?, client.try_clone()?),
+        ] {
+            thread::spawn(move || {
+                let _ = io::copy(&mut from, &mut into);
+                let _ = into.shutdown(Shutdown::Write);
+            });
+        }
+        Ok([client, upstream])
+    }
+
+    /// Drops every connection carried, at once, and holds new ones.
+    fn cut(&self) {
+        self.held.store(true, Ordering::SeqCst);
+        for socket in self.carried.lock().expect("relay lock").drain(..) {
+            let _ = socket.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Carries the connections held, and new ones, to the gateway.
+    fn let_through(&self) {
+        self.held.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.cut();
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The page's messages so far, from a report.
+fn got(report: &Report) -> Vec<String> {
+    report.get("got").split('_').map(str::to_owned).collect()
+}
+
+#[test]
+fn the_example_client_in_chromium_resumes_across_a_dropped_connection() {
+    let Some(chromium) = chromium() else {
+        return;
+    };
+    let (origin, gw, ws) = gateway_with_a_lobby(|_| {});
+    let relay = Relay::start(gw.local_addr());
+    let pages = Pages::start(vec![("/", page(&format!("ws://{}/", relay.addr)))]);
+    let _browser = Browser::open(&chromium, &pages.url("/"));
+    pages.wait_for("resume", "open-1");
+    wait_placed(&gw, 2);
+    for n in 1..=10 {
+        origin.send_seq(n);
+    }
+    let before = pages.wait_for("resume", "got-10");
+    // The connection drops; what is sent meanwhile waits in the history
+    // (the plain client holds the lobby open), and the page, reconnecting
+    // with backoff, is held until all of it is there.
+    relay.cut();
+    wait_clients(&gw, 1);
+    for n in 11..=20 {
+        origin.send_seq(n);
+    }
+    wait_until("the history to hold 20", || ws.count() == 20);
+    relay.let_through();
+    pages.wait_for("resume", "open-2");
+    wait_placed(&gw, 2);
+    for n in 21..=30 {
+        origin.send_seq(n);
+    }
+    let after = pages.wait_for("resume", "got-30");
+    let want: Vec<String> = (1..=30).map(|n| n.to_string()).collect();
+    assert_eq!(got(&before), want[..10]);
+    assert_eq!(got(&after), want, "every message once, in order");
+    assert!(
+        !pages.reports().iter().any(|r| r.is("resume", "reset")),
+        "{:?}",
+        pages.reports()
+    );
+    let stats = gw.stats();
+    assert_eq!((stats.resumes, stats.resume_resets), (1, 0));
+}
