@@ -20,9 +20,6 @@ pub use browser::*;
 mod origin;
 #[allow(unused_imports)]
 pub use origin::*;
-mod pages;
-#[allow(unused_imports)]
-pub use pages::*;
 #[cfg(feature = "cli")]
 mod process;
 #[cfg(feature = "cli")]
