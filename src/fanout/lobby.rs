@@ -46,8 +46,6 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError, bounded, u
 use log::{debug, error, info, trace, warn};
 use mio::{Events, Poll, Token, Waker};
 
-#[cfg(feature = "sse")]
-use crate::wire::{envelope, sse};
 use crate::{
     config::OriginLoss,
     control::{
@@ -72,6 +70,11 @@ use crate::{
         frame::{self, Forms, Frame},
     },
 };
+#[cfg(feature = "sse")]
+use crate::{
+    source::contract::Reread,
+    wire::{envelope, frame::MessageKind, sse},
+};
 
 const WAKER: Token = Token(0);
 const ORIGIN: Token = Token(1);
@@ -84,6 +87,10 @@ const WARM_FRAMES: u64 = 2 * RESUME_RUN as u64;
 /// How often a lobby tops up the queues of clients catching up from its
 /// history when no origin message wakes it.
 const CATCH_UP_TICK: Duration = Duration::from_millis(5);
+/// Longest a client resuming from beyond the history waits for the
+/// source to connect so that it can read the stream again (then: reset).
+#[cfg(feature = "sse")]
+const REREAD_WAIT: Duration = Duration::from_secs(2);
 /// Client messages waiting for a lobby to send them upstream; more are
 /// dropped and counted (each is at most `--max-client-message` bytes).
 const FORWARD_QUEUE: usize = 64;
@@ -237,6 +244,8 @@ pub(crate) fn spawn(id: LobbyId, env: &LobbyEnv) -> Result<LobbyHandle> {
         published: Arc::clone(&published),
         stats: Arc::clone(&env.stats),
     });
+    #[cfg(feature = "sse")]
+    let rereadable = origin.can_reread();
     let lobby = Lobby {
         id,
         poll,
@@ -264,6 +273,10 @@ pub(crate) fn spawn(id: LobbyId, env: &LobbyEnv) -> Result<LobbyHandle> {
             sealed: Vec::new(),
             #[cfg(feature = "sse")]
             sealing: 0,
+            #[cfg(feature = "sse")]
+            rereadable,
+            #[cfg(feature = "sse")]
+            rereading: Vec::new(),
             compress_min: env.compress_min,
             writers: Arc::clone(&env.writers),
             touched: vec![false; env.writers.len()],
@@ -356,6 +369,10 @@ impl Lobby {
             let Lobby { origin, fanout, .. } = &mut self;
             more = origin.drive(budget, &mut |message| fanout.broadcast(message)) == Drive::More;
             self.fanout.expire_adoptions(Instant::now());
+            #[cfg(feature = "sse")]
+            if !self.fanout.rereading.is_empty() {
+                self.reread();
+            }
             if self
                 .warming_from
                 .is_some_and(|from| self.fanout.history.head() >= from + WARM_FRAMES)
@@ -386,7 +403,43 @@ impl Lobby {
         if self.fanout.is_catching_up() {
             return Some(Instant::now() + CATCH_UP_TICK);
         }
-        self.fanout.next_adopt_deadline()
+        let adopt = self.fanout.next_adopt_deadline();
+        #[cfg(feature = "sse")]
+        let adopt = adopt
+            .into_iter()
+            .chain(self.fanout.rereading.iter().map(|r| r.deadline))
+            .min();
+        adopt
+    }
+
+    /// Serves the clients resuming from beyond the history from the source
+    /// (a Redis stream read again): the messages after their ID, at most
+    /// a queue's worth (the room their queue has), then the live stream;
+    /// the reset if the source no longer holds their message, more than a
+    /// queue's worth follow it, or it did not connect within
+    /// [`REREAD_WAIT`].
+    #[cfg(feature = "sse")]
+    fn reread(&mut self) {
+        let now = Instant::now();
+        for r in std::mem::take(&mut self.fanout.rereading) {
+            let queue = &r.member.queue;
+            let room = queue.depth().saturating_sub(queue.len());
+            let position = self.fanout.history.position_of(r.after);
+            match self.origin.reread(position, room) {
+                Reread::NotYet if now < r.deadline => self.fanout.rereading.push(r),
+                Reread::After(messages) => self.fanout.resume_from_source(r.member, messages),
+                outcome => {
+                    debug!(
+                        "{}: {} resumes after {}, not served by the source ({outcome:?})",
+                        self.id,
+                        r.member.id,
+                        sse::format_id(r.after)
+                    );
+                    self.fanout.reset(r.member);
+                }
+            }
+        }
+        self.fanout.wake_writers();
     }
 
     /// With `--on-origin-loss close`: close every member with 1012 so it
@@ -409,7 +462,8 @@ impl Lobby {
         #[cfg(feature = "sse")]
         let adopting = adopting
             .chain(fanout.streams.drain(..))
-            .chain(fanout.sealed.drain(..));
+            .chain(fanout.sealed.drain(..))
+            .chain(fanout.rereading.drain(..).map(|r| r.member));
         #[cfg(feature = "sse")]
         {
             fanout.streaming = 0;
@@ -488,6 +542,16 @@ struct Adopting {
     deadline: Instant,
 }
 
+/// A client resuming after message `after`, which the history does not
+/// hold, waiting for its source to read the stream again from there.
+#[cfg(feature = "sse")]
+#[derive(Debug)]
+struct Rereading {
+    member: Member,
+    after: u64,
+    deadline: Instant,
+}
+
 /// A client being brought up to the live edge from the history, as fast as
 /// its queue takes frames: `next` is the number of its next frame.
 #[derive(Debug)]
@@ -530,6 +594,14 @@ struct Fanout {
     /// the envelope form: while there are none, none is built.
     #[cfg(feature = "sse")]
     sealing: usize,
+    /// The source can read again what the history no longer holds (a
+    /// Redis stream): resumes from beyond the history wait in `rereading`.
+    #[cfg(feature = "sse")]
+    rereadable: bool,
+    /// Clients resuming from beyond the history, served by the lobby
+    /// loop from the source ([`Lobby::reread`]).
+    #[cfg(feature = "sse")]
+    rereading: Vec<Rereading>,
     compress_min: usize,
     writers: Arc<[Arc<WriterWake>]>,
     /// Per writer: owns a member that got frames since the last wake.
@@ -551,7 +623,7 @@ impl Fanout {
     fn len(&self) -> usize {
         let len = self.members.len() + self.catching_up.len() + self.adopting.len();
         #[cfg(feature = "sse")]
-        let len = len + self.streams.len() + self.sealed.len();
+        let len = len + self.streams.len() + self.sealed.len() + self.rereading.len();
         len
     }
 
@@ -738,24 +810,63 @@ impl Fanout {
                 );
                 self.enlist(member, at + 1);
             }
+            _ if self.rereadable => self.rereading.push(Rereading {
+                member,
+                after,
+                deadline: Instant::now() + REREAD_WAIT,
+            }),
             _ => {
-                bump(&self.stats.resume_resets);
                 debug!(
-                    "{}: {} resumes after {}, not in the history: reset",
+                    "{}: {} resumes after {}, not in the history",
                     self.lobby,
                     member.id,
                     sse::format_id(after)
                 );
-                let reset = if member.sse {
-                    sse::reset()
-                } else {
-                    envelope::reset()
-                };
-                push_to(&member, reset);
-                self.touched[member.writer] = true;
-                self.enlist(member, self.history.head());
+                self.reset(member);
             }
         }
+    }
+
+    /// The reset (an event for a stream, a message for a WebSocket),
+    /// counted, then the live stream.
+    #[cfg(feature = "sse")]
+    fn reset(&mut self, member: Member) {
+        bump(&self.stats.resume_resets);
+        let reset = if member.sse {
+            sse::reset()
+        } else {
+            envelope::reset()
+        };
+        push_to(&member, reset);
+        self.touched[member.writer] = true;
+        self.enlist(member, self.history.head());
+    }
+
+    /// A client resuming from beyond the history: `messages`, read again
+    /// from the source (up to the last one this lobby delivered), in its
+    /// form, then the live stream. Their IDs are those the live messages
+    /// had: made from the same positions.
+    #[cfg(feature = "sse")]
+    fn resume_from_source(&mut self, member: Member, messages: Vec<(MessageKind, Vec<u8>, u64)>) {
+        bump(&self.stats.resumes);
+        debug!(
+            "{}: {} resumes {} messages back, read again from the source",
+            self.lobby,
+            member.id,
+            messages.len()
+        );
+        for (kind, payload, position) in messages {
+            let plain = frame::encode_stamped(kind.opcode(), &payload, self.stats.epoch.micros());
+            let id = self.history.mark(&plain, Some(position)).id;
+            let form = if member.sse {
+                sse::event(id, &plain)
+            } else {
+                envelope::envelope(id, &plain)
+            };
+            push_to(&member, form);
+        }
+        self.touched[member.writer] = true;
+        self.enlist(member, self.history.head());
     }
 
     /// A client from another lobby: continue right after `resume`.
@@ -906,6 +1017,11 @@ impl Fanout {
             let c = self.catching_up.swap_remove(at);
             return Some((self.history.resume_before(c.next), c.member));
         }
+        #[cfg(feature = "sse")]
+        if let Some(at) = self.rereading.iter().position(|r| r.member.id == id) {
+            // It has had nothing here: wherever it goes, it starts live.
+            return Some((Resume::new(), self.rereading.swap_remove(at).member));
+        }
         let at = self.adopting.iter().position(|a| a.member.id == id)?;
         let adopting = self.adopting.swap_remove(at);
         Some((adopting.resume, adopting.member))
@@ -983,6 +1099,10 @@ mod tests {
             sealed: Vec::new(),
             #[cfg(feature = "sse")]
             sealing: 0,
+            #[cfg(feature = "sse")]
+            rereadable: false,
+            #[cfg(feature = "sse")]
+            rereading: Vec::new(),
             compress_min: 256,
             writers: Arc::from([WriterWake::for_tests(poll)]),
             touched: vec![false],
