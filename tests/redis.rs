@@ -770,27 +770,26 @@ fn a_resume_after_a_trimmed_entry_or_beyond_a_queue_is_reset() {
     // Another instance: its history is empty, so the stream serves resumes.
     let other = start_gateway(config);
     let addr = other.local_addr();
-    // 1 and everything before it are trimmed away.
+    let resume = |after: &str| sse_client(addr, "/", &[&format!("Last-Event-ID: {after}")]);
+    // 40 follow 2: more than an event stream's queue of 32.
+    let mut too_far = resume(&ids[2]);
+    assert_eq!(too_far.event().event.as_deref(), Some("reset"));
+    // 30 and everything before it are trimmed away.
     redis::cmd("XTRIM")
         .arg("events")
         .arg("MINID")
-        .arg(&entries[1])
+        .arg(&entries[30])
         .exec(&mut con)
         .expect("XTRIM");
-    let resume = |after: &str| sse_client(addr, "/", &[&format!("Last-Event-ID: {after}")]);
-    let mut trimmed = resume(&ids[1]);
-    // 2 is held, but 40 follow: more than an event stream's queue of 32.
-    let mut too_far = resume(&ids[2]);
-    // 30 follow 12: read again from the stream.
-    let mut near = resume(&ids[12]);
-    let (got, _) = read_messages(&mut near, 30);
-    assert_eq!(got, texts(13..=42));
-    for reset in [&mut trimmed, &mut too_far] {
-        assert_eq!(reset.event().event.as_deref(), Some("reset"));
-    }
+    let mut trimmed = resume(&ids[30]);
+    assert_eq!(trimmed.event().event.as_deref(), Some("reset"));
+    // 11 follow 31: read again from the stream.
+    let mut near = resume(&ids[31]);
+    let (got, _) = read_messages(&mut near, 11);
+    assert_eq!(got, texts(32..=42));
     // Then all of them live.
     xadd(&mut con, "43");
-    for stream in [&mut trimmed, &mut too_far, &mut near] {
+    for stream in [&mut too_far, &mut trimmed, &mut near] {
         assert_eq!(stream.message().0, "43");
     }
     let stats = other.stats();
