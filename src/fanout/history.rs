@@ -21,7 +21,8 @@
 //! With feature `sse`, every entry also has its message ID, the position a
 //! client sees and hands back to resume (`Last-Event-ID`): a source's exact
 //! position where it has one (a Redis stream ID, a publisher's sequence
-//! number, each as the 64 bits migration aligns on), and otherwise a hash of
+//! number, each as the 64 bits migration aligns on; a Redis stream's can
+//! be read back from its ID, [`History::position_of`]), and otherwise a hash of
 //! the fingerprints of the message and the [`RESUME_RUN`]` - 1` before it.
 //! Every lobby fed the same stream derives the same ID for a message once it
 //! has seen the run before it (a lobby's first few messages hash the

@@ -31,7 +31,10 @@
 //! opted in (`wire/envelope.rs`); each kind of member has a list of its
 //! own, so the loop over plain members is the same whatever else is here.
 //! A client resuming after a message ID is caught up from the history like
-//! a client moving in, or told with a reset that the ID is not held.
+//! a client moving in, or, on a source that can read its stream again (a
+//! Redis stream), from the source ([`Source::reread`], one round trip on
+//! this thread, at most a queue's worth), or told with a reset that the ID
+//! is not held.
 
 use std::{
     sync::{

@@ -30,8 +30,8 @@ use crate::{
 pub(crate) struct Message<'a> {
     /// The message itself.
     pub body: Body<'a>,
-    /// The source's exact position for this message, as 64 bits (a hash of a
-    /// Redis stream ID, a publisher's sequence number): what lobbies align
+    /// The source's exact position for this message, as 64 bits (a Redis
+    /// stream ID packed, a hash of a publisher's sequence number): what lobbies align
     /// migrating clients on. `None` where the source has no positions (a
     /// WebSocket origin, Redis pub/sub): the lobby then fingerprints the
     /// frame's bytes and aligns on runs of those (`fanout/history.rs`).

@@ -29,8 +29,11 @@
 //!   client queue's worth of entries (so a backlog reaches the queues no
 //!   faster than a round trip per queue), blocks server-side at most
 //!   [`INBOX_SLICE`], and its reply, even an empty one, is the liveness
-//!   signal. Stream IDs are the messages' positions, so lobbies align
-//!   migrating clients on them exactly.
+//!   signal. Stream IDs, packed into 64 bits, are the messages'
+//!   positions, so lobbies align migrating clients on them exactly; a
+//!   client resuming after an entry its lobby's history no longer holds is
+//!   served by [`Source::reread`], one `XRANGE` from that entry to the
+//!   last one delivered.
 //!
 //! A payload that is valid UTF-8 goes to clients as a text message, any
 //! other as binary. Failures are counted by the same causes as a
