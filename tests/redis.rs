@@ -3,8 +3,9 @@
 //! restarts or kills the gateway's connections, a silent server (stopped
 //! with SIGSTOP) replaced, streams that lose nothing across reconnects (and
 //! count what was trimmed or lacks the field), messages above the limit
-//! skipped, binary payloads, credentials and databases, and two gateway
-//! processes on one channel.
+//! skipped, binary payloads, credentials and databases, two gateway
+//! processes on one channel, and (feature `sse`) event streams resuming
+//! from the stream itself on a gateway whose history never held their ID.
 
 mod support;
 
@@ -660,6 +661,7 @@ fn payloads_that_are_not_utf8_reach_clients_as_binary_and_the_rest_as_text() {
 }
 
 /// Adds an entry with field `data` to stream `events`; its ID.
+#[cfg(feature = "sse")]
 fn xadd(con: &mut redis::Connection, data: &str) -> String {
     redis::cmd("XADD")
         .arg("events")
@@ -671,6 +673,7 @@ fn xadd(con: &mut redis::Connection, data: &str) -> String {
 }
 
 /// The data of `n` events of `client`, each with an ID, and the last ID.
+#[cfg(feature = "sse")]
 #[track_caller]
 fn read_messages(client: &mut SseClient, n: usize) -> (Vec<String>, String) {
     let mut last = String::new();
@@ -684,10 +687,12 @@ fn read_messages(client: &mut SseClient, n: usize) -> (Vec<String>, String) {
     (got, last)
 }
 
+#[cfg(feature = "sse")]
 fn texts(range: std::ops::RangeInclusive<u32>) -> Vec<String> {
     range.map(|n| n.to_string()).collect()
 }
 
+#[cfg(feature = "sse")]
 #[test]
 fn an_event_stream_resumes_on_a_new_gateway_from_the_stream_itself() {
     let Some(redis) = RedisServer::start() else {
@@ -744,6 +749,7 @@ fn an_event_stream_resumes_on_a_new_gateway_from_the_stream_itself() {
     assert_eq!((stats.resumes, stats.resume_resets), (2, 0), "{stats:?}");
 }
 
+#[cfg(feature = "sse")]
 #[test]
 fn a_resume_after_a_trimmed_entry_or_beyond_a_queue_is_reset() {
     let Some(redis) = RedisServer::start() else {

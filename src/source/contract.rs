@@ -58,8 +58,10 @@ impl<'a> Message<'a> {
     }
 }
 
-/// What [`Source::reread`] found after a position.
+/// What [`Source::reread`] found after a position. Only a Redis stream
+/// (feature `redis`) finds more than [`Reread::Unsupported`].
 #[cfg(feature = "sse")]
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Reread {
     /// This source keeps nothing to read again (only the lobby's history
