@@ -508,6 +508,8 @@ impl Lobby {
                     left = true;
                 }
                 Ok(LobbyMsg::Release(id)) => {
+                    #[cfg(feature = "sse")]
+                    self.fanout.reset_rereading(id);
                     let resume = self.fanout.remove(id).unwrap_or_default();
                     let _ = self.manager.send(ManagerMsg::Released { id, resume });
                     left = true;
@@ -835,14 +837,23 @@ impl Fanout {
     #[cfg(feature = "sse")]
     fn reset(&mut self, member: Member) {
         bump(&self.stats.resume_resets);
-        let reset = if member.sse {
-            sse::reset()
-        } else {
-            envelope::reset()
-        };
-        push_to(&member, reset);
+        push_to(&member, reset_for(&member));
         self.touched[member.writer] = true;
         self.enlist(member, self.history.head());
+    }
+
+    /// A client still waiting for its source to read the stream again is
+    /// moving to another lobby, where it starts live: it is told with the
+    /// reset first (queued ahead of anything it gets there).
+    #[cfg(feature = "sse")]
+    fn reset_rereading(&mut self, id: ClientId) {
+        let Some(r) = self.rereading.iter().find(|r| r.member.id == id) else {
+            return;
+        };
+        bump(&self.stats.resume_resets);
+        push_to(&r.member, reset_for(&r.member));
+        self.touched[r.member.writer] = true;
+        self.wake_writers();
     }
 
     /// A client resuming from beyond the history: `messages`, read again
@@ -851,7 +862,7 @@ impl Fanout {
     /// had: made from the same positions.
     #[cfg(feature = "sse")]
     fn resume_from_source(&mut self, member: Member, messages: Vec<(MessageKind, Vec<u8>, u64)>) {
-        bump(&self.stats.resumes);
+        bump(&self.stats.resumes_from_source);
         debug!(
             "{}: {} resumes {} messages back, read again from the source",
             self.lobby,
@@ -1048,6 +1059,17 @@ fn push_to(member: &Member, frame: Frame) -> Pushed {
         return member.queue.push_event(frame);
     }
     member.queue.push(frame)
+}
+
+/// The reset `member` takes: an event for a stream, a message for a
+/// WebSocket resume client.
+#[cfg(feature = "sse")]
+fn reset_for(member: &Member) -> Frame {
+    if member.sse {
+        sse::reset()
+    } else {
+        envelope::reset()
+    }
 }
 
 /// The form of frame number `at` of `history` that `member` takes, if
@@ -1275,6 +1297,62 @@ mod tests {
         assert!(got[0].starts_with("event: reset\n"), "{got:?}");
         assert!(got[1].ends_with("data: g\n\n"), "{got:?}");
         assert_eq!(got.len(), 2);
+        assert_eq!(stats.resume_resets.load(Relaxed), 1);
+    }
+
+    #[cfg(feature = "sse")]
+    #[test]
+    fn a_resume_beyond_the_history_waits_for_the_source_or_is_reset_when_it_moves_first() {
+        let poll = Poll::new().unwrap();
+        let (mut fanout, stats) = fanout_with_a_reader(&poll, 0);
+        fanout.rereadable = true;
+        let at = |position| Message {
+            body: Body::Payload(MessageKind::Text, b"x"),
+            position: Some(position),
+        };
+        fanout.broadcast(at(7));
+        let id_at = |fanout: &Fanout, position| {
+            let plain = frame::encode(frame::OP_TEXT, b"x");
+            fanout.history.mark(&plain, Some(position)).id
+        };
+        let stream = |id, queue: &ClientQueue| Member {
+            id: ClientId(id),
+            queue: queue.clone(),
+            writer: 0,
+            deflate: false,
+            sse: true,
+            envelope: false,
+        };
+        let texts = |queue: &ClientQueue| -> Vec<String> {
+            std::iter::from_fn(|| queue.pop())
+                .map(|f| String::from_utf8(f.to_vec()).unwrap())
+                .collect()
+        };
+        // After position 4, which the history never held: it waits.
+        let queue = ClientQueue::closing_when_full(16, false);
+        fanout.join_new(stream(1, &queue), Some(id_at(&fanout, 4)));
+        assert_eq!(fanout.rereading.len(), 1);
+        assert_eq!(fanout.history.position_of(fanout.rereading[0].after), 4);
+        assert!(queue.is_empty());
+        // The source read 5 to 7 again: the IDs the live stream gave them.
+        let member = fanout.rereading.remove(0).member;
+        let again = (5..=7).map(|p| (MessageKind::Text, b"x".to_vec(), p));
+        fanout.resume_from_source(member, again.collect());
+        fanout.catch_up();
+        fanout.broadcast(at(8));
+        let want: Vec<String> = (5..=8)
+            .map(|p| format!("id: {}\ndata: x\n\n", sse::format_id(id_at(&fanout, p))))
+            .collect();
+        assert_eq!(texts(&queue), want);
+        assert_eq!(stats.resumes_from_source.load(Relaxed), 1);
+        // One moved away before its source answered: the reset goes first.
+        let moving = ClientQueue::closing_when_full(16, false);
+        fanout.join_new(stream(2, &moving), Some(id_at(&fanout, 2)));
+        fanout.reset_rereading(ClientId(2));
+        assert_eq!(fanout.remove(ClientId(2)), Some(Resume::new()));
+        let got = texts(&moving);
+        assert!(got[0].starts_with("event: reset\n"), "{got:?}");
+        assert_eq!(got.len(), 1);
         assert_eq!(stats.resume_resets.load(Relaxed), 1);
     }
 
