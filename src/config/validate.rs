@@ -170,6 +170,9 @@ impl Config {
         if !self.path.starts_with('/') || self.path.contains(['?', '#', ' ']) {
             return bad("path must start with '/' and hold no query");
         }
+        if self.acceptor_nice > 19 {
+            return bad("acceptor_nice must be at most 19");
+        }
         if self.handshake_timeout.is_zero() {
             return bad("handshake_timeout must be above zero");
         }
