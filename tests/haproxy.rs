@@ -289,58 +289,83 @@ fn run_clients(
     clients.into_iter().map(|(_, record)| record).collect()
 }
 
-#[test]
-fn behind_haproxy_two_instances_serve_every_client_and_a_rolling_restart_loses_nothing() {
-    let origin = Arc::new(TestOrigin::start());
-    let url = origin.url();
-    let replay = REPLAY.to_string();
+/// Two `wsgate` processes on `origin`, each with `args` besides its
+/// addresses, a 2 s `--drain-timeout` and warnings only, behind HAProxy
+/// running `deploy/haproxy.cfg`; `None` (the skip said) if HAProxy is not
+/// installed.
+fn behind_haproxy(origin: &str, args: &[&str]) -> Option<(Haproxy, [GatewayProcess; 2])> {
     let spawn = || {
-        GatewayProcess::spawn(&[
+        let mut all = vec![
             "--listen",
             "127.0.0.1:0",
             "--admin",
             "127.0.0.1:0",
             "--origin",
-            &url,
-            // One lobby holds every client, so a reconnected client joins
-            // a lobby that has the recent past to replay.
-            "--lobby-capacity",
-            "1000",
-            "--replay",
-            &replay,
+            origin,
             "--drain-timeout",
             "2s",
             "--log-level",
             "warn",
-        ])
+        ];
+        all.extend_from_slice(args);
+        GatewayProcess::spawn(&all)
     };
     let instances = [spawn(), spawn()];
     let admin = |g: &GatewayProcess| g.admin.expect("an admin address");
-    let Some(haproxy) = Haproxy::start([
+    let haproxy = Haproxy::start([
         (instances[0].addr, admin(&instances[0])),
         (instances[1].addr, admin(&instances[1])),
-    ]) else {
-        return;
-    };
-    let [stopped, kept] = instances;
-    let instances = [&stopped, &kept];
-    let swarm = Swarm::start(haproxy.addr);
-    let placed = |g: &GatewayProcess| g.lobby_clients().iter().sum::<u64>();
+    ])?;
+    Some((haproxy, instances))
+}
+
+/// The clients placed in a gateway's lobbies.
+fn placed(g: &GatewayProcess) -> u64 {
+    g.lobby_clients().iter().sum()
+}
+
+/// Waits until `clients` are connected (as `connected` counts them) and
+/// placed in the lobbies of `instances`, and each lobby's origin connection
+/// is up; the clients on each instance, which must both serve some.
+#[track_caller]
+fn wait_placed(
+    instances: [&GatewayProcess; 2],
+    origin: &TestOrigin,
+    clients: usize,
+    connected: impl Fn() -> usize,
+) -> [u64; 2] {
     wait_until(
         "every client connected and placed, each lobby's origin up",
         || {
             let lobbies: usize = instances.iter().map(|g| g.lobby_clients().len()).sum();
-            swarm.connected() == CLIENTS
-                && instances.into_iter().map(placed).sum::<u64>() == CLIENTS as u64
+            connected() == clients
+                && instances.into_iter().map(placed).sum::<u64>() == clients as u64
                 && origin.open() == lobbies
         },
     );
-    let counts: Vec<u64> = instances.into_iter().map(placed).collect();
+    let counts = instances.map(placed);
     eprintln!("clients per instance: {counts:?}");
     assert!(
         counts.iter().all(|&n| n > 0),
         "both instances serve clients: {counts:?}"
     );
+    counts
+}
+
+#[test]
+fn behind_haproxy_two_instances_serve_every_client_and_a_rolling_restart_loses_nothing() {
+    let origin = Arc::new(TestOrigin::start());
+    let replay = REPLAY.to_string();
+    // One lobby holds every client, so a reconnected client joins a lobby
+    // that has the recent past to replay.
+    let Some((haproxy, [stopped, kept])) = behind_haproxy(
+        &origin.url(),
+        &["--lobby-capacity", "1000", "--replay", &replay],
+    ) else {
+        return;
+    };
+    let swarm = Swarm::start(haproxy.addr);
+    let counts = wait_placed([&stopped, &kept], &origin, CLIENTS, || swarm.connected());
 
     let feed = Feed::start(origin.clone(), EVERY);
     wait_until("every client receiving", || swarm.all_have(5));
