@@ -1,6 +1,8 @@
 //! wsgate behind HAProxy, with `deploy/haproxy.cfg` as users get it (its
 //! addresses from the environment): two `wsgate` processes, 1 000 clients
-//! through HAProxy, a rolling restart of one instance. HAProxy is a child
+//! through HAProxy, a rolling restart of one instance; and (feature `sse`)
+//! event streams and resume clients that a drain moves to the other
+//! instance, resuming after their last message ID. HAProxy is a child
 //! process (`haproxy` from PATH; where it is missing the test says so in one
 //! line and passes, or fails on CI), as are the gateways; every one is
 //! killed by its PID when the test ends, also on panic.
@@ -484,7 +486,10 @@ mod resume {
     const BEFORE_DRAIN: u64 = 20;
     /// Messages every client has after its move, before the feed stops.
     const AFTER_MOVE: u64 = 50;
-    /// A client's pause before it connects again.
+    /// A client's pause before it connects again. Longer than the two
+    /// instances' origin connections are apart (a few milliseconds here):
+    /// a lobby that has not yet received the ID a client resumes after
+    /// answers with a reset at once, it does not wait for it.
     const RETRY: Duration = Duration::from_millis(100);
     /// The subprotocol a WebSocket client offers to get message IDs.
     const RESUME_PROTOCOL: &str = "wsgate.resume.v1";
