@@ -480,10 +480,14 @@ mod resume {
     /// (256 messages) holds 5 s of it, what a reconnect through HAProxy
     /// has.
     const EVERY: Duration = Duration::from_millis(20);
-    /// Messages every client has before the drain: more than the run of 8
-    /// fingerprints an ID hashes, so the IDs at the drain are ones every
-    /// lobby on the origin derives alike wherever its stream started.
+    /// The run of messages whose fingerprints a message ID hashes: from
+    /// its `ID_RUN`th message on, a lobby's IDs are those of every lobby on
+    /// the same origin, wherever its stream started.
+    const ID_RUN: u64 = 8;
+    /// Messages every client has before the drain: past the first run, so
+    /// the IDs the moving clients hand back are ones every lobby derives.
     const BEFORE_DRAIN: u64 = 20;
+    const _: () = assert!(BEFORE_DRAIN > ID_RUN);
     /// Messages every client has after its move, before the feed stops.
     const AFTER_MOVE: u64 = 50;
     /// A client's pause before it connects again. Longer than the two
@@ -554,11 +558,9 @@ mod resume {
                     None => Got::End(None),
                     Some(event) if event.event.as_deref() == Some("reset") => Got::Reset,
                     Some(event) => {
-                        let id = event
-                            .id
-                            .clone()
-                            .unwrap_or_else(|| panic!("no id: {event:?}"));
-                        Got::Message(numbered_payload(&event.data), id)
+                        let id = event.id.as_deref();
+                        let id = id.unwrap_or_else(|| panic!("no id: {event:?}"));
+                        Got::Message(numbered_payload(&event.data), message_id(id))
                     }
                 },
                 Conn::Ws(ws) => loop {
@@ -569,7 +571,7 @@ mod resume {
                                 .as_str()
                                 .split_once(' ')
                                 .unwrap_or_else(|| panic!("not an envelope: {text}"));
-                            return Got::Message(numbered_payload(payload), id.to_owned());
+                            return Got::Message(numbered_payload(payload), message_id(id));
                         }
                         Ok(Message::Close(frame)) => {
                             let _ = ws.flush();
@@ -589,6 +591,14 @@ mod resume {
         payload
             .parse()
             .unwrap_or_else(|_| panic!("not a number: {payload:?}"))
+    }
+
+    /// A message ID as the README documents it: 16 lowercase hex digits.
+    #[track_caller]
+    fn message_id(id: &str) -> String {
+        let is_id = id.len() == 16 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        assert!(is_id, "not a message ID: {id:?}");
+        id.to_owned()
     }
 
     /// What one client saw.
@@ -812,7 +822,7 @@ mod resume {
             }
             for (n, id) in seen.connections.iter().flatten() {
                 let first = *ids.entry(*n).or_insert(id);
-                if first != id && *n > 7 {
+                if first != id && *n >= ID_RUN {
                     faults.push(format!("message {n}: IDs {first} and {id}"));
                 } else if first != id {
                     early_ids_differ += 1;
@@ -823,13 +833,14 @@ mod resume {
         let moved_of = |kind| movers.iter().filter(|s| s.kind == kind).count();
         eprintln!(
             "{} clients moved ({} event streams, {} WebSocket), {} connection attempts \
-             failed; {sent} messages; IDs of messages 1 to 7 differed {early_ids_differ} \
-             times; the remaining instance resumed {from_history:?} from its history and \
+             failed; {sent} messages; IDs of the first {} messages differed \
+             {early_ids_differ} times; the remaining instance resumed {from_history:?} from its history and \
              reset {resets:?}",
             movers.len(),
             moved_of(Kind::Sse),
             moved_of(Kind::Ws),
             records.iter().map(|s| s.failed).sum::<usize>(),
+            ID_RUN - 1,
         );
         assert!(faults.is_empty(), "{}", faults.join("\n"));
         assert_eq!(
