@@ -103,6 +103,11 @@ pub struct Cli {
     #[argh(option)]
     pub handshake_timeout: Option<Span>,
 
+    /// nice value (1-19) the acceptor thread adds, so admitting a storm of
+    /// clients yields the CPU to serving those connected (default 0)
+    #[argh(option)]
+    pub acceptor_nice: Option<u8>,
+
     /// largest upgrade request in bytes, beyond which 431
     #[argh(option)]
     pub max_request_bytes: Option<usize>,
@@ -427,6 +432,7 @@ impl Cli {
             ipv6_prefix,
             max_pending_handshakes,
             handshake_timeout,
+            acceptor_nice,
             max_request_bytes,
             max_client_message,
             client_send_buffer,
@@ -770,6 +776,11 @@ mod tests {
             "handshake_timeout",
             &["--handshake-timeout", "3s"],
             r#"handshake_timeout = "3s""#,
+        ),
+        (
+            "acceptor_nice",
+            &["--acceptor-nice", "10"],
+            "acceptor_nice = 10",
         ),
         (
             "max_request_bytes",

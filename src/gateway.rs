@@ -528,6 +528,7 @@ const NEEDS_RESTART: &[RestartSetting] = needs_restart!(
     listen,
     tls_listen,
     reuse_port,
+    acceptor_nice,
     admin,
     writers,
     write_batch,

@@ -1,6 +1,8 @@
 //! wsgate behind HAProxy, with `deploy/haproxy.cfg` as users get it (its
 //! addresses from the environment): two `wsgate` processes, 1 000 clients
-//! through HAProxy, a rolling restart of one instance. HAProxy is a child
+//! through HAProxy, a rolling restart of one instance; and (feature `sse`)
+//! event streams and resume clients that a drain moves to the other
+//! instance, resuming after their last message ID. HAProxy is a child
 //! process (`haproxy` from PATH; where it is missing the test says so in one
 //! line and passes, or fails on CI), as are the gateways; every one is
 //! killed by its PID when the test ends, also on panic.
@@ -289,58 +291,83 @@ fn run_clients(
     clients.into_iter().map(|(_, record)| record).collect()
 }
 
-#[test]
-fn behind_haproxy_two_instances_serve_every_client_and_a_rolling_restart_loses_nothing() {
-    let origin = Arc::new(TestOrigin::start());
-    let url = origin.url();
-    let replay = REPLAY.to_string();
+/// Two `wsgate` processes on `origin`, each with `args` besides its
+/// addresses, a 2 s `--drain-timeout` and warnings only, behind HAProxy
+/// running `deploy/haproxy.cfg`; `None` (the skip said) if HAProxy is not
+/// installed.
+fn behind_haproxy(origin: &str, args: &[&str]) -> Option<(Haproxy, [GatewayProcess; 2])> {
     let spawn = || {
-        GatewayProcess::spawn(&[
+        let mut all = vec![
             "--listen",
             "127.0.0.1:0",
             "--admin",
             "127.0.0.1:0",
             "--origin",
-            &url,
-            // One lobby holds every client, so a reconnected client joins
-            // a lobby that has the recent past to replay.
-            "--lobby-capacity",
-            "1000",
-            "--replay",
-            &replay,
+            origin,
             "--drain-timeout",
             "2s",
             "--log-level",
             "warn",
-        ])
+        ];
+        all.extend_from_slice(args);
+        GatewayProcess::spawn(&all)
     };
     let instances = [spawn(), spawn()];
     let admin = |g: &GatewayProcess| g.admin.expect("an admin address");
-    let Some(haproxy) = Haproxy::start([
+    let haproxy = Haproxy::start([
         (instances[0].addr, admin(&instances[0])),
         (instances[1].addr, admin(&instances[1])),
-    ]) else {
-        return;
-    };
-    let [stopped, kept] = instances;
-    let instances = [&stopped, &kept];
-    let swarm = Swarm::start(haproxy.addr);
-    let placed = |g: &GatewayProcess| g.lobby_clients().iter().sum::<u64>();
+    ])?;
+    Some((haproxy, instances))
+}
+
+/// The clients placed in a gateway's lobbies.
+fn placed(g: &GatewayProcess) -> u64 {
+    g.lobby_clients().iter().sum()
+}
+
+/// Waits until `clients` are connected (as `connected` counts them) and
+/// placed in the lobbies of `instances`, and each lobby's origin connection
+/// is up; the clients on each instance, which must both serve some.
+#[track_caller]
+fn wait_placed(
+    instances: [&GatewayProcess; 2],
+    origin: &TestOrigin,
+    clients: usize,
+    connected: impl Fn() -> usize,
+) -> [u64; 2] {
     wait_until(
         "every client connected and placed, each lobby's origin up",
         || {
             let lobbies: usize = instances.iter().map(|g| g.lobby_clients().len()).sum();
-            swarm.connected() == CLIENTS
-                && instances.into_iter().map(placed).sum::<u64>() == CLIENTS as u64
+            connected() == clients
+                && instances.into_iter().map(placed).sum::<u64>() == clients as u64
                 && origin.open() == lobbies
         },
     );
-    let counts: Vec<u64> = instances.into_iter().map(placed).collect();
+    let counts = instances.map(placed);
     eprintln!("clients per instance: {counts:?}");
     assert!(
         counts.iter().all(|&n| n > 0),
         "both instances serve clients: {counts:?}"
     );
+    counts
+}
+
+#[test]
+fn behind_haproxy_two_instances_serve_every_client_and_a_rolling_restart_loses_nothing() {
+    let origin = Arc::new(TestOrigin::start());
+    let replay = REPLAY.to_string();
+    // One lobby holds every client, so a reconnected client joins a lobby
+    // that has the recent past to replay.
+    let Some((haproxy, [stopped, kept])) = behind_haproxy(
+        &origin.url(),
+        &["--lobby-capacity", "1000", "--replay", &replay],
+    ) else {
+        return;
+    };
+    let swarm = Swarm::start(haproxy.addr);
+    let counts = wait_placed([&stopped, &kept], &origin, CLIENTS, || swarm.connected());
 
     let feed = Feed::start(origin.clone(), EVERY);
     wait_until("every client receiving", || swarm.all_have(5));
@@ -432,4 +459,409 @@ fn behind_haproxy_two_instances_serve_every_client_and_a_rolling_restart_loses_n
     kept.signal("TERM");
     let (code, log) = kept.wait();
     assert_eq!(code, Some(0), "{log}");
+}
+
+/// A drain without `--replay`: event streams and WebSocket clients that
+/// opted into resume hand back the last message ID they saw and go on at
+/// the other instance with nothing missed and nothing twice. Both
+/// instances' lobbies read the same origin, so they give a message the
+/// same ID, and the other instance's history holds what was sent while a
+/// client reconnected.
+#[cfg(feature = "sse")]
+mod resume {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    /// Event streams, and as many WebSocket clients offering
+    /// `wsgate.resume.v1`: enough that both kinds are on both instances.
+    const EACH: usize = 20;
+    /// The feed's pace, about 50 messages a second: the default history
+    /// (256 messages) holds 5 s of it, what a reconnect through HAProxy
+    /// has.
+    const EVERY: Duration = Duration::from_millis(20);
+    /// The run of messages whose fingerprints a message ID hashes: from
+    /// its `ID_RUN`th message on, a lobby's IDs are those of every lobby on
+    /// the same origin, wherever its stream started.
+    const ID_RUN: u64 = 8;
+    /// Messages every client has before the drain: past the first run, so
+    /// the IDs the moving clients hand back are ones every lobby derives.
+    const BEFORE_DRAIN: u64 = 20;
+    const _: () = assert!(BEFORE_DRAIN > ID_RUN);
+    /// Messages every client has after its move, before the feed stops.
+    const AFTER_MOVE: u64 = 50;
+    /// A client's pause before it connects again. Longer than the two
+    /// instances' origin connections are apart (a few milliseconds here):
+    /// a lobby that has not yet received the ID a client resumes after
+    /// answers with a reset at once, it does not wait for it.
+    const RETRY: Duration = Duration::from_millis(100);
+    /// The subprotocol a WebSocket client offers to get message IDs.
+    const RESUME_PROTOCOL: &str = "wsgate.resume.v1";
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Kind {
+        /// An event stream (`Accept: text/event-stream`), resuming with
+        /// `Last-Event-ID`.
+        Sse,
+        /// A WebSocket offering [`RESUME_PROTOCOL`], resuming with
+        /// `?last_event_id=`.
+        Ws,
+    }
+
+    /// An open connection of either kind.
+    enum Conn {
+        Sse(SseClient),
+        Ws(Client),
+    }
+
+    /// What a connection delivered next.
+    enum Got {
+        /// A numbered message and its ID.
+        Message(u64, String),
+        /// The reset: the ID handed back was not in the history.
+        Reset,
+        /// The connection ended, with the WebSocket close code if any.
+        End(Option<u16>),
+    }
+
+    impl Conn {
+        /// Connects through `addr`, resuming after `last` if given.
+        fn open(kind: Kind, addr: SocketAddr, last: Option<&str>) -> Result<Conn, String> {
+            match kind {
+                Kind::Sse => {
+                    let header = last.map(|id| format!("Last-Event-ID: {id}"));
+                    let headers: Vec<&str> = header.iter().map(String::as_str).collect();
+                    try_sse_client(addr, "/", &headers).map(Conn::Sse)
+                }
+                Kind::Ws => {
+                    let query = last.map_or(String::new(), |id| format!("?last_event_id={id}"));
+                    let uri = format!("ws://{addr}/{query}")
+                        .parse()
+                        .map_err(|e| format!("uri: {e}"))?;
+                    let request = tungstenite::ClientRequestBuilder::new(uri)
+                        .with_sub_protocol(RESUME_PROTOCOL);
+                    let stream = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+                    stream
+                        .set_read_timeout(Some(DEADLINE))
+                        .map_err(|e| format!("read timeout: {e}"))?;
+                    let (ws, _) = tungstenite::client(request, stream)
+                        .map_err(|e| format!("upgrade: {e}"))?;
+                    Ok(Conn::Ws(ws))
+                }
+            }
+        }
+
+        /// Blocks for what comes next.
+        fn next(&mut self) -> Got {
+            match self {
+                Conn::Sse(stream) => match stream.next() {
+                    None => Got::End(None),
+                    Some(event) if event.event.as_deref() == Some("reset") => Got::Reset,
+                    Some(event) => {
+                        let id = event.id.as_deref();
+                        let id = id.unwrap_or_else(|| panic!("no id: {event:?}"));
+                        Got::Message(numbered_payload(&event.data), message_id(id))
+                    }
+                },
+                Conn::Ws(ws) => loop {
+                    match ws.read() {
+                        Ok(Message::Text(text)) if text.as_str() == "reset" => return Got::Reset,
+                        Ok(Message::Text(text)) => {
+                            let (id, payload) = text
+                                .as_str()
+                                .split_once(' ')
+                                .unwrap_or_else(|| panic!("not an envelope: {text}"));
+                            return Got::Message(numbered_payload(payload), message_id(id));
+                        }
+                        Ok(Message::Close(frame)) => {
+                            let _ = ws.flush();
+                            return Got::End(frame.map(|f| u16::from(f.code)));
+                        }
+                        Ok(_) => {}
+                        Err(_) => return Got::End(None),
+                    }
+                },
+            }
+        }
+    }
+
+    /// The number a feed message carries.
+    #[track_caller]
+    fn numbered_payload(payload: &str) -> u64 {
+        payload
+            .parse()
+            .unwrap_or_else(|_| panic!("not a number: {payload:?}"))
+    }
+
+    /// A message ID as the README documents it: 16 lowercase hex digits.
+    #[track_caller]
+    fn message_id(id: &str) -> String {
+        let is_id = id.len() == 16 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        assert!(is_id, "not a message ID: {id:?}");
+        id.to_owned()
+    }
+
+    /// What one client saw.
+    #[derive(Debug)]
+    struct Seen {
+        kind: Kind,
+        /// Per connection, the numbers received with their message IDs.
+        connections: Vec<Vec<(u64, String)>>,
+        /// Resets received.
+        resets: usize,
+        /// WebSocket close codes received.
+        closes: Vec<u16>,
+        /// Connection attempts that failed.
+        failed: usize,
+    }
+
+    /// Counters the test reads while the clients run.
+    #[derive(Default)]
+    struct Progress {
+        /// Clients connected now.
+        connected: AtomicUsize,
+        /// Connections made after a client's first.
+        reconnected: AtomicUsize,
+        /// Tells the clients not to connect again.
+        stop: AtomicBool,
+    }
+
+    /// One client: connects through `addr`, reads until its connection
+    /// ends, and connects again resuming after the last ID it got, until
+    /// told to stop.
+    fn follow(kind: Kind, addr: SocketAddr, progress: &Progress, last: &AtomicU64) -> Seen {
+        let mut seen = Seen {
+            kind,
+            connections: Vec::new(),
+            resets: 0,
+            closes: Vec::new(),
+            failed: 0,
+        };
+        while !progress.stop.load(Ordering::SeqCst) {
+            let resume = seen.connections.iter().flatten().last().map(|(_, id)| id);
+            let mut conn = match Conn::open(kind, addr, resume.map(String::as_str)) {
+                Ok(conn) => conn,
+                Err(e) => {
+                    if seen.failed == 0 {
+                        eprintln!("{kind:?} client: {e}; retrying");
+                    }
+                    seen.failed += 1;
+                    thread::sleep(RETRY);
+                    continue;
+                }
+            };
+            seen.connections.push(Vec::new());
+            progress.connected.fetch_add(1, Ordering::SeqCst);
+            if seen.connections.len() > 1 {
+                progress.reconnected.fetch_add(1, Ordering::SeqCst);
+            }
+            let code = loop {
+                match conn.next() {
+                    Got::Message(n, id) => {
+                        seen.connections
+                            .last_mut()
+                            .expect("a connection")
+                            .push((n, id));
+                        last.store(n, Ordering::SeqCst);
+                    }
+                    Got::Reset => seen.resets += 1,
+                    Got::End(code) => break code,
+                }
+            };
+            seen.closes.extend(code);
+            progress.connected.fetch_sub(1, Ordering::SeqCst);
+            thread::sleep(RETRY);
+        }
+        seen
+    }
+
+    /// `EACH` event streams and `EACH` resume clients through HAProxy, a
+    /// thread each.
+    struct Followers {
+        progress: Arc<Progress>,
+        /// Per client, the last number it received.
+        last: Arc<Vec<AtomicU64>>,
+        threads: Vec<JoinHandle<Seen>>,
+    }
+
+    impl Followers {
+        /// Connects the clients through `addr` one at a time, event streams
+        /// first: HAProxy's leastconn then puts half of each kind on each
+        /// instance.
+        fn start(addr: SocketAddr) -> Followers {
+            let kinds = [Kind::Sse; EACH].into_iter().chain([Kind::Ws; EACH]);
+            let progress = Arc::new(Progress::default());
+            let last: Arc<Vec<AtomicU64>> =
+                Arc::new((0..2 * EACH).map(|_| AtomicU64::new(0)).collect());
+            let mut threads = Vec::new();
+            for (i, kind) in kinds.enumerate() {
+                let (p, l) = (progress.clone(), last.clone());
+                threads.push(thread::spawn(move || follow(kind, addr, &p, &l[i])));
+                wait_until("the client connected", || {
+                    progress.connected.load(Ordering::SeqCst) == i + 1
+                });
+            }
+            Followers {
+                progress,
+                last,
+                threads,
+            }
+        }
+
+        fn connected(&self) -> usize {
+            self.progress.connected.load(Ordering::SeqCst)
+        }
+
+        fn reconnected(&self) -> usize {
+            self.progress.reconnected.load(Ordering::SeqCst)
+        }
+
+        /// Whether every client has received `n`.
+        fn all_have(&self, n: u64) -> bool {
+            self.last.iter().all(|l| l.load(Ordering::SeqCst) >= n)
+        }
+
+        /// The highest number any client has received.
+        fn highest(&self) -> u64 {
+            self.last
+                .iter()
+                .map(|l| l.load(Ordering::SeqCst))
+                .max()
+                .unwrap_or(0)
+        }
+
+        /// Tells the clients not to connect again once their connections end.
+        fn stop(&self) {
+            self.progress.stop.store(true, Ordering::SeqCst);
+        }
+
+        /// What each client saw, once every connection has ended.
+        fn finish(mut self) -> Vec<Seen> {
+            self.stop();
+            std::mem::take(&mut self.threads)
+                .into_iter()
+                .map(|t| t.join().expect("client thread"))
+                .collect()
+        }
+    }
+
+    impl Drop for Followers {
+        /// A test that fails midway leaves its clients to end with their
+        /// connections, when the processes are killed.
+        fn drop(&mut self) {
+            self.stop();
+        }
+    }
+
+    /// Where `numbers` is not `1..=last`: its breaks, as (before, after).
+    fn breaks(numbers: &[u64], last: u64) -> Vec<(u64, u64)> {
+        let before = [0].into_iter().chain(numbers.iter().copied());
+        let after = numbers.iter().copied().chain([last + 1]);
+        before.zip(after).filter(|&(a, b)| b != a + 1).collect()
+    }
+
+    #[test]
+    fn behind_haproxy_a_drain_moves_event_streams_and_resume_clients_without_a_gap_or_duplicate() {
+        let origin = Arc::new(TestOrigin::start());
+        let Some((haproxy, [stopped, kept])) = behind_haproxy(&origin.url(), &[]) else {
+            return;
+        };
+        let clients = Followers::start(haproxy.addr);
+        let counts = wait_placed([&stopped, &kept], &origin, 2 * EACH, || clients.connected());
+        let feed = Feed::start(origin.clone(), EVERY);
+        wait_until("every client past the first run of IDs", || {
+            clients.all_have(BEFORE_DRAIN)
+        });
+
+        stopped.signal("TERM");
+        let moved = counts[0] as usize;
+        wait_until("the stopped instance's clients reconnected", || {
+            clients.reconnected() >= moved && clients.connected() == 2 * EACH
+        });
+        let (code, log) = stopped.wait();
+        assert_eq!(code, Some(0), "{log}");
+        wait_until("every client on the remaining instance", || {
+            placed(&kept) == 2 * EACH as u64
+        });
+        let mark = clients.highest() + AFTER_MOVE;
+        wait_until("every client well past its move", || clients.all_have(mark));
+        let sent = feed.stop();
+        wait_until("every client has the last message", || {
+            clients.all_have(sent)
+        });
+        let from_history = kept.metric("wsgate_resumes_total{outcome=\"from_history\"}");
+        let resets = kept.metric("wsgate_resumes_total{outcome=\"reset\"}");
+
+        clients.stop();
+        kept.signal("TERM");
+        let records = clients.finish();
+        let (code, log) = kept.wait();
+        assert_eq!(code, Some(0), "{log}");
+
+        let mut faults = Vec::new();
+        let mut ids: HashMap<u64, &str> = HashMap::new();
+        let mut early_ids_differ = 0;
+        for (i, seen) in records.iter().enumerate() {
+            let numbers: Vec<u64> = seen.connections.iter().flatten().map(|(n, _)| *n).collect();
+            let broken = breaks(&numbers, sent);
+            if !broken.is_empty() {
+                let lengths: Vec<usize> = seen.connections.iter().map(Vec::len).collect();
+                faults.push(format!(
+                    "client {i} ({:?}, connections of {lengths:?} messages): breaks {broken:?}",
+                    seen.kind
+                ));
+            }
+            if seen.resets > 0 {
+                faults.push(format!(
+                    "client {i} ({:?}): {} resets",
+                    seen.kind, seen.resets
+                ));
+            }
+            if seen.closes.iter().any(|&c| c != 1001) {
+                faults.push(format!("client {i}: closed with {:?}", seen.closes));
+            }
+            for (n, id) in seen.connections.iter().flatten() {
+                let first = *ids.entry(*n).or_insert(id);
+                if first != id && *n >= ID_RUN {
+                    faults.push(format!("message {n}: IDs {first} and {id}"));
+                } else if first != id {
+                    early_ids_differ += 1;
+                }
+            }
+        }
+        let movers: Vec<&Seen> = records.iter().filter(|s| s.connections.len() > 1).collect();
+        let moved_of = |kind| movers.iter().filter(|s| s.kind == kind).count();
+        eprintln!(
+            "{} clients moved ({} event streams, {} WebSocket), {} connection attempts \
+             failed; {sent} messages; IDs of the first {} messages differed \
+             {early_ids_differ} times; the remaining instance resumed {from_history:?} from its history and \
+             reset {resets:?}",
+            movers.len(),
+            moved_of(Kind::Sse),
+            moved_of(Kind::Ws),
+            records.iter().map(|s| s.failed).sum::<usize>(),
+            ID_RUN - 1,
+        );
+        assert!(faults.is_empty(), "{}", faults.join("\n"));
+        assert_eq!(
+            movers.len(),
+            moved,
+            "each of the stopped instance's clients moved"
+        );
+        assert!(
+            movers.iter().all(|s| s.connections.len() == 2),
+            "one reconnect each"
+        );
+        assert!(
+            moved_of(Kind::Sse) > 0 && moved_of(Kind::Ws) > 0,
+            "both kinds moved"
+        );
+        assert_eq!(from_history, Some(moved as f64), "resumed from the history");
+        assert_eq!(resets, Some(0.0), "no reset");
+        assert_eq!(
+            origin.accepted(),
+            2,
+            "the origin saw one connection per instance's lobby"
+        );
+    }
 }

@@ -294,3 +294,71 @@ fn at_the_pending_cap_the_oldest_handshake_makes_room() {
         start.elapsed()
     );
 }
+
+/// The nice value of each of this process's threads whose name starts with
+/// `prefix` (Linux: it is per thread).
+#[cfg(target_os = "linux")]
+fn nice_of_threads(prefix: &str) -> Vec<i32> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let path = task.path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if !comm.trim_end().starts_with(prefix) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
+            continue;
+        };
+        // The fields after the command's closing parenthesis start at the
+        // third (state); the nice value is the nineteenth.
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        found.push(fields[16].parse().unwrap());
+    }
+    found
+}
+
+#[test]
+#[cfg(target_os = "linux")]
+fn the_acceptor_yields_to_the_fan_out_at_its_nice_value_and_still_admits() {
+    let process = {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        fields[16].parse::<i32>().unwrap()
+    };
+    let origin = TestOrigin::start();
+    let mut config = test_config(&origin.url());
+    config.acceptor_nice = 7;
+    let gw = start_gateway(config);
+    let mut clients = connect_clients(&gw, 2);
+    wait_until("origin connection", || origin.open() == 1);
+    origin.send(Message::text("through"));
+    for c in &mut clients {
+        assert_eq!(recv_text(c), "through");
+    }
+    // Other tests' gateways in this process keep nice 0 acceptors: this
+    // one's is the lowered one, and no thread serving clients is lowered.
+    let acceptors = nice_of_threads("wsgate-acceptor");
+    assert!(
+        acceptors.contains(&(process + 7).min(19)),
+        "an acceptor at nice {}: {acceptors:?}",
+        process + 7
+    );
+    for serving in ["wsgate-writer", "wsgate-lobby", "wsgate-manager"] {
+        let nices = nice_of_threads(serving);
+        assert!(!nices.is_empty(), "no {serving} thread found");
+        assert!(
+            nices.iter().all(|&n| n == process),
+            "{serving} threads at {nices:?}, not the process's {process}"
+        );
+    }
+}

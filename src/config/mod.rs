@@ -170,6 +170,15 @@ pub struct Config {
     /// Time a client has to complete the HTTP upgrade. Defaults to 10 s.
     #[cfg_attr(feature = "config-file", serde(with = "syntax::duration"))]
     pub handshake_timeout: Duration,
+    /// Nice value (1-19) the acceptor thread adds to the process's on Linux,
+    /// where it is per thread: when the CPU is short, admitting clients
+    /// (accepts, upgrades, TLS handshakes, JWT checks) yields to the lobbies
+    /// and writers serving those already connected, so a reconnect storm
+    /// takes longer instead of delaying everyone's messages. With the CPU
+    /// to spare it changes nothing. A CPU hog beside the gateway at normal
+    /// priority slows admission too, to handshake timeouts. 0 leaves the
+    /// acceptor as the process. Needs a restart. Defaults to 0.
+    pub acceptor_nice: u8,
     /// Largest HTTP upgrade request accepted, in bytes; larger gets 431. Defaults to 8 KiB.
     pub max_request_bytes: usize,
     /// Largest client message, in bytes; larger closes the client with 1009.
@@ -525,6 +534,7 @@ impl Default for Config {
             history_bytes: 1 << 20,
             lobby_linger: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
+            acceptor_nice: 0,
             max_request_bytes: 8 * 1024,
             max_client_message: 64 * 1024,
             client_send_buffer: 0,

@@ -46,7 +46,7 @@ impl Config {
             ));
         }
         self.validate_tls()?;
-        self.validate_sni()?;
+        self.tls.validate(self.tls_cert.is_some())?;
         let routes = self.serving(fed);
         if routes.is_empty() {
             return Err(Error::Config(
@@ -169,6 +169,9 @@ impl Config {
         }
         if !self.path.starts_with('/') || self.path.contains(['?', '#', ' ']) {
             return bad("path must start with '/' and hold no query");
+        }
+        if self.acceptor_nice > 19 {
+            return bad("acceptor_nice must be at most 19");
         }
         if self.handshake_timeout.is_zero() {
             return bad("handshake_timeout must be above zero");

@@ -183,6 +183,7 @@ pub(crate) fn prepare(
         allowed_origins: config.allowed_origins.clone(),
         max_request_bytes: config.max_request_bytes,
         handshake_timeout: config.handshake_timeout,
+        nice: config.acceptor_nice,
         max_pending: pending_cap(config.max_pending_handshakes),
         send_buffer: config.client_send_buffer,
         unsent: config.client_unsent,
@@ -227,6 +228,12 @@ pub(crate) fn spawn(prepared: Prepared, manager: Sender<ManagerMsg>) -> Result<A
         .name("wsgate-acceptor".to_owned())
         .spawn(move || {
             let _guard = guard;
+            if acceptor.nice > 0 {
+                match sys::lower_thread_priority(acceptor.nice) {
+                    Ok(nice) => info!("acceptor runs at nice {nice}"),
+                    Err(e) => warn!("acceptor: cannot lower its priority: {e}"),
+                }
+            }
             acceptor.run();
         })
         .map_err(Error::io("spawn the acceptor thread"))?;
@@ -421,6 +428,8 @@ struct Acceptor {
     allowed_origins: Vec<String>,
     max_request_bytes: usize,
     handshake_timeout: Duration,
+    /// Added to this thread's nice value when it starts (`acceptor_nice`).
+    nice: u8,
     max_pending: usize,
     /// `SO_SNDBUF` for client sockets; 0 leaves the kernel's autotuning.
     send_buffer: usize,

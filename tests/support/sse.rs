@@ -50,26 +50,38 @@ pub fn sse_request(target: &str, headers: &[&str]) -> String {
 /// unless it is answered 200 `text/event-stream`.
 #[track_caller]
 pub fn sse_client(addr: SocketAddr, target: &str, headers: &[&str]) -> SseClient {
-    let mut stream = TcpStream::connect(addr).expect("connect to gateway");
+    try_sse_client(addr, target, headers).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Opens an event stream as [`sse_client`] does; what went wrong (no
+/// connection, another answer) instead of a panic, for a client that
+/// retries.
+pub fn try_sse_client(
+    addr: SocketAddr,
+    target: &str,
+    headers: &[&str],
+) -> Result<SseClient, String> {
+    let mut stream = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
     stream
         .set_read_timeout(Some(DEADLINE))
-        .expect("read timeout");
+        .map_err(|e| format!("read timeout: {e}"))?;
     stream
         .write_all(sse_request(target, headers).as_bytes())
-        .expect("send request");
+        .map_err(|e| format!("send request: {e}"))?;
     let head = read_http_head(&mut stream);
-    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
-    assert!(
-        head.to_ascii_lowercase()
-            .contains("content-type: text/event-stream"),
-        "{head}"
-    );
-    SseClient {
+    let is_stream = head.starts_with("HTTP/1.1 200 ")
+        && head
+            .to_ascii_lowercase()
+            .contains("content-type: text/event-stream");
+    if !is_stream {
+        return Err(format!("not an event stream: {head:?}"));
+    }
+    Ok(SseClient {
         reader: BufReader::new(stream),
         head,
         retry: None,
         comments: 0,
-    }
+    })
 }
 
 impl SseClient {
