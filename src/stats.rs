@@ -39,6 +39,7 @@ pub(crate) struct Stats {
     pub migrations: AtomicU64,
     pub migration_gaps: AtomicU64,
     pub resumes: AtomicU64,
+    pub resumes_from_source: AtomicU64,
     pub resume_resets: AtomicU64,
     pub refused_full: AtomicU64,
     pub origins_connecting: AtomicU64,
@@ -481,9 +482,13 @@ pub struct StatsSnapshot {
     /// (SSE `Last-Event-ID`, a resume client's `last_event_id`): they got
     /// exactly what followed it.
     pub resumes: u64,
-    /// Clients that asked to resume after a message ID their lobby's
-    /// history did not hold (too old, or unknown): they got the reset
-    /// event or message, then the live stream.
+    /// Clients that resumed after a message ID their lobby's history did
+    /// not hold, from a Redis stream read again (`XRANGE`): they got
+    /// exactly what followed it.
+    pub resumes_from_source: u64,
+    /// Clients that asked to resume after a message ID neither their
+    /// lobby's history nor its source held (too old, or unknown): they got
+    /// the reset event or message, then the live stream.
     pub resume_resets: u64,
     /// Upgrade requests refused with 503: the client limit reached, or every
     /// lobby full and no more origin connections allowed.
@@ -758,6 +763,7 @@ impl Stats {
             migrations: self.migrations.load(Relaxed),
             migration_gaps: self.migration_gaps.load(Relaxed),
             resumes: self.resumes.load(Relaxed),
+            resumes_from_source: self.resumes_from_source.load(Relaxed),
             resume_resets: self.resume_resets.load(Relaxed),
             refused_full: self.refused_full.load(Relaxed),
             origins_connecting: self.origins_connecting.load(Relaxed),

@@ -3,8 +3,9 @@
 //! restarts or kills the gateway's connections, a silent server (stopped
 //! with SIGSTOP) replaced, streams that lose nothing across reconnects (and
 //! count what was trimmed or lacks the field), messages above the limit
-//! skipped, binary payloads, credentials and databases, and two gateway
-//! processes on one channel.
+//! skipped, binary payloads, credentials and databases, two gateway
+//! processes on one channel, and (feature `sse`) event streams resuming
+//! from the stream itself on a gateway whose history never held their ID.
 
 mod support;
 
@@ -657,4 +658,156 @@ fn payloads_that_are_not_utf8_reach_clients_as_binary_and_the_rest_as_text() {
         assert_eq!(next(), Message::binary(NOT_UTF8), "{url}");
         assert_eq!(next(), Message::text("héllo"), "{url}");
     }
+}
+
+/// Adds an entry with field `data` to stream `events`; its ID.
+#[cfg(feature = "sse")]
+fn xadd(con: &mut redis::Connection, data: &str) -> String {
+    redis::cmd("XADD")
+        .arg("events")
+        .arg("*")
+        .arg("data")
+        .arg(data)
+        .query(con)
+        .expect("XADD")
+}
+
+/// The data of `n` events of `client`, each with an ID, and the last ID.
+#[cfg(feature = "sse")]
+#[track_caller]
+fn read_messages(client: &mut SseClient, n: usize) -> (Vec<String>, String) {
+    let mut last = String::new();
+    let got = (0..n)
+        .map(|_| {
+            let (data, id) = client.message();
+            last = id;
+            data
+        })
+        .collect();
+    (got, last)
+}
+
+#[cfg(feature = "sse")]
+fn texts(range: std::ops::RangeInclusive<u32>) -> Vec<String> {
+    range.map(|n| n.to_string()).collect()
+}
+
+#[cfg(feature = "sse")]
+#[test]
+fn an_event_stream_resumes_on_a_new_gateway_from_the_stream_itself() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let mut con = redis.connect().expect("connect");
+    let mut config = redis_config(&redis.stream_url("events"));
+    let gw = start_gateway(config.clone());
+    let addr = gw.local_addr();
+    let mut client = sse_client(addr, "/", &[]);
+    wait_until("the stream reader", || gw.stats().origin_connections == 1);
+    warm_up(&gw, 1, || {
+        xadd(&mut con, "warm");
+    });
+    for n in 1..=5 {
+        xadd(&mut con, &n.to_string());
+    }
+    let first = loop {
+        let (data, _) = client.message();
+        if data != "warm" {
+            break data;
+        }
+    };
+    assert_eq!(first, "1");
+    let (got, last) = read_messages(&mut client, 4);
+    assert_eq!(got, texts(2..=5));
+    drop(client);
+    // The gateway restarts; the stream goes on meanwhile.
+    gw.shutdown();
+    gw.join();
+    for n in 6..=15 {
+        xadd(&mut con, &n.to_string());
+    }
+    config.listen = addr;
+    let gw = start_gateway(config);
+    // Its history is empty: the stream itself has 6 to 15.
+    let mut back = sse_client(addr, "/", &[&format!("Last-Event-ID: {last}")]);
+    let (got, ten) = read_messages(&mut back, 5);
+    assert_eq!(got, texts(6..=10));
+    let (got, _) = read_messages(&mut back, 5);
+    assert_eq!(got, texts(11..=15));
+    // Then live.
+    xadd(&mut con, "16");
+    assert_eq!(back.message().0, "16");
+    // The IDs this gateway gave are the stream's too: one resumed after
+    // the tenth is read again from there.
+    let mut other = sse_client(addr, "/", &[&format!("Last-Event-ID: {ten}")]);
+    let (got, _) = read_messages(&mut other, 6);
+    assert_eq!(got, texts(11..=16));
+    xadd(&mut con, "17");
+    assert_eq!(back.message().0, "17");
+    assert_eq!(other.message().0, "17");
+    let stats = gw.stats();
+    let resumes = (
+        stats.resumes,
+        stats.resumes_from_source,
+        stats.resume_resets,
+    );
+    assert_eq!(resumes, (0, 2, 0), "{stats:?}");
+}
+
+#[cfg(feature = "sse")]
+#[test]
+fn a_resume_after_a_trimmed_entry_or_beyond_a_queue_is_reset() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let mut con = redis.connect().expect("connect");
+    let config = redis_config(&redis.stream_url("events"));
+    let gw = start_gateway(config.clone());
+    let mut client = sse_client(gw.local_addr(), "/", &[]);
+    wait_until("the stream reader", || gw.stats().origin_connections == 1);
+    warm_up(&gw, 1, || {
+        xadd(&mut con, "warm");
+    });
+    let entries: Vec<String> = (1..=42).map(|n| xadd(&mut con, &n.to_string())).collect();
+    // The message IDs of 1 to 42, by number.
+    let mut ids = vec![String::new()];
+    while ids.len() <= 42 {
+        let (data, id) = client.message();
+        if data != "warm" {
+            assert_eq!(data, ids.len().to_string());
+            ids.push(id);
+        }
+    }
+    // Another instance: its history is empty, so the stream serves resumes.
+    let other = start_gateway(config);
+    let addr = other.local_addr();
+    let resume = |after: &str| sse_client(addr, "/", &[&format!("Last-Event-ID: {after}")]);
+    // 40 follow 2: more than an event stream's queue of 32.
+    let mut too_far = resume(&ids[2]);
+    assert_eq!(too_far.event().event.as_deref(), Some("reset"));
+    // 30 and everything before it are trimmed away.
+    redis::cmd("XTRIM")
+        .arg("events")
+        .arg("MINID")
+        .arg(&entries[30])
+        .exec(&mut con)
+        .expect("XTRIM");
+    let mut trimmed = resume(&ids[30]);
+    assert_eq!(trimmed.event().event.as_deref(), Some("reset"));
+    // 11 follow 31: read again from the stream.
+    let mut near = resume(&ids[31]);
+    let (got, _) = read_messages(&mut near, 11);
+    assert_eq!(got, texts(32..=42));
+    // Then all of them live.
+    xadd(&mut con, "43");
+    for stream in [&mut too_far, &mut trimmed, &mut near] {
+        assert_eq!(stream.message().0, "43");
+    }
+    let stats = other.stats();
+    let resumes = (
+        stats.resumes,
+        stats.resumes_from_source,
+        stats.resume_resets,
+    );
+    assert_eq!(resumes, (0, 1, 2), "{stats:?}");
 }

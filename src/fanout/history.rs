@@ -21,7 +21,8 @@
 //! With feature `sse`, every entry also has its message ID, the position a
 //! client sees and hands back to resume (`Last-Event-ID`): a source's exact
 //! position where it has one (a Redis stream ID, a publisher's sequence
-//! number, each as the 64 bits migration aligns on), and otherwise a hash of
+//! number, each as the 64 bits migration aligns on; a Redis stream's can
+//! be read back from its ID, [`History::position_of`]), and otherwise a hash of
 //! the fingerprints of the message and the [`RESUME_RUN`]` - 1` before it.
 //! Every lobby fed the same stream derives the same ID for a message once it
 //! has seen the run before it (a lobby's first few messages hash the
@@ -166,6 +167,15 @@ impl History {
         Some(self.first + index as u64)
     }
 
+    /// The source position a message ID was made from, if it was made
+    /// from one (for a Redis stream, where the lobby can read the entries
+    /// after it again). Any ID gives some position: one that is not a
+    /// position's gives one the source does not hold.
+    #[cfg(feature = "sse")]
+    pub(crate) fn position_of(&self, id: u64) -> u64 {
+        unmix(id) ^ self.salt
+    }
+
     /// Frame number `at` with its message ID, if the frame is still held.
     #[cfg(feature = "sse")]
     pub(crate) fn get_with_id(&self, at: u64) -> Option<(&Forms, u64)> {
@@ -266,6 +276,24 @@ fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// Undoes [`mix`]: each of its steps is a bijection.
+#[cfg(feature = "sse")]
+fn unmix(mut z: u64) -> u64 {
+    z = unshift(z, 31).wrapping_mul(0x3196_42B2_D24D_8EC3);
+    z = unshift(z, 27).wrapping_mul(0x96DE_1B17_3F11_9089);
+    unshift(z, 30)
+}
+
+/// Undoes `z ^ (z >> shift)`.
+#[cfg(feature = "sse")]
+fn unshift(z: u64, shift: u32) -> u64 {
+    let mut x = z;
+    for _ in 0..64 / shift {
+        x = z ^ (x >> shift);
+    }
+    x
 }
 
 /// A 64-bit fingerprint of a frame's bytes (header included, so opcodes differ).
@@ -495,6 +523,20 @@ mod tests {
         assert_eq!(salted("/a", None), salted("/a", None));
         assert_ne!(salted("/a", None), salted("/b", None));
         assert_ne!(salted("/a", Some("s=1")), salted("/a", Some("s=2")));
+    }
+
+    #[cfg(feature = "sse")]
+    #[test]
+    fn a_position_is_read_back_from_its_id_with_the_same_salt_only() {
+        let salt = id_salt("/prices", None);
+        let mut h = History::new(8, 8, BUDGET).salted(salt);
+        for position in [0, 1, 7_404_523_520_000 << 20 | 3, u64::MAX] {
+            h.push(frame("x"), Some(position));
+            let id = h.get_with_id(h.head() - 1).unwrap().1;
+            assert_eq!(h.position_of(id), position);
+            let other = History::new(8, 8, BUDGET).salted(id_salt("/other", None));
+            assert_ne!(other.position_of(id), position);
+        }
     }
 
     #[test]

@@ -31,7 +31,10 @@
 //! opted in (`wire/envelope.rs`); each kind of member has a list of its
 //! own, so the loop over plain members is the same whatever else is here.
 //! A client resuming after a message ID is caught up from the history like
-//! a client moving in, or told with a reset that the ID is not held.
+//! a client moving in, or, on a source that can read its stream again (a
+//! Redis stream), from the source ([`Source::reread`], one round trip on
+//! this thread, at most a queue's worth), or told with a reset that the ID
+//! is not held.
 
 use std::{
     sync::{
@@ -46,8 +49,6 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError, bounded, u
 use log::{debug, error, info, trace, warn};
 use mio::{Events, Poll, Token, Waker};
 
-#[cfg(feature = "sse")]
-use crate::wire::{envelope, sse};
 use crate::{
     config::OriginLoss,
     control::{
@@ -72,6 +73,11 @@ use crate::{
         frame::{self, Forms, Frame},
     },
 };
+#[cfg(feature = "sse")]
+use crate::{
+    source::contract::Reread,
+    wire::{envelope, frame::MessageKind, sse},
+};
 
 const WAKER: Token = Token(0);
 const ORIGIN: Token = Token(1);
@@ -84,6 +90,10 @@ const WARM_FRAMES: u64 = 2 * RESUME_RUN as u64;
 /// How often a lobby tops up the queues of clients catching up from its
 /// history when no origin message wakes it.
 const CATCH_UP_TICK: Duration = Duration::from_millis(5);
+/// Longest a client resuming from beyond the history waits for the
+/// source to connect so that it can read the stream again (then: reset).
+#[cfg(feature = "sse")]
+const REREAD_WAIT: Duration = Duration::from_secs(2);
 /// Client messages waiting for a lobby to send them upstream; more are
 /// dropped and counted (each is at most `--max-client-message` bytes).
 const FORWARD_QUEUE: usize = 64;
@@ -237,6 +247,8 @@ pub(crate) fn spawn(id: LobbyId, env: &LobbyEnv) -> Result<LobbyHandle> {
         published: Arc::clone(&published),
         stats: Arc::clone(&env.stats),
     });
+    #[cfg(feature = "sse")]
+    let rereadable = origin.can_reread();
     let lobby = Lobby {
         id,
         poll,
@@ -264,6 +276,10 @@ pub(crate) fn spawn(id: LobbyId, env: &LobbyEnv) -> Result<LobbyHandle> {
             sealed: Vec::new(),
             #[cfg(feature = "sse")]
             sealing: 0,
+            #[cfg(feature = "sse")]
+            rereadable,
+            #[cfg(feature = "sse")]
+            rereading: Vec::new(),
             compress_min: env.compress_min,
             writers: Arc::clone(&env.writers),
             touched: vec![false; env.writers.len()],
@@ -356,6 +372,10 @@ impl Lobby {
             let Lobby { origin, fanout, .. } = &mut self;
             more = origin.drive(budget, &mut |message| fanout.broadcast(message)) == Drive::More;
             self.fanout.expire_adoptions(Instant::now());
+            #[cfg(feature = "sse")]
+            if !self.fanout.rereading.is_empty() {
+                self.reread();
+            }
             if self
                 .warming_from
                 .is_some_and(|from| self.fanout.history.head() >= from + WARM_FRAMES)
@@ -386,7 +406,43 @@ impl Lobby {
         if self.fanout.is_catching_up() {
             return Some(Instant::now() + CATCH_UP_TICK);
         }
-        self.fanout.next_adopt_deadline()
+        let adopt = self.fanout.next_adopt_deadline();
+        #[cfg(feature = "sse")]
+        let adopt = adopt
+            .into_iter()
+            .chain(self.fanout.rereading.iter().map(|r| r.deadline))
+            .min();
+        adopt
+    }
+
+    /// Serves the clients resuming from beyond the history from the source
+    /// (a Redis stream read again): the messages after their ID, at most
+    /// a queue's worth (the room their queue has), then the live stream;
+    /// the reset if the source no longer holds their message, more than a
+    /// queue's worth follow it, or it did not connect within
+    /// [`REREAD_WAIT`].
+    #[cfg(feature = "sse")]
+    fn reread(&mut self) {
+        let now = Instant::now();
+        for r in std::mem::take(&mut self.fanout.rereading) {
+            let queue = &r.member.queue;
+            let room = queue.depth().saturating_sub(queue.len());
+            let position = self.fanout.history.position_of(r.after);
+            match self.origin.reread(position, room) {
+                Reread::NotYet if now < r.deadline => self.fanout.rereading.push(r),
+                Reread::After(messages) => self.fanout.resume_from_source(r.member, messages),
+                outcome => {
+                    debug!(
+                        "{}: {} resumes after {}, not served by the source ({outcome:?})",
+                        self.id,
+                        r.member.id,
+                        sse::format_id(r.after)
+                    );
+                    self.fanout.reset(r.member);
+                }
+            }
+        }
+        self.fanout.wake_writers();
     }
 
     /// With `--on-origin-loss close`: close every member with 1012 so it
@@ -409,7 +465,8 @@ impl Lobby {
         #[cfg(feature = "sse")]
         let adopting = adopting
             .chain(fanout.streams.drain(..))
-            .chain(fanout.sealed.drain(..));
+            .chain(fanout.sealed.drain(..))
+            .chain(fanout.rereading.drain(..).map(|r| r.member));
         #[cfg(feature = "sse")]
         {
             fanout.streaming = 0;
@@ -451,6 +508,8 @@ impl Lobby {
                     left = true;
                 }
                 Ok(LobbyMsg::Release(id)) => {
+                    #[cfg(feature = "sse")]
+                    self.fanout.reset_rereading(id);
                     let resume = self.fanout.remove(id).unwrap_or_default();
                     let _ = self.manager.send(ManagerMsg::Released { id, resume });
                     left = true;
@@ -485,6 +544,16 @@ impl Lobby {
 struct Adopting {
     member: Member,
     resume: Resume,
+    deadline: Instant,
+}
+
+/// A client resuming after message `after`, which the history does not
+/// hold, waiting for its source to read the stream again from there.
+#[cfg(feature = "sse")]
+#[derive(Debug)]
+struct Rereading {
+    member: Member,
+    after: u64,
     deadline: Instant,
 }
 
@@ -530,6 +599,14 @@ struct Fanout {
     /// the envelope form: while there are none, none is built.
     #[cfg(feature = "sse")]
     sealing: usize,
+    /// The source can read again what the history no longer holds (a
+    /// Redis stream): resumes from beyond the history wait in `rereading`.
+    #[cfg(feature = "sse")]
+    rereadable: bool,
+    /// Clients resuming from beyond the history, served by the lobby
+    /// loop from the source ([`Lobby::reread`]).
+    #[cfg(feature = "sse")]
+    rereading: Vec<Rereading>,
     compress_min: usize,
     writers: Arc<[Arc<WriterWake>]>,
     /// Per writer: owns a member that got frames since the last wake.
@@ -551,7 +628,7 @@ impl Fanout {
     fn len(&self) -> usize {
         let len = self.members.len() + self.catching_up.len() + self.adopting.len();
         #[cfg(feature = "sse")]
-        let len = len + self.streams.len() + self.sealed.len();
+        let len = len + self.streams.len() + self.sealed.len() + self.rereading.len();
         len
     }
 
@@ -738,24 +815,72 @@ impl Fanout {
                 );
                 self.enlist(member, at + 1);
             }
+            _ if self.rereadable => self.rereading.push(Rereading {
+                member,
+                after,
+                deadline: Instant::now() + REREAD_WAIT,
+            }),
             _ => {
-                bump(&self.stats.resume_resets);
                 debug!(
-                    "{}: {} resumes after {}, not in the history: reset",
+                    "{}: {} resumes after {}, not in the history",
                     self.lobby,
                     member.id,
                     sse::format_id(after)
                 );
-                let reset = if member.sse {
-                    sse::reset()
-                } else {
-                    envelope::reset()
-                };
-                push_to(&member, reset);
-                self.touched[member.writer] = true;
-                self.enlist(member, self.history.head());
+                self.reset(member);
             }
         }
+    }
+
+    /// The reset (an event for a stream, a message for a WebSocket),
+    /// counted, then the live stream.
+    #[cfg(feature = "sse")]
+    fn reset(&mut self, member: Member) {
+        bump(&self.stats.resume_resets);
+        push_to(&member, reset_for(&member));
+        self.touched[member.writer] = true;
+        self.enlist(member, self.history.head());
+    }
+
+    /// A client still waiting for its source to read the stream again is
+    /// moving to another lobby, where it starts live: it is told with the
+    /// reset first (queued ahead of anything it gets there).
+    #[cfg(feature = "sse")]
+    fn reset_rereading(&mut self, id: ClientId) {
+        let Some(r) = self.rereading.iter().find(|r| r.member.id == id) else {
+            return;
+        };
+        bump(&self.stats.resume_resets);
+        push_to(&r.member, reset_for(&r.member));
+        self.touched[r.member.writer] = true;
+        self.wake_writers();
+    }
+
+    /// A client resuming from beyond the history: `messages`, read again
+    /// from the source (up to the last one this lobby delivered), in its
+    /// form, then the live stream. Their IDs are those the live messages
+    /// had: made from the same positions.
+    #[cfg(feature = "sse")]
+    fn resume_from_source(&mut self, member: Member, messages: Vec<(MessageKind, Vec<u8>, u64)>) {
+        bump(&self.stats.resumes_from_source);
+        debug!(
+            "{}: {} resumes {} messages back, read again from the source",
+            self.lobby,
+            member.id,
+            messages.len()
+        );
+        for (kind, payload, position) in messages {
+            let plain = frame::encode_stamped(kind.opcode(), &payload, self.stats.epoch.micros());
+            let id = self.history.mark(&plain, Some(position)).id;
+            let form = if member.sse {
+                sse::event(id, &plain)
+            } else {
+                envelope::envelope(id, &plain)
+            };
+            push_to(&member, form);
+        }
+        self.touched[member.writer] = true;
+        self.enlist(member, self.history.head());
     }
 
     /// A client from another lobby: continue right after `resume`.
@@ -906,6 +1031,11 @@ impl Fanout {
             let c = self.catching_up.swap_remove(at);
             return Some((self.history.resume_before(c.next), c.member));
         }
+        #[cfg(feature = "sse")]
+        if let Some(at) = self.rereading.iter().position(|r| r.member.id == id) {
+            // It has had nothing here: wherever it goes, it starts live.
+            return Some((Resume::new(), self.rereading.swap_remove(at).member));
+        }
         let at = self.adopting.iter().position(|a| a.member.id == id)?;
         let adopting = self.adopting.swap_remove(at);
         Some((adopting.resume, adopting.member))
@@ -929,6 +1059,17 @@ fn push_to(member: &Member, frame: Frame) -> Pushed {
         return member.queue.push_event(frame);
     }
     member.queue.push(frame)
+}
+
+/// The reset `member` takes: an event for a stream, a message for a
+/// WebSocket resume client.
+#[cfg(feature = "sse")]
+fn reset_for(member: &Member) -> Frame {
+    if member.sse {
+        sse::reset()
+    } else {
+        envelope::reset()
+    }
 }
 
 /// The form of frame number `at` of `history` that `member` takes, if
@@ -983,6 +1124,10 @@ mod tests {
             sealed: Vec::new(),
             #[cfg(feature = "sse")]
             sealing: 0,
+            #[cfg(feature = "sse")]
+            rereadable: false,
+            #[cfg(feature = "sse")]
+            rereading: Vec::new(),
             compress_min: 256,
             writers: Arc::from([WriterWake::for_tests(poll)]),
             touched: vec![false],
@@ -1152,6 +1297,62 @@ mod tests {
         assert!(got[0].starts_with("event: reset\n"), "{got:?}");
         assert!(got[1].ends_with("data: g\n\n"), "{got:?}");
         assert_eq!(got.len(), 2);
+        assert_eq!(stats.resume_resets.load(Relaxed), 1);
+    }
+
+    #[cfg(feature = "sse")]
+    #[test]
+    fn a_resume_beyond_the_history_waits_for_the_source_or_is_reset_when_it_moves_first() {
+        let poll = Poll::new().unwrap();
+        let (mut fanout, stats) = fanout_with_a_reader(&poll, 0);
+        fanout.rereadable = true;
+        let at = |position| Message {
+            body: Body::Payload(MessageKind::Text, b"x"),
+            position: Some(position),
+        };
+        fanout.broadcast(at(7));
+        let id_at = |fanout: &Fanout, position| {
+            let plain = frame::encode(frame::OP_TEXT, b"x");
+            fanout.history.mark(&plain, Some(position)).id
+        };
+        let stream = |id, queue: &ClientQueue| Member {
+            id: ClientId(id),
+            queue: queue.clone(),
+            writer: 0,
+            deflate: false,
+            sse: true,
+            envelope: false,
+        };
+        let texts = |queue: &ClientQueue| -> Vec<String> {
+            std::iter::from_fn(|| queue.pop())
+                .map(|f| String::from_utf8(f.to_vec()).unwrap())
+                .collect()
+        };
+        // After position 4, which the history never held: it waits.
+        let queue = ClientQueue::closing_when_full(16, false);
+        fanout.join_new(stream(1, &queue), Some(id_at(&fanout, 4)));
+        assert_eq!(fanout.rereading.len(), 1);
+        assert_eq!(fanout.history.position_of(fanout.rereading[0].after), 4);
+        assert!(queue.is_empty());
+        // The source read 5 to 7 again: the IDs the live stream gave them.
+        let member = fanout.rereading.remove(0).member;
+        let again = (5..=7).map(|p| (MessageKind::Text, b"x".to_vec(), p));
+        fanout.resume_from_source(member, again.collect());
+        fanout.catch_up();
+        fanout.broadcast(at(8));
+        let want: Vec<String> = (5..=8)
+            .map(|p| format!("id: {}\ndata: x\n\n", sse::format_id(id_at(&fanout, p))))
+            .collect();
+        assert_eq!(texts(&queue), want);
+        assert_eq!(stats.resumes_from_source.load(Relaxed), 1);
+        // One moved away before its source answered: the reset goes first.
+        let moving = ClientQueue::closing_when_full(16, false);
+        fanout.join_new(stream(2, &moving), Some(id_at(&fanout, 2)));
+        fanout.reset_rereading(ClientId(2));
+        assert_eq!(fanout.remove(ClientId(2)), Some(Resume::new()));
+        let got = texts(&moving);
+        assert!(got[0].starts_with("event: reset\n"), "{got:?}");
+        assert_eq!(got.len(), 1);
         assert_eq!(stats.resume_resets.load(Relaxed), 1);
     }
 

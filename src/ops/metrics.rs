@@ -138,6 +138,7 @@ const MIGRATIONS: &[Split] = &[
 /// Clients resuming after a message ID (SSE `Last-Event-ID`), by outcome.
 const RESUMES: &[Split] = &[
     ("from_history", |s| s.resumes),
+    ("from_source", |s| s.resumes_from_source),
     ("reset", |s| s.resume_resets),
 ];
 
@@ -331,8 +332,9 @@ impl Collector for GatewayCollector {
             "resumes",
             "Clients resuming after a message ID (SSE Last-Event-ID, or a wsgate.resume.v1 \
              client's last_event_id), by outcome: from_history (they got exactly what \
-             followed it), reset (the ID was not in the lobby's history: the reset event \
-             or message, then the live stream)",
+             followed it), from_source (the same, read again from a Redis stream), reset \
+             (neither the lobby's history nor its source held the ID: the reset event or \
+             message, then the live stream)",
             "outcome",
             RESUMES,
         )?;

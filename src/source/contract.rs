@@ -30,8 +30,8 @@ use crate::{
 pub(crate) struct Message<'a> {
     /// The message itself.
     pub body: Body<'a>,
-    /// The source's exact position for this message, as 64 bits (a hash of a
-    /// Redis stream ID, a publisher's sequence number): what lobbies align
+    /// The source's exact position for this message, as 64 bits (a Redis
+    /// stream ID packed, a hash of a publisher's sequence number): what lobbies align
     /// migrating clients on. `None` where the source has no positions (a
     /// WebSocket origin, Redis pub/sub): the lobby then fingerprints the
     /// frame's bytes and aligns on runs of those (`fanout/history.rs`).
@@ -56,6 +56,27 @@ impl<'a> Message<'a> {
             position: None,
         }
     }
+}
+
+/// What [`Source::reread`] found after a position. Only a Redis stream
+/// (feature `redis`) finds more than [`Reread::Unsupported`].
+#[cfg(feature = "sse")]
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Reread {
+    /// This source keeps nothing to read again (only the lobby's history
+    /// can serve a resume).
+    Unsupported,
+    /// Not connected yet: ask again once it is.
+    NotYet,
+    /// The source does not hold the entry at that position (trimmed,
+    /// deleted, or never there).
+    Gone,
+    /// More than the most asked for lie after it.
+    TooFar,
+    /// The messages after it, in order, up to the last one this source
+    /// delivered: (kind, payload, position) each.
+    After(Vec<(MessageKind, Vec<u8>, u64)>),
 }
 
 /// What [`Source::drive`] left behind.
@@ -104,6 +125,22 @@ pub(crate) trait Source: fmt::Debug + Send {
     /// Whether the connection failed since the last call (and forgets it):
     /// with `--on-origin-loss close` the lobby then closes its clients.
     fn take_failure(&mut self) -> bool;
+
+    /// Whether [`reread`](Source::reread) can serve resumes (a Redis
+    /// stream): a resume the history cannot serve then waits for it.
+    #[cfg(feature = "sse")]
+    fn can_reread(&self) -> bool {
+        false
+    }
+
+    /// Reads again the messages after the one at `position`, up to the
+    /// last one delivered, at most `max` of them: what a client resuming
+    /// from beyond the lobby's history missed. Blocks for one round trip
+    /// at most (a Redis `XRANGE`).
+    #[cfg(feature = "sse")]
+    fn reread(&mut self, _position: u64, _max: usize) -> Reread {
+        Reread::Unsupported
+    }
 
     /// Sends a client's message upstream (`--client-messages forward`);
     /// false if it cannot be sent now, or this source takes no messages.

@@ -29,8 +29,11 @@
 //!   client queue's worth of entries (so a backlog reaches the queues no
 //!   faster than a round trip per queue), blocks server-side at most
 //!   [`INBOX_SLICE`], and its reply, even an empty one, is the liveness
-//!   signal. Stream IDs are the messages' positions, so lobbies align
-//!   migrating clients on them exactly.
+//!   signal. Stream IDs, packed into 64 bits, are the messages'
+//!   positions, so lobbies align migrating clients on them exactly; a
+//!   client resuming after an entry its lobby's history no longer holds is
+//!   served by [`Source::reread`], one `XRANGE` from that entry to the
+//!   last one delivered.
 //!
 //! A payload that is valid UTF-8 goes to clients as a text message, any
 //! other as binary. Failures are counted by the same causes as a
@@ -58,6 +61,8 @@ use redis::{
     RedisConnectionInfo, RedisError, Value,
 };
 
+#[cfg(feature = "sse")]
+use crate::source::contract::Reread;
 use crate::{
     config::{
         Config,
@@ -375,7 +380,34 @@ struct StreamPos {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
 struct StreamId(u64, u64);
 
+/// Bits of a stream ID's milliseconds in its packed position: enough
+/// until the year 2527.
+const MS_BITS: u32 = 44;
+/// Bits of a stream ID's sequence number in its packed position: a
+/// million entries per millisecond.
+const SEQ_BITS: u32 = 64 - MS_BITS;
+
 impl StreamId {
+    /// The entry's position in 64 bits: the ID packed, `ms << 20 | seq`,
+    /// so the lobby can read the stream again from it
+    /// ([`StreamId::from_position`]). An ID too large to pack (one given
+    /// explicitly to `XADD`) is hashed instead: still exact for
+    /// migration, but a client can resume after it only from a history.
+    fn position(self) -> u64 {
+        let StreamId(ms, seq) = self;
+        if ms >> MS_BITS == 0 && seq >> SEQ_BITS == 0 {
+            ms << SEQ_BITS | seq
+        } else {
+            position(ms, seq)
+        }
+    }
+
+    #[cfg(feature = "sse")]
+    /// The ID a packed position stands for (any 64 bits stand for one).
+    fn from_position(position: u64) -> StreamId {
+        StreamId(position >> SEQ_BITS, position & ((1 << SEQ_BITS) - 1))
+    }
+
     fn parse(text: &[u8]) -> Option<StreamId> {
         let text = std::str::from_utf8(text).ok()?;
         let (ms, seq) = text.split_once('-')?;
@@ -740,23 +772,13 @@ impl RedisLink {
         let mut count = 0;
         for entry in stream_entries(&reply) {
             count += 1;
-            let Value::Array(parts) = entry else { continue };
-            let (Some(id), Some(Value::Array(fields))) =
-                (parts.first().and_then(StreamId::from_value), parts.get(1))
-            else {
+            let Some((id, fields)) = entry_parts(entry) else {
                 continue;
             };
             let added = self.last.and_then(|l| l.added).map(|a| a + 1);
             self.last = Some(StreamPos { id, added });
             live.got_message = true;
-            let value = fields
-                .chunks_exact(2)
-                .find(|pair| is_bulk(&pair[0], field.as_bytes()))
-                .and_then(|pair| match &pair[1] {
-                    Value::BulkString(bytes) => Some(bytes.as_slice()),
-                    _ => None,
-                });
-            let Some(payload) = value else {
+            let Some(payload) = field_of(fields, field) else {
                 bump(&self.lobby.stats.origin_gaps);
                 let why = format!(
                     "{}: stream entry {id} has no field {field:?}; skipped",
@@ -770,7 +792,7 @@ impl RedisLink {
             }
             deliver(Message {
                 body: crate::source::contract::Body::Payload(kind_of(payload), payload),
-                position: Some(position(id.0, id.1)),
+                position: Some(id.position()),
             });
         }
         Ok(if count >= self.target.xread_count {
@@ -844,6 +866,58 @@ fn stream_entries(reply: &Value) -> &[Value] {
         Some(Value::Array(entries)) => entries,
         _ => &[],
     }
+}
+
+/// The value of `field` among an entry's `fields` (name, value, …).
+fn field_of<'a>(fields: &'a [Value], field: &str) -> Option<&'a [u8]> {
+    fields
+        .chunks_exact(2)
+        .find(|pair| is_bulk(&pair[0], field.as_bytes()))
+        .and_then(|pair| match &pair[1] {
+            Value::BulkString(bytes) => Some(bytes.as_slice()),
+            _ => None,
+        })
+}
+
+/// The ID and fields of one stream entry, `[id, [field, value, …]]`.
+fn entry_parts(entry: &Value) -> Option<(StreamId, &[Value])> {
+    let Value::Array(parts) = entry else {
+        return None;
+    };
+    match (parts.first().and_then(StreamId::from_value), parts.get(1)) {
+        (Some(id), Some(Value::Array(fields))) => Some((id, fields)),
+        _ => None,
+    }
+}
+
+#[cfg(feature = "sse")]
+/// What an `XRANGE` from entry `first` (inclusive) holds for a client
+/// that saw `first` last: the entries after it, with `field`'s value each
+/// (entries without it, or above `max_message` bytes, are skipped as the
+/// live reader skips them), if `first` is there and at most `max` follow.
+fn reread_reply(
+    entries: &[Value],
+    first: StreamId,
+    field: &str,
+    max: usize,
+    max_message: usize,
+) -> Reread {
+    let mut entries = entries.iter().filter_map(entry_parts);
+    if entries.next().is_none_or(|(id, _)| id != first) {
+        return Reread::Gone;
+    }
+    let after: Vec<_> = entries.collect();
+    if after.len() > max {
+        return Reread::TooFar;
+    }
+    let messages = after
+        .into_iter()
+        .filter_map(|(id, fields)| {
+            let payload = field_of(fields, field).filter(|p| p.len() <= max_message)?;
+            Some((kind_of(payload), payload.to_vec(), id.position()))
+        })
+        .collect();
+    Reread::After(messages)
 }
 
 /// Text if it is UTF-8, binary otherwise.
@@ -933,6 +1007,50 @@ impl Source for RedisLink {
     fn take_failure(&mut self) -> bool {
         std::mem::take(&mut self.has_failed)
     }
+
+    #[cfg(feature = "sse")]
+    fn can_reread(&self) -> bool {
+        matches!(self.target.url.mode, Mode::Stream { .. })
+    }
+
+    #[cfg(feature = "sse")]
+    /// `XRANGE` from the entry at `position` (inclusive, to check that the
+    /// stream still holds it) to the last entry delivered, asking for at
+    /// most `max + 2` entries: one more than may follow tells too many.
+    fn reread(&mut self, position: u64, max: usize) -> Reread {
+        let Mode::Stream { key, field } = &self.target.url.mode else {
+            return Reread::Unsupported;
+        };
+        let (State::Up(live), Some(last)) = (&mut self.state, self.last) else {
+            return Reread::NotYet;
+        };
+        let first = StreamId::from_position(position);
+        if first > last.id {
+            return Reread::Gone;
+        }
+        let reply = set_read_timeout(live, PONG_WAIT).and_then(|()| {
+            redis::cmd("XRANGE")
+                .arg(key)
+                .arg(first.to_string())
+                .arg(last.id.to_string())
+                .arg("COUNT")
+                .arg(max.saturating_add(2))
+                .query::<Value>(&mut live.con)
+                .map_err(|e| lost(&e))
+        });
+        match reply {
+            Ok(Value::Array(entries)) => {
+                reread_reply(&entries, first, field, max, self.target.max_message)
+            }
+            Ok(_) => Reread::Gone,
+            Err((cause, why)) => {
+                if let State::Up(live) = std::mem::replace(&mut self.state, State::Idle) {
+                    self.lose(live, cause, &why);
+                }
+                Reread::NotYet
+            }
+        }
+    }
 }
 
 impl Drop for RedisLink {
@@ -984,6 +1102,60 @@ mod tests {
             last_generated: None,
         };
         assert_eq!(old.missed_after(last), 0);
+    }
+
+    #[cfg(feature = "sse")]
+    #[test]
+    fn stream_ids_pack_into_positions_and_back() {
+        for id in [
+            StreamId(1_765_000_000_000, 0),
+            StreamId(1_765_000_000_000, 7),
+            StreamId(1, 1),
+            StreamId((1 << MS_BITS) - 1, (1 << SEQ_BITS) - 1),
+        ] {
+            assert_eq!(StreamId::from_position(id.position()), id, "{id}");
+        }
+        // Packed positions keep the entries' order.
+        assert!(StreamId(5, 1).position() < StreamId(5, 2).position());
+        assert!(StreamId(5, 9).position() < StreamId(6, 0).position());
+        // Too large to pack: hashed, so it reads back as another entry.
+        let huge = StreamId(1 << MS_BITS, 0);
+        assert_ne!(StreamId::from_position(huge.position()), huge);
+        let many = StreamId(1, 1 << SEQ_BITS);
+        assert_ne!(StreamId::from_position(many.position()), many);
+    }
+
+    #[cfg(feature = "sse")]
+    #[test]
+    fn a_reread_starts_at_the_entry_seen_and_is_bounded() {
+        let bulk = |t: &str| Value::BulkString(t.as_bytes().to_vec());
+        let entry = |id: &str, field: &str, value: &str| {
+            Value::Array(vec![bulk(id), Value::Array(vec![bulk(field), bulk(value)])])
+        };
+        let reply = [
+            entry("5-0", "data", "seen"),
+            entry("6-0", "data", "a"),
+            entry("6-1", "other", "skipped"),
+            entry("7-0", "data", "b"),
+        ];
+        let after = |max| reread_reply(&reply, StreamId(5, 0), "data", max, 1024);
+        assert_eq!(
+            after(3),
+            Reread::After(vec![
+                (MessageKind::Text, b"a".to_vec(), StreamId(6, 0).position()),
+                (MessageKind::Text, b"b".to_vec(), StreamId(7, 0).position()),
+            ])
+        );
+        assert_eq!(after(2), Reread::TooFar, "three entries follow");
+        // The stream no longer holds the entry seen: its first is later.
+        assert_eq!(
+            reread_reply(&reply, StreamId(4, 0), "data", 3, 1024),
+            Reread::Gone
+        );
+        assert_eq!(
+            reread_reply(&[], StreamId(5, 0), "data", 3, 1024),
+            Reread::Gone
+        );
     }
 
     #[test]
