@@ -1,7 +1,8 @@
 //! The client listener's certificates chosen by name: [`TlsConfig`],
 //! [`SniCert`] and their validation.
 //!
-//! [`Config::tls_cert`] and [`Config::tls_key`] are the default
+//! [`Config::tls_cert`](crate::Config::tls_cert) and
+//! [`Config::tls_key`](crate::Config::tls_key) are the default
 //! certificate; each [`SniCert`] is served instead to clients that ask for
 //! one of its names (SNI). The files are read when the gateway starts and
 //! on every reload (`edge/tls.rs`), never here: validation reads no file.
@@ -11,13 +12,11 @@ use std::{collections::HashSet, path::PathBuf};
 #[cfg(feature = "config-file")]
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    config::Config,
-    error::{Error, Result},
-};
+use crate::error::{Error, Result};
 
 /// The `[tls]` table of a config file: the certificates served by name,
-/// beside the default one ([`Config::tls_cert`], [`Config::tls_key`]).
+/// beside the default one ([`Config::tls_cert`](crate::Config::tls_cert),
+/// [`Config::tls_key`](crate::Config::tls_key)).
 #[derive(Debug, Clone, Default, PartialEq)]
 #[cfg_attr(feature = "config-file", derive(Serialize, Deserialize))]
 #[cfg_attr(feature = "config-file", serde(default, deny_unknown_fields))]
@@ -77,15 +76,16 @@ impl SniCert {
 /// take it.
 pub(crate) const DEFAULT_NAME: &str = "default";
 
-impl Config {
+impl TlsConfig {
     /// Checks the certificates served by name: each has names, a chain and
     /// a key; every name is a host name or a wildcard, listed once; and
-    /// there is a default certificate to serve the others.
-    pub(super) fn validate_sni(&self) -> Result<()> {
-        if self.tls.is_empty() {
+    /// there is a default certificate to serve the others (`has_default`:
+    /// [`Config::tls_cert`](crate::Config::tls_cert) is set).
+    pub(super) fn validate(&self, has_default: bool) -> Result<()> {
+        if self.is_empty() {
             return Ok(());
         }
-        if self.tls_cert.is_none() {
+        if !has_default {
             return Err(Error::Config(
                 "tls.cert: certificates by name need a default one too \
                  (tls_cert and tls_key), served to clients that ask for another name or none"
@@ -93,7 +93,7 @@ impl Config {
             ));
         }
         let mut seen = HashSet::new();
-        for (index, entry) in self.tls.certs.iter().enumerate() {
+        for (index, entry) in self.certs.iter().enumerate() {
             let which = match entry.server_names.first() {
                 Some(name) => format!("tls.cert {name}"),
                 None => format!("tls.cert #{}", index + 1),
@@ -160,6 +160,7 @@ fn check_server_name(name: &str) -> Result<(), &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
 
     fn with(certs: Vec<SniCert>) -> Config {
         let mut c = Config {

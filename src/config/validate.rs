@@ -46,7 +46,7 @@ impl Config {
             ));
         }
         self.validate_tls()?;
-        self.validate_sni()?;
+        self.tls.validate(self.tls_cert.is_some())?;
         let routes = self.serving(fed);
         if routes.is_empty() {
             return Err(Error::Config(
