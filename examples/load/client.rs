@@ -188,7 +188,9 @@ pub struct Report {
     pub window: Duration,
     /// Messages (text or binary) received during the window.
     pub delivered: u64,
-    /// Bytes read from the sockets during the window (frames as sent).
+    /// Bytes read from the sockets during the window (frames as sent; a
+    /// `wss://` client counts the frames its TLS records carried, not the
+    /// records).
     pub wire_bytes: u64,
     /// Messages received over the whole run.
     pub total_messages: u64,
