@@ -36,6 +36,17 @@
 //! clients decode as far as seq and timestamp), and their ratio line is
 //! wsgate-sse/wsgate.
 //!
+//! Two more run only when named (`scenario::ON_REQUEST`): `wss-steady` and
+//! `wss-large`, `steady`'s and `large`'s loads with wsgate serving its
+//! clients `wss://` (TLS 1.3 on the binary's own provider, a throwaway CA
+//! and leaf made at start, `tls.rs`), each client through its own rustls
+//! session on aws-lc-rs without resumption. The baseline has no TLS, so
+//! their ratio is wsgate over TLS against a plain relay; run beside
+//! `steady` and `large`, a `tls` line before the table gives what TLS adds
+//! to wsgate: CPU per delivery as a ratio, and RSS per client (growth from
+//! no client to the window's end, queues included) in both runs. The
+//! clients' TLS costs the load generator too, on the same cores.
+//!
 //! Per run: deliveries/s (messages received by clients in the window /
 //! window), relay CPU per delivery (relay utime + stime over the window /
 //! deliveries; `/proc` counts in 10 ms ticks), relay CPU % of one core (above
@@ -46,15 +57,19 @@
 //! connections, and this process's own CPU (the load generator's).
 //!
 //! Running:
-//! - `cargo bench` runs every scenario (about 90 s on 2 cores; `cargo bench
-//!   --bench fanout` skips the empty unit-test harnesses of the other targets);
+//! - `cargo bench` runs every scenario but those on request (about 90 s on
+//!   2 cores; `cargo bench --bench fanout` skips the empty unit-test
+//!   harnesses of the other targets);
 //! - `cargo bench -- saturated` (or `-- steady,large`, or
-//!   `-- sse-steady,sse-saturated`) runs only those;
+//!   `-- sse-steady,sse-saturated`) runs only those; this is also how the
+//!   scenarios on request run (`-- steady,wss-steady,large,wss-large`);
 //! - `WSGATE_BENCH_SECS` (default 8) sets the measurement window and
 //!   `WSGATE_BENCH_WARMUP` (default 2) the warm-up, both in seconds
 //!   (fractions allowed);
 //! - `WSGATE_BENCH_WSGATE=/path/to/wsgate` benches that binary (e.g. an older
-//!   build) instead of the one cargo just built.
+//!   build) instead of the one cargo just built; the `wss-` scenarios need
+//!   one with `--tls-cert` and `--tls-key` (feature `tls`), whichever
+//!   provider it was built on.
 //!
 //! Results go to stdout (a detail block per run, the table at the end, then
 //! each scenario's figure beside the README's committed one, a change over
@@ -83,6 +98,7 @@ mod committed;
 mod relay;
 mod scenario;
 mod table;
+mod tls;
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -90,6 +106,7 @@ use std::time::{Duration, Instant};
 use relay::Kind;
 use scenario::{Scenario, Settings};
 use table::Row;
+use tls::Certs;
 
 /// Environment variable for the measurement window, seconds.
 const SECS_ENV: &str = "WSGATE_BENCH_SECS";
@@ -121,20 +138,28 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let certs = match scenarios.iter().any(|s| s.tls).then(Certs::generate) {
+        None => None,
+        Some(Ok(certs)) => Some(certs),
+        Some(Err(e)) => {
+            eprintln!("bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
     if let Err(e) = relay::kill_relays_on_signal() {
         eprintln!("bench: {e}");
         return ExitCode::from(2);
     }
-    if bench(&scenarios, &settings) {
+    if bench(&scenarios, &settings, certs.as_ref()) {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     }
 }
 
-/// Runs the scenarios and prints everything. Returns whether every run
-/// succeeded without a problem.
-fn bench(scenarios: &[Scenario], settings: &Settings) -> bool {
+/// Runs the scenarios (a `tls` one with `certs`) and prints everything.
+/// Returns whether every run succeeded without a problem.
+fn bench(scenarios: &[Scenario], settings: &Settings, certs: Option<&Certs>) -> bool {
     let started = Instant::now();
     println!("machine: {}", machine());
     println!(
@@ -150,7 +175,7 @@ fn bench(scenarios: &[Scenario], settings: &Settings) -> bool {
         println!("== {}: {}", scenario.name, scenario.describe());
         for kind in scenario.kinds() {
             eprintln!("  {}: starting", kind.name());
-            let result = scenario::run(scenario, kind, settings);
+            let result = scenario::run(scenario, kind, settings, certs);
             match &result {
                 Ok(m) => {
                     println!("{}", table::detail(kind, m));
@@ -182,6 +207,16 @@ fn bench(scenarios: &[Scenario], settings: &Settings) -> bool {
         println!();
         println!("{}", table::compression(plain, compressed));
     }
+    let tls_lines: Vec<String> = scenario::TLS_TWINS
+        .iter()
+        .filter_map(|&(plain, wss)| {
+            Some(table::tls(plain, wsgate_in(plain)?, wss, wsgate_in(wss)?))
+        })
+        .collect();
+    if !tls_lines.is_empty() {
+        println!();
+        println!("{}", tls_lines.join("\n"));
+    }
     println!();
     print!("{}", table::table(&rows));
     print!("{}", committed::against_readme(&rows));
@@ -203,19 +238,20 @@ fn utf8_args() -> Result<Vec<String>, String> {
         .collect()
 }
 
-/// The scenarios named by the first non-flag argument (comma-separated), or
-/// all of them. Flags such as cargo's `--bench` are ignored.
+/// The scenarios named by the first non-flag argument (comma-separated,
+/// from [`scenario::ALL`] and [`scenario::ON_REQUEST`]), or all of
+/// [`scenario::ALL`]. Flags such as cargo's `--bench` are ignored.
 fn selected_scenarios(args: &[String]) -> Result<Vec<Scenario>, String> {
     let Some(filter) = args.iter().find(|a| !a.starts_with('-')) else {
         return Ok(scenario::ALL.to_vec());
     };
-    let names: Vec<&str> = scenario::ALL.iter().map(|s| s.name).collect();
+    let known = || scenario::ALL.iter().chain(&scenario::ON_REQUEST);
+    let names: Vec<&str> = known().map(|s| s.name).collect();
     filter
         .split(',')
         .filter(|name| !name.is_empty())
         .map(|name| {
-            scenario::ALL
-                .iter()
+            known()
                 .find(|s| s.name == name)
                 .copied()
                 .ok_or_else(|| format!("unknown scenario {name:?}; known: {}", names.join(", ")))

@@ -2,7 +2,8 @@
 //! baseline (this bench binary re-executed in its baseline role).
 //!
 //! [`Relay::start`] spawns it on `127.0.0.1:0` in front of a given origin and
-//! waits for the `... clients connect to ws://ADDR/` line on its stdout. The
+//! waits for the `... clients connect to ws://ADDR/` line on its stdout
+//! (`wss://ADDR/` from a wsgate given a certificate and key). The
 //! child's further stdout and its stderr are forwarded to our stderr, each
 //! line prefixed with `[relay name]`. [`Relay::stop`] asks for a graceful exit
 //! (SIGTERM) and kills it if that takes too long.
@@ -24,6 +25,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::baseline;
+use crate::tls::Certs;
 
 /// Environment variable naming another wsgate binary to bench (e.g. an
 /// older build) instead of the one cargo built.
@@ -160,12 +162,25 @@ pub struct Relay {
 
 impl Relay {
     /// Spawns the relay in front of `origin_url` (wsgate with `wsgate_args`
-    /// added) and waits until it listens.
-    pub fn start(kind: Kind, origin_url: &str, wsgate_args: &[&str]) -> Result<Relay, String> {
+    /// added, and serving `wss://` with `tls`'s leaf when given) and waits
+    /// until it listens.
+    pub fn start(
+        kind: Kind,
+        origin_url: &str,
+        wsgate_args: &[&str],
+        tls: Option<&Certs>,
+    ) -> Result<Relay, String> {
         let name = kind.name();
         let mut command = kind.command(origin_url)?;
         if kind.is_wsgate() {
             command.args(wsgate_args);
+            if let Some(certs) = tls {
+                command
+                    .arg("--tls-cert")
+                    .arg(&certs.cert)
+                    .arg("--tls-key")
+                    .arg(&certs.key);
+            }
         }
         let child = command
             .stdin(Stdio::null())
@@ -207,8 +222,8 @@ impl Relay {
         };
         relay.url = line
             .split_whitespace()
-            .find(|word| word.starts_with("ws://"))
-            .ok_or_else(|| format!("{name} printed no ws:// address: {line:?}"))?
+            .find(|word| word.starts_with("ws://") || word.starts_with("wss://"))
+            .ok_or_else(|| format!("{name} printed no ws:// or wss:// address: {line:?}"))?
             .to_string();
         Ok(relay)
     }

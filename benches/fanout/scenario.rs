@@ -6,6 +6,10 @@
 //! (threads of this process); all three are stopped before [`run`] returns,
 //! on success and on every error path (their guards stop them on drop).
 //!
+//! The `tls` scenarios differ in two places only: wsgate gets the bench's
+//! certificate (`tls.rs`) and prints a `wss://` address, and the clients
+//! trust its CA and connect over TLS.
+//!
 //! Sequence: origin up → relay up (listening, and for the baseline connected
 //! upstream) → settle, sample relay RSS with no client → connect the clients
 //! → warm up → measurement window (relay CPU time and origin seq sampled at
@@ -21,6 +25,7 @@ use crate::client::{self, Clients};
 use crate::gwstat::{Observer, Sample};
 use crate::origin::{Origin, Rate};
 use crate::relay::{Kind, Relay};
+use crate::tls::Certs;
 
 /// Pause between the relay listening and the no-client RSS sample.
 const SETTLE: Duration = Duration::from_millis(500);
@@ -47,9 +52,41 @@ pub struct Scenario {
     /// clients, instead of the baseline with wsgate: the runs are
     /// [`Kind::PROTOCOLS`] rather than [`Kind::ALL`].
     pub sse: bool,
+    /// wsgate serves its clients `wss://` (the bench's throwaway
+    /// certificate, `tls.rs`); the baseline has no TLS and serves `ws://`
+    /// as ever.
+    pub tls: bool,
 }
 
-/// Every scenario, in the order they run.
+/// 1000 clients × 200 msg/s × 128 B (also the load of `wss-steady`).
+const STEADY: Scenario = Scenario {
+    name: "steady",
+    clients: 1000,
+    rate: Rate::PerSecond(200),
+    size: 128,
+    slow: 0,
+    wsgate_args: &[],
+    ticks: false,
+    deflate: false,
+    sse: false,
+    tls: false,
+};
+
+/// 200 clients × 50 msg/s × 64 KiB (also the load of `wss-large`).
+const LARGE: Scenario = Scenario {
+    name: "large",
+    clients: 200,
+    rate: Rate::PerSecond(50),
+    size: 64 * 1024,
+    slow: 0,
+    wsgate_args: &[],
+    ticks: false,
+    deflate: false,
+    sse: false,
+    tls: false,
+};
+
+/// Every scenario run by default, in the order they run.
 pub const ALL: [Scenario; 13] = [
     // 10 000 msg/s to 1000 clients offers 10M deliveries/s, several times what
     // this machine kind can write: the relay is saturated, while a relay that
@@ -64,18 +101,9 @@ pub const ALL: [Scenario; 13] = [
         ticks: false,
         deflate: false,
         sse: false,
+        tls: false,
     },
-    Scenario {
-        name: "steady",
-        clients: 1000,
-        rate: Rate::PerSecond(200),
-        size: 128,
-        slow: 0,
-        wsgate_args: &[],
-        ticks: false,
-        deflate: false,
-        sse: false,
-    },
+    STEADY,
     // The same with a 10 ms write-batching window: fewer, larger writes.
     Scenario {
         name: "batched",
@@ -87,6 +115,7 @@ pub const ALL: [Scenario; 13] = [
         ticks: false,
         deflate: false,
         sse: false,
+        tls: false,
     },
     // The steady feed's rate in bursts of 16 back to back (12.5 a second):
     // wsgate's writes coalesce by themselves while it is behind.
@@ -103,6 +132,7 @@ pub const ALL: [Scenario; 13] = [
         ticks: false,
         deflate: false,
         sse: false,
+        tls: false,
     },
     // Well below saturation: latency is the measure.
     Scenario {
@@ -115,6 +145,7 @@ pub const ALL: [Scenario; 13] = [
         ticks: false,
         deflate: false,
         sse: false,
+        tls: false,
     },
     // 100 of the 1000 clients never read: the others must lose nothing.
     // wsgate's default unsent bound (16 KiB) keeps the kernel from absorbing
@@ -130,18 +161,9 @@ pub const ALL: [Scenario; 13] = [
         ticks: false,
         deflate: false,
         sse: false,
+        tls: false,
     },
-    Scenario {
-        name: "large",
-        clients: 200,
-        rate: Rate::PerSecond(50),
-        size: 64 * 1024,
-        slow: 0,
-        wsgate_args: &[],
-        ticks: false,
-        deflate: false,
-        sse: false,
-    },
+    LARGE,
     Scenario {
         name: "wide",
         clients: 16_000,
@@ -152,6 +174,7 @@ pub const ALL: [Scenario; 13] = [
         ticks: false,
         deflate: false,
         sse: false,
+        tls: false,
     },
     Scenario {
         name: "idle",
@@ -163,6 +186,7 @@ pub const ALL: [Scenario; 13] = [
         ticks: false,
         deflate: false,
         sse: false,
+        tls: false,
     },
     // A 1 KiB JSON price tick at steady load, to clients that do not offer
     // permessage-deflate; then the same to clients that do: wsgate
@@ -178,6 +202,7 @@ pub const ALL: [Scenario; 13] = [
         ticks: true,
         deflate: false,
         sse: false,
+        tls: false,
     },
     Scenario {
         name: "compressed",
@@ -189,6 +214,7 @@ pub const ALL: [Scenario; 13] = [
         ticks: true,
         deflate: true,
         sse: false,
+        tls: false,
     },
     // wsgate at steady load and saturated, once to WebSocket clients and
     // once to event-stream clients, the same origin messages (binary, so
@@ -203,6 +229,7 @@ pub const ALL: [Scenario; 13] = [
         ticks: false,
         deflate: false,
         sse: true,
+        tls: false,
     },
     Scenario {
         name: "sse-saturated",
@@ -214,7 +241,33 @@ pub const ALL: [Scenario; 13] = [
         ticks: false,
         deflate: false,
         sse: true,
+        tls: false,
     },
+];
+
+/// Scenarios that run only when named: `steady`'s and `large`'s loads over
+/// `wss://` to wsgate (the baseline as in those), to compare with them in
+/// the same run (`-- steady,wss-steady,large,wss-large`). Each takes as
+/// long as its plain twin, and more to connect (a full TLS handshake per
+/// client), which the default run need not pay.
+pub const ON_REQUEST: [Scenario; 2] = [
+    Scenario {
+        name: "wss-steady",
+        tls: true,
+        ..STEADY
+    },
+    Scenario {
+        name: "wss-large",
+        tls: true,
+        ..LARGE
+    },
+];
+
+/// The `wss-` scenarios beside the plain ones they repeat over TLS, as
+/// (plain, wss) names.
+pub const TLS_TWINS: [(&str, &str); 2] = [
+    (STEADY.name, ON_REQUEST[0].name),
+    (LARGE.name, ON_REQUEST[1].name),
 ];
 
 impl Scenario {
@@ -231,6 +284,15 @@ impl Scenario {
 
     /// One line saying what the load is.
     pub fn describe(&self) -> String {
+        let load = self.load();
+        if self.tls {
+            format!("{load}; wsgate over wss://, the baseline ws://")
+        } else {
+            load
+        }
+    }
+
+    fn load(&self) -> String {
         let size = if self.size % 1024 == 0 {
             format!("{} KiB", self.size / 1024)
         } else {
@@ -269,7 +331,8 @@ pub struct Measurement {
     pub window: Duration,
     /// Messages received by all clients inside the window.
     pub delivered: u64,
-    /// Bytes all clients read inside the window (frames as sent).
+    /// Bytes all clients read inside the window (frames as sent; over
+    /// `wss://`, the frames inside the TLS records).
     pub wire_bytes: u64,
     /// Messages the origin generated inside the window.
     pub published: u64,
@@ -355,9 +418,20 @@ impl Measurement {
     }
 }
 
-/// Runs `scenario` against the relay `kind`. Progress goes to stderr.
-pub fn run(scenario: &Scenario, kind: Kind, settings: &Settings) -> Result<Measurement, String> {
+/// Runs `scenario` against the relay `kind`; `certs` are what a `tls`
+/// scenario's wsgate serves and its clients trust. Progress goes to stderr.
+pub fn run(
+    scenario: &Scenario,
+    kind: Kind,
+    settings: &Settings,
+    certs: Option<&Certs>,
+) -> Result<Measurement, String> {
     let name = kind.name();
+    let tls = match (scenario.tls && kind.is_wsgate(), certs) {
+        (true, Some(certs)) => Some(certs),
+        (true, None) => return Err(format!("{} needs certificates", scenario.name)),
+        (false, _) => None,
+    };
     let start = if scenario.ticks {
         Origin::start_ticks
     } else {
@@ -370,7 +444,7 @@ pub fn run(scenario: &Scenario, kind: Kind, settings: &Settings) -> Result<Measu
     )
     .map_err(|e| format!("cannot start the origin: {e}"))?;
     let origin_url = format!("ws://{}/", origin.local_addr());
-    let relay = Relay::start(kind, &origin_url, scenario.wsgate_args)?;
+    let relay = Relay::start(kind, &origin_url, scenario.wsgate_args, tls)?;
     let observer = Observer::new(relay.pid()).map_err(|e| format!("cannot observe {name}: {e}"))?;
     let load = Observer::new(std::process::id())
         .map_err(|e| format!("cannot observe the bench process: {e}"))?;
@@ -381,6 +455,7 @@ pub fn run(scenario: &Scenario, kind: Kind, settings: &Settings) -> Result<Measu
     config.slow = scenario.slow;
     config.deflate = scenario.deflate;
     config.sse = kind.is_sse();
+    config.tls_ca = tls.map(|certs| certs.ca.clone());
     let connect_deadline = Instant::now() + config.connect_timeout;
     let started = Instant::now();
     let mut clients = Clients::start(config).map_err(|e| format!("cannot start clients: {e}"))?;

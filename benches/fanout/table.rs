@@ -1,5 +1,7 @@
-//! Output formatting: the per-run detail line, the per-scenario ratio line
-//! and the summary table printed at the end. Nothing here measures anything.
+//! Output formatting: the per-run detail line, the per-scenario ratio line,
+//! the lines comparing wsgate's runs across two scenarios (compression,
+//! TLS) and the summary table printed at the end. Nothing here measures
+//! anything.
 
 use crate::client::ms;
 use crate::relay::Kind;
@@ -84,6 +86,22 @@ pub fn compression(plain: &Measurement, compressed: &Measurement) -> String {
             plain.cpu_per_delivery_us()
         )
         .map(times)),
+    )
+}
+
+/// What TLS adds to wsgate: its run in the `wss` scenario against its run
+/// in the `plain` one of the same load, CPU per delivery as a ratio and
+/// RSS per client (growth from no client to the window's end) side by side.
+pub fn tls(plain_name: &str, plain: &Measurement, wss_name: &str, wss: &Measurement) -> String {
+    let rss = match (wss.rss_per_client_kib(), plain.rss_per_client_kib()) {
+        (Some(w), Some(p)) => format!("{} against {} ({:+.2}KiB)", kib(w), kib(p), w - p),
+        _ => "-".to_string(),
+    };
+    format!(
+        "  tls (wsgate, {wss_name}/{plain_name}): cpu/delivery {} ({} against {}), rss/client {rss}",
+        opt(both(wss.cpu_per_delivery_us(), plain.cpu_per_delivery_us()).map(times)),
+        opt(wss.cpu_per_delivery_us().map(micros)),
+        opt(plain.cpu_per_delivery_us().map(micros)),
     )
 }
 

@@ -7,7 +7,8 @@
 //! hand-written HTTP upgrade request, checks the `101` answer and its
 //! `Sec-WebSocket-Accept`, and from then on parses unmasked server frames with
 //! a streaming parser reading into a per-thread 64 KiB scratch buffer; per
-//! client state is about 260 bytes. Clients answer Ping with a masked Pong and
+//! client state is about 270 bytes (a `wss://` client's
+//! TLS session is boxed beside it). Clients answer Ping with a masked Pong and
 //! Close with a masked Close, and close politely (masked Close 1000) at the end.
 //!
 //! With [`Config::sse`] the clients read an event stream instead: a plain
@@ -17,6 +18,18 @@
 //! as seq and timestamp). Such a client writes nothing after its request and
 //! ends by closing its socket; the server ending the stream is its normal
 //! end, counted like a server Close.
+//!
+//! With a `wss://` URL ([`Config::tls_ca`] names the CA to trust) each
+//! client runs its own rustls session (aws-lc-rs, ALPN `http/1.1`, no
+//! session resumption: every client makes a full handshake, as distinct
+//! clients would) and every read and write above goes through it: the TLS
+//! handshake runs while the upgrade request waits in the session, and the
+//! frame handling is the same. A certificate the CA does not vouch for, or
+//! any other handshake error, fails that client's connect like a refused
+//! upgrade (counted, first error kept). A slow client's unsent control
+//! frames may also fill the session's buffer (64 KiB) before its own
+//! backlog. A plain client pays a test of an empty `Option` per read and
+//! write.
 //!
 //! Binary messages whose payload starts with `seq: u64 LE, sent_unix_ns: u64 LE`
 //! are checked per client for gaps and duplicates/reorders and their latency
@@ -44,6 +57,7 @@ mod wire;
 use miniz_oxide::inflate::core::{DecompressorOxide, decompress, inflate_flags};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
@@ -52,6 +66,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use hdrhistogram::Histogram;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
+use rustls::client::Resumption;
+use rustls::pki_types::ServerName;
+use rustls::pki_types::pem::PemObject;
+use rustls::{ClientConfig, ClientConnection, RootCertStore};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use events::EventReader;
@@ -83,7 +101,8 @@ const PHASE_CLOSE: u8 = 3;
 /// Client engine configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// `ws://HOST:PORT/PATH`; HOST must resolve to a loopback address.
+    /// `ws://HOST:PORT/PATH` or `wss://...`; HOST must resolve to a
+    /// loopback address.
     pub url: String,
     /// Number of clients.
     pub clients: usize,
@@ -114,6 +133,9 @@ pub struct Config {
     /// text/event-stream`) instead of upgrading to WebSocket; excludes
     /// `deflate`, and `slow_ping` sends nothing.
     pub sse: bool,
+    /// The CA certificates (PEM) a `wss://` URL's server is checked
+    /// against; required with `wss://`, refused with `ws://`.
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl Config {
@@ -132,6 +154,7 @@ impl Config {
             deflate: false,
             headers: Vec::new(),
             sse: false,
+            tls_ca: None,
         }
     }
 }
@@ -165,7 +188,9 @@ pub struct Report {
     pub window: Duration,
     /// Messages (text or binary) received during the window.
     pub delivered: u64,
-    /// Bytes read from the sockets during the window (frames as sent).
+    /// Bytes read from the sockets during the window (frames as sent; a
+    /// `wss://` client counts the frames its TLS records carried, not the
+    /// records).
     pub wire_bytes: u64,
     /// Messages received over the whole run.
     pub total_messages: u64,
@@ -331,7 +356,7 @@ impl Clients {
         if config.clients == 0 {
             return Err("need at least one client".to_string());
         }
-        let target = Target::parse(&config.url, &config.headers)?;
+        let target = Target::parse(&config.url, &config.headers, config.tls_ca.as_deref())?;
         let threads = config.threads.clamp(1, config.clients);
         let shared = Arc::new(Shared {
             phase: AtomicU8::new(PHASE_WARMUP),
@@ -462,6 +487,9 @@ fn new_histogram() -> Histogram<u64> {
 /// Where clients connect.
 struct Target {
     addr: SocketAddr,
+    /// With `wss://`: the session configuration and the name the server's
+    /// certificate must carry.
+    tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
     /// The ready-to-send request up to and including `Sec-WebSocket-Key: `.
     request_head: String,
     /// The whole event-stream request.
@@ -469,10 +497,12 @@ struct Target {
 }
 
 impl Target {
-    fn parse(url: &str, headers: &[String]) -> Result<Target, String> {
-        let rest = url
-            .strip_prefix("ws://")
-            .ok_or_else(|| format!("url must start with ws:// (got {url})"))?;
+    fn parse(url: &str, headers: &[String], tls_ca: Option<&Path>) -> Result<Target, String> {
+        let (rest, is_tls) = match (url.strip_prefix("ws://"), url.strip_prefix("wss://")) {
+            (Some(rest), _) => (rest, false),
+            (_, Some(rest)) => (rest, true),
+            _ => return Err(format!("url must start with ws:// or wss:// (got {url})")),
+        };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
@@ -484,10 +514,10 @@ impl Target {
             Some(close) => authority[close..].contains(':'),
             None => authority.contains(':'),
         };
-        let with_port = if has_port {
-            authority.to_string()
-        } else {
-            format!("{authority}:80")
+        let with_port = match (has_port, is_tls) {
+            (true, _) => authority.to_string(),
+            (false, false) => format!("{authority}:80"),
+            (false, true) => format!("{authority}:443"),
         };
         let addr = with_port
             .to_socket_addrs()
@@ -500,6 +530,20 @@ impl Target {
                 "refusing non-loopback target {addr}: this tool only targets loopback"
             ));
         }
+        let tls = match (is_tls, tls_ca) {
+            (true, Some(ca)) => {
+                let host = match authority.rfind(']') {
+                    Some(close) => authority[..close].trim_start_matches('['),
+                    None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+                };
+                let name = ServerName::try_from(host.to_string())
+                    .map_err(|e| format!("bad server name {host:?}: {e}"))?;
+                Some((tls_config(ca)?, name))
+            }
+            (true, None) => return Err(format!("{url} needs --tls-ca")),
+            (false, Some(_)) => return Err(format!("--tls-ca needs a wss:// url (got {url})")),
+            (false, None) => None,
+        };
         let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
         let request_head = format!(
             "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -510,13 +554,41 @@ impl Target {
         );
         Ok(Target {
             addr,
+            tls,
             request_head,
             event_stream_request,
         })
     }
 }
 
-/// Per-thread counters, merged into [`Report`].
+/// A client configuration trusting only the CA certificates in the PEM
+/// file `ca`, on aws-lc-rs (the gateway's own provider) with ALPN `http/1.1`
+/// and without resumption (the gateway issues tickets: with a shared cache
+/// all but the first clients would resume).
+fn tls_config(ca: &Path) -> Result<Arc<ClientConfig>, String> {
+    let mut roots = RootCertStore::empty();
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(ca)
+        .map_err(|e| format!("cannot read {}: {e}", ca.display()))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| format!("bad PEM in {}: {e}", ca.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("bad CA certificate in {}: {e}", ca.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("no certificate in {}", ca.display()));
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS client configuration: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.resumption = Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
 /// Transient state while a connection is being set up (freed after).
 struct Handshake {
     request: Vec<u8>,
@@ -537,9 +609,9 @@ enum State {
     Closing,
 }
 
-/// One client; kept small (about 260 bytes) so 10 000+ are cheap.
+/// One client; kept small (about 270 bytes) so 10 000+ are cheap.
 struct Conn {
-    stream: TcpStream,
+    io: Transport,
     state: State,
     slow: bool,
     last_seq: u64,
@@ -549,6 +621,90 @@ struct Conn {
     /// The event-stream parser (with `sse`; `parser` is then unused), boxed
     /// to keep a WebSocket client small.
     events: Option<Box<EventReader>>,
+}
+
+/// A client's socket and, for `wss://`, its TLS session: every byte of the
+/// upgrade and the frames goes through [`Transport::read`] and
+/// [`Transport::write`].
+struct Transport {
+    stream: TcpStream,
+    /// The rustls session of a `wss://` client, boxed: plain clients stay
+    /// small.
+    tls: Option<Box<ClientConnection>>,
+}
+
+impl Transport {
+    /// Reads plaintext: from the socket, or through the TLS session, with a
+    /// socket's meaning (`Ok(0)` the server is done, `WouldBlock` nothing
+    /// until the socket is readable).
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(tls) = self.tls.as_deref_mut() else {
+            return self.stream.read(buf);
+        };
+        loop {
+            match tls.reader().read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                done => return done,
+            }
+            if tls.read_tls(&mut self.stream)? == 0 {
+                return Ok(0);
+            }
+            if let Err(e) = tls.process_new_packets() {
+                // Best effort: the alert that tells the server why.
+                let _ = flush_tls(tls, &mut self.stream);
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("TLS: {e}"),
+                ));
+            }
+            // The handshake's answers, or the upgrade request once it is done.
+            flush_tls(tls, &mut self.stream)?;
+        }
+    }
+
+    /// Writes plaintext to the socket, or through the TLS session (which
+    /// keeps what the socket does not take; `WouldBlock` once it holds its
+    /// limit, 64 KiB: an upgrade request, written before the handshake
+    /// ends, always fits).
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        let Some(tls) = self.tls.as_deref_mut() else {
+            return self.stream.write(bytes);
+        };
+        let n = tls.writer().write(bytes)?;
+        flush_tls(tls, &mut self.stream)?;
+        if n == 0 && !bytes.is_empty() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    }
+
+    /// Writes what the TLS session holds for the server, as far as the
+    /// socket takes it (nothing to do for a plain client).
+    fn flush_tls(&mut self) -> io::Result<()> {
+        match self.tls.as_deref_mut() {
+            Some(tls) => flush_tls(tls, &mut self.stream),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether this is a `wss://` client.
+    fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+}
+
+/// Writes what `tls` holds for the server until it holds nothing or the
+/// socket is full (the rest goes on the next read, write or writable event).
+fn flush_tls(tls: &mut ClientConnection, stream: &mut TcpStream) -> io::Result<()> {
+    while tls.wants_write() {
+        match tls.write_tls(stream) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// What frame handling asks the event loop to do.
@@ -848,8 +1004,14 @@ impl Worker {
             request.extend_from_slice(b"\r\n\r\n");
             (request, accept)
         };
+        let tls = match &self.target.tls {
+            Some((config, name)) => Some(Box::new(
+                ClientConnection::new(config.clone(), name.clone()).map_err(io::Error::other)?,
+            )),
+            None => None,
+        };
         Ok(Conn {
-            stream,
+            io: Transport { stream, tls },
             state: State::Connecting(Box::new(Handshake {
                 request,
                 written: 0,
@@ -868,14 +1030,14 @@ impl Worker {
     /// whether it has more to read (serviced again next turn).
     fn service(&self, conn: &mut Conn, lp: &mut Loop) -> (Outcome, bool) {
         if let State::Connecting(_) = conn.state {
-            match conn.stream.take_error() {
+            match conn.io.stream.take_error() {
                 Ok(None) => {}
                 Ok(Some(e)) | Err(e) => {
                     self.connect_failed(lp, format!("connect: {e}"));
                     return (Outcome::Drop, false);
                 }
             }
-            match conn.stream.peer_addr() {
+            match conn.io.stream.peer_addr() {
                 Ok(_) => {
                     let State::Connecting(hs) = std::mem::replace(&mut conn.state, State::Closing)
                     else {
@@ -893,7 +1055,11 @@ impl Worker {
         if let State::Upgrading(_) = conn.state {
             return self.upgrade(conn, lp);
         }
-        // Open or Closing: flush pending control frames, then read.
+        // Open or Closing: flush the session and pending control frames,
+        // then read.
+        if let Err(e) = conn.io.flush_tls() {
+            return (self.io_error(conn, lp, &e), false);
+        }
         if !conn.pending.is_empty() {
             if let Err(e) = flush_pending(conn) {
                 return (self.io_error(conn, lp, &e), false);
@@ -908,11 +1074,17 @@ impl Worker {
     /// Writes the upgrade request and reads the `101` response (or the
     /// event-stream request and its `200`).
     fn upgrade(&self, conn: &mut Conn, lp: &mut Loop) -> (Outcome, bool) {
+        // What a full socket left in the TLS session (handshake records, the
+        // request) goes first: this may be the writable event it waited for.
+        if let Err(e) = conn.io.flush_tls() {
+            self.connect_failed(lp, format!("send TLS handshake: {e}"));
+            return (Outcome::Drop, false);
+        }
         let State::Upgrading(hs) = &mut conn.state else {
             return (Outcome::Keep, false);
         };
         while hs.written < hs.request.len() {
-            match conn.stream.write(&hs.request[hs.written..]) {
+            match conn.io.write(&hs.request[hs.written..]) {
                 Ok(n) => hs.written += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (Outcome::Keep, false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -923,7 +1095,7 @@ impl Worker {
             }
         }
         loop {
-            let n = match conn.stream.read(&mut lp.scratch) {
+            let n = match conn.io.read(&mut lp.scratch) {
                 Ok(0) => {
                     self.connect_failed(lp, "connection closed during handshake".to_string());
                     return (Outcome::Drop, false);
@@ -978,7 +1150,7 @@ impl Worker {
     /// read budget is used up, then `more` is true).
     fn read_frames(&self, conn: &mut Conn, lp: &mut Loop) -> (Outcome, bool) {
         for _ in 0..READS_PER_TURN {
-            match conn.stream.read(&mut lp.scratch) {
+            match conn.io.read(&mut lp.scratch) {
                 Ok(0) => {
                     if matches!(conn.state, State::Closing) {
                         lp.stats.clean_closes += 1;
@@ -997,10 +1169,12 @@ impl Worker {
                     if let Outcome::Drop = self.on_bytes(conn, lp, n) {
                         return (Outcome::Drop, false);
                     }
-                    if n < lp.scratch.len() {
+                    if n < lp.scratch.len() && !conn.io.is_tls() {
                         // A short read drained the socket; with edge-triggered
                         // readiness new data raises a new event, so skip the
-                        // read that would only return WouldBlock.
+                        // read that would only return WouldBlock. (A TLS
+                        // session's short read says only that its records
+                        // ran out, not the socket.)
                         return (Outcome::Keep, false);
                     }
                 }
@@ -1237,7 +1411,7 @@ fn send(conn: &mut Conn, bytes: &[u8]) -> io::Result<()> {
     }
     let mut off = 0;
     while off < bytes.len() {
-        match conn.stream.write(&bytes[off..]) {
+        match conn.io.write(&bytes[off..]) {
             Ok(n) => off += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -1251,7 +1425,7 @@ fn send(conn: &mut Conn, bytes: &[u8]) -> io::Result<()> {
 fn flush_pending(conn: &mut Conn) -> io::Result<()> {
     let mut off = 0;
     while off < conn.pending.len() {
-        match conn.stream.write(&conn.pending[off..]) {
+        match conn.io.write(&conn.pending[off..]) {
             Ok(n) => off += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -1340,20 +1514,50 @@ mod tests {
 
     #[test]
     fn parses_urls() {
-        let t = Target::parse("ws://127.0.0.1:9001/lobby/a", &[]).unwrap();
+        let t = Target::parse("ws://127.0.0.1:9001/lobby/a", &[], None).unwrap();
         assert_eq!(t.addr, "127.0.0.1:9001".parse().unwrap());
         assert!(
             t.request_head
                 .starts_with("GET /lobby/a HTTP/1.1\r\nHost: 127.0.0.1:9001\r\n")
         );
-        let t = Target::parse("ws://127.0.0.1:9001", &[]).unwrap();
+        let t = Target::parse("ws://127.0.0.1:9001", &[], None).unwrap();
         assert!(t.request_head.starts_with("GET / HTTP/1.1\r\n"));
         assert_eq!(
-            Target::parse("ws://[::1]:80/", &[]).unwrap().addr.port(),
+            Target::parse("ws://[::1]:80/", &[], None)
+                .unwrap()
+                .addr
+                .port(),
             80
         );
-        assert!(Target::parse("http://127.0.0.1/", &[]).is_err());
-        assert!(Target::parse("ws://192.0.2.1:80/", &[]).is_err());
+        assert!(Target::parse("http://127.0.0.1/", &[], None).is_err());
+        assert!(Target::parse("ws://192.0.2.1:80/", &[], None).is_err());
+        // wss:// needs a CA to trust, and a CA needs wss://.
+        assert!(Target::parse("wss://127.0.0.1:9001/", &[], None).is_err());
+        let ca = Path::new("ca.pem");
+        assert!(Target::parse("ws://127.0.0.1:9001/", &[], Some(ca)).is_err());
+    }
+
+    #[test]
+    fn parses_wss_urls() {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = params.self_signed(&key).unwrap();
+        let path = std::env::temp_dir().join(format!("wsgate-load-ca-{}.pem", std::process::id()));
+        std::fs::write(&path, ca.pem()).unwrap();
+        let by_name = Target::parse("wss://localhost/a", &[], Some(&path));
+        let by_ip = Target::parse("wss://127.0.0.1:9443/", &[], Some(&path));
+        std::fs::remove_file(&path).unwrap();
+        let t = by_name.unwrap();
+        // The default port is 443, the name checked the URL's host.
+        assert_eq!(t.addr.port(), 443);
+        assert_eq!(t.tls.unwrap().1, ServerName::try_from("localhost").unwrap());
+        assert!(t.request_head.contains("\r\nHost: localhost\r\n"));
+        let t = by_ip.unwrap();
+        assert_eq!(t.addr, "127.0.0.1:9443".parse().unwrap());
+        assert_eq!(t.tls.unwrap().1, ServerName::try_from("127.0.0.1").unwrap());
+        let missing = Path::new("/nonexistent/ca.pem");
+        assert!(Target::parse("wss://localhost/", &[], Some(missing)).is_err());
     }
 
     #[test]
@@ -1375,7 +1579,7 @@ mod tests {
         assert!(check_event_stream_response(html).is_err());
         let refused = b"HTTP/1.1 426 Upgrade Required\r\nContent-Type: text/event-stream\r\n\r\n";
         assert!(check_event_stream_response(refused).is_err());
-        let t = Target::parse("ws://127.0.0.1:9001/a", &[]).unwrap();
+        let t = Target::parse("ws://127.0.0.1:9001/a", &[], None).unwrap();
         assert_eq!(
             t.event_stream_request,
             "GET /a HTTP/1.1\r\nHost: 127.0.0.1:9001\r\nAccept: text/event-stream\r\n\r\n"

@@ -6,7 +6,8 @@
 //!   connect to, broadcasting `--rate` msgs/s (`--burst` at a time) of
 //!   `--size` bytes carrying `seq` and `sent_unix_ns` (see `origin.rs`);
 //! - clients (`--url`, `--clients`): WebSocket clients (with `--sse`, event
-//!   stream readers) over `--threads` mio
+//!   stream readers; over `wss://`, each through its own rustls session
+//!   trusting `--tls-ca`) over `--threads` mio
 //!   threads measuring deliveries, gaps, duplicates and latency (see
 //!   `client.rs`);
 //! - gateway observer (`--gateway-pid`): the gateway's CPU and RSS over the
@@ -41,6 +42,7 @@ mod gwstat;
 mod origin;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -53,9 +55,13 @@ use crate::client::ms;
 /// process (loopback only). Prints one summary line on stdout.
 #[derive(FromArgs)]
 struct Args {
-    /// gateway URL the clients connect to: ws://HOST:PORT/PATH (loopback)
+    /// gateway URL the clients connect to: ws://HOST:PORT/PATH, or wss://
+    /// with --tls-ca (loopback)
     #[argh(option)]
     url: Option<String>,
+    /// PEM file of the CA certificates a wss:// gateway is checked against
+    #[argh(option)]
+    tls_ca: Option<PathBuf>,
     /// number of clients (default 100)
     #[argh(option, default = "100")]
     clients: usize,
@@ -272,6 +278,7 @@ fn run(args: &Args) -> Result<String, String> {
             config.connect_timeout = Duration::from_secs(args.connect_timeout);
             config.max_in_flight = args.in_flight;
             config.headers.clone_from(&args.header);
+            config.tls_ca.clone_from(&args.tls_ca);
             let t0 = Instant::now();
             let mut hook = |phase: client::Phase| match phase {
                 client::Phase::Connected(p) => {
