@@ -1,32 +1,60 @@
-//! The issue-26 goal, in a browser: headless Chromium's `EventSource` on a
-//! `redis+stream://` route, across a restart of the gateway process
-//! (SIGTERM, then a new process on the same port). The new process has an
-//! empty history, so the page's `Last-Event-ID` is served from the stream
-//! itself (`XRANGE`): the page sees every message once, in order, and no
-//! reset. Real processes, a real `redis-server`; counts and order, never speed.
+//! The issue-26 goal, in a browser: a page in headless Chromium follows a
+//! `redis+stream://` route across a restart of the gateway process
+//! (SIGTERM, then a new process on the same port), once with an
+//! `EventSource` and once with `examples/resume.js` (a WebSocket with the
+//! `wsgate.resume.v1` subprotocol, resuming with `last_event_id`). The new
+//! process has an empty history, so the ID the page hands back is served
+//! from the stream itself (`XRANGE`): the page sees every message once, in
+//! order, and no reset. Real processes, a real `redis-server`; counts and
+//! order, never speed.
 
 mod support;
 
-use std::time::Duration;
+use std::{
+    net::SocketAddr,
+    thread,
+    time::{Duration, Instant},
+};
 
 use support::*;
 
-/// A page that follows the event stream at `url` and reports each message
-/// (all of them so far, in order), each (re)connection and each reset.
-fn page(url: &str) -> String {
+/// A page that runs `client` (a script that follows the gateway) and
+/// reports, as page `way`, what it calls: `opened()` on each
+/// (re)connection, `message(data)` on each message (reported with all of
+/// them so far, in order) and `reset()` on a reset.
+fn page(way: &str, client: &str) -> String {
     format!(
         r#"<!doctype html><title>wsgate stream resume</title><script>
 const got = [];
 let opens = 0;
 function report(event) {{
-  const q = new URLSearchParams({{ way: "sse", event, got: got.join("_") }});
+  const q = new URLSearchParams({{ way: "{way}", event, got: got.join("_") }});
   fetch("/report?" + q, {{ cache: "no-store" }});
 }}
-const source = new EventSource("{url}");
-source.onopen = () => {{ opens += 1; report("open-" + opens); }};
-source.onmessage = (e) => {{ got.push(e.data); report("got-" + got.length); }};
-source.addEventListener("reset", () => report("reset"));
-</script>"#
+function opened() {{ opens += 1; report("open-" + opens); }}
+function message(data) {{ got.push(data); report("got-" + got.length); }}
+function reset() {{ report("reset"); }}
+</script><script>{client}</script>"#
+    )
+}
+
+/// An `EventSource` on the gateway at `addr`.
+fn event_source(addr: SocketAddr) -> String {
+    format!(
+        r#"const source = new EventSource("http://{addr}/");
+source.onopen = opened;
+source.onmessage = (e) => message(e.data);
+source.addEventListener("reset", reset);"#
+    )
+}
+
+/// `examples/resume.js` on the gateway at `addr`, called as its comment
+/// shows: it reconnects with backoff and resumes with `last_event_id`.
+fn example_client(addr: SocketAddr) -> String {
+    format!(
+        r#"{}
+wsgateResume("ws://{addr}/", {{ onOpen: opened, onReset: reset, onMessage: message }});"#,
+        include_str!("../examples/resume.js")
     )
 }
 
@@ -57,6 +85,31 @@ fn wait_reading(redis: &RedisServer) {
     });
 }
 
+/// Waits for page `way` to report its `n`th message; fails at once, with
+/// every report, if it reports a reset instead, and past [`DEADLINE`] with
+/// its last report.
+#[track_caller]
+fn wait_got(pages: &Pages, way: &str, n: usize) -> Report {
+    let event = format!("got-{n}");
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let reports = pages.reports();
+        assert!(
+            !reports.iter().any(|r| r.is(way, "reset")),
+            "the {way} page got the reset, waiting for {event}: {reports:?}"
+        );
+        if let Some(report) = reports.iter().find(|r| r.is(way, &event)) {
+            return report.clone();
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out waiting for the {way} page to report {event}; its last report: {:?}",
+            reports.last()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// The page's messages so far, from a report.
 fn got(report: &Report) -> Vec<String> {
     report.get("got").split('_').map(str::to_owned).collect()
@@ -64,6 +117,24 @@ fn got(report: &Report) -> Vec<String> {
 
 #[test]
 fn event_source_in_chromium_loses_nothing_across_a_gateway_restart() {
+    follow_across_a_restart("sse", event_source);
+}
+
+#[test]
+fn the_example_client_in_chromium_loses_nothing_across_a_gateway_restart() {
+    follow_across_a_restart("resume", example_client);
+}
+
+/// Page `way`, running `client` (given the gateway's address) in headless
+/// Chromium, follows stream `events` while entries 1 to 30 are added: 1-10
+/// with the first gateway process up, 11-20 while it is stopped (SIGTERM)
+/// and none runs, 21-30 once a new process listens on the same port. The
+/// page must report every number once, in order, two (re)connections and
+/// no reset. Only ten entries are added while no gateway runs: a resume
+/// read again from the stream serves at most a queue's worth of entries
+/// (16 for a WebSocket resume client by default, `--queue-depth`; 32 for an
+/// event stream), and more would be the reset.
+fn follow_across_a_restart(way: &str, client: fn(SocketAddr) -> String) {
     let Some(chromium) = chromium() else {
         return;
     };
@@ -88,12 +159,12 @@ fn event_source_in_chromium_loses_nothing_across_a_gateway_restart() {
     };
     let first = spawn(&args("127.0.0.1:0"));
     let addr = first.addr;
-    let pages = Pages::start(vec![("/", page(&format!("http://{addr}/")))]);
+    let pages = Pages::start(vec![("/", page(way, &client(addr)))]);
     let _browser = Browser::open(&chromium, &pages.url("/"));
-    pages.wait_for("sse", "open-1");
+    pages.wait_for(way, "open-1");
     wait_reading(&redis);
     xadd(&redis, 1..=10);
-    let before = pages.wait_for("sse", "got-10");
+    let before = wait_got(&pages, way, 10);
     // The gateway stops; the stream goes on meanwhile.
     first.signal("TERM");
     let (code, log) = first.wait();
@@ -101,21 +172,21 @@ fn event_source_in_chromium_loses_nothing_across_a_gateway_restart() {
     xadd(&redis, 11..=20);
     // A new process on the same port, its history empty.
     let _second = spawn(&args(&addr.to_string()));
-    pages.wait_for("sse", "open-2");
-    let back = pages.wait_for("sse", "got-20");
+    pages.wait_for(way, "open-2");
+    let back = wait_got(&pages, way, 20);
     wait_reading(&redis);
     xadd(&redis, 21..=30);
-    let after = pages.wait_for("sse", "got-30");
+    let after = wait_got(&pages, way, 30);
     let want: Vec<String> = (1..=30).map(|n| n.to_string()).collect();
     assert_eq!(got(&before), want[..10]);
     assert_eq!(got(&back), want[..20], "read again from the stream");
     assert_eq!(got(&after), want, "every message once, in order");
     assert!(
-        !pages.reports().iter().any(|r| r.is("sse", "reset")),
+        !pages.reports().iter().any(|r| r.is(way, "reset")),
         "{:?}",
         pages.reports()
     );
     // Nothing more came (no duplicate after the last).
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(!pages.reports().iter().any(|r| r.is("sse", "got-31")));
+    thread::sleep(Duration::from_millis(200));
+    assert!(!pages.reports().iter().any(|r| r.is(way, "got-31")));
 }
