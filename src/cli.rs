@@ -168,7 +168,7 @@ pub struct Cli {
 
     /// fill, as a fraction of capacity, compaction packs lobbies to
     #[argh(option)]
-    pub compact_fill: Option<f64>,
+    pub compact_fill: Option<Fraction>,
 
     /// recent frames a new client receives before the live stream
     #[argh(option)]
@@ -596,6 +596,24 @@ impl FromStr for Span {
 
     fn from_str(s: &str) -> Result<Span, String> {
         wsgate::parse_duration(s).map(Span)
+    }
+}
+
+/// A fraction flag: above 0 and at most 1, like `0.9`.
+#[derive(Debug, Clone, Copy)]
+pub struct Fraction(pub f64);
+
+impl FromStr for Fraction {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Fraction, String> {
+        wsgate::parse_fraction(s).map(Fraction)
+    }
+}
+
+impl From<Fraction> for f64 {
+    fn from(fraction: Fraction) -> f64 {
+        fraction.0
     }
 }
 

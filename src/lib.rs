@@ -129,7 +129,7 @@ mod wire;
 
 pub use config::{
     AuthConfig, ClientMessages, Config, OriginLoss, RouteConfig, SlowClient, SniCert, TlsConfig,
-    parse_duration, parse_header,
+    parse_duration, parse_fraction, parse_header,
 };
 pub use control::shutdown::ShutdownHandle;
 pub use error::{Error, Result};

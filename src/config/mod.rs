@@ -27,7 +27,7 @@ pub(crate) mod url;
 mod validate;
 
 pub use auth::AuthConfig;
-pub use syntax::{parse_duration, parse_header};
+pub use syntax::{parse_duration, parse_fraction, parse_header};
 #[cfg(feature = "tls")]
 pub(crate) use tls::DEFAULT_NAME as DEFAULT_CERT_NAME;
 pub use tls::{SniCert, TlsConfig};

@@ -8,23 +8,67 @@
 
 use std::time::Duration;
 
-/// Parses a duration: `250ms`, `10s`, `2m`, or a bare number of seconds.
+/// Parses a duration: `250ms`, `10s`, `2m`, or a bare number of seconds,
+/// each a decimal number (`1.5s`) below a billion seconds, exact to the
+/// nanosecond.
 pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
-    let (number, scale) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
+    let (number, nanos_per_billionth) = if let Some(n) = s.strip_suffix("ms") {
+        (n, Scale::Down(1000))
     } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
+        (n, Scale::Up(1))
     } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
+        (n, Scale::Up(60))
     } else {
-        (s, 1.0)
+        (s, Scale::Up(1))
     };
-    match number.trim().parse::<f64>() {
-        Ok(n) if n.is_finite() && n >= 0.0 && n * scale < 1e9 => {
-            Ok(Duration::from_secs_f64(n * scale))
-        }
+    let nanos = billionths(number.trim()).map(|b| match nanos_per_billionth {
+        Scale::Up(by) => b.saturating_mul(by),
+        Scale::Down(by) => b / by,
+    });
+    match nanos {
+        Some(n) if n < 1_000_000_000 * 1_000_000_000 => Ok(Duration::from_nanos(n as u64)),
         _ => Err(format!("{s:?} is not a duration like 250ms, 10s or 2m")),
     }
+}
+
+/// How a unit's billionths become nanoseconds.
+enum Scale {
+    Up(u128),
+    Down(u128),
+}
+
+/// Parses a fraction of one: a decimal number above 0 and at most 1
+/// (`0.9`, `.5`, `1`).
+pub fn parse_fraction(s: &str) -> std::result::Result<f64, String> {
+    match billionths(s.trim()) {
+        Some(b) if b > 0 && b <= 1_000_000_000 => Ok(b as f64 / 1e9),
+        _ => Err(format!(
+            "{s:?} is not a fraction above 0 and at most 1, like 0.9"
+        )),
+    }
+}
+
+/// A non-negative decimal number (`12`, `0.25`, `.5`) in billionths, its
+/// digits after the ninth decimal dropped; `None` if it is not one or has
+/// over 20 digits before the point. Read without floating point, whose
+/// parser would add 13 KB to the smallest build (README, Footprint).
+fn billionths(s: &str) -> Option<u128> {
+    let (whole, fraction) = s.split_once('.').unwrap_or((s, ""));
+    let digits = |t: &str| t.bytes().all(|b| b.is_ascii_digit());
+    if (whole.is_empty() && fraction.is_empty()) || whole.len() > 20 {
+        return None;
+    }
+    if !digits(whole) || !digits(fraction) {
+        return None;
+    }
+    let mut n = whole
+        .bytes()
+        .fold(0u128, |n, b| n * 10 + u128::from(b - b'0'));
+    for at in 0..9 {
+        let digit = fraction.as_bytes().get(at).map_or(0, |b| b - b'0');
+        n = n * 10 + u128::from(digit);
+    }
+    Some(n)
 }
 
 /// Writes a duration the way [`parse_duration`] reads it back.
@@ -158,6 +202,47 @@ pub(crate) fn is_header_value(value: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_and_fractions_are_decimal_numbers() {
+        let ms = |n| Ok(Duration::from_millis(n));
+        assert_eq!(parse_duration("250ms"), ms(250));
+        assert_eq!(parse_duration("1.5s"), ms(1500));
+        assert_eq!(parse_duration(" 2 "), ms(2000));
+        assert_eq!(parse_duration("10 s"), ms(10_000));
+        assert_eq!(parse_duration("0.25m"), ms(15_000));
+        assert_eq!(parse_duration(".5"), ms(500));
+        assert_eq!(parse_duration("0.0000015s"), Ok(Duration::from_nanos(1500)));
+        assert_eq!(
+            parse_duration("1.0000000019s"),
+            Ok(Duration::from_nanos(1_000_000_001))
+        );
+        assert_eq!(parse_duration("0.5ms"), Ok(Duration::from_micros(500)));
+        assert_eq!(
+            parse_duration("999999999s"),
+            Ok(Duration::from_secs(999_999_999))
+        );
+        for bad in [
+            "",
+            "s",
+            ".",
+            "-1s",
+            "1e3",
+            "1.2.3s",
+            "inf",
+            "1000000000s",
+            "x",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse_duration(&"9".repeat(40)).is_err());
+        assert_eq!(parse_fraction("0.9"), Ok(0.9));
+        assert_eq!(parse_fraction("1"), Ok(1.0));
+        assert_eq!(parse_fraction(".5"), Ok(0.5));
+        for bad in ["0", "0.0", "1.01", "-0.5", "", "half"] {
+            assert!(parse_fraction(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn header_names_and_values_are_checked() {
