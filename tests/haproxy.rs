@@ -490,10 +490,9 @@ mod resume {
     const _: () = assert!(BEFORE_DRAIN > ID_RUN);
     /// Messages every client has after its move, before the feed stops.
     const AFTER_MOVE: u64 = 50;
-    /// A client's pause before it connects again. Longer than the two
-    /// instances' origin connections are apart (a few milliseconds here):
-    /// a lobby that has not yet received the ID a client resumes after
-    /// answers with a reset at once, it does not wait for it.
+    /// A client's pause before it connects again (the two instances'
+    /// origin connections are a few milliseconds apart here; a lobby that
+    /// has not yet received the ID a client resumes after waits for it).
     const RETRY: Duration = Duration::from_millis(100);
     /// The subprotocol a WebSocket client offers to get message IDs.
     const RESUME_PROTOCOL: &str = "wsgate.resume.v1";

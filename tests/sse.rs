@@ -377,6 +377,52 @@ fn an_event_stream_passes_the_same_authentication_as_an_upgrade() {
     assert_eq!(by_header.message().0, "1");
 }
 
+/// A stream resuming on another gateway whose upstream is behind the one
+/// it came from (a rolling restart behind a load balancer): the ID it
+/// hands back has not arrived there yet, so it waits for it, then gets
+/// exactly what follows, with no reset.
+#[test]
+fn a_resume_on_a_gateway_behind_waits_for_its_message_rather_than_a_reset() {
+    // Connection 0 (gateway A's lobby) gets each message at once,
+    // connection 1 (gateway B's) a second later.
+    let origin = TestOrigin::start_with(OriginOptions {
+        skew: Duration::from_secs(1),
+        ..OriginOptions::default()
+    });
+    let a = start_gateway(test_config(&origin.url()));
+    let _at_a = Follower::spawn(connect_clients(&a, 1).remove(0));
+    wait_until("A's origin connection", || origin.open() == 1);
+    let b = start_gateway(test_config(&origin.url()));
+    let _at_b = Follower::spawn(connect_clients(&b, 1).remove(0));
+    wait_until("B's origin connection", || origin.open() == 2);
+    wait_until("both upstreams up", || {
+        a.stats().origin_connections == 1 && b.stats().origin_connections == 1
+    });
+    let mut stream = sse_client(a.local_addr(), "/", &[]);
+    wait_placed(&a, 2);
+    for n in 1..=20 {
+        origin.send_seq(n);
+    }
+    let mut last = String::new();
+    for n in 1..=20 {
+        let (data, id) = stream.message();
+        assert_eq!(data, n.to_string());
+        last = id;
+    }
+    drop(stream);
+    // At once on B, which gets 20 about a second after A did (on a machine
+    // slow enough that it already has it, this resumes from its history).
+    let mut back = sse_client(b.local_addr(), "/", &[&format!("Last-Event-ID: {last}")]);
+    for n in 21..=23 {
+        origin.send_seq(n);
+    }
+    for n in 21..=23 {
+        assert_eq!(back.message().0, n.to_string(), "after 20, no reset");
+    }
+    let stats = b.stats();
+    assert_eq!((stats.resumes, stats.resume_resets), (1, 0), "{stats:?}");
+}
+
 #[test]
 fn an_id_from_another_route_gets_the_reset_event() {
     let a = TestOrigin::start();

@@ -167,6 +167,15 @@ impl History {
         Some(self.first + index as u64)
     }
 
+    /// The number of the first frame from number `from` on whose message
+    /// ID is `id`; `None` if none since has it.
+    #[cfg(feature = "sse")]
+    pub(crate) fn find_id_from(&self, id: u64, from: u64) -> Option<u64> {
+        let skip = usize::try_from(from.saturating_sub(self.first)).unwrap_or(usize::MAX);
+        let index = self.entries.iter().skip(skip).position(|e| e.id == id)?;
+        Some(self.first + (skip + index) as u64)
+    }
+
     /// The source position a message ID was made from, if it was made
     /// from one (for a Redis stream, where the lobby can read the entries
     /// after it again). Any ID gives some position: one that is not a

@@ -31,10 +31,12 @@
 //! opted in (`wire/envelope.rs`); each kind of member has a list of its
 //! own, so the loop over plain members is the same whatever else is here.
 //! A client resuming after a message ID is caught up from the history like
-//! a client moving in, or, on a source that can read its stream again (a
-//! Redis stream), from the source ([`Source::reread`], one round trip on
-//! this thread, at most a queue's worth), or told with a reset that the ID
-//! is not held.
+//! a client moving in; after an ID the history does not know, it waits (at
+//! most [`RESUME_WAIT`]) for the message to arrive, this lobby's upstream
+//! being perhaps behind the one the client came from, or, on a source that
+//! can read its stream again (a Redis stream), for the source
+//! ([`Source::reread`], one round trip on this thread, at most a queue's
+//! worth); else it is told with a reset that the ID is not held.
 
 use std::{
     sync::{
@@ -90,10 +92,12 @@ const WARM_FRAMES: u64 = 2 * RESUME_RUN as u64;
 /// How often a lobby tops up the queues of clients catching up from its
 /// history when no origin message wakes it.
 const CATCH_UP_TICK: Duration = Duration::from_millis(5);
-/// Longest a client resuming from beyond the history waits for the
-/// source to connect so that it can read the stream again (then: reset).
+/// Longest a client resuming after a message ID the history does not hold
+/// waits for it: for the message to arrive (this lobby's upstream behind
+/// the one the client came from, as [`ADOPT_WAIT`] holds a client moving
+/// in), or for the source to read its stream again (then: the reset).
 #[cfg(feature = "sse")]
-const REREAD_WAIT: Duration = Duration::from_secs(2);
+const RESUME_WAIT: Duration = ADOPT_WAIT;
 /// Client messages waiting for a lobby to send them upstream; more are
 /// dropped and counted (each is at most `--max-client-message` bytes).
 const FORWARD_QUEUE: usize = 64;
@@ -279,7 +283,7 @@ pub(crate) fn spawn(id: LobbyId, env: &LobbyEnv) -> Result<LobbyHandle> {
             #[cfg(feature = "sse")]
             rereadable,
             #[cfg(feature = "sse")]
-            rereading: Vec::new(),
+            waiting: Vec::new(),
             compress_min: env.compress_min,
             writers: Arc::clone(&env.writers),
             touched: vec![false; env.writers.len()],
@@ -373,8 +377,8 @@ impl Lobby {
             more = origin.drive(budget, &mut |message| fanout.broadcast(message)) == Drive::More;
             self.fanout.expire_adoptions(Instant::now());
             #[cfg(feature = "sse")]
-            if !self.fanout.rereading.is_empty() {
-                self.reread();
+            if !self.fanout.waiting.is_empty() {
+                self.serve_waiting();
             }
             if self
                 .warming_from
@@ -410,35 +414,44 @@ impl Lobby {
         #[cfg(feature = "sse")]
         let adopt = adopt
             .into_iter()
-            .chain(self.fanout.rereading.iter().map(|r| r.deadline))
+            .chain(self.fanout.waiting.iter().map(|w| w.deadline))
             .min();
         adopt
     }
 
-    /// Serves the clients resuming from beyond the history from the source
-    /// (a Redis stream read again): the messages after their ID, at most
-    /// a queue's worth (the room their queue has), then the live stream;
-    /// the reset if the source no longer holds their message, more than a
-    /// queue's worth follow it, or it did not connect within
-    /// [`REREAD_WAIT`].
+    /// Serves the clients waiting to resume after an ID the history did
+    /// not hold: from the history if their message has arrived since;
+    /// else, on a source that can read its stream again (a Redis stream),
+    /// from the source: the messages after their ID, at most a queue's
+    /// worth (the room their queue has), then the live stream. The reset
+    /// once neither can serve them: the source no longer holds their
+    /// message, more than a queue's worth follow it, or [`RESUME_WAIT`]
+    /// passed with the message not arrived or the source not connected.
     #[cfg(feature = "sse")]
-    fn reread(&mut self) {
+    fn serve_waiting(&mut self) {
+        self.fanout.resume_arrived();
         let now = Instant::now();
-        for r in std::mem::take(&mut self.fanout.rereading) {
-            let queue = &r.member.queue;
-            let room = queue.depth().saturating_sub(queue.len());
-            let position = self.fanout.history.position_of(r.after);
-            match self.origin.reread(position, room) {
-                Reread::NotYet if now < r.deadline => self.fanout.rereading.push(r),
-                Reread::After(messages) => self.fanout.resume_from_source(r.member, messages),
+        for w in std::mem::take(&mut self.fanout.waiting) {
+            let outcome = if self.fanout.rereadable {
+                let queue = &w.member.queue;
+                let room = queue.depth().saturating_sub(queue.len());
+                self.origin
+                    .reread(self.fanout.history.position_of(w.after), room)
+            } else {
+                Reread::NotYet
+            };
+            match outcome {
+                Reread::NotYet if now < w.deadline => self.fanout.waiting.push(w),
+                Reread::After(messages) => self.fanout.resume_from_source(w.member, messages),
                 outcome => {
                     debug!(
-                        "{}: {} resumes after {}, not served by the source ({outcome:?})",
+                        "{}: {} resumes after {}, neither arrived nor served by the source \
+                         ({outcome:?})",
                         self.id,
-                        r.member.id,
-                        sse::format_id(r.after)
+                        w.member.id,
+                        sse::format_id(w.after)
                     );
-                    self.fanout.reset(r.member);
+                    self.fanout.reset(w.member);
                 }
             }
         }
@@ -466,7 +479,7 @@ impl Lobby {
         let adopting = adopting
             .chain(fanout.streams.drain(..))
             .chain(fanout.sealed.drain(..))
-            .chain(fanout.rereading.drain(..).map(|r| r.member));
+            .chain(fanout.waiting.drain(..).map(|w| w.member));
         #[cfg(feature = "sse")]
         {
             fanout.streaming = 0;
@@ -509,7 +522,7 @@ impl Lobby {
                 }
                 Ok(LobbyMsg::Release(id)) => {
                     #[cfg(feature = "sse")]
-                    self.fanout.reset_rereading(id);
+                    self.fanout.reset_waiting(id);
                     let resume = self.fanout.remove(id).unwrap_or_default();
                     let _ = self.manager.send(ManagerMsg::Released { id, resume });
                     left = true;
@@ -548,12 +561,14 @@ struct Adopting {
 }
 
 /// A client resuming after message `after`, which the history does not
-/// hold, waiting for its source to read the stream again from there.
+/// hold: waiting for it to arrive, or for the source to read the stream
+/// again from there. The history was searched up to frame `searched`.
 #[cfg(feature = "sse")]
 #[derive(Debug)]
-struct Rereading {
+struct Waiting {
     member: Member,
     after: u64,
+    searched: u64,
     deadline: Instant,
 }
 
@@ -600,13 +615,13 @@ struct Fanout {
     #[cfg(feature = "sse")]
     sealing: usize,
     /// The source can read again what the history no longer holds (a
-    /// Redis stream): resumes from beyond the history wait in `rereading`.
+    /// Redis stream): resumes from beyond the history wait for it too.
     #[cfg(feature = "sse")]
     rereadable: bool,
-    /// Clients resuming from beyond the history, served by the lobby
-    /// loop from the source ([`Lobby::reread`]).
+    /// Clients resuming after an ID the history does not hold, served by
+    /// the lobby loop ([`Lobby::serve_waiting`]).
     #[cfg(feature = "sse")]
-    rereading: Vec<Rereading>,
+    waiting: Vec<Waiting>,
     compress_min: usize,
     writers: Arc<[Arc<WriterWake>]>,
     /// Per writer: owns a member that got frames since the last wake.
@@ -628,7 +643,7 @@ impl Fanout {
     fn len(&self) -> usize {
         let len = self.members.len() + self.catching_up.len() + self.adopting.len();
         #[cfg(feature = "sse")]
-        let len = len + self.streams.len() + self.sealed.len() + self.rereading.len();
+        let len = len + self.streams.len() + self.sealed.len() + self.waiting.len();
         len
     }
 
@@ -799,35 +814,60 @@ impl Fanout {
     }
 
     /// A client that saw message `after` last: the frames after it from the
-    /// history, then the live stream; if the history does not hold them (an
-    /// ID older than it, or one it never had), the reset (an event for a
-    /// stream, a message for a WebSocket), counted, then the live stream.
+    /// history, then the live stream. If the history remembers the ID but
+    /// no longer holds the frames after it, and the source cannot read them
+    /// again, the reset (an event for a stream, a message for a WebSocket),
+    /// counted, then the live stream. An ID the history does not know
+    /// waits ([`Lobby::serve_waiting`]): it may not have arrived yet here.
     #[cfg(feature = "sse")]
     fn resume(&mut self, member: Member, after: u64) {
         match self.history.find_id(after) {
-            Some(at) if at + 1 >= self.history.oldest() => {
-                bump(&self.stats.resumes);
+            Some(at) if at + 1 >= self.history.oldest() => self.resume_at(member, at),
+            Some(_) if !self.rereadable => {
                 debug!(
-                    "{}: {} resumes {} frames back",
-                    self.lobby,
-                    member.id,
-                    self.history.head() - at - 1
-                );
-                self.enlist(member, at + 1);
-            }
-            _ if self.rereadable => self.rereading.push(Rereading {
-                member,
-                after,
-                deadline: Instant::now() + REREAD_WAIT,
-            }),
-            _ => {
-                debug!(
-                    "{}: {} resumes after {}, not in the history",
+                    "{}: {} resumes after {}, too old for the history",
                     self.lobby,
                     member.id,
                     sse::format_id(after)
                 );
                 self.reset(member);
+            }
+            _ => self.waiting.push(Waiting {
+                member,
+                after,
+                searched: self.history.head(),
+                deadline: Instant::now() + RESUME_WAIT,
+            }),
+        }
+    }
+
+    /// `member` resumes after frame `at`: the frames after it from the
+    /// history, then the live stream.
+    #[cfg(feature = "sse")]
+    fn resume_at(&mut self, member: Member, at: u64) {
+        bump(&self.stats.resumes);
+        debug!(
+            "{}: {} resumes {} frames back",
+            self.lobby,
+            member.id,
+            self.history.head() - at - 1
+        );
+        self.enlist(member, at + 1);
+    }
+
+    /// Resumes the waiting clients whose message has arrived since the
+    /// history was last searched for it (each new frame is looked at once
+    /// per waiting client).
+    #[cfg(feature = "sse")]
+    fn resume_arrived(&mut self) {
+        let head = self.history.head();
+        for mut w in std::mem::take(&mut self.waiting) {
+            match self.history.find_id_from(w.after, w.searched) {
+                Some(at) => self.resume_at(w.member, at),
+                None => {
+                    w.searched = head;
+                    self.waiting.push(w);
+                }
             }
         }
     }
@@ -842,17 +882,17 @@ impl Fanout {
         self.enlist(member, self.history.head());
     }
 
-    /// A client still waiting for its source to read the stream again is
-    /// moving to another lobby, where it starts live: it is told with the
-    /// reset first (queued ahead of anything it gets there).
+    /// A client still waiting to resume is moving to another lobby, where
+    /// it starts live: it is told with the reset first (queued ahead of
+    /// anything it gets there).
     #[cfg(feature = "sse")]
-    fn reset_rereading(&mut self, id: ClientId) {
-        let Some(r) = self.rereading.iter().find(|r| r.member.id == id) else {
+    fn reset_waiting(&mut self, id: ClientId) {
+        let Some(w) = self.waiting.iter().find(|w| w.member.id == id) else {
             return;
         };
         bump(&self.stats.resume_resets);
-        push_to(&r.member, reset_for(&r.member));
-        self.touched[r.member.writer] = true;
+        push_to(&w.member, reset_for(&w.member));
+        self.touched[w.member.writer] = true;
         self.wake_writers();
     }
 
@@ -1032,9 +1072,9 @@ impl Fanout {
             return Some((self.history.resume_before(c.next), c.member));
         }
         #[cfg(feature = "sse")]
-        if let Some(at) = self.rereading.iter().position(|r| r.member.id == id) {
+        if let Some(at) = self.waiting.iter().position(|w| w.member.id == id) {
             // It has had nothing here: wherever it goes, it starts live.
-            return Some((Resume::new(), self.rereading.swap_remove(at).member));
+            return Some((Resume::new(), self.waiting.swap_remove(at).member));
         }
         let at = self.adopting.iter().position(|a| a.member.id == id)?;
         let adopting = self.adopting.swap_remove(at);
@@ -1127,7 +1167,7 @@ mod tests {
             #[cfg(feature = "sse")]
             rereadable: false,
             #[cfg(feature = "sse")]
-            rereading: Vec::new(),
+            waiting: Vec::new(),
             compress_min: 256,
             writers: Arc::from([WriterWake::for_tests(poll)]),
             touched: vec![false],
@@ -1282,7 +1322,8 @@ mod tests {
         let id = sse::format_id(id_of(&fanout, 5));
         assert_eq!(texts(&queue), [format!("id: {id}\ndata: f\n\n")], "live");
         assert_eq!(stats.resumes.load(Relaxed), 1);
-        // An ID it never had: the reset event, then live.
+        // An ID it never had: it waits for it (not here), then, once the
+        // lobby gives up on it, the reset event, then live.
         let other = ClientQueue::closing_when_full(16, false);
         fanout.join_new(
             Member {
@@ -1291,6 +1332,10 @@ mod tests {
             },
             Some(0xdead),
         );
+        fanout.resume_arrived();
+        assert!(other.is_empty());
+        let waited = fanout.waiting.remove(0);
+        fanout.reset(waited.member);
         fanout.catch_up();
         fanout.broadcast(Message::payload(MessageKind::Text, b"g"));
         let got = texts(&other);
@@ -1331,11 +1376,11 @@ mod tests {
         // After position 4, which the history never held: it waits.
         let queue = ClientQueue::closing_when_full(16, false);
         fanout.join_new(stream(1, &queue), Some(id_at(&fanout, 4)));
-        assert_eq!(fanout.rereading.len(), 1);
-        assert_eq!(fanout.history.position_of(fanout.rereading[0].after), 4);
+        assert_eq!(fanout.waiting.len(), 1);
+        assert_eq!(fanout.history.position_of(fanout.waiting[0].after), 4);
         assert!(queue.is_empty());
         // The source read 5 to 7 again: the IDs the live stream gave them.
-        let member = fanout.rereading.remove(0).member;
+        let member = fanout.waiting.remove(0).member;
         let again = (5..=7).map(|p| (MessageKind::Text, b"x".to_vec(), p));
         fanout.resume_from_source(member, again.collect());
         fanout.catch_up();
@@ -1348,12 +1393,59 @@ mod tests {
         // One moved away before its source answered: the reset goes first.
         let moving = ClientQueue::closing_when_full(16, false);
         fanout.join_new(stream(2, &moving), Some(id_at(&fanout, 2)));
-        fanout.reset_rereading(ClientId(2));
+        fanout.reset_waiting(ClientId(2));
         assert_eq!(fanout.remove(ClientId(2)), Some(Resume::new()));
         let got = texts(&moving);
         assert!(got[0].starts_with("event: reset\n"), "{got:?}");
         assert_eq!(got.len(), 1);
         assert_eq!(stats.resume_resets.load(Relaxed), 1);
+    }
+
+    #[cfg(feature = "sse")]
+    #[test]
+    fn a_resume_after_a_message_not_arrived_yet_waits_for_it_then_gets_what_follows() {
+        let poll = Poll::new().unwrap();
+        let (mut fanout, stats) = fanout_with_a_reader(&poll, 0);
+        let at = |position| Message {
+            body: Body::Payload(MessageKind::Text, b"x"),
+            position: Some(position),
+        };
+        let id_at = |fanout: &Fanout, position| {
+            let plain = frame::encode(frame::OP_TEXT, b"x");
+            fanout.history.mark(&plain, Some(position)).id
+        };
+        for position in 1..=3 {
+            fanout.broadcast(at(position));
+        }
+        // The client saw 5 from a lobby ahead of this one: it waits.
+        let queue = ClientQueue::closing_when_full(16, false);
+        let member = Member {
+            id: ClientId(1),
+            queue: queue.clone(),
+            writer: 0,
+            deflate: false,
+            sse: true,
+            envelope: false,
+        };
+        fanout.join_new(member, Some(id_at(&fanout, 5)));
+        assert_eq!(fanout.waiting.len(), 1);
+        fanout.broadcast(at(4));
+        fanout.resume_arrived();
+        assert_eq!(fanout.waiting.len(), 1, "4 is not its message");
+        assert!(queue.is_empty());
+        // 5 arrives: it resumes after it, with nothing before.
+        fanout.broadcast(at(5));
+        fanout.resume_arrived();
+        assert!(fanout.waiting.is_empty());
+        fanout.catch_up();
+        fanout.broadcast(at(6));
+        let got: Vec<String> = std::iter::from_fn(|| queue.pop())
+            .map(|f| String::from_utf8(f.to_vec()).unwrap())
+            .collect();
+        let six = format!("id: {}\ndata: x\n\n", sse::format_id(id_at(&fanout, 6)));
+        assert_eq!(got, [six]);
+        assert_eq!(stats.resumes.load(Relaxed), 1);
+        assert_eq!(stats.resume_resets.load(Relaxed), 0);
     }
 
     #[cfg(feature = "sse")]
@@ -1408,6 +1500,8 @@ mod tests {
         // An ID it never had: the reset message, then live.
         let other = ClientQueue::new(16, false);
         fanout.join_new(sealed(&other, 2), Some(0xdead));
+        let waited = fanout.waiting.remove(0);
+        fanout.reset(waited.member);
         fanout.catch_up();
         fanout.broadcast(Message::payload(MessageKind::Binary, b"e"));
         let id = id_of(&fanout, 4);

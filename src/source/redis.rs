@@ -1026,7 +1026,9 @@ impl Source for RedisLink {
         };
         let first = StreamId::from_position(position);
         if first > last.id {
-            return Reread::Gone;
+            // Not delivered here yet (this reader behind another lobby's,
+            // or an ID of no entry): the lobby waits for it, then resets.
+            return Reread::NotYet;
         }
         let reply = set_read_timeout(live, PONG_WAIT).and_then(|()| {
             redis::cmd("XRANGE")
