@@ -1142,6 +1142,43 @@ mod tests {
     use super::*;
     use crate::wire::frame::MessageKind;
 
+    /// A text message `x` at source position `position`.
+    #[cfg(feature = "sse")]
+    fn x_at(position: u64) -> Message<'static> {
+        Message {
+            body: Body::Payload(MessageKind::Text, b"x"),
+            position: Some(position),
+        }
+    }
+
+    /// The message ID `fanout` gives [`x_at`]`(position)`.
+    #[cfg(feature = "sse")]
+    fn id_of_x(fanout: &Fanout, position: u64) -> u64 {
+        let plain = frame::encode(frame::OP_TEXT, b"x");
+        fanout.history.mark(&plain, Some(position)).id
+    }
+
+    /// Event stream number `id`, its frames in `queue`.
+    #[cfg(feature = "sse")]
+    fn stream_member(id: u64, queue: &ClientQueue) -> Member {
+        Member {
+            id: ClientId(id),
+            queue: queue.clone(),
+            writer: 0,
+            deflate: false,
+            sse: true,
+            envelope: false,
+        }
+    }
+
+    /// The frames `queue` holds, as text, taken out.
+    #[cfg(feature = "sse")]
+    fn texts(queue: &ClientQueue) -> Vec<String> {
+        std::iter::from_fn(|| queue.pop())
+            .map(|f| String::from_utf8(f.to_vec()).unwrap())
+            .collect()
+    }
+
     /// A lobby's fan-out with one writer (woken through `poll`), replaying
     /// `replay` frames to newcomers, and one member that keeps up, so it
     /// broadcasts.
@@ -1293,23 +1330,10 @@ mod tests {
             fanout.broadcast(Message::payload(MessageKind::Text, &[b'a' + n]));
         }
         let id_of = |fanout: &Fanout, at: u64| fanout.history.get_with_id(at).unwrap().1;
-        let stream = |queue: &ClientQueue| Member {
-            id: ClientId(1),
-            queue: queue.clone(),
-            writer: 0,
-            deflate: false,
-            sse: true,
-            envelope: false,
-        };
-        let texts = |queue: &ClientQueue| -> Vec<String> {
-            std::iter::from_fn(|| queue.pop())
-                .map(|f| String::from_utf8(f.to_vec()).unwrap())
-                .collect()
-        };
         // After the second message: the third to the fifth, as events
         // (the lobby had no stream when they came: built now).
         let queue = ClientQueue::closing_when_full(16, false);
-        fanout.join_new(stream(&queue), Some(id_of(&fanout, 1)));
+        fanout.join_new(stream_member(1, &queue), Some(id_of(&fanout, 1)));
         let want: Vec<String> = (2..5)
             .map(|at| {
                 let id = sse::format_id(id_of(&fanout, at));
@@ -1325,13 +1349,7 @@ mod tests {
         // An ID it never had: it waits for it (not here), then, once the
         // lobby gives up on it, the reset event, then live.
         let other = ClientQueue::closing_when_full(16, false);
-        fanout.join_new(
-            Member {
-                id: ClientId(2),
-                ..stream(&other)
-            },
-            Some(0xdead),
-        );
+        fanout.join_new(stream_member(2, &other), Some(0xdead));
         fanout.resume_arrived();
         assert!(other.is_empty());
         let waited = fanout.waiting.remove(0);
@@ -1351,31 +1369,10 @@ mod tests {
         let poll = Poll::new().unwrap();
         let (mut fanout, stats) = fanout_with_a_reader(&poll, 0);
         fanout.rereadable = true;
-        let at = |position| Message {
-            body: Body::Payload(MessageKind::Text, b"x"),
-            position: Some(position),
-        };
-        fanout.broadcast(at(7));
-        let id_at = |fanout: &Fanout, position| {
-            let plain = frame::encode(frame::OP_TEXT, b"x");
-            fanout.history.mark(&plain, Some(position)).id
-        };
-        let stream = |id, queue: &ClientQueue| Member {
-            id: ClientId(id),
-            queue: queue.clone(),
-            writer: 0,
-            deflate: false,
-            sse: true,
-            envelope: false,
-        };
-        let texts = |queue: &ClientQueue| -> Vec<String> {
-            std::iter::from_fn(|| queue.pop())
-                .map(|f| String::from_utf8(f.to_vec()).unwrap())
-                .collect()
-        };
+        fanout.broadcast(x_at(7));
         // After position 4, which the history never held: it waits.
         let queue = ClientQueue::closing_when_full(16, false);
-        fanout.join_new(stream(1, &queue), Some(id_at(&fanout, 4)));
+        fanout.join_new(stream_member(1, &queue), Some(id_of_x(&fanout, 4)));
         assert_eq!(fanout.waiting.len(), 1);
         assert_eq!(fanout.history.position_of(fanout.waiting[0].after), 4);
         assert!(queue.is_empty());
@@ -1384,15 +1381,15 @@ mod tests {
         let again = (5..=7).map(|p| (MessageKind::Text, b"x".to_vec(), p));
         fanout.resume_from_source(member, again.collect());
         fanout.catch_up();
-        fanout.broadcast(at(8));
+        fanout.broadcast(x_at(8));
         let want: Vec<String> = (5..=8)
-            .map(|p| format!("id: {}\ndata: x\n\n", sse::format_id(id_at(&fanout, p))))
+            .map(|p| format!("id: {}\ndata: x\n\n", sse::format_id(id_of_x(&fanout, p))))
             .collect();
         assert_eq!(texts(&queue), want);
         assert_eq!(stats.resumes_from_source.load(Relaxed), 1);
         // One moved away before its source answered: the reset goes first.
         let moving = ClientQueue::closing_when_full(16, false);
-        fanout.join_new(stream(2, &moving), Some(id_at(&fanout, 2)));
+        fanout.join_new(stream_member(2, &moving), Some(id_of_x(&fanout, 2)));
         fanout.reset_waiting(ClientId(2));
         assert_eq!(fanout.remove(ClientId(2)), Some(Resume::new()));
         let got = texts(&moving);
@@ -1406,44 +1403,25 @@ mod tests {
     fn a_resume_after_a_message_not_arrived_yet_waits_for_it_then_gets_what_follows() {
         let poll = Poll::new().unwrap();
         let (mut fanout, stats) = fanout_with_a_reader(&poll, 0);
-        let at = |position| Message {
-            body: Body::Payload(MessageKind::Text, b"x"),
-            position: Some(position),
-        };
-        let id_at = |fanout: &Fanout, position| {
-            let plain = frame::encode(frame::OP_TEXT, b"x");
-            fanout.history.mark(&plain, Some(position)).id
-        };
         for position in 1..=3 {
-            fanout.broadcast(at(position));
+            fanout.broadcast(x_at(position));
         }
         // The client saw 5 from a lobby ahead of this one: it waits.
         let queue = ClientQueue::closing_when_full(16, false);
-        let member = Member {
-            id: ClientId(1),
-            queue: queue.clone(),
-            writer: 0,
-            deflate: false,
-            sse: true,
-            envelope: false,
-        };
-        fanout.join_new(member, Some(id_at(&fanout, 5)));
+        fanout.join_new(stream_member(1, &queue), Some(id_of_x(&fanout, 5)));
         assert_eq!(fanout.waiting.len(), 1);
-        fanout.broadcast(at(4));
+        fanout.broadcast(x_at(4));
         fanout.resume_arrived();
         assert_eq!(fanout.waiting.len(), 1, "4 is not its message");
         assert!(queue.is_empty());
         // 5 arrives: it resumes after it, with nothing before.
-        fanout.broadcast(at(5));
+        fanout.broadcast(x_at(5));
         fanout.resume_arrived();
         assert!(fanout.waiting.is_empty());
         fanout.catch_up();
-        fanout.broadcast(at(6));
-        let got: Vec<String> = std::iter::from_fn(|| queue.pop())
-            .map(|f| String::from_utf8(f.to_vec()).unwrap())
-            .collect();
-        let six = format!("id: {}\ndata: x\n\n", sse::format_id(id_at(&fanout, 6)));
-        assert_eq!(got, [six]);
+        fanout.broadcast(x_at(6));
+        let six = format!("id: {}\ndata: x\n\n", sse::format_id(id_of_x(&fanout, 6)));
+        assert_eq!(texts(&queue), [six]);
         assert_eq!(stats.resumes.load(Relaxed), 1);
         assert_eq!(stats.resume_resets.load(Relaxed), 0);
     }
