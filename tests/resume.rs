@@ -86,20 +86,6 @@ fn next_sealed(ws: &mut Client) -> (String, String) {
     (id.to_owned(), payload.to_owned())
 }
 
-/// A gateway with a plain WebSocket client holding its one lobby open, so
-/// the lobby and its history outlive the resume clients that come and go.
-fn gateway_with_a_lobby(
-    config: impl FnOnce(&mut wsgate::Config),
-) -> (TestOrigin, wsgate::GatewayHandle, Follower) {
-    let origin = TestOrigin::start();
-    let mut c = test_config(&origin.url());
-    config(&mut c);
-    let gw = start_gateway(c);
-    let ws = Follower::spawn(connect_clients(&gw, 1).remove(0));
-    wait_until("one origin connection", || origin.open() == 1);
-    (origin, gw, ws)
-}
-
 #[test]
 fn a_plain_client_keeps_its_bytes_while_a_resume_client_gets_envelopes_with_the_sse_ids() {
     let origin = TestOrigin::start();

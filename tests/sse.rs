@@ -93,20 +93,6 @@ fn websocket_and_sse_clients_share_one_lobby_and_one_upstream() {
     assert_eq!(gw.stats().frames_dropped, 0);
 }
 
-/// A gateway with a WebSocket client holding its one lobby open, so the
-/// lobby and its history outlive the event streams that come and go.
-fn gateway_with_a_lobby(
-    config: impl FnOnce(&mut wsgate::Config),
-) -> (TestOrigin, wsgate::GatewayHandle, Follower) {
-    let origin = TestOrigin::start();
-    let mut c = test_config(&origin.url());
-    config(&mut c);
-    let gw = start_gateway(c);
-    let ws = Follower::spawn(connect_clients(&gw, 1).remove(0));
-    wait_until("one origin connection", || origin.open() == 1);
-    (origin, gw, ws)
-}
-
 #[test]
 fn a_stream_resumes_after_its_last_event_id_with_no_gap_and_no_duplicate() {
     let (origin, gw, _ws) = gateway_with_a_lobby(|_| {});

@@ -148,6 +148,21 @@ pub fn recv_close(ws: &mut Client) -> Option<CloseFrame> {
     }
 }
 
+/// A gateway with a plain WebSocket client holding its one lobby open, so
+/// the lobby and its history outlive the clients that come and go (event
+/// streams, resume clients).
+pub fn gateway_with_a_lobby(
+    config: impl FnOnce(&mut Config),
+) -> (TestOrigin, GatewayHandle, Follower) {
+    let origin = TestOrigin::start();
+    let mut c = test_config(&origin.url());
+    config(&mut c);
+    let gw = start_gateway(c);
+    let ws = Follower::spawn(connect_clients(&gw, 1).remove(0));
+    wait_until("one origin connection", || origin.open() == 1);
+    (origin, gw, ws)
+}
+
 /// Waits until the gateway's stats say `n` clients are connected.
 #[track_caller]
 pub fn wait_clients(gw: &GatewayHandle, n: u64) {
