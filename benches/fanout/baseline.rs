@@ -17,6 +17,9 @@
 //!   of it (client sockets blocking, `TCP_NODELAY`). A client whose write
 //!   fails or times out is dropped. Clients are never read from.
 //!
+//! Its listener, origin link and upgrade are also the coalescing relay's
+//! (`writev.rs`).
+//!
 //! Usage (by the bench only): `WSGATE_BENCH_ROLE=baseline BENCH_EXE
 //! LISTEN_ADDR ORIGIN_URL`. Once listening it prints
 //! `baseline: clients connect to ws://ADDR/` on stdout. SIGTERM or SIGINT
@@ -244,7 +247,7 @@ impl Relay {
 }
 
 /// A non-blocking listener with a deep backlog (std's `bind` uses 128).
-fn listen_on(addr: SocketAddr) -> io::Result<TcpListener> {
+pub fn listen_on(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.bind(&SockAddr::from(addr))?;
@@ -255,7 +258,7 @@ fn listen_on(addr: SocketAddr) -> io::Result<TcpListener> {
 
 /// Connects to the origin and completes the WebSocket upgrade (blocking),
 /// then sets the short read timeout the relay loop polls with.
-fn connect_origin(url: &str) -> Result<WebSocket<TcpStream>, String> {
+pub fn connect_origin(url: &str) -> Result<WebSocket<TcpStream>, String> {
     let authority = url
         .strip_prefix("ws://")
         .and_then(|rest| rest.split('/').next())
@@ -277,7 +280,7 @@ fn connect_origin(url: &str) -> Result<WebSocket<TcpStream>, String> {
 
 /// Reads the client's upgrade request and answers `101` (blocking, bounded by
 /// [`HANDSHAKE_TIMEOUT`]). Returns the socket ready for frames.
-fn upgrade(mut stream: TcpStream) -> io::Result<TcpStream> {
+pub fn upgrade(mut stream: TcpStream) -> io::Result<TcpStream> {
     stream.set_nonblocking(false)?;
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;

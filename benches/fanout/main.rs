@@ -36,7 +36,12 @@
 //! clients decode as far as seq and timestamp), and their ratio line is
 //! wsgate-sse/wsgate.
 //!
-//! Two more run only when named (`scenario::ON_REQUEST`): `wss-steady` and
+//! More run only when named (`scenario::ON_REQUEST`): `saturated-writev`,
+//! `wide-writev` and `idle-writev` compare wsgate with a coalescing relay
+//! (`writev.rs`: one thread, a queue of 16 frames per client dropping the
+//! oldest, one `writev` of it) instead of the baseline, the comparison issue
+//! 27 asks for at saturation (with `WSGATE_BENCH_RELAY_CPU`, below, on a
+//! core of its own); and `wss-steady` and
 //! `wss-large`, `steady`'s and `large`'s loads with wsgate serving its
 //! clients `wss://` (TLS 1.3 on the binary's own provider, a throwaway CA
 //! and leaf made at start, `tls.rs`), each client through its own rustls
@@ -66,6 +71,9 @@
 //! - `WSGATE_BENCH_SECS` (default 8) sets the measurement window and
 //!   `WSGATE_BENCH_WARMUP` (default 2) the warm-up, both in seconds
 //!   (fractions allowed);
+//! - `WSGATE_BENCH_RELAY_CPU=0` starts every relay under `taskset -c 0`; run
+//!   the bench itself under `taskset -c 1` and the relay has a core to
+//!   itself, the load generator the other;
 //! - `WSGATE_BENCH_WSGATE=/path/to/wsgate` benches that binary (e.g. an older
 //!   build) instead of the one cargo just built; the `wss-` scenarios need
 //!   one with `--tls-cert` and `--tls-key` (feature `tls`), whichever
@@ -77,8 +85,9 @@
 //! progress and the relays' own output go to stderr. A run that fails, or
 //! that has a problem (clients that did not connect, client errors, an
 //! unclean relay exit), is reported and the bench continues; the exit code
-//! is then 1. This binary also hosts the baseline relay: re-executed with
-//! `WSGATE_BENCH_ROLE=baseline`, `main` runs that instead.
+//! is then 1. This binary also hosts the baseline and coalescing relays:
+//! re-executed with `WSGATE_BENCH_ROLE=baseline` (or `writev`), `main` runs
+//! that instead.
 
 // The load tool's modules, shared verbatim. This bench uses only part of
 // their API, and cargo builds benches with `cfg(test)` (but, with
@@ -99,6 +108,7 @@ mod relay;
 mod scenario;
 mod table;
 mod tls;
+mod writev;
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -124,6 +134,7 @@ fn main() -> ExitCode {
     };
     match role {
         Some(role) if role == baseline::ROLE => return baseline::main(&args),
+        Some(role) if role == writev::ROLE => return writev::main(&args),
         Some(role) => {
             eprintln!("bench: unknown {}={role:?}", baseline::ROLE_ENV);
             return ExitCode::from(2);

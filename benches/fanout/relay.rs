@@ -1,5 +1,6 @@
-//! The relay under test as a child process: the `wsgate` binary or the
-//! baseline (this bench binary re-executed in its baseline role).
+//! The relay under test as a child process: the `wsgate` binary, or the
+//! baseline or coalescing relay (this bench binary re-executed in the
+//! `baseline` or `writev` role), optionally pinned to CPUs.
 //!
 //! [`Relay::start`] spawns it on `127.0.0.1:0` in front of a given origin and
 //! waits for the `... clients connect to ws://ADDR/` line on its stdout
@@ -15,6 +16,7 @@
 //! has not been reaped yet (its pid cannot have been reused): a pid leaves the
 //! [`LIVE`] registry, under its lock, at the moment it is reaped.
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, MutexGuard, mpsc};
@@ -24,12 +26,16 @@ use std::time::{Duration, Instant};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use crate::baseline;
 use crate::tls::Certs;
+use crate::{baseline, writev};
 
 /// Environment variable naming another wsgate binary to bench (e.g. an
 /// older build) instead of the one cargo built.
 pub const WSGATE_ENV: &str = "WSGATE_BENCH_WSGATE";
+/// Environment variable pinning every relay to these CPUs (`taskset -c`),
+/// e.g. `0` with the bench itself run under `taskset -c 1`: a relay on a
+/// core of its own, as issue 27's saturated comparison asks.
+pub const RELAY_CPU_ENV: &str = "WSGATE_BENCH_RELAY_CPU";
 
 /// Pids of the relays started and not yet reaped.
 static LIVE: Mutex<Vec<u32>> = Mutex::new(Vec::new());
@@ -47,6 +53,9 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum Kind {
     /// One thread, one write per client per message (`baseline.rs`).
     Baseline,
+    /// One thread, a bounded queue per client, one `writev` of it
+    /// (`writev.rs`).
+    Writev,
     /// The real gateway binary with its default settings.
     Wsgate,
     /// The same binary, its clients reading event streams (Server-Sent
@@ -55,8 +64,6 @@ pub enum Kind {
 }
 
 impl Kind {
-    /// Both relays, in the order they run.
-    pub const ALL: [Kind; 2] = [Kind::Baseline, Kind::Wsgate];
     /// wsgate's two client protocols, in the order they run (`sse` scenarios).
     pub const PROTOCOLS: [Kind; 2] = [Kind::Wsgate, Kind::WsgateSse];
 
@@ -64,6 +71,7 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Baseline => "baseline",
+            Kind::Writev => "writev",
             Kind::Wsgate => "wsgate",
             Kind::WsgateSse => "wsgate-sse",
         }
@@ -82,16 +90,19 @@ impl Kind {
     fn command(self, origin_url: &str) -> Result<Command, String> {
         const LISTEN: &str = "127.0.0.1:0";
         match self {
-            Kind::Baseline => {
+            Kind::Baseline | Kind::Writev => {
                 let exe = std::env::current_exe()
                     .map_err(|e| format!("cannot find the bench executable to re-run: {e}"))?;
-                let mut cmd = Command::new(exe);
-                cmd.env(baseline::ROLE_ENV, baseline::ROLE)
-                    .args([LISTEN, origin_url]);
+                let role = match self {
+                    Kind::Writev => writev::ROLE,
+                    _ => baseline::ROLE,
+                };
+                let mut cmd = pinned(exe.as_os_str())?;
+                cmd.env(baseline::ROLE_ENV, role).args([LISTEN, origin_url]);
                 Ok(cmd)
             }
             Kind::Wsgate | Kind::WsgateSse => {
-                let mut cmd = Command::new(wsgate_path());
+                let mut cmd = pinned(wsgate_path().as_ref())?;
                 // The defaults, spelled out so the output says what ran.
                 cmd.args(["--listen", LISTEN, "--origin", origin_url])
                     .args(["--writers", "2", "--queue", "16", "--lobby-capacity", "512"])
@@ -101,6 +112,23 @@ impl Kind {
             }
         }
     }
+}
+
+/// A command running `program`, through `taskset -c CPU` when
+/// [`RELAY_CPU_ENV`] names a CPU (`taskset` execs it: the pid is the
+/// relay's).
+fn pinned(program: &OsStr) -> Result<Command, String> {
+    let Ok(cpu) = std::env::var(RELAY_CPU_ENV) else {
+        return Ok(Command::new(program));
+    };
+    if cpu.is_empty() || !cpu.bytes().all(|b| b.is_ascii_digit() || b == b',') {
+        return Err(format!(
+            "{RELAY_CPU_ENV} must be a CPU number or list, e.g. 0 (got {cpu:?})"
+        ));
+    }
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", &cpu]).arg(program);
+    Ok(cmd)
 }
 
 /// The wsgate binary to run: [`WSGATE_ENV`] if set, else cargo's build.

@@ -50,13 +50,33 @@ pub struct Scenario {
     pub deflate: bool,
     /// Compare wsgate's WebSocket clients with its event-stream (SSE)
     /// clients, instead of the baseline with wsgate: the runs are
-    /// [`Kind::PROTOCOLS`] rather than [`Kind::ALL`].
+    /// [`Kind::PROTOCOLS`] rather than `against` and wsgate.
     pub sse: bool,
     /// wsgate serves its clients `wss://` (the bench's throwaway
     /// certificate, `tls.rs`); the baseline has no TLS and serves `ws://`
     /// as ever.
     pub tls: bool,
+    /// The relay wsgate is compared with: [`Kind::Baseline`], or the
+    /// coalescing [`Kind::Writev`] (the `-writev` scenarios).
+    pub against: Kind,
 }
+
+/// 10 000 msg/s to 1000 clients offers 10M deliveries/s, several times what
+/// this machine kind can write: the relay is saturated, while a relay that
+/// keeps up with its origin link can still keep latency low.
+const SATURATED: Scenario = Scenario {
+    name: "saturated",
+    clients: 1000,
+    rate: Rate::PerSecond(10_000),
+    size: 128,
+    slow: 0,
+    wsgate_args: &[],
+    ticks: false,
+    deflate: false,
+    sse: false,
+    tls: false,
+    against: Kind::Baseline,
+};
 
 /// 1000 clients × 200 msg/s × 128 B (also the load of `wss-steady`).
 const STEADY: Scenario = Scenario {
@@ -70,6 +90,7 @@ const STEADY: Scenario = Scenario {
     deflate: false,
     sse: false,
     tls: false,
+    against: Kind::Baseline,
 };
 
 /// 200 clients × 50 msg/s × 64 KiB (also the load of `wss-large`).
@@ -84,25 +105,42 @@ const LARGE: Scenario = Scenario {
     deflate: false,
     sse: false,
     tls: false,
+    against: Kind::Baseline,
+};
+
+/// 16 000 clients × 5 msg/s × 128 B: the cost of width (also `wide-writev`).
+const WIDE: Scenario = Scenario {
+    name: "wide",
+    clients: 16_000,
+    rate: Rate::PerSecond(5),
+    size: 128,
+    slow: 0,
+    wsgate_args: &[],
+    ticks: false,
+    deflate: false,
+    sse: false,
+    tls: false,
+    against: Kind::Baseline,
+};
+
+/// 10 000 idle clients: memory per client (also `idle-writev`).
+const IDLE: Scenario = Scenario {
+    name: "idle",
+    clients: 10_000,
+    rate: Rate::Paused,
+    size: 128,
+    slow: 0,
+    wsgate_args: &[],
+    ticks: false,
+    deflate: false,
+    sse: false,
+    tls: false,
+    against: Kind::Baseline,
 };
 
 /// Every scenario run by default, in the order they run.
 pub const ALL: [Scenario; 13] = [
-    // 10 000 msg/s to 1000 clients offers 10M deliveries/s, several times what
-    // this machine kind can write: the relay is saturated, while a relay that
-    // keeps up with its origin link can still keep latency low.
-    Scenario {
-        name: "saturated",
-        clients: 1000,
-        rate: Rate::PerSecond(10_000),
-        size: 128,
-        slow: 0,
-        wsgate_args: &[],
-        ticks: false,
-        deflate: false,
-        sse: false,
-        tls: false,
-    },
+    SATURATED,
     STEADY,
     // The same with a 10 ms write-batching window: fewer, larger writes.
     Scenario {
@@ -116,6 +154,7 @@ pub const ALL: [Scenario; 13] = [
         deflate: false,
         sse: false,
         tls: false,
+        against: Kind::Baseline,
     },
     // The steady feed's rate in bursts of 16 back to back (12.5 a second):
     // wsgate's writes coalesce by themselves while it is behind.
@@ -133,6 +172,7 @@ pub const ALL: [Scenario; 13] = [
         deflate: false,
         sse: false,
         tls: false,
+        against: Kind::Baseline,
     },
     // Well below saturation: latency is the measure.
     Scenario {
@@ -146,6 +186,7 @@ pub const ALL: [Scenario; 13] = [
         deflate: false,
         sse: false,
         tls: false,
+        against: Kind::Baseline,
     },
     // 100 of the 1000 clients never read: the others must lose nothing.
     // wsgate's default unsent bound (16 KiB) keeps the kernel from absorbing
@@ -162,32 +203,11 @@ pub const ALL: [Scenario; 13] = [
         deflate: false,
         sse: false,
         tls: false,
+        against: Kind::Baseline,
     },
     LARGE,
-    Scenario {
-        name: "wide",
-        clients: 16_000,
-        rate: Rate::PerSecond(5),
-        size: 128,
-        slow: 0,
-        wsgate_args: &[],
-        ticks: false,
-        deflate: false,
-        sse: false,
-        tls: false,
-    },
-    Scenario {
-        name: "idle",
-        clients: 10_000,
-        rate: Rate::Paused,
-        size: 128,
-        slow: 0,
-        wsgate_args: &[],
-        ticks: false,
-        deflate: false,
-        sse: false,
-        tls: false,
-    },
+    WIDE,
+    IDLE,
     // A 1 KiB JSON price tick at steady load, to clients that do not offer
     // permessage-deflate; then the same to clients that do: wsgate
     // compresses each message once per lobby. Compared in one run: bytes
@@ -203,6 +223,7 @@ pub const ALL: [Scenario; 13] = [
         deflate: false,
         sse: false,
         tls: false,
+        against: Kind::Baseline,
     },
     Scenario {
         name: "compressed",
@@ -215,6 +236,7 @@ pub const ALL: [Scenario; 13] = [
         deflate: true,
         sse: false,
         tls: false,
+        against: Kind::Baseline,
     },
     // wsgate at steady load and saturated, once to WebSocket clients and
     // once to event-stream clients, the same origin messages (binary, so
@@ -230,6 +252,7 @@ pub const ALL: [Scenario; 13] = [
         deflate: false,
         sse: true,
         tls: false,
+        against: Kind::Baseline,
     },
     Scenario {
         name: "sse-saturated",
@@ -242,6 +265,7 @@ pub const ALL: [Scenario; 13] = [
         deflate: false,
         sse: true,
         tls: false,
+        against: Kind::Baseline,
     },
 ];
 
@@ -249,8 +273,10 @@ pub const ALL: [Scenario; 13] = [
 /// `wss://` to wsgate (the baseline as in those), to compare with them in
 /// the same run (`-- steady,wss-steady,large,wss-large`). Each takes as
 /// long as its plain twin, and more to connect (a full TLS handshake per
-/// client), which the default run need not pay.
-pub const ON_REQUEST: [Scenario; 2] = [
+/// client), which the default run need not pay. And `saturated`'s, `wide`'s
+/// and `idle`'s loads with wsgate against the coalescing relay
+/// (`writev.rs`) rather than the baseline.
+pub const ON_REQUEST: [Scenario; 5] = [
     Scenario {
         name: "wss-steady",
         tls: true,
@@ -260,6 +286,21 @@ pub const ON_REQUEST: [Scenario; 2] = [
         name: "wss-large",
         tls: true,
         ..LARGE
+    },
+    Scenario {
+        name: "saturated-writev",
+        against: Kind::Writev,
+        ..SATURATED
+    },
+    Scenario {
+        name: "wide-writev",
+        against: Kind::Writev,
+        ..WIDE
+    },
+    Scenario {
+        name: "idle-writev",
+        against: Kind::Writev,
+        ..IDLE
     },
 ];
 
@@ -279,7 +320,11 @@ impl Scenario {
     /// The relays (or client protocols) this scenario compares, in the
     /// order they run; the ratio is the second's over the first's.
     pub fn kinds(&self) -> [Kind; 2] {
-        if self.sse { Kind::PROTOCOLS } else { Kind::ALL }
+        if self.sse {
+            Kind::PROTOCOLS
+        } else {
+            [self.against, Kind::Wsgate]
+        }
     }
 
     /// One line saying what the load is.
