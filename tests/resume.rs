@@ -23,6 +23,7 @@ use std::{
 
 use support::*;
 use tungstenite::Message;
+use wsgate::Disconnect;
 
 /// The subprotocol that opts into resume.
 const PROTOCOL: &str = "wsgate.resume.v1";
@@ -149,6 +150,71 @@ fn a_resume_client_back_with_its_last_id_gets_exactly_what_it_missed_then_live()
     }
     origin.send_seq(16);
     assert_eq!(next_sealed(&mut back).1, "16", "then live");
+    let stats = gw.stats();
+    assert_eq!((stats.resumes, stats.resume_resets), (1, 0));
+}
+
+#[test]
+fn a_slow_resume_client_is_closed_rather_than_thinned_and_resumes_with_nothing_lost() {
+    // The close waits for what is queued as long as the test may take;
+    // the history holds every message (each in two forms).
+    let (origin, gw, ws) = gateway_with_a_lobby(|c| {
+        c.queue_depth = 4;
+        c.drain_timeout = DEADLINE;
+        c.history_bytes = 4 << 20;
+    });
+    let addr = gw.local_addr();
+    // A resume client that stops reading, into a small receive buffer.
+    let stream = connect_from(addr, [127, 0, 0, 1], 4096);
+    let uri: tungstenite::http::Uri = format!("ws://{addr}/").parse().expect("a URI");
+    let request = tungstenite::ClientRequestBuilder::new(uri).with_sub_protocol(PROTOCOL);
+    let (mut slow, _) = tungstenite::client(request, stream).expect("upgrade");
+    wait_placed(&gw, 2);
+    const N: u64 = 100;
+    let pad = "x".repeat(8000);
+    for n in 1..=N {
+        origin.send(Message::text(format!("{n} {pad}")));
+        wait_until("the plain client to keep up", || ws.count() as u64 >= n);
+    }
+    // Its queue overflowed long ago: what it was sent arrives in order,
+    // then the 1013 close.
+    let mut got = Vec::new();
+    let mut last = String::new();
+    let close = loop {
+        match slow.read().expect("a message or the close") {
+            Message::Text(text) => {
+                let (id, payload) = text.split_at(16);
+                last = id.to_owned();
+                got.push(
+                    payload
+                        .trim_start()
+                        .split(' ')
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned(),
+                );
+            }
+            Message::Close(frame) => {
+                // Answer it, so the gateway can let the connection go.
+                let _ = slow.flush();
+                break frame.expect("a close code");
+            }
+            _ => {}
+        }
+    };
+    assert_eq!(u16::from(close.code), 1013, "{close:?}");
+    assert!(got.len() < N as usize, "it fell behind: {}", got.len());
+    wait_until("the slow resume client counted", || {
+        gw.stats().disconnected(Disconnect::TooSlow) == 1
+    });
+    let mut back = resume_client(addr, Some(&last));
+    while got.len() < N as usize {
+        let (_, payload) = next_sealed(&mut back);
+        got.push(payload.split(' ').next().unwrap_or_default().to_owned());
+    }
+    let want: Vec<String> = (1..=N).map(|n| n.to_string()).collect();
+    assert_eq!(got, want, "every message once, in order, across the close");
+    assert_eq!(ws.count() as u64, N, "the plain client lost nothing");
     let stats = gw.stats();
     assert_eq!((stats.resumes, stats.resume_resets), (1, 0));
 }

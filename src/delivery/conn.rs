@@ -492,6 +492,22 @@ impl Conn {
         if self.sse {
             return self.tick_stream(now, io);
         }
+        #[cfg(feature = "sse")]
+        if self.queue.is_overflowed() {
+            // A resume client (the only WebSocket client whose queue closes
+            // when full): what it has queued, then 1013, and it resumes.
+            debug!(
+                "{}: resume client cannot keep up; closed to resume",
+                self.id
+            );
+            self.close_after_queue(
+                close::TRY_AGAIN_LATER,
+                close::RESUME_BEHIND,
+                Disconnect::TooSlow,
+                now.after(io.policy.close_wait),
+            );
+            return Ok(true);
+        }
         let silent = now.since(self.last_heard);
         if silent >= io.policy.ping_after * 2 {
             debug!("{}: silent for {silent:?}; closing", self.id);

@@ -149,6 +149,15 @@ pub(crate) struct Member {
     pub envelope: bool,
 }
 
+#[cfg(feature = "sse")]
+impl Member {
+    /// It resumes from the last message it got (an event stream, or a
+    /// WebSocket resume client): its queue is closed, never thinned.
+    pub(crate) fn resumes(&self) -> bool {
+        self.sse || self.envelope
+    }
+}
+
 /// The manager's handle on a lobby thread.
 #[derive(Debug)]
 pub(crate) struct LobbyHandle {
@@ -693,14 +702,12 @@ impl Fanout {
             }
             self.touched[member.writer] = true;
         }
-        #[cfg(feature = "sse")]
-        self.seal(&forms, &mut dropped);
         for reason in DropReason::ALL {
             self.stats.dropped(reason, dropped[reason as usize]);
         }
         let pushed = self.members.len() as u64;
         #[cfg(feature = "sse")]
-        let pushed = pushed + self.sealed.len() as u64 + self.stream(&forms);
+        let pushed = pushed + self.seal(&forms) + self.stream(&forms);
         let dropped = dropped.iter().sum();
         self.counters.message(&self.stats.epoch, pushed, dropped);
         self.history.push_marked(forms, mark);
@@ -740,19 +747,22 @@ impl Fanout {
     }
 
     /// Queues a message's envelope for the members that opted into
-    /// resume, dropping their oldest like any WebSocket member's, counted
-    /// in `dropped` by reason.
+    /// resume. Like an event stream, such a member loses nothing: a full
+    /// queue refuses the envelope and its writer closes the connection
+    /// (1013), and the client resumes after the last ID it got.
     #[cfg(feature = "sse")]
-    fn seal(&mut self, forms: &Forms, dropped: &mut [u64; DropReason::COUNT]) {
+    fn seal(&mut self, forms: &Forms) -> u64 {
         let Some(sealed) = &forms.envelope else {
-            return;
+            return 0;
         };
+        let mut pushed = 0;
         for member in &self.sealed {
-            if let Pushed::Dropped(reason) = member.queue.push(sealed.clone()) {
-                dropped[reason as usize] += 1;
+            if member.queue.push_event(sealed.clone()) == Pushed::Queued {
+                pushed += 1;
             }
             self.touched[member.writer] = true;
         }
+        pushed
     }
 
     /// A client reaches the live edge: the broadcast goes to it from now on.
@@ -968,9 +978,10 @@ impl Fanout {
         while i < self.catching_up.len() {
             let c = &mut self.catching_up[i];
             #[cfg(feature = "sse")]
-            if c.next < self.history.oldest() && c.member.sse {
-                // An SSE client loses nothing: its stream is closed, and it
-                // resumes from the history it still finds.
+            if c.next < self.history.oldest() && c.member.resumes() {
+                // An event stream or a resume client loses nothing: its
+                // connection is closed, and it resumes from the history it
+                // still finds.
                 c.member.queue.overflow();
                 c.next = self.history.oldest();
             }
@@ -1090,12 +1101,13 @@ impl Fanout {
     }
 }
 
-/// Queues `frame` for `member`. An event stream's queue takes nothing once
-/// it has overflowed: its client resumes from the last event it got, so a
-/// catch-up that the history outran must not go on past the gap.
+/// Queues `frame` for `member`. The queue of an event stream or a resume
+/// client takes nothing once it has overflowed: its client resumes from the
+/// last message it got, so a catch-up that the history outran must not go
+/// on past the gap.
 fn push_to(member: &Member, frame: Frame) -> Pushed {
     #[cfg(feature = "sse")]
-    if member.sse {
+    if member.resumes() {
         return member.queue.push_event(frame);
     }
     member.queue.push(frame)

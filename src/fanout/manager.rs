@@ -65,8 +65,8 @@ const IDLE_WAIT: Duration = Duration::from_secs(3600);
 /// the streams meet within the new lobby's hold.
 const WARM_WAIT: Duration = Duration::from_secs(30);
 
-/// An event stream's queue is this many times `--queue-depth` deep: it is
-/// closed, not thinned, when full, so it gets room for the bursts a
+/// The queue of an event stream or a WebSocket resume client is this many
+/// times `--queue-depth` deep: it is closed, not thinned, when full, so it gets room for the bursts a
 /// WebSocket client's queue would lose its oldest to; and a lobby's history
 /// (at least 4 × the depth) still holds where a closed stream left off.
 #[cfg(feature = "sse")]
@@ -320,7 +320,7 @@ impl Manager {
         };
         let depth = route.config.queue_depth;
         #[cfg(feature = "sse")]
-        let queue = if sse {
+        let queue = if sse || envelope {
             ClientQueue::closing_when_full(depth.saturating_mul(SSE_DEPTH), self.count_drops)
         } else {
             ClientQueue::new(depth, self.count_drops)

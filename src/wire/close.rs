@@ -24,6 +24,10 @@ pub(crate) const ORIGIN_LOST: &str = "origin connection lost";
 pub(crate) const ROUTE_REMOVED: &str = "route removed";
 /// The reason of the 4401 close a writer sends a client whose token expired.
 pub(crate) const EXPIRED: &str = "token expired";
+/// The reason of the 1013 close a writer sends a resume client whose queue
+/// overflowed: it reconnects with the last ID it got and loses nothing.
+#[cfg(feature = "sse")]
+pub(crate) const RESUME_BEHIND: &str = "too slow; resume from your last ID";
 
 /// A broken rule: the close code and reason to send before dropping the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
