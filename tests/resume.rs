@@ -220,6 +220,38 @@ fn a_slow_resume_client_is_closed_rather_than_thinned_and_resumes_with_nothing_l
 }
 
 #[test]
+fn a_resume_across_the_lobby_letting_its_origin_go_gets_the_reset() {
+    let origin = TestOrigin::start();
+    let mut config = test_config(&origin.url());
+    // The emptied lobby, and its history, wait for the client's return.
+    config.lobby_linger = DEADLINE;
+    let gw = start_gateway(config);
+    let addr = gw.local_addr();
+    let mut first = resume_client(addr, None);
+    wait_until("the upstream", || origin.open() == 1);
+    wait_placed(&gw, 1);
+    origin.send_seq(1);
+    let (last, text) = next_sealed(&mut first);
+    assert_eq!(text, "1");
+    drop(first);
+    wait_until("the lobby to let its origin go", || origin.open() == 0);
+    // Sent while no lobby listens: lost to this gateway.
+    origin.send_seq(2);
+    let mut back = resume_client(addr, Some(&last));
+    assert_eq!(
+        next_data(&mut back),
+        Message::text("reset"),
+        "message 2 never reached the lobby: not a silent gap"
+    );
+    wait_until("the upstream again", || origin.open() == 1);
+    wait_placed(&gw, 1);
+    origin.send_seq(3);
+    assert_eq!(next_sealed(&mut back).1, "3", "live after the reset");
+    let stats = gw.stats();
+    assert_eq!((stats.resumes, stats.resume_resets), (0, 1));
+}
+
+#[test]
 fn an_unknown_or_too_old_id_gets_the_reset_message_then_live_and_is_counted() {
     let (origin, gw, ws) = gateway_with_a_lobby(|c| c.history = 64);
     let addr = gw.local_addr();

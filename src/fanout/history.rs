@@ -71,6 +71,10 @@ pub(crate) struct History {
     /// Mixed into every message ID: the route's path and query key.
     #[cfg(feature = "sse")]
     salt: u64,
+    /// The number of the first frame since the source last stopped: what
+    /// came before may be followed by messages this lobby never received.
+    #[cfg(feature = "sse")]
+    since: u64,
 }
 
 impl History {
@@ -87,7 +91,24 @@ impl History {
             budget,
             #[cfg(feature = "sse")]
             salt: 0,
+            #[cfg(feature = "sse")]
+            since: 0,
         }
+    }
+
+    /// The source stopped (the lobby let it go, or lost it): whatever it
+    /// sends from now on may not follow what the history holds, so no
+    /// resume may run from before here into what comes next.
+    #[cfg(feature = "sse")]
+    pub(crate) fn sever(&mut self) {
+        self.since = self.head();
+    }
+
+    /// The number of the first frame since the source last stopped: a
+    /// client that saw a frame before it cannot resume from the history.
+    #[cfg(feature = "sse")]
+    pub(crate) fn since(&self) -> u64 {
+        self.since
     }
 
     /// The same history, its message IDs salted with `salt` ([`id_salt`]).

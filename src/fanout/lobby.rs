@@ -400,8 +400,13 @@ impl Lobby {
                 self.fanout.catch_up();
                 self.fanout.wake_writers();
             }
-            if self.origin.take_failure() && self.on_origin_loss == OriginLoss::Close {
-                self.close_members(close::ORIGIN_LOST);
+            if self.origin.take_failure() {
+                // Messages sent while it reconnects never reach this lobby.
+                #[cfg(feature = "sse")]
+                self.fanout.history.sever();
+                if self.on_origin_loss == OriginLoss::Close {
+                    self.close_members(close::ORIGIN_LOST);
+                }
             }
             let state = OriginState::from_u8(self.published.load(Relaxed));
             let stats = &self.fanout.stats;
@@ -500,7 +505,14 @@ impl Lobby {
         }
         fanout.wake_writers();
         fanout.publish_len();
+        self.stop_origin();
+    }
+
+    /// Lets the origin go while the lobby has no client.
+    fn stop_origin(&mut self) {
         self.origin.stop("no clients");
+        #[cfg(feature = "sse")]
+        self.fanout.history.sever();
     }
 
     /// Applies inbox messages. False when the lobby must end.
@@ -555,7 +567,7 @@ impl Lobby {
             bump(counter);
         }
         if left && self.fanout.is_empty() {
-            self.origin.stop("no clients");
+            self.stop_origin();
         }
         true
     }
@@ -832,10 +844,13 @@ impl Fanout {
     #[cfg(feature = "sse")]
     fn resume(&mut self, member: Member, after: u64) {
         match self.history.find_id(after) {
-            Some(at) if at + 1 >= self.history.oldest() => self.resume_at(member, at),
+            Some(at) if at + 1 >= self.history.oldest() && at >= self.history.since() => {
+                self.resume_at(member, at)
+            }
             Some(_) if !self.rereadable => {
                 debug!(
-                    "{}: {} resumes after {}, too old for the history",
+                    "{}: {} resumes after {}, too old for the history or \
+                     before its source last stopped",
                     self.lobby,
                     member.id,
                     sse::format_id(after)
