@@ -440,8 +440,9 @@ impl Lobby {
     /// turn, a catch-up tick, a client moving in or resuming that may wait
     /// no longer.
     fn own_deadline(&self) -> Option<Instant> {
+        // (Those left may have gone since: then none are.)
         #[cfg(feature = "sse")]
-        if self.fanout.rereads_pending {
+        if self.fanout.rereads_pending && !self.fanout.waiting.is_empty() {
             return Some(Instant::now());
         }
         if self.fanout.is_catching_up() {
