@@ -483,12 +483,14 @@ pub struct StatsSnapshot {
     /// exactly what followed it.
     pub resumes: u64,
     /// Clients that resumed after a message ID their lobby's history did
-    /// not hold, from a Redis stream read again (`XRANGE`): they got
-    /// exactly what followed it.
+    /// not hold, from a Redis stream read again (`XRANGE`, page by page):
+    /// they got exactly what followed it; counted once they reached the
+    /// live stream (or the history).
     pub resumes_from_source: u64,
     /// Clients that asked to resume after a message ID neither their
-    /// lobby's history nor its source held (too old, or unknown): they got
-    /// the reset event or message, then the live stream.
+    /// lobby's history nor its source held (too old, or unknown), or that
+    /// a stream resume could not finish (beyond its bound, not served in
+    /// time): they got the reset event or message, then the live stream.
     pub resume_resets: u64,
     /// Upgrade requests refused with 503: the client limit reached, or every
     /// lobby full and no more origin connections allowed.

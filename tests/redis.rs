@@ -756,7 +756,7 @@ fn an_event_stream_resumes_on_a_new_gateway_from_the_stream_itself() {
 
 #[cfg(feature = "sse")]
 #[test]
-fn a_resume_after_a_trimmed_entry_or_beyond_a_queue_is_reset() {
+fn a_resume_after_a_trimmed_entry_or_beyond_its_bound_is_reset() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
@@ -778,12 +778,20 @@ fn a_resume_after_a_trimmed_entry_or_beyond_a_queue_is_reset() {
             ids.push(id);
         }
     }
-    // Another instance: its history is empty, so the stream serves resumes.
-    let other = start_gateway(config);
+    // Another instance: its history is empty, so the stream serves
+    // resumes; a small one, remembering 8 messages (4 queues of 2), so a
+    // resume from the stream is served 32 at most, in pages of an event
+    // stream's queue (4).
+    let mut small = config;
+    small.queue_depth = 2;
+    small.history = 0;
+    let other = start_gateway(small);
     let addr = other.local_addr();
     let resume = |after: &str| sse_client(addr, "/", &[&format!("Last-Event-ID: {after}")]);
-    // 40 follow 2: more than an event stream's queue of 32.
+    // 40 follow 2: the first 32, then the reset.
     let mut too_far = resume(&ids[2]);
+    let (got, _) = read_messages(&mut too_far, 32);
+    assert_eq!(got, texts(3..=34));
     assert_eq!(too_far.event().event.as_deref(), Some("reset"));
     // 30 and everything before it are trimmed away.
     redis::cmd("XTRIM")
@@ -794,7 +802,7 @@ fn a_resume_after_a_trimmed_entry_or_beyond_a_queue_is_reset() {
         .expect("XTRIM");
     let mut trimmed = resume(&ids[30]);
     assert_eq!(trimmed.event().event.as_deref(), Some("reset"));
-    // 11 follow 31: read again from the stream.
+    // 11 follow 31: read again from the stream, in three pages.
     let mut near = resume(&ids[31]);
     let (got, _) = read_messages(&mut near, 11);
     assert_eq!(got, texts(32..=42));
@@ -810,4 +818,209 @@ fn a_resume_after_a_trimmed_entry_or_beyond_a_queue_is_reset() {
         stats.resume_resets,
     );
     assert_eq!(resumes, (0, 1, 2), "{stats:?}");
+}
+
+/// The data of every entry of stream `events`, oldest first.
+#[cfg(feature = "sse")]
+fn stream_data(con: &mut redis::Connection) -> Vec<String> {
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg("events")
+        .arg("-")
+        .arg("+")
+        .query(con)
+        .expect("XRANGE");
+    entries
+        .into_iter()
+        .map(|(_, fields)| fields.into_iter().next().expect("a field").1)
+        .collect()
+}
+
+/// A gateway on stream `events` whose event stream reads `0` to `n - 1`,
+/// added now: their message IDs (the same in every instance), once it
+/// has shut down.
+#[cfg(feature = "sse")]
+fn ids_of_the_first(n: u32, config: &Config, con: &mut redis::Connection) -> Vec<String> {
+    let gw = start_gateway(config.clone());
+    let mut client = sse_client(gw.local_addr(), "/", &[]);
+    wait_until("the stream reader", || gw.stats().origin_connections == 1);
+    warm_up(&gw, 1, || {
+        xadd(con, "warm");
+    });
+    for n in 0..n {
+        xadd(con, &n.to_string());
+    }
+    let mut ids = Vec::new();
+    while ids.len() < n as usize {
+        let (data, id) = client.message();
+        if data != "warm" {
+            assert_eq!(data, ids.len().to_string());
+            ids.push(id);
+        }
+    }
+    drop(client);
+    gw.shutdown();
+    gw.join();
+    ids
+}
+
+/// The events a follower read, once its last has data `last`.
+#[cfg(feature = "sse")]
+#[track_caller]
+fn events_to(follower: &SseFollower, last: &str) -> Vec<Event> {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let events = follower.events();
+        assert!(!follower.has_ended(), "ended: {events:?}");
+        if events.last().is_some_and(|e| e.data == last) {
+            break;
+        }
+        let got: Vec<_> = events.iter().map(|e| (&e.event, &e.data)).collect();
+        assert!(
+            Instant::now() < end,
+            "an event stream never reached {last}: {got:?}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    follower.events()
+}
+
+#[cfg(feature = "sse")]
+#[test]
+fn a_resume_many_queues_long_is_read_from_the_stream_page_by_page_then_live() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let mut con = redis.connect().expect("connect");
+    let config = redis_config(&redis.stream_url("events"));
+    let ids = ids_of_the_first(1, &config, &mut con);
+    // 100 entries after 0: an event stream's queue (32) three times over.
+    for n in 1..=100 {
+        xadd(&mut con, &n.to_string());
+    }
+    let gw = start_gateway(config);
+    let back = sse_client(
+        gw.local_addr(),
+        "/",
+        &[&format!("Last-Event-ID: {}", ids[0])],
+    );
+    let back = SseFollower::spawn(back);
+    // The stream goes on while it catches up.
+    let feed = {
+        let mut con = redis.connect().expect("connect");
+        thread::spawn(move || {
+            for n in 101..=150 {
+                xadd(&mut con, &n.to_string());
+                thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    feed.join().unwrap();
+    let events = events_to(&back, "150");
+    assert!(events.iter().all(|e| e.event.is_none()), "{events:?}");
+    let got: Vec<String> = events.into_iter().map(|e| e.data).collect();
+    assert_eq!(got, texts(1..=150), "every entry once, in order");
+    xadd(&mut con, "151");
+    events_to(&back, "151");
+    let stats = gw.stats();
+    let resumes = (
+        stats.resumes,
+        stats.resumes_from_source,
+        stats.resume_resets,
+    );
+    assert_eq!(resumes, (0, 1, 0), "{stats:?}");
+}
+
+#[cfg(feature = "sse")]
+#[test]
+fn a_storm_of_stream_resumes_is_served_or_reset_while_a_live_client_loses_nothing() {
+    const STREAMS: usize = 200;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let mut con = redis.connect().expect("connect");
+    let config = redis_config(&redis.stream_url("events"));
+    let ids = ids_of_the_first(10, &config, &mut con);
+    // 40 entries after the last of those: more than an event stream's queue.
+    for n in 10..50 {
+        xadd(&mut con, &n.to_string());
+    }
+    let gw = start_gateway(config);
+    let addr = gw.local_addr();
+    let live = ws_client(addr);
+    wait_until("the stream reader", || gw.stats().origin_connections == 1);
+    warm_up(&gw, 1, || {
+        xadd(&mut con, "live-warm");
+    });
+    // Read until the end, on a thread of its own.
+    let live = thread::spawn(move || {
+        let mut live = live;
+        let mut got = Vec::new();
+        while got.last().is_none_or(|d| d != "end") {
+            got.push(recv_text(&mut live));
+        }
+        got
+    });
+    let feed = {
+        let mut con = redis.connect().expect("connect");
+        thread::spawn(move || {
+            for n in 50..250 {
+                xadd(&mut con, &n.to_string());
+                thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    // Every stream resumes after one of 0 to 9, all on this lobby.
+    let streams: Vec<(usize, SseFollower)> = (0..STREAMS)
+        .map(|i| {
+            let after = &ids[i % ids.len()];
+            let client = sse_client(addr, "/", &[&format!("Last-Event-ID: {after}")]);
+            (i % ids.len(), SseFollower::spawn(client))
+        })
+        .collect();
+    feed.join().unwrap();
+    assert_eq!(gw.lobbies(DEADLINE).len(), 1);
+    // Once every resume was served or reset, all of them are live.
+    wait_until("every resume served or reset", || {
+        let stats = gw.stats();
+        stats.resumes_from_source + stats.resume_resets == STREAMS as u64
+    });
+    xadd(&mut con, "end");
+    let all = stream_data(&mut con);
+    let at = |data: &str| all.iter().position(|d| d == data).unwrap();
+    let (mut served, mut reset) = (0, 0);
+    for (after, stream) in &streams {
+        let events = events_to(stream, "end");
+        let from = at(&after.to_string()) + 1;
+        match events.iter().position(|e| e.event.is_some()) {
+            // Everything after its ID, once, in order, then live.
+            None => {
+                served += 1;
+                let got: Vec<&str> = events.iter().map(|e| e.data.as_str()).collect();
+                assert_eq!(got, all[from..], "resumed after {after}");
+            }
+            // Told, then live from some entry on with no gap.
+            Some(told) => {
+                reset += 1;
+                assert_eq!(events[told].event.as_deref(), Some("reset"));
+                let before: Vec<&str> = events[..told].iter().map(|e| e.data.as_str()).collect();
+                assert_eq!(before, all[from..from + told], "served before its reset");
+                let after_reset: Vec<&str> =
+                    events[told + 1..].iter().map(|e| e.data.as_str()).collect();
+                let first = at(after_reset[0]);
+                assert_eq!(after_reset, all[first..], "live after its reset");
+            }
+        }
+    }
+    let stats = gw.stats();
+    assert_eq!(
+        (stats.resumes_from_source, stats.resume_resets),
+        (served, reset),
+        "{stats:?}"
+    );
+    assert_eq!(served + reset, STREAMS as u64);
+    assert!(served > 0, "none read again from the stream: {stats:?}");
+    // The live client got every entry published since it joined.
+    let got = live.join().unwrap();
+    let live_warm = got.iter().rposition(|d| d == "live-warm").unwrap();
+    assert_eq!(got[live_warm + 1..], all[at("50")..], "no gap");
 }

@@ -197,6 +197,15 @@ impl History {
         Some(self.first + (skip + index) as u64)
     }
 
+    /// The number of the frame at source `position` (a Redis stream
+    /// entry's), the newest if several are; `None` if no frame remembered
+    /// has it: where a client read again from the source up to
+    /// `position` goes on from the history instead.
+    #[cfg(feature = "sse")]
+    pub(crate) fn find_position(&self, position: u64) -> Option<u64> {
+        self.find_id(mix(position ^ self.salt))
+    }
+
     /// The source position a message ID was made from, if it was made
     /// from one (for a Redis stream, where the lobby can read the entries
     /// after it again). Any ID gives some position: one that is not a
@@ -567,6 +576,25 @@ mod tests {
             let other = History::new(8, 8, BUDGET).salted(id_salt("/other", None));
             assert_ne!(other.position_of(id), position);
         }
+    }
+
+    #[cfg(feature = "sse")]
+    #[test]
+    fn a_frame_is_found_by_its_source_position_while_remembered() {
+        let mut h = History::new(4, 4, BUDGET).salted(id_salt("/prices", None));
+        h.push(frame("a"), None);
+        for position in [10, 20, 30] {
+            h.push(frame("x"), Some(position));
+        }
+        assert_eq!(h.find_position(20), Some(2));
+        assert_eq!(h.find_position(25), None, "no frame at 25");
+        // A frame without a position is not found by any.
+        let fp = fingerprint(&h.get(0).unwrap().plain);
+        assert_eq!(h.find_position(fp), None);
+        h.push(frame("x"), Some(40));
+        h.push(frame("x"), Some(50));
+        assert_eq!(h.find_position(10), None, "forgotten");
+        assert_eq!(h.find_position(50), Some(5));
     }
 
     #[test]

@@ -35,8 +35,12 @@
 //! most [`RESUME_WAIT`]) for the message to arrive, this lobby's upstream
 //! being perhaps behind the one the client came from, or, on a source that
 //! can read its stream again (a Redis stream), for the source
-//! ([`Source::reread`], one round trip on this thread, at most a queue's
-//! worth); else it is told with a reset that the ID is not held.
+//! ([`Source::reread`], one round trip on this thread per page of a
+//! queue's worth, the next page read as the client's queue drains, at most
+//! [`STREAM_RESUME_HISTORIES`] histories' worth in all, and at most
+//! [`REREADS_PER_TURN`] pages per turn of the loop for all clients, so the
+//! fan-out goes on between them); else it is told with a reset that the ID
+//! is not held.
 
 use std::{
     sync::{
@@ -98,6 +102,30 @@ const CATCH_UP_TICK: Duration = Duration::from_millis(5);
 /// in), or for the source to read its stream again (then: the reset).
 #[cfg(feature = "sse")]
 const RESUME_WAIT: Duration = ADOPT_WAIT;
+/// Most pages a lobby reads again from its source (a round trip each, on
+/// this thread) per turn of its loop for the clients resuming from beyond
+/// its history: live messages are fanned out between turns, and a flood of
+/// old (or made-up) IDs waits its turn instead of stalling the broadcast.
+/// Four pages of an event stream's queue (32 entries each) took 4-6 ms
+/// with 200 event streams resuming at once and a live feed on one lobby
+/// (`tests/redis.rs`, on the 2-core test machine): 500 clients resuming
+/// at once take 125 turns, each a few milliseconds.
+#[cfg(feature = "sse")]
+const REREADS_PER_TURN: usize = 4;
+/// A turn starts no more rereads once they took this long (a slow Redis):
+/// at least one per turn, whatever its time.
+#[cfg(feature = "sse")]
+const REREAD_TIME: Duration = Duration::from_millis(5);
+/// A client resuming from the source is served at most this many times
+/// the lobby's history (`Config::history_len`, 256 by default: 1024
+/// entries, 20 s of a 50 msg/s feed), then reset. The history is the
+/// window the operator chose to resume from; the stream extends it for
+/// the lobby that does not have it (a restart, another instance), not
+/// without bound: a page costs a round trip on the fan-out thread per
+/// queue's worth, and a client further behind than that is better told
+/// (the reset) than fed for minutes.
+#[cfg(feature = "sse")]
+const STREAM_RESUME_HISTORIES: usize = 4;
 /// Client messages waiting for a lobby to send them upstream; more are
 /// dropped and counted (each is at most `--max-client-message` bytes).
 const FORWARD_QUEUE: usize = 64;
@@ -293,6 +321,10 @@ pub(crate) fn spawn(id: LobbyId, env: &LobbyEnv) -> Result<LobbyHandle> {
             rereadable,
             #[cfg(feature = "sse")]
             waiting: Vec::new(),
+            #[cfg(feature = "sse")]
+            stream_resume_max: STREAM_RESUME_HISTORIES.saturating_mul(env.history),
+            #[cfg(feature = "sse")]
+            rereads_pending: false,
             compress_min: env.compress_min,
             writers: Arc::clone(&env.writers),
             touched: vec![false; env.writers.len()],
@@ -418,9 +450,15 @@ impl Lobby {
         info!("{} down", self.id);
     }
 
-    /// When the lobby itself needs to run next: a catch-up tick, a client
-    /// moving in that may wait no longer.
+    /// When the lobby itself needs to run next: rereads left for the next
+    /// turn, a catch-up tick, a client moving in or resuming that may wait
+    /// no longer.
     fn own_deadline(&self) -> Option<Instant> {
+        // (Those left may have gone since: then none are.)
+        #[cfg(feature = "sse")]
+        if self.fanout.rereads_pending && !self.fanout.waiting.is_empty() {
+            return Some(Instant::now());
+        }
         if self.fanout.is_catching_up() {
             return Some(Instant::now() + CATCH_UP_TICK);
         }
@@ -428,7 +466,7 @@ impl Lobby {
         #[cfg(feature = "sse")]
         let adopt = adopt
             .into_iter()
-            .chain(self.fanout.waiting.iter().map(|w| w.deadline))
+            .chain(self.fanout.waiting.iter().map(Waiting::next_turn))
             .min();
         adopt
     }
@@ -436,39 +474,112 @@ impl Lobby {
     /// Serves the clients waiting to resume after an ID the history did
     /// not hold: from the history if their message has arrived since;
     /// else, on a source that can read its stream again (a Redis stream),
-    /// from the source: the messages after their ID, at most a queue's
-    /// worth (the room their queue has), then the live stream. The reset
-    /// once neither can serve them: the source no longer holds their
-    /// message, more than a queue's worth follow it, or [`RESUME_WAIT`]
-    /// passed with the message not arrived or the source not connected.
+    /// from the source, page by page: the messages after their ID, a page
+    /// as large as the room their queue has, the next once their queue is
+    /// half empty again, from where the last ended, until a page reaches
+    /// the last message this lobby delivered (then the live stream, no gap,
+    /// no duplicate: live messages went to the history meanwhile, not to
+    /// them) or a page's last entry is one the history holds (then the
+    /// history catches them up). At most [`REREADS_PER_TURN`] pages per
+    /// call (fewer past [`REREAD_TIME`]); the others wait for the next,
+    /// first in line. The reset once neither can serve them: the source
+    /// no longer holds their message (or a page's last), more than
+    /// [`STREAM_RESUME_HISTORIES`] histories' worth follow it, or
+    /// [`RESUME_WAIT`] passed with the message not arrived, the source not
+    /// connected, their turn not come, or their queue not drained.
     #[cfg(feature = "sse")]
     fn serve_waiting(&mut self) {
         self.fanout.resume_arrived();
         let now = Instant::now();
-        for w in std::mem::take(&mut self.fanout.waiting) {
-            let outcome = if self.fanout.rereadable {
-                let queue = &w.member.queue;
-                let room = queue.depth().saturating_sub(queue.len());
-                self.origin
-                    .reread(self.fanout.history.position_of(w.after), room)
-            } else {
-                Reread::NotYet
+        let mut reads = 0;
+        // Those the budget left out go first next time.
+        let mut untried = Vec::new();
+        let mut rest = Vec::new();
+        for mut w in std::mem::take(&mut self.fanout.waiting) {
+            if let Some(paged) = w.paged {
+                if !w.has_room() {
+                    if now < w.deadline {
+                        rest.push(w);
+                    } else {
+                        self.fanout.reset_resume(w, "its queue did not drain");
+                    }
+                    continue;
+                }
+                let history = &self.fanout.history;
+                if let Some(at) = history
+                    .find_position(paged.position)
+                    .filter(|at| at + 1 >= history.oldest())
+                {
+                    // Read again up to where the history holds the rest.
+                    self.fanout
+                        .resumed_from_source(w.member, paged.served, at + 1);
+                    continue;
+                }
+                if paged.served >= self.fanout.stream_resume_max {
+                    // Told once its queue has room for it (a full event
+                    // stream's queue would close the stream instead).
+                    let why = "more follow than a stream resume serves";
+                    self.fanout.reset_resume(w, why);
+                    continue;
+                }
+            }
+            if !self.fanout.rereadable {
+                if now < w.deadline {
+                    rest.push(w);
+                } else {
+                    self.fanout.reset_resume(w, "its message never arrived");
+                }
+                continue;
+            }
+            if reads == REREADS_PER_TURN || (reads > 0 && now.elapsed() >= REREAD_TIME) {
+                if Instant::now() < w.deadline {
+                    untried.push(w);
+                } else {
+                    self.fanout.reset_resume(w, "its turn did not come");
+                }
+                continue;
+            }
+            let (from, served) = match w.paged {
+                Some(paged) => (paged.position, paged.served),
+                None => (self.fanout.history.position_of(w.after), 0),
             };
+            let queue = &w.member.queue;
+            let room = queue.depth().saturating_sub(queue.len());
+            let max = room.min(self.fanout.stream_resume_max.saturating_sub(served));
+            let outcome = self.origin.reread(from, max);
+            if outcome != Reread::NotYet {
+                reads += 1;
+            }
             match outcome {
-                Reread::NotYet if now < w.deadline => self.fanout.waiting.push(w),
-                Reread::After(messages) => self.fanout.resume_from_source(w.member, messages),
+                Reread::NotYet if now < w.deadline => rest.push(w),
+                Reread::After {
+                    messages,
+                    more: None,
+                } => {
+                    let served = served + messages.len();
+                    self.fanout.serve_page(&w.member, messages);
+                    let head = self.fanout.history.head();
+                    self.fanout.resumed_from_source(w.member, served, head);
+                }
+                Reread::After {
+                    messages,
+                    more: Some(position),
+                } => {
+                    let served = served + messages.len();
+                    self.fanout.serve_page(&w.member, messages);
+                    w.paged = Some(Paged { position, served });
+                    w.deadline = Instant::now() + RESUME_WAIT;
+                    rest.push(w);
+                }
                 outcome => {
-                    debug!(
-                        "{}: {} resumes after {}, neither arrived nor served by the source \
-                         ({outcome:?})",
-                        self.id,
-                        w.member.id,
-                        sse::format_id(w.after)
-                    );
-                    self.fanout.reset(w.member);
+                    let why = format!("neither arrived nor served by the source ({outcome:?})");
+                    self.fanout.reset_resume(w, &why);
                 }
             }
         }
+        self.fanout.rereads_pending = !untried.is_empty();
+        untried.append(&mut rest);
+        self.fanout.waiting = untried;
         self.fanout.wake_writers();
     }
 
@@ -583,14 +694,51 @@ struct Adopting {
 
 /// A client resuming after message `after`, which the history does not
 /// hold: waiting for it to arrive, or for the source to read the stream
-/// again from there. The history was searched up to frame `searched`.
+/// again from there (the next page of it, once `paged`). The history was
+/// searched up to frame `searched`.
 #[cfg(feature = "sse")]
 #[derive(Debug)]
 struct Waiting {
     member: Member,
     after: u64,
     searched: u64,
+    /// When it is reset if not served: [`RESUME_WAIT`] after it came, or
+    /// after its last page.
     deadline: Instant,
+    /// Being read again from the source, page by page: kept out of the
+    /// broadcast until it reaches the live stream.
+    paged: Option<Paged>,
+}
+
+/// Where a client being read again from the source is.
+#[cfg(feature = "sse")]
+#[derive(Debug, Clone, Copy)]
+struct Paged {
+    /// The source position of the last entry of its last page: the next
+    /// page starts there.
+    position: u64,
+    /// Messages it has been served from the source.
+    served: usize,
+}
+
+#[cfg(feature = "sse")]
+impl Waiting {
+    /// Whether its queue has room for the next page: half of it, so a
+    /// page is worth its round trip.
+    fn has_room(&self) -> bool {
+        let queue = &self.member.queue;
+        queue.len().saturating_mul(2) <= queue.depth()
+    }
+
+    /// When the lobby must look at it again unwoken: a client between
+    /// pages at the catch-up tick (its queue drains unseen), else at its
+    /// deadline.
+    fn next_turn(&self) -> Instant {
+        match self.paged {
+            Some(_) => self.deadline.min(Instant::now() + CATCH_UP_TICK),
+            None => self.deadline,
+        }
+    }
 }
 
 /// A client being brought up to the live edge from the history, as fast as
@@ -643,6 +791,14 @@ struct Fanout {
     /// the lobby loop ([`Lobby::serve_waiting`]).
     #[cfg(feature = "sse")]
     waiting: Vec<Waiting>,
+    /// Most messages a client resuming from the source is served
+    /// ([`STREAM_RESUME_HISTORIES`] histories' worth).
+    #[cfg(feature = "sse")]
+    stream_resume_max: usize,
+    /// The last [`Lobby::serve_waiting`] left rereads for the next turn:
+    /// the loop comes back at once.
+    #[cfg(feature = "sse")]
+    rereads_pending: bool,
     compress_min: usize,
     writers: Arc<[Arc<WriterWake>]>,
     /// Per writer: owns a member that got frames since the last wake.
@@ -862,6 +1018,7 @@ impl Fanout {
                 after,
                 searched: self.history.head(),
                 deadline: Instant::now() + RESUME_WAIT,
+                paged: None,
             }),
         }
     }
@@ -887,6 +1044,11 @@ impl Fanout {
     fn resume_arrived(&mut self) {
         let head = self.history.head();
         for mut w in std::mem::take(&mut self.waiting) {
+            if w.paged.is_some() {
+                // Its message came long ago: it is being read again.
+                self.waiting.push(w);
+                continue;
+            }
             match self.history.find_id_from(w.after, w.searched) {
                 Some(at) => self.resume_at(w.member, at),
                 None => {
@@ -921,15 +1083,38 @@ impl Fanout {
         self.wake_writers();
     }
 
+    /// The reset for a client resuming from beyond the history (`why` it
+    /// was not served, for the log), then the live stream.
+    #[cfg(feature = "sse")]
+    fn reset_resume(&mut self, w: Waiting, why: &str) {
+        debug!(
+            "{}: {} resumes after {}, reset: {why}",
+            self.lobby,
+            w.member.id,
+            sse::format_id(w.after)
+        );
+        self.reset(w.member);
+    }
+
     /// A client resuming from beyond the history: `messages`, read again
     /// from the source (up to the last one this lobby delivered), in its
     /// form, then the live stream. Their IDs are those the live messages
     /// had: made from the same positions.
     #[cfg(feature = "sse")]
+    #[cfg(test)]
     fn resume_from_source(&mut self, member: Member, messages: Vec<(MessageKind, Vec<u8>, u64)>) {
-        bump(&self.stats.resumes_from_source);
-        debug!(
-            "{}: {} resumes {} messages back, read again from the source",
+        let served = messages.len();
+        self.serve_page(&member, messages);
+        self.resumed_from_source(member, served, self.history.head());
+    }
+
+    /// Queues a page read again from the source for `member`, in its
+    /// form, with the IDs the live messages had (made from the same
+    /// positions).
+    #[cfg(feature = "sse")]
+    fn serve_page(&mut self, member: &Member, messages: Vec<(MessageKind, Vec<u8>, u64)>) {
+        trace!(
+            "{}: {} gets {} messages read again from the source",
             self.lobby,
             member.id,
             messages.len()
@@ -942,10 +1127,28 @@ impl Fanout {
             } else {
                 envelope::envelope(id, &plain)
             };
-            push_to(&member, form);
+            push_to(member, form);
         }
         self.touched[member.writer] = true;
-        self.enlist(member, self.history.head());
+    }
+
+    /// A client was read again from the source (`served` messages) up to
+    /// frame `next` of the history: from there it is caught up like any
+    /// (the history's head: it is at the live edge), counted once.
+    #[cfg(feature = "sse")]
+    fn resumed_from_source(&mut self, member: Member, served: usize, next: u64) {
+        bump(&self.stats.resumes_from_source);
+        debug!(
+            "{}: {} resumes {served} messages back, read again from the source{}",
+            self.lobby,
+            member.id,
+            if next < self.history.head() {
+                ", then from the history"
+            } else {
+                ""
+            }
+        );
+        self.enlist(member, next);
     }
 
     /// A client from another lobby: continue right after `resume`.
@@ -1206,6 +1409,86 @@ mod tests {
             .collect()
     }
 
+    /// A Redis stream for [`Lobby::serve_waiting`]: an entry at every
+    /// position up to `last` (the last one delivered), each `x`, read
+    /// again in pages; counts its rereads.
+    #[cfg(feature = "sse")]
+    #[derive(Debug, Default, Clone)]
+    struct Stream {
+        last: Arc<std::sync::atomic::AtomicU64>,
+        rereads: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    #[cfg(feature = "sse")]
+    impl Source for Stream {
+        fn start(&mut self) {}
+        fn stop(&mut self, _why: &str) {}
+        fn drive(&mut self, _: Duration, _: &mut dyn FnMut(Message<'_>)) -> Drive {
+            Drive::Idle
+        }
+        fn deadline(&self) -> Option<Instant> {
+            None
+        }
+        fn take_failure(&mut self) -> bool {
+            false
+        }
+        fn can_reread(&self) -> bool {
+            true
+        }
+        fn reread(&mut self, position: u64, max: usize) -> Reread {
+            let last = self.last.load(Relaxed);
+            if position > last {
+                return Reread::NotYet;
+            }
+            self.rereads.fetch_add(1, Relaxed);
+            let after = position + 1..=last;
+            let more = (after.clone().count() > max).then(|| position + max as u64);
+            let messages = after
+                .take(max)
+                .map(|p| (MessageKind::Text, b"x".to_vec(), p))
+                .collect();
+            Reread::After { messages, more }
+        }
+    }
+
+    /// A lobby on `stream` around `fanout` (whose source it becomes).
+    #[cfg(feature = "sse")]
+    fn lobby_on(mut fanout: Fanout, stream: &Stream) -> Lobby {
+        fanout.rereadable = true;
+        Lobby {
+            id: LobbyId(0),
+            poll: Poll::new().unwrap(),
+            inbox: unbounded().1,
+            forwards: bounded(1).1,
+            origin: Box::new(stream.clone()),
+            fanout,
+            published: Arc::new(AtomicU8::new(0)),
+            manager: unbounded().0,
+            on_origin_loss: OriginLoss::Keep,
+            warming_from: None,
+        }
+    }
+
+    /// The lobby delivers `x` at `position`, its stream having it.
+    #[cfg(feature = "sse")]
+    fn deliver(lobby: &mut Lobby, stream: &Stream, position: u64) {
+        stream.last.store(position, Relaxed);
+        lobby.fanout.broadcast(x_at(position));
+    }
+
+    /// The positions of the events `queue` holds, taken out (`None` for
+    /// the reset).
+    #[cfg(feature = "sse")]
+    fn positions(fanout: &Fanout, queue: &ClientQueue) -> Vec<Option<u64>> {
+        texts(queue)
+            .iter()
+            .map(|t| {
+                let id = t.strip_prefix("id: ")?.split('\n').next()?;
+                Some(fanout.history.position_of(sse::parse_id(id).unwrap()))
+            })
+            .collect()
+    }
+
     /// A lobby's fan-out with one writer (woken through `poll`), replaying
     /// `replay` frames to newcomers, and one member that keeps up, so it
     /// broadcasts.
@@ -1232,6 +1515,10 @@ mod tests {
             rereadable: false,
             #[cfg(feature = "sse")]
             waiting: Vec::new(),
+            #[cfg(feature = "sse")]
+            stream_resume_max: STREAM_RESUME_HISTORIES * 64,
+            #[cfg(feature = "sse")]
+            rereads_pending: false,
             compress_min: 256,
             writers: Arc::from([WriterWake::for_tests(poll)]),
             touched: vec![false],
@@ -1526,5 +1813,168 @@ mod tests {
         fanout.remove(ClientId(2));
         fanout.broadcast(Message::payload(MessageKind::Text, b"f"));
         assert!(fanout.history.get(5).unwrap().envelope.is_none());
+    }
+
+    #[cfg(feature = "sse")]
+    #[test]
+    fn a_resume_longer_than_a_queue_is_read_again_page_by_page_then_goes_live() {
+        let poll = Poll::new().unwrap();
+        let stream = Stream::default();
+        let mut lobby = lobby_on(fanout_with_a_reader(&poll, 0).0, &stream);
+        let stats = Arc::clone(&lobby.fanout.stats);
+        deliver(&mut lobby, &stream, 100);
+        // After 40, which this lobby never delivered: 60 follow, a queue
+        // of 8 takes them 8 at a time.
+        let queue = ClientQueue::closing_when_full(8, false);
+        let after = id_of_x(&lobby.fanout, 40);
+        lobby.fanout.join_new(stream_member(1, &queue), Some(after));
+        let mut got = Vec::new();
+        lobby.serve_waiting();
+        assert_eq!(queue.len(), 8);
+        assert_eq!(lobby.fanout.waiting.len(), 1, "kept out of the broadcast");
+        // Its queue full: no page is read, however often the lobby looks.
+        lobby.serve_waiting();
+        lobby.serve_waiting();
+        assert_eq!(stream.rereads.load(Relaxed), 1);
+        for turn in 0.. {
+            assert!(turn < 100, "never caught up");
+            got.extend(positions(&lobby.fanout, &queue));
+            // Live messages meanwhile go to the history, not to it.
+            if turn < 3 {
+                deliver(&mut lobby, &stream, 101 + turn);
+            }
+            lobby.serve_waiting();
+            lobby.fanout.catch_up();
+            if lobby.fanout.streams.len() == 1 {
+                break;
+            }
+        }
+        deliver(&mut lobby, &stream, 104);
+        got.extend(positions(&lobby.fanout, &queue));
+        let want: Vec<_> = (41..=104).map(Some).collect();
+        assert_eq!(got, want, "every entry once, in order, then live");
+        assert_eq!(stream.rereads.load(Relaxed), 8, "63 entries, 8 a page");
+        assert_eq!(stats.resumes_from_source.load(Relaxed), 1);
+        assert_eq!(stats.resume_resets.load(Relaxed), 0);
+    }
+
+    #[cfg(feature = "sse")]
+    #[test]
+    fn a_stream_resume_goes_on_from_the_history_once_a_page_reaches_it() {
+        let poll = Poll::new().unwrap();
+        let stream = Stream::default();
+        let mut lobby = lobby_on(fanout_with_a_reader(&poll, 0).0, &stream);
+        for position in 50..=100 {
+            deliver(&mut lobby, &stream, position);
+        }
+        let queue = ClientQueue::closing_when_full(8, false);
+        let after = id_of_x(&lobby.fanout, 20);
+        lobby.fanout.join_new(stream_member(1, &queue), Some(after));
+        let mut got = Vec::new();
+        while lobby.fanout.streams.is_empty() {
+            assert!(got.len() < 200, "never caught up");
+            lobby.serve_waiting();
+            lobby.fanout.catch_up();
+            got.extend(positions(&lobby.fanout, &queue));
+        }
+        let want: Vec<_> = (21..=100).map(Some).collect();
+        assert_eq!(got, want);
+        // Pages to 28, 36, 44 and 52, which the history holds: no more.
+        assert_eq!(stream.rereads.load(Relaxed), 4);
+        assert_eq!(lobby.fanout.stats.resumes_from_source.load(Relaxed), 1);
+    }
+
+    #[cfg(feature = "sse")]
+    #[test]
+    fn a_stream_resume_beyond_its_bound_is_reset_after_what_it_was_served() {
+        let poll = Poll::new().unwrap();
+        let stream = Stream::default();
+        let mut lobby = lobby_on(fanout_with_a_reader(&poll, 0).0, &stream);
+        lobby.fanout.stream_resume_max = 16;
+        deliver(&mut lobby, &stream, 100);
+        let queue = ClientQueue::closing_when_full(8, false);
+        let after = id_of_x(&lobby.fanout, 40);
+        lobby.fanout.join_new(stream_member(1, &queue), Some(after));
+        let mut got = Vec::new();
+        while lobby.fanout.streams.is_empty() {
+            assert!(got.len() < 100, "never live");
+            lobby.serve_waiting();
+            lobby.fanout.catch_up();
+            got.extend(positions(&lobby.fanout, &queue));
+        }
+        deliver(&mut lobby, &stream, 101);
+        got.extend(positions(&lobby.fanout, &queue));
+        let want: Vec<_> = (41..=56).map(Some).chain([None, Some(101)]).collect();
+        assert_eq!(got, want, "16 served, the reset, then live");
+        assert!(!queue.is_overflowed(), "the reset waited for room");
+        let stats = &lobby.fanout.stats;
+        assert_eq!(stats.resume_resets.load(Relaxed), 1);
+        assert_eq!(stats.resumes_from_source.load(Relaxed), 0);
+    }
+
+    #[cfg(feature = "sse")]
+    #[test]
+    fn rereads_are_a_few_per_turn_the_rest_wait_theirs_while_the_broadcast_goes_on() {
+        let poll = Poll::new().unwrap();
+        let stream = Stream::default();
+        let (fanout, stats) = fanout_with_a_reader(&poll, 0);
+        let live = fanout.members[0].queue.clone();
+        let mut lobby = lobby_on(fanout, &stream);
+        deliver(&mut lobby, &stream, 100);
+        let queues: Vec<_> = (1..=10)
+            .map(|n| {
+                let queue = ClientQueue::closing_when_full(8, false);
+                let after = id_of_x(&lobby.fanout, 80 + n);
+                lobby.fanout.join_new(stream_member(n, &queue), Some(after));
+                queue
+            })
+            .collect();
+        let mut got = vec![Vec::new(); queues.len()];
+        let mut position = 100;
+        let mut turns = 0;
+        while lobby.fanout.streams.len() < queues.len() {
+            turns += 1;
+            assert!(
+                turns < 100,
+                "never all live: {} {} {}",
+                lobby.fanout.waiting.len(),
+                lobby.fanout.catching_up.len(),
+                lobby.fanout.streams.len()
+            );
+            let before = stream.rereads.load(Relaxed);
+            lobby.serve_waiting();
+            let read = stream.rereads.load(Relaxed) - before;
+            // Four, not ten, whatever the constant says.
+            assert!(read <= 4, "{read} rereads in one turn");
+            if turns == 1 {
+                assert_eq!(read, 4, "ten are waiting");
+                assert_eq!(lobby.fanout.waiting.len(), 10, "four of them paged");
+            }
+            if read == REREADS_PER_TURN && !lobby.fanout.waiting.is_empty() {
+                assert!(lobby.fanout.rereads_pending);
+                assert!(lobby.own_deadline().unwrap() <= Instant::now(), "at once");
+            }
+            // The broadcast between turns.
+            position += 1;
+            deliver(&mut lobby, &stream, position);
+            for _ in 0..2 {
+                // Their writers take what they have; those at the live
+                // edge go live.
+                for (got, queue) in got.iter_mut().zip(&queues) {
+                    got.extend(positions(&lobby.fanout, queue));
+                }
+                lobby.fanout.catch_up();
+            }
+        }
+        assert!(turns >= 3, "10 clients take 3 turns at least");
+        for (n, got) in (1..).zip(got) {
+            let want: Vec<_> = (81 + n..=position).map(Some).collect();
+            assert_eq!(got, want, "client {n}");
+        }
+        // The live member got every message delivered meanwhile.
+        let live = std::iter::from_fn(|| live.pop()).count() as u64;
+        assert_eq!(live, position - 100 + 1);
+        assert_eq!(stats.resumes_from_source.load(Relaxed), 10);
+        assert_eq!(stats.resume_resets.load(Relaxed), 0);
     }
 }

@@ -333,8 +333,9 @@ impl Collector for GatewayCollector {
             "Clients resuming after a message ID (SSE Last-Event-ID, or a wsgate.resume.v1 \
              client's last_event_id), by outcome: from_history (they got exactly what \
              followed it), from_source (the same, read again from a Redis stream), reset \
-             (neither the lobby's history nor its source held the ID: the reset event or \
-             message, then the live stream)",
+             (neither the lobby's history nor its source held the ID, or it was further \
+             back than a stream resume serves: the reset event or message, then the live \
+             stream)",
             "outcome",
             RESUMES,
         )?;

@@ -72,11 +72,16 @@ pub(crate) enum Reread {
     /// The source does not hold the entry at that position (trimmed,
     /// deleted, or never there).
     Gone,
-    /// More than the most asked for lie after it.
-    TooFar,
-    /// The messages after it, in order, up to the last one this source
-    /// delivered: (kind, payload, position) each.
-    After(Vec<(MessageKind, Vec<u8>, u64)>),
+    /// A page of the messages after it, in order: (kind, payload,
+    /// position) each, at most the most asked for.
+    After {
+        messages: Vec<(MessageKind, Vec<u8>, u64)>,
+        /// `None` if the page reaches the last message this source
+        /// delivered; else more follow, and this is the position of the
+        /// page's last entry, where the next page starts (an entry the
+        /// source skipped, without the field or too large, counts too).
+        more: Option<u64>,
+    },
 }
 
 /// What [`Source::drive`] left behind.
@@ -134,8 +139,9 @@ pub(crate) trait Source: fmt::Debug + Send {
     }
 
     /// Reads again the messages after the one at `position`, up to the
-    /// last one delivered, at most `max` of them: what a client resuming
-    /// from beyond the lobby's history missed. Blocks for one round trip
+    /// last one delivered, a page of at most `max` entries: what a client
+    /// resuming from beyond the lobby's history missed (the lobby asks for
+    /// the next page from where this one ended). Blocks for one round trip
     /// at most (a Redis `XRANGE`).
     #[cfg(feature = "sse")]
     fn reread(&mut self, _position: u64, _max: usize) -> Reread {

@@ -32,8 +32,9 @@
 //!   signal. Stream IDs, packed into 64 bits, are the messages'
 //!   positions, so lobbies align migrating clients on them exactly; a
 //!   client resuming after an entry its lobby's history no longer holds is
-//!   served by [`Source::reread`], one `XRANGE` from that entry to the
-//!   last one delivered.
+//!   served by [`Source::reread`], one `XRANGE` per page (a queue's worth)
+//!   from that entry, or where the last page ended, towards the last one
+//!   delivered.
 //!
 //! A payload that is valid UTF-8 goes to clients as a text message, any
 //! other as binary. Failures are counted by the same causes as a
@@ -740,17 +741,22 @@ impl RedisLink {
         wait: Duration,
         deliver: &mut dyn FnMut(Message<'_>),
     ) -> std::result::Result<Drive, (Failure, String)> {
-        let block = wait.clamp(MIN_WAIT, INBOX_SLICE);
+        // No wait at all (the lobby has rereads left for its next turn):
+        // no BLOCK, as Redis ends a short block only at its next cron tick
+        // (every 100 ms at the default `hz` 10) when nothing arrives.
+        let block = (!wait.is_zero()).then(|| wait.clamp(MIN_WAIT, INBOX_SLICE));
         // The reply comes within the block time, and an empty one too:
         // nothing within what is left of the liveness timeout means silence.
         let left = (live.last_rx + self.target.timeout).saturating_duration_since(Instant::now());
-        set_read_timeout(live, block + left.min(PONG_WAIT).max(MIN_WAIT))?;
+        let blocks = block.unwrap_or_default();
+        set_read_timeout(live, blocks + left.min(PONG_WAIT).max(MIN_WAIT))?;
         let after = self.last.unwrap_or_default().id.to_string();
-        let reply = redis::cmd("XREAD")
-            .arg("COUNT")
-            .arg(self.target.xread_count)
-            .arg("BLOCK")
-            .arg(block.as_millis() as u64)
+        let mut xread = redis::cmd("XREAD");
+        xread.arg("COUNT").arg(self.target.xread_count);
+        if let Some(block) = block {
+            xread.arg("BLOCK").arg(block.as_millis() as u64);
+        }
+        let reply = xread
             .arg("STREAMS")
             .arg(key)
             .arg(&after)
@@ -762,7 +768,7 @@ impl RedisLink {
                     Failure::Silent,
                     format!(
                         "Redis silent: no XREAD reply within {} ms",
-                        block.as_millis()
+                        blocks.as_millis()
                     ),
                 ));
             }
@@ -892,9 +898,10 @@ fn entry_parts(entry: &Value) -> Option<(StreamId, &[Value])> {
 
 #[cfg(feature = "sse")]
 /// What an `XRANGE` from entry `first` (inclusive) holds for a client
-/// that saw `first` last: the entries after it, with `field`'s value each
-/// (entries without it, or above `max_message` bytes, are skipped as the
-/// live reader skips them), if `first` is there and at most `max` follow.
+/// that saw `first` last: the first `max` entries after it, with `field`'s
+/// value each (entries without it, or above `max_message` bytes, are
+/// skipped as the live reader skips them), and whether more follow, if
+/// `first` is there.
 fn reread_reply(
     entries: &[Value],
     first: StreamId,
@@ -906,10 +913,11 @@ fn reread_reply(
     if entries.next().is_none_or(|(id, _)| id != first) {
         return Reread::Gone;
     }
-    let after: Vec<_> = entries.collect();
-    if after.len() > max {
-        return Reread::TooFar;
-    }
+    let mut after: Vec<_> = entries.collect();
+    let more = (after.len() > max).then(|| {
+        after.truncate(max);
+        after.last().map_or(first, |(id, _)| *id).position()
+    });
     let messages = after
         .into_iter()
         .filter_map(|(id, fields)| {
@@ -917,7 +925,7 @@ fn reread_reply(
             Some((kind_of(payload), payload.to_vec(), id.position()))
         })
         .collect();
-    Reread::After(messages)
+    Reread::After { messages, more }
 }
 
 /// Text if it is UTF-8, binary otherwise.
@@ -1016,7 +1024,8 @@ impl Source for RedisLink {
     #[cfg(feature = "sse")]
     /// `XRANGE` from the entry at `position` (inclusive, to check that the
     /// stream still holds it) to the last entry delivered, asking for at
-    /// most `max + 2` entries: one more than may follow tells too many.
+    /// most `max + 2` entries: one more than the page tells that more
+    /// follow.
     fn reread(&mut self, position: u64, max: usize) -> Reread {
         let Mode::Stream { key, field } = &self.target.url.mode else {
             return Reread::Unsupported;
@@ -1129,7 +1138,7 @@ mod tests {
 
     #[cfg(feature = "sse")]
     #[test]
-    fn a_reread_starts_at_the_entry_seen_and_is_bounded() {
+    fn a_reread_starts_at_the_entry_seen_and_is_paged() {
         let bulk = |t: &str| Value::BulkString(t.as_bytes().to_vec());
         let entry = |id: &str, field: &str, value: &str| {
             Value::Array(vec![bulk(id), Value::Array(vec![bulk(field), bulk(value)])])
@@ -1141,14 +1150,38 @@ mod tests {
             entry("7-0", "data", "b"),
         ];
         let after = |max| reread_reply(&reply, StreamId(5, 0), "data", max, 1024);
+        let a = (MessageKind::Text, b"a".to_vec(), StreamId(6, 0).position());
+        let b = (MessageKind::Text, b"b".to_vec(), StreamId(7, 0).position());
         assert_eq!(
             after(3),
-            Reread::After(vec![
-                (MessageKind::Text, b"a".to_vec(), StreamId(6, 0).position()),
-                (MessageKind::Text, b"b".to_vec(), StreamId(7, 0).position()),
-            ])
+            Reread::After {
+                messages: vec![a.clone(), b],
+                more: None
+            }
         );
-        assert_eq!(after(2), Reread::TooFar, "three entries follow");
+        // Three entries follow: a page of two, the next from the skipped one.
+        assert_eq!(
+            after(2),
+            Reread::After {
+                messages: vec![a.clone()],
+                more: Some(StreamId(6, 1).position())
+            }
+        );
+        assert_eq!(
+            after(1),
+            Reread::After {
+                messages: vec![a],
+                more: Some(StreamId(6, 0).position())
+            }
+        );
+        assert_eq!(
+            after(0),
+            Reread::After {
+                messages: vec![],
+                more: Some(StreamId(5, 0).position())
+            },
+            "a page of none"
+        );
         // The stream no longer holds the entry seen: its first is later.
         assert_eq!(
             reread_reply(&reply, StreamId(4, 0), "data", 3, 1024),
