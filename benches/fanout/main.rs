@@ -34,7 +34,13 @@
 //! `GET` with `Accept: text/event-stream` on the same route; the origin's
 //! binary messages reach them as `event: binary` in base64, which the
 //! clients decode as far as seq and timestamp), and their ratio line is
-//! wsgate-sse/wsgate.
+//! wsgate-sse/wsgate. wsgate closes an event stream that cannot keep up
+//! rather than thin it; the event-stream clients then reconnect after
+//! 100 ms with `Last-Event-ID` and resume from the lobby's history, as a
+//! browser would, so `sse-saturated` measures CPU per delivery with streams
+//! closed and resumed. Their detail lines say how many streams were ended,
+//! reconnected and reset (with the seqs the resets skipped, which are not
+//! gaps); a stream that could not reconnect is a problem.
 //!
 //! More run only when named (`scenario::ON_REQUEST`): `saturated-writev`,
 //! `wide-writev` and `idle-writev` compare wsgate with a coalescing relay

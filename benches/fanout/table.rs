@@ -69,6 +69,13 @@ pub fn detail(kind: Kind, m: &Measurement) -> String {
             );
         }
     }
+    if let Some(r) = &m.resumes {
+        s.push_str(&format!(
+            "\n            event streams: {} ended by the relay, {} reconnected ({} attempts \
+             failed), {} resets ({} seqs skipped by them), {} could not reconnect",
+            r.ended, r.reconnects, r.failed, r.resets, r.reset_gaps, r.unresumed
+        ));
+    }
     for problem in &m.problems {
         s.push_str(&format!("\n            PROBLEM: {problem}"));
     }

@@ -19,6 +19,31 @@
 //! ends by closing its socket; the server ending the stream is its normal
 //! end, counted like a server Close.
 //!
+//! With [`Config::reconnect`] as well, a stream the server ends (or that
+//! fails) is not the client's end: after the delay the client connects
+//! again from the same source address, with `Last-Event-ID` set to the last
+//! event ID its stream gave (`events.rs`), and goes on checking seqs across
+//! the reconnect: a resumed stream must go on with no gap and no duplicate.
+//! An `event: reset` (an ID the server cannot serve) makes the next gap the
+//! reset's own (`reset_gaps`), not a loss. A reconnect that fails is tried
+//! again after the delay; reconnects go through the same bound on
+//! connections in flight as the first connects. A stream that is down
+//! at the window's end for longer than the delay + 2 s counts as
+//! `unresumed`.
+//!
+//! The resume storm ([`Config::storm`], driven by [`Clients::storm_leave`],
+//! [`Clients::storm_back`] and [`Clients::storm_over`], or by [`run`]): the
+//! last `storm` clients all close their streams at once and keep their
+//! resume state; called back, they all reconnect with their
+//! `Last-Event-ID` (as fast as the in-flight bound lets them). A storm
+//! client is *live* again when it receives a message with a seq above the
+//! highest any client had received when the call back came (so published
+//! after it); the time from the call back to that message is its time to
+//! live. Storm clients' gaps, duplicates and resets are counted apart too,
+//! and while the storm lasts (from the call back until
+//! [`Clients::storm_over`]) the other clients' latency goes to a histogram
+//! of its own, beside theirs over the whole window.
+//!
 //! With a `wss://` URL ([`Config::tls_ca`] names the CA to trust) each
 //! client runs its own rustls session (aws-lc-rs, ALPN `http/1.1`, no
 //! session resumption: every client makes a full handshake, as distinct
@@ -55,11 +80,13 @@ mod events;
 mod wire;
 
 use miniz_oxide::inflate::core::{DecompressorOxide, decompress, inflate_flags};
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -97,6 +124,18 @@ const PHASE_WARMUP: u8 = 0;
 const PHASE_MEASURE: u8 = 1;
 const PHASE_AFTER: u8 = 2;
 const PHASE_CLOSE: u8 = 3;
+
+const STORM_NONE: u8 = 0;
+const STORM_AWAY: u8 = 1;
+const STORM_BACK: u8 = 2;
+const STORM_OVER: u8 = 3;
+/// How long the storm lasts after its last client is live.
+const STORM_TAIL: Duration = Duration::from_secs(1);
+/// How long a stream may be down at the window's end, beyond the
+/// reconnect delay, before it counts as unresumed.
+const RESUME_GRACE: Duration = Duration::from_secs(2);
+/// How often reconnects in flight are checked against the connect timeout.
+const RESUME_CHECK: Duration = Duration::from_secs(1);
 
 /// Client engine configuration.
 #[derive(Debug, Clone)]
@@ -136,6 +175,15 @@ pub struct Config {
     /// The CA certificates (PEM) a `wss://` URL's server is checked
     /// against; required with `wss://`, refused with `ws://`.
     pub tls_ca: Option<PathBuf>,
+    /// With `sse`: reconnect a stream the server ended (or that failed)
+    /// after this delay, with `Last-Event-ID` (see the module docs).
+    /// Defaults to `None`: the server ending a stream is its end.
+    pub reconnect: Option<Duration>,
+    /// With `reconnect`: the last `storm` clients make the resume storm
+    /// (see the module docs); fewer than `clients`. Defaults to 0.
+    pub storm: usize,
+    /// How long [`run`] keeps the storm clients away. Defaults to 2 s.
+    pub storm_away: Duration,
 }
 
 impl Config {
@@ -155,6 +203,9 @@ impl Config {
             headers: Vec::new(),
             sse: false,
             tls_ca: None,
+            reconnect: None,
+            storm: 0,
+            storm_away: Duration::from_secs(2),
         }
     }
 }
@@ -212,10 +263,82 @@ pub struct Report {
     pub server_closes: u64,
     /// Event streams the server ended before the measurement window did
     /// (wsgate closes a stream that cannot keep up, for its client to
-    /// resume; these clients do not reconnect).
+    /// resume; these clients do not reconnect: without
+    /// [`Config::reconnect`]).
     pub streams_ended_early: u64,
     /// Clients that completed the closing handshake at the end.
     pub clean_closes: u64,
+    /// With [`Config::reconnect`], over the whole run: event streams the
+    /// server ended (not counted in `server_closes`: they reconnect).
+    pub stream_ends: u64,
+    /// Streams reconnected (answered `200 text/event-stream`), whole run.
+    pub reconnects: u64,
+    /// Reconnect attempts that failed (tried again after the delay).
+    pub reconnect_failed: u64,
+    /// `event: reset` received (whole run).
+    pub resets: u64,
+    /// Seqs missing before the first message after a reset, in the window
+    /// (expected: not in `gaps` nor `missed`).
+    pub reset_gaps: u64,
+    /// Clients whose stream was down at the window's end for longer than
+    /// the reconnect delay + 2 s (could not reconnect).
+    pub unresumed: u64,
+    /// The resume storm's figures (zero without one).
+    pub storm: StormReport,
+    /// With a storm: the other clients' latency over the window, µs.
+    pub others_latency: Histogram<u64>,
+}
+
+/// What the resume storm measured, merged over all threads.
+pub struct StormReport {
+    /// Storm clients that left (closed their streams).
+    pub left: u64,
+    /// Storm clients live again (see the module docs).
+    pub live: u64,
+    /// Each live storm client's time from the call back to live, µs.
+    pub time_to_live: Histogram<u64>,
+    /// Messages storm clients received from their reconnect until live
+    /// (what they resumed, then live ones up to the first new one).
+    pub resumed: u64,
+    /// Storm clients' gaps (in the window).
+    pub gaps: u64,
+    /// Storm clients' duplicates (in the window).
+    pub dups: u64,
+    /// Storm clients' resets (whole run).
+    pub resets: u64,
+    /// Storm clients' reset gaps (in the window).
+    pub reset_gaps: u64,
+    /// The other clients' latency while the storm lasted, µs.
+    pub others_latency: Histogram<u64>,
+}
+
+impl StormReport {
+    fn empty() -> StormReport {
+        StormReport {
+            left: 0,
+            live: 0,
+            time_to_live: new_histogram(),
+            resumed: 0,
+            gaps: 0,
+            dups: 0,
+            resets: 0,
+            reset_gaps: 0,
+            others_latency: new_histogram(),
+        }
+    }
+
+    fn absorb(&mut self, t: StormReport) {
+        self.left += t.left;
+        self.live += t.live;
+        // Same bounds: adding cannot fail.
+        let _ = self.time_to_live.add(&t.time_to_live);
+        self.resumed += t.resumed;
+        self.gaps += t.gaps;
+        self.dups += t.dups;
+        self.resets += t.resets;
+        self.reset_gaps += t.reset_gaps;
+        let _ = self.others_latency.add(&t.others_latency);
+    }
 }
 
 /// Formats a latency in µs as milliseconds with about three significant digits.
@@ -253,6 +376,14 @@ impl Report {
             server_closes: 0,
             streams_ended_early: 0,
             clean_closes: 0,
+            stream_ends: 0,
+            reconnects: 0,
+            reconnect_failed: 0,
+            resets: 0,
+            reset_gaps: 0,
+            unresumed: 0,
+            storm: StormReport::empty(),
+            others_latency: new_histogram(),
         }
     }
 
@@ -280,6 +411,14 @@ impl Report {
         self.server_closes += t.server_closes;
         self.streams_ended_early += t.streams_ended_early;
         self.clean_closes += t.clean_closes;
+        self.stream_ends += t.stream_ends;
+        self.reconnects += t.reconnects;
+        self.reconnect_failed += t.reconnect_failed;
+        self.resets += t.resets;
+        self.reset_gaps += t.reset_gaps;
+        self.unresumed += t.unresumed;
+        self.storm.absorb(t.storm);
+        let _ = self.others_latency.add(&t.others_latency);
     }
 
     /// All errors after connect: I/O, protocol, and server-initiated closes.
@@ -295,6 +434,11 @@ pub enum Phase {
     Connected(Progress),
     /// The measurement window just began (after the warm-up).
     WindowStart,
+    /// The storm clients were just called back (they reconnect now).
+    StormBack,
+    /// The storm just ended: every storm client live (or the window's end
+    /// near), and 1 s more.
+    StormOver,
     /// The measurement window just ended.
     WindowEnd,
 }
@@ -310,6 +454,7 @@ pub fn run(
     hook: &mut dyn FnMut(Phase),
 ) -> Result<Report, String> {
     let deadline = Instant::now() + config.connect_timeout;
+    let storm_away = config.storm_away;
     let mut clients = Clients::start(config)?;
     let progress = clients.wait_connected(deadline);
     hook(Phase::Connected(progress));
@@ -326,7 +471,25 @@ pub fn run(
     std::thread::sleep(warmup);
     clients.begin_window();
     hook(Phase::WindowStart);
-    std::thread::sleep(measure);
+    let window_end = Instant::now() + measure;
+    if clients.storm > 0 {
+        // The storm, inside the window: leave at its start, come back after
+        // `storm_away`, over once every storm client is live (or 1 s before
+        // the window's end) and 1 s more.
+        clients.storm_leave();
+        std::thread::sleep(storm_away.min(measure));
+        clients.storm_back();
+        hook(Phase::StormBack);
+        let last = window_end.checked_sub(STORM_TAIL).unwrap_or(window_end);
+        while Instant::now() < last && !clients.storm_all_live() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let rest = window_end.saturating_duration_since(Instant::now());
+        std::thread::sleep(STORM_TAIL.min(rest));
+        clients.storm_over();
+        hook(Phase::StormOver);
+    }
+    std::thread::sleep(window_end.saturating_duration_since(Instant::now()));
     clients.end_window();
     hook(Phase::WindowEnd);
     Ok(clients.finish())
@@ -337,6 +500,18 @@ struct Shared {
     connected: AtomicUsize,
     failed: AtomicUsize,
     threads_done: AtomicUsize,
+    /// `STORM_*`: where the resume storm is.
+    storm: AtomicU8,
+    /// When the storm clients were called back.
+    storm_back_at: OnceLock<Instant>,
+    /// The seq a storm client must pass to be live (set before `STORM_BACK`).
+    storm_target: AtomicU64,
+    /// Storm clients that left, and that are live again.
+    storm_left: AtomicUsize,
+    storm_live: AtomicUsize,
+    /// The highest seq any event-stream client has received (each thread
+    /// raises it once per turn).
+    newest_seq: AtomicU64,
 }
 
 /// A running set of clients; see the module docs.
@@ -347,6 +522,8 @@ pub struct Clients {
     clients: usize,
     window_start: Option<Instant>,
     window_end: Option<Instant>,
+    /// Storm clients configured (0: no storm).
+    storm: usize,
 }
 
 impl Clients {
@@ -356,6 +533,18 @@ impl Clients {
         if config.clients == 0 {
             return Err("need at least one client".to_string());
         }
+        if config.reconnect.is_some() && !config.sse {
+            return Err("reconnecting needs event-stream clients (sse)".to_string());
+        }
+        if config.storm > 0 && config.reconnect.is_none() {
+            return Err("a resume storm needs reconnecting clients".to_string());
+        }
+        if config.storm >= config.clients {
+            return Err(format!(
+                "the storm needs clients that stay: {} storm clients of {}",
+                config.storm, config.clients
+            ));
+        }
         let target = Target::parse(&config.url, &config.headers, config.tls_ca.as_deref())?;
         let threads = config.threads.clamp(1, config.clients);
         let shared = Arc::new(Shared {
@@ -363,6 +552,12 @@ impl Clients {
             connected: AtomicUsize::new(0),
             failed: AtomicUsize::new(0),
             threads_done: AtomicUsize::new(0),
+            storm: AtomicU8::new(STORM_NONE),
+            storm_back_at: OnceLock::new(),
+            storm_target: AtomicU64::new(0),
+            storm_left: AtomicUsize::new(0),
+            storm_live: AtomicUsize::new(0),
+            newest_seq: AtomicU64::new(0),
         });
         let target = Arc::new(target);
         let connect_deadline = Instant::now() + config.connect_timeout;
@@ -373,6 +568,7 @@ impl Clients {
             clients: config.clients,
             window_start: None,
             window_end: None,
+            storm: config.storm,
         };
         for t in 0..threads {
             let poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
@@ -391,6 +587,10 @@ impl Clients {
                 connect_deadline,
                 deflate: config.deflate && !config.sse,
                 sse: config.sse,
+                reconnect: config.reconnect.filter(|_| config.sse),
+                storm_from: config.clients - config.storm,
+                has_storm: config.storm > 0,
+                connect_timeout: config.connect_timeout,
             };
             let spawned = std::thread::Builder::new()
                 .name(format!("load-client-{t}"))
@@ -441,8 +641,43 @@ impl Clients {
         self.window_end = Some(Instant::now());
     }
 
+    /// The storm clients close their streams, keeping what they need to
+    /// resume.
+    pub fn storm_leave(&mut self) {
+        self.set_storm(STORM_AWAY);
+    }
+
+    /// The storm clients reconnect, all at once, with their
+    /// `Last-Event-ID`; the time to live counts from now.
+    pub fn storm_back(&mut self) {
+        let target = self.shared.newest_seq.load(Ordering::Acquire);
+        self.shared.storm_target.store(target, Ordering::Release);
+        let _ = self.shared.storm_back_at.set(Instant::now());
+        self.set_storm(STORM_BACK);
+    }
+
+    /// Whether every storm client that left is live again.
+    pub fn storm_all_live(&self) -> bool {
+        let left = self.shared.storm_left.load(Ordering::Acquire);
+        self.shared.storm_live.load(Ordering::Acquire) >= left
+    }
+
+    /// Ends the storm's measurement of the other clients' latency.
+    pub fn storm_over(&mut self) {
+        self.set_storm(STORM_OVER);
+    }
+
+    fn set_storm(&self, storm: u8) {
+        self.shared.storm.store(storm, Ordering::Release);
+        self.wake_all();
+    }
+
     fn set_phase(&self, phase: u8) {
         self.shared.phase.store(phase, Ordering::Release);
+        self.wake_all();
+    }
+
+    fn wake_all(&self) {
         for w in &self.wakers {
             // A failed wake only delays the thread until its next poll timeout.
             let _ = w.wake();
@@ -492,11 +727,22 @@ struct Target {
     tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
     /// The ready-to-send request up to and including `Sec-WebSocket-Key: `.
     request_head: String,
-    /// The whole event-stream request.
+    /// The whole event-stream request, without `Last-Event-ID`.
     event_stream_request: String,
 }
 
 impl Target {
+    /// The event-stream request, resuming after `last_id` if any.
+    fn event_stream_request(&self, last_id: Option<u64>) -> String {
+        let mut request = self.event_stream_request.clone();
+        if let Some(id) = last_id {
+            // Before the blank line that ends the head.
+            request.truncate(request.len() - 2);
+            request.push_str(&format!("Last-Event-ID: {id:016x}\r\n\r\n"));
+        }
+        request
+    }
+
     fn parse(url: &str, headers: &[String], tls_ca: Option<&Path>) -> Result<Target, String> {
         let (rest, is_tls) = match (url.strip_prefix("ws://"), url.strip_prefix("wss://")) {
             (Some(rest), _) => (rest, false),
@@ -595,6 +841,10 @@ struct Handshake {
     written: usize,
     response: Vec<u8>,
     accept: String,
+    /// A reconnect: when its stream went down (for `unresumed`).
+    down_since: Option<Instant>,
+    /// When this attempt started (a reconnect's own connect timeout).
+    started: Instant,
 }
 
 enum State {
@@ -618,9 +868,41 @@ struct Conn {
     /// Control frames that could not be written yet.
     pending: Vec<u8>,
     parser: Parser,
-    /// The event-stream parser (with `sse`; `parser` is then unused), boxed
-    /// to keep a WebSocket client small.
-    events: Option<Box<EventReader>>,
+    /// The event stream's parser and resume state (with `sse`; `parser` is
+    /// then unused), boxed to keep a WebSocket client small.
+    stream: Option<Box<Stream>>,
+}
+
+impl Conn {
+    /// Whether this is a reconnect still being set up.
+    fn is_resuming(&self) -> bool {
+        matches!(&self.state, State::Connecting(hs) | State::Upgrading(hs) if hs.down_since.is_some())
+    }
+}
+
+/// An event-stream client's parser and what it keeps across reconnects.
+#[derive(Debug, Clone)]
+struct Stream {
+    reader: EventReader,
+    /// The global client index: its source address, its storm membership.
+    index: usize,
+    /// A reset came and no sequenced message since: the next one's gap is
+    /// the reset's.
+    after_reset: bool,
+    /// One of the resume storm's clients.
+    storm: bool,
+    /// A storm client called back that is not live yet.
+    awaiting_live: bool,
+}
+
+/// An event-stream client between two streams: what it resumes with.
+struct Resume {
+    stream: Box<Stream>,
+    last_seq: u64,
+    /// When its stream went down (or the storm called it back).
+    down_since: Instant,
+    /// When to connect again.
+    due: Instant,
 }
 
 /// A client's socket and, for `wss://`, its TLS session: every byte of the
@@ -734,6 +1016,14 @@ struct Worker {
     connect_deadline: Instant,
     deflate: bool,
     sse: bool,
+    /// Reconnect delay of event streams (`None`: no reconnects).
+    reconnect: Option<Duration>,
+    /// Clients from this index on are the storm's.
+    storm_from: usize,
+    /// There is a storm (`storm_from` is below the client count).
+    has_storm: bool,
+    /// Per reconnect attempt: its deadline to be set up.
+    connect_timeout: Duration,
 }
 
 /// The event loop's mutable state besides the connections.
@@ -748,6 +1038,13 @@ struct Loop {
     /// bare decompressor, whose reset is a few fields (flate2's zeroes 43 KB,
     /// which at 200 000 messages a second made the clients the bottleneck).
     inflater: Box<DecompressorOxide>,
+    /// The storm's state as this thread last saw it (`STORM_*`), the seq a
+    /// storm client must pass to be live, when they were called back.
+    storm: u8,
+    storm_target: u64,
+    storm_back_at: Option<Instant>,
+    /// The highest seq this thread's event streams have received.
+    newest_seq: u64,
 }
 
 impl Worker {
@@ -759,7 +1056,19 @@ impl Worker {
             rng: seed(),
             scratch: vec![0u8; SCRATCH],
             inflater: Box::default(),
+            storm: STORM_NONE,
+            storm_target: 0,
+            storm_back_at: None,
+            newest_seq: 0,
         };
+        // Event streams waiting to reconnect (due in order: the delay is
+        // the same for all), storm clients away, and storm clients called
+        // back (due at once).
+        let mut waiting: VecDeque<Resume> = VecDeque::new();
+        let mut away: Vec<Resume> = Vec::new();
+        let mut returning: Vec<Resume> = Vec::new();
+        let mut window_ended = false;
+        let mut next_resume_check = Instant::now() + RESUME_CHECK;
         let mut conns: Vec<Option<Conn>> = Vec::new();
         let mut free: Vec<usize> = Vec::new();
         let mut live = 0usize;
@@ -790,7 +1099,7 @@ impl Worker {
                         conns.push(None);
                         conns.len() - 1
                     });
-                    match self.connect(index, slot) {
+                    match self.connect(index, slot, None) {
                         Ok(conn) => {
                             conns[slot] = Some(conn);
                             in_flight += 1;
@@ -807,6 +1116,7 @@ impl Worker {
                     for (slot, c) in conns.iter_mut().enumerate() {
                         if c.as_ref().is_some_and(|c| {
                             matches!(c.state, State::Connecting(_) | State::Upgrading(_))
+                                && !c.is_resuming()
                         }) {
                             *c = None;
                             free.push(slot);
@@ -824,6 +1134,130 @@ impl Worker {
                     connecting_done = true;
                     self.shared.threads_done.fetch_add(1, Ordering::AcqRel);
                 }
+            }
+
+            if self.reconnect.is_some() && phase < PHASE_CLOSE {
+                let storm = self.shared.storm.load(Ordering::Acquire);
+                if storm != lp.storm {
+                    lp.storm = storm;
+                    match storm {
+                        STORM_AWAY => {
+                            // Every storm client leaves: open, reconnecting
+                            // or waiting to.
+                            for (slot, c) in conns.iter_mut().enumerate() {
+                                if !c
+                                    .as_ref()
+                                    .is_some_and(|c| c.stream.as_ref().is_some_and(|s| s.storm))
+                                {
+                                    continue;
+                                }
+                                let Some(mut conn) = c.take() else { continue };
+                                if matches!(conn.state, State::Connecting(_) | State::Upgrading(_))
+                                {
+                                    in_flight -= 1;
+                                }
+                                free.push(slot);
+                                live -= 1;
+                                if let Some(r) = self.resume_of(&mut conn, now) {
+                                    away.push(r);
+                                }
+                            }
+                            let (storm, rest): (Vec<Resume>, Vec<Resume>) =
+                                waiting.drain(..).partition(|r| r.stream.storm);
+                            waiting.extend(rest);
+                            away.extend(storm);
+                            lp.stats.storm.left += away.len() as u64;
+                            self.shared
+                                .storm_left
+                                .fetch_add(away.len(), Ordering::AcqRel);
+                        }
+                        STORM_BACK => {
+                            lp.storm_target = self.shared.storm_target.load(Ordering::Acquire);
+                            lp.storm_back_at = self.shared.storm_back_at.get().copied();
+                            for mut r in away.drain(..) {
+                                r.stream.awaiting_live = true;
+                                r.down_since = now;
+                                r.due = now;
+                                returning.push(r);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                // Reconnects, called-back storm clients first, within the
+                // same bound on connects in flight as the first connects.
+                while in_flight < self.max_in_flight {
+                    let r = match returning.pop() {
+                        Some(r) => r,
+                        None if waiting.front().is_some_and(|r| r.due <= now) => {
+                            match waiting.pop_front() {
+                                Some(r) => r,
+                                None => break,
+                            }
+                        }
+                        None => break,
+                    };
+                    let slot = free.pop().unwrap_or_else(|| {
+                        conns.push(None);
+                        conns.len() - 1
+                    });
+                    match self.connect(r.stream.index, slot, Some(&r)) {
+                        Ok(conn) => {
+                            conns[slot] = Some(conn);
+                            in_flight += 1;
+                            live += 1;
+                        }
+                        Err(e) => {
+                            free.push(slot);
+                            lp.reconnect_failed(format!("reconnect: {e}"));
+                            waiting.push_back(Resume {
+                                due: now + self.reconnect.unwrap_or_default(),
+                                ..r
+                            });
+                        }
+                    }
+                }
+                if now >= next_resume_check {
+                    // Reconnects that take longer than the connect timeout
+                    // start over.
+                    next_resume_check = now + RESUME_CHECK;
+                    for (slot, c) in conns.iter_mut().enumerate() {
+                        let late = c.as_ref().is_some_and(|c| match &c.state {
+                            State::Connecting(hs) | State::Upgrading(hs) => {
+                                hs.down_since.is_some() && now >= hs.started + self.connect_timeout
+                            }
+                            _ => false,
+                        });
+                        if !late {
+                            continue;
+                        }
+                        let Some(mut conn) = c.take() else { continue };
+                        free.push(slot);
+                        live -= 1;
+                        in_flight -= 1;
+                        lp.reconnect_failed("reconnect timeout".to_string());
+                        if let Some(r) = self.resume_of(&mut conn, now) {
+                            waiting.push_back(r);
+                        }
+                    }
+                }
+            }
+            if phase >= PHASE_AFTER && !window_ended {
+                // Streams down for longer than a reconnect should take.
+                window_ended = true;
+                let grace = self.reconnect.unwrap_or_default() + RESUME_GRACE;
+                let long_down = |since: Instant| now.saturating_duration_since(since) > grace;
+                let setting_up = conns.iter().flatten().filter(|c| match &c.state {
+                    State::Connecting(hs) | State::Upgrading(hs) => {
+                        hs.down_since.is_some_and(long_down)
+                    }
+                    _ => false,
+                });
+                let queued = waiting
+                    .iter()
+                    .chain(&returning)
+                    .filter(|r| long_down(r.down_since));
+                lp.stats.unresumed += (setting_up.count() + queued.count() + away.len()) as u64;
             }
 
             if phase == PHASE_CLOSE && close_deadline.is_none() {
@@ -849,7 +1283,9 @@ impl Worker {
                         }
                         State::Connecting(_) | State::Upgrading(_) => {
                             in_flight -= 1;
-                            self.connect_failed(&mut lp, "aborted at close".to_string());
+                            if !conn.is_resuming() {
+                                self.connect_failed(&mut lp, "aborted at close".to_string());
+                            }
                             false
                         }
                         State::Closing => true,
@@ -894,6 +1330,13 @@ impl Worker {
             } else {
                 Duration::from_millis(50)
             };
+            // The next reconnect due, unless the in-flight bound holds it.
+            let timeout = match waiting.front() {
+                Some(r) if in_flight < self.max_in_flight => {
+                    timeout.min(r.due.saturating_duration_since(Instant::now()))
+                }
+                _ => timeout,
+            };
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -918,26 +1361,45 @@ impl Worker {
                     continue;
                 };
                 let was_setup = matches!(conn.state, State::Connecting(_) | State::Upgrading(_));
+                let was_resuming = conn.is_resuming();
                 let (outcome, more) = self.service(conn, &mut lp);
                 let now_open = matches!(conn.state, State::Open);
                 if was_setup && now_open {
                     in_flight -= 1;
-                    lp.stats.connected += 1;
-                    if conn.slow {
-                        lp.stats.slow_connected += 1;
+                    if was_resuming {
+                        lp.stats.reconnects += 1;
+                    } else {
+                        lp.stats.connected += 1;
+                        if conn.slow {
+                            lp.stats.slow_connected += 1;
+                        }
+                        self.shared.connected.fetch_add(1, Ordering::AcqRel);
                     }
-                    self.shared.connected.fetch_add(1, Ordering::AcqRel);
                 }
                 if let Outcome::Drop = outcome {
                     if was_setup && !now_open {
                         in_flight -= 1;
                     }
-                    conns[slot] = None;
+                    if let Some(mut conn) = conns[slot].take() {
+                        // A stream that was open, or a reconnect, goes on
+                        // (a first connect that failed does not).
+                        if (now_open || was_resuming) && phase < PHASE_CLOSE {
+                            if let Some(r) = self.resume_of(&mut conn, now) {
+                                waiting.push_back(r);
+                            }
+                        }
+                    }
                     free.push(slot);
                     live -= 1;
                 } else if more {
                     again.push(slot);
                 }
+            }
+            if self.sse {
+                // Once per turn, not per message.
+                self.shared
+                    .newest_seq
+                    .fetch_max(lp.newest_seq, Ordering::AcqRel);
             }
         }
         // Dropping `conns` closes every remaining socket.
@@ -948,6 +1410,33 @@ impl Worker {
         lp.stats
     }
 
+    /// A connection still being set up failed: a first connect's failure,
+    /// or a reconnect's (`resuming`), which will be tried again.
+    fn setup_failed(&self, resuming: bool, lp: &mut Loop, why: String) {
+        if resuming {
+            lp.reconnect_failed(why);
+        } else {
+            self.connect_failed(lp, why);
+        }
+    }
+
+    /// What `conn`, an event stream that ended or failed to come back,
+    /// resumes with, if it reconnects (its parser is taken).
+    fn resume_of(&self, conn: &mut Conn, now: Instant) -> Option<Resume> {
+        let delay = self.reconnect?;
+        let stream = conn.stream.take()?;
+        let down_since = match &conn.state {
+            State::Connecting(hs) | State::Upgrading(hs) => hs.down_since,
+            State::Open | State::Closing => None,
+        };
+        Some(Resume {
+            stream,
+            last_seq: conn.last_seq,
+            down_since: down_since.unwrap_or(now),
+            due: now + delay,
+        })
+    }
+
     fn connect_failed(&self, lp: &mut Loop, why: String) {
         lp.stats.connect_failed += 1;
         if lp.stats.first_connect_error.is_none() {
@@ -956,8 +1445,9 @@ impl Worker {
         self.shared.failed.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// Starts a non-blocking connect for global client `index` in `slot`.
-    fn connect(&self, index: usize, slot: usize) -> io::Result<Conn> {
+    /// Starts a non-blocking connect for global client `index` in `slot`;
+    /// `resume` for an event stream's reconnect.
+    fn connect(&self, index: usize, slot: usize, resume: Option<&Resume>) -> io::Result<Conn> {
         let addr = self.target.addr;
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
         socket.set_nonblocking(true)?;
@@ -989,8 +1479,9 @@ impl Worker {
             Token(slot),
             Interest::READABLE | Interest::WRITABLE,
         )?;
+        let last_id = resume.and_then(|r| r.stream.reader.last_id());
         let (request, accept) = if self.sse {
-            let request = self.target.event_stream_request.as_bytes().to_vec();
+            let request = self.target.event_stream_request(last_id).into_bytes();
             (request, String::new())
         } else {
             let key = tungstenite::handshake::client::generate_key();
@@ -1017,12 +1508,26 @@ impl Worker {
                 written: 0,
                 response: Vec::new(),
                 accept,
+                down_since: resume.map(|r| r.down_since),
+                started: Instant::now(),
             })),
             slow,
-            last_seq: 0,
+            last_seq: resume.map_or(0, |r| r.last_seq),
             pending: Vec::new(),
             parser: Parser::new(false).with_deflate(self.deflate),
-            events: self.sse.then(Box::default),
+            stream: self.sse.then(|| match resume {
+                Some(r) => Box::new(Stream {
+                    reader: EventReader::resuming(last_id),
+                    ..(*r.stream).clone()
+                }),
+                None => Box::new(Stream {
+                    reader: EventReader::new(),
+                    index,
+                    after_reset: false,
+                    storm: index >= self.storm_from,
+                    awaiting_live: false,
+                }),
+            }),
         })
     }
 
@@ -1033,7 +1538,7 @@ impl Worker {
             match conn.io.stream.take_error() {
                 Ok(None) => {}
                 Ok(Some(e)) | Err(e) => {
-                    self.connect_failed(lp, format!("connect: {e}"));
+                    self.setup_failed(conn.is_resuming(), lp, format!("connect: {e}"));
                     return (Outcome::Drop, false);
                 }
             }
@@ -1047,7 +1552,7 @@ impl Worker {
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => return (Outcome::Keep, false),
                 Err(e) => {
-                    self.connect_failed(lp, format!("connect: {e}"));
+                    self.setup_failed(conn.is_resuming(), lp, format!("connect: {e}"));
                     return (Outcome::Drop, false);
                 }
             }
@@ -1074,10 +1579,11 @@ impl Worker {
     /// Writes the upgrade request and reads the `101` response (or the
     /// event-stream request and its `200`).
     fn upgrade(&self, conn: &mut Conn, lp: &mut Loop) -> (Outcome, bool) {
+        let resuming = conn.is_resuming();
         // What a full socket left in the TLS session (handshake records, the
         // request) goes first: this may be the writable event it waited for.
         if let Err(e) = conn.io.flush_tls() {
-            self.connect_failed(lp, format!("send TLS handshake: {e}"));
+            self.setup_failed(resuming, lp, format!("send TLS handshake: {e}"));
             return (Outcome::Drop, false);
         }
         let State::Upgrading(hs) = &mut conn.state else {
@@ -1089,7 +1595,7 @@ impl Worker {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (Outcome::Keep, false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    self.connect_failed(lp, format!("send upgrade: {e}"));
+                    self.setup_failed(resuming, lp, format!("send upgrade: {e}"));
                     return (Outcome::Drop, false);
                 }
             }
@@ -1097,14 +1603,18 @@ impl Worker {
         loop {
             let n = match conn.io.read(&mut lp.scratch) {
                 Ok(0) => {
-                    self.connect_failed(lp, "connection closed during handshake".to_string());
+                    self.setup_failed(
+                        resuming,
+                        lp,
+                        "connection closed during handshake".to_string(),
+                    );
                     return (Outcome::Drop, false);
                 }
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (Outcome::Keep, false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    self.connect_failed(lp, format!("read upgrade response: {e}"));
+                    self.setup_failed(resuming, lp, format!("read upgrade response: {e}"));
                     return (Outcome::Drop, false);
                 }
             };
@@ -1113,7 +1623,7 @@ impl Worker {
                 .extend_from_slice(&lp.scratch[..n.min(MAX_RESPONSE)]);
             let Some(end) = find_header_end(&hs.response, before.saturating_sub(3)) else {
                 if hs.response.len() >= MAX_RESPONSE {
-                    self.connect_failed(lp, "upgrade response too long".to_string());
+                    self.setup_failed(resuming, lp, "upgrade response too long".to_string());
                     return (Outcome::Drop, false);
                 }
                 continue;
@@ -1124,7 +1634,7 @@ impl Worker {
                 check_response(&hs.response[..end], &hs.accept)
             };
             if let Err(why) = checked {
-                self.connect_failed(lp, why);
+                self.setup_failed(resuming, lp, why);
                 return (Outcome::Drop, false);
             }
             // Bytes after the response head are already frames (or events).
@@ -1154,6 +1664,9 @@ impl Worker {
                 Ok(0) => {
                     if matches!(conn.state, State::Closing) {
                         lp.stats.clean_closes += 1;
+                    } else if self.sse && self.reconnect.is_some() {
+                        // Not its end: it reconnects.
+                        lp.stats.stream_ends += 1;
                     } else if self.sse {
                         // An event stream ends when its connection does.
                         lp.stats.server_closes += 1;
@@ -1241,6 +1754,7 @@ impl Worker {
                 count_message(
                     stats,
                     last_seq,
+                    &mut false,
                     measuring,
                     now_ns,
                     sequenced.then_some(prefix),
@@ -1299,71 +1813,166 @@ impl Worker {
 }
 
 impl Worker {
-    /// Parses `lp.scratch[..n]` as the event stream and counts its events.
-    /// Data lines are not checked against the frame they came from: a
-    /// malformed stream shows as gaps or as events without a seq.
+    /// Parses `lp.scratch[..n]` as the event stream and counts its events
+    /// (and, for a storm, who is live again and the other clients'
+    /// latency). Data lines are not checked against the frame they came
+    /// from: a malformed stream shows as gaps or as events without a seq.
     fn on_events(&self, conn: &mut Conn, lp: &mut Loop, n: usize) {
         let now_ns = unix_ns();
         let measuring = lp.measuring;
-        let stats = &mut lp.stats;
+        let Loop {
+            stats,
+            scratch,
+            storm,
+            storm_target,
+            storm_back_at,
+            newest_seq,
+            ..
+        } = lp;
         if measuring {
             stats.wire_bytes += n as u64;
         }
         let last_seq = &mut conn.last_seq;
-        let Some(events) = conn.events.as_deref_mut() else {
+        let Some(stream) = conn.stream.as_deref_mut() else {
             return;
         };
-        events.feed(&lp.scratch[..n], |event| {
+        let Stream {
+            reader,
+            after_reset,
+            storm: is_storm,
+            awaiting_live,
+            ..
+        } = stream;
+        let has_storm = self.has_storm;
+        reader.feed(&scratch[..n], |event| {
+            if event.reset {
+                stats.resets += 1;
+                if *is_storm {
+                    stats.storm.resets += 1;
+                }
+                *after_reset = true;
+                return;
+            }
             let mut decoded = [0u8; events::DATA_PREFIX / 4 * 3];
             let prefix = event
                 .binary
                 .then(|| events::binary_prefix(event.data, &mut decoded))
                 .flatten()
                 .map(|len| &decoded[..len]);
-            count_message(stats, last_seq, measuring, now_ns, prefix);
+            let seen = count_message(stats, last_seq, after_reset, measuring, now_ns, prefix);
+            let Some(seen) = seen else { return };
+            *newest_seq = (*newest_seq).max(seen.seq);
+            if *is_storm {
+                if measuring {
+                    stats.storm.gaps += seen.continuity.gap;
+                    stats.storm.reset_gaps += seen.continuity.reset_gap;
+                    stats.storm.dups += u64::from(seen.continuity.dup);
+                }
+                if *awaiting_live {
+                    stats.storm.resumed += 1;
+                    if seen.seq > *storm_target {
+                        *awaiting_live = false;
+                        let since = storm_back_at.map_or(Duration::ZERO, |at| at.elapsed());
+                        let us = u64::try_from(since.as_micros()).unwrap_or(u64::MAX);
+                        stats.storm.time_to_live.saturating_record(us.max(1));
+                        stats.storm.live += 1;
+                        self.shared.storm_live.fetch_add(1, Ordering::AcqRel);
+                    }
+                }
+            } else if has_storm && measuring {
+                stats.others_latency.saturating_record(seen.latency_us);
+                if *storm == STORM_BACK {
+                    stats
+                        .storm
+                        .others_latency
+                        .saturating_record(seen.latency_us);
+                }
+            }
         });
     }
 }
 
+/// Continuity of one sequenced message with those before it on its client.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Continuity {
+    /// Seqs missing right before this one (none after a reset).
+    gap: u64,
+    /// Seqs missing before the first message after a reset: what the reset
+    /// said would not come.
+    reset_gap: u64,
+    /// At or below the last seq seen: a duplicate or a reorder.
+    dup: bool,
+}
+
+/// Checks `seq` against `last_seq` (0: none yet), raising it; `after_reset`
+/// (a reset came since the last message) is cleared.
+fn continuity(last_seq: &mut u64, after_reset: &mut bool, seq: u64) -> Continuity {
+    let mut c = Continuity::default();
+    if *last_seq != 0 {
+        let missing = seq.saturating_sub(*last_seq + 1);
+        if std::mem::take(after_reset) {
+            c.reset_gap = missing;
+        } else {
+            c.gap = missing;
+        }
+        c.dup = seq <= *last_seq;
+    }
+    *after_reset = false;
+    *last_seq = (*last_seq).max(seq);
+    c
+}
+
+/// What [`count_message`] found in a sequenced message.
+struct Seen {
+    seq: u64,
+    continuity: Continuity,
+    /// now − sent, µs (at least 1).
+    latency_us: u64,
+}
+
 /// Counts one message received at `now_ns`; `prefix` is the start of its
 /// payload when it is binary and long enough to carry `seq` and
-/// `sent_unix_ns`: then gaps, duplicates and latency are checked too.
+/// `sent_unix_ns`: then gaps (a reset's apart), duplicates and latency are
+/// checked too, and returned.
 fn count_message(
     stats: &mut Report,
     last_seq: &mut u64,
+    after_reset: &mut bool,
     measuring: bool,
     now_ns: u64,
     prefix: Option<&[u8]>,
-) {
+) -> Option<Seen> {
     stats.total_messages += 1;
     if measuring {
         stats.delivered += 1;
     }
-    let Some(prefix) = prefix.filter(|p| p.len() >= wire::PREFIX_LEN) else {
-        return;
-    };
+    let prefix = prefix.filter(|p| p.len() >= wire::PREFIX_LEN)?;
     let seq = u64::from_le_bytes(prefix[0..8].try_into().unwrap_or([0; 8]));
     let sent = u64::from_le_bytes(prefix[8..16].try_into().unwrap_or([0; 8]));
-    if *last_seq != 0 {
-        let gap = seq.saturating_sub(*last_seq + 1);
-        stats.missed += gap;
-        if measuring {
-            stats.gaps += gap;
-            if seq <= *last_seq {
-                stats.dups += 1;
-            }
-        }
-    }
-    *last_seq = (*last_seq).max(seq);
+    let c = continuity(last_seq, after_reset, seq);
+    stats.missed += c.gap;
+    let latency_us = (now_ns.saturating_sub(sent) / 1_000).max(1);
     if measuring {
-        let us = now_ns.saturating_sub(sent) / 1_000;
-        stats.latency.saturating_record(us.max(1));
+        stats.gaps += c.gap;
+        stats.reset_gaps += c.reset_gap;
+        stats.dups += u64::from(c.dup);
+        stats.latency.saturating_record(latency_us);
     }
+    Some(Seen {
+        seq,
+        continuity: c,
+        latency_us,
+    })
 }
 
 impl Loop {
     fn mask(&mut self) -> [u8; 4] {
         next_mask(&mut self.rng)
+    }
+
+    /// Counts a failed reconnect attempt (not an error: it is tried again).
+    fn reconnect_failed(&mut self, _why: String) {
+        self.stats.reconnect_failed += 1;
     }
 
     /// Counts an I/O error on a connected client.
@@ -1569,6 +2178,80 @@ mod tests {
         assert!(check_response(ok.as_bytes(), &accept).is_ok());
         assert!(check_response(ok.as_bytes(), "nope").is_err());
         assert!(check_response(b"HTTP/1.1 404 Not Found\r\n\r\n", &accept).is_err());
+    }
+
+    #[test]
+    fn continuity_across_reconnects_and_resets() {
+        let (mut last, mut after_reset) = (0, false);
+        let mut check = |seq| continuity(&mut last, &mut after_reset, seq);
+        let none = Continuity::default();
+        // The first message has nothing to follow.
+        assert_eq!(check(5), none);
+        assert_eq!(check(6), none);
+        // A resumed stream goes on where it was: nothing to count.
+        assert_eq!(check(7), none);
+        assert_eq!(check(10), Continuity { gap: 2, ..none });
+        assert_eq!(check(10), Continuity { dup: true, ..none });
+        assert_eq!(check(9), Continuity { dup: true, ..none });
+        assert_eq!(last, 10);
+        // After a reset, the jump to the live edge is the reset's; the
+        // next gap is a gap again.
+        after_reset = true;
+        let mut check = |seq| continuity(&mut last, &mut after_reset, seq);
+        assert_eq!(
+            check(110),
+            Continuity {
+                reset_gap: 99,
+                ..none
+            }
+        );
+        assert_eq!(check(112), Continuity { gap: 1, ..none });
+        // A reset before the first message changes nothing.
+        let (mut last, mut after_reset) = (0, true);
+        assert_eq!(continuity(&mut last, &mut after_reset, 3), none);
+        assert!(!after_reset);
+    }
+
+    #[test]
+    fn counts_resets_apart_from_gaps() {
+        let mut stats = Report::empty(1, Duration::ZERO);
+        let (mut last, mut after_reset) = (0, false);
+        let prefix = |seq: u64| {
+            let mut p = [0u8; 16];
+            p[..8].copy_from_slice(&seq.to_le_bytes());
+            p[8..].copy_from_slice(&unix_ns().to_le_bytes());
+            p
+        };
+        for (seq, reset) in [(1, false), (2, false), (4, false), (50, true), (51, false)] {
+            after_reset |= reset;
+            let p = prefix(seq);
+            let seen = count_message(
+                &mut stats,
+                &mut last,
+                &mut after_reset,
+                true,
+                unix_ns(),
+                Some(&p),
+            );
+            assert_eq!(seen.map(|s| s.seq), Some(seq));
+        }
+        assert_eq!(
+            (stats.gaps, stats.reset_gaps, stats.missed, stats.dups),
+            (1, 45, 1, 0)
+        );
+        assert_eq!(stats.delivered, 5);
+        assert_eq!(stats.latency.len(), 5);
+    }
+
+    #[test]
+    fn resumes_with_last_event_id() {
+        let t = Target::parse("ws://127.0.0.1:9001/a", &["X-A: b".to_string()], None).unwrap();
+        assert_eq!(
+            t.event_stream_request(Some(0xab)),
+            "GET /a HTTP/1.1\r\nHost: 127.0.0.1:9001\r\nX-A: b\r\nAccept: text/event-stream\r\n\
+             Last-Event-ID: 00000000000000ab\r\n\r\n"
+        );
+        assert_eq!(t.event_stream_request(None), t.event_stream_request);
     }
 
     #[test]

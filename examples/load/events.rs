@@ -5,13 +5,24 @@
 //!
 //! It keeps, per client, what a load test needs of each event and no more:
 //! whether it was named `binary` (wsgate sends a binary message as
-//! `event: binary` with its payload in base64) and the first
-//! [`DATA_PREFIX`] bytes of its first `data:` line. Bytes arrive in any
-//! chunking; lines end with `\n`, `\r\n` or `\r`; a blank line dispatches
-//! the event if it had a `data:` field. Comments (`:`), `id:`, `retry:` and
-//! any other field are skipped. [`binary_prefix`] decodes the base64 start
-//! of a binary event's data back into the payload's first
-//! [`PREFIX_LEN`](super::wire::PREFIX_LEN) bytes (its seq and timestamp).
+//! `event: binary` with its payload in base64) or `reset` (wsgate's answer
+//! to a `Last-Event-ID` it cannot serve), and the first [`DATA_PREFIX`]
+//! bytes of its first `data:` line. Bytes arrive in any chunking; lines end
+//! with `\n`, `\r\n` or `\r`; a blank line dispatches the event if it had
+//! a `data:` field. Comments (`:`), `retry:` and any other field are
+//! skipped. [`binary_prefix`] decodes the base64 start of a binary event's
+//! data back into the payload's first [`PREFIX_LEN`](super::wire::PREFIX_LEN)
+//! bytes (its seq and timestamp).
+//!
+//! `id:` lines are kept as the specification's "last event ID": an `id:`
+//! value is taken when its event is dispatched (by its blank line, data or
+//! not), so an event cut short by the stream's end never counts, and the
+//! ID stays until another replaces it. [`EventReader::last_id`] is what a
+//! reconnecting client sends as `Last-Event-ID`; [`EventReader::resuming`]
+//! starts the reader over on a new stream with that ID kept. Only
+//! wsgate's IDs are understood (16 hex digits, [`parse_id`]); any other
+//! value, or an empty `id:` line, clears the last ID, as a browser's
+//! would be reset by an empty one.
 
 /// Data bytes kept per event: 24 base64 characters are 18 payload bytes,
 /// enough for the 16-byte seq and timestamp prefix.
@@ -19,8 +30,10 @@ pub const DATA_PREFIX: usize = 24;
 /// Field name bytes kept while a line's name is read (`event` is the
 /// longest one acted on).
 const NAME: usize = 5;
-/// Event name bytes kept (`binary`).
+/// Event name bytes kept (`binary`, `reset`).
 const EVENT_NAME: usize = 6;
+/// ID value bytes kept: a wsgate message ID is 16 hex digits.
+const ID: usize = 16;
 
 /// What the current line is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +44,8 @@ enum Line {
     Data,
     /// In an `event:` value.
     Event,
+    /// In an `id:` value.
+    Id,
     /// A comment or a field not acted on: skipped to its end.
     Skip,
 }
@@ -40,12 +55,15 @@ enum Line {
 pub struct Event<'a> {
     /// Named `binary`: its data is the payload in base64.
     pub binary: bool,
+    /// Named `reset`: the server could not resume from the `Last-Event-ID`
+    /// sent and goes on live.
+    pub reset: bool,
     /// The first up to [`DATA_PREFIX`] bytes of its first data line.
     pub data: &'a [u8],
 }
 
-/// Streaming `text/event-stream` parser state, one per client (under 50 bytes).
-#[derive(Debug)]
+/// Streaming `text/event-stream` parser state, one per client (under 80 bytes).
+#[derive(Debug, Clone)]
 pub struct EventReader {
     line: Line,
     /// The current value's leading space is still to be skipped.
@@ -62,6 +80,13 @@ pub struct EventReader {
     data: [u8; DATA_PREFIX],
     event_len: u8,
     event: [u8; EVENT_NAME],
+    /// Bytes of the current event's `id:` value (saturating: more than
+    /// [`ID`] is no wsgate ID), and whether the event had one.
+    id_len: u8,
+    has_id: bool,
+    id: [u8; ID],
+    /// The last event ID: of the last dispatched event that had an `id:`.
+    last_id: Option<u64>,
 }
 
 impl Default for EventReader {
@@ -85,7 +110,26 @@ impl EventReader {
             data: [0; DATA_PREFIX],
             event_len: 0,
             event: [0; EVENT_NAME],
+            id_len: 0,
+            has_id: false,
+            id: [0; ID],
+            last_id: None,
         }
+    }
+
+    /// A reader at the start of a new stream that resumes an old one: its
+    /// last event ID is `last_id` (what the request's `Last-Event-ID` said).
+    pub fn resuming(last_id: Option<u64>) -> EventReader {
+        EventReader {
+            last_id,
+            ..EventReader::new()
+        }
+    }
+
+    /// The last event ID the stream gave (see the module docs), the value
+    /// to send as `Last-Event-ID` on reconnecting.
+    pub fn last_id(&self) -> Option<u64> {
+        self.last_id
     }
 
     /// Parses `bytes`, the next chunk of the stream, calling `on_event` for
@@ -102,11 +146,11 @@ impl EventReader {
                     b'\n' | b'\r' => {
                         self.after_cr = first == b'\r';
                         // A line without a colon is a field with an empty value.
-                        let field = self.field();
+                        let field = self.start_value();
                         self.end_line(field, &mut on_event);
                     }
                     b':' => {
-                        self.line = self.field();
+                        self.line = self.start_value();
                         self.at_value_start = true;
                     }
                     b => {
@@ -131,6 +175,15 @@ impl EventReader {
                     keep(&mut self.data, &mut self.data_len, value);
                 }
                 Line::Event => keep(&mut self.event, &mut self.event_len, value),
+                Line::Id => {
+                    // Past ID bytes only the length grows: no wsgate ID.
+                    if let Some(room) = self.id.get_mut(usize::from(self.id_len)..) {
+                        let take = value.len().min(room.len());
+                        room[..take].copy_from_slice(&value[..take]);
+                    }
+                    let len = u8::try_from(value.len()).unwrap_or(u8::MAX);
+                    self.id_len = self.id_len.saturating_add(len);
+                }
                 _ => {}
             }
             let Some(end) = end else { break };
@@ -148,8 +201,19 @@ impl EventReader {
         match self.name.get(..len) {
             Some(b"data") => Line::Data,
             Some(b"event") => Line::Event,
+            Some(b"id") => Line::Id,
             _ => Line::Skip,
         }
+    }
+
+    /// The field named so far, its value about to start: an `id:` value
+    /// replaces any earlier one of the same event.
+    fn start_value(&mut self) -> Line {
+        let field = self.field();
+        if field == Line::Id {
+            self.id_len = 0;
+        }
+        field
     }
 
     /// Ends the current line, `line` being what it turned out to be; a
@@ -161,6 +225,8 @@ impl EventReader {
                 self.has_data = true;
                 self.data_lines = self.data_lines.saturating_add(1);
             }
+            // A later `id:` line in the same event replaces an earlier one.
+            Line::Id => self.has_id = true,
             Line::Name | Line::Event | Line::Skip => {}
         }
         self.line = Line::Name;
@@ -168,12 +234,19 @@ impl EventReader {
         if !blank {
             return;
         }
+        if self.has_id {
+            self.last_id = self.id.get(..usize::from(self.id_len)).and_then(parse_id);
+        }
         if self.has_data {
+            let name = &self.event[..usize::from(self.event_len)];
             on_event(Event {
-                binary: self.event[..usize::from(self.event_len)] == *b"binary",
+                binary: name == b"binary",
+                reset: name == b"reset",
                 data: &self.data[..usize::from(self.data_len)],
             });
         }
+        self.has_id = false;
+        self.id_len = 0;
         self.has_data = false;
         self.data_lines = 0;
         self.data_len = 0;
@@ -187,6 +260,17 @@ fn keep<const N: usize>(buf: &mut [u8; N], len: &mut u8, value: &[u8]) {
     let take = value.len().min(N - at);
     buf[at..at + take].copy_from_slice(&value[..take]);
     *len += take as u8;
+}
+
+/// A wsgate message ID: exactly 16 hex digits (either case); `None` for
+/// anything else.
+pub fn parse_id(text: &[u8]) -> Option<u64> {
+    if text.len() != ID || !text.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    std::str::from_utf8(text)
+        .ok()
+        .and_then(|t| u64::from_str_radix(t, 16).ok())
 }
 
 /// Decodes the standard base64 `text` (its first [`DATA_PREFIX`]
@@ -258,6 +342,59 @@ mod tests {
             events(b"event: other\ndata: a\n\n", 2),
             vec![(false, b"a".to_vec())]
         );
+    }
+
+    #[test]
+    fn the_last_id_is_taken_at_dispatch() {
+        let a = b"id: 00000000000000ab\nevent: binary\ndata: AAAA\n\n";
+        let b = b"id: 00000000000000AC\ndata: x\n\n";
+        let cut = b"id: 00000000000000ad\ndata: y\n";
+        let mut stream = [&a[..], b, cut].concat();
+        for step in 1..=stream.len() {
+            let mut reader = EventReader::new();
+            let mut seen = Vec::new();
+            for chunk in stream.chunks(step) {
+                reader.feed(chunk, |e| seen.push(e.data.to_vec()));
+            }
+            // The event cut short by the stream's end is not dispatched,
+            // and its ID is not taken.
+            assert_eq!(seen, [b"AAAA".to_vec(), b"x".to_vec()], "step {step}");
+            assert_eq!(reader.last_id(), Some(0xac), "step {step}");
+        }
+        // An event without an ID keeps the last one; a second `id:` line
+        // replaces the first; a value that is no wsgate ID clears it.
+        stream = b"id: 00000000000000ab\n\ndata: z\n\n".to_vec();
+        let mut reader = EventReader::new();
+        reader.feed(&stream, |_| {});
+        assert_eq!(reader.last_id(), Some(0xab));
+        reader.feed(b"id: 1\nid: 00000000000000f0\ndata: w\n\n", |_| {});
+        assert_eq!(reader.last_id(), Some(0xf0));
+        reader.feed(b"id: 00000000000000f00\ndata: w\n\n", |_| {});
+        assert_eq!(reader.last_id(), None);
+        reader.feed(b"id: 00000000000000f1\n\nid\n\n", |_| {});
+        assert_eq!(reader.last_id(), None);
+    }
+
+    #[test]
+    fn a_resuming_reader_keeps_the_id_and_sees_resets() {
+        let mut reader = EventReader::resuming(Some(7));
+        let mut resets = Vec::new();
+        // What wsgate sends for an ID it cannot serve, then a live event.
+        let stream = b"retry: 1000\n\nevent: reset\ndata: last-event-id not in history; \
+                       continuing live\n\nid: 0000000000000009\nevent: binary\ndata: AAAA\n\n";
+        reader.feed(stream, |e| resets.push((e.reset, e.binary)));
+        assert_eq!(resets, [(true, false), (false, true)]);
+        assert_eq!(reader.last_id(), Some(9));
+        assert_eq!(EventReader::resuming(Some(7)).last_id(), Some(7));
+    }
+
+    #[test]
+    fn parses_ids() {
+        assert_eq!(parse_id(b"5c1f0b9a2d3e4f60"), Some(0x5c1f_0b9a_2d3e_4f60));
+        assert_eq!(parse_id(b"FFFFFFFFFFFFFFFF"), Some(u64::MAX));
+        assert_eq!(parse_id(b"5c1f0b9a2d3e4f6"), None);
+        assert_eq!(parse_id(b"5c1f0b9a2d3e4f6g"), None);
+        assert_eq!(parse_id(b"+c1f0b9a2d3e4f60"), None);
     }
 
     #[test]

@@ -13,6 +13,20 @@
 //! - gateway observer (`--gateway-pid`): the gateway's CPU and RSS over the
 //!   measurement window (see `gwstat.rs`).
 //!
+//! Event streams that resume (`--sse --reconnect`): a stream the gateway
+//! ends (wsgate closes one that cannot keep up) is reconnected after
+//! `--reconnect-delay-ms` (100) with `Last-Event-ID`, and seqs are checked
+//! across the reconnect. The resume storm (`--sse --storm N --storm-away
+//! SECS`, which implies `--reconnect`): at the window's start the last N
+//! clients all close their streams, stay away SECS (default 2: they miss
+//! rate × SECS messages), then all reconnect at once with their
+//! `Last-Event-ID` (at most `--in-flight` connects in flight per thread, as
+//! the first connects). A storm client is *live* again when it receives a
+//! message with a seq above the highest any client had received when the
+//! storm came back (a message published after the reconnect began); the
+//! storm lasts from then until every storm client is live, plus 1 s
+//! (`client.rs`). `--seconds` must be longer than SECS.
+//!
 //! Progress goes to stderr; at the end exactly one summary line goes to
 //! stdout. Exit code 0 when the run completed, 1 on a setup failure (cannot
 //! bind, bad arguments, no client connected) or if the hard deadline
@@ -32,6 +46,30 @@
 //! `gw_cpu_per_delivery` (gateway CPU time / delivered), `gw_rss` (at the
 //! window end) and `gw_rss_per_client` ((RSS − `--rss-baseline-kib`) /
 //! connected) with `--gateway-pid`.
+//!
+//! With `--reconnect` (whole run unless said): `stream_ends` streams the
+//! gateway ended (not in `errors`: they reconnect); `reconnects` streams
+//! reconnected (`200` received); `resets` `event: reset` received;
+//! `reset_gaps` seqs missing right after a reset, in the window (expected,
+//! so not in `gaps`); `reconnect_failed` reconnect attempts that failed and
+//! were tried again, and `unresumed` clients whose stream was down at the
+//! window's end for longer than the delay + 2 s (both only when non-zero).
+//! With `--storm`: `storm` = N; `storm_left` storm clients that left;
+//! `storm_live` live again / left; `storm_all_live` time from the storm's
+//! reconnect until the last storm client was live (`-` if one never was),
+//! `storm_live_p50` the median client's; `storm_resumed` messages storm
+//! clients received from their reconnect until live (what they resumed,
+//! then live ones up to the first new one); `storm_gaps`/`storm_dups`/`storm_resets`/
+//! `storm_reset_gaps` the storm clients' share of those counts;
+//! `others_p99` the p99 latency of the clients not in the storm over the
+//! window, `others_storm_p99` theirs while the storm lasted; with
+//! `--gateway-pid`, `storm_gw_cpu` the gateway's CPU (% of one core) and
+//! `storm_gw_cpu_s` its CPU seconds while the storm lasted.
+//!
+//! A storm against a gateway (the origin in this process):
+//! `load --origin-listen 127.0.0.1:9001 --url ws://127.0.0.1:8080/ --sse
+//! --clients 2500 --storm 2000 --storm-away 2 --rate 50 --seconds 10
+//! --gateway-pid PID` with `wsgate --origin ws://127.0.0.1:9001/`.
 //!
 //! Self-test without a gateway (clients straight on the tool's own origin):
 //! `cargo run --release --example load -- --origin-listen 127.0.0.1:9001
@@ -109,6 +147,21 @@ struct Args {
     /// text/event-stream) instead of upgrading to WebSocket
     #[argh(switch)]
     sse: bool,
+    /// with --sse: a stream the gateway ends is reconnected with
+    /// Last-Event-ID and checked for continuity across the reconnect
+    #[argh(switch)]
+    reconnect: bool,
+    /// delay before a reconnect, ms (default 100)
+    #[argh(option, default = "100")]
+    reconnect_delay_ms: u64,
+    /// with --sse: the last N clients make a resume storm at the window's
+    /// start (implies --reconnect; default 0: none)
+    #[argh(option, default = "0")]
+    storm: usize,
+    /// seconds the storm clients stay away before all reconnecting at once
+    /// (default 2)
+    #[argh(option, default = "2")]
+    storm_away: u64,
     /// gateway process to observe (CPU and RSS over the window)
     #[argh(option)]
     gateway_pid: Option<u32>,
@@ -171,11 +224,23 @@ struct Edges {
     published: [u64; 2],
     upstreams: usize,
     gateway: [Option<gwstat::Sample>; 2],
+    /// The gateway at the storm's reconnect and at its end.
+    storm: [Option<gwstat::Sample>; 2],
     started: Option<Instant>,
     window: Duration,
 }
 
 impl Edges {
+    /// Samples the gateway at the storm's reconnect (`end` 0) or end (1).
+    fn sample_storm(&mut self, end: usize, observer: Option<&gwstat::Observer>) {
+        if let Some(obs) = observer {
+            match obs.sample() {
+                Ok(s) => self.storm[end] = Some(s),
+                Err(e) => eprintln!("load: cannot sample gateway: {e}"),
+            }
+        }
+    }
+
     fn take(
         &mut self,
         end: usize,
@@ -216,6 +281,21 @@ fn run(args: &Args) -> Result<String, String> {
     }
     if args.url.is_some() && args.clients == 0 {
         return Err("--clients must be at least 1".to_string());
+    }
+    if (args.reconnect || args.storm > 0) && !args.sse {
+        return Err("--reconnect and --storm need --sse".to_string());
+    }
+    if args.storm > 0 && args.storm >= args.clients {
+        return Err(format!(
+            "--storm must be below --clients (the others are measured beside it): {} >= {}",
+            args.storm, args.clients
+        ));
+    }
+    if args.storm > 0 && args.storm_away >= args.seconds {
+        return Err(format!(
+            "--seconds ({}) must be longer than --storm-away ({}): the storm runs in the window",
+            args.seconds, args.storm_away
+        ));
     }
 
     let observer = match args.gateway_pid {
@@ -279,6 +359,11 @@ fn run(args: &Args) -> Result<String, String> {
             config.max_in_flight = args.in_flight;
             config.headers.clone_from(&args.header);
             config.tls_ca.clone_from(&args.tls_ca);
+            if args.reconnect || args.storm > 0 {
+                config.reconnect = Some(Duration::from_millis(args.reconnect_delay_ms));
+            }
+            config.storm = args.storm;
+            config.storm_away = Duration::from_secs(args.storm_away);
             let t0 = Instant::now();
             let mut hook = |phase: client::Phase| match phase {
                 client::Phase::Connected(p) => {
@@ -296,6 +381,17 @@ fn run(args: &Args) -> Result<String, String> {
                 client::Phase::WindowStart => {
                     edges.take(0, origin.as_ref(), observer.as_ref());
                     eprintln!("load: measuring for {}s", args.seconds);
+                }
+                client::Phase::StormBack => {
+                    edges.sample_storm(0, observer.as_ref());
+                    eprintln!(
+                        "load: {} storm clients reconnecting after {}s away",
+                        args.storm, args.storm_away
+                    );
+                }
+                client::Phase::StormOver => {
+                    edges.sample_storm(1, observer.as_ref());
+                    eprintln!("load: storm over");
                 }
                 client::Phase::WindowEnd => {
                     edges.take(1, origin.as_ref(), observer.as_ref());
@@ -370,6 +466,79 @@ fn describe_rate(args: &Args) -> String {
     }
 }
 
+/// The summary's reconnect fields (see the module docs).
+fn resumes(s: &mut String, r: &client::Report) {
+    use std::fmt::Write as _;
+    let _ = write!(
+        s,
+        " stream_ends={} reconnects={} resets={} reset_gaps={}",
+        r.stream_ends, r.reconnects, r.resets, r.reset_gaps
+    );
+    if r.reconnect_failed > 0 {
+        let _ = write!(s, " reconnect_failed={}", r.reconnect_failed);
+    }
+    if r.unresumed > 0 {
+        let _ = write!(s, " unresumed={}", r.unresumed);
+    }
+}
+
+/// The summary's storm fields (see the module docs).
+fn storm(
+    s: &mut String,
+    n: usize,
+    r: &client::Report,
+    edges: &Edges,
+    observer: Option<&gwstat::Observer>,
+) {
+    use std::fmt::Write as _;
+    let st = &r.storm;
+    let _ = write!(
+        s,
+        " storm={n} storm_left={} storm_live={}/{}",
+        st.left, st.live, st.left
+    );
+    if st.live < st.left || st.time_to_live.is_empty() {
+        s.push_str(" storm_all_live=-");
+    } else {
+        let _ = write!(s, " storm_all_live={}", ms(st.time_to_live.max()));
+    }
+    if !st.time_to_live.is_empty() {
+        let _ = write!(
+            s,
+            " storm_live_p50={}",
+            ms(st.time_to_live.value_at_quantile(0.50))
+        );
+    }
+    let _ = write!(
+        s,
+        " storm_resumed={} storm_gaps={} storm_dups={} storm_resets={} storm_reset_gaps={}",
+        st.resumed, st.gaps, st.dups, st.resets, st.reset_gaps
+    );
+    let p99 = |h: &hdrhistogram::Histogram<u64>| {
+        if h.is_empty() {
+            "-".to_string()
+        } else {
+            ms(h.value_at_quantile(0.99))
+        }
+    };
+    let _ = write!(
+        s,
+        " others_p99={} others_storm_p99={}",
+        p99(&r.others_latency),
+        p99(&st.others_latency)
+    );
+    if let (Some(obs), [Some(a), Some(b)]) = (observer, &edges.storm) {
+        let cpu_us = obs.cpu_us(a, b);
+        let wall_us = b.at.saturating_duration_since(a.at).as_micros().max(1) as f64;
+        let _ = write!(
+            s,
+            " storm_gw_cpu={:.1}% storm_gw_cpu_s={:.2}",
+            cpu_us as f64 * 100.0 / wall_us,
+            cpu_us as f64 / 1e6
+        );
+    }
+}
+
 /// The one summary line.
 fn summary(
     args: &Args,
@@ -439,6 +608,12 @@ fn summary(
             let _ = write!(s, " gaps={} dups={} errors={}", r.gaps, r.dups, r.errors());
             if is_origin {
                 let _ = write!(s, " upstreams={}", edges.upstreams);
+            }
+            if args.reconnect || args.storm > 0 {
+                resumes(&mut s, r);
+            }
+            if args.storm > 0 {
+                storm(&mut s, args.storm, r, edges, observer);
             }
         }
         None => {
