@@ -330,7 +330,6 @@ pub(crate) fn spawn(id: LobbyId, env: &LobbyEnv) -> Result<LobbyHandle> {
             touched: vec![false; env.writers.len()],
             stats: Arc::clone(&env.stats),
             counters: Arc::clone(&counters),
-            warming: false,
         },
         published: Arc::clone(&published),
         manager: env.manager.clone(),
@@ -619,7 +618,7 @@ impl Lobby {
         self.stop_origin();
     }
 
-    /// Lets the origin go while the lobby has no client.
+    /// Lets the origin go: the lobby's clients were all closed.
     fn stop_origin(&mut self) {
         self.origin.stop("no clients");
         #[cfg(feature = "sse")]
@@ -645,7 +644,6 @@ impl Lobby {
                 }
                 Ok(LobbyMsg::Warm) => {
                     self.warming_from = Some(self.fanout.history.head());
-                    self.fanout.warming = true;
                     self.origin.start();
                 }
                 Ok(LobbyMsg::Leave(id)) => {
@@ -678,7 +676,10 @@ impl Lobby {
             bump(counter);
         }
         if left && self.fanout.is_empty() {
-            self.stop_origin();
+            // It keeps its origin while it lingers: clients back within the
+            // linger (a blip that dropped them all) resume with nothing
+            // lost, and nobody waits for a new upstream. The manager ends it.
+            debug!("{}: empty; lingering with its origin", self.id);
         }
         true
     }
@@ -806,9 +807,6 @@ struct Fanout {
     stats: Arc<Stats>,
     /// This lobby's counters, bumped once per message.
     counters: Arc<LobbyCounters>,
-    /// Warming up for clients moving in: messages go into the history
-    /// though nobody is here yet.
-    warming: bool,
 }
 
 impl Fanout {
@@ -834,10 +832,8 @@ impl Fanout {
     /// or from another lobby.
     fn broadcast(&mut self, message: Message<'_>) {
         self.stats.messages_in.fetch_add(1, Relaxed);
-        if self.is_empty() && !self.warming {
-            self.counters.message(&self.stats.epoch, 0, 0);
-            return;
-        }
+        // An empty lobby (lingering, or warming up) still keeps its
+        // history: its clients may be back any moment, resuming.
         let plain = match message.body {
             Body::Payload(kind, payload) => {
                 frame::encode_stamped(kind.opcode(), payload, self.stats.epoch.micros())
@@ -971,7 +967,6 @@ impl Fanout {
     /// A new client: the last `replay` frames, then the live stream; a
     /// resuming one (`after`), what followed that message.
     fn join_new(&mut self, member: Member, after: Option<u64>) {
-        self.warming = false;
         self.deflating += usize::from(member.deflate);
         #[cfg(feature = "sse")]
         {
@@ -1153,7 +1148,6 @@ impl Fanout {
 
     /// A client from another lobby: continue right after `resume`.
     fn adopt(&mut self, member: Member, resume: Resume) {
-        self.warming = false;
         self.deflating += usize::from(member.deflate);
         #[cfg(feature = "sse")]
         {
@@ -1524,7 +1518,6 @@ mod tests {
             touched: vec![false],
             counters: Arc::new(LobbyCounters::starting(&stats.epoch)),
             stats: Arc::clone(&stats),
-            warming: false,
         };
         fanout.members.push(Member {
             id: ClientId(0),
