@@ -67,7 +67,8 @@ pub(crate) struct Stats {
     pub client_writes: AtomicU64,
     /// Of `frames_delivered`, the compressed ones (permessage-deflate).
     pub frames_delivered_deflated: AtomicU64,
-    /// Messages lobbies compressed (once per lobby, whatever its clients).
+    /// Messages lobbies compressed (once per lobby per form: the frame, the
+    /// resume envelope; whatever its clients).
     pub messages_deflated: AtomicU64,
     /// Payload bytes of those messages before compression.
     pub deflate_bytes_in: AtomicU64,
@@ -539,8 +540,9 @@ pub struct StatsSnapshot {
     /// Of [`StatsSnapshot::frames_delivered`], those sent compressed
     /// (permessage-deflate); the rest went out uncompressed.
     pub frames_delivered_compressed: u64,
-    /// Messages lobbies compressed: once per lobby per message that at
-    /// least one member takes compressed and that deflate made smaller.
+    /// Messages lobbies compressed: once per lobby per message and form
+    /// (the frame, the resume envelope) that at least one member takes
+    /// compressed and that deflate made smaller.
     pub messages_compressed: u64,
     /// Payload bytes of [`StatsSnapshot::messages_compressed`] before compression.
     pub compress_bytes_in: u64,

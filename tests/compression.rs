@@ -1,6 +1,7 @@
 //! permessage-deflate end to end: real origin, real gateway, raw clients
 //! upgraded by hand (the frames read with the support helpers, compressed
-//! payloads checked with flate2 directly, not with the gateway's code).
+//! payloads checked with flate2 directly, not with the gateway's code:
+//! `support/deflate.rs`).
 //!
 //! Compressing and plain clients share one lobby and each get every message
 //! in order, compressed exactly where it pays; the history replays the form
@@ -15,7 +16,6 @@ mod support;
 
 use std::{io::Write, net::TcpStream, sync::Arc, time::Duration};
 
-use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use support::*;
 use tungstenite::Message;
 use wsgate::ClientMessages;
@@ -25,43 +25,6 @@ const OFFER: &str = "permessage-deflate; client_max_window_bits";
 /// What the gateway answers.
 const ANSWER: &str = "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover\r\n";
 const RSV1: u8 = 0x40;
-
-/// A message payload inflated as RFC 7692 §7.2.2 says (the tail put back).
-fn inflate(payload: &[u8]) -> Vec<u8> {
-    let mut input = payload.to_vec();
-    input.extend([0x00, 0x00, 0xff, 0xff]);
-    let mut raw = Decompress::new(false);
-    let mut out = Vec::with_capacity(64 * 1024);
-    while (raw.total_in() as usize) < input.len() {
-        out.reserve(64 * 1024);
-        let at = raw.total_in() as usize;
-        raw.decompress_vec(&input[at..], &mut out, FlushDecompress::Sync)
-            .expect("valid DEFLATE");
-    }
-    out
-}
-
-/// `payload` compressed as a client would (its sync-flush tail removed).
-fn deflate(payload: &[u8]) -> Vec<u8> {
-    let mut raw = Compress::new(Compression::best(), false);
-    let mut out = Vec::with_capacity(payload.len() / 100 + 1024);
-    loop {
-        out.reserve(64 * 1024);
-        let at = raw.total_in() as usize;
-        let status = raw
-            .compress_vec(&payload[at..], &mut out, FlushCompress::Sync)
-            .expect("deflate");
-        if raw.total_in() as usize == payload.len()
-            && status == Status::Ok
-            && out.len() < out.capacity()
-        {
-            break;
-        }
-    }
-    assert!(out.ends_with(&[0x00, 0x00, 0xff, 0xff]));
-    out.truncate(out.len() - 4);
-    out
-}
 
 /// A 1 KiB price tick: repeated keys, varying numbers.
 fn tick(seq: u64) -> String {

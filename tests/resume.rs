@@ -154,6 +154,130 @@ fn a_resume_client_back_with_its_last_id_gets_exactly_what_it_missed_then_live()
     assert_eq!((stats.resumes, stats.resume_resets), (1, 0));
 }
 
+/// What the gateway answers an offer of permessage-deflate with.
+#[cfg(feature = "compression")]
+const DEFLATE_ANSWER: &str = "Sec-WebSocket-Extensions: permessage-deflate; \
+    server_no_context_takeover; client_no_context_takeover\r\n";
+
+/// A raw resume client at `target` offering permessage-deflate as Chromium
+/// does, the extension answered.
+#[cfg(feature = "compression")]
+fn deflating_resume_client(addr: SocketAddr, target: &str) -> TcpStream {
+    let (stream, head) = upgrade_with(
+        addr,
+        target,
+        &format!(
+            "Sec-WebSocket-Protocol: {PROTOCOL}\r\n\
+             Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+        ),
+    );
+    assert_eq!(status_of(&head), 101, "{head}");
+    assert!(
+        head.contains(&format!("Sec-WebSocket-Protocol: {PROTOCOL}\r\n")),
+        "{head}"
+    );
+    assert!(head.contains(DEFLATE_ANSWER), "{head}");
+    stream
+}
+
+/// The next message a raw client reads: whether it came compressed (RSV1),
+/// and its payload as the client sees it (inflated with flate2 if so).
+#[cfg(feature = "compression")]
+#[track_caller]
+fn next_inflated(stream: &mut TcpStream) -> (bool, String) {
+    let (first, payload) = read_server_frame_whole(stream).expect("a frame before the deadline");
+    assert_eq!(first & 0x0F, 0x1, "a text frame: {first:#x}");
+    let compressed = first & 0x40 != 0;
+    let payload = if compressed {
+        inflate(&payload)
+    } else {
+        payload
+    };
+    (compressed, String::from_utf8(payload).expect("UTF-8"))
+}
+
+/// Message `n` of a compressible feed: a price tick of about 700 bytes
+/// (past `--compress-min`) for most, a short one (under it) every third.
+#[cfg(feature = "compression")]
+fn tick(n: u64) -> String {
+    if n % 3 == 0 {
+        return format!("{{\"seq\":{n}}}");
+    }
+    let level = |i: u64| format!("{{\"price\":{}.25,\"qty\":{}.5}}", 64_000 + n + i, i % 7);
+    let levels: Vec<String> = (0..20).map(level).collect();
+    format!("{{\"seq\":{n},\"levels\":[{}]}}", levels.join(","))
+}
+
+#[cfg(feature = "compression")]
+#[test]
+fn a_resume_client_taking_deflate_gets_compressed_envelopes_and_resumes_from_the_history() {
+    let (origin, gw, _ws) = gateway_with_a_lobby(|_| {});
+    let addr = gw.local_addr();
+    // Beside the plain client: a resume client that does not offer
+    // compression (the envelopes and IDs to compare with), and one that does.
+    let mut sealed = resume_client(addr, None);
+    let mut packed = deflating_resume_client(addr, "/");
+    wait_placed(&gw, 3);
+    let send = |n: u64| origin.send(Message::text(tick(n)));
+    for n in 1..=10 {
+        send(n);
+    }
+    // The same envelope, with the same ID, compressed where the message is
+    // long enough (the lobby compressed the envelope, once), not where it
+    // is under --compress-min.
+    let mut envelopes = Vec::new();
+    for n in 1..=10 {
+        let (id, text) = next_sealed(&mut sealed);
+        assert_eq!(text, tick(n), "in order");
+        envelopes.push(format!("{id} {text}"));
+    }
+    let mut last = String::new();
+    for n in 1..=5 {
+        let (compressed, envelope) = next_inflated(&mut packed);
+        assert_eq!(compressed, n % 3 != 0, "RSV1 on message {n}");
+        assert_eq!(envelope, envelopes[n as usize - 1], "message {n}");
+        last = envelope[..16].to_owned();
+    }
+    // Its connection drops after five; five more arrive, then five while
+    // it is away. Back with its last ID: exactly what it missed, from the
+    // history (compressed or not: the lobby compressed envelopes only while
+    // a resume client that takes them was there), then live.
+    drop(packed);
+    wait_clients(&gw, 2);
+    for n in 11..=15 {
+        send(n);
+    }
+    for n in 11..=15 {
+        let (id, text) = next_sealed(&mut sealed);
+        assert_eq!(text, tick(n), "in order");
+        envelopes.push(format!("{id} {text}"));
+    }
+    let mut back = deflating_resume_client(addr, &format!("/?last_event_id={last}"));
+    for n in 6..=15 {
+        let (compressed, envelope) = next_inflated(&mut back);
+        assert!(
+            !compressed || n % 3 != 0,
+            "message {n} is too short to compress"
+        );
+        assert_eq!(
+            envelope,
+            envelopes[n as usize - 1],
+            "message {n}, from the history"
+        );
+    }
+    wait_placed(&gw, 3);
+    send(16);
+    let (id, text) = next_sealed(&mut sealed);
+    let (compressed, envelope) = next_inflated(&mut back);
+    assert!(compressed, "live, compressed again");
+    assert_eq!(envelope, format!("{id} {text}"));
+    assert_eq!(text, tick(16));
+    let stats = gw.stats();
+    assert_eq!((stats.resumes, stats.resume_resets), (1, 0));
+    assert_eq!(stats.frames_dropped, 0);
+    assert!(stats.messages_compressed >= 4, "{stats:?}");
+}
+
 #[test]
 fn a_slow_resume_client_is_closed_rather_than_thinned_and_resumes_with_nothing_lost() {
     // The close waits for what is queued as long as the test may take;

@@ -21,8 +21,10 @@
 //! A WebSocket upgrade that offers the subprotocol `wsgate.resume.v1`
 //! opts into resume (`wire/envelope.rs`): that subprotocol is answered (in
 //! place of the route's own, which a route that requires one still checks
-//! for), permessage-deflate is declined, and its `last_event_id` query
-//! parameter is read and kept out of the lobby key, as for a stream.
+//! for), permessage-deflate is negotiated as for any WebSocket client (its
+//! lobby compresses the envelope), and its `last_event_id` query
+//! parameter is read and kept out of the lobby key, as for a stream. An
+//! event stream has no frames: its offer of the extension is declined.
 
 use std::sync::Arc;
 
@@ -623,13 +625,13 @@ fn check<'b, 'r>(
     };
     #[cfg(not(feature = "sse"))]
     let after = None;
-    // A resume client is declined permessage-deflate (the envelope is not
-    // compressed); it then speaks uncompressed, as RFC 7692 lets it.
+    // A resume client negotiates as any WebSocket client (its lobby
+    // compresses the envelope); an event stream has no frames to compress.
     let deflate = endpoint
         .compression
         .then(|| deflate::negotiate(header("Sec-WebSocket-Extensions")))
         .flatten()
-        .filter(|_| !sse && !envelope);
+        .filter(|_| !sse);
     #[cfg(feature = "auth")]
     let grant = match &endpoint.auth {
         None => Grant::default(),
@@ -953,7 +955,7 @@ mod tests {
 
     #[cfg(feature = "sse")]
     #[test]
-    fn the_resume_subprotocol_is_answered_alone_and_brings_its_position() {
+    fn the_resume_subprotocol_is_answered_alone_with_compression_and_its_position() {
         let endpoints = [Endpoint {
             compression: true,
             ..Endpoint::plain(RouteId(0), "/prices")
@@ -965,7 +967,7 @@ mod tests {
             Parsed::Upgrade {
                 response,
                 envelope: true,
-                deflate: false,
+                deflate,
                 after: Some(0xff),
                 ..
             } => {
@@ -978,7 +980,17 @@ mod tests {
                     !text.contains("bearer"),
                     "a token is never answered: {text}"
                 );
-                assert!(!text.contains("Sec-WebSocket-Extensions"), "{text}");
+                // Compression is negotiated as for any WebSocket client.
+                let compresses = cfg!(feature = "compression");
+                assert_eq!(deflate, compresses);
+                assert_eq!(
+                    text.contains(
+                        "Sec-WebSocket-Extensions: permessage-deflate; \
+                         server_no_context_takeover; client_no_context_takeover\r\n"
+                    ),
+                    compresses,
+                    "{text}"
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -1090,6 +1102,26 @@ mod tests {
                 assert!(text.contains("Content-Type: text/event-stream\r\n"));
                 assert!(text.ends_with("\r\n\r\nretry: 1000\n\n"), "{text}");
                 assert!(!text.contains("Access-Control"), "no Origin, no CORS");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A stream has no frames: an offer of compression is declined on a
+        // route that compresses (where a WebSocket, resume or not, gets it).
+        let compressing = [Endpoint {
+            compression: true,
+            ..Endpoint::plain(RouteId(0), "/prices")
+        }];
+        let bytes = "GET /prices HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\
+                     Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n";
+        match parse_route(bytes.as_bytes(), &route_over(&compressing, &[])) {
+            Parsed::Upgrade {
+                response,
+                sse: true,
+                deflate: false,
+                ..
+            } => {
+                let text = String::from_utf8(response).unwrap();
+                assert!(!text.contains("Extensions"), "{text}");
             }
             other => panic!("{other:?}"),
         }

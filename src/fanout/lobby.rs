@@ -30,6 +30,13 @@
 //! (`wire/sse.rs`) and the resume envelope for WebSocket clients that
 //! opted in (`wire/envelope.rs`); each kind of member has a list of its
 //! own, so the loop over plain members is the same whatever else is here.
+//! While a resume member negotiated permessage-deflate, the envelope is
+//! compressed too, once per message like the plain frame (same deflater,
+//! same `compress_min`, counted the same); a resume member that negotiated
+//! it gets the compressed envelope where there is one and the plain
+//! envelope otherwise, live and from the history alike (the catch-up
+//! compresses nothing: a message that came while no such member was here
+//! is sent uncompressed, as RFC 7692 allows).
 //! A client resuming after a message ID is caught up from the history like
 //! a client moving in; after an ID the history does not know, it waits (at
 //! most [`RESUME_WAIT`]) for the message to arrive, this lobby's upstream
@@ -317,6 +324,8 @@ pub(crate) fn spawn(id: LobbyId, env: &LobbyEnv) -> Result<LobbyHandle> {
             sealed: Vec::new(),
             #[cfg(feature = "sse")]
             sealing: 0,
+            #[cfg(feature = "sse")]
+            sealing_deflated: 0,
             #[cfg(feature = "sse")]
             rereadable,
             #[cfg(feature = "sse")]
@@ -608,6 +617,7 @@ impl Lobby {
         {
             fanout.streaming = 0;
             fanout.sealing = 0;
+            fanout.sealing_deflated = 0;
         }
         for member in fanout.members.drain(..).chain(catching_up).chain(adopting) {
             member.queue.push(close.clone());
@@ -763,7 +773,8 @@ struct Fanout {
     history: History,
     replay: usize,
     /// Clients here (at the live edge, catching up or moving in) that take
-    /// compressed frames: while there are none, none are built.
+    /// compressed frames (resume clients apart: `sealing_deflated`): while
+    /// there are none, none are built.
     deflating: usize,
     /// Made when the first message is compressed.
     deflater: Option<Deflater>,
@@ -784,6 +795,10 @@ struct Fanout {
     /// the envelope form: while there are none, none is built.
     #[cfg(feature = "sse")]
     sealing: usize,
+    /// Of those, the clients that negotiated permessage-deflate: while
+    /// there are none, no envelope is compressed.
+    #[cfg(feature = "sse")]
+    sealing_deflated: usize,
     /// The source can read again what the history no longer holds (a
     /// Redis stream): resumes from beyond the history wait for it too.
     #[cfg(feature = "sse")]
@@ -850,6 +865,11 @@ impl Fanout {
         let sse = (self.streaming > 0).then(|| sse::event(mark.id, &plain));
         #[cfg(feature = "sse")]
         let envelope = (self.sealing > 0).then(|| envelope::envelope(mark.id, &plain));
+        #[cfg(feature = "sse")]
+        let envelope_deflated = match &envelope {
+            Some(sealed) if self.sealing_deflated > 0 => self.deflate(sealed),
+            _ => None,
+        };
         let forms = Forms {
             plain,
             deflated,
@@ -857,6 +877,8 @@ impl Fanout {
             sse,
             #[cfg(feature = "sse")]
             envelope,
+            #[cfg(feature = "sse")]
+            envelope_deflated,
         };
         let mut dropped = [0; DropReason::COUNT];
         for member in &self.members {
@@ -911,16 +933,21 @@ impl Fanout {
     }
 
     /// Queues a message's envelope for the members that opted into
-    /// resume. Like an event stream, such a member loses nothing: a full
-    /// queue refuses the envelope and its writer closes the connection
-    /// (1013), and the client resumes after the last ID it got.
+    /// resume: compressed for those that negotiated that, where there is a
+    /// compressed envelope. Like an event stream, such a member loses
+    /// nothing: a full queue refuses the envelope and its writer closes the
+    /// connection (1013), and the client resumes after the last ID it got.
     #[cfg(feature = "sse")]
     fn seal(&mut self, forms: &Forms) -> u64 {
-        let Some(sealed) = &forms.envelope else {
+        let Some(plain) = &forms.envelope else {
             return 0;
         };
         let mut pushed = 0;
         for member in &self.sealed {
+            let sealed = match &forms.envelope_deflated {
+                Some(deflated) if member.deflate => deflated,
+                _ => plain,
+            };
             if member.queue.push_event(sealed.clone()) == Pushed::Queued {
                 pushed += 1;
             }
@@ -942,8 +969,9 @@ impl Fanout {
         self.members.push(member);
     }
 
-    /// The compressed frame of `plain`, if it is large enough and deflate
-    /// makes it smaller; counted.
+    /// The compressed frame of `plain` (an origin message's frame or its
+    /// envelope), if its payload is at least `compress_min` bytes and
+    /// deflate makes it smaller; counted.
     fn deflate(&mut self, plain: &Frame) -> Option<Frame> {
         let (opcode, payload) = frame::opcode_and_payload(plain);
         if payload.len() < self.compress_min {
@@ -967,11 +995,12 @@ impl Fanout {
     /// A new client: the last `replay` frames, then the live stream; a
     /// resuming one (`after`), what followed that message.
     fn join_new(&mut self, member: Member, after: Option<u64>) {
-        self.deflating += usize::from(member.deflate);
+        self.deflating += usize::from(member.deflate && !member.envelope);
         #[cfg(feature = "sse")]
         {
             self.streaming += usize::from(member.sse);
             self.sealing += usize::from(member.envelope);
+            self.sealing_deflated += usize::from(member.envelope && member.deflate);
             if let Some(after) = after {
                 return self.resume(member, after);
             }
@@ -1148,11 +1177,12 @@ impl Fanout {
 
     /// A client from another lobby: continue right after `resume`.
     fn adopt(&mut self, member: Member, resume: Resume) {
-        self.deflating += usize::from(member.deflate);
+        self.deflating += usize::from(member.deflate && !member.envelope);
         #[cfg(feature = "sse")]
         {
             self.streaming += usize::from(member.sse);
             self.sealing += usize::from(member.envelope);
+            self.sealing_deflated += usize::from(member.envelope && member.deflate);
         }
         if resume.is_empty() {
             // It had received nothing yet: the live edge is where it starts.
@@ -1266,11 +1296,12 @@ impl Fanout {
     /// Removes a client; returns its position in the stream if it was here.
     fn remove(&mut self, id: ClientId) -> Option<Resume> {
         let (resume, member) = self.take(id)?;
-        self.deflating -= usize::from(member.deflate);
+        self.deflating -= usize::from(member.deflate && !member.envelope);
         #[cfg(feature = "sse")]
         {
             self.streaming -= usize::from(member.sse);
             self.sealing -= usize::from(member.envelope);
+            self.sealing_deflated -= usize::from(member.envelope && member.deflate);
         }
         Some(resume)
     }
@@ -1338,7 +1369,8 @@ fn reset_for(member: &Member) -> Frame {
 
 /// The form of frame number `at` of `history` that `member` takes, if
 /// still held: compressed, plain, the event-stream form or the envelope
-/// (either built now if the lobby had no member taking it when the
+/// (compressed if held so and `member` negotiated that; either form built
+/// now, uncompressed, if the lobby had no member taking it when the
 /// message came).
 fn form_at(history: &History, at: u64, member: &Member) -> Option<Frame> {
     #[cfg(feature = "sse")]
@@ -1352,7 +1384,7 @@ fn form_at(history: &History, at: u64, member: &Member) -> Option<Frame> {
     #[cfg(feature = "sse")]
     if member.envelope {
         let (forms, id) = history.get_with_id(at)?;
-        return Some(match &forms.envelope {
+        return Some(match forms.envelope_for(member.deflate) {
             Some(sealed) => sealed.clone(),
             None => envelope::envelope(id, &forms.plain),
         });
@@ -1505,6 +1537,8 @@ mod tests {
             sealed: Vec::new(),
             #[cfg(feature = "sse")]
             sealing: 0,
+            #[cfg(feature = "sse")]
+            sealing_deflated: 0,
             #[cfg(feature = "sse")]
             rereadable: false,
             #[cfg(feature = "sse")]
@@ -1969,5 +2003,87 @@ mod tests {
         assert_eq!(live, position - 100 + 1);
         assert_eq!(stats.resumes_from_source.load(Relaxed), 10);
         assert_eq!(stats.resume_resets.load(Relaxed), 0);
+    }
+
+    /// `frame`'s payload, inflated if it is compressed (RSV1).
+    #[cfg(all(feature = "sse", feature = "compression"))]
+    fn inflated(frame: &Frame) -> Vec<u8> {
+        let mut input = frame::opcode_and_payload(frame).1.to_vec();
+        if !frame::is_deflated(frame) {
+            return input;
+        }
+        crate::wire::deflate::restore_tail(&mut input);
+        let mut out = Vec::new();
+        crate::wire::deflate::Inflater::default()
+            .inflate(&input, u64::MAX, &mut |chunk, _| {
+                out.extend_from_slice(chunk);
+                Ok(())
+            })
+            .unwrap();
+        out
+    }
+
+    #[cfg(all(feature = "sse", feature = "compression"))]
+    #[test]
+    fn a_resume_member_that_negotiated_deflate_gets_the_envelope_compressed_once() {
+        let poll = Poll::new().unwrap();
+        let (mut fanout, stats) = fanout_with_a_reader(&poll, 0);
+        let plain = fanout.members[0].queue.clone();
+        // Past `compress_min` (256), and deflate halves it.
+        let long = |n: u8| format!("{{\"seq\":{n},\"pad\":\"{}\"}}", "ab".repeat(200));
+        let resume = |id, deflate, queue: &ClientQueue| Member {
+            id: ClientId(id),
+            queue: queue.clone(),
+            writer: 0,
+            deflate,
+            sse: false,
+            envelope: true,
+        };
+        fanout.broadcast(Message::payload(MessageKind::Text, long(0).as_bytes()));
+        let packed = ClientQueue::closing_when_full(16, false);
+        let unpacked = ClientQueue::closing_when_full(16, false);
+        fanout.join_new(resume(1, true, &packed), None);
+        fanout.join_new(resume(2, false, &unpacked), None);
+        fanout.catch_up();
+        assert_eq!((fanout.deflating, fanout.sealing_deflated), (0, 1));
+        fanout.broadcast(Message::payload(MessageKind::Text, long(1).as_bytes()));
+        fanout.broadcast(Message::payload(MessageKind::Text, b"short"));
+        let id_of = |fanout: &Fanout, at: u64| fanout.history.get_with_id(at).unwrap().1;
+        let sealed = |at: u64, text: &str| format!("{:016x} {text}", id_of(&fanout, at));
+        let want = [sealed(1, &long(1)), sealed(2, "short")].map(String::into_bytes);
+        // The long one compressed (once: one compression for the message),
+        // the short one as its plain envelope; the same envelopes for the
+        // member that did not negotiate, uncompressed, and the plain frames
+        // untouched (none compressed: no plain member negotiated).
+        let got: Vec<Frame> = std::iter::from_fn(|| packed.pop()).collect();
+        assert!(frame::is_deflated(&got[0]) && !frame::is_deflated(&got[1]));
+        assert!(got[0].len() * 2 < want[0].len(), "{}", got[0].len());
+        assert_eq!(got.iter().map(inflated).collect::<Vec<_>>(), want);
+        let got: Vec<Frame> = std::iter::from_fn(|| unpacked.pop()).collect();
+        assert!(got.iter().all(|f| !frame::is_deflated(f)));
+        assert_eq!(got.iter().map(inflated).collect::<Vec<_>>(), want);
+        let got: Vec<Frame> = std::iter::from_fn(|| plain.pop()).collect();
+        assert!(got.iter().all(|f| !frame::is_deflated(f)));
+        assert_eq!(stats.messages_deflated.load(Relaxed), 1);
+        let held = fanout.history.get(1).unwrap();
+        assert!(held.deflated.is_none() && held.envelope_deflated.is_some());
+        // From the history: compressed where it is held so, else the plain
+        // envelope (message 0 came before any resume member: built now).
+        let late = ClientQueue::closing_when_full(16, false);
+        let member = resume(3, true, &late);
+        assert!(!frame::is_deflated(
+            &form_at(&fanout.history, 0, &member).unwrap()
+        ));
+        fanout.join_new(member, Some(id_of(&fanout, 0)));
+        let got: Vec<Frame> = std::iter::from_fn(|| late.pop()).collect();
+        assert!(frame::is_deflated(&got[0]));
+        assert_eq!(got.iter().map(inflated).collect::<Vec<_>>(), want);
+        // The members that negotiated leave: no envelope is compressed.
+        fanout.remove(ClientId(1));
+        fanout.remove(ClientId(3));
+        fanout.broadcast(Message::payload(MessageKind::Text, long(3).as_bytes()));
+        let held = fanout.history.get(3).unwrap();
+        assert!(held.envelope.is_some() && held.envelope_deflated.is_none());
+        assert_eq!(stats.messages_deflated.load(Relaxed), 1);
     }
 }

@@ -292,7 +292,7 @@ impl Collector for GatewayCollector {
         )?;
         out.counter(
             "messages_compressed",
-            "Messages compressed by lobbies (once per lobby per message, shared by its clients)",
+            "Messages compressed by lobbies (once per lobby per message and form, the frame or the resume envelope, shared by its clients)",
             s.messages_compressed,
         )?;
         out.counters_by(

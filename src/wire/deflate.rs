@@ -6,7 +6,8 @@
 //! always with `server_no_context_takeover` and `client_no_context_takeover`
 //! (RFC 7692 §7.1.1.1 and §7.1.1.2 let a server add both to any offer it
 //! accepts): every message is compressed on its own, so a lobby compresses
-//! an origin message once and every client that negotiated shares the bytes,
+//! an origin message once (and its resume envelope once, while a resume
+//! client negotiated) and every client that negotiated shares the bytes,
 //! and a writer inflates a client message with no window kept per client.
 //! [`Deflater`] is the lobby's (one per lobby, made on first use);
 //! [`Inflater`] is a writer's (one per writer, its buffers made on first

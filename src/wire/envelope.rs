@@ -11,8 +11,11 @@
 //! stays valid UTF-8. [`reset`] is a text message of exactly `reset`
 //! (never 17 bytes or more with a space at 16, so never taken for an
 //! envelope): the ID the client resumed after is not in its lobby's
-//! history, and what follows is the live stream. Pure functions: no
-//! socket, no thread.
+//! history, and what follows is the live stream. An envelope is a frame
+//! like any other: a lobby compresses it (once, `wire/deflate.rs`) for the
+//! resume clients that negotiated permessage-deflate, and the payload that
+//! comes out of inflating it is this one. Pure functions: no socket, no
+//! thread.
 
 use crate::wire::frame::{self, Frame, OP_TEXT};
 

@@ -65,7 +65,9 @@ impl Deref for Frame {
 
 /// One message's frames as a lobby shares them: `plain` for every client,
 /// and `deflated` (RSV1, compressed) for the clients that negotiated
-/// permessage-deflate, when a member wanted it and it paid.
+/// permessage-deflate, when a member wanted it and it paid; with feature
+/// `sse`, the event-stream form and the resume envelope, plain and
+/// compressed likewise, each while a member takes it.
 #[derive(Debug, Clone)]
 pub(crate) struct Forms {
     /// The uncompressed frame, which any client can take.
@@ -80,6 +82,10 @@ pub(crate) struct Forms {
     /// WebSocket member that opted in.
     #[cfg(feature = "sse")]
     pub envelope: Option<Frame>,
+    /// The resume envelope compressed (RSV1), built while the lobby has a
+    /// resume member that negotiated permessage-deflate, when it paid.
+    #[cfg(feature = "sse")]
+    pub envelope_deflated: Option<Frame>,
 }
 
 impl Forms {
@@ -93,6 +99,8 @@ impl Forms {
             sse: None,
             #[cfg(feature = "sse")]
             envelope: None,
+            #[cfg(feature = "sse")]
+            envelope_deflated: None,
         }
     }
 
@@ -105,13 +113,25 @@ impl Forms {
         }
     }
 
+    /// The envelope a resume client gets, if one was built: compressed if
+    /// it negotiated that (`deflate`) and there is a compressed envelope,
+    /// else uncompressed (RFC 7692 lets any message go out so).
+    #[cfg(feature = "sse")]
+    pub(crate) fn envelope_for(&self, deflate: bool) -> Option<&Frame> {
+        match &self.envelope_deflated {
+            Some(deflated) if deflate => Some(deflated),
+            _ => self.envelope.as_ref(),
+        }
+    }
+
     /// Bytes of every form held.
     pub(crate) fn len(&self) -> usize {
         let len = self.plain.len() + self.deflated.as_ref().map_or(0, |d| d.len());
         #[cfg(feature = "sse")]
         let len = len
             + self.sse.as_ref().map_or(0, |s| s.len())
-            + self.envelope.as_ref().map_or(0, |e| e.len());
+            + self.envelope.as_ref().map_or(0, |e| e.len())
+            + self.envelope_deflated.as_ref().map_or(0, |e| e.len());
         len
     }
 }

@@ -38,6 +38,9 @@ pub use redis_server::*;
 mod require;
 #[allow(unused_imports)]
 pub use require::*;
+mod deflate;
+#[allow(unused_imports)]
+pub use deflate::*;
 #[cfg(feature = "sse")]
 mod sse;
 #[cfg(feature = "sse")]
@@ -248,19 +251,38 @@ pub fn read_server_frame(stream: &mut TcpStream) -> io::Result<(u8, Vec<u8>)> {
     read_server_frame_whole(stream).map(|(first, payload)| (first & 0x0F, payload))
 }
 
+/// Sends an upgrade request for `target` with `extra` header lines (each
+/// ending in CRLF); returns the stream and the response head.
+pub fn upgrade_with(addr: SocketAddr, target: &str, extra: &str) -> (TcpStream, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect to the gateway");
+    stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let request = format!(
+        "GET {target} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .expect("send the upgrade");
+    let head = read_http_head(&mut stream);
+    (stream, head)
+}
+
+/// The status code of a response head (0 if there is none).
+pub fn status_of(head: &str) -> u16 {
+    head.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
 /// A raw client upgraded by hand, offering `extensions` in
 /// `Sec-WebSocket-Extensions`; with the gateway's 101 response.
 pub fn raw_client_offering(addr: SocketAddr, extensions: &str) -> (TcpStream, String) {
-    let mut stream = TcpStream::connect(addr).expect("connect");
-    stream
-        .set_read_timeout(Some(DEADLINE))
-        .expect("read timeout");
-    let request = UPGRADE_REQUEST.replace(
-        "\r\n\r\n",
-        &format!("\r\nSec-WebSocket-Extensions: {extensions}\r\n\r\n"),
+    let (stream, response) = upgrade_with(
+        addr,
+        "/",
+        &format!("Sec-WebSocket-Extensions: {extensions}\r\n"),
     );
-    stream.write_all(request.as_bytes()).expect("send request");
-    let response = read_http_head(&mut stream);
     assert!(response.starts_with("HTTP/1.1 101"), "{response}");
     (stream, response)
 }

@@ -1,7 +1,8 @@
 //! Client authentication in the tests: JWTs minted with the keys in
 //! `tests/support/keys/` (made for these tests with `openssl genpkey`; they
-//! protect nothing), a secret file, upgrades that present a token, and a
-//! real HTTP auth service on a loopback port that counts and answers.
+//! protect nothing), a secret file, and a real HTTP auth service on a
+//! loopback port that counts and answers (upgrades that present a token
+//! are `upgrade_with` in `mod.rs`).
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -17,8 +18,6 @@ use std::{
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header, jwk::Jwk};
 use serde_json::{Value, json};
-
-use super::{DEADLINE, read_http_head};
 
 /// The path of a test key file.
 pub fn key_file(name: &str) -> PathBuf {
@@ -143,30 +142,6 @@ pub fn base64url(bytes: &[u8]) -> String {
         }
     }
     out
-}
-
-/// Sends an upgrade request for `target` with `extra` header lines (each
-/// ending in CRLF); returns the stream and the response head.
-pub fn upgrade_with(addr: SocketAddr, target: &str, extra: &str) -> (TcpStream, String) {
-    let mut stream = TcpStream::connect(addr).expect("connect to the gateway");
-    stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
-    let request = format!(
-        "GET {target} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
-    );
-    stream
-        .write_all(request.as_bytes())
-        .expect("send the upgrade");
-    let head = read_http_head(&mut stream);
-    (stream, head)
-}
-
-/// The status code of a response head (0 if there is none).
-pub fn status_of(head: &str) -> u16 {
-    head.split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
 }
 
 /// How a test auth service answers.
