@@ -10,6 +10,8 @@ use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use argh::FromArgs;
 use log::LevelFilter;
+#[cfg(feature = "sse")]
+use wsgate::SlowStream;
 use wsgate::{ClientMessages, Config, Error, OriginLoss, RouteConfig, SlowClient};
 
 /// wsgate: one origin WebSocket feed, fanned out to many clients.
@@ -141,6 +143,12 @@ pub struct Cli {
     #[cfg(feature = "sse")]
     #[argh(option)]
     pub sse_retry: Option<Span>,
+
+    /// event streams and resume clients with a full queue: close them so
+    /// they resume (default), or drop their oldest
+    #[cfg(feature = "sse")]
+    #[argh(option)]
+    pub slow_stream: Option<SlowStream>,
 
     /// slow clients: drop their oldest frames, or disconnect them with 1013
     #[argh(option)]
@@ -474,6 +482,9 @@ impl Cli {
             }
             if let Some(retry) = &self.sse_retry {
                 config.sse_retry = retry.0;
+            }
+            if let Some(slow) = self.slow_stream {
+                config.slow_stream = slow;
             }
         }
 
@@ -1090,6 +1101,11 @@ mod tests {
             "sse_retry",
             &["--sse-retry", "250ms"],
             r#"sse_retry = "250ms""#,
+        ),
+        (
+            "slow_stream",
+            &["--slow-stream", "drop"],
+            r#"slow_stream = "drop""#,
         ),
     ];
     #[cfg(all(feature = "config-file", not(feature = "sse")))]

@@ -128,8 +128,8 @@ mod stats;
 mod wire;
 
 pub use config::{
-    AuthConfig, ClientMessages, Config, OriginLoss, RouteConfig, SlowClient, SniCert, TlsConfig,
-    parse_duration, parse_fraction, parse_header,
+    AuthConfig, ClientMessages, Config, OriginLoss, RouteConfig, SlowClient, SlowStream, SniCert,
+    TlsConfig, parse_duration, parse_fraction, parse_header,
 };
 pub use control::shutdown::ShutdownHandle;
 pub use error::{Error, Result};

@@ -11,7 +11,7 @@ use std::{io::Read, thread, time::Duration};
 
 use support::*;
 use tungstenite::Message;
-use wsgate::Disconnect;
+use wsgate::{Disconnect, DropReason, SlowStream};
 
 /// The status of an HTTP response.
 fn status(response: &str) -> u16 {
@@ -232,6 +232,45 @@ fn a_slow_stream_is_closed_rather_than_thinned_and_fast_clients_lose_nothing() {
     assert_eq!(ws.count() as u64, N, "the WebSocket client lost nothing");
     assert!(!fast.has_ended());
     assert_eq!(gw.stats().disconnected(Disconnect::TooSlow), 1);
+}
+
+#[test]
+fn with_slow_stream_drop_a_slow_stream_stays_open_and_loses_its_oldest() {
+    let (origin, gw, ws) = gateway_with_a_lobby(|c| {
+        c.queue_depth = 4;
+        c.slow_stream = SlowStream::Drop;
+    });
+    let mut slow = connect_from(gw.local_addr(), [127, 0, 0, 1], 4096);
+    std::io::Write::write_all(&mut slow, sse_request("/", &[]).as_bytes()).expect("request");
+    wait_placed(&gw, 2);
+    const N: u64 = 100;
+    let pad = "x".repeat(8000);
+    for n in 1..=N {
+        origin.send(Message::text(format!("{n} {pad}")));
+        wait_until("the WebSocket client to keep up", || ws.count() as u64 >= n);
+    }
+    wait_until("the slow stream's oldest dropped", || {
+        let stats = gw.stats();
+        stats.dropped(DropReason::SlowClient) + stats.dropped(DropReason::WriterBehind) > 0
+    });
+    // Still open: what it holds, then the next message.
+    origin.send(Message::text(format!("{} {pad}", N + 1)));
+    let want = format!("\ndata: {} ", N + 1);
+    let mut text = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    while !String::from_utf8_lossy(&text).contains(&want) {
+        let n = slow.read(&mut chunk).expect("the stream is still open");
+        assert!(n > 0, "the stream ended");
+        text.extend_from_slice(&chunk[..n]);
+    }
+    let got = String::from_utf8_lossy(&text).matches("\ndata: ").count();
+    assert!(got < (N + 1) as usize, "it lost some: got {got}");
+    assert_eq!(gw.stats().disconnected(Disconnect::TooSlow), 0);
+    assert_eq!(
+        ws.count() as u64,
+        N + 1,
+        "the WebSocket client lost nothing"
+    );
 }
 
 #[test]

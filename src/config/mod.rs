@@ -120,6 +120,10 @@ pub struct Config {
     /// What happens to a client that cannot keep up. Defaults to
     /// [`SlowClient::Drop`].
     pub slow_client: SlowClient,
+    /// What happens to a client that carries message IDs (an event stream,
+    /// a WebSocket resume client; feature `sse`) when its queue is full.
+    /// Defaults to [`SlowStream::Close`].
+    pub slow_stream: SlowStream,
     /// With [`SlowClient::Disconnect`], frames a client may lose within a
     /// minute before it is closed with 1013. Defaults to 256.
     pub slow_client_drops: u64,
@@ -520,6 +524,7 @@ impl Default for Config {
             sse_heartbeat: Duration::from_secs(15),
             sse_retry: Duration::from_secs(1),
             slow_client: SlowClient::Drop,
+            slow_stream: SlowStream::Close,
             slow_client_drops: 256,
             client_messages: ClientMessages::Drop,
             lobby_capacity: 512,
@@ -617,6 +622,33 @@ impl std::str::FromStr for SlowClient {
             "drop" => Ok(SlowClient::Drop),
             "disconnect" => Ok(SlowClient::Disconnect),
             _ => Err(format!("expected drop or disconnect, not {s:?}")),
+        }
+    }
+}
+
+/// What happens to a client that carries message IDs (an event stream, a
+/// WebSocket resume client) when its queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "config-file", derive(Serialize, Deserialize))]
+#[cfg_attr(feature = "config-file", serde(rename_all = "lowercase"))]
+pub enum SlowStream {
+    /// Its connection is closed (a WebSocket after what it has queued, with
+    /// 1013), and it resumes from the history with nothing lost.
+    #[default]
+    Close,
+    /// Its queue drops its oldest, as a plain WebSocket client's does: it
+    /// stays connected, and the IDs it sees skip what it lost.
+    Drop,
+}
+
+impl std::str::FromStr for SlowStream {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "close" => Ok(SlowStream::Close),
+            "drop" => Ok(SlowStream::Drop),
+            _ => Err(format!("expected close or drop, not {s:?}")),
         }
     }
 }

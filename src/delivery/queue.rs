@@ -162,6 +162,13 @@ impl Deref for ClientQueue {
 }
 
 impl Outlet {
+    /// Whether a full queue refuses a frame rather than drop its oldest
+    /// ([`ClientQueue::closing_when_full`]).
+    #[cfg(feature = "sse")]
+    pub(crate) fn closes_when_full(&self) -> bool {
+        self.state.close_when_full
+    }
+
     /// Whether the queue refused a frame (see [`ClientQueue::closing_when_full`]).
     #[cfg(feature = "sse")]
     pub(crate) fn is_overflowed(&self) -> bool {

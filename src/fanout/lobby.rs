@@ -187,7 +187,8 @@ pub(crate) struct Member {
 #[cfg(feature = "sse")]
 impl Member {
     /// It resumes from the last message it got (an event stream, or a
-    /// WebSocket resume client): its queue is closed, never thinned.
+    /// WebSocket resume client): its queue closes when full, never thinned
+    /// (unless `--slow-stream drop`).
     pub(crate) fn resumes(&self) -> bool {
         self.sse || self.envelope
     }
@@ -888,12 +889,12 @@ impl Fanout {
             }
             self.touched[member.writer] = true;
         }
+        let pushed = self.members.len() as u64;
+        #[cfg(feature = "sse")]
+        let pushed = pushed + self.seal(&forms, &mut dropped) + self.stream(&forms, &mut dropped);
         for reason in DropReason::ALL {
             self.stats.dropped(reason, dropped[reason as usize]);
         }
-        let pushed = self.members.len() as u64;
-        #[cfg(feature = "sse")]
-        let pushed = pushed + self.seal(&forms) + self.stream(&forms);
         let dropped = dropped.iter().sum();
         self.counters.message(&self.stats.epoch, pushed, dropped);
         self.history.push_marked(forms, mark);
@@ -916,17 +917,16 @@ impl Fanout {
 
     /// Queues a message's event-stream form for the SSE members; how many
     /// took it. A member whose queue is full has its stream closed by its
-    /// writer (it resumes from the history), so none of them loses a frame.
+    /// writer (it resumes from the history), so none of them loses a frame;
+    /// with `--slow-stream drop`, its oldest is dropped, counted in `dropped`.
     #[cfg(feature = "sse")]
-    fn stream(&mut self, forms: &Forms) -> u64 {
+    fn stream(&mut self, forms: &Forms, dropped: &mut [u64; DropReason::COUNT]) -> u64 {
         let Some(event) = &forms.sse else {
             return 0;
         };
         let mut pushed = 0;
         for member in &self.streams {
-            if member.queue.push_event(event.clone()) == Pushed::Queued {
-                pushed += 1;
-            }
+            pushed += took(member.queue.push_event(event.clone()), dropped);
             self.touched[member.writer] = true;
         }
         pushed
@@ -936,9 +936,10 @@ impl Fanout {
     /// resume: compressed for those that negotiated that, where there is a
     /// compressed envelope. Like an event stream, such a member loses
     /// nothing: a full queue refuses the envelope and its writer closes the
-    /// connection (1013), and the client resumes after the last ID it got.
+    /// connection (1013), and the client resumes after the last ID it got
+    /// (with `--slow-stream drop`, its oldest is dropped instead, counted).
     #[cfg(feature = "sse")]
-    fn seal(&mut self, forms: &Forms) -> u64 {
+    fn seal(&mut self, forms: &Forms, dropped: &mut [u64; DropReason::COUNT]) -> u64 {
         let Some(plain) = &forms.envelope else {
             return 0;
         };
@@ -948,9 +949,7 @@ impl Fanout {
                 Some(deflated) if member.deflate => deflated,
                 _ => plain,
             };
-            if member.queue.push_event(sealed.clone()) == Pushed::Queued {
-                pushed += 1;
-            }
+            pushed += took(member.queue.push_event(sealed.clone()), dropped);
             self.touched[member.writer] = true;
         }
         pushed
@@ -1220,7 +1219,7 @@ impl Fanout {
         while i < self.catching_up.len() {
             let c = &mut self.catching_up[i];
             #[cfg(feature = "sse")]
-            if c.next < self.history.oldest() && c.member.resumes() {
+            if c.next < self.history.oldest() && c.member.queue.closes_when_full() {
                 // An event stream or a resume client loses nothing: its
                 // connection is closed, and it resumes from the history it
                 // still finds.
@@ -1341,6 +1340,20 @@ impl Fanout {
                 writer.notify();
             }
         }
+    }
+}
+
+/// 1 if a push queued its frame (counting the frame it dropped for it, if
+/// any, in `dropped`), 0 if the queue refused it.
+#[cfg(feature = "sse")]
+fn took(pushed: Pushed, dropped: &mut [u64; DropReason::COUNT]) -> u64 {
+    match pushed {
+        Pushed::Queued => 1,
+        Pushed::Dropped(reason) => {
+            dropped[reason as usize] += 1;
+            1
+        }
+        Pushed::Overflowed => 0,
     }
 }
 

@@ -33,6 +33,8 @@ use crossbeam_channel::{Receiver, Sender, select};
 use log::{debug, error, info, warn};
 
 #[cfg(feature = "sse")]
+use crate::config::SlowStream;
+#[cfg(feature = "sse")]
 use crate::fanout::history;
 use crate::{
     config::{Config, SlowClient},
@@ -107,6 +109,8 @@ pub(crate) fn spawn(
         compact_interval,
         next_compaction: compact_interval.map(|every| Instant::now() + every),
         count_drops: config.slow_client == SlowClient::Disconnect,
+        #[cfg(feature = "sse")]
+        slow_stream: config.slow_stream,
         linger: config.lobby_linger,
         writer_load: vec![0; writers.len()],
         writers,
@@ -176,6 +180,10 @@ struct Manager {
     next_compaction: Option<Instant>,
     /// Queues count their drops (for the slow-client disconnect policy).
     count_drops: bool,
+    /// Whether the queue of a client that carries message IDs closes when
+    /// full or drops its oldest.
+    #[cfg(feature = "sse")]
+    slow_stream: SlowStream,
     linger: Duration,
     /// What every lobby shares; per route, [`Manager::lobby_env`] fills in the rest.
     env: LobbyEnv,
@@ -320,8 +328,10 @@ impl Manager {
         };
         let depth = route.config.queue_depth;
         #[cfg(feature = "sse")]
-        let queue = if sse || envelope {
+        let queue = if (sse || envelope) && self.slow_stream == SlowStream::Close {
             ClientQueue::closing_when_full(depth.saturating_mul(SSE_DEPTH), self.count_drops)
+        } else if sse || envelope {
+            ClientQueue::new(depth.saturating_mul(SSE_DEPTH), self.count_drops)
         } else {
             ClientQueue::new(depth, self.count_drops)
         };
@@ -440,6 +450,10 @@ impl Manager {
             (!config.compact_interval.is_zero()).then_some(config.compact_interval);
         self.next_compaction = self.compact_interval.map(|every| now + every);
         self.linger = config.lobby_linger;
+        #[cfg(feature = "sse")]
+        {
+            self.slow_stream = config.slow_stream;
+        }
         let kept: Vec<RouteId> = routes.iter().map(|r| r.id).collect();
         for env in routes {
             let id = env.id;
