@@ -850,8 +850,9 @@ impl Conn {
         let unstarted = self.pending.len().saturating_sub(started);
         let excess = (unstarted + self.queue.len()).saturating_sub(self.queue.depth());
         #[cfg(feature = "sse")]
-        if self.sse {
-            // An event stream is closed rather than lose a frame.
+        if self.queue.closes_when_full() {
+            // An event stream or a resume client is closed rather than lose
+            // a frame (unless `--slow-stream drop` made its queue thin).
             if excess > 0 {
                 self.queue.overflow();
             }
