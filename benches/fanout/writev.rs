@@ -14,7 +14,7 @@
 //! - **a queue of at most 16 frames per client**, dropping the oldest it
 //!   has not started writing when full (wsgate's default depth and policy);
 //! - after reading what the origin link holds (at most [`READ_BATCH`]
-//!   messages, so writes are never starved), every client with queued frames
+//!   messages), every client with queued frames
 //!   gets **one vectored write** of them; a client whose socket is full
 //!   waits for its writable edge.
 //!
@@ -47,8 +47,11 @@ pub const ROLE: &str = "writev";
 
 /// Frames a client's queue holds (wsgate's `--queue-depth` default).
 const DEPTH: usize = 16;
-/// Origin messages read before the clients are written to.
-const READ_BATCH: usize = 64;
+/// Origin messages read, at most, before the clients are written to: more
+/// than arrive during one pass over the clients at saturation, so the relay
+/// keeps up with its origin link (as wsgate does) and queues, not the link,
+/// absorb the excess; the bound only keeps a flood from starving writes.
+const READ_BATCH: usize = 4096;
 /// The longest the poll sleeps, so a stop request is seen.
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
 
