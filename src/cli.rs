@@ -191,7 +191,7 @@ pub struct Cli {
     #[argh(option)]
     pub history_bytes: Option<usize>,
 
-    /// how long an empty lobby lingers before its thread ends
+    /// how long an empty lobby keeps its thread and origin connection
     #[argh(option)]
     pub lobby_linger: Option<Span>,
 

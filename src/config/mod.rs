@@ -168,7 +168,9 @@ pub struct Config {
     /// lobby hold [`Config::history`] of them. Per route; a reload applies
     /// it to lobbies started after it. Defaults to 1 MiB.
     pub history_bytes: usize,
-    /// How long an empty lobby keeps its thread before it ends. Defaults to 5 s.
+    /// How long an empty lobby keeps its thread and its origin connection
+    /// (and goes on recording its history) before it ends, so clients back
+    /// within it resume with nothing lost. Defaults to 5 s.
     #[cfg_attr(feature = "config-file", serde(with = "syntax::duration"))]
     pub lobby_linger: Duration,
     /// Time a client has to complete the HTTP upgrade. Defaults to 10 s.
