@@ -420,10 +420,9 @@ fn a_compressing_client_moved_into_a_lobby_ahead_is_caught_up_compressed() {
 mod deflate {
     use std::{net::TcpStream, thread};
 
-    use flate2::{Decompress, FlushDecompress};
     use tungstenite::Message;
 
-    use crate::support::read_server_frame_whole;
+    use crate::support::{inflate, read_server_frame_whole};
 
     /// What browsers offer.
     pub const OFFER: &str = "permessage-deflate; client_max_window_bits";
@@ -438,21 +437,6 @@ mod deflate {
             "{n:08} {}",
             "bid 64000.25 ask 64000.50 ".repeat(12)
         ))
-    }
-
-    /// A message payload inflated as RFC 7692 §7.2.2 says (the tail put back).
-    fn inflate(payload: &[u8]) -> Vec<u8> {
-        let mut input = payload.to_vec();
-        input.extend([0x00, 0x00, 0xff, 0xff]);
-        let mut raw = Decompress::new(false);
-        let mut out = Vec::with_capacity(64 * 1024);
-        while (raw.total_in() as usize) < input.len() {
-            out.reserve(64 * 1024);
-            let at = raw.total_in() as usize;
-            raw.decompress_vec(&input[at..], &mut out, FlushDecompress::Sync)
-                .expect("valid DEFLATE");
-        }
-        out
     }
 
     /// Reads a raw client's data messages in its own thread until [`END`]:

@@ -23,7 +23,7 @@ use std::{
 
 use support::*;
 use tungstenite::Message;
-use wsgate::Disconnect;
+use wsgate::{Disconnect, GatewayHandle};
 
 /// The subprotocol that opts into resume.
 const PROTOCOL: &str = "wsgate.resume.v1";
@@ -343,8 +343,9 @@ fn a_slow_resume_client_is_closed_rather_than_thinned_and_resumes_with_nothing_l
     assert_eq!((stats.resumes, stats.resume_resets), (1, 0));
 }
 
-#[test]
-fn a_client_back_to_its_emptied_lobby_within_the_linger_loses_nothing() {
+/// A gateway whose only lobby lingers as long as a test may take, after
+/// its one resume client read message 1 (whose ID is returned) and left.
+fn a_lobby_emptied_after_message_1() -> (TestOrigin, GatewayHandle, String) {
     let origin = TestOrigin::start();
     let mut config = test_config(&origin.url());
     config.lobby_linger = DEADLINE;
@@ -358,6 +359,13 @@ fn a_client_back_to_its_emptied_lobby_within_the_linger_loses_nothing() {
     assert_eq!(text, "1");
     drop(first);
     wait_clients(&gw, 0);
+    (origin, gw, last)
+}
+
+#[test]
+fn a_client_back_to_its_emptied_lobby_within_the_linger_loses_nothing() {
+    let (origin, gw, last) = a_lobby_emptied_after_message_1();
+    let addr = gw.local_addr();
     // The lingering lobby still reads its origin.
     assert_eq!(
         origin.send_seq(2),
@@ -380,19 +388,8 @@ fn a_client_back_to_its_emptied_lobby_within_the_linger_loses_nothing() {
 
 #[test]
 fn a_resume_across_its_lobby_losing_the_origin_gets_the_reset() {
-    let origin = TestOrigin::start();
-    let mut config = test_config(&origin.url());
-    config.lobby_linger = DEADLINE;
-    let gw = start_gateway(config);
+    let (origin, gw, last) = a_lobby_emptied_after_message_1();
     let addr = gw.local_addr();
-    let mut first = resume_client(addr, None);
-    wait_until("the upstream", || origin.open() == 1);
-    wait_placed(&gw, 1);
-    origin.send_seq(1);
-    let (last, text) = next_sealed(&mut first);
-    assert_eq!(text, "1");
-    drop(first);
-    wait_clients(&gw, 0);
     // The origin goes away and comes back: what it sent meanwhile (here,
     // perhaps nothing) the lobby cannot know.
     let (origin_addr, counts) = origin.kill();

@@ -61,30 +61,44 @@ const BACKLOG: i32 = 4096;
 /// Entry point of the baseline role; `args` are the arguments after the
 /// program name.
 pub fn main(args: &[String]) -> ExitCode {
-    match run(args) {
+    exit(ROLE, run(args))
+}
+
+/// A relay role's exit: 0, or 2 with its error on stderr.
+pub fn exit(role: &str, result: Result<(), String>) -> ExitCode {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("baseline: error: {e}");
+            eprintln!("{role}: error: {e}");
             ExitCode::from(2)
         }
     }
 }
 
-fn run(args: &[String]) -> Result<(), String> {
+/// A relay role's command line, `LISTEN_ADDR ORIGIN_URL`, and the flag
+/// SIGTERM and SIGINT set.
+pub fn setup<'a>(
+    role: &str,
+    args: &'a [String],
+) -> Result<(SocketAddr, &'a str, Arc<AtomicBool>), String> {
     let [listen, origin_url] = args else {
         return Err(format!(
-            "usage: {ROLE_ENV}={ROLE} BENCH_EXE LISTEN_ADDR ORIGIN_URL (got {args:?})"
+            "usage: {ROLE_ENV}={role} BENCH_EXE LISTEN_ADDR ORIGIN_URL (got {args:?})"
         ));
     };
     let listen: SocketAddr = listen
         .parse()
         .map_err(|e| format!("bad listen address {listen:?}: {e}"))?;
-
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [SIGTERM, SIGINT] {
         signal_hook::flag::register(signal, stop.clone())
             .map_err(|e| format!("cannot install handler for signal {signal}: {e}"))?;
     }
+    Ok((listen, origin_url, stop))
+}
+
+fn run(args: &[String]) -> Result<(), String> {
+    let (listen, origin_url, stop) = setup(ROLE, args)?;
     let listener = listen_on(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let local = listener
         .local_addr()

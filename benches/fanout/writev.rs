@@ -23,18 +23,16 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::os::fd::AsRawFd;
 use std::process::ExitCode;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use mio::net::TcpStream;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use signal_hook::consts::{SIGINT, SIGTERM};
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::Frame;
 use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
@@ -63,30 +61,11 @@ const FIRST_CLIENT: usize = 2;
 /// Entry point of the `writev` role; `args` are the arguments after the
 /// program name.
 pub fn main(args: &[String]) -> ExitCode {
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("writev: error: {e}");
-            ExitCode::from(2)
-        }
-    }
+    baseline::exit(ROLE, run(args))
 }
 
 fn run(args: &[String]) -> Result<(), String> {
-    let [listen, origin_url] = args else {
-        return Err(format!(
-            "usage: {}={ROLE} BENCH_EXE LISTEN_ADDR ORIGIN_URL (got {args:?})",
-            baseline::ROLE_ENV
-        ));
-    };
-    let listen: SocketAddr = listen
-        .parse()
-        .map_err(|e| format!("bad listen address {listen:?}: {e}"))?;
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [SIGTERM, SIGINT] {
-        signal_hook::flag::register(signal, stop.clone())
-            .map_err(|e| format!("cannot install handler for signal {signal}: {e}"))?;
-    }
+    let (listen, origin_url, stop) = baseline::setup(ROLE, args)?;
     let poll = Poll::new().map_err(|e| format!("cannot create a poll: {e}"))?;
     let listener =
         baseline::listen_on(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
