@@ -404,7 +404,16 @@ fn a_resume_across_its_lobby_losing_the_origin_gets_the_reset() {
     );
     wait_placed(&gw, 1);
     origin.send_seq(3);
-    assert_eq!(next_sealed(&mut back).1, "3", "live after the reset");
+    // Then live: message 2 too if it reached the lobby after the client
+    // (its reset puts it at the live edge), then 3.
+    let mut live = vec![next_sealed(&mut back).1];
+    if live[0] == "2" {
+        live.push(next_sealed(&mut back).1);
+    }
+    assert!(
+        live == ["3"] || live == ["2", "3"],
+        "live after the reset: {live:?}"
+    );
     let stats = gw.stats();
     assert_eq!((stats.resumes, stats.resume_resets), (0, 1));
 }
