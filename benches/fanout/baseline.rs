@@ -228,12 +228,7 @@ impl Relay {
 
     /// Sends Close 1001 to every client and closes the origin link.
     fn close_all(&mut self) {
-        let mut close = Vec::new();
-        let going_away = CloseFrame {
-            code: CloseCode::Away,
-            reason: "".into(),
-        };
-        if Frame::close(Some(going_away)).format(&mut close).is_ok() {
+        if let Some(close) = going_away() {
             for client in &mut self.clients {
                 // Clients that are gone already do not need a goodbye.
                 let _ = client.write_all(&close);
@@ -258,6 +253,17 @@ impl Relay {
             );
         }
     }
+}
+
+/// A Close 1001 frame (going away), for a relay that is stopping.
+pub fn going_away() -> Option<Vec<u8>> {
+    let mut close = Vec::new();
+    let frame = CloseFrame {
+        code: CloseCode::Away,
+        reason: "".into(),
+    };
+    Frame::close(Some(frame)).format(&mut close).ok()?;
+    Some(close)
 }
 
 /// A non-blocking listener with a deep backlog (std's `bind` uses 128).

@@ -33,9 +33,8 @@ use std::time::Duration;
 use mio::net::TcpStream;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::Frame;
-use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tungstenite::protocol::frame::coding::{Data, OpCode};
 use tungstenite::{Bytes, Message, WebSocket};
 
 use crate::baseline;
@@ -288,12 +287,7 @@ impl Relay {
     /// Sends Close 1001 to every client, best effort (a full socket
     /// misses it, as a client that stopped reading would).
     fn close_all(&mut self) {
-        let mut close = Vec::new();
-        let going_away = CloseFrame {
-            code: CloseCode::Away,
-            reason: "".into(),
-        };
-        if Frame::close(Some(going_away)).format(&mut close).is_ok() {
+        if let Some(close) = baseline::going_away() {
             for client in self.clients.iter_mut().flatten() {
                 let _ = client.stream.write(&close);
             }
