@@ -2,7 +2,8 @@
 //! addresses from the environment): two `wsgate` processes, 1 000 clients
 //! through HAProxy, a rolling restart of one instance; and (feature `sse`)
 //! event streams and resume clients that a drain moves to the other
-//! instance, resuming after their last message ID. HAProxy is a child
+//! instance, resuming after their last message ID, also where that
+//! instance gets the origin's messages 300 ms late. HAProxy is a child
 //! process (`haproxy` from PATH; where it is missing the test says so in one
 //! line and passes, or fails on CI), as are the gateways; every one is
 //! killed by its PID when the test ends, also on panic.
@@ -291,12 +292,12 @@ fn run_clients(
     clients.into_iter().map(|(_, record)| record).collect()
 }
 
-/// Two `wsgate` processes on `origin`, each with `args` besides its
-/// addresses, a 2 s `--drain-timeout` and warnings only, behind HAProxy
-/// running `deploy/haproxy.cfg`; `None` (the skip said) if HAProxy is not
-/// installed.
-fn behind_haproxy(origin: &str, args: &[&str]) -> Option<(Haproxy, [GatewayProcess; 2])> {
-    let spawn = || {
+/// Two `wsgate` processes, on `origins` (one each), each with `args`
+/// besides its addresses, a 2 s `--drain-timeout` and warnings only,
+/// behind HAProxy running `deploy/haproxy.cfg`; `None` (the skip said) if
+/// HAProxy is not installed.
+fn behind_haproxy(origins: [&str; 2], args: &[&str]) -> Option<(Haproxy, [GatewayProcess; 2])> {
+    let spawn = |origin| {
         let mut all = vec![
             "--listen",
             "127.0.0.1:0",
@@ -312,7 +313,7 @@ fn behind_haproxy(origin: &str, args: &[&str]) -> Option<(Haproxy, [GatewayProce
         all.extend_from_slice(args);
         GatewayProcess::spawn(&all)
     };
-    let instances = [spawn(), spawn()];
+    let instances = origins.map(spawn);
     let admin = |g: &GatewayProcess| g.admin.expect("an admin address");
     let haproxy = Haproxy::start([
         (instances[0].addr, admin(&instances[0])),
@@ -358,10 +359,11 @@ fn wait_placed(
 fn behind_haproxy_two_instances_serve_every_client_and_a_rolling_restart_loses_nothing() {
     let origin = Arc::new(TestOrigin::start());
     let replay = REPLAY.to_string();
+    let url = origin.url();
     // One lobby holds every client, so a reconnected client joins a lobby
     // that has the recent past to replay.
     let Some((haproxy, [stopped, kept])) = behind_haproxy(
-        &origin.url(),
+        [&url, &url],
         &["--lobby-capacity", "1000", "--replay", &replay],
     ) else {
         return;
@@ -466,7 +468,9 @@ fn behind_haproxy_two_instances_serve_every_client_and_a_rolling_restart_loses_n
 /// the other instance with nothing missed and nothing twice. Both
 /// instances' lobbies read the same origin, so they give a message the
 /// same ID, and the other instance's history holds what was sent while a
-/// client reconnected.
+/// client reconnected. The second test gives that instance each message
+/// 300 ms after the first, as a real origin may: a client arrives with
+/// an ID it has not received yet, and waits there for it.
 #[cfg(feature = "sse")]
 mod resume {
     use std::collections::HashMap;
@@ -491,9 +495,17 @@ mod resume {
     /// Messages every client has after its move, before the feed stops.
     const AFTER_MOVE: u64 = 50;
     /// A client's pause before it connects again (the two instances'
-    /// origin connections are a few milliseconds apart here; a lobby that
-    /// has not yet received the ID a client resumes after waits for it).
+    /// origin connections are a few milliseconds apart here, or
+    /// [`BEHIND`]; a lobby that has not yet received the ID a client
+    /// resumes after waits for it).
     const RETRY: Duration = Duration::from_millis(100);
+    /// How late the instance the clients move to gets each message, in
+    /// the second test: 300 ms reset 16, 16, 1 and 4 of 20 moving clients
+    /// in four runs when such a resume was reset at once.
+    const BEHIND: Duration = Duration::from_millis(300);
+    /// The query of that instance's origin URL, by which the test origin
+    /// knows its connection.
+    const BEHIND_QUERY: &str = "behind";
     /// The subprotocol a WebSocket client offers to get message IDs.
     const RESUME_PROTOCOL: &str = "wsgate.resume.v1";
 
@@ -761,12 +773,41 @@ mod resume {
 
     #[test]
     fn behind_haproxy_a_drain_moves_event_streams_and_resume_clients_without_a_gap_or_duplicate() {
-        let origin = Arc::new(TestOrigin::start());
-        let Some((haproxy, [stopped, kept])) = behind_haproxy(&origin.url(), &[]) else {
+        drain_moves_every_client(Duration::ZERO);
+    }
+
+    /// As in production, where the two instances do not get the origin's
+    /// messages at the same instant; the harder way round: the clients
+    /// that move hand back IDs the other instance has not received yet.
+    #[test]
+    fn behind_haproxy_clients_drained_to_an_instance_300_ms_behind_get_no_gap_duplicate_or_reset() {
+        drain_moves_every_client(BEHIND);
+    }
+
+    /// Drains the first of two instances behind HAProxy, the second (the
+    /// one its clients move to) getting every origin message `behind`
+    /// after the first: every client gets every message once, in order,
+    /// and each that moved resumed from the second's history, none reset.
+    fn drain_moves_every_client(behind: Duration) {
+        let target = format!("/feed?{BEHIND_QUERY}");
+        let origin = Arc::new(TestOrigin::start_with(OriginOptions {
+            skew: behind,
+            skew_only: Some(target.clone()),
+            ..OriginOptions::default()
+        }));
+        let url = origin.url();
+        let late = format!("{url}?{BEHIND_QUERY}");
+        let Some((haproxy, [stopped, kept])) = behind_haproxy([&url, &late], &[]) else {
             return;
         };
         let clients = Followers::start(haproxy.addr);
         let counts = wait_placed([&stopped, &kept], &origin, 2 * EACH, || clients.connected());
+        let is_late =
+            |e: &OriginEvent| matches!(e, OriginEvent::Connected { uri, .. } if *uri == target);
+        assert!(
+            origin.events().iter().any(is_late),
+            "the remaining instance's lobby asked for its own origin URL, the one made late"
+        );
         let feed = Feed::start(origin.clone(), EVERY);
         wait_until("every client past the first run of IDs", || {
             clients.all_have(BEFORE_DRAIN)
@@ -833,8 +874,8 @@ mod resume {
         eprintln!(
             "{} clients moved ({} event streams, {} WebSocket), {} connection attempts \
              failed; {sent} messages; IDs of the first {} messages differed \
-             {early_ids_differ} times; the remaining instance resumed {from_history:?} from its history and \
-             reset {resets:?}",
+             {early_ids_differ} times; the remaining instance, {behind:?} behind, resumed \
+             {from_history:?} from its history and reset {resets:?}",
             movers.len(),
             moved_of(Kind::Sse),
             moved_of(Kind::Ws),

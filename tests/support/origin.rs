@@ -46,6 +46,11 @@ pub struct OriginOptions {
     /// Connection number k sends each message k × `skew` after it was sent
     /// (so upstream connections are a few messages apart).
     pub skew: Duration,
+    /// Instead: connections asking for this target (path and query, as
+    /// [`OriginEvent::Connected`] records it) send each message `skew`
+    /// late, and the others at once, whatever order they connect in (a
+    /// gateway given [`TestOrigin::url`] with this query is the one behind).
+    pub skew_only: Option<String>,
     /// Prefix each text message with its connection number, so no two
     /// connections carry the same stream.
     pub tag_per_conn: bool,
@@ -298,6 +303,11 @@ fn upgraded<S: Read + Write>(stream: S, tcp: &TcpStream, shared: &Shared) {
     // open and sends at once must reach it.
     let conn = shared.counts.accepted.fetch_add(1, Ordering::SeqCst);
     shared.counts.open.fetch_add(1, Ordering::SeqCst);
+    let delay = match &shared.options.skew_only {
+        Some(target) if *target == uri => shared.options.skew,
+        Some(_) => Duration::ZERO,
+        None => shared.options.skew * conn as u32,
+    };
     shared
         .events
         .lock()
@@ -317,7 +327,7 @@ fn upgraded<S: Read + Write>(stream: S, tcp: &TcpStream, shared: &Shared) {
             thread::sleep(Duration::from_millis(5));
         }
     } else {
-        serve(ws, conn, &rx, shared);
+        serve(ws, conn, delay, &rx, shared);
     }
     alive.store(false, Ordering::SeqCst);
     shared.counts.open.fetch_sub(1, Ordering::SeqCst);
@@ -326,6 +336,7 @@ fn upgraded<S: Read + Write>(stream: S, tcp: &TcpStream, shared: &Shared) {
 fn serve<S: Read + Write>(
     mut ws: WebSocket<S>,
     conn: usize,
+    delay: Duration,
     rx: &Receiver<Message>,
     shared: &Shared,
 ) {
@@ -335,7 +346,6 @@ fn serve<S: Read + Write>(
         Ok(()) => true,
         Err(e) => is_would_block(&e),
     };
-    let delay = shared.options.skew * conn as u32;
     let tag = |msg: Message| match (&msg, shared.options.tag_per_conn) {
         (Message::Text(text), true) => Message::text(format!("{conn}:{}", text.as_str())),
         _ => msg,
