@@ -258,6 +258,11 @@ pub struct Cli {
     #[argh(option)]
     pub tls_listen: Option<SocketAddr>,
 
+    /// threads spending TLS handshakes' CPU (0: the acceptor itself)
+    #[cfg(feature = "tls")]
+    #[argh(option)]
+    pub tls_threads: Option<usize>,
+
     /// largest origin message in bytes; larger drops the connection
     #[argh(option)]
     pub max_origin_message: Option<usize>,
@@ -501,6 +506,9 @@ impl Cli {
             }
             if !self.tls_sni.is_empty() {
                 config.tls.certs = self.tls_sni.iter().map(|f| f.0.clone()).collect();
+            }
+            if let Some(threads) = self.tls_threads {
+                config.tls_threads = threads;
             }
             if let Some(addr) = self.tls_listen {
                 config.tls_listen = Some(addr);
@@ -1073,6 +1081,7 @@ mod tests {
             &["--tls-listen", "127.0.0.1:8443"],
             "tls_listen = \"127.0.0.1:8443\"",
         ),
+        ("tls_threads", &["--tls-threads", "3"], "tls_threads = 3"),
         (
             "tls",
             &[

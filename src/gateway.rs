@@ -527,6 +527,7 @@ type RestartSetting = (
 const NEEDS_RESTART: &[RestartSetting] = needs_restart!(
     listen,
     tls_listen,
+    tls_threads,
     reuse_port,
     acceptor_nice,
     admin,

@@ -269,6 +269,12 @@ pub struct Config {
     /// [`Config::listen`] itself `wss://`. Needs [`Config::tls_cert`].
     /// Changes only with a restart. Defaults to none.
     pub tls_listen: Option<SocketAddr>,
+    /// Threads that spend `wss://` handshakes' CPU (a key exchange and a
+    /// signature each), so that a storm of TLS reconnects uses every core
+    /// rather than the acceptor's one; they run at
+    /// [`Config::acceptor_nice`]. 0 runs handshakes on the acceptor
+    /// itself. At most 64. Changes only with a restart. Defaults to 2.
+    pub tls_threads: usize,
     /// On shutdown, how long clients get to receive what is queued and the
     /// 1001 close. Defaults to 5 s.
     #[cfg_attr(feature = "config-file", serde(with = "syntax::duration"))]
@@ -561,6 +567,7 @@ impl Default for Config {
             tls_key: None,
             tls: TlsConfig::default(),
             tls_listen: None,
+            tls_threads: 2,
             drain_timeout: Duration::from_secs(5),
             admin: None,
             routes: Vec::new(),
@@ -931,6 +938,14 @@ mod tests {
         assert!(err.contains("tls_cert"), "{err}");
         c.tls_cert = Some("/cert.pem".into());
         assert_eq!(c.validate().is_ok(), cfg!(feature = "tls"));
+        for (threads, ok) in [(0, true), (64, true), (65, false)] {
+            c.tls_threads = threads;
+            assert_eq!(
+                c.validate().is_ok(),
+                ok && cfg!(feature = "tls"),
+                "{threads}"
+            );
+        }
     }
 
     #[test]

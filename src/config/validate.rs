@@ -26,6 +26,8 @@ const MAX_HISTORY: usize = 1_000_000;
 
 /// Most auth threads a gateway may run.
 const MAX_AUTH_THREADS: usize = 64;
+/// Most TLS handshake threads (`tls_threads`).
+const MAX_TLS_THREADS: usize = 64;
 /// Highest client frame rate limit accepted (the limiter counts in
 /// thousandths of a frame in 32 bits).
 pub(super) const MAX_CLIENT_RATE: u32 = 1_000_000;
@@ -80,6 +82,11 @@ impl Config {
     /// another address. (The files are read when the gateway starts or
     /// reloads: `edge/tls.rs`.)
     fn validate_tls(&self) -> Result<()> {
+        if self.tls_threads > MAX_TLS_THREADS {
+            return Err(Error::Config(format!(
+                "tls_threads must be at most {MAX_TLS_THREADS}"
+            )));
+        }
         if let Some(addr) = self.tls_listen {
             if self.tls_cert.is_none() {
                 return Err(Error::Config(

@@ -19,8 +19,11 @@
 //! the request is read and the reply written through it, and the session
 //! goes with the socket to the client's writer. The handshake counts
 //! against the same deadline and the same pending-handshake cap as the
-//! request, and its CPU (a signature and a key exchange) is spent here, on
-//! this thread, never on a lobby or a writer.
+//! request. Its CPU (a key exchange and a signature) is spent on the TLS
+//! handshake threads (`handshake.rs`, `tls_threads`): this thread reads a
+//! handshaking client's records into its session and hands the session
+//! over, and goes on with the connection when it comes back; never on a
+//! lobby or a writer. With `tls_threads = 0` it is spent here.
 
 #[cfg(feature = "auth")]
 use std::collections::HashMap;
@@ -70,7 +73,10 @@ use crate::{
 };
 #[cfg(feature = "tls")]
 use crate::{
-    edge::tls::{ServerTls, failure as tls_failure, suite as tls_suite},
+    edge::{
+        handshake::{Done, Handshakers, Job},
+        tls::{ServerTls, failure as tls_failure, suite as tls_suite},
+    },
     stats::TlsFailure,
     wire::tls,
 };
@@ -178,6 +184,13 @@ pub(crate) fn prepare(
         tls: None,
         #[cfg(feature = "tls")]
         tls_listener: None,
+        #[cfg(feature = "tls")]
+        handshaking: Handshaking {
+            pool: None,
+            threads: config.tls_threads,
+            nice: config.acceptor_nice,
+            wake: shutdown.clone(),
+        },
         stats,
         endpoints: routes.iter().map(endpoint).collect(),
         allowed_origins: config.allowed_origins.clone(),
@@ -310,9 +323,13 @@ struct Conn {
     /// Its claim on the gateway's capacity (given back when it is dropped).
     seat: Seat,
     serial: u64,
-    /// Its TLS session, on a TLS listener.
+    /// Its TLS session, on a TLS listener (`None` while it is away on a
+    /// handshake thread).
     #[cfg(feature = "tls")]
     tls: Option<tls::Session>,
+    /// Its session is on a handshake thread.
+    #[cfg(feature = "tls")]
+    away: bool,
 }
 
 impl Conn {
@@ -325,37 +342,9 @@ impl Conn {
             let read = tls::read(session, &mut self.stream, buf);
             if handshaking {
                 match &read {
-                    Err(e) if !is_retry(e) => {
-                        let reason = tls_failure(e);
-                        bump(&stats.tls_handshakes_failed);
-                        bump(&stats.tls_handshake_failures[reason as usize]);
-                        debug!(
-                            "{}: TLS handshake failed ({}): {e}",
-                            self.peer,
-                            reason.name()
-                        );
-                    }
-                    Ok(0) => {
-                        bump(&stats.tls_handshakes_failed);
-                        bump(&stats.tls_handshake_failures[TlsFailure::Eof as usize]);
-                        debug!("{}: TLS handshake abandoned by the client", self.peer);
-                    }
-                    _ if !session.is_handshaking() => {
-                        bump(&stats.tls_handshakes_ok);
-                        if let Some(suite) = tls_suite(session) {
-                            bump(&stats.tls_cipher_suites[suite]);
-                        }
-                        match session.protocol_version() {
-                            Some(rustls::ProtocolVersion::TLSv1_3) => {
-                                bump(&stats.tls_handshakes_tls13);
-                            }
-                            Some(rustls::ProtocolVersion::TLSv1_2) => {
-                                bump(&stats.tls_handshakes_tls12);
-                            }
-                            _ => {}
-                        }
-                        tls::limit(session);
-                    }
+                    Err(e) if !is_retry(e) => handshake_failed(stats, self.peer, e),
+                    Ok(0) => handshake_abandoned(stats, self.peer),
+                    _ if !session.is_handshaking() => handshake_done(session, stats),
                     _ => {}
                 }
             }
@@ -368,7 +357,7 @@ impl Conn {
     /// Whether the connection is still in its TLS handshake.
     fn is_tls_handshaking(&self) -> bool {
         #[cfg(feature = "tls")]
-        return self.tls.as_ref().is_some_and(|s| s.is_handshaking());
+        return self.away || self.tls.as_ref().is_some_and(|s| s.is_handshaking());
         #[cfg(not(feature = "tls"))]
         false
     }
@@ -381,6 +370,86 @@ impl Conn {
             session.send_close_notify();
             let _ = tls::flush(session, &mut self.stream);
         }
+    }
+}
+
+/// Counts and logs a TLS handshake that failed with `e`.
+#[cfg(feature = "tls")]
+fn handshake_failed(stats: &Stats, peer: SocketAddr, e: &io::Error) {
+    let reason = tls_failure(e);
+    bump(&stats.tls_handshakes_failed);
+    bump(&stats.tls_handshake_failures[reason as usize]);
+    debug!("{peer}: TLS handshake failed ({}): {e}", reason.name());
+}
+
+/// Counts and logs a TLS handshake its client closed.
+#[cfg(feature = "tls")]
+fn handshake_abandoned(stats: &Stats, peer: SocketAddr) {
+    bump(&stats.tls_handshakes_failed);
+    bump(&stats.tls_handshake_failures[TlsFailure::Eof as usize]);
+    debug!("{peer}: TLS handshake abandoned by the client");
+}
+
+/// Counts a TLS handshake just completed (its version and suite) and caps
+/// what its session buffers from now on.
+#[cfg(feature = "tls")]
+fn handshake_done(session: &mut rustls::ServerConnection, stats: &Stats) {
+    bump(&stats.tls_handshakes_ok);
+    if let Some(suite) = tls_suite(session) {
+        bump(&stats.tls_cipher_suites[suite]);
+    }
+    match session.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => bump(&stats.tls_handshakes_tls13),
+        Some(rustls::ProtocolVersion::TLSv1_2) => bump(&stats.tls_handshakes_tls12),
+        _ => {}
+    }
+    tls::limit(session);
+}
+
+/// The TLS handshake threads, started with the first `wss://` connection.
+#[cfg(feature = "tls")]
+#[derive(Debug)]
+struct Handshaking {
+    pool: Option<Handshakers>,
+    /// Threads to start (`tls_threads`); 0 once starting them failed, or
+    /// every one has ended: handshakes then run on the acceptor.
+    threads: usize,
+    nice: u8,
+    /// Wakes the acceptor when a session comes back.
+    wake: ShutdownHandle,
+}
+
+#[cfg(feature = "tls")]
+impl Handshaking {
+    /// Whether handshakes go to the threads (started now if need be).
+    fn active(&mut self) -> bool {
+        if self.pool.is_none() && self.threads > 0 {
+            match Handshakers::spawn(self.threads, self.nice, self.wake.clone()) {
+                Ok(pool) => {
+                    info!("{} TLS handshake threads started", self.threads);
+                    self.pool = Some(pool);
+                }
+                Err(e) => {
+                    error!("{e}; TLS handshakes run on the acceptor");
+                    self.threads = 0;
+                }
+            }
+        }
+        self.pool.is_some()
+    }
+
+    /// Hands `job` to the threads; gives it back if none is left (the
+    /// acceptor then does the handshakes from now on).
+    fn send(&mut self, job: Job) -> std::result::Result<(), Job> {
+        let sent = match &self.pool {
+            Some(pool) => pool.send(job),
+            None => Err(job),
+        };
+        if sent.is_err() && self.pool.take().is_some() {
+            error!("the TLS handshake threads have ended; TLS handshakes run on the acceptor");
+            self.threads = 0;
+        }
+        sent
     }
 }
 
@@ -422,6 +491,9 @@ struct Acceptor {
     /// then plain.
     #[cfg(feature = "tls")]
     tls_listener: Option<TcpListener>,
+    /// Where handshakes spend their CPU.
+    #[cfg(feature = "tls")]
+    handshaking: Handshaking,
     stats: Arc<Stats>,
     /// The paths served, with their routes' client-facing rules.
     endpoints: Vec<Endpoint>,
@@ -484,6 +556,8 @@ impl Acceptor {
                         self.take_commands();
                         #[cfg(feature = "auth")]
                         self.take_answers();
+                        #[cfg(feature = "tls")]
+                        self.take_handshakes();
                     }
                     Token(index) => self.advance(index),
                 }
@@ -675,6 +749,8 @@ impl Acceptor {
             serial,
             #[cfg(feature = "tls")]
             tls,
+            #[cfg(feature = "tls")]
+            away: false,
         });
         self.pending += 1;
         bump(&self.stats.handshakes_pending);
@@ -699,6 +775,22 @@ impl Acceptor {
             // the socket for its writer.
             return;
         }
+        #[cfg(feature = "tls")]
+        if conn.away {
+            // What it sends meanwhile stays in the socket until its
+            // session is back.
+            return;
+        }
+        #[cfg(feature = "tls")]
+        if conn.tls.as_ref().is_some_and(|s| s.is_handshaking()) {
+            if let Some(step) = self.hand_over(index) {
+                self.after(index, step);
+                return;
+            }
+        }
+        let Some(Some(conn)) = self.conns.get_mut(index) else {
+            return;
+        };
         let step = match conn.reply {
             None => self.read_request(index),
             Some(_) => write_reply(conn),
@@ -1040,6 +1132,91 @@ impl Acceptor {
         };
         let step = self.answered(index, upgrade, outcome);
         self.after(index, step);
+    }
+
+    /// Reads a handshaking connection's records into its session and hands
+    /// the session to a handshake thread; `None` when there are none (the
+    /// handshake then goes on here, through [`Conn::read_some`]).
+    #[cfg(feature = "tls")]
+    fn hand_over(&mut self, index: usize) -> Option<Step> {
+        if !self.handshaking.active() {
+            return None;
+        }
+        let conn = self.conns.get_mut(index)?.as_mut()?;
+        let session = conn.tls.as_deref_mut()?;
+        match tls::receive(session, &mut conn.stream) {
+            Ok(true) => {}
+            Ok(false) => {
+                handshake_abandoned(&self.stats, conn.peer);
+                return Some(Step::Close("peer closed in its TLS handshake"));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(Step::Wait),
+            Err(e) => {
+                handshake_failed(&self.stats, conn.peer, &e);
+                return Some(Step::Close("read error"));
+            }
+        }
+        let job = Job {
+            index,
+            serial: conn.serial,
+            session: conn.tls.take()?,
+        };
+        conn.away = true;
+        if let Err(job) = self.handshaking.send(job) {
+            let mut session = job.session;
+            let result = tls::process(&mut session);
+            self.handshake_back(Done {
+                index,
+                serial: job.serial,
+                session,
+                result,
+            });
+        }
+        Some(Step::Wait)
+    }
+
+    /// Goes on with the connections whose sessions came back from the
+    /// handshake threads.
+    #[cfg(feature = "tls")]
+    fn take_handshakes(&mut self) {
+        let done: Vec<Done> = match &self.handshaking.pool {
+            Some(pool) => pool.done().collect(),
+            None => return,
+        };
+        for done in done {
+            self.handshake_back(done);
+        }
+    }
+
+    /// Puts a processed session back in its connection (dropped if the
+    /// connection was closed meanwhile) and goes on with the connection.
+    #[cfg(feature = "tls")]
+    fn handshake_back(&mut self, done: Done) {
+        let Some(Some(conn)) = self.conns.get_mut(done.index) else {
+            return;
+        };
+        if conn.serial != done.serial {
+            return;
+        }
+        let mut session = done.session;
+        let step = match done.result {
+            Err(e) => {
+                handshake_failed(&self.stats, conn.peer, &e);
+                Some(Step::Close("TLS handshake failed"))
+            }
+            Ok(()) => {
+                if !session.is_handshaking() {
+                    handshake_done(&mut session, &self.stats);
+                }
+                None
+            }
+        };
+        conn.tls = Some(session);
+        conn.away = false;
+        match step {
+            Some(step) => self.after(done.index, step),
+            None => self.advance(done.index),
+        }
     }
 
     /// Removes a connection from the acceptor. Its seat goes with it: to the

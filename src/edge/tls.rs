@@ -13,8 +13,9 @@
 //! ALPN `http/1.1`, stateless session
 //! tickets (TLS 1.3 and 1.2) and a session-id cache (TLS 1.2).
 //!
-//! The handshake itself runs on the acceptor (`acceptor.rs`), the records
-//! after it on the client's writer, both through `wire/tls.rs`. Compiled only
+//! The handshake itself is driven by the acceptor (`acceptor.rs`), its
+//! records processed on the TLS handshake threads (`handshake.rs`), the
+//! records after it on the client's writer, all through `wire/tls.rs`. Compiled only
 //! with the `tls` feature.
 
 use std::{collections::HashMap, io, path::Path, sync::Arc};

@@ -1,8 +1,10 @@
 //! A `wss://` client's bytes through its rustls session: the one module of
 //! `wire/` that moves bytes to and from a socket, generic over it.
 //!
-//! The acceptor (`edge/acceptor.rs`) runs the TLS handshake and reads the
-//! upgrade request through [`read`]; the client's writer
+//! The acceptor (`edge/acceptor.rs`) runs the TLS handshake (its records
+//! taken in with [`receive`] and processed with [`process`] on a handshake
+//! thread, `edge/handshake.rs`) and reads the upgrade request through
+//! [`read`]; the client's writer
 //! (`delivery/conn.rs`) reads client frames through [`read`] and writes
 //! frames through [`encrypt`] and [`flush`]. The session moves with the
 //! socket (in the admission, then the writer's attach), so both ends share
@@ -91,15 +93,43 @@ pub(crate) fn read(
         match session.read_tls(socket) {
             Ok(0) => return Ok(0),
             Ok(_) => {
-                if let Err(e) = session.process_new_packets() {
+                if let Err(e) = process(session) {
                     let _ = flush(session, socket);
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+                    return Err(e);
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
+}
+
+/// Writes what `session` has to say, then reads what `socket` holds into
+/// it without processing it: for a handshake whose records are processed
+/// on another thread ([`process`]). `Ok(false)`: the peer closed;
+/// `WouldBlock`: nothing until the socket is readable again.
+pub(crate) fn receive(
+    session: &mut ServerConnection,
+    socket: &mut (impl Read + Write),
+) -> io::Result<bool> {
+    flush(session, socket)?;
+    loop {
+        match session.read_tls(socket) {
+            Ok(n) => return Ok(n > 0),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Processes the records `session` has received: in a handshake, its CPU
+/// (a key exchange, a signature). `InvalidData`: the peer broke the
+/// protocol, and the alert that says so waits in the session.
+pub(crate) fn process(session: &mut ServerConnection) -> io::Result<()> {
+    session
+        .process_new_packets()
+        .map(drop)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// Encrypts `frames` (the first from `offset` on) into `session`,

@@ -56,7 +56,7 @@ impl GatewayProcess {
             line
         };
         let line = next_line();
-        let addr = address_in(&line, "ws://");
+        let addr = address_in(&line, "ws://").or_else(|| address_in(&line, "wss://"));
         let admin = args.contains(&"--admin").then(next_line);
         let admin_addr = admin.as_deref().map(|line| address_in(line, "http://"));
         let (Some(addr), None | Some(Some(_))) = (addr, admin_addr) else {
