@@ -11,9 +11,7 @@
 //! gets its own, wildcards cover one label, other names and clients without
 //! SNI get the default; a reload rotates one name's, and a broken pair
 //! keeps them all. Failed handshakes counted by reason, completed ones by
-//! cipher suite. Handshakes spend their CPU on the TLS handshake threads
-//! (read per thread in `/proc` of a `wsgate` process), or with
-//! `--tls-threads 0` on the acceptor.
+//! cipher suite. (Where handshakes spend their CPU: tests/tls_threads.rs.)
 #![cfg(feature = "tls")]
 
 mod support;
@@ -1051,97 +1049,4 @@ fn a_second_listener_serves_wss_beside_plain_ws_into_the_same_lobby() {
         stats.tls_handshake_failed(wsgate::TlsFailure::BadMessage),
         1
     );
-}
-
-/// CPU time, in nanoseconds, of the threads of process `pid` whose names
-/// start with `prefix` (`/proc/PID/task/*/schedstat`).
-#[cfg(feature = "cli")]
-fn thread_cpu_ns(pid: u32, prefix: &str) -> (usize, u64) {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process's threads");
-    let (mut threads, mut ns) = (0, 0);
-    for task in tasks.flatten() {
-        let path = task.path();
-        let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
-        if !name.starts_with(prefix) {
-            continue;
-        }
-        let schedstat = std::fs::read_to_string(path.join("schedstat")).unwrap_or_default();
-        threads += 1;
-        ns += schedstat
-            .split_whitespace()
-            .next()
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0);
-    }
-    (threads, ns)
-}
-
-/// A `wsgate` process serving `wss://` with `leaf`, fed by `origin`, with
-/// `--tls-threads threads`, after [`HANDSHAKES`] full TLS 1.3 handshakes
-/// (no resumption, no upgrade after them) made to it one after another.
-#[cfg(feature = "cli")]
-fn handshaken(ca: &Ca, origin: &TestOrigin, files: &Files, threads: &str) -> GatewayProcess {
-    let gw = GatewayProcess::spawn(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--origin",
-        &origin.url(),
-        "--tls-cert",
-        files.cert.to_str().unwrap(),
-        "--tls-key",
-        files.key.to_str().unwrap(),
-        "--tls-threads",
-        threads,
-        "--log-level",
-        "warn",
-    ]);
-    let mut config = (*ca.client(&[&rustls::version::TLS13])).clone();
-    config.resumption = rustls::client::Resumption::disabled();
-    let config = Arc::new(config);
-    for _ in 0..HANDSHAKES {
-        let mut tls = tls_stream(gw.addr, &config, 0);
-        while tls.conn.is_handshaking() {
-            tls.conn
-                .complete_io(&mut tls.sock)
-                .expect("a TLS handshake");
-        }
-        assert_eq!(tls.conn.handshake_kind(), Some(rustls::HandshakeKind::Full));
-    }
-    gw
-}
-
-/// Full handshakes each test below makes.
-#[cfg(feature = "cli")]
-const HANDSHAKES: usize = 200;
-
-#[cfg(feature = "cli")]
-#[test]
-fn handshakes_spend_their_cpu_on_the_tls_threads_and_with_none_on_the_acceptor() {
-    let ca = Ca::new();
-    let origin = TestOrigin::start();
-    let files = Files::new();
-    files.write(&ca.leaf(1));
-
-    let pooled = handshaken(&ca, &origin, &files, "2");
-    let (threads, tls) = thread_cpu_ns(pooled.pid(), "wsgate-tls-");
-    let (_, acceptor) = thread_cpu_ns(pooled.pid(), "wsgate-accepto");
-    println!(
-        "{HANDSHAKES} handshakes: {threads} TLS threads {} us, acceptor {} us",
-        tls / 1000,
-        acceptor / 1000
-    );
-    assert_eq!(threads, 2, "the threads --tls-threads asks for");
-    assert!(
-        tls > acceptor,
-        "the handshakes' CPU is on the TLS threads ({tls} ns), not the acceptor ({acceptor} ns)"
-    );
-
-    let inline = handshaken(&ca, &origin, &files, "0");
-    let (threads, _) = thread_cpu_ns(inline.pid(), "wsgate-tls-");
-    let (_, acceptor) = thread_cpu_ns(inline.pid(), "wsgate-accepto");
-    println!(
-        "{HANDSHAKES} handshakes with --tls-threads 0: acceptor {} us",
-        acceptor / 1000
-    );
-    assert_eq!(threads, 0, "with --tls-threads 0 the acceptor does them");
 }

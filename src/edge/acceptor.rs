@@ -19,11 +19,12 @@
 //! the request is read and the reply written through it, and the session
 //! goes with the socket to the client's writer. The handshake counts
 //! against the same deadline and the same pending-handshake cap as the
-//! request. Its CPU (a key exchange and a signature) is spent on the TLS
-//! handshake threads (`handshake.rs`, `tls_threads`): this thread reads a
-//! handshaking client's records into its session and hands the session
-//! over, and goes on with the connection when it comes back; never on a
-//! lobby or a writer. With `tls_threads = 0` it is spent here.
+//! request. Its costly part (a key exchange and a signature, for the
+//! ClientHello) is spent on the TLS handshake threads (`handshake.rs`,
+//! `tls_threads`): this thread reads a handshaking client's records into
+//! its session and hands the session over until it has sent its first
+//! flight, and goes on with the connection when it comes back; never on a
+//! lobby or a writer. With `tls_threads = 0` it is all spent here.
 
 #[cfg(feature = "auth")]
 use std::collections::HashMap;
@@ -330,6 +331,10 @@ struct Conn {
     /// Its session is on a handshake thread.
     #[cfg(feature = "tls")]
     away: bool,
+    /// Its session has sent its first flight (the costly part of its
+    /// handshake is done): the rest is processed here.
+    #[cfg(feature = "tls")]
+    answered: bool,
 }
 
 impl Conn {
@@ -751,6 +756,8 @@ impl Acceptor {
             tls,
             #[cfg(feature = "tls")]
             away: false,
+            #[cfg(feature = "tls")]
+            answered: false,
         });
         self.pending += 1;
         bump(&self.stats.handshakes_pending);
@@ -782,7 +789,7 @@ impl Acceptor {
             return;
         }
         #[cfg(feature = "tls")]
-        if conn.tls.as_ref().is_some_and(|s| s.is_handshaking()) {
+        if !conn.answered && conn.tls.as_ref().is_some_and(|s| s.is_handshaking()) {
             if let Some(step) = self.hand_over(index) {
                 self.after(index, step);
                 return;
@@ -1135,8 +1142,9 @@ impl Acceptor {
     }
 
     /// Reads a handshaking connection's records into its session and hands
-    /// the session to a handshake thread; `None` when there are none (the
-    /// handshake then goes on here, through [`Conn::read_some`]).
+    /// the session to a handshake thread, until it has sent its first
+    /// flight; `None` when there are no threads (the handshake then goes on
+    /// here, through [`Conn::read_some`]).
     #[cfg(feature = "tls")]
     fn hand_over(&mut self, index: usize) -> Option<Step> {
         if !self.handshaking.active() {
@@ -1211,6 +1219,7 @@ impl Acceptor {
                 None
             }
         };
+        conn.answered = session.wants_write();
         conn.tls = Some(session);
         conn.away = false;
         match step {
