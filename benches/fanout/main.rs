@@ -77,9 +77,10 @@
 //! each (`nchan`, then `wsgate`: nginx serves TLS 1.3 with the same
 //! certificate; for `idle`, RSS per TLS client). Only nginx's pid is
 //! measured as the relay; the bridge's CPU is the load generator's. nchan
-//! neither drops nor disconnects a subscriber it cannot keep up with: it
-//! buffers, so its latency and RSS grow for as long as it is behind
-//! (gaps stay 0). When
+//! neither drops nor disconnects when it cannot keep up (gaps stay 0): it
+//! reads the publisher link only as fast as it writes each message to
+//! every subscriber, so the backlog waits upstream and latency grows for
+//! as long as it is behind (`nchan.rs`). When
 //! nginx or the module is missing they print one `skipped` line saying
 //! what to install (`apt-get install nginx-light libnginx-mod-nchan`) and
 //! the rest runs.

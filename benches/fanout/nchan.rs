@@ -30,16 +30,24 @@
 //! - the publisher's server listens on a second plain port with `/pub`,
 //!   `nchan_publisher websocket`: each WebSocket message the bridge sends
 //!   on its one connection is one published message;
-//! - memory: `nchan_message_buffer_length 16` (wsgate's `--queue 16` is
-//!   the nearest thing it has: past that a message is gone from the
-//!   channel; a subscriber nchan is still writing to keeps its own copy in
-//!   its output buffers) and `nchan_message_timeout 10s` bound what the
-//!   channel holds: at `saturated`'s 10 000 msg/s × 128 B, 16 messages of
-//!   about 1 KiB with their headers; at `large`'s 64 KiB, about 1 MiB.
-//!   `nchan_shared_memory_size 128m` (its default) leaves room for every
-//!   message in flight to a slow subscriber at those rates;
-//!   `nchan_subscriber_timeout 0` and no pings: subscribers stay until the
+//! - memory: `nchan_message_buffer_length 16` (beside wsgate's
+//!   `--queue 16`: past that a message is gone from the channel; nobody
+//!   here asks for an old one, since subscribers start at the newest) and
+//!   `nchan_message_timeout 10s` bound what the channel holds: at
+//!   `saturated`'s 10 000 msg/s × 128 B, 16 messages of well under 1 KiB
+//!   each with nchan's headers; at `large`'s 64 KiB, about 1 MiB.
+//!   `nchan_shared_memory_size 128m` (the module's default, spelled out)
+//!   holds that many times over, with room for messages still being
+//!   written to subscribers;
+//! - `nchan_subscriber_timeout 0` and no pings: subscribers stay until the
 //!   run ends, as wsgate's do.
+//!
+//! What a saturated nchan does (seen in these runs): it fans each message
+//! out to every subscriber as it reads it from the publisher link, so it
+//! drops nothing and disconnects nobody (gaps 0) and its RSS stays flat;
+//! what it has not read yet waits upstream, in the publisher link's socket
+//! buffers and then, once those are full, in the origin, which slows
+//! down. Latency grows with the run's length.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
