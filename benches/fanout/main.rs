@@ -47,7 +47,7 @@
 //! (`writev.rs`: one thread, a queue of 16 frames per client dropping the
 //! oldest, one `writev` of it) instead of the baseline, the comparison issue
 //! 27 asks for at saturation (with `WSGATE_BENCH_RELAY_CPU`, below, on a
-//! core of its own); and `wss-steady` and
+//! core of its own); `wss-steady` and
 //! `wss-large`, `steady`'s and `large`'s loads with wsgate serving its
 //! clients `wss://` (TLS 1.3 on the binary's own provider, a throwaway CA
 //! and leaf made at start, `tls.rs`), each client through its own rustls
@@ -57,6 +57,33 @@
 //! to wsgate: CPU per delivery as a ratio, and RSS per client (growth from
 //! no client to the window's end, queues included) in both runs. The
 //! clients' TLS costs the load generator too, on the same cores.
+//!
+//! And the comparisons with nginx and its nchan module that two issues ask
+//! for (`nchan.rs`: `nginx -c` with a configuration the bench writes, one
+//! process, `master_process off`, one channel; `bridge.rs`: a thread of
+//! this process that reads the origin as a gateway would and publishes
+//! each message into nchan over one WebSocket publisher connection, from
+//! when the clients are connected: a saturated nginx accepts too slowly
+//! for them to connect in time otherwise). Their
+//! origin sends text (seq and timestamp in base64, then dots, to the same
+//! size), to both relays, since nchan's EventSource passes a message on as
+//! its data as it is; their ratio lines read wsgate/nchan.
+//! `sse-steady-nchan` and `sse-saturated-nchan` run `steady`'s and
+//! `saturated`'s loads to event-stream clients of each (`nchan-sse`, then
+//! `wsgate-sse`; nchan's event IDs are not wsgate's, so its streams
+//! reconnect at the newest message, what they missed showing as gaps);
+//! `wss-saturated-nchan`, `wss-large-nchan` and `wss-idle-nchan` run
+//! `saturated`'s, `large`'s and `idle`'s to `wss://` WebSocket clients of
+//! each (`nchan`, then `wsgate`: nginx serves TLS 1.3 with the same
+//! certificate; for `idle`, RSS per TLS client). Only nginx's pid is
+//! measured as the relay; the bridge's CPU is the load generator's. nchan
+//! neither drops nor disconnects when it cannot keep up (gaps stay 0): it
+//! reads the publisher link only as fast as it writes each message to
+//! every subscriber, so the backlog waits upstream and latency grows for
+//! as long as it is behind (`nchan.rs`). When
+//! nginx or the module is missing they print one `skipped` line saying
+//! what to install (`apt-get install nginx-light libnginx-mod-nchan`) and
+//! the rest runs.
 //!
 //! Per run: deliveries/s (messages received by clients in the window /
 //! window), relay CPU per delivery (relay utime + stime over the window /
@@ -73,7 +100,8 @@
 //!   harnesses of the other targets);
 //! - `cargo bench -- saturated` (or `-- steady,large`, or
 //!   `-- sse-steady,sse-saturated`) runs only those; this is also how the
-//!   scenarios on request run (`-- steady,wss-steady,large,wss-large`);
+//!   scenarios on request run (`-- steady,wss-steady,large,wss-large`, or
+//!   `-- sse-steady-nchan,sse-saturated-nchan,wss-saturated-nchan,wss-large-nchan,wss-idle-nchan`);
 //! - `WSGATE_BENCH_SECS` (default 8) sets the measurement window and
 //!   `WSGATE_BENCH_WARMUP` (default 2) the warm-up, both in seconds
 //!   (fractions allowed);
@@ -83,7 +111,10 @@
 //! - `WSGATE_BENCH_WSGATE=/path/to/wsgate` benches that binary (e.g. an older
 //!   build) instead of the one cargo just built; the `wss-` scenarios need
 //!   one with `--tls-cert` and `--tls-key` (feature `tls`), whichever
-//!   provider it was built on.
+//!   provider it was built on;
+//! - `WSGATE_BENCH_NGINX=/path/to/nginx` runs that nginx in the `-nchan`
+//!   scenarios instead of the first on `$PATH` or in `/usr/sbin` (the
+//!   module is looked for where Debian's `libnginx-mod-nchan` puts it).
 //!
 //! Results go to stdout (a detail block per run, the table at the end, then
 //! each scenario's figure beside the README's committed one, a change over
@@ -109,7 +140,9 @@ mod gwstat;
 mod origin;
 
 mod baseline;
+mod bridge;
 mod committed;
+mod nchan;
 mod relay;
 mod scenario;
 mod table;
@@ -189,6 +222,13 @@ fn bench(scenarios: &[Scenario], settings: &Settings, certs: Option<&Certs>) -> 
     let mut all_ok = true;
     for scenario in scenarios {
         println!();
+        let missing = (scenario.against.is_nchan())
+            .then(nchan::Install::find)
+            .and_then(Result::err);
+        if let Some(missing) = missing {
+            println!("== {}: skipped: {missing}", scenario.name);
+            continue;
+        }
         println!("== {}: {}", scenario.name, scenario.describe());
         for kind in scenario.kinds() {
             eprintln!("  {}: starting", kind.name());

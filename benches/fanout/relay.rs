@@ -1,6 +1,7 @@
-//! The relay under test as a child process: the `wsgate` binary, or the
+//! The relay under test as a child process: the `wsgate` binary, the
 //! baseline or coalescing relay (this bench binary re-executed in the
-//! `baseline` or `writev` role), optionally pinned to CPUs.
+//! `baseline` or `writev` role), or nginx with nchan, optionally pinned to
+//! CPUs.
 //!
 //! [`Relay::start`] spawns it on `127.0.0.1:0` in front of a given origin and
 //! waits for the `... clients connect to ws://ADDR/` line on its stdout
@@ -8,6 +9,16 @@
 //! child's further stdout and its stderr are forwarded to our stderr, each
 //! line prefixed with `[relay name]`. [`Relay::stop`] asks for a graceful exit
 //! (SIGTERM) and kills it if that takes too long.
+//!
+//! nginx prints no address: it gets a configuration of its own
+//! (`nchan.rs`, two free ports) and is ready once both ports take a
+//! connection; [`Relay::start_feed`] then starts the bridge (`bridge.rs`)
+//! publishing the origin's messages into it. Stopping stops the bridge
+//! first, then nginx (SIGTERM: a fast shutdown, which closes its clients'
+//! connections without a Close frame or a last event). nginx 1.22 with nchan 1.3.6
+//! and `master_process off` aborts on every exit (SIGTERM and SIGQUIT
+//! alike: "double free" from nchan's exit handlers, which a single process
+//! runs twice); that exit is said on stderr and not counted as a problem.
 //!
 //! No run leaves a process behind: dropping a [`Relay`] kills (SIGKILL) and
 //! reaps the child, so every error path and a panic clean up; and
@@ -18,14 +29,18 @@
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, MutexGuard, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGABRT, SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
+use crate::bridge::Bridge;
+use crate::nchan::{Install, Nginx};
 use crate::tls::Certs;
 use crate::{baseline, writev};
 
@@ -61,6 +76,11 @@ pub enum Kind {
     /// The same binary, its clients reading event streams (Server-Sent
     /// Events) instead of WebSocket: the second run of an `sse` scenario.
     WsgateSse,
+    /// nginx with the nchan module, its clients WebSocket subscribers
+    /// (`nchan.rs`).
+    Nchan,
+    /// nginx with nchan, its clients EventSource (event-stream) subscribers.
+    NchanSse,
 }
 
 impl Kind {
@@ -74,6 +94,8 @@ impl Kind {
             Kind::Writev => "writev",
             Kind::Wsgate => "wsgate",
             Kind::WsgateSse => "wsgate-sse",
+            Kind::Nchan => "nchan",
+            Kind::NchanSse => "nchan-sse",
         }
     }
 
@@ -84,10 +106,31 @@ impl Kind {
 
     /// The clients read event streams.
     pub fn is_sse(self) -> bool {
-        self == Kind::WsgateSse
+        matches!(self, Kind::WsgateSse | Kind::NchanSse)
     }
 
-    fn command(self, origin_url: &str) -> Result<Command, String> {
+    /// nginx with nchan runs (with either client protocol).
+    pub fn is_nchan(self) -> bool {
+        matches!(self, Kind::Nchan | Kind::NchanSse)
+    }
+
+    /// The relay can serve its clients over TLS (in a `tls` scenario).
+    pub fn has_tls(self) -> bool {
+        self.is_wsgate() || self.is_nchan()
+    }
+
+    /// wsgate with the same client protocol: what an nchan run is compared
+    /// with.
+    pub fn wsgate_twin(self) -> Kind {
+        if self.is_sse() {
+            Kind::WsgateSse
+        } else {
+            Kind::Wsgate
+        }
+    }
+
+    /// The relay's command line; nginx's reads `nginx`'s configuration.
+    fn command(self, origin_url: &str, nginx: Option<&Nginx>) -> Result<Command, String> {
         const LISTEN: &str = "127.0.0.1:0";
         match self {
             Kind::Baseline | Kind::Writev => {
@@ -108,6 +151,13 @@ impl Kind {
                     .args(["--writers", "2", "--queue", "16", "--lobby-capacity", "512"])
                     // Info for the final counters; lifecycle lines only.
                     .args(["--log-level", "info"]);
+                Ok(cmd)
+            }
+            Kind::Nchan | Kind::NchanSse => {
+                let nginx =
+                    nginx.ok_or_else(|| format!("{} needs its configuration", self.name()))?;
+                let mut cmd = pinned(nginx.program().as_os_str())?;
+                cmd.args(nginx.args());
                 Ok(cmd)
             }
         }
@@ -186,6 +236,11 @@ pub struct Relay {
     exited: Option<ExitStatus>,
     url: String,
     forwarders: Vec<JoinHandle<Option<u64>>>,
+    /// nchan only: the bridge publishing into it (stopped before nginx).
+    bridge: Option<Bridge>,
+    /// nchan only: its configuration's directory (removed after it exits:
+    /// fields drop after [`Relay`]'s own `drop` has killed it).
+    nginx: Option<Nginx>,
 }
 
 impl Relay {
@@ -199,7 +254,12 @@ impl Relay {
         tls: Option<&Certs>,
     ) -> Result<Relay, String> {
         let name = kind.name();
-        let mut command = kind.command(origin_url)?;
+        let nginx = if kind.is_nchan() {
+            Some(Nginx::prepare(&Install::find()?, tls)?)
+        } else {
+            None
+        };
+        let mut command = kind.command(origin_url, nginx.as_ref())?;
         if kind.is_wsgate() {
             command.args(wsgate_args);
             if let Some(certs) = tls {
@@ -224,6 +284,8 @@ impl Relay {
             exited: None,
             url: String::new(),
             forwarders: Vec::new(),
+            bridge: None,
+            nginx,
         };
         let (first_line, rx) = mpsc::channel();
         if let Some(stdout) = relay.child.stdout.take() {
@@ -233,6 +295,12 @@ impl Relay {
         }
         if let Some(stderr) = relay.child.stderr.take() {
             relay.forwarders.push(forward(name, stderr, None)?);
+        }
+        if let Some(nginx) = &relay.nginx {
+            let (url, listening) = (nginx.url(), nginx.listening());
+            relay.wait_listening(&listening)?;
+            relay.url = url;
+            return Ok(relay);
         }
         let line = match rx.recv_timeout(START_TIMEOUT) {
             Ok(line) => line,
@@ -256,6 +324,16 @@ impl Relay {
         Ok(relay)
     }
 
+    /// Starts the feed of a relay that does not dial the origin itself:
+    /// for nchan, the bridge publishing `origin_url`'s messages into it
+    /// (`bridge.rs`). The other relays were fed from their start.
+    pub fn start_feed(&mut self, origin_url: &str) -> Result<(), String> {
+        if let Some(nginx) = &self.nginx {
+            self.bridge = Some(Bridge::start(origin_url, &nginx.publish_url())?);
+        }
+        Ok(())
+    }
+
     /// The URL clients connect to.
     pub fn url(&self) -> &str {
         &self.url
@@ -267,24 +345,83 @@ impl Relay {
     }
 
     /// Sends SIGTERM and waits for the exit; kills the child if it does not
-    /// exit within [`STOP_TIMEOUT`]. Fails unless it exited with status 0.
+    /// exit within [`STOP_TIMEOUT`]. Fails unless it exited with status 0
+    /// (and, for nchan, its bridge ran to the end without an error).
     /// Returns the frames the relay says it dropped over its life (from
     /// wsgate's final `stopped: …, frames dropped N` log line; none from the
-    /// baseline, which drops nothing).
+    /// baseline, which drops nothing, nor from nchan).
     pub fn stop(mut self) -> Result<Option<u64>, String> {
         let name = self.kind.name();
+        let bridged = self.bridge.take().map(Bridge::stop).transpose();
         // Not reaped yet, so the pid is still this child's.
         send_signal("-TERM", self.child.id())
             .map_err(|e| format!("cannot stop {name} (killed instead): {e}"))?;
         let outcome = self.wait_exit(STOP_TIMEOUT);
+        bridged?;
         match self.exited {
             Some(status) if status.success() => Ok(self.join_forwarders()),
-            Some(status) => Err(format!("{name} exited with {status} after SIGTERM")),
+            Some(status) if self.kind.is_nchan() && status.signal() == Some(SIGABRT) => {
+                eprintln!(
+                    "    [{name}] aborted on exit, as it always does with master_process off \
+                     (nchan frees its memory twice there); the run's figures stand"
+                );
+                Ok(self.join_forwarders())
+            }
+            Some(status) => Err(format!(
+                "{name} exited with {status} after SIGTERM{}",
+                self.nginx
+                    .as_ref()
+                    .map(|nginx| format!(" (error log: {})", nginx.error_tail()))
+                    .unwrap_or_default()
+            )),
             // Dropping `self` kills it.
             None => Err(format!(
                 "{name} did not exit within {}s of SIGTERM ({outcome}); killed",
                 STOP_TIMEOUT.as_secs()
             )),
+        }
+    }
+
+    /// Waits until a connection to each of `addrs` succeeds (nginx, which
+    /// prints no address), or fails if the child exits or
+    /// [`START_TIMEOUT`] passes first.
+    fn wait_listening(&mut self, addrs: &[SocketAddr]) -> Result<(), String> {
+        let name = self.kind.name();
+        let deadline = Instant::now() + START_TIMEOUT;
+        let why = |relay: &Relay| {
+            relay
+                .nginx
+                .as_ref()
+                .map(|nginx| format!("; error log: {}", nginx.error_tail()))
+                .unwrap_or_default()
+        };
+        loop {
+            let probe = Duration::from_millis(100);
+            if addrs
+                .iter()
+                .all(|addr| TcpStream::connect_timeout(addr, probe).is_ok())
+            {
+                return Ok(());
+            }
+            match self.try_reap() {
+                Ok(Some(status)) => {
+                    return Err(format!(
+                        "{name} exited before listening ({status}{})",
+                        why(self)
+                    ));
+                }
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Ok(None) => {
+                    return Err(format!(
+                        "{name} did not listen on {addrs:?} within {}s{}",
+                        START_TIMEOUT.as_secs(),
+                        why(self)
+                    ));
+                }
+                Err(e) => return Err(format!("cannot query {name}'s status: {e}")),
+            }
         }
     }
 
@@ -330,6 +467,8 @@ impl Relay {
 
 impl Drop for Relay {
     fn drop(&mut self) {
+        // The bridge first, while nginx still reads what it publishes.
+        drop(self.bridge.take());
         if self.exited.is_none() {
             let name = self.kind.name();
             let pid = self.child.id();

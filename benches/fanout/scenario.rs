@@ -6,16 +6,17 @@
 //! (threads of this process); all three are stopped before [`run`] returns,
 //! on success and on every error path (their guards stop them on drop).
 //!
-//! The `tls` scenarios differ in two places only: wsgate gets the bench's
-//! certificate (`tls.rs`) and prints a `wss://` address, and the clients
+//! The `tls` scenarios differ in two places only: wsgate (or nginx) gets
+//! the bench's certificate (`tls.rs`) and serves `wss://`, and the clients
 //! trust its CA and connect over TLS.
 //!
 //! Sequence: origin up → relay up (listening, and for the baseline connected
 //! upstream) → settle, sample relay RSS with no client → connect the clients
-//! → warm up → measurement window (relay CPU time and origin seq sampled at
-//! both edges; the clients count deliveries, gaps, duplicates and latency only
-//! inside it) → SIGTERM the relay (it sends its clients Close 1001) → close
-//! the clients → stop the origin.
+//! → for nchan, start the bridge publishing into it → warm up →
+//! measurement window (relay CPU time and origin seq sampled at both edges;
+//! the clients count deliveries, gaps, duplicates and latency only inside
+//! it) → SIGTERM the relay (it sends its clients Close 1001; nginx closes
+//! their connections) → close the clients → stop the origin.
 
 use std::net::SocketAddr;
 use std::thread::sleep;
@@ -56,11 +57,15 @@ pub struct Scenario {
     /// [`Kind::PROTOCOLS`] rather than `against` and wsgate.
     pub sse: bool,
     /// wsgate serves its clients `wss://` (the bench's throwaway
-    /// certificate, `tls.rs`); the baseline has no TLS and serves `ws://`
-    /// as ever.
+    /// certificate, `tls.rs`), and so does nginx with nchan; the baseline
+    /// and the coalescing relay have no TLS and serve `ws://` as ever.
     pub tls: bool,
-    /// The relay wsgate is compared with: [`Kind::Baseline`], or the
-    /// coalescing [`Kind::Writev`] (the `-writev` scenarios).
+    /// The relay wsgate is compared with: [`Kind::Baseline`], the
+    /// coalescing [`Kind::Writev`] (the `-writev` scenarios), or nginx with
+    /// nchan, [`Kind::Nchan`] to WebSocket clients or [`Kind::NchanSse`] to
+    /// event-stream ones, then wsgate to the same kind of client (the
+    /// `-nchan` scenarios, whose origin sends text: see
+    /// [`Scenario::is_text`]).
     pub against: Kind,
 }
 
@@ -276,10 +281,13 @@ pub const ALL: [Scenario; 13] = [
 /// `wss://` to wsgate (the baseline as in those), to compare with them in
 /// the same run (`-- steady,wss-steady,large,wss-large`). Each takes as
 /// long as its plain twin, and more to connect (a full TLS handshake per
-/// client), which the default run need not pay. And `saturated`'s, `wide`'s
+/// client), which the default run need not pay. `saturated`'s, `wide`'s
 /// and `idle`'s loads with wsgate against the coalescing relay
-/// (`writev.rs`) rather than the baseline.
-pub const ON_REQUEST: [Scenario; 5] = [
+/// (`writev.rs`) rather than the baseline. And wsgate against nginx with
+/// nchan (`nchan.rs`), which needs both installed: `steady`'s and
+/// `saturated`'s loads to event-stream clients, and `saturated`'s,
+/// `large`'s and `idle`'s to `wss://` clients of both.
+pub const ON_REQUEST: [Scenario; 10] = [
     Scenario {
         name: "wss-steady",
         tls: true,
@@ -305,6 +313,34 @@ pub const ON_REQUEST: [Scenario; 5] = [
         against: Kind::Writev,
         ..IDLE
     },
+    Scenario {
+        name: "sse-steady-nchan",
+        against: Kind::NchanSse,
+        ..STEADY
+    },
+    Scenario {
+        name: "sse-saturated-nchan",
+        against: Kind::NchanSse,
+        ..SATURATED
+    },
+    Scenario {
+        name: "wss-saturated-nchan",
+        tls: true,
+        against: Kind::Nchan,
+        ..SATURATED
+    },
+    Scenario {
+        name: "wss-large-nchan",
+        tls: true,
+        against: Kind::Nchan,
+        ..LARGE
+    },
+    Scenario {
+        name: "wss-idle-nchan",
+        tls: true,
+        against: Kind::Nchan,
+        ..IDLE
+    },
 ];
 
 /// The `wss-` scenarios beside the plain ones they repeat over TLS, as
@@ -320,23 +356,33 @@ impl Scenario {
         self.rate == Rate::Paused
     }
 
+    /// The origin sends text messages (seq and timestamp in base64): to
+    /// both relays of an nchan scenario, since nchan's EventSource passes a
+    /// message's bytes on as its data, as they are.
+    pub fn is_text(&self) -> bool {
+        self.against.is_nchan()
+    }
+
     /// The relays (or client protocols) this scenario compares, in the
     /// order they run; the ratio is the second's over the first's.
     pub fn kinds(&self) -> [Kind; 2] {
         if self.sse {
             Kind::PROTOCOLS
         } else {
-            [self.against, Kind::Wsgate]
+            [self.against, self.against.wsgate_twin()]
         }
     }
 
     /// One line saying what the load is.
     pub fn describe(&self) -> String {
         let load = self.load();
-        if self.tls {
-            format!("{load}; wsgate over wss://, the baseline ws://")
-        } else {
-            load
+        match (self.tls, self.against) {
+            (true, Kind::Nchan) => format!("{load}, text; wsgate and nginx+nchan over wss://"),
+            (true, _) => format!("{load}; wsgate over wss://, the baseline ws://"),
+            (false, Kind::NchanSse) => {
+                format!("{load}, text; wsgate's event streams and nchan's EventSource")
+            }
+            (false, _) => load,
         }
     }
 
@@ -496,13 +542,15 @@ pub fn run(
     certs: Option<&Certs>,
 ) -> Result<Measurement, String> {
     let name = kind.name();
-    let tls = match (scenario.tls && kind.is_wsgate(), certs) {
+    let tls = match (scenario.tls && kind.has_tls(), certs) {
         (true, Some(certs)) => Some(certs),
         (true, None) => return Err(format!("{} needs certificates", scenario.name)),
         (false, _) => None,
     };
     let start = if scenario.ticks {
         Origin::start_ticks
+    } else if scenario.is_text() {
+        Origin::start_text
     } else {
         Origin::start_with
     };
@@ -513,7 +561,7 @@ pub fn run(
     )
     .map_err(|e| format!("cannot start the origin: {e}"))?;
     let origin_url = format!("ws://{}/", origin.local_addr());
-    let relay = Relay::start(kind, &origin_url, scenario.wsgate_args, tls)?;
+    let mut relay = Relay::start(kind, &origin_url, scenario.wsgate_args, tls)?;
     let observer = Observer::new(relay.pid()).map_err(|e| format!("cannot observe {name}: {e}"))?;
     let load = Observer::new(std::process::id())
         .map_err(|e| format!("cannot observe the bench process: {e}"))?;
@@ -525,7 +573,9 @@ pub fn run(
     config.deflate = scenario.deflate;
     config.sse = kind.is_sse();
     // A stream wsgate closes (one that cannot keep up) is reconnected and
-    // resumed, as a browser's EventSource would.
+    // resumed, as a browser's EventSource would. nchan's event IDs are not
+    // wsgate's: its streams reconnect without `Last-Event-ID`, so they
+    // start again at the newest message, and what they missed shows as gaps.
     config.reconnect = kind.is_sse().then_some(RECONNECT_DELAY);
     config.tls_ca = tls.map(|certs| certs.ca.clone());
     let connect_deadline = Instant::now() + config.connect_timeout;
@@ -547,6 +597,10 @@ pub fn run(
             report.first_connect_error.as_deref().unwrap_or("timed out")
         ));
     }
+    // nchan's feed starts now: a saturated nginx accepts so slowly that
+    // clients connecting under load time out (the others were fed from
+    // their start; a live feed's first seconds are the warm-up's anyway).
+    relay.start_feed(&origin_url)?;
 
     sleep(settings.warmup);
     clients.begin_window();

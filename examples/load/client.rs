@@ -15,9 +15,10 @@
 //! `GET` with `Accept: text/event-stream`, a `200 text/event-stream` answer,
 //! then events parsed incrementally by `events.rs`'s reader (a binary
 //! message arrives as an `event: binary` whose base64 data is decoded as far
-//! as seq and timestamp). Such a client writes nothing after its request and
-//! ends by closing its socket; the server ending the stream is its normal
-//! end, counted like a server Close.
+//! as seq and timestamp; a text message's data is the text itself, whose
+//! start, in the origin's text mode, is the same base64). Such a client
+//! writes nothing after its request and ends by closing its socket; the
+//! server ending the stream is its normal end, counted like a server Close.
 //!
 //! With [`Config::reconnect`] as well, a stream the server ends (or that
 //! fails) is not the client's end: after the delay the client connects
@@ -57,6 +58,7 @@
 //! write.
 //!
 //! Binary messages whose payload starts with `seq: u64 LE, sent_unix_ns: u64 LE`
+//! (text messages: those 16 bytes in padded base64, the origin's text mode)
 //! are checked per client for gaps and duplicates/reorders and their latency
 //! (now - sent_unix_ns, in µs) is recorded into an hdrhistogram; all of this
 //! and the delivery count only inside the measurement window.
@@ -1738,7 +1740,7 @@ impl Worker {
                 if closing {
                     return;
                 }
-                let mut inflated = [0u8; wire::PREFIX_LEN];
+                let mut inflated = [0u8; wire::TEXT_PREFIX_LEN];
                 let prefix = if deflated.is_empty() {
                     prefix
                 } else {
@@ -1750,15 +1752,15 @@ impl Worker {
                     let (_, _, out) = decompress(inflater, deflated, &mut inflated, 0, flags);
                     &inflated[..out]
                 };
-                let sequenced = binary && len >= wire::PREFIX_LEN as u64;
-                count_message(
-                    stats,
-                    last_seq,
-                    &mut false,
-                    measuring,
-                    now_ns,
-                    sequenced.then_some(prefix),
-                );
+                // A text message (the origin's text mode) carries seq and
+                // timestamp in base64.
+                let mut decoded = [0u8; events::DATA_PREFIX / 4 * 3];
+                let sequenced = if binary {
+                    (len >= wire::PREFIX_LEN as u64).then_some(prefix)
+                } else {
+                    events::binary_prefix(prefix, &mut decoded).map(|n| &decoded[..n])
+                };
+                count_message(stats, last_seq, &mut false, measuring, now_ns, sequenced);
             }
             Frame::Ping(payload) => {
                 if !closing {
@@ -1853,12 +1855,11 @@ impl Worker {
                 *after_reset = true;
                 return;
             }
+            // A binary message's data is its payload in base64; a text
+            // one's (the origin's text mode) starts with seq and timestamp
+            // in base64: either way, the same decoding.
             let mut decoded = [0u8; events::DATA_PREFIX / 4 * 3];
-            let prefix = event
-                .binary
-                .then(|| events::binary_prefix(event.data, &mut decoded))
-                .flatten()
-                .map(|len| &decoded[..len]);
+            let prefix = events::binary_prefix(event.data, &mut decoded).map(|len| &decoded[..len]);
             let seen = count_message(stats, last_seq, after_reset, measuring, now_ns, prefix);
             let Some(seen) = seen else { return };
             *newest_seq = (*newest_seq).max(seen.seq);
@@ -1931,8 +1932,8 @@ struct Seen {
 }
 
 /// Counts one message received at `now_ns`; `prefix` is the start of its
-/// payload when it is binary and long enough to carry `seq` and
-/// `sent_unix_ns`: then gaps (a reset's apart), duplicates and latency are
+/// payload (decoded, for a text message or an event) when it carries `seq`
+/// and `sent_unix_ns`: then gaps (a reset's apart), duplicates and latency are
 /// checked too, and returned.
 fn count_message(
     stats: &mut Report,
@@ -2119,6 +2120,19 @@ mod tests {
     fn per_client_state_is_small() {
         let size = std::mem::size_of::<Option<Conn>>();
         assert!(size <= 320, "Conn is {size} bytes");
+    }
+
+    #[test]
+    fn text_prefixes_decode_as_event_data_does() {
+        let prefix: [u8; wire::PREFIX_LEN] = std::array::from_fn(|i| 0xf0 ^ i as u8);
+        let mut text = [0u8; wire::TEXT_PREFIX_LEN];
+        wire::encode_text_prefix(&prefix, &mut text);
+        // What follows the padding, the origin's dots, is never decoded.
+        let payload = [&text[..], b"...."].concat();
+        let mut decoded = [0u8; events::DATA_PREFIX / 4 * 3];
+        let n = events::binary_prefix(&payload[..wire::TEXT_PREFIX_LEN], &mut decoded);
+        assert_eq!(n, Some(wire::PREFIX_LEN));
+        assert_eq!(decoded[..wire::PREFIX_LEN], prefix);
     }
 
     #[test]

@@ -4,13 +4,14 @@
 //! threads; no socket, no allocation.
 //!
 //! It keeps, per client, what a load test needs of each event and no more:
-//! whether it was named `binary` (wsgate sends a binary message as
-//! `event: binary` with its payload in base64) or `reset` (wsgate's answer
-//! to a `Last-Event-ID` it cannot serve), and the first [`DATA_PREFIX`]
-//! bytes of its first `data:` line. Bytes arrive in any chunking; lines end
+//! whether it was named `reset` (wsgate's answer to a `Last-Event-ID` it
+//! cannot serve), and the first [`DATA_PREFIX`] bytes of its first `data:`
+//! line: base64 either way, whether wsgate sent a binary message as
+//! `event: binary` with its payload in base64, or a text message (the load
+//! origin's text mode) as itself. Bytes arrive in any chunking; lines end
 //! with `\n`, `\r\n` or `\r`; a blank line dispatches the event if it had
 //! a `data:` field. Comments (`:`), `retry:` and any other field are
-//! skipped. [`binary_prefix`] decodes the base64 start of a binary event's
+//! skipped. [`binary_prefix`] decodes the base64 start of an event's
 //! data back into the payload's first [`PREFIX_LEN`](super::wire::PREFIX_LEN)
 //! bytes (its seq and timestamp).
 //!
@@ -30,7 +31,8 @@ pub const DATA_PREFIX: usize = 24;
 /// Field name bytes kept while a line's name is read (`event` is the
 /// longest one acted on).
 const NAME: usize = 5;
-/// Event name bytes kept (`binary`, `reset`).
+/// Event name bytes kept: `reset`, and one more to tell it from longer
+/// names.
 const EVENT_NAME: usize = 6;
 /// ID value bytes kept: a wsgate message ID is 16 hex digits.
 const ID: usize = 16;
@@ -53,8 +55,6 @@ enum Line {
 /// One event as far as the reader keeps it.
 #[derive(Debug)]
 pub struct Event<'a> {
-    /// Named `binary`: its data is the payload in base64.
-    pub binary: bool,
     /// Named `reset`: the server could not resume from the `Last-Event-ID`
     /// sent and goes on live.
     pub reset: bool,
@@ -240,7 +240,6 @@ impl EventReader {
         if self.has_data {
             let name = &self.event[..usize::from(self.event_len)];
             on_event(Event {
-                binary: name == b"binary",
                 reset: name == b"reset",
                 data: &self.data[..usize::from(self.data_len)],
             });
@@ -310,11 +309,11 @@ pub fn binary_prefix(text: &[u8], out: &mut [u8; DATA_PREFIX / 4 * 3]) -> Option
 mod tests {
     use super::*;
 
-    fn events(stream: &[u8], step: usize) -> Vec<(bool, Vec<u8>)> {
+    fn events(stream: &[u8], step: usize) -> Vec<Vec<u8>> {
         let mut reader = EventReader::new();
         let mut out = Vec::new();
         for chunk in stream.chunks(step) {
-            reader.feed(chunk, |e| out.push((e.binary, e.data.to_vec())));
+            reader.feed(chunk, |e| out.push(e.data.to_vec()));
         }
         out
     }
@@ -325,9 +324,9 @@ mod tests {
                        data: AAECAwQFBgcICQoLDA0ODxAREhMUFRYX\n\n\
                        id: 00000000000000ac\r\ndata: one\r\ndata: two\r\rdata:x\n\n";
         let want = vec![
-            (true, b"AAECAwQFBgcICQoLDA0ODxAR".to_vec()),
-            (false, b"one".to_vec()),
-            (false, b"x".to_vec()),
+            b"AAECAwQFBgcICQoLDA0ODxAR".to_vec(),
+            b"one".to_vec(),
+            b"x".to_vec(),
         ];
         for step in 1..=stream.len() {
             assert_eq!(events(stream, step), want, "step {step}");
@@ -337,11 +336,8 @@ mod tests {
     #[test]
     fn only_events_with_data_dispatch() {
         assert!(events(b"id: 1\n\nevent: binary\n\n: c\n\n", 3).is_empty());
-        assert_eq!(events(b"data\n\n", 1), vec![(false, Vec::new())]);
-        assert_eq!(
-            events(b"event: other\ndata: a\n\n", 2),
-            vec![(false, b"a".to_vec())]
-        );
+        assert_eq!(events(b"data\n\n", 1), vec![Vec::new()]);
+        assert_eq!(events(b"event: other\ndata: a\n\n", 2), vec![b"a".to_vec()]);
     }
 
     #[test]
@@ -382,8 +378,8 @@ mod tests {
         // What wsgate sends for an ID it cannot serve, then a live event.
         let stream = b"retry: 1000\n\nevent: reset\ndata: last-event-id not in history; \
                        continuing live\n\nid: 0000000000000009\nevent: binary\ndata: AAAA\n\n";
-        reader.feed(stream, |e| resets.push((e.reset, e.binary)));
-        assert_eq!(resets, [(true, false), (false, true)]);
+        reader.feed(stream, |e| resets.push(e.reset));
+        assert_eq!(resets, [true, false]);
         assert_eq!(reader.last_id(), Some(9));
         assert_eq!(EventReader::resuming(Some(7)).last_id(), Some(7));
     }

@@ -140,6 +140,10 @@ struct Args {
     /// the origin's messages carry a JSON price tick (else zeros)
     #[argh(switch)]
     ticks: bool,
+    /// the origin's messages are text: seq and timestamp in base64, then
+    /// dots (for relays that pass text only, e.g. to event streams)
+    #[argh(switch)]
+    text: bool,
     /// the clients offer permessage-deflate
     #[argh(switch)]
     deflate: bool,
@@ -282,6 +286,9 @@ fn run(args: &Args) -> Result<String, String> {
     if args.url.is_some() && args.clients == 0 {
         return Err("--clients must be at least 1".to_string());
     }
+    if args.ticks && args.text {
+        return Err("--ticks and --text exclude each other".to_string());
+    }
     if (args.reconnect || args.storm > 0) && !args.sse {
         return Err("--reconnect and --storm need --sse".to_string());
     }
@@ -328,6 +335,8 @@ fn run(args: &Args) -> Result<String, String> {
             };
             let started = if args.ticks {
                 origin::Origin::start_ticks(addr, rate, args.size)
+            } else if args.text {
+                origin::Origin::start_text(addr, rate, args.size)
             } else {
                 origin::Origin::start_with(addr, rate, args.size)
             };

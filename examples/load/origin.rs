@@ -5,7 +5,11 @@
 //! Every message is a binary frame whose payload is `seq: u64 LE` (1, 2, 3,
 //! …, the same seq for the same message on every connection), then
 //! `sent_unix_ns: u64 LE` (taken when the message is generated), then zero
-//! padding up to the configured size (at least 16 bytes).
+//! padding up to the configured size (at least 16 bytes). In text mode
+//! ([`Origin::start_text`], for relays that pass messages on as text, such
+//! as an event stream's `data:`) each message is a text frame instead: the
+//! same 16 bytes in padded base64 (24 characters, `wire::encode_text_prefix`),
+//! then dots up to the size (at least 24 bytes).
 //!
 //! Pacing: with [`Rate::PerSecond`] a 1 ms ticker generates the messages due
 //! so far, so 200 msg/s is smooth rather than bursts of 200; messages are
@@ -29,7 +33,8 @@
 //! every upstream (waiting at most 1 s to flush) before the thread exits.
 //!
 //! Public API (self-contained: depends only on external crates and `wire.rs`):
-//! [`Origin::start_with`] / [`Origin::start_ticks`], [`Origin::local_addr`],
+//! [`Origin::start_with`] / [`Origin::start_ticks`] / [`Origin::start_text`],
+//! [`Origin::local_addr`],
 //! [`Origin::published`], [`Origin::connections`], [`Origin::stop`]
 //! (dropping an `Origin` stops it too).
 
@@ -81,6 +86,17 @@ pub enum Rate {
     Saturated,
 }
 
+/// What a message carries after the frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Body {
+    /// Binary: seq, timestamp, zeros.
+    Zeros,
+    /// Binary: seq, timestamp, a JSON price tick padded with spaces.
+    Ticks,
+    /// Text: seq and timestamp in base64, dots.
+    Text,
+}
+
 struct Shared {
     stop: AtomicBool,
     published: AtomicU64,
@@ -99,7 +115,7 @@ impl Origin {
     /// Binds `addr` and starts publishing messages of `size` bytes (raised
     /// to at least 16) at `rate`.
     pub fn start_with(addr: SocketAddr, rate: Rate, size: usize) -> io::Result<Origin> {
-        Origin::start_inner(addr, rate, size, false)
+        Origin::start_inner(addr, rate, size, Body::Zeros)
     }
 
     /// Like [`Origin::start_with`], each message's bytes after seq and
@@ -107,10 +123,17 @@ impl Origin {
     /// every message), padded with spaces to `size`: what compresses like
     /// a real feed.
     pub fn start_ticks(addr: SocketAddr, rate: Rate, size: usize) -> io::Result<Origin> {
-        Origin::start_inner(addr, rate, size, true)
+        Origin::start_inner(addr, rate, size, Body::Ticks)
     }
 
-    fn start_inner(addr: SocketAddr, rate: Rate, size: usize, ticks: bool) -> io::Result<Origin> {
+    /// Like [`Origin::start_with`], each message a text frame: seq and
+    /// timestamp in base64, then dots up to `size` (raised to at least 24);
+    /// see the module docs.
+    pub fn start_text(addr: SocketAddr, rate: Rate, size: usize) -> io::Result<Origin> {
+        Origin::start_inner(addr, rate, size, Body::Text)
+    }
+
+    fn start_inner(addr: SocketAddr, rate: Rate, size: usize, body: Body) -> io::Result<Origin> {
         let mut listener = listen(addr)?;
         let local_addr = listener.local_addr()?;
         let poll = Poll::new()?;
@@ -122,12 +145,15 @@ impl Origin {
             published: AtomicU64::new(0),
             connections: AtomicUsize::new(0),
         });
-        let size = size.max(wire::PREFIX_LEN);
+        let (opcode, size, fill) = match body {
+            Body::Text => (wire::OP_TEXT, size.max(wire::TEXT_PREFIX_LEN), b'.'),
+            Body::Zeros | Body::Ticks => (wire::OP_BINARY, size.max(wire::PREFIX_LEN), 0),
+        };
         let mut hdr = [0u8; wire::MAX_HEADER];
-        let h = wire::encode_header(wire::OP_BINARY, size as u64, None, &mut hdr);
+        let h = wire::encode_header(opcode, size as u64, None, &mut hdr);
         let mut frame = Vec::with_capacity(h + size);
         frame.extend_from_slice(&hdr[..h]);
-        frame.resize(h + size, 0);
+        frame.resize(h + size, fill);
         let server = Server {
             poll,
             listener,
@@ -141,7 +167,7 @@ impl Origin {
             frame,
             prefix_at: h,
             seq: 0,
-            ticks,
+            body,
             scratch: vec![0u8; 64 * 1024],
         };
         let thread = std::thread::Builder::new()
@@ -264,8 +290,8 @@ struct Server {
     frame: Vec<u8>,
     prefix_at: usize,
     seq: u64,
-    /// The body after seq and timestamp is a JSON tick, not zeros.
-    ticks: bool,
+    /// What each message carries.
+    body: Body,
     scratch: Vec<u8>,
 }
 
@@ -341,14 +367,24 @@ impl Server {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
         let at = self.prefix_at;
-        self.frame[at..at + 8].copy_from_slice(&self.seq.to_le_bytes());
-        self.frame[at + 8..at + 16].copy_from_slice(&ts.to_le_bytes());
-        if self.ticks {
-            let body = &mut self.frame[at + 16..];
-            body.fill(b' ');
-            let tick = tick_json(self.seq, ts);
-            let n = tick.len().min(body.len());
-            body[..n].copy_from_slice(&tick.as_bytes()[..n]);
+        let mut prefix = [0u8; wire::PREFIX_LEN];
+        prefix[..8].copy_from_slice(&self.seq.to_le_bytes());
+        prefix[8..].copy_from_slice(&ts.to_le_bytes());
+        match self.body {
+            Body::Text => {
+                let mut text = [0u8; wire::TEXT_PREFIX_LEN];
+                wire::encode_text_prefix(&prefix, &mut text);
+                self.frame[at..at + text.len()].copy_from_slice(&text);
+            }
+            Body::Zeros => self.frame[at..at + prefix.len()].copy_from_slice(&prefix),
+            Body::Ticks => {
+                self.frame[at..at + prefix.len()].copy_from_slice(&prefix);
+                let body = &mut self.frame[at + prefix.len()..];
+                body.fill(b' ');
+                let tick = tick_json(self.seq, ts);
+                let n = tick.len().min(body.len());
+                body[..n].copy_from_slice(&tick.as_bytes()[..n]);
+            }
         }
         let mut max_pending = 0;
         for conn in self.conns.iter_mut().flatten() {

@@ -1,8 +1,9 @@
 //! WebSocket wire format shared by the load tool's client engine and origin:
 //! frame header encoding (masked client frames and unmasked server frames),
 //! small fixed-size control frames, and a streaming, allocation-free frame
-//! parser that keeps only the first [`PREFIX_LEN`] payload bytes of each data
-//! message (where the load tool's `seq`/`sent_unix_ns` live) and the payload
+//! parser that keeps only the first [`TEXT_PREFIX_LEN`] payload bytes of each
+//! data message (where the load tool's `seq`/`sent_unix_ns` live: binary, or
+//! in base64 in a text message) and the payload
 //! of control frames (at most 125 bytes), so its state is a couple of hundred
 //! bytes no matter how large messages are.
 //!
@@ -26,6 +27,9 @@ pub const OP_PONG: u8 = 0xA;
 
 /// Bytes at the start of a load message: `seq: u64 LE` then `sent_unix_ns: u64 LE`.
 pub const PREFIX_LEN: usize = 16;
+/// Bytes at the start of a text load message: its [`PREFIX_LEN`] bytes in
+/// padded standard base64 (what [`encode_text_prefix`] writes).
+pub const TEXT_PREFIX_LEN: usize = 24;
 /// Largest control frame payload allowed by RFC 6455.
 pub const MAX_CONTROL_PAYLOAD: usize = 125;
 /// Largest frame header: 2 bytes + 8-byte extended length + 4-byte mask.
@@ -59,6 +63,26 @@ pub fn encode_header(
         n += 4;
     }
     n
+}
+
+/// Writes `prefix` (seq and timestamp) as the start of a text load
+/// message: standard base64 with its `==` padding, so a reader decoding
+/// [`TEXT_PREFIX_LEN`] characters stops there whatever text follows.
+pub fn encode_text_prefix(prefix: &[u8; PREFIX_LEN], out: &mut [u8; TEXT_PREFIX_LEN]) {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    for (chunk, quad) in prefix.chunks(3).zip(out.chunks_mut(4)) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for (i, c) in quad.iter_mut().enumerate() {
+            *c = if i <= chunk.len() {
+                ALPHABET[(n >> (18 - 6 * i) & 63) as usize]
+            } else {
+                b'='
+            };
+        }
+    }
 }
 
 /// XORs `data` with the masking `key`, starting at payload offset `offset`.
@@ -111,13 +135,14 @@ impl SmallFrame {
 #[derive(Debug)]
 pub enum Frame<'a> {
     /// A complete data message (all its fragments). `prefix` holds its first
-    /// (up to [`PREFIX_LEN`]) payload bytes, unmasked; `len` is its full length.
+    /// (up to [`TEXT_PREFIX_LEN`]) payload bytes, unmasked; `len` is its full length.
     Message {
         /// True for binary, false for text.
         binary: bool,
         /// Total payload length of the message.
         len: u64,
-        /// The first `min(len, PREFIX_LEN)` payload bytes (empty if compressed).
+        /// The first `min(len, TEXT_PREFIX_LEN)` payload bytes (empty if
+        /// compressed).
         prefix: &'a [u8],
         /// The compressed payload of a permessage-deflate message (RSV1),
         /// up to [`MAX_DEFLATED`] bytes; empty if not compressed.
@@ -180,7 +205,7 @@ pub struct Parser {
     ctrl_len: u8,
     mask: [u8; 4],
     hdr: [u8; MAX_HEADER],
-    prefix: [u8; PREFIX_LEN],
+    prefix: [u8; TEXT_PREFIX_LEN],
     frame_len: u64,
     frame_pos: u64,
     msg_len: u64,
@@ -214,7 +239,7 @@ impl Parser {
             ctrl_len: 0,
             mask: [0; 4],
             hdr: [0; MAX_HEADER],
-            prefix: [0; PREFIX_LEN],
+            prefix: [0; TEXT_PREFIX_LEN],
             frame_len: 0,
             frame_pos: 0,
             msg_len: 0,
@@ -367,7 +392,7 @@ impl Parser {
         let (dst, dst_len, cap): (&mut [u8], &mut u8, usize) = if self.opcode >= OP_CLOSE {
             (&mut self.ctrl[..], &mut self.ctrl_len, MAX_CONTROL_PAYLOAD)
         } else {
-            (&mut self.prefix[..], &mut self.prefix_len, PREFIX_LEN)
+            (&mut self.prefix[..], &mut self.prefix_len, TEXT_PREFIX_LEN)
         };
         let have = usize::from(*dst_len);
         let n = (cap - have).min(chunk.len());
@@ -418,6 +443,14 @@ mod tests {
             p.feed(chunk, |f| out.push(format!("{f:?}"))).unwrap();
         }
         out
+    }
+
+    #[test]
+    fn text_prefix_is_padded_base64() {
+        let prefix: [u8; PREFIX_LEN] = std::array::from_fn(|i| i as u8);
+        let mut out = [0u8; TEXT_PREFIX_LEN];
+        encode_text_prefix(&prefix, &mut out);
+        assert_eq!(&out, b"AAECAwQFBgcICQoLDA0ODw==");
     }
 
     #[test]
