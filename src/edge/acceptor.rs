@@ -345,11 +345,15 @@ impl Conn {
         if let Some(session) = self.tls.as_deref_mut() {
             let handshaking = session.is_handshaking();
             let read = tls::read(session, &mut self.stream, buf);
-            if handshaking {
+            // A handshake that completed in this call is counted as such,
+            // whatever came after it (a client that sends its Finished and
+            // closes at once, say).
+            if handshaking && !session.is_handshaking() {
+                handshake_done(session, stats);
+            } else if handshaking {
                 match &read {
                     Err(e) if !is_retry(e) => handshake_failed(stats, self.peer, e),
                     Ok(0) => handshake_abandoned(stats, self.peer),
-                    _ if !session.is_handshaking() => handshake_done(session, stats),
                     _ => {}
                 }
             }
