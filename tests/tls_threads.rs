@@ -1,13 +1,20 @@
-//! Where `wss://` handshakes spend their CPU: on the TLS handshake threads
-//! (`--tls-threads`), read per thread in `/proc` of a `wsgate` process, or
-//! with `--tls-threads 0` on the acceptor. A test binary of its own, so the
+//! Where `wss://` handshakes spend their CPU, read per thread in `/proc` of
+//! a `wsgate` process: on the acceptor while few connections are pending
+//! (no TLS thread even starts), on the TLS handshake threads
+//! (`--tls-threads`) while many are, and with `--tls-threads 0` on the
+//! acceptor whatever is pending. A test binary of its own, so the
 //! handshakes' CPU does not starve the timing-sensitive tests of
 //! tests/tls_clients.rs running beside it.
-#![cfg(all(feature = "tls", feature = "cli"))]
+#![cfg(all(feature = "tls", feature = "cli", feature = "admin"))]
 
 mod support;
 
-use std::{net::TcpStream, path::PathBuf, sync::Arc};
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    path::PathBuf,
+    sync::Arc,
+};
 
 use rustls::{
     ClientConfig, ClientConnection, HandshakeKind, RootCertStore, client::Resumption,
@@ -69,10 +76,16 @@ impl Drop for Cert {
     }
 }
 
+/// Connections held open without a byte sent, so that this many handshakes
+/// are pending: above the acceptor's threshold for handing over (8).
+const PENDING: usize = 16;
+
 /// A `wsgate` process serving `wss://` with `cert`, fed by `origin`, with
 /// `--tls-threads threads`, after [`HANDSHAKES`] full TLS 1.3 handshakes
-/// (no upgrade after them) made to it one after another.
-fn handshaken(cert: &Cert, origin: &TestOrigin, threads: &str) -> GatewayProcess {
+/// (no upgrade after them) made to it one after another, then one
+/// connection sending plain HTTP, which must be closed and counted, while
+/// `pending` other connections wait in their handshakes.
+fn handshaken(cert: &Cert, origin: &TestOrigin, threads: &str, pending: usize) -> GatewayProcess {
     let gw = GatewayProcess::spawn(&[
         "--listen",
         "127.0.0.1:0",
@@ -84,9 +97,14 @@ fn handshaken(cert: &Cert, origin: &TestOrigin, threads: &str) -> GatewayProcess
         cert.key.to_str().unwrap(),
         "--tls-threads",
         threads,
+        "--admin",
+        "127.0.0.1:0",
         "--log-level",
         "warn",
     ]);
+    let held: Vec<TcpStream> = (0..pending)
+        .map(|_| TcpStream::connect(gw.addr).unwrap())
+        .collect();
     for _ in 0..HANDSHAKES {
         let mut tcp = TcpStream::connect(gw.addr).unwrap();
         tcp.set_read_timeout(Some(DEADLINE)).unwrap();
@@ -95,8 +113,33 @@ fn handshaken(cert: &Cert, origin: &TestOrigin, threads: &str) -> GatewayProcess
         while tls.is_handshaking() {
             tls.complete_io(&mut tcp).expect("a TLS handshake");
         }
+        // The client's Finished, which `complete_io` leaves to be written.
+        while tls.wants_write() {
+            tls.write_tls(&mut tcp).expect("the client's Finished");
+        }
         assert_eq!(tls.handshake_kind(), Some(HandshakeKind::Full));
     }
+    // Plain HTTP instead of a ClientHello: closed, counted `bad_message`.
+    let mut stray = TcpStream::connect(gw.addr).unwrap();
+    stray.set_read_timeout(Some(DEADLINE)).unwrap();
+    stray
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let closed = stray.read_to_end(&mut answer);
+    assert!(
+        closed.is_ok(),
+        "closed at once, not at a deadline: {closed:?}"
+    );
+    wait_until(
+        "every handshake counted: ok, and the stray bad_message",
+        || {
+            gw.metric("wsgate_tls_handshakes_total{result=\"ok\"}") == Some(HANDSHAKES as f64)
+                && gw.metric("wsgate_tls_handshake_failures_total{reason=\"bad_message\"}")
+                    == Some(1.0)
+        },
+    );
+    drop(held);
     gw
 }
 
@@ -124,15 +167,28 @@ fn thread_cpu_ns(pid: u32, prefix: &str) -> (usize, u64) {
 }
 
 #[test]
-fn handshakes_spend_their_cpu_on_the_tls_threads_and_with_none_on_the_acceptor() {
+fn handshakes_spend_their_cpu_on_the_tls_threads_when_many_are_pending_else_on_the_acceptor() {
     let cert = Cert::new();
     let origin = TestOrigin::start();
 
-    let pooled = handshaken(&cert, &origin, "2");
+    let alone = handshaken(&cert, &origin, "2", 0);
+    let (threads, _) = thread_cpu_ns(alone.pid(), "wsgate-tls-");
+    let (_, acceptor) = thread_cpu_ns(alone.pid(), "wsgate-accepto");
+    println!(
+        "{HANDSHAKES} handshakes one at a time: acceptor {} us",
+        acceptor / 1000
+    );
+    assert_eq!(threads, 0, "one handshake at a time stays on the acceptor");
+    assert!(
+        acceptor >= HANDSHAKES * CLIENT_HELLO_NS,
+        "which spends their CPU: {acceptor} ns for {HANDSHAKES} handshakes"
+    );
+
+    let pooled = handshaken(&cert, &origin, "2", PENDING);
     let (threads, tls) = thread_cpu_ns(pooled.pid(), "wsgate-tls-");
     let (_, acceptor) = thread_cpu_ns(pooled.pid(), "wsgate-accepto");
     println!(
-        "{HANDSHAKES} handshakes: {threads} TLS threads {} us, acceptor {} us",
+        "{HANDSHAKES} handshakes, {PENDING} pending: {threads} TLS threads {} us, acceptor {} us",
         tls / 1000,
         acceptor / 1000
     );
@@ -143,11 +199,11 @@ fn handshakes_spend_their_cpu_on_the_tls_threads_and_with_none_on_the_acceptor()
          {tls} ns there for {HANDSHAKES} handshakes (the acceptor {acceptor} ns)"
     );
 
-    let inline = handshaken(&cert, &origin, "0");
+    let inline = handshaken(&cert, &origin, "0", PENDING);
     let (threads, _) = thread_cpu_ns(inline.pid(), "wsgate-tls-");
     let (_, acceptor) = thread_cpu_ns(inline.pid(), "wsgate-accepto");
     println!(
-        "{HANDSHAKES} handshakes with --tls-threads 0: acceptor {} us",
+        "{HANDSHAKES} handshakes, {PENDING} pending, --tls-threads 0: acceptor {} us",
         acceptor / 1000
     );
     assert_eq!(threads, 0, "with --tls-threads 0 the acceptor does them");

@@ -20,11 +20,13 @@
 //! goes with the socket to the client's writer. The handshake counts
 //! against the same deadline and the same pending-handshake cap as the
 //! request. Its costly part (a key exchange and a signature, for the
-//! ClientHello) is spent on the TLS handshake threads (`handshake.rs`,
-//! `tls_threads`): this thread reads a handshaking client's records into
-//! its session and hands the session over until it has sent its first
-//! flight, and goes on with the connection when it comes back; never on a
-//! lobby or a writer. With `tls_threads = 0` it is all spent here.
+//! ClientHello) is spent here while few connections are pending, and on
+//! the TLS handshake threads (`handshake.rs`, `tls_threads`) when many
+//! are, as in a storm of reconnects: this thread then reads a handshaking
+//! client's records into its session and hands the session over until it
+//! has sent its first flight, and goes on with the connection when it
+//! comes back. Never on a lobby or a writer. With `tls_threads = 0` it is
+//! all spent here.
 
 #[cfg(feature = "auth")]
 use std::collections::HashMap;
@@ -95,6 +97,12 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(250);
 const ACCEPTS_PER_TURN: usize = 256;
 /// Bytes read from a handshaking socket at a time.
 const READ_CHUNK: usize = 4096;
+/// Pending connections from which ClientHellos go to the TLS handshake
+/// threads. With fewer, the acceptor has time for them, and a hand-over
+/// would cost more than it spreads: two thread wakeups, 30-60 us a
+/// handshake here (README, wss:// for clients).
+#[cfg(feature = "tls")]
+const HAND_OVER_FROM: usize = 8;
 
 /// The gateway's handle on the acceptor thread.
 #[derive(Debug)]
@@ -1147,11 +1155,12 @@ impl Acceptor {
 
     /// Reads a handshaking connection's records into its session and hands
     /// the session to a handshake thread, until it has sent its first
-    /// flight; `None` when there are no threads (the handshake then goes on
-    /// here, through [`Conn::read_some`]).
+    /// flight, while at least [`HAND_OVER_FROM`] connections are pending;
+    /// `None` when fewer are, or there are no threads (the handshake then
+    /// goes on here, through [`Conn::read_some`]).
     #[cfg(feature = "tls")]
     fn hand_over(&mut self, index: usize) -> Option<Step> {
-        if !self.handshaking.active() {
+        if self.pending < HAND_OVER_FROM || !self.handshaking.active() {
             return None;
         }
         let conn = self.conns.get_mut(index)?.as_mut()?;

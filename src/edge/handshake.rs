@@ -1,6 +1,8 @@
 //! The TLS handshake threads (`wsgate-tls-N`): where a `wss://` client's
-//! handshake spends its CPU, so that a storm of TLS reconnects runs on
-//! every core rather than on the acceptor's one.
+//! handshake spends its CPU when many are pending, so that a storm of TLS
+//! reconnects runs on every core rather than on the acceptor's one. (With
+//! few pending, the acceptor does them itself: a hand-over costs two
+//! thread wakeups.) They start with the first hand-over.
 //!
 //! The acceptor reads a handshaking client's records into its session
 //! (`wire/tls.rs`, [`receive`](crate::wire::tls::receive)) and hands the
