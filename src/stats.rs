@@ -111,7 +111,7 @@ pub(crate) struct Stats {
     pub tls_certificates: TlsCertificates,
 }
 
-/// The cipher suites a client TLS handshake may negotiate (aws-lc-rs's, which
+/// The cipher suites a client TLS handshake may negotiate (ring's, which
 /// are all the server offers), by their IANA names as rustls spells them.
 pub(crate) const TLS_SUITES: [&str; 9] = [
     "TLS13_AES_256_GCM_SHA384",

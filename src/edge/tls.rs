@@ -8,15 +8,17 @@
 //! handed to the acceptor, which starts every new connection's session from
 //! the newest one: clients already connected keep their sessions, so a
 //! rotation drops nobody. A reload keeps the ticket keys and the session
-//! cache, so clients resume across a rotation. TLS 1.3 and 1.2 through
-//! aws-lc-rs (faster handshakes than ring, which `wss://` origins keep),
-//! ALPN `http/1.1`, stateless session
-//! tickets (TLS 1.3 and 1.2) and a session-id cache (TLS 1.2).
+//! cache, so clients resume across a rotation. TLS 1.3 and 1.2 (the key
+//! exchanges, signatures and ticket keys of aws-lc-rs, whose handshakes
+//! cost less than ring's; the cipher suites' record protection of ring,
+//! whose AES-GCM costs less than aws-lc-rs's on this machine: see
+//! [`provider`]), ALPN `http/1.1`, stateless session tickets (TLS 1.3 and
+//! 1.2) and a session-id cache (TLS 1.2).
 //!
 //! The handshake itself is driven by the acceptor (`acceptor.rs`), its
-//! records processed on the TLS handshake threads (`handshake.rs`), the
-//! records after it on the client's writer, all through `wire/tls.rs`. Compiled only
-//! with the `tls` feature.
+//! costly part processed there or on the TLS handshake threads
+//! (`handshake.rs`), the records after it on the client's writer, all
+//! through `wire/tls.rs`. Compiled only with the `tls` feature.
 
 use std::{collections::HashMap, io, path::Path, sync::Arc};
 
@@ -64,7 +66,7 @@ impl ServerTls {
         let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
             return Ok(None);
         };
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let provider = Arc::new(provider());
         let mut failed = Vec::new();
         let mut expiry = Vec::new();
         let default = match certified(cert, key, &provider) {
@@ -203,6 +205,19 @@ pub(crate) fn failure(error: &io::Error) -> TlsFailure {
 pub(crate) fn suite(session: &ServerConnection) -> Option<usize> {
     let name = session.negotiated_cipher_suite()?.suite().as_str()?;
     TLS_SUITES.iter().position(|s| *s == name)
+}
+
+/// The client listener's cryptography: aws-lc-rs for the handshake (its
+/// key exchanges and signatures: 0.48-0.50x nginx's CPU per TLS 1.3
+/// handshake, ring 0.58-0.68x) and ring's cipher suites for the records
+/// (its AES-GCM: 64 KiB messages to 200 clients cost 75-78 us per delivery
+/// against 87-99 with aws-lc-rs's, in the same runs; README, wss:// for
+/// clients). Both are in every `tls` build already.
+fn provider() -> CryptoProvider {
+    CryptoProvider {
+        cipher_suites: rustls::crypto::ring::default_provider().cipher_suites,
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    }
 }
 
 fn new_ticketer() -> Result<Arc<dyn ProducesTickets>> {
