@@ -423,7 +423,7 @@ fn handshake_done(session: &mut rustls::ServerConnection, stats: &Stats) {
     tls::limit(session);
 }
 
-/// The TLS handshake threads, started with the first `wss://` connection.
+/// The TLS handshake threads, started with the first hand-over.
 #[cfg(feature = "tls")]
 #[derive(Debug)]
 struct Handshaking {

@@ -75,8 +75,9 @@ pub(crate) struct Handshakers {
 }
 
 impl Handshakers {
-    /// Starts `threads` handshake threads, lowered by `nice`; each job done
-    /// wakes the acceptor through `acceptor`.
+    /// Starts `threads` handshake threads, lowered by `nice`; the jobs
+    /// they finish wake the acceptor through `acceptor` (once for all those
+    /// it has not taken yet).
     pub(crate) fn spawn(threads: usize, nice: u8, acceptor: ShutdownHandle) -> Result<Handshakers> {
         let (jobs, inbox) = unbounded::<Job>();
         let (finished, done) = unbounded();
