@@ -371,6 +371,22 @@ impl Conn {
         self.stream.read(buf)
     }
 
+    /// Whether the connection waits on another thread: for the auth
+    /// service's answer (what it sends meanwhile stays in the socket for its
+    /// writer), or for its session, away on a handshake thread (what it
+    /// sends meanwhile stays in the socket until the session is back).
+    fn is_elsewhere(&self) -> bool {
+        #[cfg(feature = "auth")]
+        if self.asking.is_some() {
+            return true;
+        }
+        #[cfg(feature = "tls")]
+        if self.away {
+            return true;
+        }
+        false
+    }
+
     /// Whether the connection is still in its TLS handshake.
     fn is_tls_handshaking(&self) -> bool {
         #[cfg(feature = "tls")]
@@ -785,19 +801,10 @@ impl Acceptor {
         // meet the routes and keys it replaced, even when it is accepted in
         // the same turn as the client before it, before this turn's wakeup.
         self.take_commands();
-        let Some(Some(conn)) = self.conns.get_mut(index) else {
+        let Some(Some(conn)) = self.conns.get(index) else {
             return;
         };
-        #[cfg(feature = "auth")]
-        if conn.asking.is_some() {
-            // Its answer is on its way; what it sends meanwhile stays in
-            // the socket for its writer.
-            return;
-        }
-        #[cfg(feature = "tls")]
-        if conn.away {
-            // What it sends meanwhile stays in the socket until its
-            // session is back.
+        if conn.is_elsewhere() {
             return;
         }
         #[cfg(feature = "tls")]
