@@ -274,7 +274,14 @@ fn a_resume_client_taking_deflate_gets_compressed_envelopes_and_resumes_from_the
     assert_eq!(text, tick(16));
     let stats = gw.stats();
     assert_eq!((stats.resumes, stats.resume_resets), (1, 0));
-    assert_eq!(stats.frames_dropped, 0);
+    // None lost to a full queue. (Frames the dropped connection had queued
+    // but not yet been written are counted `departed`, as many as the
+    // writer had not reached when it saw the close: a CI run had one.)
+    assert_eq!(
+        stats.dropped(wsgate::DropReason::SlowClient)
+            + stats.dropped(wsgate::DropReason::WriterBehind),
+        0
+    );
     assert!(stats.messages_compressed >= 4, "{stats:?}");
 }
 
