@@ -155,16 +155,7 @@ impl Relay {
                 }
                 // No message within the poll interval, or a signal (SIGTERM)
                 // interrupted the read: loop to accept clients and check `stop`.
-                Err(tungstenite::Error::Io(e))
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) =>
-                {
-                    continue;
-                }
+                Err(e) if no_message_yet(&e) => continue,
                 Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
                     eprintln!("baseline: the origin link closed; exiting");
                     return Ok(());
@@ -277,6 +268,18 @@ pub fn listen_on(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 /// Connects to the origin and completes the WebSocket upgrade (blocking),
+/// Whether a read from the origin link found no message yet: its read
+/// timeout passed, or a signal interrupted it; the caller reads again.
+pub fn no_message_yet(e: &tungstenite::Error) -> bool {
+    matches!(
+        e,
+        tungstenite::Error::Io(e) if matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+        )
+    )
+}
+
 /// then sets the short read timeout the relay loop polls with.
 pub fn connect_origin(url: &str) -> Result<WebSocket<TcpStream>, String> {
     let authority = url

@@ -18,7 +18,7 @@
 //! [`Bridge::stop`] closes both links and joins both threads; dropping a
 //! [`Bridge`] does the same.
 
-use std::io::{self, Read};
+use std::io::Read;
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -133,16 +133,7 @@ fn relay(
             | Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
                 break;
             }
-            Err(tungstenite::Error::Io(e))
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue;
-            }
+            Err(e) if baseline::no_message_yet(&e) => continue,
             Err(e) => return Err(format!("reading from the origin: {e}")),
         };
         publisher
