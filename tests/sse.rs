@@ -266,6 +266,10 @@ fn with_slow_stream_drop_a_slow_stream_stays_open_and_loses_its_oldest() {
     let got = String::from_utf8_lossy(&text).matches("\ndata: ").count();
     assert!(got < (N + 1) as usize, "it lost some: got {got}");
     assert_eq!(gw.stats().disconnected(Disconnect::TooSlow), 0);
+    // The last message reaches the WebSocket client in its own time.
+    wait_until("the WebSocket client has the last message", || {
+        ws.count() as u64 > N
+    });
     assert_eq!(
         ws.count() as u64,
         N + 1,
