@@ -267,7 +267,6 @@ pub fn listen_on(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(TcpListener::from(socket))
 }
 
-/// Connects to the origin and completes the WebSocket upgrade (blocking),
 /// Whether a read from the origin link found no message yet: its read
 /// timeout passed, or a signal interrupted it; the caller reads again.
 pub fn no_message_yet(e: &tungstenite::Error) -> bool {
@@ -280,25 +279,33 @@ pub fn no_message_yet(e: &tungstenite::Error) -> bool {
     )
 }
 
+/// Connects to the origin and completes the WebSocket upgrade (blocking),
 /// then sets the short read timeout the relay loop polls with.
 pub fn connect_origin(url: &str) -> Result<WebSocket<TcpStream>, String> {
-    let authority = url
-        .strip_prefix("ws://")
-        .and_then(|rest| rest.split('/').next())
-        .filter(|a| !a.is_empty())
-        .ok_or_else(|| format!("origin URL must be ws://HOST:PORT/... (got {url:?})"))?;
-    let stream = TcpStream::connect(authority)
-        .map_err(|e| format!("cannot connect to the origin {authority}: {e}"))?;
-    stream
-        .set_nodelay(true)
-        .map_err(|e| format!("cannot set TCP_NODELAY on the origin link: {e}"))?;
-    let (upstream, _response) = tungstenite::client::client(url, stream)
-        .map_err(|e| format!("WebSocket upgrade with the origin {url} failed: {e}"))?;
+    let upstream = connect_ws(url, "the origin")?;
     upstream
         .get_ref()
         .set_read_timeout(Some(UPSTREAM_POLL))
         .map_err(|e| format!("cannot set the origin link's read timeout: {e}"))?;
     Ok(upstream)
+}
+
+/// Connects to `url` (`ws://HOST:PORT/...`, `what` naming it in errors)
+/// with `TCP_NODELAY` and completes the WebSocket upgrade (blocking).
+pub fn connect_ws(url: &str, what: &str) -> Result<WebSocket<TcpStream>, String> {
+    let authority = url
+        .strip_prefix("ws://")
+        .and_then(|rest| rest.split('/').next())
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| format!("{what}: the URL must be ws://HOST:PORT/... (got {url:?})"))?;
+    let stream = TcpStream::connect(authority)
+        .map_err(|e| format!("cannot connect to {what} at {authority}: {e}"))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| format!("cannot set TCP_NODELAY on the link to {what}: {e}"))?;
+    let (socket, _response) = tungstenite::client::client(url, stream)
+        .map_err(|e| format!("WebSocket upgrade with {what} at {url} failed: {e}"))?;
+    Ok(socket)
 }
 
 /// Reads the client's upgrade request and answers `101` (blocking, bounded by

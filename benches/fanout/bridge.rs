@@ -42,7 +42,7 @@ impl Bridge {
     /// `publish_url`, and starts relaying.
     pub fn start(origin_url: &str, publish_url: &str) -> Result<Bridge, String> {
         let origin = baseline::connect_origin(origin_url)?;
-        let publisher = connect_publisher(publish_url)?;
+        let publisher = baseline::connect_ws(publish_url, "nchan's publisher")?;
         let socket = publisher
             .get_ref()
             .try_clone()
@@ -98,22 +98,6 @@ impl Drop for Bridge {
     fn drop(&mut self) {
         let _ = self.shutdown();
     }
-}
-
-/// Connects to nchan's publisher location and completes the upgrade.
-fn connect_publisher(url: &str) -> Result<WebSocket<TcpStream>, String> {
-    let authority = url
-        .strip_prefix("ws://")
-        .and_then(|rest| rest.split('/').next())
-        .ok_or_else(|| format!("publisher URL must be ws://HOST:PORT/... (got {url:?})"))?;
-    let stream = TcpStream::connect(authority)
-        .map_err(|e| format!("cannot connect to nchan's publisher {authority}: {e}"))?;
-    stream
-        .set_nodelay(true)
-        .map_err(|e| format!("cannot set TCP_NODELAY on the publisher link: {e}"))?;
-    let (publisher, _response) = tungstenite::client::client(url, stream)
-        .map_err(|e| format!("WebSocket upgrade with nchan's publisher {url} failed: {e}"))?;
-    Ok(publisher)
 }
 
 /// The bridge's loop: origin messages to the publisher until `stop`, or
