@@ -401,11 +401,16 @@ impl LobbyCounters {
         counters
     }
 
-    /// Counts one origin message broadcast to `pushed` members, `dropped` of
-    /// which lost their oldest frame.
-    pub(crate) fn message(&self, epoch: &Epoch, pushed: u64, dropped: u64) {
+    /// Counts one origin message (its frames: [`LobbyCounters::frames`]).
+    pub(crate) fn message(&self, epoch: &Epoch) {
         self.messages_in.fetch_add(1, Relaxed);
         self.last_message.store(epoch.millis() + 1, Relaxed);
+    }
+
+    /// Counts `pushed` frames queued for members, `dropped` of which
+    /// cost a member a frame (its oldest, or one never queued because a
+    /// newer one would have pushed it out).
+    pub(crate) fn frames(&self, pushed: u64, dropped: u64) {
         if pushed > 0 {
             self.frames_out.fetch_add(pushed, Relaxed);
         }

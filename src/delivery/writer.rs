@@ -111,6 +111,9 @@ pub(crate) struct Attach {
 #[derive(Debug)]
 pub(crate) struct WriterWake {
     notified: AtomicBool,
+    /// Wakes the writer has taken: a lobby whose frames it is behind on
+    /// waits for this to move before it reads more (`fanout/lobby.rs`).
+    scans: AtomicU64,
     waker: Waker,
 }
 
@@ -130,8 +133,15 @@ impl WriterWake {
     pub(crate) fn for_tests(poll: &Poll) -> Arc<WriterWake> {
         Arc::new(WriterWake {
             notified: AtomicBool::new(false),
+            scans: AtomicU64::new(0),
             waker: Waker::new(poll.registry(), WAKER).expect("a waker"),
         })
+    }
+
+    /// How many wakes the writer has taken, each followed by a look at
+    /// every queue of its clients.
+    pub(crate) fn scans(&self) -> u64 {
+        self.scans.load(Ordering::Relaxed)
     }
 
     /// Whether a wake is pending (without clearing it).
@@ -139,10 +149,15 @@ impl WriterWake {
         self.notified.load(Ordering::SeqCst)
     }
 
-    /// Clears the pending wake; true if there was one.
-    fn take(&self) -> bool {
+    /// Clears the pending wake; true if there was one (then the writer
+    /// looks at every queue, counted in [`WriterWake::scans`]). Only the
+    /// writer takes its wakes (and tests, acting as one).
+    pub(crate) fn take(&self) -> bool {
         let was = self.notified.swap(false, Ordering::SeqCst);
         fence(Ordering::SeqCst);
+        if was {
+            self.scans.fetch_add(1, Ordering::Relaxed);
+        }
         was
     }
 }
@@ -190,6 +205,7 @@ pub(crate) fn spawn(
     let waker = Waker::new(poll.registry(), WAKER).map_err(Error::io("create a writer waker"))?;
     let wake = Arc::new(WriterWake {
         notified: AtomicBool::new(false),
+        scans: AtomicU64::new(0),
         waker,
     });
     let (tx, inbox) = unbounded();

@@ -2,10 +2,17 @@
 //!
 //! For each message from its source (`source/`: a WebSocket origin
 //! connection, a Redis subscription, the in-process publisher) the lobby
-//! encodes the server frame once (unless the source did) and pushes
-//! the shared bytes into every member's drop-oldest queue, then wakes each
-//! writer that owns a member, once. It never touches a client socket and never
-//! waits on a queue. It keeps its source while it has members and lets it
+//! encodes the server frame once (unless the source did); the messages one
+//! read of the source yields go into every member's drop-oldest queue
+//! member by member, each only as many of the newest as its queue holds
+//! (the older ones counted as dropped, which they would have been before a
+//! writer came), then it wakes each writer that owns a member, once. When
+//! that dropped frames a writer had not reached, the lobby reads its source
+//! again only once those writers have looked at their queues (at most
+//! [`GATE_MAX`] later): while writers are behind, messages wait in the
+//! socket and are read in batches, so a message its clients would never
+//! get costs the lobby almost nothing. It never touches a client socket and
+//! never waits on a queue. It keeps its source while it has members and lets it
 //! go when the last one leaves; the manager decides when an empty lobby ends
 //! and which clients move between lobbies (`manager.rs`).
 //!
@@ -133,6 +140,11 @@ const REREAD_TIME: Duration = Duration::from_millis(5);
 /// (the reset) than fed for minutes.
 #[cfg(feature = "sse")]
 const STREAM_RESUME_HISTORIES: usize = 4;
+/// How often a lobby waiting for its writers looks whether they have
+/// (see [`Fanout::flush`]).
+const GATE_CHECK: Duration = Duration::from_micros(500);
+/// Longest a lobby waits for its writers before it reads its origin again.
+const GATE_MAX: Duration = Duration::from_millis(5);
 /// Client messages waiting for a lobby to send them upstream; more are
 /// dropped and counted (each is at most `--max-client-message` bytes).
 const FORWARD_QUEUE: usize = 64;
@@ -336,6 +348,8 @@ pub(crate) fn spawn(id: LobbyId, env: &LobbyEnv) -> Result<LobbyHandle> {
             #[cfg(feature = "sse")]
             rereads_pending: false,
             compress_min: env.compress_min,
+            pending: Vec::new(),
+            gate: Gate::open(env.writers.len()),
             writers: Arc::clone(&env.writers),
             touched: vec![false; env.writers.len()],
             stats: Arc::clone(&env.stats),
@@ -395,6 +409,10 @@ impl Lobby {
         let mut more = false;
         let mut is_ending = false;
         loop {
+            let gated = self
+                .fanout
+                .gate
+                .is_closed(&self.fanout.writers, Instant::now());
             let timeout = if more {
                 Some(Duration::ZERO)
             } else {
@@ -405,7 +423,17 @@ impl Lobby {
                     .min()
                     .map(|at| at.saturating_duration_since(Instant::now()))
             };
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
+            if gated {
+                // Its writers are behind: what the origin sends meanwhile
+                // waits in the socket, to be read in one go (an origin
+                // message waking the lobby would not open the gate). The
+                // origin's own deadlines wait for the gate too.
+                let now = Instant::now();
+                let wait = self.own_deadline().map_or(GATE_CHECK, |at| {
+                    at.saturating_duration_since(now).min(GATE_CHECK)
+                });
+                thread::sleep(wait);
+            } else if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != std::io::ErrorKind::Interrupted {
                     error!("{}: poll failed: {e}", self.id);
                     break;
@@ -423,8 +451,9 @@ impl Lobby {
             let budget = self.own_deadline().map_or(Duration::MAX, |at| {
                 at.saturating_duration_since(Instant::now())
             });
-            let Lobby { origin, fanout, .. } = &mut self;
-            more = origin.drive(budget, &mut |message| fanout.broadcast(message)) == Drive::More;
+            if !gated {
+                more = self.read_origin(budget);
+            }
             self.fanout.expire_adoptions(Instant::now());
             #[cfg(feature = "sse")]
             if !self.fanout.waiting.is_empty() {
@@ -457,6 +486,24 @@ impl Lobby {
             }
         }
         info!("{} down", self.id);
+    }
+
+    /// Drives the source for at most `budget`, and queues what it delivers
+    /// for the clients: all of it once `drive` returns ([`Fanout::flush`]),
+    /// or each message as it comes from a source that may wait for the
+    /// next. Whether more may be waiting.
+    fn read_origin(&mut self, budget: Duration) -> bool {
+        let Lobby { origin, fanout, .. } = self;
+        let each = origin.waits_for_input();
+        let mut deliver = |message: Message<'_>| {
+            fanout.broadcast(message);
+            if each {
+                fanout.flush();
+            }
+        };
+        let more = origin.drive(budget, &mut deliver) == Drive::More;
+        fanout.flush();
+        more
     }
 
     /// When the lobby itself needs to run next: rereads left for the next
@@ -696,6 +743,50 @@ impl Lobby {
     }
 }
 
+/// The writers a lobby waits for before it reads its origin again, once a
+/// flush dropped frames they had not reached (see [`Fanout::flush`]).
+#[derive(Debug)]
+struct Gate {
+    /// Per writer: the wakes it had taken when the gate closed, if the
+    /// lobby waits for it to take another.
+    scans: Vec<Option<u64>>,
+    /// Open at the latest then; `None` while open.
+    until: Option<Instant>,
+}
+
+impl Gate {
+    fn open(writers: usize) -> Gate {
+        Gate {
+            scans: vec![None; writers],
+            until: None,
+        }
+    }
+
+    /// Closes the gate until each writer `touched` takes its next wake.
+    fn close(&mut self, writers: &[Arc<WriterWake>], touched: &[bool], now: Instant) {
+        let each = self.scans.iter_mut().zip(writers).zip(touched);
+        for ((scans, writer), &touched) in each {
+            *scans = touched.then(|| writer.scans());
+        }
+        self.until = Some(now + GATE_MAX);
+    }
+
+    /// Whether the lobby still waits: some writer has not taken a wake
+    /// since the gate closed, and [`GATE_MAX`] has not passed.
+    fn is_closed(&mut self, writers: &[Arc<WriterWake>], now: Instant) -> bool {
+        let Some(until) = self.until else {
+            return false;
+        };
+        let waits = now < until
+            && (self.scans.iter().zip(writers))
+                .any(|(scans, writer)| scans.is_some_and(|at| writer.scans() == at));
+        if !waits {
+            self.until = None;
+        }
+        waits
+    }
+}
+
 /// A client moving in, held until this lobby reaches its position.
 #[derive(Debug)]
 struct Adopting {
@@ -817,6 +908,12 @@ struct Fanout {
     #[cfg(feature = "sse")]
     rereads_pending: bool,
     compress_min: usize,
+    /// This drive's messages, plain and compressed, not yet queued for
+    /// `members` ([`Fanout::flush`]).
+    pending: Vec<(Frame, Option<Frame>)>,
+    /// Closed by a flush that dropped frames their writers had not
+    /// reached: the origin is read again once those writers have looked.
+    gate: Gate,
     writers: Arc<[Arc<WriterWake>]>,
     /// Per writer: owns a member that got frames since the last wake.
     touched: Vec<bool>,
@@ -881,22 +978,22 @@ impl Fanout {
             #[cfg(feature = "sse")]
             envelope_deflated,
         };
-        let mut dropped = [0; DropReason::COUNT];
-        for member in &self.members {
-            let frame = forms.for_client(member.deflate).clone();
-            if let Pushed::Dropped(reason) = member.queue.push(frame) {
-                dropped[reason as usize] += 1;
-            }
-            self.touched[member.writer] = true;
+        if !self.members.is_empty() {
+            self.pending
+                .push((forms.plain.clone(), forms.deflated.clone()));
         }
-        let pushed = self.members.len() as u64;
+        if !self.adopting.is_empty() || self.is_catching_up() {
+            // Whoever goes live below must find this message queued for
+            // the members already, and none of the next ones.
+            self.flush();
+        }
         #[cfg(feature = "sse")]
-        let pushed = pushed + self.seal(&forms, &mut dropped) + self.stream(&forms, &mut dropped);
-        for reason in DropReason::ALL {
-            self.stats.dropped(reason, dropped[reason as usize]);
+        {
+            let mut dropped = [0; DropReason::COUNT];
+            let pushed = self.seal(&forms, &mut dropped) + self.stream(&forms, &mut dropped);
+            self.count(pushed, &dropped);
         }
-        let dropped = dropped.iter().sum();
-        self.counters.message(&self.stats.epoch, pushed, dropped);
+        self.counters.message(&self.stats.epoch);
         self.history.push_marked(forms, mark);
         self.counters.history(self.history.held());
         if !self.adopting.is_empty() {
@@ -913,6 +1010,58 @@ impl Fanout {
         }
         self.catch_up();
         self.wake_writers();
+    }
+
+    /// Queues the messages of this drive for the members: member by member,
+    /// each only the newest of them its queue holds, so a message a full
+    /// queue would drop before its writer took it costs nothing but its
+    /// count (a burst longer than the queue loses its oldest either way, as
+    /// every frame of it would be queued before a writer comes). Frames
+    /// dropped for writers that had not reached their clients close the
+    /// gate: the origin is read again once those writers have looked, so
+    /// while they are behind the lobby reads in batches, not a message at a
+    /// time.
+    fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut dropped = [0; DropReason::COUNT];
+        for member in &self.members {
+            let queue = &member.queue;
+            let skip = self.pending.len().saturating_sub(queue.depth());
+            if skip > 0 {
+                let reason = queue.why_lost();
+                queue.count_lost(reason, skip as u64);
+                dropped[reason as usize] += skip as u64;
+            }
+            for (plain, deflated) in &self.pending[skip..] {
+                let frame = match deflated {
+                    Some(deflated) if member.deflate => deflated,
+                    _ => plain,
+                };
+                if let Pushed::Dropped(reason) = queue.push(frame.clone()) {
+                    dropped[reason as usize] += 1;
+                }
+            }
+            self.touched[member.writer] = true;
+        }
+        let pushed = (self.members.len() * self.pending.len()) as u64;
+        self.pending.clear();
+        self.count(pushed, &dropped);
+        if dropped[DropReason::WriterBehind as usize] > 0 {
+            self.gate
+                .close(&self.writers, &self.touched, Instant::now());
+        }
+        self.wake_writers();
+    }
+
+    /// Counts frames queued (`pushed`, those that dropped one included)
+    /// and dropped, by reason.
+    fn count(&self, pushed: u64, dropped: &[u64; DropReason::COUNT]) {
+        for reason in DropReason::ALL {
+            self.stats.dropped(reason, dropped[reason as usize]);
+        }
+        self.counters.frames(pushed, dropped.iter().sum());
     }
 
     /// Queues a message's event-stream form for the SSE members; how many
@@ -1494,12 +1643,17 @@ mod tests {
     #[cfg(feature = "sse")]
     fn lobby_on(mut fanout: Fanout, stream: &Stream) -> Lobby {
         fanout.rereadable = true;
+        lobby_with(fanout, Box::new(stream.clone()))
+    }
+
+    /// A lobby on `origin` around `fanout`.
+    fn lobby_with(fanout: Fanout, origin: Box<dyn Source>) -> Lobby {
         Lobby {
             id: LobbyId(0),
             poll: Poll::new().unwrap(),
             inbox: unbounded().1,
             forwards: bounded(1).1,
-            origin: Box::new(stream.clone()),
+            origin,
             fanout,
             published: Arc::new(AtomicU8::new(0)),
             manager: unbounded().0,
@@ -1561,6 +1715,8 @@ mod tests {
             #[cfg(feature = "sse")]
             rereads_pending: false,
             compress_min: 256,
+            pending: Vec::new(),
+            gate: Gate::open(1),
             writers: Arc::from([WriterWake::for_tests(poll)]),
             touched: vec![false],
             counters: Arc::new(LobbyCounters::starting(&stats.epoch)),
@@ -1583,6 +1739,125 @@ mod tests {
         // (a flag inline in the queue) the saturated bench delivered 0.86x
         // as much, six rounds alternated with the 64-byte layout.
         assert_eq!(std::mem::size_of::<Member>(), 64);
+    }
+
+    /// A plain member number `id` of writer 0, its frames in `queue`.
+    fn plain_member(id: u64, queue: &ClientQueue) -> Member {
+        Member {
+            id: ClientId(id),
+            queue: queue.clone(),
+            writer: 0,
+            deflate: false,
+            sse: false,
+            envelope: false,
+        }
+    }
+
+    /// The one-byte payloads `queue` holds, taken out.
+    fn bytes(queue: &ClientQueue) -> Vec<u8> {
+        std::iter::from_fn(|| queue.pop()).map(|f| f[2]).collect()
+    }
+
+    #[test]
+    fn a_drive_longer_than_a_queue_queues_only_its_newest_and_waits_for_the_writer() {
+        let poll = Poll::new().unwrap();
+        let (mut fanout, stats) = fanout_with_a_reader(&poll, 0);
+        let reader = fanout.members[0].queue.clone();
+        let short = ClientQueue::new(4, false);
+        fanout.members.push(plain_member(1, &short));
+        for n in 0..10u8 {
+            fanout.broadcast(Message::payload(MessageKind::Text, &[n]));
+        }
+        assert!(short.is_empty(), "queued once the drive is over");
+        fanout.flush();
+        assert_eq!(bytes(&reader), (0..10).collect::<Vec<u8>>());
+        // Six would have been pushed out before a writer came: never queued,
+        // but counted, so every frame is delivered or counted.
+        assert_eq!(bytes(&short), [6, 7, 8, 9]);
+        let snapshot = stats.snapshot();
+        assert_eq!(snapshot.dropped(DropReason::WriterBehind), 6);
+        assert_eq!(fanout.counters.frames_out.load(Relaxed), 20);
+        assert_eq!(fanout.counters.frames_dropped.load(Relaxed), 6);
+        // Its writer had not reached it: no more reading until it has.
+        let now = Instant::now();
+        assert!(fanout.gate.is_closed(&fanout.writers, now));
+        assert!(fanout.writers[0].take(), "the flush woke the writer");
+        assert!(!fanout.gate.is_closed(&fanout.writers, now));
+        // A stalled client's losses are its own: the gate stays open.
+        short.set_stalled(true);
+        for n in 0..5u8 {
+            fanout.broadcast(Message::payload(MessageKind::Text, &[n]));
+        }
+        fanout.flush();
+        assert_eq!(bytes(&short), [1, 2, 3, 4]);
+        assert_eq!(stats.snapshot().dropped(DropReason::SlowClient), 1);
+        assert!(!fanout.gate.is_closed(&fanout.writers, Instant::now()));
+    }
+
+    #[test]
+    fn the_gate_opens_after_its_longest_wait_whatever_the_writer_does() {
+        let poll = Poll::new().unwrap();
+        let (mut fanout, _) = fanout_with_a_reader(&poll, 0);
+        let short = ClientQueue::new(1, false);
+        fanout.members.push(plain_member(1, &short));
+        for n in 0..3u8 {
+            fanout.broadcast(Message::payload(MessageKind::Text, &[n]));
+        }
+        fanout.flush();
+        let now = Instant::now();
+        assert!(fanout.gate.is_closed(&fanout.writers, now));
+        assert!(fanout.gate.is_closed(&fanout.writers, now + GATE_MAX / 2));
+        assert!(!fanout.gate.is_closed(&fanout.writers, now + GATE_MAX));
+    }
+
+    /// A source delivering `1`, `2`, `3` in one drive, noting before each
+    /// how many frames `queue` held.
+    #[derive(Debug)]
+    struct Three {
+        queue: ClientQueue,
+        waits: bool,
+        seen: Arc<std::sync::Mutex<Vec<usize>>>,
+    }
+
+    impl Source for Three {
+        fn start(&mut self) {}
+        fn stop(&mut self, _why: &str) {}
+        fn drive(&mut self, _: Duration, deliver: &mut dyn FnMut(Message<'_>)) -> Drive {
+            for n in 1..=3u8 {
+                self.seen.lock().unwrap().push(self.queue.len());
+                deliver(Message::payload(MessageKind::Text, &[n]));
+            }
+            Drive::Idle
+        }
+        fn deadline(&self) -> Option<Instant> {
+            None
+        }
+        fn waits_for_input(&self) -> bool {
+            self.waits
+        }
+        fn take_failure(&mut self) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn a_source_that_waits_for_input_has_each_message_queued_as_it_comes() {
+        for waits in [false, true] {
+            let poll = Poll::new().unwrap();
+            let (fanout, _) = fanout_with_a_reader(&poll, 0);
+            let reader = fanout.members[0].queue.clone();
+            let seen = Arc::default();
+            let source = Three {
+                queue: reader.clone(),
+                waits,
+                seen: Arc::clone(&seen),
+            };
+            let mut lobby = lobby_with(fanout, Box::new(source));
+            assert!(!lobby.read_origin(Duration::from_secs(1)));
+            let expected: &[usize] = if waits { &[0, 1, 2] } else { &[0, 0, 0] };
+            assert_eq!(*seen.lock().unwrap(), expected, "waits_for_input: {waits}");
+            assert_eq!(bytes(&reader), [1, 2, 3]);
+        }
     }
 
     #[test]
@@ -1632,8 +1907,10 @@ mod tests {
     fn a_caught_up_client_goes_live_only_once_its_writer_took_the_catch_up() {
         let poll = Poll::new().unwrap();
         let (mut fanout, stats) = fanout_with_a_reader(&poll, 4);
+        // One message per read of the source.
         let send = |fanout: &mut Fanout, n: u8| {
             fanout.broadcast(Message::payload(MessageKind::Text, &[n]));
+            fanout.flush();
         };
         for n in 0..4 {
             send(&mut fanout, n);

@@ -116,6 +116,14 @@ pub(crate) trait Source: fmt::Debug + Send {
     /// that can only wait by blocking waits at most `budget` here.
     fn drive(&mut self, budget: Duration, deliver: &mut dyn FnMut(Message<'_>)) -> Drive;
 
+    /// Whether [`drive`](Source::drive) may wait for input after it has
+    /// delivered a message (a blocking Redis connection): the lobby then
+    /// queues each message for its clients as it comes, not all of them
+    /// once `drive` returns.
+    fn waits_for_input(&self) -> bool {
+        false
+    }
+
     /// When [`drive`](Source::drive) must run again if nothing wakes the
     /// lobby; `None` if only a wake-up can make it useful. A source that
     /// waits inside `drive` answers "now" while it is connected.

@@ -1002,6 +1002,10 @@ impl Source for RedisLink {
         drive
     }
 
+    fn waits_for_input(&self) -> bool {
+        true
+    }
+
     fn deadline(&self) -> Option<Instant> {
         match &self.state {
             State::Idle => None,
