@@ -9,9 +9,10 @@
 //! writer came), then it wakes each writer that owns a member, once. When
 //! that dropped frames a writer had not reached, the lobby reads its source
 //! again only once those writers have looked at their queues (at most
-//! [`GATE_MAX`] later): while writers are behind, messages wait in the
-//! socket and are read in batches, so a message its clients would never
-//! get costs the lobby almost nothing. It never touches a client socket and
+//! [`GATE_MAX`] later, and at once while a read left more in the socket):
+//! while writers are behind, messages wait in the socket and are read in
+//! batches, so a message its clients would never get costs the lobby
+//! almost nothing. It never touches a client socket and
 //! never waits on a queue. It keeps its source while it has members and lets it
 //! go when the last one leaves; the manager decides when an empty lobby ends
 //! and which clients move between lobbies (`manager.rs`).
@@ -409,10 +410,10 @@ impl Lobby {
         let mut more = false;
         let mut is_ending = false;
         loop {
-            let gated = self
-                .fanout
-                .gate
-                .is_closed(&self.fanout.writers, Instant::now());
+            // A drive that left messages in the socket is read on at once:
+            // the gate batches what arrives while writers are behind, and
+            // must not hold the lobby below the origin's rate.
+            let gated = !more && (self.fanout.gate).is_closed(&self.fanout.writers, Instant::now());
             let timeout = if more {
                 Some(Duration::ZERO)
             } else {
