@@ -322,6 +322,13 @@ fn behind_haproxy(origins: [&str; 2], args: &[&str]) -> Option<(Haproxy, [Gatewa
     Some((haproxy, instances))
 }
 
+/// Whether a gateway's /readyz answers 200, as HAProxy's check asks.
+fn is_ready(g: &GatewayProcess) -> bool {
+    let admin = g.admin.expect("an admin address");
+    let request = "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    http_exchange(admin, request).starts_with("HTTP/1.1 200")
+}
+
 /// The clients placed in a gateway's lobbies.
 fn placed(g: &GatewayProcess) -> u64 {
     g.lobby_clients().iter().sum()
@@ -698,8 +705,11 @@ mod resume {
     impl Followers {
         /// Connects the clients through `addr` one at a time, event streams
         /// first: HAProxy's leastconn then puts half of each kind on each
-        /// instance.
-        fn start(addr: SocketAddr) -> Followers {
+        /// instance. Each waits until every instance in `instances` is
+        /// ready again: an instance whose first client's upstream is still
+        /// connecting fails /readyz, and a loaded CI run saw HAProxy mark
+        /// one down for that and send it no second client (1 of 40).
+        fn start(addr: SocketAddr, instances: [&GatewayProcess; 2]) -> Followers {
             let kinds = [Kind::Sse; EACH].into_iter().chain([Kind::Ws; EACH]);
             let progress = Arc::new(Progress::default());
             let last: Arc<Vec<AtomicU64>> =
@@ -710,6 +720,9 @@ mod resume {
                 threads.push(thread::spawn(move || follow(kind, addr, &p, &l[i])));
                 wait_until("the client connected", || {
                     progress.connected.load(Ordering::SeqCst) == i + 1
+                });
+                wait_until("both instances ready", || {
+                    instances.iter().all(|g| is_ready(g))
                 });
             }
             Followers {
@@ -800,7 +813,7 @@ mod resume {
         let Some((haproxy, [stopped, kept])) = behind_haproxy([&url, &late], &[]) else {
             return;
         };
-        let clients = Followers::start(haproxy.addr);
+        let clients = Followers::start(haproxy.addr, [&stopped, &kept]);
         let counts = wait_placed([&stopped, &kept], &origin, 2 * EACH, || clients.connected());
         let is_late =
             |e: &OriginEvent| matches!(e, OriginEvent::Connected { uri, .. } if *uri == target);
