@@ -1036,10 +1036,7 @@ impl Fanout {
                 dropped[reason as usize] += skip as u64;
             }
             for (plain, deflated) in &self.pending[skip..] {
-                let frame = match deflated {
-                    Some(deflated) if member.deflate => deflated,
-                    _ => plain,
-                };
+                let frame = frame::for_client(plain, deflated.as_ref(), member.deflate);
                 if let Pushed::Dropped(reason) = queue.push(frame.clone()) {
                     dropped[reason as usize] += 1;
                 }
@@ -1723,14 +1720,8 @@ mod tests {
             counters: Arc::new(LobbyCounters::starting(&stats.epoch)),
             stats: Arc::clone(&stats),
         };
-        fanout.members.push(Member {
-            id: ClientId(0),
-            queue: ClientQueue::new(1000, false),
-            writer: 0,
-            deflate: false,
-            sse: false,
-            envelope: false,
-        });
+        let reader = ClientQueue::new(1000, false);
+        fanout.members.push(plain_member(0, &reader));
         (fanout, stats)
     }
 
@@ -1872,15 +1863,7 @@ mod tests {
         // writer found its socket full).
         let queue = ClientQueue::new(4, true);
         queue.set_stalled(true);
-        let member = Member {
-            id: ClientId(1),
-            queue: queue.clone(),
-            writer: 0,
-            deflate: false,
-            sse: false,
-            envelope: false,
-        };
-        fanout.enlist(member, fanout.history.head() - 20);
+        fanout.enlist(plain_member(1, &queue), fanout.history.head() - 20);
         for n in 0..200u8 {
             fanout.broadcast(Message::payload(MessageKind::Text, &[n]));
         }
@@ -1919,24 +1902,11 @@ mod tests {
         // A newcomer replayed four frames, its queue of four full: live
         // frames must not push them out before its writer takes them.
         let queue = ClientQueue::new(4, true);
-        fanout.join_new(
-            Member {
-                id: ClientId(1),
-                queue: queue.clone(),
-                writer: 0,
-                deflate: false,
-                sse: false,
-                envelope: false,
-            },
-            None,
-        );
+        fanout.join_new(plain_member(1, &queue), None);
         assert_eq!(queue.len(), 4);
         send(&mut fanout, 4);
         send(&mut fanout, 5);
-        let take = |queue: &ClientQueue| -> Vec<u8> {
-            std::iter::from_fn(|| queue.pop()).map(|f| f[2]).collect()
-        };
-        let mut got = take(&queue);
+        let mut got = bytes(&queue);
         fanout.catch_up();
         send(&mut fanout, 6);
         assert_eq!(
@@ -1944,11 +1914,11 @@ mod tests {
             1,
             "its queue still holds the catch-up"
         );
-        got.extend(take(&queue));
+        got.extend(bytes(&queue));
         fanout.catch_up();
         assert_eq!(fanout.members.len(), 2, "live once its writer took it all");
         send(&mut fanout, 7);
-        got.extend(take(&queue));
+        got.extend(bytes(&queue));
         assert_eq!(got, [0, 1, 2, 3, 4, 5, 6, 7], "every frame, once, in order");
         assert_eq!(stats.snapshot().frames_dropped, 0);
     }

@@ -88,6 +88,20 @@ pub(crate) struct Forms {
     pub envelope_deflated: Option<Frame>,
 }
 
+/// Of a message's uncompressed and compressed frames, the one a client
+/// gets: `deflated` if it negotiated permessage-deflate (`deflate`) and
+/// there is one, else `plain` ([`Forms::for_client`]).
+pub(crate) fn for_client<'a>(
+    plain: &'a Frame,
+    deflated: Option<&'a Frame>,
+    deflate: bool,
+) -> &'a Frame {
+    match deflated {
+        Some(deflated) if deflate => deflated,
+        _ => plain,
+    }
+}
+
 impl Forms {
     /// A message with only its uncompressed frame.
     #[cfg(test)]
@@ -107,10 +121,7 @@ impl Forms {
     /// The frame a client gets: compressed if it negotiated that (`deflate`)
     /// and there is a compressed form, else uncompressed.
     pub(crate) fn for_client(&self, deflate: bool) -> &Frame {
-        match &self.deflated {
-            Some(deflated) if deflate => deflated,
-            _ => &self.plain,
-        }
+        for_client(&self.plain, self.deflated.as_ref(), deflate)
     }
 
     /// The envelope a resume client gets, if one was built: compressed if
