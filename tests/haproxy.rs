@@ -13,6 +13,7 @@ mod support;
 use std::{
     io,
     net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
         Arc,
@@ -52,25 +53,39 @@ const EVERY: Duration = Duration::from_millis(250);
 const _: () = assert!(EVERY.as_millis() * REPLAY as u128 > RECONNECT_BOUND.as_millis());
 
 /// An `haproxy` child process running `deploy/haproxy.cfg` in the
-/// foreground, killed (and reaped) on drop.
+/// foreground, plus a stats page from a second file of the test's own, so
+/// the test can see which instances HAProxy takes for up; killed (and
+/// reaped) on drop.
 struct Haproxy {
     child: Child,
     addr: SocketAddr,
+    stats: SocketAddr,
+    stats_config: PathBuf,
 }
 
 impl Haproxy {
     /// Starts HAProxy in front of `instances` (client address, admin
-    /// address); `None` (the skip said) if it is not installed.
+    /// address) and waits until it takes both for up; `None` (the skip
+    /// said) if it is not installed.
     fn start(instances: [(SocketAddr, SocketAddr); 2]) -> Option<Haproxy> {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let free = || {
+            TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+        };
+        let (addr, stats) = (free(), free());
+        let stats_config = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("haproxy-stats-{}.cfg", stats.port()));
+        std::fs::write(
+            &stats_config,
+            format!("frontend stats\n    bind {stats}\n    stats enable\n    stats uri /stats\n"),
+        )
+        .expect("write the stats configuration");
         let config = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/haproxy.cfg");
         let mut command = Command::new(require_program("haproxy", "apt-get install haproxy")?);
         command
-            .args(["-db", "-f", config])
+            .args(["-db", "-f", config, "-f"])
+            .arg(&stats_config)
             .env("WSGATE_FRONTEND", addr.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null());
@@ -82,14 +97,48 @@ impl Haproxy {
         let child = command
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start haproxy: {e}"));
-        let haproxy = Haproxy { child, addr };
-        // Only a TCP connect: a WebSocket client would join a lobby, whose
-        // upstream still connecting fails /readyz and may mark an instance
-        // down for the start of the test.
+        let haproxy = Haproxy {
+            child,
+            addr,
+            stats,
+            stats_config,
+        };
+        // Only TCP connects and the stats page: a WebSocket client would
+        // join a lobby, whose upstream still connecting fails /readyz and
+        // may mark an instance down for the start of the test.
         wait_until("HAProxy listening", || {
-            TcpStream::connect(haproxy.addr).is_ok()
+            TcpStream::connect(haproxy.addr).is_ok() && TcpStream::connect(haproxy.stats).is_ok()
         });
+        wait_until("HAProxy takes both instances for up", || haproxy.both_up());
         Some(haproxy)
+    }
+
+    /// Whether HAProxy's stats (CSV) have both instances up, neither going
+    /// down nor coming back.
+    fn both_up(&self) -> bool {
+        let csv = http_exchange(
+            self.stats,
+            "GET /stats;csv HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        let mut lines = csv.lines().skip_while(|l| !l.starts_with("# pxname"));
+        let Some(header) = lines.next() else {
+            return false;
+        };
+        let column = |name| {
+            header
+                .trim_start_matches("# ")
+                .split(',')
+                .position(|c| c == name)
+        };
+        let (Some(svname), Some(status)) = (column("svname"), column("status")) else {
+            return false;
+        };
+        let up = lines
+            .map(|l| l.split(',').collect::<Vec<_>>())
+            .filter(|f| f.first() == Some(&"wsgate") && f.get(svname) != Some(&"BACKEND"))
+            .filter(|f| f.get(status) == Some(&"UP"))
+            .count();
+        up == 2
     }
 }
 
@@ -97,6 +146,7 @@ impl Drop for Haproxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.stats_config);
     }
 }
 
@@ -513,6 +563,9 @@ mod resume {
     /// The query of that instance's origin URL, by which the test origin
     /// knows its connection.
     const BEHIND_QUERY: &str = "behind";
+    /// How long a health check HAProxy started before both instances
+    /// were ready again may take to land (each takes a few milliseconds).
+    const CHECK_IN_FLIGHT: Duration = Duration::from_millis(100);
     /// The subprotocol a WebSocket client offers to get message IDs.
     const RESUME_PROTOCOL: &str = "wsgate.resume.v1";
 
@@ -703,13 +756,16 @@ mod resume {
     }
 
     impl Followers {
-        /// Connects the clients through `addr` one at a time, event streams
-        /// first: HAProxy's leastconn then puts half of each kind on each
-        /// instance. Each waits until every instance in `instances` is
-        /// ready again: an instance whose first client's upstream is still
-        /// connecting fails /readyz, and a loaded CI run saw HAProxy mark
-        /// one down for that and send it no second client (1 of 40).
-        fn start(addr: SocketAddr, instances: [&GatewayProcess; 2]) -> Followers {
+        /// Connects the clients through `haproxy` one at a time, event
+        /// streams first: HAProxy's leastconn then puts half of each kind
+        /// on each instance, provided it takes both for up at each connect.
+        /// An instance whose first client's upstream is still connecting
+        /// fails /readyz, and HAProxy marks it down for two checks (a
+        /// loaded CI run sent it 1 of 40 clients). So after each client
+        /// both instances answer 200 again, a check that read a 503 before
+        /// has time to land, and HAProxy takes both for up.
+        fn start(haproxy: &Haproxy, instances: [&GatewayProcess; 2]) -> Followers {
+            let addr = haproxy.addr;
             let kinds = [Kind::Sse; EACH].into_iter().chain([Kind::Ws; EACH]);
             let progress = Arc::new(Progress::default());
             let last: Arc<Vec<AtomicU64>> =
@@ -724,6 +780,8 @@ mod resume {
                 wait_until("both instances ready", || {
                     instances.iter().all(|g| is_ready(g))
                 });
+                thread::sleep(CHECK_IN_FLIGHT);
+                wait_until("HAProxy takes both instances for up", || haproxy.both_up());
             }
             Followers {
                 progress,
@@ -813,7 +871,7 @@ mod resume {
         let Some((haproxy, [stopped, kept])) = behind_haproxy([&url, &late], &[]) else {
             return;
         };
-        let clients = Followers::start(haproxy.addr, [&stopped, &kept]);
+        let clients = Followers::start(&haproxy, [&stopped, &kept]);
         let counts = wait_placed([&stopped, &kept], &origin, 2 * EACH, || clients.connected());
         let is_late =
             |e: &OriginEvent| matches!(e, OriginEvent::Connected { uri, .. } if *uri == target);
