@@ -399,7 +399,7 @@ impl GatewayHandle {
 
     /// Whether the gateway should get new clients (what `/readyz` answers):
     /// not while draining, not when full, not while it has clients and no
-    /// origin connection is up.
+    /// origin connection up after an attempt failed.
     pub fn readiness(&self) -> Health {
         self.probes.readiness()
     }

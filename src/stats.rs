@@ -44,6 +44,7 @@ pub(crate) struct Stats {
     pub refused_full: AtomicU64,
     pub origins_connecting: AtomicU64,
     pub origins_backing_off: AtomicU64,
+    pub origins_failing: AtomicU64,
     pub origin_connect_attempts: AtomicU64,
     pub origin_connected: AtomicU64,
     pub origin_failed_connect: AtomicU64,
@@ -505,6 +506,10 @@ pub struct StatsSnapshot {
     pub origins_connecting: u64,
     /// Lobbies waiting out a backoff before their next origin attempt.
     pub origins_backing_off: u64,
+    /// Lobbies whose last origin attempt failed and that have not been up
+    /// since: backing off, or connecting again. A lobby's first attempt,
+    /// still under way, is not among them.
+    pub origins_failing: u64,
     /// Origin connect attempts (first connects and reconnects).
     pub origin_connect_attempts: u64,
     /// Origin connections established.
@@ -694,6 +699,10 @@ pub struct LobbyInfo {
     pub history_bytes: usize,
 }
 
+/// Set beside a published [`OriginState`] while the lobby's origin is
+/// failing: from a failed attempt until it is up, idle or closing.
+pub(crate) const FAILING: u8 = 0x80;
+
 /// Where a lobby's origin connection stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -724,9 +733,10 @@ impl OriginState {
         }
     }
 
-    /// Reads back a state published as its `u8` discriminant.
+    /// Reads back a state published as its `u8` discriminant (the bit
+    /// [`FAILING`] set beside it is ignored).
     pub(crate) fn from_u8(value: u8) -> OriginState {
-        match value {
+        match value & !FAILING {
             1 => OriginState::Connecting,
             2 => OriginState::Up,
             3 => OriginState::BackingOff,
@@ -777,6 +787,7 @@ impl Stats {
             refused_full: self.refused_full.load(Relaxed),
             origins_connecting: self.origins_connecting.load(Relaxed),
             origins_backing_off: self.origins_backing_off.load(Relaxed),
+            origins_failing: self.origins_failing.load(Relaxed),
             origin_connect_attempts: self.origin_connect_attempts.load(Relaxed),
             origin_connected: self.origin_connected.load(Relaxed),
             origin_failed_connect: self.origin_failed_connect.load(Relaxed),

@@ -7,7 +7,7 @@ mod support;
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -328,6 +328,50 @@ fn lobbies_json(addr: SocketAddr) -> serde_json::Value {
         response.head
     );
     serde_json::from_str(&response.body).expect("JSON")
+}
+
+/// An instance's first client must not fail its readiness for as long as
+/// its lobby's first origin attempt takes (HAProxy would mark a fresh
+/// instance down for it); a failed attempt does, and so do the retries
+/// after it until the origin is up.
+#[test]
+fn readyz_passes_while_a_first_origin_attempt_is_under_way_and_fails_once_one_failed() {
+    // An origin that completes TCP connects (its backlog) and never
+    // answers the upgrade: the attempt stays under way.
+    let silent = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("ws://{}/feed", silent.local_addr().expect("addr"));
+    let mut config = admin_config(&url);
+    config.origin_connect_timeout = Duration::from_secs(60);
+    let gw = start_gateway(config);
+    let addr = admin(&gw);
+    let _client = ws_client(gw.local_addr());
+    wait_placed(&gw, 1);
+    wait_until("the lobby's first origin attempt under way", || {
+        gw.stats().origins_connecting == 1
+    });
+    let ready = get(addr, "/readyz");
+    assert_eq!(ready.status, 200, "{ready:?}");
+    assert!(ready.body.contains("1 connecting"), "{ready:?}");
+
+    // The origin goes away: the pending connect is reset, the attempt
+    // fails, and the retries (to a closed port) keep failing.
+    drop(silent);
+    wait_until("the origin failing", || gw.stats().origins_failing == 1);
+    let attempts = gw.stats().origin_connect_attempts;
+    let mut statuses = Vec::new();
+    for _ in 0..40 {
+        statuses.push(get(addr, "/readyz").status);
+        thread::sleep(Duration::from_millis(25));
+    }
+    assert!(statuses.iter().all(|&s| s == 503), "{statuses:?}");
+    assert!(
+        gw.stats().origin_connect_attempts > attempts,
+        "it retried meanwhile"
+    );
+    let why = get(addr, "/readyz").body;
+    assert!(why.starts_with("no origin connection up"), "{why}");
+    gw.shutdown();
+    gw.join();
 }
 
 #[test]

@@ -103,9 +103,8 @@ impl Haproxy {
             stats,
             stats_config,
         };
-        // Only TCP connects and the stats page: a WebSocket client would
-        // join a lobby, whose upstream still connecting fails /readyz and
-        // may mark an instance down for the start of the test.
+        // Only TCP connects and the stats page: no client is placed before
+        // the test's own.
         wait_until("HAProxy listening", || {
             TcpStream::connect(haproxy.addr).is_ok() && TcpStream::connect(haproxy.stats).is_ok()
         });
@@ -372,13 +371,6 @@ fn behind_haproxy(origins: [&str; 2], args: &[&str]) -> Option<(Haproxy, [Gatewa
     Some((haproxy, instances))
 }
 
-/// Whether a gateway's /readyz answers 200, as HAProxy's check asks.
-fn is_ready(g: &GatewayProcess) -> bool {
-    let admin = g.admin.expect("an admin address");
-    let request = "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
-    http_exchange(admin, request).starts_with("HTTP/1.1 200")
-}
-
 /// The clients placed in a gateway's lobbies.
 fn placed(g: &GatewayProcess) -> u64 {
     g.lobby_clients().iter().sum()
@@ -563,9 +555,6 @@ mod resume {
     /// The query of that instance's origin URL, by which the test origin
     /// knows its connection.
     const BEHIND_QUERY: &str = "behind";
-    /// How long a health check HAProxy started before both instances
-    /// were ready again may take to land (each takes a few milliseconds).
-    const CHECK_IN_FLIGHT: Duration = Duration::from_millis(100);
     /// The subprotocol a WebSocket client offers to get message IDs.
     const RESUME_PROTOCOL: &str = "wsgate.resume.v1";
 
@@ -758,13 +747,10 @@ mod resume {
     impl Followers {
         /// Connects the clients through `haproxy` one at a time, event
         /// streams first: HAProxy's leastconn then puts half of each kind
-        /// on each instance, provided it takes both for up at each connect.
-        /// An instance whose first client's upstream is still connecting
-        /// fails /readyz, and HAProxy marks it down for two checks (a
-        /// loaded CI run sent it 1 of 40 clients). So after each client
-        /// both instances answer 200 again, a check that read a 503 before
-        /// has time to land, and HAProxy takes both for up.
-        fn start(haproxy: &Haproxy, instances: [&GatewayProcess; 2]) -> Followers {
+        /// on each instance, provided it takes both for up at each connect
+        /// (a loaded CI run once had one marked down, and sent it 1 of 40
+        /// clients), which each connect waits for.
+        fn start(haproxy: &Haproxy) -> Followers {
             let addr = haproxy.addr;
             let kinds = [Kind::Sse; EACH].into_iter().chain([Kind::Ws; EACH]);
             let progress = Arc::new(Progress::default());
@@ -777,10 +763,6 @@ mod resume {
                 wait_until("the client connected", || {
                     progress.connected.load(Ordering::SeqCst) == i + 1
                 });
-                wait_until("both instances ready", || {
-                    instances.iter().all(|g| is_ready(g))
-                });
-                thread::sleep(CHECK_IN_FLIGHT);
                 wait_until("HAProxy takes both instances for up", || haproxy.both_up());
             }
             Followers {
@@ -871,7 +853,7 @@ mod resume {
         let Some((haproxy, [stopped, kept])) = behind_haproxy([&url, &late], &[]) else {
             return;
         };
-        let clients = Followers::start(&haproxy, [&stopped, &kept]);
+        let clients = Followers::start(&haproxy);
         let counts = wait_placed([&stopped, &kept], &origin, 2 * EACH, || clients.connected());
         let is_late =
             |e: &OriginEvent| matches!(e, OriginEvent::Connected { uri, .. } if *uri == target);

@@ -83,15 +83,19 @@ fn readiness(s: &StatsSnapshot, seats: Option<u64>) -> Health {
     if let Some(seats) = seats.filter(|&seats| s.clients >= seats) {
         return Health::fail(format!("full: {} clients of {seats}", s.clients));
     }
-    if s.clients > 0 && s.origin_connections == 0 {
+    // A first origin attempt under way is not a failure: an instance's first
+    // client would otherwise fail the check for as long as its lobby
+    // connects, and a load balancer mark a fresh instance down for it.
+    if s.clients > 0 && s.origin_connections == 0 && s.origins_failing > 0 {
         return Health::fail(format!(
-            "no origin connection up for {} clients ({} connecting, {} backing off)",
-            s.clients, s.origins_connecting, s.origins_backing_off
+            "no origin connection up for {} clients ({} connecting, {} backing off, \
+             {} failing)",
+            s.clients, s.origins_connecting, s.origins_backing_off, s.origins_failing
         ));
     }
     Health::pass(format!(
-        "ready: {} clients, {} origin connections up",
-        s.clients, s.origin_connections
+        "ready: {} clients, {} origin connections up, {} connecting",
+        s.clients, s.origin_connections, s.origins_connecting
     ))
 }
 
@@ -108,14 +112,32 @@ mod tests {
     }
 
     #[test]
-    fn ready_without_clients_or_with_an_origin_up() {
+    fn ready_without_clients_with_an_origin_up_or_its_first_attempt_under_way() {
         assert!(readiness(&snapshot(0, 0), None).ok);
         assert!(readiness(&snapshot(5, 1), None).ok);
-        let waiting = readiness(&snapshot(5, 0), None);
+        let first = StatsSnapshot {
+            origins_connecting: 1,
+            ..snapshot(5, 0)
+        };
+        assert!(readiness(&first, None).ok, "{:?}", readiness(&first, None));
+        let failing = StatsSnapshot {
+            origins_connecting: 1,
+            origins_failing: 1,
+            ..snapshot(5, 0)
+        };
+        let waiting = readiness(&failing, None);
         assert!(!waiting.ok);
         assert!(
             waiting.why.starts_with("no origin connection up"),
             "{waiting:?}"
+        );
+        let elsewhere = StatsSnapshot {
+            origins_failing: 1,
+            ..snapshot(5, 1)
+        };
+        assert!(
+            readiness(&elsewhere, None).ok,
+            "another lobby's origin is up"
         );
     }
 

@@ -21,7 +21,7 @@ use mio::{Registry, Token, Waker};
 
 use crate::{
     id::LobbyId,
-    stats::{OriginState, Stats, bump, drop_one},
+    stats::{FAILING, OriginState, Stats, bump, drop_one},
     wire::frame::{Frame, MessageKind},
 };
 
@@ -179,9 +179,19 @@ pub(crate) struct LobbyContext {
 }
 
 /// Publishes a source's state for the lobby listing, keeping the
-/// per-state gauges (connecting, backing off) in step.
+/// per-state gauges (connecting, backing off) in step, and whether its
+/// origin is failing (a failed attempt, not up since: what readiness
+/// reads). Only the lobby's own thread publishes.
 pub(crate) fn publish_state(published: &AtomicU8, stats: &Stats, new: OriginState) {
-    let old = OriginState::from_u8(published.swap(new as u8, Relaxed));
+    let before = published.load(Relaxed);
+    let old = OriginState::from_u8(before);
+    let was_failing = before & FAILING != 0;
+    let failing = match new {
+        OriginState::BackingOff => true,
+        OriginState::Connecting => was_failing,
+        OriginState::Idle | OriginState::Up | OriginState::Closing => false,
+    };
+    published.store(new as u8 | if failing { FAILING } else { 0 }, Relaxed);
     if old != new {
         if let Some(gauge) = stats.origin_state_gauge(old) {
             drop_one(gauge);
@@ -189,6 +199,11 @@ pub(crate) fn publish_state(published: &AtomicU8, stats: &Stats, new: OriginStat
         if let Some(gauge) = stats.origin_state_gauge(new) {
             bump(gauge);
         }
+    }
+    match (was_failing, failing) {
+        (false, true) => bump(&stats.origins_failing),
+        (true, false) => drop_one(&stats.origins_failing),
+        _ => {}
     }
 }
 
@@ -250,5 +265,35 @@ mod tests {
         assert_ne!(p, position(1_700_000_000_001, 0));
         assert_ne!(position(0, 1), position(1, 0));
         assert_eq!(p, position(1_700_000_000_000, 0));
+    }
+
+    #[test]
+    fn an_origin_is_failing_from_a_failed_attempt_until_it_is_up_or_idle() {
+        use OriginState::*;
+        let stats = Stats::default();
+        let published = AtomicU8::new(Idle as u8);
+        let steps = [
+            (Connecting, 0, 1, 0),
+            (BackingOff, 1, 0, 1),
+            (Connecting, 1, 1, 0),
+            (Up, 0, 0, 0),
+            (Connecting, 0, 1, 0),
+            (BackingOff, 1, 0, 1),
+            (Idle, 0, 0, 0),
+        ];
+        for (state, failing, connecting, backing_off) in steps {
+            publish_state(&published, &stats, state);
+            let s = stats.snapshot();
+            assert_eq!(
+                (
+                    s.origins_failing,
+                    s.origins_connecting,
+                    s.origins_backing_off
+                ),
+                (failing, connecting, backing_off),
+                "after {state:?}"
+            );
+            assert_eq!(OriginState::from_u8(published.load(Relaxed)), state);
+        }
     }
 }
