@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 #[cfg(feature = "auth")]
 use crate::config::{
     syntax::{is_header_name, is_query_name, is_token},
-    url::is_authority,
+    url::{is_authority, shown},
 };
 use crate::error::{Error, Result};
 
@@ -260,19 +260,28 @@ impl AuthConfig {
                 Some((scheme, rest)) if scheme.eq_ignore_ascii_case("https") => {
                     if !cfg!(feature = "tls") {
                         return bad(format!(
-                            "url: {url:?} uses https, but this build has no TLS (feature `tls`)"
+                            "url: {:?} uses https, but this build has no TLS (feature `tls`)",
+                            shown(url)
                         ));
                     }
                     rest
                 }
-                _ => return bad(format!("url: {url:?} must start with http:// or https://")),
+                _ => {
+                    return bad(format!(
+                        "url: {:?} must start with http:// or https://",
+                        shown(url)
+                    ));
+                }
             };
             let authority = rest.split(['/', '?']).next().unwrap_or("");
             if authority.contains('@') || !is_authority(authority) {
-                return bad(format!("url: {url:?} has no valid host[:port]"));
+                return bad(format!("url: {:?} has no valid host[:port]", shown(url)));
             }
             if !url.bytes().all(|b| b.is_ascii_graphic()) {
-                return bad(format!("url: {url:?} has characters that must be escaped"));
+                return bad(format!(
+                    "url: {:?} has characters that must be escaped",
+                    shown(url)
+                ));
             }
         }
         if self.timeout.is_zero() || self.timeout > Duration::from_secs(60) {

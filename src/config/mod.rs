@@ -751,6 +751,26 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_url_is_shown_without_its_credentials() {
+        let mut urls = vec!["ws://user:s3cret@h/feed", "wss://:s3cret@h:0/"];
+        if cfg!(feature = "redis") {
+            urls.push("redis://:s3cret@h:70000/ch");
+        }
+        for origin in urls {
+            let err = with_origin(origin).validate().unwrap_err().to_string();
+            assert!(err.contains("***@h"), "{err}");
+            assert!(!err.contains("s3cret"), "{err}");
+        }
+        if cfg!(feature = "auth") {
+            let mut c = with_origin("ws://h/");
+            c.auth.url = Some("https://user:s3cret@auth.example/check".to_owned());
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("***@auth.example"), "{err}");
+            assert!(!err.contains("s3cret"), "{err}");
+        }
+    }
+
+    #[test]
     fn allowed_origins_are_scheme_host_and_port() {
         for good in [
             "https://app.example",

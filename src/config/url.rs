@@ -22,7 +22,7 @@ pub(crate) enum Scheme {
 
 /// Which source `url` names, by its scheme, or why none of this build's.
 pub(crate) fn scheme(url: &str) -> Result<Scheme> {
-    let bad = |why: &str| Err(Error::Config(format!("origin: {url:?} {why}")));
+    let bad = |why: &str| Err(Error::Config(format!("origin: {:?} {why}", shown(url))));
     if url.is_empty() {
         return Err(Error::Config(
             "origin: an origin URL is required".to_owned(),
@@ -60,7 +60,7 @@ pub(crate) fn check_url(url: &str) -> Result<()> {
 /// An origin URL, parsed and checked: `ws://` (or `wss://` in a build with
 /// TLS), with a host.
 pub(crate) fn origin_url(url: &str) -> Result<OriginUrl> {
-    let bad = |why: &str| Error::Config(format!("origin: {url:?} {why}"));
+    let bad = |why: &str| Error::Config(format!("origin: {:?} {why}", shown(url)));
     let parsed = OriginUrl::parse(url).map_err(bad)?;
     if parsed.secure && !cfg!(feature = "tls") {
         return Err(bad(
@@ -74,6 +74,21 @@ pub(crate) fn origin_url(url: &str) -> Result<OriginUrl> {
 /// in a URL or a browser origin.
 pub(crate) fn is_authority(authority: &str) -> bool {
     split_host_port(authority).is_ok()
+}
+
+/// `url` as an error message may show it: any credentials before the
+/// host (`user:password@`) replaced by `***`. A URL that fails to parse
+/// is echoed so its owner can find it, and must not put a password in a
+/// log line or on a terminal for that.
+pub(crate) fn shown(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rsplit_once('@') {
+        Some((_, host)) => format!("{scheme}://***@{host}{}", &rest[end..]),
+        None => url.to_owned(),
+    }
 }
 
 /// The host and the port (`None` when absent) of a source URL's authority
@@ -225,7 +240,7 @@ impl RedisUrl {
     /// database when it is all digits and more follows; user, password,
     /// channel and key are percent-decoded.
     pub(crate) fn parse(url: &str) -> Result<RedisUrl> {
-        let bad = |why: &str| Err(Error::Config(format!("origin: {url:?} {why}")));
+        let bad = |why: &str| Err(Error::Config(format!("origin: {:?} {why}", shown(url))));
         let Some((scheme, rest)) = url.split_once("://") else {
             return bad("is not a valid URL");
         };
@@ -407,6 +422,19 @@ mod tests {
             ),
         ] {
             assert_eq!(OriginUrl::parse(bad), Err(why), "{bad}");
+        }
+    }
+
+    #[test]
+    fn shown_hides_credentials_and_keeps_the_rest() {
+        for (url, expected) in [
+            ("ws://u:p@h:9/a?b=c", "ws://***@h:9/a?b=c"),
+            ("redis://:p@w@h/ch", "redis://***@h/ch"),
+            ("ws://h/a@b", "ws://h/a@b"),
+            ("ws://h", "ws://h"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(shown(url), expected, "{url}");
         }
     }
 
